@@ -1,0 +1,190 @@
+"""HTTP endpoints: the OpenAI surface and the health checks.
+
+Handlers turn HTTP into plain data (ClientRequest), ask the planner for a plan, hand both
+to the forwarder, and turn its Reply (or a ProxyError) back into HTTP. They know nothing
+about scoring or upstream transports.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import orjson
+import structlog
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.errors import NotFound, PayloadTooLarge, ProxyError
+from proxy.forwarding import ClientGone, Reply
+from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
+from proxy.routing import AUTO, new_id, plan_route, resolve_model
+from proxy.state import STATE, ProxyState
+
+log = structlog.get_logger("proxy.request")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_JSON = "application/json"
+
+
+class HttpSink:
+    """The client side of a committed stream: prepared on the first write of content."""
+
+    __slots__ = ("request", "response", "headers")
+
+    def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
+        self.request = request
+        self.headers = headers
+        self.response: web.StreamResponse | None = None
+
+    async def start(self, instance_id: str, attempts: int) -> None:
+        headers = self.headers
+        headers["x-route-instance"] = instance_id
+        headers["x-route-attempts"] = str(attempts)
+        headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+        response = web.StreamResponse(status=200, headers=headers)
+        try:
+            await response.prepare(self.request)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ClientGone() from exc
+        self.response = response
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        try:
+            await self.response.write(data)
+        except (ConnectionError, RuntimeError) as exc:
+            # The client went away (reset, or the transport is already closing).
+            raise ClientGone() from exc
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return new_id()
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.") from None
+
+
+def _error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
+    headers.update(exc.headers)
+    return web.Response(status=exc.status, body=exc.body(), content_type=_JSON,
+                        headers=headers)
+
+
+async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
+    state: ProxyState = request.app[STATE]
+    config = state.config
+    started = time.perf_counter()
+    request_id = _request_id(request)
+    headers = {"x-request-id": request_id}
+    model = None
+    reply: Reply | None = None
+    try:
+        raw = await _read_body(request, config.server.max_body_bytes)
+        req = parse_request(endpoint, raw, request_id)
+        model = req.model
+        if config.routing.strict_models and model != AUTO:
+            preferred, _ = resolve_model(config, state.registry, model)
+            if not preferred:
+                raise NotFound(f"The model '{model}' does not exist on this proxy.", param="model")
+        plan = plan_route(config, state.registry, request_id, model)
+        headers["x-route-plan-id"] = plan.plan_id
+        sink = HttpSink(request, headers) if req.stream else None
+        reply = await state.forwarder.forward(req, plan, sink,
+                                              request.headers.get("Authorization"))
+    except ProxyError as exc:
+        headers["x-route-attempts"] = str(exc.attempts)
+        log.info("request", request_id=request_id, model=model, status=exc.status,
+                 outcome=exc.code or exc.type, attempts=exc.attempts,
+                 latency_ms=round((time.perf_counter() - started) * 1000, 2))
+        return _error_response(exc, headers)
+
+    elapsed = round((time.perf_counter() - started) * 1000, 2)
+    log.info("request", request_id=request_id, model=model, instance=reply.instance,
+             attempts=len(reply.attempts), status=reply.status, outcome=reply.outcome,
+             stream=reply.body is None, latency_ms=elapsed)
+    if reply.body is None:
+        response = sink.response if sink is not None else None
+        assert response is not None
+        if reply.outcome != "client_gone":
+            try:
+                await response.write_eof()
+            except (ConnectionError, RuntimeError):
+                pass
+        return response
+    headers.update(reply.headers)
+    headers["x-route-instance"] = reply.instance or ""
+    headers["x-route-attempts"] = str(len(reply.attempts))
+    return web.Response(status=reply.status, body=reply.body, headers=headers,
+                        content_type=reply.content_type.split(";")[0] or _JSON)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions"""
+    return await _proxy(request, CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions"""
+    return await _proxy(request, COMPLETIONS)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    """POST /v1/embeddings"""
+    return await _proxy(request, EMBEDDINGS)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: `auto`, the model groups and every upstream model, OpenAI list format."""
+    return web.Response(body=request.app[STATE].models_body, content_type=_JSON)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process is alive."""
+    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 when at least one instance is routable, else 503."""
+    registry = request.app[STATE].registry
+    routable = [s.id for s in registry.states if s.routable()]
+    body = orjson.dumps({"status": "ready" if routable else "unavailable", "routable": routable})
+    return web.Response(status=200 if routable else 503, body=body, content_type=_JSON)
+
+
+def models_body(config: Config) -> bytes:
+    """The /v1/models answer, computed once at start-up."""
+    created = int(time.time())
+    seen: dict[str, str] = {AUTO: "failover-proxy"}
+    for name in config.models:
+        seen.setdefault(name, "failover-proxy")
+    for inst in config.instances:
+        if inst.model:
+            seen.setdefault(inst.model, inst.provider_id)
+    return orjson.dumps({"object": "list", "data": [
+        {"id": name, "object": "model", "created": created, "owned_by": owner}
+        for name, owner in seen.items()
+    ]})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the public endpoints."""
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+

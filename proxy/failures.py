@@ -1,0 +1,188 @@
+"""Every way an upstream attempt can fail, and the one place where transport errors become ours.
+
+Reason codes are the product's vocabulary (SPEC section 6): they appear in events, logs,
+metrics and the 502 message. Handlers never catch aiohttp exceptions themselves; they call
+the upstream client, which wraps its I/O in :func:`map_exceptions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aiohttp
+
+# Reason codes, as strings so they serialise as they are.
+INSTANCE_NOT_READY = "INSTANCE_NOT_READY"
+CONN_REFUSED = "CONN_REFUSED"
+TIMEOUT = "TIMEOUT"
+PROCESS_EXITED = "PROCESS_EXITED"
+FINGERPRINT_MISMATCH = "FINGERPRINT_MISMATCH"
+UPSTREAM_5XX = "UPSTREAM_5XX"
+RATE_LIMITED = "RATE_LIMITED"
+CONTEXT_TOO_LONG = "CONTEXT_TOO_LONG"
+STREAM_CUT = "STREAM_CUT"
+STREAM_STALLED = "STREAM_STALLED"
+STREAM_MALFORMED = "STREAM_MALFORMED"
+UPSTREAM_ERROR = "UPSTREAM_ERROR"
+
+# The names used in `retry.on` of the config, mapped to the reason codes they cover.
+RETRY_KINDS: dict[str, tuple[str, ...]] = {
+    "conn_refused": (CONN_REFUSED,),
+    "timeout": (TIMEOUT, STREAM_STALLED),
+    "process_exited": (PROCESS_EXITED, STREAM_CUT, STREAM_MALFORMED, UPSTREAM_ERROR),
+    "fingerprint_mismatch": (FINGERPRINT_MISMATCH,),
+    "upstream_5xx": (UPSTREAM_5XX,),
+    "rate_limited": (RATE_LIMITED,),
+    "context_too_long": (CONTEXT_TOO_LONG,),
+}
+
+
+class UpstreamFailure(Exception):
+    """An attempt on one instance failed; the request may still be served by another."""
+
+    code: str = UPSTREAM_ERROR
+    #: Worth one more try on the same instance (a blip), before moving on.
+    transient: bool = False
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.code)
+        self.detail = detail or self.code
+
+
+class ConnRefused(UpstreamFailure):
+    """Nothing listens at the instance's address (or the host is unreachable)."""
+
+    code = CONN_REFUSED
+
+
+class UpstreamTimeout(UpstreamFailure):
+    """Connect, first byte or total deadline passed; `phase` says which."""
+
+    code = TIMEOUT
+
+    def __init__(self, phase: str, seconds: float | None = None) -> None:
+        detail = f"{phase} timeout" + (f" after {seconds:g}s" if seconds is not None else "")
+        super().__init__(detail)
+        self.phase = phase
+
+
+class ProcessExited(UpstreamFailure):
+    """The connection was reset or closed before the response was complete."""
+
+    code = PROCESS_EXITED
+    transient = True
+
+
+class Upstream5xx(UpstreamFailure):
+    """The upstream answered with a server error status."""
+
+    code = UPSTREAM_5XX
+    transient = True
+
+    def __init__(self, status: int, body: bytes = b"") -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+
+
+class RateLimited(UpstreamFailure):
+    """The upstream answered 429; `retry_after` is its requested pause in seconds."""
+
+    code = RATE_LIMITED
+
+    def __init__(self, retry_after: float | None, body: bytes = b"") -> None:
+        detail = "HTTP 429" + (f", retry after {retry_after:g}s" if retry_after is not None else "")
+        super().__init__(detail)
+        self.retry_after = retry_after
+        self.body = body
+
+
+class ContextTooLong(UpstreamFailure):
+    """The upstream said the prompt does not fit its context window."""
+
+    code = CONTEXT_TOO_LONG
+
+    def __init__(self, detail: str, body: bytes = b"") -> None:
+        super().__init__(detail)
+        self.body = body
+
+
+class FingerprintMismatch(UpstreamFailure):
+    """The server at the address answers as a different model than the one configured."""
+
+    code = FINGERPRINT_MISMATCH
+
+
+class StreamMalformed(UpstreamFailure):
+    """The upstream sent an event that is not valid JSON or not a completion chunk."""
+
+    code = STREAM_MALFORMED
+
+
+class StreamCut(UpstreamFailure):
+    """A stream ended (closed or reset) before its finish reason."""
+
+    code = STREAM_CUT
+
+
+class StreamStalled(UpstreamFailure):
+    """No stream event arrived within the idle timeout."""
+
+    code = STREAM_STALLED
+
+
+class UpstreamErrorEvent(UpstreamFailure):
+    """The upstream reported an error inside an otherwise successful stream."""
+
+    code = UPSTREAM_ERROR
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds form); None when absent or odd."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, ConnectionRefusedError):
+        return True
+    code = getattr(os_error, "errno", None)
+    return code in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+@contextmanager
+def map_exceptions(phase: str, timeout_s: float | None = None) -> Iterator[None]:
+    """Translate aiohttp and socket exceptions raised inside the block into our failures.
+
+    `phase` names what was awaited ("connect", "first_byte", "idle", "body") so a
+    timeout says where it happened.
+    """
+    try:
+        yield
+    except UpstreamFailure:
+        raise
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise UpstreamTimeout("connect", timeout_s) from exc
+    except aiohttp.ClientConnectorError as exc:
+        if _is_refusal(exc):
+            raise ConnRefused(f"connection refused by {exc.host}:{exc.port}") from exc
+        raise ConnRefused(f"cannot connect to {exc.host}:{exc.port}") from exc
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError) as exc:
+        raise UpstreamTimeout(phase, timeout_s) from exc
+    except aiohttp.ServerDisconnectedError as exc:
+        raise ProcessExited("server closed the connection") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise ProcessExited("response body cut short") from exc
+    except (aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError) as exc:
+        raise ProcessExited("connection reset") from exc
+    except aiohttp.ClientError as exc:
+        raise ProcessExited(f"transport error: {type(exc).__name__}") from exc

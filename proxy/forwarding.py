@@ -1,0 +1,369 @@
+"""The attempt loop: try the plan's instances in order until one answers, relay its answer.
+
+request -> plan -> attempts -> reply. Every failure before the streaming commit point is
+invisible to the client: nothing is sent until an upstream has produced its first content
+chunk. The HTTP layer gives a `StreamSink` to write to once committed, and turns the
+returned `Reply` into a response; this module knows nothing about the server side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from proxy.config import Config
+from proxy.errors import (
+    AllAttemptsFailed,
+    AllAttemptsTimedOut,
+    ProxyError,
+    RateLimitedError,
+    RouteBlocked,
+    error_event,
+)
+from proxy.failures import (
+    CONTEXT_TOO_LONG,
+    RATE_LIMITED,
+    TIMEOUT,
+    ContextTooLong,
+    ProcessExited,
+    RateLimited,
+    StreamCut,
+    StreamMalformed,
+    StreamStalled,
+    UpstreamErrorEvent,
+    UpstreamFailure,
+    UpstreamTimeout,
+)
+from proxy.inbound import UPSTREAM_PATH, ClientRequest
+from proxy.instances import InstanceState, Registry
+from proxy.routing import RoutePlan
+from proxy.sse import DONE, DONE_EVENT, EventReader, MalformedEvent, event_data, inspect_chunk
+from proxy.upstream import PassThrough, Upstream
+
+log = structlog.get_logger("proxy.forwarding")
+
+# Outcomes, as recorded per request.
+OK = "ok"
+PASSED_THROUGH = "passthrough"
+FAILED = "failed"
+BLOCKED = "blocked"
+STREAM_FAILED = "stream_failed"
+CLIENT_GONE = "client_gone"
+
+
+class StreamSink(Protocol):
+    """Where a committed stream goes: the HTTP layer's response to the client."""
+
+    async def start(self, instance_id: str, attempts: int) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try on one instance; `code` is None for the one that answered."""
+
+    instance: str
+    code: str | None
+    detail: str
+    elapsed_ms: float
+
+    def describe(self) -> str:
+        return f"{self.instance} {self.code}: {self.detail}" if self.code else f"{self.instance} ok"
+
+
+@dataclass(slots=True)
+class Reply:
+    """The result of forwarding. `body` is None when the answer was streamed to the sink."""
+
+    status: int
+    body: bytes | None
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    instance: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    outcome: str = OK
+    ttfb_s: float | None = None
+
+
+class ClientGone(Exception):
+    """The client went away while we were writing to it."""
+
+
+class Forwarder:
+    """Runs the attempt loop for one request at a time; holds no per-request state itself."""
+
+    def __init__(self, config: Config, registry: Registry, upstream: Upstream) -> None:
+        self.config = config
+        self.registry = registry
+        self.upstream = upstream
+
+    async def forward(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink | None,
+                      client_auth: str | None = None) -> Reply:
+        """Try the plan's candidates within the retry budget; return the reply to send."""
+        retry = self.config.retry
+        candidates = plan.candidates
+        attempts: list[Attempt] = []
+        rate_limited: dict[str, tuple[InstanceState, float]] = {}
+        last_failure: UpstreamFailure | None = None
+        index = 0
+        same_tries = 0
+        while len(attempts) < retry.max_attempts:
+            if index < len(candidates):
+                inst = candidates[index]
+            else:
+                inst = await self._wait_out_rate_limit(rate_limited)
+                if inst is None:
+                    break
+            started = time.perf_counter()
+            try:
+                inst.inflight += 1
+                try:
+                    if req.stream and sink is not None:
+                        reply = await self._attempt_stream(req, inst, sink, client_auth,
+                                                           len(attempts) + 1)
+                    else:
+                        reply = await self._attempt_whole(req, inst, client_auth)
+                finally:
+                    inst.inflight -= 1
+            except PassThrough as p:
+                attempts.append(Attempt(inst.id, None, f"HTTP {p.status}", _ms(started)))
+                return Reply(p.status, p.body, p.content_type, p.headers, inst.id, attempts,
+                             PASSED_THROUGH)
+            except UpstreamFailure as failure:
+                attempts.append(Attempt(inst.id, failure.code, failure.detail, _ms(started)))
+                retry_after = failure.retry_after if isinstance(failure, RateLimited) else None
+                self.registry.record_failure(inst, failure, retry_after)
+                last_failure = failure
+                if not retry.retries(failure.code):
+                    break
+                if failure.transient and same_tries < retry.same_instance_retries:
+                    same_tries += 1
+                    log.warning("retry_same", request_id=req.request_id, instance=inst.id,
+                                reason=failure.code, detail=failure.detail)
+                    continue
+                if isinstance(failure, RateLimited):
+                    wait = retry_after if retry_after is not None else 1.0
+                    rate_limited[inst.id] = (inst, time.monotonic() + wait)
+                same_tries = 0
+                if index < len(candidates):
+                    index += 1
+                nxt = candidates[index].id if index < len(candidates) else None
+                log.warning("rerouted", request_id=req.request_id, plan_id=plan.plan_id,
+                            reason=failure.code, detail=failure.detail, from_instance=inst.id,
+                            to_instance=nxt)
+                continue
+            attempts.append(Attempt(inst.id, None, "ok", _ms(started)))
+            reply.attempts = attempts
+            reply.instance = inst.id
+            return reply
+        error = _final_error(plan, attempts, last_failure, rate_limited)
+        error.attempts = len(attempts)
+        raise error
+
+    async def _wait_out_rate_limit(
+            self, limited: dict[str, tuple[InstanceState, float]]) -> InstanceState | None:
+        """When only rate-limited instances are left, wait out the shortest Retry-After."""
+        if not limited:
+            return None
+        inst_id, (inst, until) = min(limited.items(), key=lambda item: item[1][1])
+        wait = until - time.monotonic()
+        if wait > self.config.retry.max_retry_after_s:
+            return None
+        del limited[inst_id]
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return inst
+
+    async def _attempt_whole(self, req: ClientRequest, inst: InstanceState,
+                             client_auth: str | None) -> Reply:
+        """A non-streaming attempt: the whole body is read before anything is sent."""
+        cfg = inst.config
+        t0 = time.perf_counter()
+        resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
+                                        req.body_for(cfg.model), client_auth)
+        ttfb = time.perf_counter() - t0
+        try:
+            body = await self.upstream.read_body(resp, self.config.timeouts.idle_s)
+        except BaseException:
+            resp.close()
+            raise
+        resp.release()
+        self.registry.record_success(inst, ttfb)
+        return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
+                     ttfb_s=ttfb)
+
+    async def _attempt_stream(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
+                              client_auth: str | None, attempt_no: int) -> Reply:
+        """A streaming attempt: buffer until the first content chunk, then commit and relay."""
+        cfg = inst.config
+        timeouts = self.config.timeouts
+        t0 = time.perf_counter()
+        deadline = t0 + timeouts.first_byte_s
+        resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
+                                        req.body_for(cfg.model), client_auth)
+        done = False
+        try:
+            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                # The upstream ignored `stream`; relay its whole answer as it is.
+                body = await self.upstream.read_body(resp, timeouts.idle_s)
+                done = True
+                self.registry.record_success(inst, time.perf_counter() - t0)
+                return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"))
+            reader = EventReader(resp.content)
+            pending: list[bytes] = []
+            finished = await self._until_content(reader, pending, deadline)
+            ttfb = time.perf_counter() - t0
+            self.registry.record_success(inst, ttfb)
+
+            # Commit point: from here on the client has seen this instance's answer.
+            try:
+                await sink.start(cfg.id, attempt_no)
+                for event in pending:
+                    await sink.write(event)
+                if finished is None:  # [DONE] already among the pending events
+                    done = True
+                    return Reply(200, None, ttfb_s=ttfb)
+                outcome = await self._relay(reader, sink, finished, t0 + timeouts.total_s)
+            except ClientGone:
+                return Reply(200, None, outcome=CLIENT_GONE, ttfb_s=ttfb)
+            except UpstreamFailure as failure:
+                self.registry.record_failure(inst, failure)
+                log.error("stream_failed_after_commit", request_id=req.request_id,
+                          instance=cfg.id, reason=failure.code, detail=failure.detail)
+                try:
+                    await sink.write(error_event(
+                        f"The upstream stream from {cfg.id} failed after the answer had started "
+                        f"({failure.code}: {failure.detail}); the answer is incomplete.",
+                        "upstream_error", failure.code))
+                except ClientGone:
+                    pass
+                return Reply(200, None, outcome=STREAM_FAILED, ttfb_s=ttfb,
+                             headers={"x-failure": failure.code})
+            done = outcome == OK
+            return Reply(200, None, outcome=outcome, ttfb_s=ttfb)
+        finally:
+            if done:
+                resp.release()
+            else:
+                resp.close()
+
+    async def _until_content(self, reader: EventReader, pending: list[bytes],
+                             deadline: float) -> bool | None:
+        """Read events before the commit point into `pending`.
+
+        Returns whether a finish reason was seen, or None when `[DONE]` was reached.
+        Raises a failure (still invisible to the client) on any problem.
+        """
+        while True:
+            remaining = max(deadline - time.perf_counter(), 0.001)
+            event = await self.upstream.next_event(reader, remaining, "first_byte")
+            if event is None:
+                raise ProcessExited("stream ended before any content")
+            payload = event_data(event)
+            if payload is None:
+                continue  # comment or keep-alive
+            if payload == DONE:
+                if pending:
+                    pending.append(event)
+                    return None
+                raise ProcessExited("stream ended before any content")
+            try:
+                chunk = inspect_chunk(payload)
+            except MalformedEvent as exc:
+                raise StreamMalformed(str(exc)) from None
+            if chunk.error is not None:
+                raise UpstreamErrorEvent(_error_message(chunk.error))
+            pending.append(event)
+            if chunk.has_content or chunk.finish_reason is not None:
+                return chunk.finish_reason is not None
+
+    async def _relay(self, reader: EventReader, sink: StreamSink, finished: bool,
+                     deadline: float) -> str:
+        """Relay events after the commit point until `[DONE]`; raises a stream failure."""
+        idle = self.config.timeouts.idle_s
+        next_event = self.upstream.next_event
+        while True:
+            try:
+                event = await next_event(reader, idle, "idle")
+            except UpstreamTimeout as exc:
+                raise StreamStalled(f"no chunk within {idle:g}s") from exc
+            except ProcessExited as exc:
+                raise StreamCut(exc.detail) from exc
+            if event is None:
+                if finished:
+                    # Complete but unterminated: finish it properly for the client.
+                    await sink.write(DONE_EVENT)
+                    return OK
+                raise StreamCut("stream ended without a finish reason")
+            payload = event_data(event)
+            if payload is None:
+                continue
+            if payload == DONE:
+                await sink.write(event)
+                return OK
+            try:
+                chunk = inspect_chunk(payload)
+            except MalformedEvent as exc:
+                raise StreamMalformed(str(exc)) from None
+            if chunk.error is not None:
+                raise UpstreamErrorEvent(_error_message(chunk.error))
+            if chunk.finish_reason is not None:
+                finished = True
+            await sink.write(event)
+            if time.perf_counter() > deadline:
+                raise UpstreamTimeout("total", self.config.timeouts.total_s)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 1)
+
+
+def _error_message(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or "upstream reported an error")
+    return str(error)
+
+
+def _final_error(plan: RoutePlan, attempts: list[Attempt], last: UpstreamFailure | None,
+                 rate_limited: dict[str, tuple[InstanceState, float]]) -> ProxyError:
+    """The error for a request no attempt could serve."""
+    if not attempts:
+        why = "; ".join(f"{i}: {r}" for i, r in plan.rejected.items())
+        return RouteBlocked(f"No available instances for model '{plan.model}'"
+                            + (f" ({why})." if why else "."))
+    listing = "; ".join(a.describe() for a in attempts)
+    codes = {a.code for a in attempts}
+    n = len(attempts)
+    summary = f"All {n} attempt{'s' if n > 1 else ''} failed: {listing}"
+    if codes == {TIMEOUT}:
+        return AllAttemptsTimedOut(summary)
+    if codes == {RATE_LIMITED}:
+        headers = {}
+        if rate_limited:
+            soonest = min(until for _, until in rate_limited.values())
+            headers["Retry-After"] = str(max(1, round(soonest - time.monotonic())))
+        return RateLimitedError(summary, headers=headers)
+    if codes == {CONTEXT_TOO_LONG} and isinstance(last, ContextTooLong):
+        return _ContextError(last.body or b"", summary)
+    return AllAttemptsFailed(summary)
+
+
+class _ContextError(ProxyError):
+    """400: no instance could fit the prompt; carries the last upstream's own error body."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "context_length_exceeded"
+
+    def __init__(self, upstream_body: bytes, summary: str) -> None:
+        super().__init__(summary)
+        self.upstream_body = upstream_body
+
+    def body(self) -> bytes:
+        return self.upstream_body or super().body()
+

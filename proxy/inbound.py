@@ -1,0 +1,130 @@
+"""A client's request, parsed and checked once, as plain data for the rest of the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.errors import BadRequest
+
+CHAT = "chat"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
+
+#: Upstream path (relative to the instance's api_base) for each endpoint.
+UPSTREAM_PATH = {
+    CHAT: "/chat/completions",
+    COMPLETIONS: "/completions",
+    EMBEDDINGS: "/embeddings",
+}
+
+# The field each endpoint cannot do without.
+_REQUIRED = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    """What the client asked for. `raw` is forwarded as is when nothing needs rewriting."""
+
+    request_id: str
+    endpoint: str
+    body: dict[str, Any]
+    raw: bytes
+    model: str
+    stream: bool
+    include_usage: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    _bodies: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def body_for(self, upstream_model: str | None) -> bytes:
+        """The bytes to send to an instance that serves `upstream_model` (None: as sent)."""
+        if upstream_model is None or upstream_model == self.model:
+            return self.raw
+        cached = self._bodies.get(upstream_model)
+        if cached is None:
+            cached = orjson.dumps({**self.body, "model": upstream_model})
+            self._bodies[upstream_model] = cached
+        return cached
+
+
+def _type_error(param: str, expected: str) -> BadRequest:
+    return BadRequest(f"Invalid type for '{param}': expected {expected}.", param=param,
+                      code="invalid_type")
+
+
+def parse_request(endpoint: str, raw: bytes, request_id: str,
+                  headers: dict[str, str] | None = None) -> ClientRequest:
+    """Decode and check a client's body; raises BadRequest with an OpenAI-style message."""
+    if not raw:
+        raise BadRequest("The request body is empty; expected a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc.msg} "
+                         f"(line {exc.lineno}, column {exc.colno}).") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+
+    model = body.get("model")
+    if model is None:
+        raise BadRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise _type_error("model", "a string")
+
+    required = _REQUIRED[endpoint]
+    value = body.get(required)
+    if value is None:
+        raise BadRequest(f"Missing required parameter: '{required}'.", param=required,
+                         code="missing_required_parameter")
+    if endpoint == CHAT:
+        _check_messages(value)
+    elif not isinstance(value, (str, list)):
+        raise _type_error(required, "a string or an array")
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _type_error("stream", "a boolean")
+    if stream and endpoint == EMBEDDINGS:
+        raise BadRequest("Embeddings cannot be streamed.", param="stream")
+
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        number = body.get(name)
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
+            raise _type_error(name, "an integer")
+
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _type_error("stream_options", "an object")
+        include_usage = options.get("include_usage") is True
+
+    return ClientRequest(
+        request_id=request_id,
+        endpoint=endpoint,
+        body=body,
+        raw=raw,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        headers=headers or {},
+    )
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise _type_error("messages", "an array")
+    if not messages:
+        raise BadRequest("'messages' must contain at least one message.", param="messages",
+                         code="empty_array")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _type_error(f"messages[{i}]", "an object")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise BadRequest(f"Missing or invalid 'role' in messages[{i}].",
+                             param=f"messages[{i}].role", code="invalid_value")

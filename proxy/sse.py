@@ -1,0 +1,131 @@
+"""Server-sent events: split an upstream byte stream into events and read what failover needs.
+
+The relay forwards events as the upstream framed them; it parses each payload once, only to
+learn what the failover logic must know (content present? finish reason? error? valid?).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+DONE = b"[DONE]"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class ByteSource(Protocol):
+    async def readany(self) -> bytes: ...
+
+
+class EventReader:
+    """Yields raw events, each ending in its blank-line terminator, from a byte source."""
+
+    __slots__ = ("_source", "_buffer", "_events", "_eof")
+
+    def __init__(self, source: ByteSource) -> None:
+        self._source = source
+        self._buffer = b""
+        self._events: deque[bytes] = deque()
+        self._eof = False
+
+    async def next(self) -> bytes | None:
+        """The next event, or None when the stream has ended."""
+        while not self._events:
+            if self._eof:
+                return None
+            chunk = await self._source.readany()
+            if not chunk:
+                self._eof = True
+                tail = self._buffer.strip()
+                self._buffer = b""
+                if tail:
+                    # An unterminated last event is still an event; the caller judges it.
+                    self._events.append(tail + b"\n\n")
+                continue
+            self._feed(chunk)
+        return self._events.popleft()
+
+    def _feed(self, chunk: bytes) -> None:
+        data = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        start = 0
+        find = data.find
+        append = self._events.append
+        while True:
+            end = find(b"\n\n", start)
+            if end < 0:
+                break
+            if end > start:
+                append(data[start:end + 2])
+            start = end + 2
+        self._buffer = data[start:] if start < len(data) else b""
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The `data:` payload of an event (several data lines joined), or None if it has none."""
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2:
+        return event[6:-2]  # the common case: one `data: ...` line
+    lines = []
+    for line in event.rstrip(b"\n").split(b"\n"):
+        if line.startswith(b"data:"):
+            payload = line[5:]
+            lines.append(payload[1:] if payload.startswith(b" ") else payload)
+    return b"\n".join(lines) if lines else None
+
+
+@dataclass(slots=True)
+class Chunk:
+    """What failover needs to know about one completion chunk."""
+
+    has_content: bool
+    finish_reason: str | None
+    error: Any
+    model: str | None
+    text: str
+    tool_call: bool
+
+
+class MalformedEvent(ValueError):
+    """An event whose payload is not a JSON object."""
+
+
+def inspect_chunk(payload: bytes) -> Chunk:
+    """Parse a chat or text completion chunk; raises MalformedEvent on anything else."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise MalformedEvent("event is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise MalformedEvent("event is not a JSON object")
+    error = obj.get("error")
+    if error is not None:
+        return Chunk(False, None, error, None, "", False)
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        raise MalformedEvent("chunk has no choices list")
+    text = ""
+    finish = None
+    tool_call = False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise MalformedEvent("choice is not an object")
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            if content:
+                text += content if isinstance(content, str) else ""
+            if delta.get("tool_calls") or delta.get("function_call"):
+                tool_call = True
+        else:
+            piece = choice.get("text")
+            if isinstance(piece, str):
+                text += piece
+        if choice.get("finish_reason") is not None:
+            finish = choice["finish_reason"]
+    model = obj.get("model")
+    return Chunk(bool(text) or tool_call, finish, None,
+                 model if isinstance(model, str) else None, text, tool_call)
