@@ -1,0 +1,116 @@
+"""Shared fixtures: simulators on real ports and the proxy in front of them.
+
+In-process tests run the proxy app and the simulators in the test's event loop, on real
+sockets; tests/e2e starts both as subprocesses through the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.config import Config, parse_config
+from proxy.simulator import Simulator
+
+MakeSim = Callable[..., Awaitable[Simulator]]
+
+
+@pytest.fixture
+async def make_sim() -> AsyncIterator[MakeSim]:
+    """Start simulators on free ports; all are stopped at the end of the test."""
+    sims: list[Simulator] = []
+
+    async def make(model: str = "sim-model", faults: Sequence[str] = (), **kw: Any) -> Simulator:
+        sim = Simulator(model, faults=faults, **kw)
+        await sim.start()
+        sims.append(sim)
+        return sim
+
+    yield make
+    for sim in sims:
+        await sim.stop()
+
+
+def proxy_config(sims: Sequence[Simulator | tuple[str, str]], *, models: dict[str, Any] | None = None,
+                 local: Sequence[bool] | None = None, **sections: Any) -> Config:
+    """A config with one provider per simulator: ids `p0:s0`, `p1:s1`, ... in order.
+
+    An entry may also be `(id_suffix, base_url)` for an address where nothing listens.
+    """
+    providers = []
+    for n, sim in enumerate(sims):
+        if isinstance(sim, Simulator):
+            url, model = sim.base_url, sim.model
+        else:
+            url, model = sim[1], "sim-model"
+        entry: dict[str, Any] = {"provider_id": f"p{n}", "instances": [
+            {"id": f"s{n}", "base_url": url, "metadata": {"model": model}}]}
+        if local is not None:
+            entry["local"] = local[n]
+        providers.append(entry)
+    doc: dict[str, Any] = {
+        "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
+        "retry": {"max_retry_after_s": 3},
+        "providers": providers,
+    }
+    for key, value in sections.items():
+        doc[key] = {**doc.get(key, {}), **value}
+    if models:
+        doc["models"] = models
+    return parse_config(doc, "<test>")
+
+
+class RunningProxy:
+    """The proxy app served on a real port."""
+
+    def __init__(self, runner: web.AppRunner, port: int, app: web.Application) -> None:
+        self.runner = runner
+        self.port = port
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+
+MakeProxy = Callable[[Config], Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[MakeProxy]:
+    runners: list[web.AppRunner] = []
+
+    async def make(config: Config) -> RunningProxy:
+        app = create_app(config)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return RunningProxy(runner, port, app)
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def chat_body(prompt: str = "hello", *, model: str = "auto", stream: bool = False,
+              **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "stream": stream, **extra}
