@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from proxy.admin import add_admin_routes
 from proxy.config import Config
 from proxy.endpoints import add_routes, models_body
 from proxy.errors import error_body
 from proxy.forwarding import Forwarder
 from proxy.instances import Registry
+from proxy.routing import Planner
 from proxy.state import CONFIG, REGISTRY, STATE, ProxyState
 from proxy.upstream import Upstream, make_session
 
@@ -23,9 +25,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     session = make_session(config.timeouts)
     registry = app[REGISTRY]
-    app[STATE] = ProxyState(config, registry, Forwarder(config, registry,
-                                                        Upstream(session, config.timeouts)),
-                            models_body(config))
+    app[STATE] = ProxyState(
+        config=config,
+        registry=registry,
+        planner=Planner(config, registry),
+        forwarder=Forwarder(config, registry, Upstream(session, config.timeouts)),
+        models_body=models_body(config),
+    )
     log.info("proxy_started", instances=[s.id for s in registry.states],
              config=config.source)
     yield
@@ -62,4 +68,5 @@ def create_app(config: Config) -> web.Application:
     app[REGISTRY] = Registry(config.instances)
     app.cleanup_ctx.append(_upstream_session)
     add_routes(app)
+    add_admin_routes(app)
     return app

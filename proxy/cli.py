@@ -47,6 +47,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    import orjson
+
+    from proxy.errors import ProxyError
+    from proxy.inbound import CHAT, parse_request
+    from proxy.instances import Registry
+    from proxy.routing import Planner, new_id
+
+    config = _load(args.config)
+    if args.request:
+        try:
+            with open(args.request, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            print(f"route: cannot read {args.request}: {exc.strerror}", file=sys.stderr)
+            return 2
+    else:
+        if not args.prompt:
+            print("route: give --request FILE, or -m MODEL and -p PROMPT", file=sys.stderr)
+            return 2
+        body: dict[str, object] = {"model": args.model,
+                                   "messages": [{"role": "user", "content": args.prompt}]}
+        if args.max_tokens is not None:
+            body["max_tokens"] = args.max_tokens
+        raw = orjson.dumps(body)
+    headers = {}
+    if args.tags:
+        headers["x-route-tags"] = args.tags
+    if args.prefer:
+        headers["x-route-prefer"] = args.prefer
+    if args.session:
+        headers[config.routing.session_header] = args.session
+    try:
+        req = parse_request(CHAT, raw, new_id())
+        plan = Planner(config, Registry(config.instances)).plan(req, headers)
+    except ProxyError as exc:
+        print(f"route: {exc.message}", file=sys.stderr)
+        return 1
+    sys.stdout.write(orjson.dumps(plan.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy import simulator
 
@@ -66,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=("json", "console"),
                        help="log output (default: logging.format, json)")
     serve.set_defaults(func=cmd_serve)
+
+    route = sub.add_parser("route", help="dry run: print the route plan for a request")
+    route.add_argument("--config", "-c", required=True, help="YAML or JSON config file")
+    route.add_argument("--request", "-r", help="a JSON chat completion request body")
+    route.add_argument("-m", "--model", default="auto", help="model (default: auto)")
+    route.add_argument("-p", "--prompt", help="the user message")
+    route.add_argument("--max-tokens", type=int, help="max_tokens of the request")
+    route.add_argument("--tags", help="as the x-route-tags header, e.g. coding,frontend")
+    route.add_argument("--prefer", choices=("local", "cloud", "cheap", "fast"),
+                       help="as the x-route-prefer header")
+    route.add_argument("--session", help="a session key, as the x-session-id header")
+    route.set_defaults(func=cmd_route)
 
     from proxy import simulator
 

@@ -41,12 +41,28 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Weights:
+    """How much each scoring term counts (see proxy/scoring.py)."""
+
+    ready: float = 0.25
+    tags: float = 0.30
+    latency: float = 0.15
+    local: float = 0.20
+    cost: float = 0.10
+    error_rate: float = 0.20
+    sticky: float = 0.50
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingConfig:
     prefer_local: bool = True
     session_header: str = "x-session-id"
     sticky_ttl_s: float = 1800.0
     strict_models: bool = False
     default_max_tokens: int = 1024
+    weights: Weights = Weights()
+    #: Most sessions remembered at once (oldest forgotten first).
+    max_sessions: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,13 +332,21 @@ def _routing(r: _Reader | None) -> RoutingConfig:
     if r is None:
         return RoutingConfig()
     r.check_keys({"prefer_local", "session_header", "sticky_ttl_s", "strict_models",
-                  "default_max_tokens"})
+                  "default_max_tokens", "weights", "max_sessions"})
+    weights = Weights()
+    w = r.child("weights")
+    if w is not None:
+        names = ("ready", "tags", "latency", "local", "cost", "error_rate", "sticky")
+        w.check_keys(set(names))
+        weights = Weights(**{n: w.number(n, getattr(Weights(), n)) for n in names})
     return RoutingConfig(
         prefer_local=r.boolean("prefer_local", True),
         session_header=(r.string("session_header", "x-session-id") or "x-session-id").lower(),
         sticky_ttl_s=r.number("sticky_ttl_s", 1800.0),
         strict_models=r.boolean("strict_models", False),
         default_max_tokens=r.integer("default_max_tokens", 1024, minimum=1),
+        weights=weights,
+        max_sessions=r.integer("max_sessions", 100_000, minimum=1),
     )
 
 

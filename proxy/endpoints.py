@@ -15,10 +15,10 @@ import structlog
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.errors import NotFound, PayloadTooLarge, ProxyError
+from proxy.errors import PayloadTooLarge, ProxyError
 from proxy.forwarding import ClientGone, Reply
 from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
-from proxy.routing import AUTO, new_id, plan_route, resolve_model
+from proxy.routing import AUTO, new_id
 from proxy.state import STATE, ProxyState
 
 log = structlog.get_logger("proxy.request")
@@ -95,15 +95,12 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
         raw = await _read_body(request, config.server.max_body_bytes)
         req = parse_request(endpoint, raw, request_id)
         model = req.model
-        if config.routing.strict_models and model != AUTO:
-            preferred, _ = resolve_model(config, state.registry, model)
-            if not preferred:
-                raise NotFound(f"The model '{model}' does not exist on this proxy.", param="model")
-        plan = plan_route(config, state.registry, request_id, model)
+        plan = state.planner.plan(req, request.headers)
         headers["x-route-plan-id"] = plan.plan_id
         sink = HttpSink(request, headers) if req.stream else None
         reply = await state.forwarder.forward(req, plan, sink,
                                               request.headers.get("Authorization"))
+        state.planner.served(plan, reply.instance)
     except ProxyError as exc:
         headers["x-route-attempts"] = str(exc.attempts)
         log.info("request", request_id=request_id, model=model, status=exc.status,

@@ -40,7 +40,7 @@ from proxy.failures import (
 )
 from proxy.inbound import UPSTREAM_PATH, ClientRequest
 from proxy.instances import InstanceState, Registry
-from proxy.routing import RoutePlan
+from proxy.routing import RoutePlan, larger_window
 from proxy.sse import DONE, DONE_EVENT, EventReader, MalformedEvent, event_data, inspect_chunk
 from proxy.upstream import PassThrough, Upstream
 
@@ -152,6 +152,11 @@ class Forwarder:
                 same_tries = 0
                 if index < len(candidates):
                     index += 1
+                if isinstance(failure, ContextTooLong):
+                    # Only a larger window can help: skip the ones no larger than this.
+                    while index < len(candidates) and not larger_window(
+                            inst.config, candidates[index].config):
+                        index += 1
                 nxt = candidates[index].id if index < len(candidates) else None
                 log.warning("rerouted", request_id=req.request_id, plan_id=plan.plan_id,
                             reason=failure.code, detail=failure.detail, from_instance=inst.id,

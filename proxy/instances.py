@@ -8,6 +8,7 @@ never waits on it and never holds anything across an upstream await.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,10 @@ DRAINED = "DRAINED"
 ROUTABLE_STATES = frozenset({UNKNOWN, READY})
 
 _EWMA_ALPHA = 0.2
+#: How many recent outcomes, and how far back, the error rate looks at. Old failures are
+#: forgotten even without new traffic, so an instance that failed once is not shunned forever.
+ERROR_WINDOW_N = 20
+ERROR_WINDOW_S = 60.0
 
 
 @dataclass(slots=True)
@@ -42,7 +47,10 @@ class InstanceState:
     cooldown_until: float = 0.0
     last_error: str | None = None
     last_error_at: float | None = None
-    recent: list[bool] = field(default_factory=list)
+    #: (monotonic time, succeeded) of the latest attempts.
+    recent: deque[tuple[float, bool]] = field(
+        default_factory=lambda: deque(maxlen=ERROR_WINDOW_N))
+    error_window_s: float = ERROR_WINDOW_S
 
     @property
     def id(self) -> str:
@@ -65,14 +73,20 @@ class InstanceState:
             return f"cooldown={remaining:.1f}s"
         return None
 
-    def error_rate(self) -> float:
-        """Share of failures among the last attempts (0.0 with no history)."""
-        return self.recent.count(False) / len(self.recent) if self.recent else 0.0
+    def error_rate(self, now: float | None = None) -> float:
+        """Share of failures among the recent attempts (0.0 with no recent history)."""
+        if not self.recent:
+            return 0.0
+        since = (time.monotonic() if now is None else now) - self.error_window_s
+        total = failed = 0
+        for at, ok in self.recent:
+            if at >= since:
+                total += 1
+                failed += not ok
+        return failed / total if total else 0.0
 
     def _remember(self, ok: bool) -> None:
-        self.recent.append(ok)
-        if len(self.recent) > 20:
-            del self.recent[0]
+        self.recent.append((time.monotonic(), ok))
 
 
 class Registry:

@@ -1,21 +1,29 @@
-"""The route plan: which instances may serve a request, in what order, and why.
+"""The scored route plan: which instances may serve a request, in what order, and why.
 
-Planning reads only in-memory state (the registry) and touches no network. For now the
-order is the config order among the instances the requested model resolves to; the
-scored planner replaces `order_candidates` without changing the plan's shape.
+request -> requirements -> resolution of `model` -> hard filters -> scores -> plan.
+Planning reads only in-memory state (the registry, the session table) and touches no
+network; it takes microseconds.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config import Config
+from proxy.config import Config, InstanceConfig
+from proxy.errors import NotFound
+from proxy.inbound import ClientRequest
 from proxy.instances import InstanceState, Registry
+from proxy.requirements import Requirements, extract
+from proxy.scoring import hard_filter, score
+from proxy.sessions import SessionTable
 
 AUTO = "auto"
+SCORED = "scored"
+ORDERED = "ordered"
 
 
 @dataclass(slots=True)
@@ -25,6 +33,8 @@ class RoutePlan:
     plan_id: str
     request_id: str
     model: str
+    requirements: Requirements
+    strategy: str
     selected: str | None
     fallback: list[str]
     rejected: dict[str, str]
@@ -38,6 +48,8 @@ class RoutePlan:
             "plan_id": self.plan_id,
             "request_id": self.request_id,
             "model": self.model,
+            "strategy": self.strategy,
+            "requirements": self.requirements.as_dict(),
             "selected": self.selected,
             "fallback": self.fallback,
             "rejected": self.rejected,
@@ -46,77 +58,147 @@ class RoutePlan:
         }
 
 
+@dataclass(slots=True)
+class Resolution:
+    """What the client's `model` names: tiers of instances, tried tier by tier."""
+
+    tiers: list[list[InstanceState]]
+    strategy: str = SCORED
+    tags: tuple[str, ...] = ()  # a tag group's tags stand in for the request's
+
+
 def new_id() -> str:
     """A short random hex id (request ids, plan ids)."""
     return os.urandom(12).hex()
 
 
-def resolve_model(config: Config, registry: Registry, model: str) -> tuple[list[InstanceState], list[InstanceState]]:
-    """(preferred, others): the instances the client's `model` names, then the rest.
+def resolve_model(config: Config, registry: Registry, model: str) -> Resolution | None:
+    """Resolve `model`: a group, an instance id, an upstream model name, or `auto`.
 
-    `model` may be a model group, an instance id (full or short), an upstream model name
-    or `auto`. A group confines the request to its members; a specific instance or
-    model comes first, with every other instance behind it as a fallback.
+    A group confines the request to its members. A named instance comes first, then
+    every other instance; a model name puts the instances serving it first, then the
+    rest. Returns None when the name is unknown (the caller decides: 404 or `auto`).
     """
     states = registry.states
     if model == AUTO or not model:
-        return list(states), []
+        return Resolution([list(states)])
     group = config.models.get(model)
     if group is not None:
         if group.instances:
-            return [registry.by_id[i] for i in group.instances], []
+            return Resolution([[registry.by_id[i] for i in group.instances]], group.strategy)
         wanted = set(group.tags)
-        return [s for s in states if wanted & set(s.config.tags)], []
+        members = [s for s in states if not wanted.isdisjoint(s.config.tags)]
+        return Resolution([members], group.strategy, group.tags)
     inst = config.instance(model)
     if inst is not None:
         first = registry.by_id[inst.id]
-        return [first], [s for s in states if s is not first]
+        return Resolution([[first], [s for s in states if s is not first]])
     serving = [s for s in states if s.config.model == model]
     if serving:
-        return serving, [s for s in states if s.config.model != model]
-    return [], list(states)
+        return Resolution([serving, [s for s in states if s.config.model != model]])
+    return None
 
 
-def order_candidates(preferred: list[InstanceState], others: list[InstanceState],
-                     rejected: dict[str, str], reasons: dict[str, list[str]]) -> list[InstanceState]:
-    """Config order: routable preferred, routable others, then cooling-down ones as a last resort.
+class Planner:
+    """Builds route plans from config, live instance state and session memory."""
 
-    A cooling-down instance is still tried after every healthy one, so a request is
-    never refused while some instance could serve it.
-    """
-    now = time.monotonic()
-    ready: list[InstanceState] = []
-    last_resort: list[InstanceState] = []
-    for group, label in ((preferred, "model_match"), (others, "fallback_any")):
-        for inst in group:
-            why = inst.not_routable_reason(now)
-            if why is None:
-                ready.append(inst)
-                reasons[inst.id] = ["READY", label]
-            elif why == "disabled":
-                rejected[inst.id] = why
-            else:
-                last_resort.append(inst)
-                reasons[inst.id] = [why, label, "last_resort"]
-    return ready + last_resort
+    def __init__(self, config: Config, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.sessions = SessionTable(config.routing.sticky_ttl_s, config.routing.max_sessions)
+
+    def requirements(self, req: ClientRequest, headers: Mapping[str, str]) -> Requirements:
+        routing = self.config.routing
+        return extract(req, headers, routing.default_max_tokens, routing.session_header)
+
+    def plan(self, req: ClientRequest, headers: Mapping[str, str]) -> RoutePlan:
+        """The plan for one request; raises NotFound for an unknown model in strict mode.
+
+        `headers` is looked up with lower-case names (aiohttp's are case-insensitive).
+        """
+        config = self.config
+        resolution = resolve_model(config, self.registry, req.model)
+        if resolution is None:
+            if config.routing.strict_models:
+                raise NotFound(f"The model '{req.model}' does not exist on this proxy.",
+                               param="model")
+            resolution = Resolution([list(self.registry.states)])
+        reqs = self.requirements(req, headers)
+        if resolution.tags and reqs.tags_source != "header":
+            reqs = _with_tags(reqs, resolution.tags)
+        return self.build(req.request_id, req.model, reqs, resolution)
+
+    def build(self, request_id: str, model: str, reqs: Requirements,
+              resolution: Resolution) -> RoutePlan:
+        """Filter, score and order the resolved instances."""
+        weights = self.config.routing.weights
+        prefer_local = self.config.routing.prefer_local
+        sticky_id = self.sessions.get(reqs.session)
+        now = time.monotonic()
+        rejected: dict[str, str] = {}
+        reasons: dict[str, list[str]] = {}
+        scores: dict[str, float] = {}
+        ordered: list[InstanceState] = []
+        last_resort: list[InstanceState] = []
+        seen: set[str] = set()
+        for tier in resolution.tiers:
+            ranked: list[tuple[float, InstanceState]] = []
+            for inst in tier:
+                if inst.id in seen:
+                    continue
+                seen.add(inst.id)
+                why = hard_filter(inst, reqs)
+                if why is not None:
+                    rejected[inst.id] = why
+                    continue
+                value, why_list = score(inst, reqs, weights, prefer_local,
+                                        None if sticky_id is None else inst.id == sticky_id)
+                scores[inst.id] = value
+                reasons[inst.id] = why_list
+                cooling = inst.cooldown_until - now
+                if cooling > 0:
+                    # Still tried, after every healthy instance: never refuse a request
+                    # some instance might serve.
+                    why_list.append(f"cooldown={cooling:.1f}s")
+                    last_resort.append(inst)
+                else:
+                    ranked.append((value, inst))
+            if resolution.strategy == SCORED:
+                ranked.sort(key=_by_score)  # stable: ties keep config order
+            ordered.extend(inst for _, inst in ranked)
+        ordered.extend(last_resort)
+        ids = [s.id for s in ordered]
+        return RoutePlan(
+            plan_id=new_id(),
+            request_id=request_id,
+            model=model,
+            requirements=reqs,
+            strategy=resolution.strategy,
+            selected=ids[0] if ids else None,
+            fallback=ids[1:],
+            rejected=rejected,
+            reasons=reasons,
+            scores=scores,
+            candidates=ordered,
+        )
+
+    def served(self, plan: RoutePlan, instance_id: str | None) -> None:
+        """Feed back who answered: the session sticks to it from now on."""
+        if instance_id is not None and plan.requirements.session is not None:
+            self.sessions.remember(plan.requirements.session, instance_id)
 
 
-def plan_route(config: Config, registry: Registry, request_id: str, model: str) -> RoutePlan:
-    """Build the plan for one request."""
-    preferred, others = resolve_model(config, registry, model)
-    rejected: dict[str, str] = {}
-    reasons: dict[str, list[str]] = {}
-    order = order_candidates(preferred, others, rejected, reasons)
-    ids = [s.id for s in order]
-    n = len(ids)
-    return RoutePlan(
-        plan_id=new_id(),
-        request_id=request_id,
-        model=model,
-        selected=ids[0] if ids else None,
-        fallback=ids[1:],
-        rejected=rejected,
-        reasons=reasons,
-        scores={i: round(1.0 - k / max(n, 1), 3) for k, i in enumerate(ids)},
-        candidates=order,
-    )
+def larger_window(failed: InstanceConfig, candidate: InstanceConfig) -> bool:
+    """Whether `candidate` might fit a prompt that overflowed `failed`'s context window."""
+    if failed.ctx is None or candidate.ctx is None:
+        return True
+    return candidate.ctx > failed.ctx
+
+
+def _by_score(item: tuple[float, InstanceState]) -> float:
+    return -item[0]
+
+
+def _with_tags(reqs: Requirements, tags: tuple[str, ...]) -> Requirements:
+    return Requirements(reqs.prompt_tokens, reqs.ctx_needed, reqs.capabilities, tags, "group",
+                        reqs.prefer, reqs.session)

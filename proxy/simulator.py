@@ -68,7 +68,13 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .simtext import answer_words, embedding_vector, message_text, prompt_of_messages, stream_pieces
+from .simtext import (
+    answer_words,
+    embedding_vector,
+    message_text,
+    prompt_of_messages,
+    stream_pieces,
+)
 
 __all__ = ["Faults", "SimStats", "Simulator", "add_arguments", "parse_faults", "run"]
 
@@ -146,7 +152,7 @@ def parse_faults(specs: Sequence[str]) -> Faults:
     values: dict[str, Any] = {}
     for raw in specs:
         if not isinstance(raw, str):
-            raise ValueError(f"fault must be a string, got {raw!r}")
+            raise TypeError(f"fault must be a string, got {raw!r}")
         name, sep, value = raw.strip().partition("=")
         name, value = name.strip(), value.strip()
         if name not in _KNOWN:
@@ -523,7 +529,8 @@ class Simulator:
         for server in servers:
             await server.shutdown(1.0)
         self._main = self._control = None
-        self.stats.open_connections = self.stats.inflight = 0
+        # All connections were aborted; handlers decrement ``inflight`` themselves.
+        self.stats.open_connections = 0
 
     def _open_listener(self) -> None:
         # Bind and listen synchronously: from here on connections queue in the
@@ -629,7 +636,7 @@ class Simulator:
                               "invalid_request_error", param="faults")
             try:
                 faults = parse_faults(specs)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 return _error(400, str(exc), "invalid_request_error", param="faults")
             # Keep the connection carrying this request alive long enough to
             # answer it, then close it (the backend is going down).

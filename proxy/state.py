@@ -9,6 +9,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.forwarding import Forwarder
 from proxy.instances import Registry
+from proxy.routing import Planner
 
 
 @dataclass(slots=True)
@@ -17,6 +18,7 @@ class ProxyState:
 
     config: Config
     registry: Registry
+    planner: Planner
     forwarder: Forwarder
     models_body: bytes
 

@@ -35,7 +35,7 @@ from proxy.simulator import Simulator, parse_faults
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sim-a"
 WORDS = 12
-USER = [{"role": "user", "content": "hello there"}]
+USER: list[Any] = [{"role": "user", "content": "hello there"}]
 PROMPT = prompt_of_messages(USER)
 FULL = answer_text(MODEL, PROMPT, WORDS)
 
@@ -94,7 +94,7 @@ async def raw_stream(
                     datas.append(text[6:].rstrip("\n"))
                 else:
                     assert text == "\n"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             err = exc
     return datas, err
 
@@ -190,7 +190,7 @@ def test_parse_faults() -> None:
 
 
 async def test_openai_chat_non_stream(client: openai.AsyncOpenAI) -> None:
-    r = await client.chat.completions.create(model=MODEL, messages=USER)  # type: ignore[arg-type]
+    r = await client.chat.completions.create(model=MODEL, messages=USER)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert r.model == MODEL
     assert r.choices[0].message.content == FULL
@@ -202,7 +202,7 @@ async def test_openai_chat_non_stream(client: openai.AsyncOpenAI) -> None:
 
 async def test_openai_chat_stream(client: openai.AsyncOpenAI) -> None:
     stream = await client.chat.completions.create(
-        model=MODEL, messages=USER, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        model=MODEL, messages=USER, stream=True, stream_options={"include_usage": True}
     )
     got = [c async for c in stream]
     assert got[0].choices[0].delta.role == "assistant" and got[0].choices[0].delta.content == ""
@@ -319,9 +319,10 @@ async def test_prefill_continuation(session: aiohttp.ClientSession, sim: Simulat
         assert err is None
         pieces = contents(datas)
         assert prefix + "".join(pieces) == FULL
-        if 0 < cut < len(FULL):
+        if cut == len(words[0]) + 4:
             # the first piece is the rest of the cut word, then whole pieces follow
-            assert pieces[1:] == [p for p in stream_pieces(words)][-(len(pieces) - 1):]
+            assert pieces[0] == words[1][3:]
+            assert pieces[1:] == stream_pieces(words)[2:]
 
 
 async def test_prefill_mismatch_and_parts(session: aiohttp.ClientSession, sim: Simulator) -> None:
@@ -407,7 +408,7 @@ async def test_die_after_stream(session: aiohttp.ClientSession, sim: Simulator,
     # the SDK sees a transport error too
     got: list[str] = []
     with pytest.raises(openai.APIError):
-        stream = await client.chat.completions.create(model=MODEL, messages=USER, stream=True)  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(model=MODEL, messages=USER, stream=True)
         async for c in stream:
             if c.choices and c.choices[0].delta.content:
                 got.append(c.choices[0].delta.content)
@@ -475,14 +476,14 @@ async def test_status_and_rate_limit(session: aiohttp.ClientSession, sim: Simula
     status, body = await post(session, sim, "/v1/chat/completions", chat_body(stream=True))
     assert status == 503 and body["error"]["type"] == "server_error"
     with pytest.raises(openai.InternalServerError):
-        await client.chat.completions.create(model=MODEL, messages=USER)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=USER)
     sim.set_faults(["rate_limit=5"])
     async with session.post(sim.base_url + "/v1/chat/completions", json=chat_body()) as resp:
         assert resp.status == 429 and resp.headers["Retry-After"] == "5"
         err = (await resp.json())["error"]
     assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
     with pytest.raises(openai.RateLimitError):
-        await client.chat.completions.create(model=MODEL, messages=USER)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=USER)
     # info endpoints are not affected
     async with session.get(sim.base_url + "/health") as resp:
         assert resp.status == 200
@@ -492,7 +493,7 @@ async def test_model_fault(session: aiohttp.ClientSession, sim: Simulator, clien
     sim.set_faults(["model=other"])
     models = await client.models.list()
     assert [m.id for m in models.data] == ["other"]
-    r = await client.chat.completions.create(model=MODEL, messages=USER)  # type: ignore[arg-type]
+    r = await client.chat.completions.create(model=MODEL, messages=USER)
     assert r.model == "other" and r.choices[0].message.content == answer_text("other", PROMPT, WORDS)
     datas, _ = await raw_stream(session, sim, chat_body())
     assert {c["model"] for c in chunks(datas)} == {"other"}
@@ -539,6 +540,19 @@ async def test_chunk_delay(session: aiohttp.ClientSession) -> None:
         await s.stop()
 
 
+async def test_client_disconnect_mid_stream_counts_as_aborted(session: aiohttp.ClientSession) -> None:
+    s = Simulator(MODEL, words=50, chunk_delay=0.01)
+    await s.start()
+    try:
+        async with session.post(s.base_url + "/v1/chat/completions", json=chat_body(stream=True)) as resp:
+            await resp.content.readline()  # the role chunk
+            resp.close()  # drop the connection, like a client that gave up
+        await until(lambda: s.stats.aborted == 1 and s.stats.inflight == 0 and s.stats.open_connections == 0)
+        assert s.stats.completed_streams == 0
+    finally:
+        await s.stop()
+
+
 # --------------------------------------------------------------------------- control, stats, lifecycle
 
 
@@ -558,6 +572,9 @@ async def test_control_endpoints_and_stats(session: aiohttp.ClientSession, sim: 
     assert status == 400 and "unknown fault 'bogus'" in body["error"]["message"]
     status, body = await post(session, sim, "/_sim/faults", ["x"])
     assert status == 400
+    status, body = await post(session, sim, "/_sim/faults", {"faults": [3]})
+    assert status == 400 and "must be a string" in body["error"]["message"]
+    assert sim.faults == ("die_after=3", "times=1")  # a rejected update changes nothing
     status, state = await post(session, sim, "/_sim/reset_stats", {})
     assert status == 200 and state["stats"]["requests"] == 0 and state["stats"]["by_path"] == {}
     assert sim.stats.requests == 0  # control requests are never counted
@@ -617,7 +634,7 @@ def test_cli_run() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     bad = subprocess.run([sys.executable, "-c", code, "--port", "0", "--model", "m", "--fault", "nope"],
-                         capture_output=True, text=True, env=env, timeout=20)
+                         capture_output=True, text=True, env=env, timeout=20, check=False)
     assert bad.returncode == 2 and "unknown fault 'nope'" in bad.stderr
     with subprocess.Popen([sys.executable, "-c", code, "--port", "0", "--model", "cli-m", "--words", "3"],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) as proc:

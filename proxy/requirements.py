@@ -1,0 +1,173 @@
+"""What a request needs from an instance, read cheaply from its body and headers.
+
+Nothing here parses more than it must: token counts are estimated from text length, and
+the tag classifier looks at the last user message only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.inbound import CHAT, COMPLETIONS, ClientRequest
+
+TAGS_HEADER = "x-route-tags"
+PREFER_HEADER = "x-route-prefer"
+PREFERENCES = ("local", "cloud", "cheap", "fast")
+
+#: Rough characters per token for English text and code; an estimate, never a count.
+CHARS_PER_TOKEN = 4
+#: What one image part costs in context, roughly (providers charge hundreds to ~1,500).
+IMAGE_TOKENS = 1000
+#: Per-message overhead of chat templates (role markers, separators).
+MESSAGE_TOKENS = 4
+
+_WORD = re.compile(r"[a-z0-9_#+.]+")
+_CODING = frozenset("""
+    python java javascript typescript rust golang go c++ c# csharp kotlin swift ruby php
+    sql regex bash shell powershell code coding bug bugs debug compile compiler exception
+    traceback stacktrace segfault function functions method class classes variable
+    refactor unittest pytest api json yaml dockerfile git algorithm recursion def async
+    await lambda null pointer syntax script library package import module npm pip cargo
+""".split())
+_FRONTEND = frozenset("""
+    css html react vue svelte angular frontend front-end tailwind dom jsx tsx component
+    components ui ux layout flexbox grid responsive browser webpack vite nextjs next.js
+    button stylesheet scss sass
+""".split())
+_CODE_MARKERS = ("```", "def ", "function ", "=>", "();", "#include", "import ")
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """The request's needs; plain data, recorded in the plan."""
+
+    prompt_tokens: int
+    ctx_needed: int
+    capabilities: frozenset[str]
+    tags: tuple[str, ...]
+    tags_source: str  # header | classifier
+    prefer: str | None
+    session: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "ctx_needed": self.ctx_needed,
+            "capabilities": sorted(self.capabilities),
+            "tags": list(self.tags),
+            "tags_source": self.tags_source,
+            "prefer": self.prefer,
+            "session": self.session,
+        }
+
+
+def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: int,
+            session_header: str = "x-session-id") -> Requirements:
+    """Read a request's requirements; `headers` is looked up with lower-case names."""
+    body = req.body
+    capabilities: set[str] = set()
+    if body.get("tools") or body.get("functions"):
+        capabilities.add("tools")
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        capabilities.add("json")
+
+    if req.endpoint == CHAT:
+        chars, images, last_user = _chat_text(body["messages"])
+        prompt_tokens = chars // CHARS_PER_TOKEN + images * IMAGE_TOKENS \
+            + MESSAGE_TOKENS * len(body["messages"])
+        if images:
+            capabilities.add("vision")
+    else:
+        text = body.get("prompt") if req.endpoint == COMPLETIONS else body.get("input")
+        last_user = text if isinstance(text, str) else ""
+        chars = _text_length(text)
+        prompt_tokens = chars // CHARS_PER_TOKEN + 1
+
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        max_tokens = default_max_tokens if req.endpoint != "embeddings" else 0
+
+    header_tags = headers.get(TAGS_HEADER)
+    if header_tags:
+        tags = tuple(t for t in (p.strip().lower() for p in header_tags.split(",")) if t)
+        source = "header"
+    else:
+        tags = classify(last_user)
+        source = "classifier"
+
+    prefer = (headers.get(PREFER_HEADER) or "").strip().lower() or None
+    if prefer not in PREFERENCES:
+        prefer = None
+
+    session = headers.get(session_header) or None
+    if session is None:
+        user = body.get("user")
+        session = user if isinstance(user, str) and user else None
+
+    return Requirements(
+        prompt_tokens=prompt_tokens,
+        ctx_needed=prompt_tokens + max_tokens,
+        capabilities=frozenset(capabilities),
+        tags=tags,
+        tags_source=source,
+        prefer=prefer,
+        session=session,
+    )
+
+
+def classify(text: str) -> tuple[str, ...]:
+    """Tags for a prompt: `coding`, `frontend` (which implies coding), else `general`."""
+    if not text:
+        return ("general",)
+    sample = text[:4000].lower()
+    words = set(_WORD.findall(sample))
+    frontend = not words.isdisjoint(_FRONTEND)
+    coding = frontend or not words.isdisjoint(_CODING) or any(m in sample for m in _CODE_MARKERS)
+    if frontend:
+        return ("coding", "frontend")
+    if coding:
+        return ("coding",)
+    return ("general",)
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(v) for v in value)
+    return 0
+
+
+def _chat_text(messages: list[Any]) -> tuple[int, int, str]:
+    """(characters of text, image parts, text of the last user message)."""
+    chars = images = 0
+    last_user = ""
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+            text = content
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                kind = part.get("type")
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                    chars += len(part["text"])
+                elif kind in ("image_url", "input_image", "image"):
+                    images += 1
+            text = " ".join(parts)
+        else:
+            text = ""
+        if message.get("role") == "user":
+            last_user = text
+        tool_calls = message.get("tool_calls")
+        if tool_calls:
+            chars += _text_length(str(tool_calls))
+    return chars, images, last_user

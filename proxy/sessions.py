@@ -1,0 +1,44 @@
+"""Session stickiness: which instance served a session last, so it keeps serving it.
+
+Local servers keep the prompt cache of a conversation warm; sending the next turn to the
+same one saves re-reading the whole history. Entries expire after `sticky_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+
+class SessionTable:
+    """A bounded map from session key to (instance id, expiry), oldest evicted first."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, key: str | None, now: float | None = None) -> str | None:
+        """The instance serving this session, or None if unknown or expired."""
+        if key is None:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= (time.monotonic() if now is None else now):
+            del self._entries[key]
+            return None
+        return entry[0]
+
+    def remember(self, key: str | None, instance_id: str, now: float | None = None) -> None:
+        """Record that `instance_id` served the session (refreshing its expiry)."""
+        if key is None or self.ttl_s <= 0:
+            return
+        entries = self._entries
+        entries[key] = (instance_id, (time.monotonic() if now is None else now) + self.ttl_s)
+        entries.move_to_end(key)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,265 @@
+"""The scored route plan, with no server: requirements, filters, scores, reasons, sessions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.config import Config, load_config, parse_config
+from proxy.errors import NotFound
+from proxy.inbound import CHAT, ClientRequest, parse_request
+from proxy.instances import DOWN, READY, Registry
+from proxy.requirements import classify
+from proxy.routing import Planner
+
+SEED = Path(__file__).resolve().parents[2] / "shared" / "examples" / "providers.json"
+
+
+def request(body: dict[str, Any]) -> ClientRequest:
+    return parse_request(CHAT, orjson.dumps(body), "req-1")
+
+
+def chat(prompt: str = "hello", model: str = "auto", **extra: Any) -> ClientRequest:
+    return request({"model": model, "messages": [{"role": "user", "content": prompt}], **extra})
+
+
+def seed_with_cloud() -> Config:
+    """The seed's two llama.cpp instances plus a cloud instance, as in its example."""
+    doc = orjson.loads(SEED.read_bytes())
+    doc["providers"].append({"provider_id": "openai", "local": False, "instances": [
+        {"id": "default", "base_url": "https://api.openai.com/v1",
+         "metadata": {"model": "gpt-4o-mini", "ctx": 128000, "tags": ["general"],
+                      "cost": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}}]})
+    return parse_config(doc, "seed+cloud")
+
+
+def ready_planner(config: Config) -> Planner:
+    registry = Registry(config.instances)
+    for state in registry.states:
+        state.state = READY
+    return Planner(config, registry)
+
+
+def test_seed_example_decision_is_reproduced() -> None:
+    planner = ready_planner(seed_with_cloud())
+    plan = planner.plan(chat("build the settings page", max_tokens=4096),
+                        {"x-route-tags": "coding,frontend"})
+    assert plan.selected == "llamacpp:qwen3-coder-30b"
+    assert plan.fallback == ["llamacpp:glm47flash-q8", "openai:default"]
+    assert plan.requirements.ctx_needed >= 4096
+    reasons = plan.reasons["llamacpp:qwen3-coder-30b"]
+    assert reasons[0] == "READY"
+    assert "tags_match=coding" in reasons
+    assert f"ctx>={plan.requirements.ctx_needed}" in reasons
+    assert "local_preferred" in reasons
+    scores = plan.scores
+    assert scores["llamacpp:qwen3-coder-30b"] >= scores["llamacpp:glm47flash-q8"] > scores["openai:default"]
+
+
+@pytest.mark.parametrize("text,tags", [
+    ("fix this python bug", ("coding",)),
+    ("Why does my Rust code segfault?", ("coding",)),
+    ("```\nprint(1)\n```", ("coding",)),
+    ("center a div with css flexbox", ("coding", "frontend")),
+    ("write a React component for a login form", ("coding", "frontend")),
+    ("what is the capital of France?", ("general",)),
+    ("", ("general",)),
+])
+def test_keyword_classifier(text: str, tags: tuple[str, ...]) -> None:
+    assert classify(text) == tags
+
+
+@pytest.mark.parametrize("body,capabilities", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tools"}),
+    ({"functions": [{"name": "f"}]}, {"tools"}),
+    ({"response_format": {"type": "json_object"}}, {"json"}),
+    ({"response_format": {"type": "text"}}, set()),
+    ({}, set()),
+])
+def test_capabilities_needed(body: dict[str, Any], capabilities: set[str]) -> None:
+    planner = ready_planner(seed_with_cloud())
+    reqs = planner.requirements(chat(**body), {})
+    assert reqs.capabilities == capabilities
+
+
+def test_image_parts_need_vision_and_count_toward_context() -> None:
+    planner = ready_planner(seed_with_cloud())
+    req = request({"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+    reqs = planner.requirements(req, {})
+    assert reqs.capabilities == {"vision"}
+    assert reqs.prompt_tokens >= 1000
+
+
+def test_context_estimate_uses_max_tokens_or_the_default() -> None:
+    planner = ready_planner(seed_with_cloud())
+    short = planner.requirements(chat("x" * 400, max_tokens=100), {})
+    assert short.prompt_tokens == 100 + 4 and short.ctx_needed == 204
+    default = planner.requirements(chat("x" * 400), {})
+    assert default.ctx_needed == 104 + 1024
+
+
+def test_preference_and_session_headers() -> None:
+    planner = ready_planner(seed_with_cloud())
+    reqs = planner.requirements(chat(user="u-1"), {"x-route-prefer": "cloud"})
+    assert reqs.prefer == "cloud" and reqs.session == "u-1"
+    reqs = planner.requirements(chat(user="u-1"), {"x-session-id": "s-9", "x-route-prefer": "bogus"})
+    assert reqs.prefer is None and reqs.session == "s-9"
+
+
+def test_context_too_small_is_rejected_with_reason() -> None:
+    planner = ready_planner(seed_with_cloud())
+    plan = planner.plan(chat("word " * 12000, max_tokens=1000), {})  # ~16k tokens
+    assert plan.rejected["llamacpp:glm47flash-q8"].startswith("ctx=8192<")
+    assert "llamacpp:glm47flash-q8" not in plan.fallback
+    assert plan.selected == "llamacpp:qwen3-coder-30b"
+
+
+def test_missing_capability_is_rejected_unknown_is_ranked_lower() -> None:
+    config = parse_config({"providers": [{"provider_id": "p", "instances": [
+        {"id": "plain", "base_url": "http://127.0.0.1:1", "metadata": {"capabilities": ["json"]}},
+        {"id": "unknown", "base_url": "http://127.0.0.1:2"},
+        {"id": "tools", "base_url": "http://127.0.0.1:3", "metadata": {"capabilities": ["tools"]}},
+    ]}]})
+    plan = ready_planner(config).plan(chat(tools=[{"type": "function", "function": {"name": "f"}}]), {})
+    assert plan.rejected == {"p:plain": "missing_capability=tools"}
+    assert [plan.selected, *plan.fallback] == ["p:tools", "p:unknown"]
+    assert "capabilities_unknown" in plan.reasons["p:unknown"]
+
+
+def test_down_and_disabled_instances_are_rejected() -> None:
+    config = seed_with_cloud()
+    planner = ready_planner(config)
+    planner.registry.by_id["llamacpp:qwen3-coder-30b"].state = DOWN
+    plan = planner.plan(chat("fix this python bug"), {})
+    assert plan.rejected == {"llamacpp:qwen3-coder-30b": "state=DOWN"}
+    assert plan.selected == "llamacpp:glm47flash-q8"
+
+
+@pytest.mark.parametrize("prefer_local,prefer,first", [
+    (True, None, "llamacpp:qwen3-coder-30b"),
+    (True, "cloud", "openai:default"),
+    (False, "local", "llamacpp:qwen3-coder-30b"),
+    (False, "cheap", "llamacpp:qwen3-coder-30b"),
+])
+def test_preference_moves_the_plan(prefer_local: bool, prefer: str | None, first: str) -> None:
+    config = seed_with_cloud()
+    doc = {"routing": {"prefer_local": prefer_local},
+           "providers": orjson.loads(SEED.read_bytes())["providers"] + [
+               {"provider_id": "openai", "local": False, "instances": [
+                   {"id": "default", "base_url": "https://api.openai.com/v1",
+                    "metadata": {"tags": ["coding"], "cost": {"input_per_mtok": 0.15,
+                                                              "output_per_mtok": 0.6}}}]}]}
+    config = parse_config(doc)
+    headers = {"x-route-prefer": prefer} if prefer else {}
+    plan = ready_planner(config).plan(chat("fix this python bug"), headers)
+    assert plan.selected == first
+
+
+def test_fast_prefers_measured_low_latency() -> None:
+    planner = ready_planner(seed_with_cloud())
+    planner.registry.by_id["llamacpp:qwen3-coder-30b"].ttfb_ewma_ms = 2000.0
+    planner.registry.by_id["llamacpp:glm47flash-q8"].ttfb_ewma_ms = 40.0
+    plan = planner.plan(chat("fix this python bug"), {"x-route-prefer": "fast"})
+    assert plan.selected == "llamacpp:glm47flash-q8"
+    assert "latency=40ms" in plan.reasons["llamacpp:glm47flash-q8"]
+
+
+def test_error_rate_lowers_the_score() -> None:
+    planner = ready_planner(seed_with_cloud())
+    coder = planner.registry.by_id["llamacpp:qwen3-coder-30b"]
+    for ok in [False] * 8 + [True] * 2:
+        coder._remember(ok)
+    plan = planner.plan(chat("fix this python bug"), {})
+    assert "error_rate=0.80" in plan.reasons["llamacpp:qwen3-coder-30b"]
+    assert plan.selected == "llamacpp:glm47flash-q8"
+
+
+def test_old_failures_are_forgotten() -> None:
+    planner = ready_planner(seed_with_cloud())
+    coder = planner.registry.by_id["llamacpp:qwen3-coder-30b"]
+    coder._remember(False)
+    assert coder.error_rate() == 1.0
+    assert coder.error_rate(now=time.monotonic() + coder.error_window_s + 1) == 0.0
+
+
+def test_ties_break_by_config_order() -> None:
+    config = parse_config({"providers": [{"provider_id": "p", "instances": [
+        {"id": f"i{n}", "base_url": f"http://127.0.0.1:{n + 1}"} for n in range(5)]}]})
+    plan = ready_planner(config).plan(chat("what is the weather like"), {})
+    assert [plan.selected, *plan.fallback] == [f"p:i{n}" for n in range(5)]
+
+
+def test_session_sticks_to_the_instance_that_served_it() -> None:
+    planner = ready_planner(seed_with_cloud())
+    first = planner.plan(chat("fix this python bug", user="alice"), {})
+    assert first.selected == "llamacpp:qwen3-coder-30b"
+    planner.served(first, "llamacpp:glm47flash-q8")  # the fallback answered
+    second = planner.plan(chat("fix this python bug", user="alice"), {})
+    assert second.selected == "llamacpp:glm47flash-q8"
+    assert "sticky_session" in second.reasons["llamacpp:glm47flash-q8"]
+    other = planner.plan(chat("fix this python bug", user="bob"), {})
+    assert other.selected == "llamacpp:qwen3-coder-30b"
+
+
+def test_sticky_entries_expire() -> None:
+    from proxy.sessions import SessionTable
+
+    table = SessionTable(ttl_s=10, max_entries=2)
+    table.remember("a", "x", now=0)
+    assert table.get("a", now=5) == "x"
+    assert table.get("a", now=11) is None
+    table.remember("a", "x", now=0)
+    table.remember("b", "y", now=0)
+    table.remember("c", "z", now=0)
+    assert table.get("a", now=1) is None and len(table) == 2
+
+
+def test_model_resolution() -> None:
+    config = parse_config({
+        "models": {"fast": {"instances": ["p:b", "p:a"], "strategy": "ordered"},
+                   "coder": {"tags": ["coding"]}},
+        "providers": [{"provider_id": "p", "instances": [
+            {"id": "a", "base_url": "http://127.0.0.1:1", "metadata": {"model": "m-a", "tags": ["coding"]}},
+            {"id": "b", "base_url": "http://127.0.0.1:2", "metadata": {"model": "m-b"}},
+            {"id": "c", "base_url": "http://127.0.0.1:3", "metadata": {"model": "m-b"}}]}]})
+    planner = ready_planner(config)
+
+    def order(model: str) -> list[str | None]:
+        plan = planner.plan(chat("hello there", model=model), {})
+        return [plan.selected, *plan.fallback]
+
+    assert order("fast") == ["p:b", "p:a"]          # ordered group: the user's priority
+    assert order("coder") == ["p:a"]                # tag group: only its members
+    assert order("p:c") == ["p:c", "p:a", "p:b"]    # instance id first, then the rest
+    assert order("c") == ["p:c", "p:a", "p:b"]      # a unique short id works too
+    assert order("m-b") == ["p:b", "p:c", "p:a"]    # upstream model name first
+    assert order("auto") == ["p:a", "p:b", "p:c"]
+    assert order("nope") == ["p:a", "p:b", "p:c"]   # unknown, not strict: auto
+
+
+def test_unknown_model_in_strict_mode_is_not_found() -> None:
+    config = parse_config({"routing": {"strict_models": True}, "providers": [
+        {"provider_id": "p", "instances": [{"id": "a", "base_url": "http://127.0.0.1:1"}]}]})
+    with pytest.raises(NotFound):
+        ready_planner(config).plan(chat(model="nope"), {})
+
+
+def test_plan_is_plain_serialisable_data() -> None:
+    plan = ready_planner(seed_with_cloud()).plan(chat("fix this python bug"), {})
+    data = orjson.loads(orjson.dumps(plan.as_dict()))
+    assert set(data) >= {"plan_id", "request_id", "requirements", "selected", "fallback",
+                         "rejected", "reasons", "scores"}
+    assert data["request_id"] == "req-1"
+
+
+def test_demo_config_plans_without_network() -> None:
+    config = load_config(Path(__file__).resolve().parents[1] / "config" / "demo.yaml")
+    plan = Planner(config, Registry(config.instances)).plan(chat("fix this python bug"), {})
+    assert plan.selected == "local:primary"
+    assert plan.fallback[-1] == "cloud:default"
