@@ -51,10 +51,20 @@ class InstanceState:
     recent: deque[tuple[float, bool]] = field(
         default_factory=lambda: deque(maxlen=ERROR_WINDOW_N))
     error_window_s: float = ERROR_WINDOW_S
+    last_failure_mono: float = float("-inf")
+    # Copied from the config once, for the planner's inner loop.
+    id: str = field(init=False)
+    tags: frozenset[str] = field(init=False)
+    cost_per_mtok: float = field(init=False)
+    #: The latency reason string, formatted when the EWMA changes rather than per plan.
+    latency_reason: str = "latency=unknown"
+    #: Requested tags -> (matched share, reason): few distinct tag sets ever occur.
+    tag_match_cache: dict[tuple[str, ...], tuple[float, str]] = field(default_factory=dict)
 
-    @property
-    def id(self) -> str:
-        return self.config.id
+    def __post_init__(self) -> None:
+        self.id = self.config.id
+        self.tags = frozenset(self.config.tags)
+        self.cost_per_mtok = self.config.cost_input_per_mtok + self.config.cost_output_per_mtok
 
     def routable(self, now: float | None = None) -> bool:
         """Whether traffic may be sent now (enabled, in a routable state, not cooling down)."""
@@ -75,9 +85,9 @@ class InstanceState:
 
     def error_rate(self, now: float | None = None) -> float:
         """Share of failures among the recent attempts (0.0 with no recent history)."""
-        if not self.recent:
-            return 0.0
         since = (time.monotonic() if now is None else now) - self.error_window_s
+        if self.last_failure_mono < since:
+            return 0.0  # no failure in the window: the common case, no scan
         total = failed = 0
         for at, ok in self.recent:
             if at >= since:
@@ -86,7 +96,10 @@ class InstanceState:
         return failed / total if total else 0.0
 
     def _remember(self, ok: bool) -> None:
-        self.recent.append((time.monotonic(), ok))
+        now = time.monotonic()
+        self.recent.append((now, ok))
+        if not ok:
+            self.last_failure_mono = now
 
 
 class Registry:
@@ -110,7 +123,9 @@ class Registry:
         """An attempt got a usable answer; `ttfb_s` is its time to first byte."""
         ms = ttfb_s * 1000.0
         prev = inst.ttfb_ewma_ms
-        inst.ttfb_ewma_ms = ms if prev is None else prev + _EWMA_ALPHA * (ms - prev)
+        ewma = ms if prev is None else prev + _EWMA_ALPHA * (ms - prev)
+        inst.ttfb_ewma_ms = ewma
+        inst.latency_reason = f"latency={ewma:.0f}ms"
         inst.successes += 1
         inst._remember(True)
 

@@ -54,7 +54,7 @@ class RoutePlan:
             "fallback": self.fallback,
             "rejected": self.rejected,
             "reasons": self.reasons,
-            "scores": self.scores,
+            "scores": {k: round(v, 3) for k, v in self.scores.items()},
         }
 
 
@@ -141,6 +141,7 @@ class Planner:
         ordered: list[InstanceState] = []
         last_resort: list[InstanceState] = []
         seen: set[str] = set()
+        ctx_reason = f"ctx>={reqs.ctx_needed}"
         for tier in resolution.tiers:
             ranked: list[tuple[float, InstanceState]] = []
             for inst in tier:
@@ -152,7 +153,8 @@ class Planner:
                     rejected[inst.id] = why
                     continue
                 value, why_list = score(inst, reqs, weights, prefer_local,
-                                        None if sticky_id is None else inst.id == sticky_id)
+                                        None if sticky_id is None else inst.id == sticky_id,
+                                        now, ctx_reason)
                 scores[inst.id] = value
                 reasons[inst.id] = why_list
                 cooling = inst.cooldown_until - now

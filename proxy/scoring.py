@@ -33,76 +33,76 @@ def hard_filter(inst: InstanceState, req: Requirements) -> str | None:
     return None
 
 
+def tag_match(have: frozenset[str], wanted: tuple[str, ...]) -> tuple[float, str]:
+    """(share of the wanted tags the instance has, reason). A `general` request is
+    half-satisfied by any instance."""
+    matched = [t for t in wanted if t in have]
+    if matched:
+        return len(matched) / len(wanted), "tags_match=" + ",".join(matched)
+    return (0.5 if wanted == ("general",) else 0.0), "tags_match=none"
+
+
 def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local: bool,
-          sticky: bool | None) -> tuple[float, list[str]]:
+          sticky: bool | None, now: float, ctx_reason: str) -> tuple[float, list[str]]:
     """(score in 0..1, reasons) for an instance that passed the hard filters.
 
     `sticky` is None when the request's session has no instance yet; otherwise it says
     whether this instance is the session's, and the term counts for every candidate.
+    `ctx_reason` is the request's `ctx>=N`, formatted once per plan. This runs once per
+    instance per request, so it avoids needless allocations.
     """
-    cfg = inst.config
-    reasons: list[str] = []
-    total = 0.0
-    weight_sum = 0.0
-
+    prefer = req.prefer
     # Readiness: a probed, healthy instance beats one nobody has checked yet.
-    ready = 1.0 if inst.state == READY else 0.6
-    reasons.append(inst.state)
-    total += weights.ready * ready
-    weight_sum += weights.ready
+    reasons = [inst.state]
+    total = weights.ready * (1.0 if inst.state == READY else 0.6)
+    weight_sum = weights.ready
 
     # Tags: the share of the requested tags the instance carries.
-    if req.tags:
-        matched = [t for t in req.tags if t in cfg.tags]
-        if matched:
-            tag_term = len(matched) / len(req.tags)
-            reasons.append("tags_match=" + ",".join(matched))
-        else:
-            tag_term = 0.5 if req.tags == ("general",) else 0.0
-            reasons.append("tags_match=none")
-        total += weights.tags * tag_term
+    tags = req.tags
+    if tags:
+        cached = inst.tag_match_cache.get(tags)
+        if cached is None:
+            cached = inst.tag_match_cache[tags] = tag_match(inst.tags, tags)
+        total += weights.tags * cached[0]
+        reasons.append(cached[1])
         weight_sum += weights.tags
 
-    reasons.append(f"ctx>={req.ctx_needed}" if cfg.ctx is not None else "ctx=unknown")
+    reasons.append(ctx_reason if inst.config.ctx is not None else "ctx=unknown")
 
     # Latency: EWMA of time to first byte from real traffic; unknown is neutral.
-    latency_w = weights.latency * (3.0 if req.prefer == "fast" else 1.0)
+    latency_w = weights.latency * 3.0 if prefer == "fast" else weights.latency
     ewma = inst.ttfb_ewma_ms
-    if ewma is None:
-        latency_term = 0.5
-        reasons.append("latency=unknown")
-    else:
-        latency_term = 1.0 / (1.0 + ewma / LATENCY_HALF_MS)
-        reasons.append(f"latency={ewma:.0f}ms")
-    total += latency_w * latency_term
+    total += latency_w * (0.5 if ewma is None else 1.0 / (1.0 + ewma / LATENCY_HALF_MS))
+    reasons.append(inst.latency_reason)
     weight_sum += latency_w
 
     # Local or cloud, as the config and the request prefer.
-    wants_cloud = req.prefer == "cloud"
-    wants_local = req.prefer == "local" or (prefer_local and not wants_cloud)
-    local_w = weights.local * (3.0 if req.prefer in ("local", "cloud") else 1.0)
-    if wants_local:
-        local_term = 1.0 if cfg.local else 0.0
-        reasons.append("local_preferred" if cfg.local else "cloud")
-    elif wants_cloud:
-        local_term = 0.0 if cfg.local else 1.0
-        reasons.append("local" if cfg.local else "cloud_preferred")
+    local = inst.config.local
+    if prefer == "local" or prefer == "cloud":
+        local_w = weights.local * 3.0
     else:
-        local_term = 0.5
-        reasons.append("local" if cfg.local else "cloud")
-    total += local_w * local_term
+        local_w = weights.local
+    if prefer == "cloud":
+        total += 0.0 if local else local_w
+        reasons.append("local" if local else "cloud_preferred")
+    elif prefer_local or prefer == "local":
+        total += local_w if local else 0.0
+        reasons.append("local_preferred" if local else "cloud")
+    else:
+        total += local_w * 0.5
+        reasons.append("local" if local else "cloud")
     weight_sum += local_w
 
     # Cost per million tokens (input + output): free scores 1.
-    cost_w = weights.cost * (3.0 if req.prefer == "cheap" else 1.0)
-    cost = cfg.cost_input_per_mtok + cfg.cost_output_per_mtok
+    cost_w = weights.cost * 3.0 if prefer == "cheap" else weights.cost
+    cost = inst.cost_per_mtok
     total += cost_w / (1.0 + cost)
     weight_sum += cost_w
     if cost:
         reasons.append(f"cost={cost:g}/Mtok")
 
     # Recent error rate from live traffic.
-    rate = inst.error_rate()
+    rate = inst.error_rate(now)
     total += weights.error_rate * (1.0 - rate)
     weight_sum += weights.error_rate
     if rate:
@@ -114,8 +114,8 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
             total += weights.sticky
             reasons.append("sticky_session")
 
-    value = total / weight_sum if weight_sum else 0.0
-    if req.capabilities and not cfg.capabilities:
+    value = total / weight_sum
+    if req.capabilities and not inst.config.capabilities:
         value *= UNKNOWN_CAPABILITIES_FACTOR
         reasons.append("capabilities_unknown")
-    return round(value, 3), reasons
+    return value, reasons

@@ -163,8 +163,8 @@ def test_preference_moves_the_plan(prefer_local: bool, prefer: str | None, first
 
 def test_fast_prefers_measured_low_latency() -> None:
     planner = ready_planner(seed_with_cloud())
-    planner.registry.by_id["llamacpp:qwen3-coder-30b"].ttfb_ewma_ms = 2000.0
-    planner.registry.by_id["llamacpp:glm47flash-q8"].ttfb_ewma_ms = 40.0
+    planner.registry.record_success(planner.registry.by_id["llamacpp:qwen3-coder-30b"], 2.0)
+    planner.registry.record_success(planner.registry.by_id["llamacpp:glm47flash-q8"], 0.040)
     plan = planner.plan(chat("fix this python bug"), {"x-route-prefer": "fast"})
     assert plan.selected == "llamacpp:glm47flash-q8"
     assert "latency=40ms" in plan.reasons["llamacpp:glm47flash-q8"]
