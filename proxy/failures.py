@@ -7,7 +7,6 @@ the upstream client, which wraps its I/O in :func:`map_exceptions`.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -176,7 +175,7 @@ def map_exceptions(phase: str, timeout_s: float | None = None) -> Iterator[None]
         if _is_refusal(exc):
             raise ConnRefused(f"connection refused by {exc.host}:{exc.port}") from exc
         raise ConnRefused(f"cannot connect to {exc.host}:{exc.port}") from exc
-    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError) as exc:
+    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
         raise UpstreamTimeout(phase, timeout_s) from exc
     except aiohttp.ServerDisconnectedError as exc:
         raise ProcessExited("server closed the connection") from exc

@@ -116,9 +116,10 @@ class Forwarder:
             if index < len(candidates):
                 inst = candidates[index]
             else:
-                inst = await self._wait_out_rate_limit(rate_limited)
-                if inst is None:
+                waited = await self._wait_out_rate_limit(rate_limited)
+                if waited is None:
                     break
+                inst = waited
             started = time.perf_counter()
             try:
                 inst.inflight += 1

@@ -69,7 +69,8 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
 
     model = body.get("model")
     if model is None:
-        raise BadRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+        raise BadRequest("You must provide a model parameter.", param="model",
+                         code="missing_required_parameter")
     if not isinstance(model, str):
         raise _type_error("model", "a string")
 

@@ -13,7 +13,6 @@ import aiohttp
 import orjson
 
 from proxy.config import InstanceConfig, TimeoutsConfig
-from proxy.sse import EventReader
 from proxy.failures import (
     ContextTooLong,
     RateLimited,
@@ -21,6 +20,7 @@ from proxy.failures import (
     map_exceptions,
     parse_retry_after,
 )
+from proxy.sse import EventReader
 
 _PASS_HEADERS = ("retry-after",)
 

@@ -61,7 +61,7 @@ def main() -> int:
                                     stdout=subprocess.DEVNULL, cwd=ROOT)
             procs.append(proc)
             (RUN / f"{name}.pid").write_text(f"{proc.pid}\n")
-        for (_, port, _), proc in zip(SIMULATORS, procs):
+        for (_, port, _), proc in zip(SIMULATORS, procs, strict=True):
             wait_for_port(port, proc)
 
         proxy = subprocess.Popen([py, "-m", "proxy", "serve", "--config", str(CONFIG),

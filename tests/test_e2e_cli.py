@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.error
-import urllib.request
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -12,9 +12,9 @@ import aiohttp
 import openai
 
 from proxy.config import parse_config
-from proxy.state import STATE
-from proxy.simulator import Simulator
 from proxy.simtext import answer_text
+from proxy.simulator import Simulator
+from proxy.state import STATE
 from tests.conftest import MakeProxy, MakeSim, chat_body
 
 ROOT = Path(__file__).resolve().parents[1]
