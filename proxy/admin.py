@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
-from proxy.errors import Forbidden, ProxyError, Unauthorized
+from proxy.errors import Forbidden, NotFound, ProxyError, Unauthorized
+from proxy.health import reset_fingerprint
 from proxy.inbound import CHAT, parse_request
+from proxy.instances import DRAINED, MISMATCH, UNKNOWN, InstanceState
 from proxy.routing import new_id
 from proxy.state import STATE
 
@@ -51,5 +54,61 @@ async def route_dry_run(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(plan.as_dict()), content_type=_JSON)
 
 
+def _instance(request: web.Request) -> InstanceState:
+    inst = request.app[STATE].registry.get(request.match_info["id"])
+    if inst is None:
+        raise NotFound(f"No instance '{request.match_info['id']}'.", code="instance_not_found")
+    return inst
+
+
+def _json_response(data: object) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type=_JSON)
+
+
+@admin
+async def list_instances(request: web.Request) -> web.Response:
+    """GET /admin/instances: state, circuit, fingerprint, latency, errors of each instance."""
+    now = time.monotonic()
+    return _json_response({"instances": [s.snapshot(now)
+                                         for s in request.app[STATE].registry.states]})
+
+
+@admin
+async def drain_instance(request: web.Request) -> web.Response:
+    """POST /admin/instances/{id}/drain: no new requests; in-flight ones finish."""
+    inst = _instance(request)
+    request.app[STATE].registry.set_state(inst, DRAINED, "drained by admin")
+    return _json_response(inst.snapshot())
+
+
+@admin
+async def enable_instance(request: web.Request) -> web.Response:
+    """POST /admin/instances/{id}/enable: back in rotation; probed again at once."""
+    state = request.app[STATE]
+    inst = _instance(request)
+    if inst.state == DRAINED or inst.state == MISMATCH:
+        state.registry.set_state(inst, UNKNOWN, "enabled by admin")
+    inst.circuit.on_success()
+    if state.config.health.enabled:
+        state.prober.apply(inst, await state.prober.probe(inst))
+    return _json_response(inst.snapshot())
+
+
+@admin
+async def reset_instance_fingerprint(request: web.Request) -> web.Response:
+    """POST /admin/instances/{id}/reset-fingerprint: learn the fingerprint anew."""
+    state = request.app[STATE]
+    inst = _instance(request)
+    reset_fingerprint(inst)
+    if inst.state == MISMATCH:
+        state.registry.set_state(inst, UNKNOWN, "fingerprint reset by admin")
+    state.prober.apply(inst, await state.prober.probe(inst))
+    return _json_response(inst.snapshot())
+
+
 def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/admin/route", route_dry_run)
+    app.router.add_get("/admin/instances", list_instances)
+    app.router.add_post("/admin/instances/{id}/drain", drain_instance)
+    app.router.add_post("/admin/instances/{id}/enable", enable_instance)
+    app.router.add_post("/admin/instances/{id}/reset-fingerprint", reset_instance_fingerprint)

@@ -12,6 +12,7 @@ from proxy.config import Config
 from proxy.endpoints import add_routes, models_body
 from proxy.errors import error_body
 from proxy.forwarding import Forwarder
+from proxy.health import Prober
 from proxy.instances import Registry
 from proxy.routing import Planner
 from proxy.state import CONFIG, REGISTRY, STATE, ProxyState
@@ -25,16 +26,25 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     session = make_session(config.timeouts)
     registry = app[REGISTRY]
+    upstream = Upstream(session, config.timeouts)
+    prober = Prober(registry, upstream, config.health)
     app[STATE] = ProxyState(
         config=config,
         registry=registry,
         planner=Planner(config, registry),
-        forwarder=Forwarder(config, registry, Upstream(session, config.timeouts)),
+        forwarder=Forwarder(config, registry, upstream),
+        prober=prober,
         models_body=models_body(config),
     )
+    if config.health.enabled:
+        # One round before accepting traffic, so the first plans know who is up. Bounded
+        # by health.timeout_s; the loops then keep it fresh in the background.
+        await prober.probe_all()
+        prober.start()
     log.info("proxy_started", instances=[s.id for s in registry.states],
              config=config.source)
     yield
+    await prober.stop()
     await session.close()
 
 
@@ -65,7 +75,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           middlewares=[openai_errors])
     app[CONFIG] = config
-    app[REGISTRY] = Registry(config.instances)
+    app[REGISTRY] = Registry(config.instances, config.health)
     app.cleanup_ctx.append(_upstream_session)
     add_routes(app)
     add_admin_routes(app)

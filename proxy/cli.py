@@ -81,7 +81,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         headers[config.routing.session_header] = args.session
     try:
         req = parse_request(CHAT, raw, new_id())
-        plan = Planner(config, Registry(config.instances)).plan(req, headers)
+        plan = Planner(config, Registry(config.instances, config.health)).plan(req, headers)
     except ProxyError as exc:
         print(f"route: {exc.message}", file=sys.stderr)
         return 1

@@ -23,6 +23,8 @@ from proxy.failures import RETRY_KINDS
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_STORE_URL = "sqlite:///./data/audit.db"
+#: Server implementations the prober knows how to ask (see proxy/health.py).
+SERVER_KINDS = ("openai", "llamacpp", "ollama", "lmstudio", "vllm")
 SECRET_KEYS = frozenset({"api_key", "api_keys", "admin_key", "headers"})
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -69,6 +71,13 @@ class RoutingConfig:
 class HealthConfig:
     interval_s: float = 5.0
     timeout_s: float = 2.0
+    #: First circuit cooldown; doubles on each failed half-open trial up to the cap.
+    cooldown_s: float = 1.0
+    max_cooldown_s: float = 16.0
+    #: Consecutive timeouts or 5xx that open the circuit (refusals and resets open it at once).
+    failure_threshold: int = 3
+    #: Probes in the background; off, instances are judged by live traffic alone.
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +123,8 @@ class InstanceConfig:
     root_url: str  # without a trailing /v1: where /health, /props, /api/tags live
     api_base: str  # with /v1: where /chat/completions lives
     kind: str = "openai"
+    #: Which server implementation answers there, for health probes.
+    server: str = "openai"
     local: bool = True
     enabled: bool = True
     model: str | None = None
@@ -353,10 +364,15 @@ def _routing(r: _Reader | None) -> RoutingConfig:
 def _health(r: _Reader | None) -> HealthConfig:
     if r is None:
         return HealthConfig()
-    r.check_keys({"interval_s", "timeout_s"})
+    r.check_keys({"interval_s", "timeout_s", "cooldown_s", "max_cooldown_s",
+                  "failure_threshold", "enabled"})
     return HealthConfig(
         interval_s=r.number("interval_s", 5.0, minimum=0.05),
         timeout_s=r.number("timeout_s", 2.0, minimum=0.01),
+        cooldown_s=r.number("cooldown_s", 1.0, minimum=0.01),
+        max_cooldown_s=r.number("max_cooldown_s", 16.0, minimum=0.01),
+        failure_threshold=r.integer("failure_threshold", 3, minimum=1),
+        enabled=r.boolean("enabled", True),
     )
 
 
@@ -425,9 +441,9 @@ def is_local_host(host: str) -> bool:
 
 
 def _instance(r: _Reader, provider_id: str, kind: str, provider_local: bool | None,
-              provider_key: str | None) -> InstanceConfig:
+              provider_key: str | None, server: str) -> InstanceConfig:
     r.check_keys({"id", "base_url", "enabled", "local", "fingerprint", "metadata", "api_key",
-                  "headers", "forward_client_auth", "kind"})
+                  "headers", "forward_client_auth", "kind", "server"})
     inst_id = r.string("id", required=True)
     assert inst_id is not None
     if not re.fullmatch(r"[A-Za-z0-9._\-/]+", inst_id):
@@ -482,6 +498,7 @@ def _instance(r: _Reader, provider_id: str, kind: str, provider_local: bool | No
         root_url=root,
         api_base=api_base,
         kind=r.choice("kind", kind, ("openai", "anthropic")),
+        server=r.choice("server", server, SERVER_KINDS),
         local=local,
         enabled=r.boolean("enabled", True),
         model=model,
@@ -505,10 +522,12 @@ def _providers(root: _Reader) -> tuple[InstanceConfig, ...]:
     seen: set[str] = set()
     for i, item in enumerate(raw):
         p = _Reader(root.source, f"providers[{i}]", item)
-        p.check_keys({"provider_id", "kind", "local", "api_key", "instances"})
+        p.check_keys({"provider_id", "kind", "local", "api_key", "instances", "server"})
         provider_id = p.string("provider_id", required=True)
         assert provider_id is not None
         kind = p.choice("kind", "openai", ("openai", "anthropic"))
+        guess = provider_id.lower().replace("-", "").replace("_", "").replace(".", "")
+        server = p.choice("server", guess if guess in SERVER_KINDS else "openai", SERVER_KINDS)
         local = p.boolean("local", False) if "local" in p.data else None
         key = p.string("api_key")
         raw_instances = p.data.get("instances")
@@ -517,7 +536,7 @@ def _providers(root: _Reader) -> tuple[InstanceConfig, ...]:
                           raw_instances if raw_instances is not None else ...)
         for j, raw_inst in enumerate(raw_instances):
             inst = _instance(_Reader(root.source, f"{p.sub('instances')}[{j}]", raw_inst),
-                             provider_id, kind, local, key)
+                             provider_id, kind, local, key, server)
             if inst.id in seen:
                 raise ConfigError(f"{root.source}: {p.sub('instances')}[{j}].id: "
                                   f"expected a unique id, {inst.id} appears twice")

@@ -26,9 +26,11 @@ from proxy.errors import (
 )
 from proxy.failures import (
     CONTEXT_TOO_LONG,
+    INSTANCE_NOT_READY,
     RATE_LIMITED,
     TIMEOUT,
     ContextTooLong,
+    FingerprintMismatch,
     ProcessExited,
     RateLimited,
     StreamCut,
@@ -38,6 +40,7 @@ from proxy.failures import (
     UpstreamFailure,
     UpstreamTimeout,
 )
+from proxy.fingerprints import models_match, response_model
 from proxy.inbound import UPSTREAM_PATH, ClientRequest
 from proxy.instances import InstanceState, Registry
 from proxy.routing import RoutePlan, larger_window
@@ -115,6 +118,16 @@ class Forwarder:
         while len(attempts) < retry.max_attempts:
             if index < len(candidates):
                 inst = candidates[index]
+                if same_tries == 0:
+                    # Verify before send: state may have changed since the plan was made.
+                    why = self._not_ready(inst, last_resort=index >= plan.healthy)
+                    if why is not None:
+                        index += 1
+                        log.warning("rerouted", request_id=req.request_id,
+                                    plan_id=plan.plan_id, reason=INSTANCE_NOT_READY,
+                                    detail=why, from_instance=inst.id,
+                                    to_instance=_next_id(candidates, index))
+                        continue
             else:
                 waited = await self._wait_out_rate_limit(rate_limited)
                 if waited is None:
@@ -131,8 +144,11 @@ class Forwarder:
                         reply = await self._attempt_whole(req, inst, client_auth)
                 finally:
                     inst.inflight -= 1
+                    if inst.circuit.trial_in_flight:
+                        self.registry.release_trial(inst)  # no verdict (e.g. cancelled)
             except PassThrough as p:
                 attempts.append(Attempt(inst.id, None, f"HTTP {p.status}", _ms(started)))
+                inst.circuit.on_success()  # it answered: the server works
                 return Reply(p.status, p.body, p.content_type, p.headers, inst.id, attempts,
                              PASSED_THROUGH)
             except UpstreamFailure as failure:
@@ -158,10 +174,9 @@ class Forwarder:
                     while index < len(candidates) and not larger_window(
                             inst.config, candidates[index].config):
                         index += 1
-                nxt = candidates[index].id if index < len(candidates) else None
                 log.warning("rerouted", request_id=req.request_id, plan_id=plan.plan_id,
                             reason=failure.code, detail=failure.detail, from_instance=inst.id,
-                            to_instance=nxt)
+                            to_instance=_next_id(candidates, index))
                 continue
             attempts.append(Attempt(inst.id, None, "ok", _ms(started)))
             reply.attempts = attempts
@@ -170,6 +185,19 @@ class Forwarder:
         error = _final_error(plan, attempts, last_failure, rate_limited)
         error.attempts = len(attempts)
         raise error
+
+    def _not_ready(self, inst: InstanceState, last_resort: bool) -> str | None:
+        """Why `inst` must be skipped right now, or None (claiming a half-open trial).
+
+        A last-resort candidate (its circuit was open at planning time) is tried even if
+        its circuit is still open: every healthy instance has failed by then.
+        """
+        blocked = inst.blocked_reason()
+        if blocked is not None:
+            return blocked
+        if inst.circuit.acquire(time.monotonic()) or last_resort:
+            return None
+        return f"circuit {inst.circuit.state}"
 
     async def _wait_out_rate_limit(
             self, limited: dict[str, tuple[InstanceState, float]]) -> InstanceState | None:
@@ -199,6 +227,11 @@ class Forwarder:
             resp.close()
             raise
         resp.release()
+        pinned = inst.fingerprint
+        if pinned is not None and resp.status == 200:
+            seen = response_model(body)
+            if seen is not None and not models_match(pinned, seen):
+                raise FingerprintMismatch(f"answered as {seen}, pinned {pinned}")
         self.registry.record_success(inst, ttfb)
         return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
                      ttfb_s=ttfb)
@@ -222,7 +255,7 @@ class Forwarder:
                 return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"))
             reader = EventReader(resp.content)
             pending: list[bytes] = []
-            finished = await self._until_content(reader, pending, deadline)
+            finished = await self._until_content(reader, pending, deadline, inst.fingerprint)
             ttfb = time.perf_counter() - t0
             self.registry.record_success(inst, ttfb)
 
@@ -259,7 +292,7 @@ class Forwarder:
                 resp.close()
 
     async def _until_content(self, reader: EventReader, pending: list[bytes],
-                             deadline: float) -> bool | None:
+                             deadline: float, pinned: str | None) -> bool | None:
         """Read events before the commit point into `pending`.
 
         Returns whether a finish reason was seen, or None when `[DONE]` was reached.
@@ -284,6 +317,10 @@ class Forwarder:
                 raise StreamMalformed(str(exc)) from None
             if chunk.error is not None:
                 raise UpstreamErrorEvent(_error_message(chunk.error))
+            if pinned is not None and chunk.model is not None:
+                if not models_match(pinned, chunk.model):
+                    raise FingerprintMismatch(f"answered as {chunk.model}, pinned {pinned}")
+                pinned = None  # checked once per stream
             pending.append(event)
             if chunk.has_content or chunk.finish_reason is not None:
                 return chunk.finish_reason is not None
@@ -325,6 +362,10 @@ class Forwarder:
                 raise UpstreamTimeout("total", self.config.timeouts.total_s)
 
 
+def _next_id(candidates: list[InstanceState], index: int) -> str | None:
+    return candidates[index].id if index < len(candidates) else None
+
+
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 1)
 
@@ -346,6 +387,8 @@ def _final_error(plan: RoutePlan, attempts: list[Attempt], last: UpstreamFailure
     codes = {a.code for a in attempts}
     n = len(attempts)
     summary = f"All {n} attempt{'s' if n > 1 else ''} failed: {listing}"
+    if plan.rejected:
+        summary += ". Not tried: " + "; ".join(f"{i} ({r})" for i, r in plan.rejected.items())
     if codes == {TIMEOUT}:
         return AllAttemptsTimedOut(summary)
     if codes == {RATE_LIMITED}:

@@ -1,21 +1,35 @@
-"""Live view of every configured instance: its static profile plus figures from real traffic.
+"""Live view of every configured instance: its static profile plus figures from real traffic
+and from the background prober.
 
 The registry is the only mutable routing state. It is read by the planner and written by
-the forwarder after each attempt; every method is synchronous and O(1), so the hot path
-never waits on it and never holds anything across an upstream await.
+the forwarder after each attempt and by the prober after each probe; every method is
+synchronous and O(1), so the hot path never waits on it and never holds anything across an
+upstream await.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from proxy.config import InstanceConfig
-from proxy.failures import CONN_REFUSED, RATE_LIMITED, UpstreamFailure
+import structlog
 
-# Instance states (SPEC section 6 / issue 4).
+from proxy.circuit import BY_CONNECTION, BY_HTTP, BY_RATE_LIMIT, CLOSED, Circuit
+from proxy.config import HealthConfig, InstanceConfig
+from proxy.failures import (
+    CONN_REFUSED,
+    FINGERPRINT_MISMATCH,
+    PROCESS_EXITED,
+    RATE_LIMITED,
+    STREAM_CUT,
+    UpstreamFailure,
+)
+
+log = structlog.get_logger("proxy.instances")
+
+# Instance states (SPEC section 6).
 UNKNOWN = "UNKNOWN"
 READY = "READY"
 LOADING = "LOADING"
@@ -32,19 +46,23 @@ _EWMA_ALPHA = 0.2
 ERROR_WINDOW_N = 20
 ERROR_WINDOW_S = 60.0
 
+# Failures that say the connection itself is gone: the circuit opens at once.
+_CONNECTION_FAILURES = frozenset({CONN_REFUSED, PROCESS_EXITED, STREAM_CUT})
+
+StateListener = Callable[["InstanceState", str, str, str], None]
+
 
 @dataclass(slots=True)
 class InstanceState:
-    """Runtime figures of one instance. `config` is immutable; the rest changes with traffic."""
+    """Runtime figures of one instance. `config` is immutable; the rest changes."""
 
     config: InstanceConfig
     state: str = UNKNOWN
+    circuit: Circuit = field(default_factory=Circuit)
     inflight: int = 0
     ttfb_ewma_ms: float | None = None
     successes: int = 0
     failures: int = 0
-    #: Monotonic time before which the instance is skipped (e.g. after a 429's Retry-After).
-    cooldown_until: float = 0.0
     last_error: str | None = None
     last_error_at: float | None = None
     #: (monotonic time, succeeded) of the latest attempts.
@@ -52,6 +70,17 @@ class InstanceState:
         default_factory=lambda: deque(maxlen=ERROR_WINDOW_N))
     error_window_s: float = ERROR_WINDOW_S
     last_failure_mono: float = float("-inf")
+    #: The model the server answers as, once known: configured, or learned at the first
+    #: good probe and pinned until an admin resets it. None means: not checked.
+    fingerprint: str | None = None
+    fingerprint_source: str = "none"  # configured | learned | none
+    #: Extra identity the probe saw (e.g. llama.cpp's model file path).
+    fingerprint_detail: str | None = None
+    last_probe_at: float | None = None
+    last_probe_ms: float | None = None
+    last_probe_error: str | None = None
+    #: False once the instance refused an assistant prefill (mid-stream continuation).
+    prefill_ok: bool = True
     # Copied from the config once, for the planner's inner loop.
     id: str = field(init=False)
     tags: frozenset[str] = field(init=False)
@@ -62,26 +91,32 @@ class InstanceState:
     tag_match_cache: dict[tuple[str, ...], tuple[float, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.id = self.config.id
-        self.tags = frozenset(self.config.tags)
-        self.cost_per_mtok = self.config.cost_input_per_mtok + self.config.cost_output_per_mtok
+        cfg = self.config
+        self.id = cfg.id
+        self.tags = frozenset(cfg.tags)
+        self.cost_per_mtok = cfg.cost_input_per_mtok + cfg.cost_output_per_mtok
+        if cfg.fingerprint not in (None, "auto"):
+            self.fingerprint = cfg.fingerprint
+            self.fingerprint_source = "configured"
+        self.prefill_ok = "prefill" in cfg.capabilities
 
     def routable(self, now: float | None = None) -> bool:
-        """Whether traffic may be sent now (enabled, in a routable state, not cooling down)."""
-        if not self.config.enabled or self.state not in ROUTABLE_STATES:
-            return False
-        return self.cooldown_until <= (time.monotonic() if now is None else now)
+        """Whether traffic may be sent now: a routable state and a circuit that is not open.
 
-    def not_routable_reason(self, now: float | None = None) -> str | None:
-        """Why the instance cannot take traffic now, or None if it can."""
-        if not self.config.enabled:
-            return "disabled"
+        Disabled (config `enabled: false`) and drained instances are in state DRAINED.
+        """
         if self.state not in ROUTABLE_STATES:
-            return f"state={self.state}"
-        remaining = self.cooldown_until - (time.monotonic() if now is None else now)
-        if remaining > 0:
-            return f"cooldown={remaining:.1f}s"
-        return None
+            return False
+        return self.circuit.available(time.monotonic() if now is None else now)
+
+    def blocked_reason(self) -> str | None:
+        """Why the instance may not be sent any request now (a hard filter), or None."""
+        state = self.state
+        if state in ROUTABLE_STATES:
+            return None
+        if state == DRAINED:
+            return "drained" if self.config.enabled else "disabled"
+        return f"state={state}"
 
     def error_rate(self, now: float | None = None) -> float:
         """Share of failures among the recent attempts (0.0 with no recent history)."""
@@ -95,29 +130,91 @@ class InstanceState:
                 failed += not ok
         return failed / total if total else 0.0
 
-    def _remember(self, ok: bool) -> None:
-        now = time.monotonic()
+    def _remember(self, ok: bool, now: float) -> None:
         self.recent.append((now, ok))
         if not ok:
             self.last_failure_mono = now
+
+    def forget_errors(self) -> None:
+        """Drop the passive error history (the instance was seen healthy again)."""
+        self.recent.clear()
+        self.last_failure_mono = float("-inf")
+
+    def snapshot(self, now: float | None = None) -> dict[str, object]:
+        """A JSON-ready view for /admin/instances and `check` (no secrets)."""
+        now = time.monotonic() if now is None else now
+        cfg = self.config
+        circuit = self.circuit
+        return {
+            "id": self.id,
+            "base_url": cfg.base_url,
+            "model": cfg.model,
+            "local": cfg.local,
+            "enabled": self.state != DRAINED,
+            "state": self.state,
+            "routable": self.routable(now),
+            "circuit": circuit.state if circuit.state == CLOSED or now < circuit.open_until
+            else "half_open",
+            "circuit_opened_by": circuit.opened_by,
+            "circuit_retry_in_s": round(circuit.remaining(now), 2),
+            "fingerprint": self.fingerprint,
+            "fingerprint_source": self.fingerprint_source,
+            "fingerprint_detail": self.fingerprint_detail,
+            "latency_ewma_ms": None if self.ttfb_ewma_ms is None else round(self.ttfb_ewma_ms, 2),
+            "error_rate": round(self.error_rate(now), 3),
+            "inflight": self.inflight,
+            "successes": self.successes,
+            "failures": self.failures,
+            "last_probe_at": self.last_probe_at,
+            "last_probe_ms": self.last_probe_ms,
+            "last_probe_error": self.last_probe_error,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "prefill": self.prefill_ok,
+        }
 
 
 class Registry:
     """All instances in config order, addressable by full id."""
 
-    def __init__(self, instances: Iterable[InstanceConfig]) -> None:
-        self.states: tuple[InstanceState, ...] = tuple(InstanceState(cfg) for cfg in instances)
+    def __init__(self, instances: Iterable[InstanceConfig],
+                 health: HealthConfig | None = None) -> None:
+        health = health or HealthConfig()
+        self.states: tuple[InstanceState, ...] = tuple(
+            InstanceState(cfg, circuit=Circuit(health.cooldown_s, health.max_cooldown_s,
+                                               health.failure_threshold))
+            for cfg in instances)
         self.by_id: dict[str, InstanceState] = {s.id: s for s in self.states}
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.states)
+        self.listeners: list[StateListener] = []
+        for inst in self.states:
+            if not inst.config.enabled:
+                inst.state = DRAINED
 
     def get(self, instance_id: str) -> InstanceState | None:
-        return self.by_id.get(instance_id)
+        """The instance with this full id, or a unique short id."""
+        inst = self.by_id.get(instance_id)
+        if inst is None:
+            short = [s for s in self.states if s.id.split(":", 1)[1] == instance_id]
+            inst = short[0] if len(short) == 1 else None
+        return inst
 
     def any_routable(self) -> bool:
         now = time.monotonic()
         return any(s.routable(now) for s in self.states)
+
+    def set_state(self, inst: InstanceState, new: str, reason: str) -> bool:
+        """Move an instance to a new state; logs and notifies listeners when it changes."""
+        old = inst.state
+        if old == new:
+            return False
+        inst.state = new
+        if new == READY:
+            inst.forget_errors()
+        log.warning("instance_state_changed", instance=inst.id, old=old, new=new,
+                    reason=reason)
+        for listener in self.listeners:
+            listener(inst, old, new, reason)
+        return True
 
     def record_success(self, inst: InstanceState, ttfb_s: float) -> None:
         """An attempt got a usable answer; `ttfb_s` is its time to first byte."""
@@ -127,17 +224,33 @@ class Registry:
         inst.ttfb_ewma_ms = ewma
         inst.latency_reason = f"latency={ewma:.0f}ms"
         inst.successes += 1
-        inst._remember(True)
+        inst._remember(True, time.monotonic())
+        if inst.circuit.state != CLOSED:
+            inst.circuit.on_success()
+            log.info("circuit_closed", instance=inst.id, by="successful request")
 
     def record_failure(self, inst: InstanceState, failure: UpstreamFailure,
                        retry_after_s: float | None = None) -> None:
-        """An attempt failed; a refusal or a 429 keeps the instance out for a while."""
+        """An attempt failed: feed the error rate and the circuit breaker."""
+        now = time.monotonic()
         inst.failures += 1
         inst.last_error = f"{failure.code}: {failure.detail}"
         inst.last_error_at = time.time()
-        inst._remember(False)
-        if failure.code == RATE_LIMITED and retry_after_s is not None:
-            inst.cooldown_until = max(inst.cooldown_until, time.monotonic() + retry_after_s)
-        elif failure.code == CONN_REFUSED:
-            # A dead port stays dead for a moment; don't make the next request pay for it.
-            inst.cooldown_until = max(inst.cooldown_until, time.monotonic() + 1.0)
+        inst._remember(False, now)
+        code = failure.code
+        if code == FINGERPRINT_MISMATCH:
+            self.set_state(inst, MISMATCH, failure.detail)
+            return
+        if code == RATE_LIMITED:
+            opened = inst.circuit.on_failure(BY_RATE_LIMIT, now, True, retry_after_s)
+        elif code in _CONNECTION_FAILURES:
+            opened = inst.circuit.on_failure(BY_CONNECTION, now, True)
+        else:
+            opened = inst.circuit.on_failure(BY_HTTP, now, False)
+        if opened:
+            log.warning("circuit_opened", instance=inst.id, reason=code,
+                        cooldown_s=round(inst.circuit.remaining(now), 2))
+
+    def release_trial(self, inst: InstanceState) -> None:
+        """An acquired half-open trial ended without a verdict (e.g. the client left)."""
+        inst.circuit.trial_in_flight = False

@@ -42,6 +42,8 @@ class RoutePlan:
     scores: dict[str, float]
     #: Instances to try, in order (selected first). Not part of the serialised plan.
     candidates: list[InstanceState] = field(default_factory=list, repr=False)
+    #: How many candidates were healthy at planning time; the rest are last resorts.
+    healthy: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -157,11 +159,10 @@ class Planner:
                                         now, ctx_reason)
                 scores[inst.id] = value
                 reasons[inst.id] = why_list
-                cooling = inst.cooldown_until - now
-                if cooling > 0:
+                if not inst.circuit.available(now):
                     # Still tried, after every healthy instance: never refuse a request
                     # some instance might serve.
-                    why_list.append(f"cooldown={cooling:.1f}s")
+                    why_list.append(f"circuit_open={inst.circuit.remaining(now):.1f}s")
                     last_resort.append(inst)
                 else:
                     ranked.append((value, inst))
@@ -182,6 +183,7 @@ class Planner:
             reasons=reasons,
             scores=scores,
             candidates=ordered,
+            healthy=len(ordered) - len(last_resort),
         )
 
     def served(self, plan: RoutePlan, instance_id: str | None) -> None:

@@ -8,7 +8,7 @@ vocabulary (`READY`, `tags_match=coding`, `ctx>=4096`, `latency=38ms`, `local_pr
 from __future__ import annotations
 
 from proxy.config import Weights
-from proxy.instances import READY, ROUTABLE_STATES, InstanceState
+from proxy.instances import READY, InstanceState
 from proxy.requirements import Requirements
 
 #: Time to first byte that scores 0.5 on the latency term.
@@ -19,11 +19,10 @@ UNKNOWN_CAPABILITIES_FACTOR = 0.8
 
 def hard_filter(inst: InstanceState, req: Requirements) -> str | None:
     """Why the instance can never serve this request, or None if it may."""
+    blocked = inst.blocked_reason()
+    if blocked is not None:
+        return blocked
     cfg = inst.config
-    if not cfg.enabled:
-        return "disabled"
-    if inst.state not in ROUTABLE_STATES:
-        return f"state={inst.state}"
     if cfg.ctx is not None and cfg.ctx < req.ctx_needed:
         return f"ctx={cfg.ctx}<{req.ctx_needed}"
     if req.capabilities and cfg.capabilities:

@@ -227,6 +227,7 @@ class SimStats:
     disconnect, or :meth:`Simulator.stop`), not those cut by ``die_after``.
     """
 
+    #: Model requests (chat, completions, embeddings); `by_path` counts every path.
     requests: int = 0
     by_path: dict[str, int] = field(default_factory=dict)
     open_connections: int = 0
@@ -603,7 +604,6 @@ class Simulator:
         if path.startswith("/_sim/"):
             return await self._handle_control(request, on_main=True)
         stats = self.stats
-        stats.requests += 1
         stats.by_path[path] = stats.by_path.get(path, 0) + 1
         route = self._routes.get(path)
         if route is None:
@@ -682,6 +682,7 @@ class Simulator:
         request: web.BaseRequest,
         build: Callable[[web.BaseRequest, dict[str, Any], Faults, str], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
+        self.stats.requests += 1  # model requests only: health probes don't count
         body = await request.read()
         faults = self._take_faults()
         self.stats.inflight += 1

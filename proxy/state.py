@@ -8,6 +8,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.forwarding import Forwarder
+from proxy.health import Prober
 from proxy.instances import Registry
 from proxy.routing import Planner
 
@@ -20,6 +21,7 @@ class ProxyState:
     registry: Registry
     planner: Planner
     forwarder: Forwarder
+    prober: Prober
     models_body: bytes
 
 

@@ -128,6 +128,13 @@ class Upstream:
                 return await resp.read()
 
 
+    async def probe(self, inst: InstanceConfig, url: str, timeout_s: float) -> tuple[int, bytes]:
+        """GET a health endpoint: (status, body). Raises UpstreamFailure when unreachable."""
+        with map_exceptions("probe", timeout_s):
+            async with asyncio.timeout(timeout_s):
+                async with self.session.get(url, headers=self.headers_for(inst, None)) as resp:
+                    return resp.status, await resp.content.read(1 << 20)
+
     @staticmethod
     async def next_event(reader: EventReader, timeout_s: float, phase: str) -> bytes | None:
         """The next SSE event within `timeout_s`; a silence or a cut becomes a failure."""

@@ -55,6 +55,7 @@ def proxy_config(sims: Sequence[Simulator | tuple[str, str]], *, models: dict[st
         providers.append(entry)
     doc: dict[str, Any] = {
         "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
+        "health": {"interval_s": 0.5, "timeout_s": 0.5},
         "retry": {"max_retry_after_s": 3},
         "providers": providers,
     }

@@ -63,14 +63,17 @@ async def test_client_request_id_is_kept(make_sim: MakeSim, make_proxy: MakeProx
         assert resp.headers["x-request-id"] == "req-123"
 
 
-async def test_primary_not_listening_fails_over(make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+@pytest.mark.parametrize("probes,attempts", [(False, "2"), (True, "1")])
+async def test_primary_not_listening_fails_over(make_sim: MakeSim, make_proxy: MakeProxy,
+                                                probes: bool, attempts: str) -> None:
     dead = await make_sim("model-a", faults=["refuse"])
     b = await make_sim("model-b")
-    proxy = await make_proxy(proxy_config([dead, b]))
+    proxy = await make_proxy(proxy_config([dead, b], health={"enabled": probes}))
     raw = await sdk(proxy.base_url).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": PROMPT}])
     assert raw.headers["x-route-instance"] == "p1:s1"
-    assert raw.headers["x-route-attempts"] == "2"
+    # Found by traffic it costs one refused attempt; found by the prober, none.
+    assert raw.headers["x-route-attempts"] == attempts
     assert raw.parse().choices[0].message.content == answer_text("model-b", PROMPT, 20)
 
 
@@ -198,7 +201,7 @@ async def test_everything_down_names_each_attempt(make_sim: MakeSim, make_proxy:
                                                   stream: bool) -> None:
     a = await make_sim("model-a", faults=["refuse"])
     b = await make_sim("model-b", faults=["status=503"])
-    proxy = await make_proxy(proxy_config([a, b]))
+    proxy = await make_proxy(proxy_config([a, b], health={"enabled": False}))
     with pytest.raises(openai.APIStatusError) as err:
         await sdk(proxy.base_url).chat.completions.create(
             model="auto", messages=[{"role": "user", "content": PROMPT}], stream=stream)
@@ -207,6 +210,20 @@ async def test_everything_down_names_each_attempt(make_sim: MakeSim, make_proxy:
     assert "p0:s0 CONN_REFUSED" in message
     assert "p1:s1 UPSTREAM_5XX" in message
     assert err.value.response.headers["x-route-attempts"] == "3"
+
+
+async def test_everything_known_down_is_503_route_blocked(make_sim: MakeSim,
+                                                          make_proxy: MakeProxy) -> None:
+    a = await make_sim("model-a", faults=["refuse"])
+    b = await make_sim("model-b", faults=["refuse"])
+    proxy = await make_proxy(proxy_config([a, b]))
+    with pytest.raises(openai.APIStatusError) as err:
+        await sdk(proxy.base_url).chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": PROMPT}])
+    assert err.value.status_code == 503
+    assert err.value.code == "ROUTE_BLOCKED"
+    assert "No available instances" in str(err.value)
+    assert "p0:s0: state=DOWN" in str(err.value)
 
 
 async def test_every_attempt_timed_out_is_504(make_sim: MakeSim, make_proxy: MakeProxy) -> None:

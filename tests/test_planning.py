@@ -174,7 +174,7 @@ def test_error_rate_lowers_the_score() -> None:
     planner = ready_planner(seed_with_cloud())
     coder = planner.registry.by_id["llamacpp:qwen3-coder-30b"]
     for ok in [False] * 8 + [True] * 2:
-        coder._remember(ok)
+        coder._remember(ok, time.monotonic())
     plan = planner.plan(chat("fix this python bug"), {})
     assert "error_rate=0.80" in plan.reasons["llamacpp:qwen3-coder-30b"]
     assert plan.selected == "llamacpp:glm47flash-q8"
@@ -183,7 +183,7 @@ def test_error_rate_lowers_the_score() -> None:
 def test_old_failures_are_forgotten() -> None:
     planner = ready_planner(seed_with_cloud())
     coder = planner.registry.by_id["llamacpp:qwen3-coder-30b"]
-    coder._remember(False)
+    coder._remember(False, time.monotonic())
     assert coder.error_rate() == 1.0
     assert coder.error_rate(now=time.monotonic() + coder.error_window_s + 1) == 0.0
 

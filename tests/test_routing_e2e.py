@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def config_for(sims: list[tuple[Simulator, dict[str, Any]]], **sections: Any) -> Any:
     doc: dict[str, Any] = {
         "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2},
+        "health": {"interval_s": 0.5, "timeout_s": 0.5},
         "providers": [{"provider_id": "p", "instances": [
             {"id": f"s{n}", "base_url": sim.base_url, "metadata": {"model": sim.model, **meta}}
             for n, (sim, meta) in enumerate(sims)]}],
@@ -80,7 +81,7 @@ async def test_session_stays_and_moves_once_when_its_instance_dies(make_sim: Mak
     assert [await served_by(f"turn {n}", "alice") for n in range(4, 7)] == ["p:s1"] * 3
     registry = proxy.app[STATE].registry
     registry.by_id["p:s0"].recent.clear()  # as if the error window had passed
-    registry.by_id["p:s0"].cooldown_until = 0.0
+    registry.by_id["p:s0"].circuit.on_success()
     registry.by_id["p:s1"].ttfb_ewma_ms = registry.by_id["p:s0"].ttfb_ewma_ms
     assert await served_by("hello", "bob") == "p:s0"
     assert await served_by("turn 7", "alice") == "p:s1"
