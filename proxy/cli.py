@@ -89,6 +89,53 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    import orjson
+
+    from proxy.health import Prober
+    from proxy.instances import Registry
+    from proxy.logs import configure_logging
+    from proxy.upstream import Upstream, make_session
+
+    config = _load(args.config)
+    configure_logging("console", "error")
+
+    async def probe() -> Registry:
+        session = make_session(config.timeouts)
+        try:
+            registry = Registry(config.instances, config.health)
+            await Prober(registry, Upstream(session, config.timeouts), config.health).probe_all()
+            return registry
+        finally:
+            await session.close()
+
+    registry = asyncio.run(probe())
+    rows = [s.snapshot() for s in registry.states]
+    if args.json:
+        sys.stdout.write(orjson.dumps({"instances": rows}, option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+        return 0
+    print(format_instances(rows))
+    return 0
+
+
+def format_instances(rows: list[dict[str, object]]) -> str:
+    """The instance table of `check` (and of /admin/instances, for people)."""
+    header = ("INSTANCE", "STATE", "CIRCUIT", "LATENCY", "FINGERPRINT", "DETAIL")
+    table = [header]
+    for row in rows:
+        probe_ms = row.get("last_probe_ms")
+        detail = row.get("last_probe_error") or row.get("fingerprint_detail") or ""
+        table.append((
+            str(row["id"]), str(row["state"]), str(row["circuit"]),
+            f"{probe_ms:.1f} ms" if isinstance(probe_ms, float) else "-",
+            str(row.get("fingerprint") or "-"), str(detail),
+        ))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True))
+                     + "  " + r[-1] for r in table)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy import simulator
 
@@ -108,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=("json", "console"),
                        help="log output (default: logging.format, json)")
     serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate the config and probe every instance once")
+    check.add_argument("--config", "-c", required=True, help="YAML or JSON config file")
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.set_defaults(func=cmd_check)
 
     route = sub.add_parser("route", help="dry run: print the route plan for a request")
     route.add_argument("--config", "-c", required=True, help="YAML or JSON config file")

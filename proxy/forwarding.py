@@ -15,6 +15,7 @@ from typing import Protocol
 
 import structlog
 
+from proxy.circuit import CLOSED
 from proxy.config import Config
 from proxy.errors import (
     AllAttemptsFailed,
@@ -154,11 +155,17 @@ class Forwarder:
             except UpstreamFailure as failure:
                 attempts.append(Attempt(inst.id, failure.code, failure.detail, _ms(started)))
                 retry_after = failure.retry_after if isinstance(failure, RateLimited) else None
-                self.registry.record_failure(inst, failure, retry_after)
+                # A blip gets one more try on the same instance; only if that fails too
+                # does the circuit breaker hear of it.
+                retry_same = (failure.transient and same_tries < retry.same_instance_retries
+                              and inst.circuit.state == CLOSED
+                              and retry.retries(failure.code))
+                self.registry.record_failure(inst, failure, retry_after,
+                                             feed_circuit=not retry_same)
                 last_failure = failure
                 if not retry.retries(failure.code):
                     break
-                if failure.transient and same_tries < retry.same_instance_retries:
+                if retry_same:
                     same_tries += 1
                     log.warning("retry_same", request_id=req.request_id, instance=inst.id,
                                 reason=failure.code, detail=failure.detail)

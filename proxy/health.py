@@ -130,11 +130,13 @@ class Prober:
         """Apply a probe's result: state, fingerprint, circuit."""
         inst.last_probe_at = time.time()
         inst.last_probe_ms = result.latency_ms
-        inst.last_probe_error = None if result.state == READY else result.reason
         state, reason = result.state, result.reason
         if state == READY and result.models:
             state, reason = self._check_fingerprint(inst, result)
+        inst.last_probe_error = None if state == READY else reason
         if state == READY and inst.circuit.on_probe_ok():
+            # Back after a refused or reset connection: its old errors say nothing now.
+            inst.forget_errors()
             log.info("circuit_closed", instance=inst.id, by="probe")
         if inst.state == DRAINED:
             return  # an admin took it out; probes only keep its figures fresh

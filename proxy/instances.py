@@ -230,8 +230,8 @@ class Registry:
             log.info("circuit_closed", instance=inst.id, by="successful request")
 
     def record_failure(self, inst: InstanceState, failure: UpstreamFailure,
-                       retry_after_s: float | None = None) -> None:
-        """An attempt failed: feed the error rate and the circuit breaker."""
+                       retry_after_s: float | None = None, feed_circuit: bool = True) -> None:
+        """An attempt failed: feed the error rate and (unless told not to) the circuit."""
         now = time.monotonic()
         inst.failures += 1
         inst.last_error = f"{failure.code}: {failure.detail}"
@@ -240,6 +240,8 @@ class Registry:
         code = failure.code
         if code == FINGERPRINT_MISMATCH:
             self.set_state(inst, MISMATCH, failure.detail)
+            return
+        if not feed_circuit:
             return
         if code == RATE_LIMITED:
             opened = inst.circuit.on_failure(BY_RATE_LIMIT, now, True, retry_after_s)

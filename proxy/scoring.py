@@ -13,6 +13,9 @@ from proxy.requirements import Requirements
 
 #: Time to first byte that scores 0.5 on the latency term.
 LATENCY_HALF_MS = 500.0
+#: Latencies are compared in steps of this size, so noise (1.1 ms against 1.3 ms) never
+#: outranks config order, while 40 ms against 400 ms still does.
+LATENCY_STEP_MS = 25.0
 #: Score factor for an instance that declares no capabilities when some are needed.
 UNKNOWN_CAPABILITIES_FACTOR = 0.8
 
@@ -71,7 +74,11 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
     # Latency: EWMA of time to first byte from real traffic; unknown is neutral.
     latency_w = weights.latency * 3.0 if prefer == "fast" else weights.latency
     ewma = inst.ttfb_ewma_ms
-    total += latency_w * (0.5 if ewma is None else 1.0 / (1.0 + ewma / LATENCY_HALF_MS))
+    if ewma is None:
+        total += latency_w * 0.5
+    else:
+        stepped = (ewma // LATENCY_STEP_MS) * LATENCY_STEP_MS
+        total += latency_w / (1.0 + stepped / LATENCY_HALF_MS)
     reasons.append(inst.latency_reason)
     weight_sum += latency_w
 

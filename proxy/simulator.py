@@ -99,6 +99,8 @@ class Faults:
     spec: tuple[str, ...] = ()
     refuse: bool = False
     hang: bool = False
+    #: Like llama.cpp while it loads a model: /health and model requests answer 503.
+    loading: bool = False
     slow_first_byte: float = 0.0
     die_after: int | None = None
     stall_after: int | None = None
@@ -129,13 +131,14 @@ class Faults:
         """True if a fault acts before the request is even parsed."""
         return (
             self.hang
+            or self.loading
             or self.slow_first_byte > 0
             or self.status is not None
             or self.rate_limit is not None
         )
 
 
-_FLAGS: Final = frozenset({"refuse", "hang", "no_done", "no_finish"})
+_FLAGS: Final = frozenset({"refuse", "hang", "loading", "no_done", "no_finish"})
 _COUNTS: Final = frozenset({"die_after", "stall_after", "malformed_after", "error_after", "context"})
 _SECONDS: Final = frozenset({"slow_first_byte", "rate_limit"})
 _KNOWN: Final = sorted(_FLAGS | _COUNTS | _SECONDS | {"status", "model", "times"})
@@ -445,6 +448,7 @@ class Simulator:
             self._routes[prefix + "/models"] = ("GET", self._models)
         self._routes["/health"] = ("GET", self._health)
         self._routes["/props"] = ("GET", self._props)
+        self._routes["/api/tags"] = ("GET", self._ollama_tags)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -667,7 +671,15 @@ class Simulator:
                 "data": [{"id": model, "object": "model", "created": self._created, "owned_by": "simulator"}]}
         return web.Response(body=orjson.dumps(body), headers=_JSON_HEADERS)
 
+    async def _ollama_tags(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Ollama's model listing, so the prober's Ollama path can be tested."""
+        model = self._faults.model or self.model
+        body = {"models": [{"name": model, "model": model, "size": 0, "digest": "sim"}]}
+        return web.Response(body=orjson.dumps(body), headers=_JSON_HEADERS)
+
     async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._faults.loading:
+            return _error(503, "Loading model", "unavailable_error")
         return web.Response(body=b'{"status":"ok"}', headers=_JSON_HEADERS)
 
     async def _props(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -706,6 +718,8 @@ class Simulator:
     async def _early_faults(self, faults: Faults) -> web.StreamResponse | None:
         if faults.hang:
             await _forever()
+        if faults.loading:
+            return _error(503, "Loading model", "unavailable_error")
         if faults.slow_first_byte > 0:
             await asyncio.sleep(faults.slow_first_byte)
         if faults.rate_limit is not None:

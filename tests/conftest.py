@@ -6,6 +6,7 @@ sockets; tests/e2e starts both as subprocesses through the CLI.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -109,6 +110,18 @@ async def make_proxy() -> AsyncIterator[MakeProxy]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0,
+                   what: str = "condition") -> float:
+    """Poll until `predicate()` is true; returns the seconds it took. Fails after `timeout`."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not predicate():
+        if loop.time() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return loop.time() - started
 
 
 def chat_body(prompt: str = "hello", *, model: str = "auto", stream: bool = False,

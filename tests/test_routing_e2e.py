@@ -15,7 +15,7 @@ from proxy.config import parse_config
 from proxy.simtext import answer_text
 from proxy.simulator import Simulator
 from proxy.state import STATE
-from tests.conftest import MakeProxy, MakeSim, chat_body
+from tests.conftest import MakeProxy, MakeSim, chat_body, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,10 +79,8 @@ async def test_session_stays_and_moves_once_when_its_instance_dies(make_sim: Mak
     await a.start()  # the first server is back, on the same port
     # Alice stays where her conversation moved; a new session starts on the first server.
     assert [await served_by(f"turn {n}", "alice") for n in range(4, 7)] == ["p:s1"] * 3
-    registry = proxy.app[STATE].registry
-    registry.by_id["p:s0"].recent.clear()  # as if the error window had passed
-    registry.by_id["p:s0"].circuit.on_success()
-    registry.by_id["p:s1"].ttfb_ewma_ms = registry.by_id["p:s0"].ttfb_ewma_ms
+    first = proxy.app[STATE].registry.by_id["p:s0"]
+    await wait_for(lambda: first.routable(), what="the prober to see p:s0 back")
     assert await served_by("hello", "bob") == "p:s0"
     assert await served_by("turn 7", "alice") == "p:s1"
 
