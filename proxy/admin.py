@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timezone
 
 import orjson
 from aiohttp import web
 
-from proxy.errors import Forbidden, NotFound, ProxyError, Unauthorized
+from proxy.audit import EVENT_TYPES
+from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized
 from proxy.health import reset_fingerprint
 from proxy.inbound import CHAT, parse_request
 from proxy.instances import DRAINED, MISMATCH, UNKNOWN, InstanceState
 from proxy.routing import new_id
 from proxy.state import STATE
+from proxy.store import EventQuery
 
 _JSON = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -106,7 +109,61 @@ async def reset_instance_fingerprint(request: web.Request) -> web.Response:
     return _json_response(inst.snapshot())
 
 
+@admin
+async def list_events(request: web.Request) -> web.Response:
+    """GET /admin/events?request_id=&type=&instance=&since=&limit= (newest first)."""
+    store = request.app[STATE].recorder.store
+    if store is None:
+        raise NotFound("The audit store is off (store.enabled: false).", code="audit_off")
+    query = parse_event_query(request.query)
+    return _json_response({"events": await store.query(query)})
+
+
+def parse_event_query(params: Mapping[str, str]) -> EventQuery:
+    """An EventQuery from query parameters; BadRequest on malformed values."""
+    type_ = params.get("type") or None
+    if type_ is not None and type_ not in EVENT_TYPES:
+        raise BadRequest(f"Unknown event type '{type_}'; expected one of "
+                         + ", ".join(EVENT_TYPES) + ".", param="type")
+    since = None
+    if params.get("since"):
+        since = parse_since(params["since"])
+        if since is None:
+            raise BadRequest("'since' must be unix seconds, an ISO-8601 time, or an age "
+                             "such as 15m, 2h, 1d.", param="since")
+    limit = 100
+    if params.get("limit"):
+        try:
+            limit = int(params["limit"])
+        except ValueError:
+            raise BadRequest("'limit' must be an integer.", param="limit") from None
+        if not 1 <= limit <= 10_000:
+            raise BadRequest("'limit' must be between 1 and 10000.", param="limit")
+    return EventQuery(request_id=params.get("request_id") or None, type=type_,
+                      instance=params.get("instance") or None, since=since, limit=limit)
+
+
+def parse_since(text: str) -> float | None:
+    """Unix seconds from `1732780000`, `2026-11-28T05:00:00Z` or an age like `15m`."""
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
 def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/events", list_events)
     app.router.add_post("/admin/route", route_dry_run)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_post("/admin/instances/{id}/drain", drain_instance)

@@ -8,32 +8,48 @@ import structlog
 from aiohttp import web
 
 from proxy.admin import add_admin_routes
+from proxy.audit import STATES, Recorder
 from proxy.config import Config
 from proxy.endpoints import add_routes, models_body
 from proxy.errors import error_body
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
 from proxy.instances import Registry
+from proxy.metrics import Metrics
 from proxy.routing import Planner
 from proxy.state import CONFIG, REGISTRY, STATE, ProxyState
+from proxy.store import AuditStore
 from proxy.upstream import Upstream, make_session
 
 log = structlog.get_logger("proxy.app")
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    """One pooled ClientSession for the life of the app."""
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Start-up and shutdown: audit store, upstream session, prober, in that order."""
     config = app[CONFIG]
-    session = make_session(config.timeouts)
     registry = app[REGISTRY]
+    metrics = Metrics()
+    store = None
+    if config.store.enabled:
+        store = AuditStore(config.store.url, queue_size=config.store.queue_size,
+                           retention_s=config.store.retention_days * 86400.0,
+                           max_rows=config.store.max_rows,
+                           on_drop=lambda n: metrics.events_dropped.inc(n))
+        await store.start()
+    recorder = Recorder(metrics, store)
+    registry.listeners.append(recorder.state_changed)
+    for inst in registry.states:
+        metrics.set_state(inst.id, inst.state, STATES)
+    session = make_session(config.timeouts)  # one pooled session for the app's life
     upstream = Upstream(session, config.timeouts)
     prober = Prober(registry, upstream, config.health)
     app[STATE] = ProxyState(
         config=config,
         registry=registry,
         planner=Planner(config, registry),
-        forwarder=Forwarder(config, registry, upstream),
+        forwarder=Forwarder(config, registry, upstream, recorder),
         prober=prober,
+        recorder=recorder,
         models_body=models_body(config),
     )
     if config.health.enabled:
@@ -42,10 +58,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         await prober.probe_all()
         prober.start()
     log.info("proxy_started", instances=[s.id for s in registry.states],
-             config=config.source)
+             config=config.source, audit=config.store.url if store else "off")
     yield
     await prober.stop()
     await session.close()
+    if store is not None:
+        await store.close()  # flushes what is queued
+    registry.listeners.remove(recorder.state_changed)
 
 
 _STATUS_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
@@ -76,7 +95,7 @@ def create_app(config: Config) -> web.Application:
                           middlewares=[openai_errors])
     app[CONFIG] = config
     app[REGISTRY] = Registry(config.instances, config.health)
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_lifecycle)
     add_routes(app)
     add_admin_routes(app)
     return app

@@ -105,6 +105,12 @@ class RetryConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     url: str = DEFAULT_STORE_URL
+    #: Off: no audit rows are written (logs and metrics remain).
+    enabled: bool = True
+    retention_days: float = 7.0
+    max_rows: int = 1_000_000
+    #: Rows waiting for the writer; beyond this they are dropped and counted.
+    queue_size: int = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,8 +413,17 @@ def _retry(r: _Reader | None) -> RetryConfig:
 def _store(r: _Reader | None) -> StoreConfig:
     if r is None:
         return StoreConfig()
-    r.check_keys({"url"})
-    return StoreConfig(url=r.string("url", DEFAULT_STORE_URL) or DEFAULT_STORE_URL)
+    r.check_keys({"url", "enabled", "retention_days", "max_rows", "queue_size"})
+    url = r.string("url", DEFAULT_STORE_URL) or DEFAULT_STORE_URL
+    if not url.startswith("sqlite:///"):
+        raise r.error(r.sub("url"), "a sqlite:///PATH url", url)
+    return StoreConfig(
+        url=url,
+        enabled=r.boolean("enabled", True),
+        retention_days=r.number("retention_days", 7.0, minimum=0.001),
+        max_rows=r.integer("max_rows", 1_000_000, minimum=100),
+        queue_size=r.integer("queue_size", 50_000, minimum=1),
+    )
 
 
 def _logging(r: _Reader | None) -> LoggingConfig:

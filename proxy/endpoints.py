@@ -11,17 +11,15 @@ import re
 import time
 
 import orjson
-import structlog
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.errors import PayloadTooLarge, ProxyError
-from proxy.forwarding import ClientGone, Reply
+from proxy.errors import PayloadTooLarge, ProxyError, RouteBlocked
+from proxy.forwarding import CLIENT_GONE, ClientGone
 from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
-from proxy.routing import AUTO, new_id
+from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxy.routing import AUTO, RoutePlan, new_id
 from proxy.state import STATE, ProxyState
-
-log = structlog.get_logger("proxy.request")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
@@ -86,36 +84,45 @@ def _error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
 async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     state: ProxyState = request.app[STATE]
     config = state.config
+    recorder = state.recorder
     started = time.perf_counter()
     request_id = _request_id(request)
     headers = {"x-request-id": request_id}
-    model = None
-    reply: Reply | None = None
+    model: str | None = None
+    plan: RoutePlan | None = None
+    stream = False
+    inflight = recorder.metrics.inflight
+    inflight.inc()
     try:
         raw = await _read_body(request, config.server.max_body_bytes)
         req = parse_request(endpoint, raw, request_id)
-        model = req.model
+        model, stream = req.model, req.stream
         plan = state.planner.plan(req, request.headers)
         headers["x-route-plan-id"] = plan.plan_id
-        sink = HttpSink(request, headers) if req.stream else None
+        recorder.planned(plan)
+        sink = HttpSink(request, headers) if stream else None
         reply = await state.forwarder.forward(req, plan, sink,
                                               request.headers.get("Authorization"))
         state.planner.served(plan, reply.instance)
     except ProxyError as exc:
+        if isinstance(exc, RouteBlocked) and plan is not None:
+            recorder.blocked(plan, exc.message)
         headers["x-route-attempts"] = str(exc.attempts)
-        log.info("request", request_id=request_id, model=model, status=exc.status,
-                 outcome=exc.code or exc.type, attempts=exc.attempts,
-                 latency_ms=round((time.perf_counter() - started) * 1000, 2))
+        recorder.completed(plan, request_id, model, exc.status, exc.code or exc.type, None,
+                           exc.attempts, None, time.perf_counter() - started, exc.upstream_s,
+                           stream)
         return _error_response(exc, headers)
+    finally:
+        inflight.dec()
 
-    elapsed = round((time.perf_counter() - started) * 1000, 2)
-    log.info("request", request_id=request_id, model=model, instance=reply.instance,
-             attempts=len(reply.attempts), status=reply.status, outcome=reply.outcome,
-             stream=reply.body is None, latency_ms=elapsed)
+    upstream_s = sum(a.elapsed_ms for a in reply.attempts) / 1000.0
+    recorder.completed(plan, request_id, model, reply.status, reply.outcome, reply.instance,
+                       len(reply.attempts), reply.ttfb_s, time.perf_counter() - started,
+                       upstream_s, reply.body is None)
     if reply.body is None:
         response = sink.response if sink is not None else None
         assert response is not None
-        if reply.outcome != "client_gone":
+        if reply.outcome != CLIENT_GONE:
             try:
                 await response.write_eof()
             except (ConnectionError, RuntimeError):
@@ -161,6 +168,12 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=200 if routable else 503, body=body, content_type=_JSON)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    body = request.app[STATE].recorder.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 def models_body(config: Config) -> bytes:
     """The /v1/models answer, computed once at start-up."""
     created = int(time.time())
@@ -184,4 +197,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import structlog
 
+from proxy.audit import Recorder
 from proxy.circuit import CLOSED
 from proxy.config import Config
 from proxy.errors import (
@@ -101,10 +102,12 @@ class ClientGone(Exception):
 class Forwarder:
     """Runs the attempt loop for one request at a time; holds no per-request state itself."""
 
-    def __init__(self, config: Config, registry: Registry, upstream: Upstream) -> None:
+    def __init__(self, config: Config, registry: Registry, upstream: Upstream,
+                 recorder: Recorder) -> None:
         self.config = config
         self.registry = registry
         self.upstream = upstream
+        self.recorder = recorder
 
     async def forward(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink | None,
                       client_auth: str | None = None) -> Reply:
@@ -124,11 +127,11 @@ class Forwarder:
                     why = self._not_ready(inst, last_resort=index >= plan.healthy)
                     if why is not None:
                         index += 1
-                        log.warning("rerouted", request_id=req.request_id,
-                                    plan_id=plan.plan_id, reason=INSTANCE_NOT_READY,
-                                    detail=why, from_instance=inst.id,
-                                    to_instance=_next_id(candidates, index))
+                        self.recorder.rerouted(plan, INSTANCE_NOT_READY, why, inst.id,
+                                               _next_id(candidates, index))
                         continue
+                    if index == 0:
+                        self.recorder.verified(plan, inst.id)
             else:
                 waited = await self._wait_out_rate_limit(rate_limited)
                 if waited is None:
@@ -181,9 +184,8 @@ class Forwarder:
                     while index < len(candidates) and not larger_window(
                             inst.config, candidates[index].config):
                         index += 1
-                log.warning("rerouted", request_id=req.request_id, plan_id=plan.plan_id,
-                            reason=failure.code, detail=failure.detail, from_instance=inst.id,
-                            to_instance=_next_id(candidates, index))
+                self.recorder.rerouted(plan, failure.code, failure.detail, inst.id,
+                                       _next_id(candidates, index))
                 continue
             attempts.append(Attempt(inst.id, None, "ok", _ms(started)))
             reply.attempts = attempts
@@ -191,6 +193,7 @@ class Forwarder:
             return reply
         error = _final_error(plan, attempts, last_failure, rate_limited)
         error.attempts = len(attempts)
+        error.upstream_s = sum(a.elapsed_ms for a in attempts) / 1000.0
         raise error
 
     def _not_ready(self, inst: InstanceState, last_resort: bool) -> str | None:

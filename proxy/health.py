@@ -18,8 +18,8 @@ import orjson
 import structlog
 
 from proxy.config import HealthConfig
-from proxy.fingerprints import any_match
 from proxy.failures import UpstreamFailure
+from proxy.fingerprints import any_match
 from proxy.instances import DOWN, DRAINED, LOADING, MISMATCH, READY, InstanceState, Registry
 from proxy.upstream import Upstream
 
@@ -177,13 +177,14 @@ class Prober:
 
     async def _loop(self, inst: InstanceState) -> None:
         interval = self.health.interval_s
-        await asyncio.sleep(random.uniform(0, interval * 0.1))
         while True:
+            # Jittered, so probes of many instances do not fire in step. The first round
+            # ran at start-up (probe_all), so the loop begins with a sleep.
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
             try:
                 self.apply(inst, await self.probe(inst))
             except Exception:  # a probe bug must not kill the loop
                 log.exception("probe_failed", instance=inst.id)
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
 
     def start(self) -> None:
         """Start one background task per instance."""

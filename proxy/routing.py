@@ -16,7 +16,7 @@ from typing import Any
 from proxy.config import Config, InstanceConfig
 from proxy.errors import NotFound
 from proxy.inbound import ClientRequest
-from proxy.instances import InstanceState, Registry
+from proxy.instances import DRAINED, InstanceState, Registry
 from proxy.requirements import Requirements, extract
 from proxy.scoring import hard_filter, score
 from proxy.sessions import SessionTable
@@ -44,6 +44,10 @@ class RoutePlan:
     candidates: list[InstanceState] = field(default_factory=list, repr=False)
     #: How many candidates were healthy at planning time; the rest are last resorts.
     healthy: int = 0
+    #: The instance the plan would have chosen were it ready, when that is not `selected`
+    #: (recorded as REROUTED / INSTANCE_NOT_READY), and why it was not.
+    preferred: str | None = None
+    preferred_why: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -144,33 +148,53 @@ class Planner:
         last_resort: list[InstanceState] = []
         seen: set[str] = set()
         ctx_reason = f"ctx>={reqs.ctx_needed}"
-        for tier in resolution.tiers:
+        # The best instance that is not ready now, for the audit: (rank, id, why).
+        unready: tuple[tuple[int, float, int], str, str] | None = None
+        first_rank: tuple[int, float, int] | None = None
+        position = 0
+        for tier_no, tier in enumerate(resolution.tiers):
             ranked: list[tuple[float, InstanceState]] = []
             for inst in tier:
                 if inst.id in seen:
                     continue
                 seen.add(inst.id)
+                position += 1
+                sticky = None if sticky_id is None else inst.id == sticky_id
                 why = hard_filter(inst, reqs)
                 if why is not None:
                     rejected[inst.id] = why
+                    if inst.state != DRAINED and why.startswith("state="):
+                        value, _ = score(inst, reqs, weights, prefer_local, sticky, now,
+                                         ctx_reason, assume_ready=True)
+                        rank = (tier_no, _key(resolution.strategy, value, position), position)
+                        if unready is None or rank < unready[0]:
+                            unready = (rank, inst.id, why)
                     continue
-                value, why_list = score(inst, reqs, weights, prefer_local,
-                                        None if sticky_id is None else inst.id == sticky_id,
-                                        now, ctx_reason)
+                value, why_list = score(inst, reqs, weights, prefer_local, sticky, now,
+                                        ctx_reason)
                 scores[inst.id] = value
                 reasons[inst.id] = why_list
+                rank = (tier_no, _key(resolution.strategy, value, position), position)
                 if not inst.circuit.available(now):
                     # Still tried, after every healthy instance: never refuse a request
                     # some instance might serve.
                     why_list.append(f"circuit_open={inst.circuit.remaining(now):.1f}s")
                     last_resort.append(inst)
+                    if unready is None or rank < unready[0]:
+                        unready = (rank, inst.id, f"circuit {inst.circuit.state}")
                 else:
                     ranked.append((value, inst))
+                    if first_rank is None or rank < first_rank:
+                        first_rank = rank
             if resolution.strategy == SCORED:
                 ranked.sort(key=_by_score)  # stable: ties keep config order
             ordered.extend(inst for _, inst in ranked)
+        healthy = len(ordered)
         ordered.extend(last_resort)
         ids = [s.id for s in ordered]
+        preferred = preferred_why = None
+        if unready is not None and (first_rank is None or unready[0] < first_rank):
+            preferred, preferred_why = unready[1], unready[2]
         return RoutePlan(
             plan_id=new_id(),
             request_id=request_id,
@@ -183,7 +207,9 @@ class Planner:
             reasons=reasons,
             scores=scores,
             candidates=ordered,
-            healthy=len(ordered) - len(last_resort),
+            healthy=healthy,
+            preferred=preferred,
+            preferred_why=preferred_why,
         )
 
     def served(self, plan: RoutePlan, instance_id: str | None) -> None:
@@ -201,6 +227,11 @@ def larger_window(failed: InstanceConfig, candidate: InstanceConfig) -> bool:
 
 def _by_score(item: tuple[float, InstanceState]) -> float:
     return -item[0]
+
+
+def _key(strategy: str, value: float, position: int) -> float:
+    """Within a tier, lower keys come first: by score when scored, by position when ordered."""
+    return -value if strategy == SCORED else float(position)
 
 
 def _with_tags(reqs: Requirements, tags: tuple[str, ...]) -> Requirements:

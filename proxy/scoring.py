@@ -45,18 +45,20 @@ def tag_match(have: frozenset[str], wanted: tuple[str, ...]) -> tuple[float, str
 
 
 def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local: bool,
-          sticky: bool | None, now: float, ctx_reason: str) -> tuple[float, list[str]]:
+          sticky: bool | None, now: float, ctx_reason: str,
+          assume_ready: bool = False) -> tuple[float, list[str]]:
     """(score in 0..1, reasons) for an instance that passed the hard filters.
 
     `sticky` is None when the request's session has no instance yet; otherwise it says
     whether this instance is the session's, and the term counts for every candidate.
     `ctx_reason` is the request's `ctx>=N`, formatted once per plan. This runs once per
-    instance per request, so it avoids needless allocations.
+    instance per request, so it avoids needless allocations. `assume_ready` scores an
+    instance as if it were READY (what would the plan be, were it up?).
     """
     prefer = req.prefer
     # Readiness: a probed, healthy instance beats one nobody has checked yet.
     reasons = [inst.state]
-    total = weights.ready * (1.0 if inst.state == READY else 0.6)
+    total = weights.ready * (1.0 if assume_ready or inst.state == READY else 0.6)
     weight_sum = weights.ready
 
     # Tags: the share of the requested tags the instance carries.

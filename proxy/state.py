@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from proxy.audit import Recorder
 from proxy.config import Config
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
@@ -22,6 +23,7 @@ class ProxyState:
     planner: Planner
     forwarder: Forwarder
     prober: Prober
+    recorder: Recorder
     models_body: bytes
 
 

@@ -7,7 +7,9 @@ sockets; tests/e2e starts both as subprocesses through the CLI.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.config import Config, parse_config
+from proxy.config import DEFAULT_STORE_URL, Config, parse_config
 from proxy.simulator import Simulator
 
 MakeSim = Callable[..., Awaitable[Simulator]]
@@ -88,10 +90,15 @@ MakeProxy = Callable[[Config], Awaitable[RunningProxy]]
 
 
 @pytest.fixture
-async def make_proxy() -> AsyncIterator[MakeProxy]:
+async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
+    """Serve a config on a free port; its audit store goes to the test's temp dir unless
+    the config names one."""
     runners: list[web.AppRunner] = []
 
     async def make(config: Config) -> RunningProxy:
+        if config.store.url == DEFAULT_STORE_URL:
+            config = dataclasses.replace(config, store=dataclasses.replace(
+                config.store, url=f"sqlite:///{tmp_path}/audit.db"))
         app = create_app(config)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -79,6 +79,7 @@ class Cluster:
             "server": {"host": "127.0.0.1", "port": self.proxy_port},
             "timeouts": {"connect_s": 1, "first_byte_s": 1.5, "idle_s": 2, "total_s": 30},
             "retry": {"max_retry_after_s": 2},
+            "store": {"url": f"sqlite:///{self.tmp}/audit.db"},
             "providers": [{"provider_id": "local", "instances": [
                 {"id": name, "base_url": f"http://127.0.0.1:{self.sims[name][0]}",
                  "metadata": {"model": model}} for name, model in order]}],

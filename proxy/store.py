@@ -1,0 +1,333 @@
+"""The audit store: route plans, events and lineage in SQLite, written off the request path.
+
+Requests hand rows to `AuditStore.submit`, which never blocks and never waits on disk: a
+bounded queue feeds one background writer that batches inserts in a worker thread. If the
+writer falls behind, rows are dropped and counted (`dropped`), never the request. On
+shutdown the queue is flushed. SQLite runs in WAL mode so readers (the admin API, the
+`events` command) never block the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+log = structlog.get_logger("proxy.store")
+
+#: Bump when the schema changes, and add a step to `_MIGRATIONS`.
+SCHEMA_VERSION = 1
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE IF NOT EXISTS route_plans (
+        plan_id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        ts REAL NOT NULL,
+        model TEXT,
+        requirements TEXT,
+        plan TEXT,
+        selected TEXT,
+        final_instance TEXT,
+        outcome TEXT,
+        status INTEGER,
+        attempts INTEGER,
+        ttfb_ms REAL,
+        duration_ms REAL
+    );
+    CREATE INDEX IF NOT EXISTS route_plans_request ON route_plans (request_id);
+    CREATE INDEX IF NOT EXISTS route_plans_ts ON route_plans (ts);
+    CREATE TABLE IF NOT EXISTS events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        type TEXT NOT NULL,
+        request_id TEXT,
+        plan_id TEXT,
+        instance TEXT,
+        reason_code TEXT,
+        from_instance TEXT,
+        to_instance TEXT,
+        detail TEXT
+    );
+    CREATE INDEX IF NOT EXISTS events_request ON events (request_id);
+    CREATE INDEX IF NOT EXISTS events_type_ts ON events (type, ts);
+    CREATE INDEX IF NOT EXISTS events_instance_ts ON events (instance, ts);
+    CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+    CREATE TABLE IF NOT EXISTS lineage (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        request_id TEXT,
+        plan_id TEXT,
+        from_instance TEXT,
+        to_instance TEXT,
+        reason_code TEXT
+    );
+    CREATE INDEX IF NOT EXISTS lineage_request ON lineage (request_id);
+    CREATE INDEX IF NOT EXISTS lineage_ts ON lineage (ts);
+    """,
+}
+
+EVENT_COLUMNS = ("id", "ts", "type", "request_id", "plan_id", "instance", "reason_code",
+                 "from_instance", "to_instance", "detail")
+
+# Row kinds on the queue.
+_EVENT = 0
+_PLAN = 1
+_LINEAGE = 2
+_STOP = (-1,)  # tells the writer to finish
+
+
+class StoreError(Exception):
+    """The store URL or file cannot be used."""
+
+
+def sqlite_path(url: str) -> str:
+    """The file path of a `sqlite:///PATH` URL (`sqlite:///:memory:` is in-memory)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        raise StoreError(f"unsupported store url {url!r}: expected sqlite:///PATH")
+    return url[len(prefix):] or ":memory:"
+
+
+def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the database, creating or migrating the schema unless read-only."""
+    if readonly:
+        if path != ":memory:" and not Path(path).exists():
+            raise StoreError(f"no audit database at {path}")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 2000")
+        return conn
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA busy_timeout = 2000")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} has schema version {version}, newer than this release "
+                         f"({SCHEMA_VERSION})")
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        conn.executescript("BEGIN;" + _MIGRATIONS[step] + f"PRAGMA user_version = {step}; COMMIT;")
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class EventQuery:
+    """Filters for reading events; all optional."""
+
+    request_id: str | None = None
+    type: str | None = None
+    instance: str | None = None
+    since: float | None = None  # unix time
+    limit: int = 100
+
+
+def query_events(conn: sqlite3.Connection, q: EventQuery) -> list[dict[str, Any]]:
+    """Events matching `q`, newest first."""
+    where: list[str] = []
+    args: list[object] = []
+    if q.request_id:
+        where.append("request_id = ?")
+        args.append(q.request_id)
+    if q.type:
+        where.append("type = ?")
+        args.append(q.type)
+    if q.instance:
+        where.append("(instance = ? OR from_instance = ? OR to_instance = ?)")
+        args += [q.instance] * 3
+    if q.since is not None:
+        where.append("ts >= ?")
+        args.append(q.since)
+    sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(max(1, min(q.limit, 10_000)))
+    rows = []
+    for row in conn.execute(sql, args):
+        item = dict(zip(EVENT_COLUMNS, row, strict=True))
+        item["detail"] = orjson.loads(item["detail"]) if item["detail"] else None
+        rows.append(item)
+    return rows
+
+
+class AuditStore:
+    """Batched, non-blocking writes to SQLite from one background task."""
+
+    def __init__(self, url: str, *, queue_size: int = 50_000, batch: int = 2000,
+                 retention_s: float = 7 * 86400.0, max_rows: int = 1_000_000,
+                 on_drop: Callable[[int], None] | None = None) -> None:
+        self.path = sqlite_path(url)
+        self.queue_size = queue_size
+        self.batch = batch
+        self.retention_s = retention_s
+        self.max_rows = max_rows
+        self.on_drop = on_drop
+        self.dropped = 0
+        self.written = 0
+        self._queue: asyncio.Queue[tuple[Any, ...]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._last_warning = 0.0
+        self._last_retention = 0.0
+
+    async def start(self) -> None:
+        self._conn = await asyncio.to_thread(connect, self.path)
+        self._queue = asyncio.Queue(self.queue_size)
+        self._task = asyncio.create_task(self._writer(), name="audit-writer")
+
+    def submit(self, row: tuple[Any, ...]) -> None:
+        """Queue a row without waiting; if the writer is behind, drop it and count."""
+        queue = self._queue
+        if queue is None:
+            return
+        try:
+            queue.put_nowait(row)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop(1)
+            now = time.monotonic()
+            if now - self._last_warning > 5.0:
+                self._last_warning = now
+                log.warning("audit_events_dropped", dropped_total=self.dropped,
+                            reason="writer behind; queue full")
+
+    def event(self, ts: float, type_: str, request_id: str | None, plan_id: str | None,
+              instance: str | None, reason_code: str | None = None,
+              from_instance: str | None = None, to_instance: str | None = None,
+              detail: dict[str, Any] | None = None) -> None:
+        self.submit((_EVENT, ts, type_, request_id, plan_id, instance, reason_code,
+                     from_instance, to_instance, detail))
+
+    def lineage(self, ts: float, request_id: str | None, plan_id: str | None,
+                from_instance: str | None, to_instance: str | None, reason_code: str) -> None:
+        self.submit((_LINEAGE, ts, "route_change", request_id, plan_id, from_instance,
+                     to_instance, reason_code))
+
+    def plan(self, row: tuple[Any, ...]) -> None:
+        """A route_plans row: (plan_id, request_id, ts, model, requirements, plan, selected,
+        final_instance, outcome, status, attempts, ttfb_ms, duration_ms); dicts are JSON'd
+        by the writer."""
+        self.submit((_PLAN, *row))
+
+    async def _writer(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        while True:
+            rows = [await queue.get()]
+            while len(rows) < self.batch and not queue.empty():
+                rows.append(queue.get_nowait())
+            stop = _STOP in rows
+            if stop:
+                rows = [r for r in rows if r is not _STOP]
+            if rows:
+                try:
+                    await asyncio.to_thread(self._write, rows)
+                except Exception:
+                    log.exception("audit_write_failed", rows=len(rows))
+            if stop:
+                return
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        events, plans, lineage = [], [], []
+        dumps = orjson.dumps
+        for row in rows:
+            kind = row[0]
+            if kind == _EVENT:
+                detail = row[9]
+                events.append((*row[1:9], dumps(detail).decode() if detail else None))
+            elif kind == _PLAN:
+                r = list(row[1:])
+                r[4] = dumps(r[4]).decode()
+                r[5] = dumps(r[5]).decode()
+                plans.append(tuple(r))
+            else:
+                lineage.append(row[1:])
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                return
+            conn.execute("BEGIN")
+            if events:
+                conn.executemany(
+                    "INSERT INTO events (ts, type, request_id, plan_id, instance, reason_code,"
+                    " from_instance, to_instance, detail) VALUES (?,?,?,?,?,?,?,?,?)", events)
+            if plans:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO route_plans (plan_id, request_id, ts, model,"
+                    " requirements, plan, selected, final_instance, outcome, status, attempts,"
+                    " ttfb_ms, duration_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", plans)
+            if lineage:
+                conn.executemany(
+                    "INSERT INTO lineage (ts, kind, request_id, plan_id, from_instance,"
+                    " to_instance, reason_code) VALUES (?,?,?,?,?,?,?)", lineage)
+            conn.execute("COMMIT")
+            self.written += len(rows)
+            now = time.monotonic()
+            if now - self._last_retention > 60.0:
+                self._last_retention = now
+                self._apply_retention(conn)
+
+    def _apply_retention(self, conn: sqlite3.Connection) -> None:
+        """Delete rows older than the retention period, and beyond the row cap."""
+        cutoff = time.time() - self.retention_s
+        for table in ("events", "lineage", "route_plans"):
+            conn.execute(f"DELETE FROM {table} WHERE ts < ?", (cutoff,))
+        for table in ("events", "lineage"):
+            conn.execute(f"DELETE FROM {table} WHERE id <= "
+                         f"(SELECT MAX(id) FROM {table}) - ?", (self.max_rows,))
+        conn.execute("DELETE FROM route_plans WHERE rowid IN (SELECT rowid FROM route_plans"
+                     " ORDER BY ts DESC LIMIT -1 OFFSET ?)", (self.max_rows,))
+
+    def apply_retention(self) -> None:
+        """Run retention now (tests, admin)."""
+        with self._lock:
+            if self._conn is not None:
+                self._apply_retention(self._conn)
+
+    async def flush(self) -> None:
+        """Write everything queued so far."""
+        queue = self._queue
+        if queue is None:
+            return
+        rows = []
+        while not queue.empty():
+            rows.append(queue.get_nowait())
+        if rows:
+            await asyncio.to_thread(self._write, rows)
+
+    async def query(self, q: EventQuery) -> list[dict[str, Any]]:
+        """Read events (after writing what is queued, so a reader sees its own request)."""
+        await self.flush()
+
+        def run() -> list[dict[str, Any]]:
+            with self._lock:
+                assert self._conn is not None
+                return query_events(self._conn, q)
+
+        return await asyncio.to_thread(run)
+
+    async def close(self) -> None:
+        """Stop the writer after it has written everything queued, then close the database."""
+        if self._task is not None and self._queue is not None:
+            await self._queue.put(_STOP)
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.flush()
+        self._queue = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

@@ -1,0 +1,732 @@
+#!/usr/bin/env python3
+"""`make bench`: what the proxy costs, measured against the same simulated backends direct.
+
+Starts simulators and proxies as subprocesses on free loopback ports, drives them from
+separate load-generator processes (wrk for throughput, scripts/bench_lib/client.py for
+streaming and sequential latency), prints one table and optionally writes it as JSON.
+Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
+
+    .venv/bin/python scripts/bench.py [--quick] [--json FILE]
+    BENCH_PEERS=litellm .venv/bin/python scripts/bench.py     # also measure LiteLLM
+
+Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
+added latency, 4 one of two instances dead, 5 proxy memory, 6 planning cost, 7 audit store,
+8 peers. Rows for features the proxy lacks print as n/a (see FAILOVER_CASES, bench_audit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench_lib import peers
+from bench_lib.procs import (
+    LOCALHOST,
+    ROOT,
+    Child,
+    StartError,
+    Supervisor,
+    free_port,
+    http_get,
+    raise_nofile,
+)
+from bench_lib.table import DELTA, RATIO, Row, not_available, render
+from bench_lib.wrk import WrkResult, ensure_wrk, run_wrk, write_post_script, wrk_version
+
+CLIENT = str(Path(__file__).resolve().parent / "bench_lib" / "client.py")
+CHAT = "/v1/chat/completions"
+MODEL = "bench-model"
+STREAM_MODEL = "bench-stream"
+SLOW_MODEL = "bench-slow"
+PROMPT = "Say hello to the benchmark."
+MIB = 1024.0
+
+SECTIONS = {
+    "nonstream": "1. non-streaming chat, wrk -t1 (direct = simulator; proxied = proxy -> same simulator)",
+    "stream": "2. streaming, asyncio client process (simulator --words 50, no chunk delay)",
+    "failover": "3. failover added latency, sequential (direct column = proxied healthy request)",
+    "dead": "4. one of two instances dead, wrk -t1 -c64 (direct column = both healthy)",
+    "memory": "5. proxy memory (VmRSS from /proc)",
+    "planning": "6. route planning (scripts/bench_planner.py)",
+    "audit": "7. audit store",
+    "peers": "8. peers, same wrk load (direct = the same simulator, this run)",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    wrk_s: int  # seconds per measured wrk run
+    warm_s: int  # seconds of wrk warm-up before each measured run
+    ttft_n: int  # sequential streaming requests for TTFT
+    rate_s: float  # seconds of the concurrent streaming run
+    rate_conc: int
+    fail_n: int  # requests per failover case
+    hang_n: int  # requests for the hung-backend case (each costs first_byte_s)
+    streams: int  # concurrent open streams for the memory figure
+    planner_rounds: int
+
+
+FULL = Settings(wrk_s=10, warm_s=1, ttft_n=200, rate_s=5.0, rate_conc=16, fail_n=200,
+                hang_n=20, streams=1000, planner_rounds=20000)
+QUICK = Settings(wrk_s=2, warm_s=1, ttft_n=50, rate_s=2.0, rate_conc=16, fail_n=30,
+                 hang_n=5, streams=1000, planner_rounds=3000)
+
+HANG_FIRST_BYTE_S = 0.5
+
+
+@dataclass(frozen=True)
+class FailoverCase:
+    """One failover row: a proxy model group whose first member fails in some way.
+
+    `reset` is an instance re-enabled through the admin API before every request (that
+    resets its circuit, so each request discovers the failure afresh). A case with
+    `unavailable` set prints as n/a; to add it, give it a `group` and drop `unavailable`.
+    """
+
+    key: str
+    metric: str
+    group: str | None
+    reset: str | None = None
+    limit: str = "fail_n"  # which Settings field bounds its request count
+    stream: bool = False  # measure a whole streamed answer instead of a JSON one
+    unavailable: str = ""
+    expect: str = ""
+
+
+FAILOVER_CASES = (
+    FailoverCase("refused_first", "connection refused, first discovery", "refused",
+                 reset="bench:dead", expect="~1 connect attempt"),
+    FailoverCase("known_dead", "instance already known dead (circuit open)", "refused",
+                 expect="~0"),
+    FailoverCase("status_503", "HTTP 503 (one same-instance retry, then next)", "s503",
+                 reset="bench:p503"),
+    FailoverCase("hang", f"hung backend, first_byte_s={HANG_FIRST_BYTE_S:g}", "hang",
+                 reset="bench:phang", limit="hang_n", expect=f"~{HANG_FIRST_BYTE_S * 1000:.0f} ms"),
+    FailoverCase("midstream", "mid-stream continuation", None, stream=True,
+                 unavailable="not implemented yet"),
+)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pct(values: list[float], p: float) -> float | None:
+    """The p-th percentile (nearest rank) of `values`, or None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100.0 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def ms(x: float | None) -> float | None:
+    return None if x is None else x * 1000.0
+
+
+def post_json(url: str, doc: dict[str, Any], timeout: float = 10.0) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback)
+            resp.read()
+            return resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+def chat_body(model: str, stream: bool = False) -> dict[str, Any]:
+    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": PROMPT}]}
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def instance(inst_id: str, port: int, model: str) -> dict[str, Any]:
+    return {"id": inst_id, "base_url": f"http://{LOCALHOST}:{port}/v1",
+            "metadata": {"model": model, "tags": ["general"], "ctx": 8192}}
+
+
+def proxy_config(instances: list[dict[str, Any]], groups: dict[str, list[str]],
+                 health: dict[str, Any], timeouts: dict[str, Any]) -> str:
+    return json.dumps({
+        "server": {"host": LOCALHOST},
+        # Per-request log lines are at info level: keep them off during load.
+        "logging": {"format": "json", "level": "warning"},
+        "health": health,
+        "timeouts": timeouts,
+        "models": {name: {"instances": members, "strategy": "ordered"}
+                   for name, members in groups.items()},
+        "providers": [{"provider_id": "bench", "instances": instances}],
+    }, indent=2)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, settings: Settings, mode: str, workdir: Path) -> None:
+        self.s = settings
+        self.mode = mode
+        self.workdir = workdir
+        self.sup = Supervisor(workdir)
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.raw: dict[str, Any] = {}
+        self.durations: dict[str, float] = {}
+        self.wrk = ""
+        self.facts: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def log(self, msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    def note(self, msg: str) -> None:
+        if msg not in self.notes:
+            self.notes.append(msg)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.durations[name] = round(time.monotonic() - t0, 1)
+
+    def client(self, mode: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Run the load client in its own process; its JSON answer."""
+        child = self.sup.spawn(f"client-{mode}", [sys.executable, CLIENT, mode, json.dumps(args)],
+                               stdout=subprocess.PIPE)
+        try:
+            out, _ = child.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.sup.stop([child])
+            raise RuntimeError(f"load client ({mode}) did not finish within {timeout:g}s") from None
+        self.sup.stop([child])
+        if child.proc.returncode != 0 or not out.strip():
+            raise RuntimeError(f"load client ({mode}) failed (exit {child.proc.returncode}):\n"
+                               + child.log_tail())
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
+
+    def wrk_run(self, label: str, url: str, script: Path, conns: int) -> WrkResult:
+        """A warm-up run, then the measured one; wrk's complaints become notes."""
+        run_wrk(self.sup, self.wrk, url, script, conns, self.s.warm_s)
+        self.log(f"  wrk {label} -c{conns} {self.s.wrk_s}s")
+        res = run_wrk(self.sup, self.wrk, url, script, conns, self.s.wrk_s)
+        self.raw.setdefault("wrk", {})[f"{label}@c{conns}"] = res.as_dict()
+        problems = res.problems()
+        if problems:
+            self.note(f"wrk {label} -c{conns}: {problems}")
+        return res
+
+    def script_for(self, model: str) -> Path:
+        doc = json.dumps(chat_body(model), separators=(",", ":")).encode()
+        return write_post_script(self.workdir / f"post-{model}.lua", doc)
+
+    def wait_ready(self, children: list[Child], path: str, timeout: float = 30.0) -> None:
+        self.sup.wait_ready(children, path, timeout)
+
+    def row(self, *args: Any, **kwargs: Any) -> Row:
+        r = Row(*args, **kwargs)
+        self.rows.append(r)
+        return r
+
+    def wrk_rows(self, section: str, prefix: str, base: WrkResult, other: WrkResult,
+                 conns: int, p50_note: str = "", which: tuple[str, ...] = ("rps", "p50", "p99")
+                 ) -> None:
+        err = "" if not other.error_count else f"errors: {other.problems()}"
+        suffix = f"{conns} conn" + ("s" if conns > 1 else "")
+        if "rps" in which:
+            self.row(section, f"{prefix}requests/s, {suffix}", base.rps, other.rps, "req/s", RATIO,
+                     err)
+        if "p50" in which:
+            self.row(section, f"{prefix}latency p50, {suffix}", base.p50_ms, other.p50_ms, "ms",
+                     DELTA, p50_note)
+        if "p99" in which:
+            self.row(section, f"{prefix}latency p99, {suffix}", base.p99_ms, other.p99_ms, "ms",
+                     DELTA)
+
+    # ------------------------------------------------------------------ machine
+
+    def machine_facts(self) -> None:
+        cpu_model = ""
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        versions = {}
+        for mod in ("aiohttp", "uvloop", "orjson"):
+            try:
+                import importlib.metadata as md
+                versions[mod] = md.version(mod)
+            except Exception:  # noqa: BLE001 - a missing package is only a fact
+                versions[mod] = "-"
+        git = subprocess.run(["git", "log", "-1", "--format=%h %s"], cwd=ROOT, capture_output=True,
+                             text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "proxy"], cwd=ROOT,
+                               capture_output=True, text=True, check=False).stdout.strip()
+        self.facts = {
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "mode": self.mode,
+            "cpus": os.cpu_count(),
+            "cpu_model": cpu_model,
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "versions": versions,
+            "wrk": wrk_version(self.wrk),
+            "git": git[:72],
+            "proxy_tree": "uncommitted changes under proxy/" if dirty else "clean",
+            "nofile": raise_nofile(),
+        }
+
+    def header(self) -> str:
+        f = self.facts
+        v = f["versions"]
+        return "\n".join([
+            f"failover-proxy benchmark ({f['mode']})  {f['date']}",
+            f"machine: {f['cpus']} CPUs ({f['cpu_model']}), Linux {f['kernel']}, "
+            f"Python {f['python']}, aiohttp {v['aiohttp']}, uvloop {v['uvloop']}, {f['wrk']}",
+            f"code: {f['git']} ({f['proxy_tree']})",
+            f"load: wrk {self.s.wrk_s}s per run after {self.s.warm_s}s warm-up; all processes on "
+            "these CPUs (load generator, proxy and simulators compete for them)",
+        ])
+
+    # ------------------------------------------------------------------ sections
+
+    def main_group(self, peer: str | None, peer_exe: Path | None) -> None:
+        """Rows 1, 2, 4 and 8 share one proxy in front of three simulators."""
+        sup = self.sup
+        primary = sup.simulator("sim-primary", MODEL, words=20, tags=["main"])
+        secondary = sup.simulator("sim-secondary", MODEL, words=20, tags=["main"])
+        stream = sup.simulator("sim-stream", STREAM_MODEL, words=50, tags=["main"])
+        self.wait_ready([primary, secondary, stream], "/v1/models")
+        assert primary.port and secondary.port and stream.port
+        cfg = proxy_config(
+            [instance("primary", primary.port, MODEL), instance("secondary", secondary.port, MODEL),
+             instance("stream", stream.port, STREAM_MODEL)],
+            {"main": ["bench:primary", "bench:secondary"], "stream": ["bench:stream"]},
+            health={"interval_s": 5, "timeout_s": 1},
+            timeouts={"connect_s": 1, "first_byte_s": 10, "idle_s": 10})
+        proxy = sup.proxy("proxy-main", cfg, tags=["main"])
+        self.wait_ready([proxy], "/readyz")
+
+        with self.timed("1 non-streaming"):
+            self.log("[1] non-streaming: wrk direct vs proxied")
+            direct64 = self.bench_nonstream(primary, proxy)
+        with self.timed("8 peers"):
+            self.bench_peers(peer, peer_exe, primary, direct64)
+        with self.timed("2 streaming"):
+            self.log("[2] streaming: TTFT and chunks/s")
+            self.bench_stream(stream, proxy)
+        with self.timed("4 one instance dead"):
+            self.log("[4] one of two instances dead")
+            self.bench_dead(primary, proxy)
+        self.scan_logs([primary, secondary, stream, proxy])
+        sup.stop_tagged("main")
+
+    def bench_nonstream(self, sim: Child, proxy: Child) -> dict[int, WrkResult]:
+        direct_url = f"http://{LOCALHOST}:{sim.port}{CHAT}"
+        proxy_url = f"http://{LOCALHOST}:{proxy.port}{CHAT}"
+        direct_script, proxy_script = self.script_for(MODEL), self.script_for("main")
+        results: dict[tuple[str, int], WrkResult] = {}
+        for conns in (1, 64):
+            results["direct", conns] = self.wrk_run("direct", direct_url, direct_script, conns)
+            results["proxied", conns] = self.wrk_run("proxied", proxy_url, proxy_script, conns)
+        d1, p1 = results["direct", 1], results["proxied", 1]
+        d64, p64 = results["direct", 64], results["proxied", 64]
+        self.wrk_rows("nonstream", "", d1, p1, 1, p50_note="delta = added latency p50 @1 client")
+        self.wrk_rows("nonstream", "", d64, p64, 64, p50_note="")
+        for row in self.rows[-3:]:
+            if row.metric.startswith("requests/s"):
+                row.note = (row.note + "; " if row.note else "") + "ratio = proxied/direct"
+        return {1: d1, 64: d64}
+
+    def bench_stream(self, sim: Child, proxy: Child) -> None:
+        s = self.s
+        targets = {"direct": (f"http://{LOCALHOST}:{sim.port}{CHAT}", STREAM_MODEL),
+                   "proxied": (f"http://{LOCALHOST}:{proxy.port}{CHAT}", "stream")}
+        ttft: dict[str, dict[str, Any]] = {}
+        rate: dict[str, dict[str, Any]] = {}
+        for name, (url, model) in targets.items():
+            ttft[name] = self.client("ttft", {"url": url, "model": model, "n": s.ttft_n,
+                                              "warmup": 10}, timeout=120)
+        for name, (url, model) in targets.items():
+            rate[name] = self.client("rate", {"url": url, "model": model, "concurrency": s.rate_conc,
+                                              "duration": s.rate_s, "warmup": 1.0},
+                                     timeout=s.rate_s + 60)
+        self.raw["stream"] = {"ttft": {k: {kk: vv for kk, vv in v.items() if kk not in
+                                          ("ttft_s", "total_s")} |
+                                      {"p50_ms": ms(pct(v["ttft_s"], 50))}
+                                      for k, v in ttft.items()}, "rate": rate}
+        for name in targets:
+            for what, res in (("TTFT", ttft[name]), ("chunks/s", rate[name])):
+                if res["errors"]:
+                    self.note(f"streaming {what} {name}: errors {res['errors']}")
+        per_stream = {k: (v["chunks"] / len(v["ttft_s"]) if v["ttft_s"] else 0) for k, v in ttft.items()}
+        if per_stream["direct"] != per_stream["proxied"]:
+            self.note(f"streaming: content chunks per stream differ: {per_stream}")
+        d, p = ttft["direct"], ttft["proxied"]
+        n_note = f"n={len(p['ttft_s'])} sequential"
+        self.row("stream", "time to first token p50", ms(pct(d["ttft_s"], 50)),
+                 ms(pct(p["ttft_s"], 50)), "ms", DELTA, n_note)
+        self.row("stream", "time to first token p99", ms(pct(d["ttft_s"], 99)),
+                 ms(pct(p["ttft_s"], 99)), "ms", DELTA)
+        self.row("stream", "whole 50-word stream p50", ms(pct(d["total_s"], 50)),
+                 ms(pct(p["total_s"], 50)), "ms", DELTA)
+        self.row("stream", f"content chunks/s, {s.rate_conc} concurrent streams",
+                 rate["direct"]["chunks_per_s"], rate["proxied"]["chunks_per_s"], "chunks/s", RATIO,
+                 f"{per_stream['proxied']:.0f} chunks/stream, {s.rate_s:g}s")
+
+    def bench_dead(self, primary: Child, proxy: Child) -> None:
+        url = f"http://{LOCALHOST}:{proxy.port}{CHAT}"
+        script = self.script_for("main")
+        healthy = self.wrk_run("both-healthy", url, script, 64)
+        self.sup.kill(primary)  # SIGKILL: the backend process is gone, its port refuses
+        t0 = time.monotonic()
+        served_by: dict[str, int] = {}
+        state = "?"
+        deadline = t0 + 20.0
+        # Discovery: traffic finds the refusal (circuit opens); the next probe marks it DOWN.
+        while time.monotonic() < deadline:
+            status, headers = post_json(url, chat_body("main"))
+            inst = headers.get("x-route-instance", f"HTTP {status}")
+            served_by[inst] = served_by.get(inst, 0) + 1
+            _, body = http_get(f"http://{LOCALHOST}:{proxy.port}/admin/instances")
+            for item in json.loads(body)["instances"]:
+                if item["id"] == "bench:primary":
+                    state = f"{item['state']}/circuit {item['circuit']}"
+            if state.startswith("DOWN"):
+                break
+            time.sleep(0.1)
+        discovered = time.monotonic() - t0
+        if not state.startswith("DOWN"):
+            self.note(f"one-dead: primary not marked DOWN within 20s (state {state})")
+        dead = self.wrk_run("primary-dead", url, script, 64)
+        self.raw["dead"] = {"discovery_s": round(discovered, 2), "primary_state": state,
+                            "served_during_discovery": served_by}
+        self.wrk_rows("dead", "", healthy, dead, 64)
+        self.rows[-3].note = ((self.rows[-3].note + "; ") if self.rows[-3].note else "") + \
+            f"primary SIGKILLed, {state} after {discovered:.1f}s"
+
+    def failover_group(self) -> None:
+        sup, s = self.sup, self.s
+        sec = sup.simulator("sim-f-secondary", MODEL, tags=["failover"])
+        p503 = sup.simulator("sim-f-503", MODEL, faults=["status=503"], tags=["failover"])
+        phang = sup.simulator("sim-f-hang", MODEL, faults=["hang"], tags=["failover"])
+        self.wait_ready([sec, p503, phang], "/v1/models")
+        dead_port = free_port()  # nothing ever listens here
+        assert sec.port and p503.port and phang.port
+        cfg = proxy_config(
+            [instance("secondary", sec.port, MODEL), instance("dead", dead_port, MODEL),
+             instance("p503", p503.port, MODEL), instance("phang", phang.port, MODEL)],
+            {"healthy": ["bench:secondary"], "refused": ["bench:dead", "bench:secondary"],
+             "s503": ["bench:p503", "bench:secondary"], "hang": ["bench:phang", "bench:secondary"]},
+            # No probes: only the requests themselves discover (and re-discover) failures.
+            # A long cooldown keeps a known-dead instance's circuit open between rounds.
+            health={"enabled": False, "cooldown_s": 60, "max_cooldown_s": 60},
+            timeouts={"connect_s": 1, "first_byte_s": HANG_FIRST_BYTE_S, "idle_s": 10})
+        proxy = sup.proxy("proxy-failover", cfg, tags=["failover"])
+        self.wait_ready([proxy], "/healthz")
+        base = f"http://{LOCALHOST}:{proxy.port}"
+        cases: list[dict[str, Any]] = [{"name": "healthy", "url": base + CHAT, "model": "healthy"}]
+        for case in FAILOVER_CASES:
+            if case.unavailable or case.group is None:
+                continue
+            spec: dict[str, Any] = {"name": case.key, "url": base + CHAT, "model": case.group,
+                                    "n": getattr(s, case.limit)}
+            if case.reset:
+                spec["reset_url"] = f"{base}/admin/instances/{case.reset}/enable"
+            if case.limit == "hang_n":
+                spec["no_warmup"] = True
+            cases.append(spec)
+        rounds_s = s.fail_n * 0.01 + s.hang_n * HANG_FIRST_BYTE_S
+        res = self.client("latency", {"cases": cases, "n": s.fail_n, "warmup": 3},
+                          timeout=60 + rounds_s * 3)
+        self.raw["failover"] = {k: {kk: vv for kk, vv in v.items() if kk != "latency_s"} |
+                                {"p50_ms": ms(pct(v["latency_s"], 50)), "n": len(v["latency_s"])}
+                                for k, v in res.items()}
+        healthy = ms(pct(res["healthy"]["latency_s"], 50))
+        for case in FAILOVER_CASES:
+            if case.unavailable or case.group is None:
+                self.rows.append(not_available("failover", case.metric, case.unavailable))
+                continue
+            r = res[case.key]
+            lat = r["latency_s"]
+            bad = {k: v for k, v in r["status"].items() if k != "200"}
+            if bad:
+                self.note(f"failover {case.key}: non-200 answers {bad}")
+            attempts = max(r["attempts"].items(), key=lambda kv: kv[1])[0] if r["attempts"] else "-"
+            inst = max(r["instances"].items(), key=lambda kv: kv[1])[0] if r["instances"] else "-"
+            note = f"n={len(lat)}, attempts={attempts}, served by {inst}"
+            if case.expect:
+                note += f"; expect {case.expect}"
+            self.row("failover", case.metric, healthy, ms(pct(lat, 50)), "ms", DELTA, note)
+        self.scan_logs([sec, p503, phang, proxy])
+        sup.stop_tagged("failover")
+
+    def memory_group(self) -> None:
+        sup, s = self.sup, self.s
+        slow = sup.simulator("sim-slow", SLOW_MODEL, words=1000, chunk_delay=0.05, tags=["memory"])
+        self.wait_ready([slow], "/v1/models")
+        assert slow.port
+        cfg = proxy_config([instance("slow", slow.port, SLOW_MODEL)], {"slow": ["bench:slow"]},
+                           health={"interval_s": 5, "timeout_s": 1},
+                           timeouts={"connect_s": 1, "first_byte_s": 30, "idle_s": 30})
+        proxy = sup.proxy("proxy-memory", cfg, tags=["memory"])
+        self.wait_ready([proxy], "/readyz")
+        url = f"http://{LOCALHOST}:{proxy.port}{CHAT}"
+        # Warm up the code paths (short answers via max_tokens), then let it settle.
+        self.client("ttft", {"url": url, "model": "slow", "n": 10, "warmup": 0, "max_tokens": 3},
+                    timeout=60)
+        time.sleep(1.0)
+        idle = self.rss_mib(proxy)
+        hold = sup.spawn("client-hold", [sys.executable, CLIENT, "hold",
+                                         json.dumps({"url": url, "model": "slow", "n": s.streams,
+                                                     "timeout": 60})],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, tags=["memory"])
+        assert hold.proc.stdout is not None and hold.proc.stdin is not None
+        ready = json.loads(self.read_line(hold, 90))
+        sim_state = json.loads(http_get(f"http://{LOCALHOST}:{slow.port}/_sim/state")[1])
+        loaded = self.rss_mib(proxy)
+        hold.proc.stdin.write(b"close\n")
+        hold.proc.stdin.flush()
+        closed = json.loads(self.read_line(hold, 60))
+        hold.proc.wait(timeout=30)
+        time.sleep(2.0)
+        after = self.rss_mib(proxy)
+        self.raw["memory"] = {"idle_mib": idle, "open_mib": loaded, "after_mib": after,
+                              "client": ready, "closed": closed,
+                              "sim_inflight": sim_state.get("stats", sim_state).get("inflight")
+                              if isinstance(sim_state, dict) else None}
+        if ready["ready"] != s.streams:
+            self.note(f"memory: only {ready['ready']}/{s.streams} streams got a first chunk "
+                      f"(failed: {ready['failed']})")
+        n = ready["ready"]
+        self.row("memory", "proxy RSS, idle (after warm-up)", None, idle, "MiB")
+        self.row("memory", f"proxy RSS, {s.streams} open streams", None, loaded, "MiB", DELTA,
+                 f"{n}/{s.streams} streams had a first chunk in {ready['open_s']:.1f}s",
+                 base=idle)
+        if n:
+            self.row("memory", "RSS per open stream", None, (loaded - idle) * MIB / n, "KiB",
+                     note="(open - idle) / streams")
+        self.row("memory", "proxy RSS, after the streams closed", None, after, "MiB", DELTA,
+                 base=idle)
+        self.scan_logs([slow, proxy])
+        sup.stop_tagged("memory")
+
+    @staticmethod
+    def rss_mib(child: Child, samples: int = 5) -> float:
+        values = []
+        for _ in range(samples):
+            values.append(child.rss_kib() / MIB)
+            time.sleep(0.1)
+        return statistics.median(values)
+
+    @staticmethod
+    def read_line(child: Child, timeout: float) -> str:
+        assert child.proc.stdout is not None
+        fd = child.proc.stdout.fileno()
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or child.proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
+                raise RuntimeError(f"{child.name}: no answer within {timeout:g}s:\n{child.log_tail()}")
+            if select.select([fd], [], [], min(left, 0.5))[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"{child.name} closed its output:\n{child.log_tail()}")
+                buf += chunk
+        return buf.decode()
+
+    def bench_planning(self) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_planner import measure
+
+        rounds = self.s.planner_rounds
+        us = measure(instances=10, rounds=rounds)
+        self.row("planning", "route plan per request, 10 instances", None, us, "us",
+                 note=f"best of 5 x {rounds} plans, in-process")
+
+    def bench_audit(self) -> None:
+        # When the audit store lands: run the main proxy with the store on and off (same
+        # wrk load as section 1) and count rows written per second; replace these rows.
+        why = "audit store not implemented yet"
+        self.rows.append(not_available("audit", "audit events written/s", why))
+        self.rows.append(not_available("audit", "throughput, audit on vs off", why))
+
+    def prepare_peer(self, peer: str | None) -> Path | None:
+        if peer is None:
+            return None
+        if peer != "litellm":
+            self.note(f"peers: unknown peer {peer!r} (known: litellm); skipped")
+            return None
+        self.log("[8] installing LiteLLM into its own venv (first time only)")
+        exe, what = peers.ensure_litellm(self.workdir / "litellm-install.log")
+        self.raw["litellm_install"] = what
+        if exe is None:
+            self.note(f"peers: LiteLLM install failed, skipped: {what}")
+            self.rows.append(not_available("peers", "litellm", f"install failed: {what[:80]}"))
+        return exe
+
+    def bench_peers(self, peer: str | None, exe: Path | None,
+                    sim: Child, direct: dict[int, WrkResult]) -> None:
+        if peer is None:
+            self.rows.append(not_available("peers", "litellm", "not requested; BENCH_PEERS=litellm"))
+            return
+        if exe is None:
+            return
+        self.log("[8] LiteLLM proxy, same wrk load")
+        port = free_port()
+        cfg = self.workdir / "litellm.yaml"
+        cfg.write_text(peers.litellm_config(MODEL, MODEL, f"http://{LOCALHOST}:{sim.port}/v1"))
+        child = self.sup.spawn("litellm", [str(exe), "--config", str(cfg), "--host", LOCALHOST,
+                                           "--port", str(port), "--num_workers", "1"],
+                               port=port, env=peers.litellm_env(), tags=["peer"])
+        try:
+            self.wait_ready([child], "/health/liveliness", timeout=180)
+        except StartError as exc:
+            self.note(f"peers: LiteLLM did not start: {str(exc).splitlines()[0]}")
+            self.rows.append(not_available("peers", "litellm", "did not start (see notes)"))
+            self.sup.stop([child])
+            return
+        status, headers = post_json(f"http://{LOCALHOST}:{port}{CHAT}", chat_body(MODEL), 30)
+        if status != 200:
+            self.note(f"peers: LiteLLM answered HTTP {status} to a test request; see {child.log_path}")
+        url = f"http://{LOCALHOST}:{port}{CHAT}"
+        script = self.script_for(MODEL)
+        version = peers.litellm_version()
+        res = {c: self.wrk_run("litellm", url, script, c) for c in (1, 64)}
+        self.wrk_rows("peers", f"litellm {version}: ", direct[1], res[1], 1, which=("rps", "p50"))
+        self.wrk_rows("peers", f"litellm {version}: ", direct[64], res[64], 64)
+        self.scan_logs([child])
+        self.sup.stop([child])
+
+    def scan_logs(self, children: list[Child]) -> None:
+        """Tracebacks or error-level lines in a child's log are worth a note."""
+        for child in children:
+            if child.log_path is None or not child.log_path.exists():
+                continue
+            text = child.log_path.read_text(errors="replace")
+            errors = [ln for ln in text.splitlines()
+                      if "Traceback" in ln or '"level":"error"' in ln or '"level": "error"' in ln]
+            if errors:
+                self.note(f"{child.name} logged {len(errors)} error line(s), e.g.: "
+                          f"{errors[0][:160]} (log: {child.log_path})")
+
+    # ------------------------------------------------------------------ whole run
+
+    def run(self, peer: str | None) -> None:
+        self.wrk = ensure_wrk()
+        self.machine_facts()
+        with self.timed("6 planning"):
+            self.log("[6] planning cost")
+            self.bench_planning()
+        peer_exe = self.prepare_peer(peer)
+        self.main_group(peer, peer_exe)
+        with self.timed("3 failover"):
+            self.log("[3] failover added latency")
+            self.failover_group()
+        with self.timed("5 memory"):
+            self.log(f"[5] memory with {self.s.streams} open streams")
+            self.memory_group()
+        self.bench_audit()
+
+    def report(self, total_s: float) -> str:
+        order = list(SECTIONS)
+        rows = sorted(self.rows, key=lambda r: order.index(r.section))
+        lines = [self.header(), "", render(rows, SECTIONS)]
+        if self.notes:
+            lines += ["", "notes:"] + [f"  - {n}" for n in self.notes]
+        took = ", ".join(f"{k} {v:g}s" for k, v in self.durations.items())
+        lines += ["", f"took {total_s:.0f}s ({took})"]
+        return "\n".join(lines)
+
+    def as_json(self, total_s: float) -> dict[str, Any]:
+        order = list(SECTIONS)
+        return {
+            "machine": self.facts,
+            "settings": asdict(self.s),
+            "sections": SECTIONS,
+            "rows": [r.as_dict() for r in sorted(self.rows, key=lambda r: order.index(r.section))],
+            "notes": self.notes,
+            "durations_s": self.durations | {"total": round(total_s, 1)},
+            "raw": self.raw,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs (under a minute)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the child processes' logs (their folder is printed)")
+    args = parser.parse_args(argv)
+    peer = os.environ.get("BENCH_PEERS", "").strip() or None
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    raise_nofile()
+    workdir = Path(tempfile.mkdtemp(prefix="failover-bench-"))
+    bench = Bench(QUICK if args.quick else FULL, "quick" if args.quick else "full", workdir)
+    started = time.monotonic()
+    code = 0
+    try:
+        bench.run(peer)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping every child process", file=sys.stderr)
+        code = 130
+    except (StartError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
+        bench.note(f"run aborted: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        code = 1
+        args.keep_logs = True
+    finally:
+        bench.sup.stop_all()
+        left = bench.sup.leftovers()
+        if left:
+            bench.note("processes still alive after teardown: " + ", ".join(left))
+    total = time.monotonic() - started
+    if code != 130:
+        print(bench.report(total), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(bench.as_json(total), indent=2) + "\n")
+            print(f"bench: wrote {args.json}", file=sys.stderr)
+    if args.keep_logs:
+        print(f"bench: logs kept in {workdir}", file=sys.stderr)
+    else:
+        _rmtree(workdir)
+    return code
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The benchmark's asyncio load client, run as its own process (never inside the proxy's).
+
+    python scripts/bench_lib/client.py MODE 'JSON-ARGS'
+
+Modes (each prints one JSON object on stdout, except `hold`, which prints two lines):
+
+ttft     sequential streaming requests: time to the first content chunk, and total time
+rate     C concurrent streaming workers for D seconds: content chunks per second
+latency  sequential non-streaming requests over several cases, interleaved, each case
+         optionally preceded by an untimed admin POST (e.g. re-enable an instance)
+hold     open N streams, wait until each has received its first content chunk, print a
+         `ready` line, keep reading until a line arrives on stdin, then close them all
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+PROMPT = "Say hello to the benchmark."
+
+
+def body(model: str, stream: bool, max_tokens: int | None = None) -> bytes:
+    doc: dict[str, Any] = {"model": model, "stream": stream,
+                           "messages": [{"role": "user", "content": PROMPT}]}
+    if max_tokens is not None:
+        doc["max_tokens"] = max_tokens
+    return orjson.dumps(doc)
+
+
+def content_of(line: bytes) -> str | None:
+    """The delta content of an SSE `data:` line, or None (role chunk, finish, [DONE]...)."""
+    if not line.startswith(b"data:"):
+        return None
+    payload = line[5:].strip()
+    if not payload or payload == b"[DONE]":
+        return None
+    try:
+        doc = orjson.loads(payload)
+        return doc["choices"][0]["delta"].get("content") or None
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def session(limit: int = 0, total: float | None = 60.0) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, force_close=False)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=total, sock_connect=10),
+        headers={"Content-Type": "application/json"}, skip_auto_headers=("User-Agent",))
+
+
+async def one_stream(sess: aiohttp.ClientSession, url: str, payload: bytes) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ttft = None
+    chunks = 0
+    async with sess.post(url, data=payload) as resp:
+        status = resp.status
+        instance = resp.headers.get("x-route-instance")
+        async for line in resp.content:
+            if content_of(line) is not None:
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    return {"status": status, "ttft": ttft, "total": time.perf_counter() - t0,
+            "chunks": chunks, "instance": instance}
+
+
+async def mode_ttft(args: dict[str, Any]) -> dict[str, Any]:
+    payload = body(args["model"], True, args.get("max_tokens"))
+    ttfts: list[float] = []
+    totals: list[float] = []
+    errors: dict[str, int] = {}
+    instances: dict[str, int] = {}
+    chunks = 0
+    async with session(limit=1) as sess:
+        for i in range(args.get("warmup", 5) + args["n"]):
+            try:
+                r = await one_stream(sess, args["url"], payload)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                continue
+            if r["status"] != 200 or r["ttft"] is None:
+                key = f"HTTP {r['status']}" if r["status"] != 200 else "no content"
+                errors[key] = errors.get(key, 0) + 1
+                continue
+            if i < args.get("warmup", 5):
+                continue
+            ttfts.append(r["ttft"])
+            totals.append(r["total"])
+            chunks += r["chunks"]
+            if r["instance"]:
+                instances[r["instance"]] = instances.get(r["instance"], 0) + 1
+    return {"ttft_s": ttfts, "total_s": totals, "chunks": chunks, "errors": errors,
+            "instances": instances}
+
+
+async def mode_rate(args: dict[str, Any]) -> dict[str, Any]:
+    payload = body(args["model"], True)
+    concurrency, duration = args["concurrency"], args["duration"]
+    counts = {"chunks": 0, "streams": 0}
+    errors: dict[str, int] = {}
+
+    async def worker(sess: aiohttp.ClientSession, deadline: float) -> None:
+        while time.perf_counter() < deadline:
+            try:
+                r = await one_stream(sess, args["url"], payload)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                continue
+            if r["status"] != 200:
+                errors[f"HTTP {r['status']}"] = errors.get(f"HTTP {r['status']}", 0) + 1
+                continue
+            counts["chunks"] += r["chunks"]
+            counts["streams"] += 1
+
+    async with session(limit=concurrency) as sess:
+        warm = time.perf_counter() + args.get("warmup", 1.0)
+        await asyncio.gather(*(worker(sess, warm) for _ in range(concurrency)))
+        counts["chunks"] = counts["streams"] = 0
+        errors.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(sess, t0 + duration) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return {"chunks": counts["chunks"], "streams": counts["streams"], "elapsed_s": elapsed,
+            "chunks_per_s": counts["chunks"] / elapsed, "errors": errors}
+
+
+async def mode_latency(args: dict[str, Any]) -> dict[str, Any]:
+    """Cases: [{name, url, model, reset_url?, n?}]; rounds interleave the cases."""
+    cases = args["cases"]
+    out: dict[str, dict[str, Any]] = {
+        c["name"]: {"latency_s": [], "status": {}, "instances": {}, "attempts": {}} for c in cases}
+    rounds = max(c.get("n", args["n"]) for c in cases)
+    warmup = args.get("warmup", 3)
+    async with session(limit=1, total=30.0) as sess:
+        for i in range(warmup + rounds):
+            for case in cases:
+                if i - warmup >= case.get("n", args["n"]) or (i < warmup and case.get("no_warmup")):
+                    continue
+                if case.get("reset_url"):
+                    async with sess.post(case["reset_url"], data=b"{}") as r:
+                        await r.read()
+                payload = body(case["model"], False)
+                t0 = time.perf_counter()
+                try:
+                    async with sess.post(case["url"], data=payload) as resp:
+                        await resp.read()
+                        dt = time.perf_counter() - t0
+                        status = str(resp.status)
+                        inst = resp.headers.get("x-route-instance", "-")
+                        attempts = resp.headers.get("x-route-attempts", "-")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    dt, status, inst, attempts = None, type(exc).__name__, "-", "-"
+                if i < warmup:
+                    continue
+                rec = out[case["name"]]
+                if dt is not None and status == "200":
+                    rec["latency_s"].append(dt)
+                rec["status"][status] = rec["status"].get(status, 0) + 1
+                rec["instances"][inst] = rec["instances"].get(inst, 0) + 1
+                rec["attempts"][attempts] = rec["attempts"].get(attempts, 0) + 1
+    return out
+
+
+async def mode_hold(args: dict[str, Any]) -> None:
+    n, url, timeout = args["n"], args["url"], args.get("timeout", 60.0)
+    payload = body(args["model"], True)
+    state = {"first": 0, "chunks": 0}
+    failed: dict[str, int] = {}
+    settled = asyncio.Event()  # every stream has either its first chunk or failed
+
+    def check() -> None:
+        if state["first"] + sum(failed.values()) >= n:
+            settled.set()
+
+    def fail(key: str) -> None:
+        failed[key] = failed.get(key, 0) + 1
+        check()
+
+    async def hold_one(sess: aiohttp.ClientSession) -> None:
+        got = False
+        try:
+            async with sess.post(url, data=payload) as resp:
+                if resp.status != 200:
+                    fail(f"HTTP {resp.status}")
+                    return
+                async for line in resp.content:
+                    if content_of(line) is None:
+                        continue
+                    state["chunks"] += 1
+                    if not got:
+                        got = True
+                        state["first"] += 1
+                        check()
+            if not got:
+                fail("no content")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if not got:
+                fail(type(exc).__name__)
+
+    t0 = time.perf_counter()
+    async with session(limit=0, total=None) as sess:
+        tasks = [asyncio.create_task(hold_one(sess)) for _ in range(n)]
+        try:
+            await asyncio.wait_for(settled.wait(), timeout)
+        except TimeoutError:
+            pass
+        ready = {"ready": state["first"], "failed": failed, "open_s": time.perf_counter() - t0,
+                 "still_open": sum(1 for t in tasks if not t.done())}
+        sys.stdout.write(orjson.dumps(ready).decode() + "\n")
+        sys.stdout.flush()
+        # Keep the streams open (and read them) until the parent says we are done.
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    sys.stdout.write(orjson.dumps({"closed": n, "chunks": state["chunks"]}).decode() + "\n")
+    sys.stdout.flush()
+
+
+MODES = {"ttft": mode_ttft, "rate": mode_rate, "latency": mode_latency}
+
+
+def main() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                    else 65536, hard))
+    mode, args = sys.argv[1], orjson.loads(sys.argv[2])
+    try:
+        import uvloop
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        if mode == "hold":
+            runner.run(mode_hold(args))
+            return 0
+        result = runner.run(MODES[mode](args))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

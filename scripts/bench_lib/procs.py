@@ -1,0 +1,243 @@
+"""Child processes of the benchmark: simulators, proxies, load generators.
+
+Every child runs in its own session (so a terminal Ctrl-C reaches only the benchmark,
+which then stops them in order) and gets SIGTERM from the kernel if the benchmark dies
+without cleaning up (PR_SET_PDEATHSIG). `Supervisor.stop_all` kills each child's whole
+process group: SIGTERM, a grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCALHOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def raise_nofile(want: int = 65536) -> int:
+    """Raise this process's open-files soft limit as far as allowed; returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def _child_setup() -> None:
+    # Runs in the child between fork and exec: die with the parent, many open files.
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    raise_nofile()
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection((LOCALHOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_post(url: str, body: bytes = b"{}", timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class StartError(RuntimeError):
+    """A child did not come up; the message carries the tail of its log."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path | None
+    port: int | None = None
+    tags: set[str] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def rss_kib(self) -> int:
+        """VmRSS of the process, from /proc/PID/status."""
+        with open(f"/proc/{self.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for {self.name} (pid {self.pid})")
+
+
+class Supervisor:
+    """Starts children, waits for them, and always tears them all down."""
+
+    def __init__(self, workdir: Path, python: str = sys.executable) -> None:
+        self.workdir = workdir
+        self.python = python
+        self.children: list[Child] = []
+        self._reaped: list[Child] = []
+
+    # ------------------------------------------------------------------ start
+
+    def spawn(self, name: str, cmd: Sequence[str], *, port: int | None = None,
+              env: dict[str, str] | None = None, log: bool = True,
+              stdin: int | None = subprocess.DEVNULL, stdout: int | None = None,
+              tags: Sequence[str] = ()) -> Child:
+        log_path = self.workdir / f"{name}.log" if log else None
+        out = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(
+                list(cmd), cwd=ROOT, stdin=stdin,
+                stdout=stdout if stdout is not None else out,
+                stderr=out, env=env, start_new_session=True, preexec_fn=_child_setup)
+        finally:
+            if log_path is not None:
+                out.close()  # the child has its own copy
+        child = Child(name, proc, log_path, port, set(tags))
+        self.children.append(child)
+        return child
+
+    def simulator(self, name: str, model: str, *, words: int = 20, chunk_delay: float = 0.0,
+                  faults: Sequence[str] = (), tags: Sequence[str] = ()) -> Child:
+        port = free_port()
+        cmd = [self.python, "-m", "proxy", "simulate", "--port", str(port), "--model", model,
+               "--words", str(words), "--chunk-delay", str(chunk_delay)]
+        for fault in faults:
+            cmd += ["--fault", fault]
+        return self.spawn(name, cmd, port=port, tags=tags)
+
+    def proxy(self, name: str, config_text: str, tags: Sequence[str] = ()) -> Child:
+        port = free_port()
+        cfg = self.workdir / f"{name}.json"
+        cfg.write_text(config_text)
+        cmd = [self.python, "-m", "proxy", "serve", "--config", str(cfg), "--port", str(port)]
+        return self.spawn(name, cmd, port=port, tags=tags)
+
+    def wait_ready(self, children: Sequence[Child], path: str, timeout: float = 30.0) -> None:
+        """Wait until every child answers GET `path` with 200 on its port."""
+        deadline = time.monotonic() + timeout
+        pending = list(children)
+        while pending:
+            for child in list(pending):
+                if not child.alive():
+                    raise StartError(f"{child.name} exited with code {child.proc.returncode}:\n"
+                                     + child.log_tail())
+                assert child.port is not None
+                if listening(child.port):
+                    try:
+                        status, _ = http_get(f"http://{LOCALHOST}:{child.port}{path}", 1.0)
+                    except OSError:
+                        status = 0
+                    if status == 200:
+                        pending.remove(child)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(c.name for c in pending)
+                tails = "\n".join(f"--- {c.name}\n{c.log_tail()}" for c in pending)
+                raise StartError(f"not ready after {timeout:g}s: {names}\n{tails}")
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------------ stop
+
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        """Kill one child's process group at once (a crash, from its peers' point of view)."""
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            child.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.proc.wait(timeout=5)
+
+    def stop(self, children: Sequence[Child], grace: float = 5.0) -> None:
+        """SIGTERM each child's group, wait up to `grace`, then SIGKILL what is left."""
+        for child in children:
+            if child.alive():
+                try:
+                    os.killpg(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for child in children:
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in children:
+            # The leader may be gone while others in its group are not: always sweep it.
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if child.proc.poll() is None:
+                child.proc.wait(timeout=5)
+        for child in children:
+            if child in self.children:
+                self.children.remove(child)
+            self._reaped.append(child)
+
+    def stop_tagged(self, tag: str) -> None:
+        self.stop([c for c in self.children if tag in c.tags])
+
+    def stop_all(self) -> None:
+        self.stop(list(reversed(self.children)))
+
+    def leftovers(self) -> list[str]:
+        """Process groups of ours that still have members (should be none after stop_all)."""
+        left = []
+        for child in self._reaped + self.children:
+            try:
+                os.killpg(child.pid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass
+            left.append(f"{child.name} (pgid {child.pid})")
+        return left

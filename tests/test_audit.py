@@ -1,0 +1,269 @@
+"""The audit trail: the seed's four acceptance scenarios checked through the events API,
+events surviving a restart, the `events` command, metrics, and the store's back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from proxy.config import parse_config
+from proxy.simulator import Simulator
+from proxy.store import AuditStore, EventQuery, connect
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def seed_config(local: list[Simulator], cloud: Simulator | None, tmp: Path,
+                **sections: Any) -> Any:
+    """Local llama.cpp-style instances and, optionally, a cloud instance (`local: false`)."""
+    providers: list[dict[str, Any]] = [{"provider_id": "llamacpp", "server": "openai", "instances": [
+        {"id": f"local{n}", "base_url": sim.base_url, "metadata": {"model": sim.model,
+                                                                    "tags": ["coding"]}}
+        for n, sim in enumerate(local)]}]
+    if cloud is not None:
+        providers.append({"provider_id": "openai", "local": False, "instances": [
+            {"id": "default", "base_url": cloud.base_url + "/v1",
+             "metadata": {"model": cloud.model}}]})
+    return parse_config({"health": {"interval_s": 30, "timeout_s": 0.5},
+                         "store": {"url": f"sqlite:///{tmp}/audit.db"},
+                         "providers": providers, **sections}, "<test>")
+
+
+async def events(proxy: RunningProxy, **params: str) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/admin/events",
+                                                         params=params) as resp:
+        assert resp.status == 200, await resp.text()
+        return list(reversed((await resp.json())["events"]))  # oldest first
+
+
+async def chat(proxy: RunningProxy, prompt: str = "fix this python bug") -> tuple[int, dict[str, str], Any]:
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{proxy.base_url}/chat/completions", json=chat_body(prompt)) as resp:
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.json()
+
+
+async def test_scenario_1_healthy_selected_instance_is_verified(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    a, b = await make_sim("coder"), await make_sim("coder")
+    proxy = await make_proxy(seed_config([a, b], None, tmp_path))
+    status, headers, _ = await chat(proxy)
+    assert status == 200
+    trail = await events(proxy, request_id=headers["x-request-id"])
+    assert [e["type"] for e in trail] == ["ROUTE_PLANNED", "ROUTE_VERIFIED", "REQUEST_COMPLETED"]
+    assert all(e["plan_id"] == headers["x-route-plan-id"] for e in trail)
+    assert trail[1]["instance"] == "llamacpp:local0"
+    assert trail[2]["detail"]["status"] == 200 and trail[2]["detail"]["attempts"] == 1
+
+
+async def test_scenario_2_selected_local_stopped_reroutes_to_next_local(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    a, b = await make_sim("coder"), await make_sim("coder")
+    cloud = await make_sim("gpt-4o-mini")
+    await a.stop()  # stopped before the proxy (and its first probe) even starts
+    proxy = await make_proxy(seed_config([a, b], cloud, tmp_path))
+    status, headers, body = await chat(proxy)
+    assert status == 200 and headers["x-route-instance"] == "llamacpp:local1"
+    trail = await events(proxy, request_id=headers["x-request-id"])
+    rerouted = [e for e in trail if e["type"] == "REROUTED"]
+    assert len(rerouted) == 1
+    assert rerouted[0]["reason_code"] == "INSTANCE_NOT_READY"
+    assert (rerouted[0]["from_instance"], rerouted[0]["to_instance"]) == (
+        "llamacpp:local0", "llamacpp:local1")
+    assert "state=DOWN" in rerouted[0]["detail"]["detail"]
+    assert cloud.stats.requests == 0
+
+
+async def test_scenario_3_every_local_stopped_served_by_cloud(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    a, b = await make_sim("coder"), await make_sim("coder")
+    cloud = await make_sim("gpt-4o-mini")
+    proxy = await make_proxy(seed_config([a, b], cloud, tmp_path))
+    await a.stop()
+    await b.stop()  # the prober has not noticed: traffic finds out, and moves on
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "fix this python bug"}])
+    assert raw.headers["x-route-instance"] == "openai:default"
+    assert raw.parse().model == "gpt-4o-mini"
+    trail = await events(proxy, request_id=raw.headers["x-request-id"])
+    moves = [(e["reason_code"], e["from_instance"], e["to_instance"])
+             for e in trail if e["type"] == "REROUTED"]
+    assert moves == [("CONN_REFUSED", "llamacpp:local0", "llamacpp:local1"),
+                     ("CONN_REFUSED", "llamacpp:local1", "openai:default")]
+    lineage = sqlite3.connect(tmp_path / "audit.db").execute(
+        "SELECT kind, from_instance, to_instance, reason_code FROM lineage WHERE request_id=?"
+        " ORDER BY id", (raw.headers["x-request-id"],)).fetchall()
+    assert lineage == [("route_change", "llamacpp:local0", "llamacpp:local1", "CONN_REFUSED"),
+                       ("route_change", "llamacpp:local1", "openai:default", "CONN_REFUSED")]
+
+
+async def test_scenario_4_nothing_available_is_blocked(make_sim: MakeSim, make_proxy: MakeProxy,
+                                                       tmp_path: Path) -> None:
+    a = await make_sim("coder")
+    await a.stop()
+    proxy = await make_proxy(seed_config([a], None, tmp_path))
+    status, headers, body = await chat(proxy)
+    assert status == 503
+    assert "No available instances" in body["error"]["message"]
+    trail = await events(proxy, request_id=headers["x-request-id"])
+    assert [e["type"] for e in trail] == ["ROUTE_PLANNED", "ROUTE_BLOCKED", "REQUEST_COMPLETED"]
+    assert (await events(proxy, type="ROUTE_BLOCKED"))[0]["detail"]["rejected"] == {
+        "llamacpp:local0": "state=DOWN"}
+
+
+async def test_state_changes_are_events(make_sim: MakeSim, make_proxy: MakeProxy,
+                                        tmp_path: Path) -> None:
+    a = await make_sim("coder")
+    proxy = await make_proxy(seed_config([a], None, tmp_path))
+    changes = await events(proxy, type="INSTANCE_STATE_CHANGED", instance="llamacpp:local0")
+    assert changes[-1]["detail"]["new"] == "READY"
+    assert changes[-1]["detail"]["old"] == "UNKNOWN"
+
+
+async def test_events_survive_a_restart_and_the_cli_reads_them(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    a = await make_sim("coder")
+    config = seed_config([a], None, tmp_path)
+    proxy = await make_proxy(config)
+    status, headers, _ = await chat(proxy)
+    request_id = headers["x-request-id"]
+    await proxy.runner.cleanup()  # shutdown flushes the queue
+    again = await make_proxy(config)
+    assert [e["type"] for e in await events(again, request_id=request_id)] == [
+        "ROUTE_PLANNED", "ROUTE_VERIFIED", "REQUEST_COMPLETED"]
+    url = f"sqlite:///{tmp_path}/audit.db"
+    out = subprocess.run([sys.executable, "-m", "proxy", "events", "--store", url,
+                          "--request-id", request_id, "--json"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    assert [e["type"] for e in json.loads(out.stdout)][::-1] == [
+        "ROUTE_PLANNED", "ROUTE_VERIFIED", "REQUEST_COMPLETED"]
+    table = subprocess.run([sys.executable, "-m", "proxy", "events", "--store", url,
+                            "--type", "ROUTE_VERIFIED"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=30, check=False)
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0].split()[:3] == ["TIME", "TYPE", "REQUEST"]
+    assert "ROUTE_VERIFIED" in table.stdout and "llamacpp:local0" in table.stdout
+    bad = subprocess.run([sys.executable, "-m", "proxy", "events", "--store", url,
+                          "--type", "NOPE"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=30, check=False)
+    assert bad.returncode == 2 and "Unknown event type" in bad.stderr
+
+
+async def test_events_api_rejects_bad_filters(make_sim: MakeSim, make_proxy: MakeProxy,
+                                              tmp_path: Path) -> None:
+    proxy = await make_proxy(seed_config([await make_sim("coder")], None, tmp_path))
+    async with aiohttp.ClientSession() as http:
+        for params in ({"type": "NOPE"}, {"limit": "x"}, {"limit": "0"}, {"since": "yesterday"}):
+            async with http.get(f"{proxy.url}/admin/events", params=params) as resp:
+                assert resp.status == 400
+                assert (await resp.json())["error"]["type"] == "invalid_request_error"
+        async with http.get(f"{proxy.url}/admin/events", params={"since": "1h"}) as resp:
+            assert resp.status == 200
+
+
+async def test_route_plan_rows_record_the_final_instance(make_sim: MakeSim, make_proxy: MakeProxy,
+                                                         tmp_path: Path) -> None:
+    a, b = await make_sim("coder"), await make_sim("coder")
+    proxy = await make_proxy(seed_config([a, b], None, tmp_path))
+    await a.stop()
+    status, headers, _ = await chat(proxy)
+    await proxy.runner.cleanup()
+    row = sqlite3.connect(tmp_path / "audit.db").execute(
+        "SELECT selected, final_instance, outcome, status, attempts, plan FROM route_plans"
+        " WHERE plan_id = ?", (headers["x-route-plan-id"],)).fetchone()
+    assert row[:5] == ("llamacpp:local0", "llamacpp:local1", "ok", 200, 2)
+    assert json.loads(row[5])["fallback"] == ["llamacpp:local1"]
+
+
+async def test_metrics_move(make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    a, b = await make_sim("coder"), await make_sim("coder")
+    proxy = await make_proxy(seed_config([a, b], None, tmp_path))
+
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            return await resp.text()
+
+    await chat(proxy)
+    await a.stop()
+    await chat(proxy)
+    text = await scrape()
+    assert 'failover_proxy_requests_total{instance="llamacpp:local0",model="auto",outcome="ok"} 1.0' in text
+    assert 'failover_proxy_requests_total{instance="llamacpp:local1",model="auto",outcome="ok"} 1.0' in text
+    assert ('failover_proxy_reroutes_total{from_instance="llamacpp:local0",reason="CONN_REFUSED",'
+            'to_instance="llamacpp:local1"} 1.0') in text
+    assert 'failover_proxy_instance_state{instance="llamacpp:local0",state="READY"} 1.0' in text
+    assert "failover_proxy_ttfb_seconds_count" in text
+    assert "failover_proxy_overhead_seconds_count 2.0" in text
+    assert "failover_proxy_inflight_requests 0.0" in text
+    assert "failover_proxy_events_dropped_total 0.0" in text
+
+
+async def test_writer_behind_drops_events_never_requests(tmp_path: Path) -> None:
+    dropped: list[int] = []
+    store = AuditStore(f"sqlite:///{tmp_path}/a.db", queue_size=10, on_drop=dropped.append)
+    await store.start()
+    for n in range(100):  # no await between: the writer cannot run, the queue fills
+        store.event(time.time(), "ROUTE_PLANNED", f"r{n}", "p", None)
+    assert store.dropped == 90 and sum(dropped) == 90
+    await store.close()  # the ten queued ones are flushed
+    conn = connect(str(tmp_path / "a.db"), readonly=True)
+    assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 10
+
+
+async def test_retention_by_age_and_count(tmp_path: Path) -> None:
+    store = AuditStore(f"sqlite:///{tmp_path}/a.db", retention_s=3600, max_rows=100)
+    await store.start()
+    old = time.time() - 7200
+    for n in range(50):
+        store.event(old, "ROUTE_PLANNED", f"old{n}", "p", None)
+    for n in range(150):
+        store.event(time.time(), "ROUTE_PLANNED", f"new{n}", "p", None)
+    await store.flush()
+    store.apply_retention()
+    rows = await store.query(EventQuery(limit=1000))
+    await store.close()
+    assert len(rows) == 100
+    assert all(r["request_id"].startswith("new") for r in rows)
+    assert rows[0]["request_id"] == "new149"
+
+
+async def test_schema_is_versioned(tmp_path: Path) -> None:
+    conn = connect(str(tmp_path / "v.db"))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    from proxy.store import StoreError
+    with pytest.raises(StoreError, match="newer than this release"):
+        connect(str(tmp_path / "v.db"))
+
+
+async def test_requests_do_not_wait_on_a_slow_disk(make_sim: MakeSim, make_proxy: MakeProxy,
+                                                   tmp_path: Path) -> None:
+    """The writer's thread is blocked (a stand-in for a stalled disk); requests still flow."""
+    a = await make_sim("coder")
+    proxy = await make_proxy(seed_config([a], None, tmp_path))
+    from proxy.state import STATE
+
+    store = proxy.app[STATE].recorder.store
+    assert store is not None
+    store._lock.acquire()  # the writer now blocks inside its worker thread
+    try:
+        results = await asyncio.gather(*(chat(proxy, f"q{n}") for n in range(20)))
+        assert all(status == 200 for status, _, _ in results)
+    finally:
+        store._lock.release()
