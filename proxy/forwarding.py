@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import orjson
 import structlog
 
 from proxy.audit import Recorder
@@ -43,10 +44,19 @@ from proxy.failures import (
     UpstreamTimeout,
 )
 from proxy.fingerprints import models_match, response_model
-from proxy.inbound import UPSTREAM_PATH, ClientRequest
+from proxy.inbound import CHAT, UPSTREAM_PATH, ClientRequest
 from proxy.instances import InstanceState, Registry
 from proxy.routing import RoutePlan, larger_window
-from proxy.sse import DONE, DONE_EVENT, EventReader, MalformedEvent, event_data, inspect_chunk
+from proxy.sse import (
+    DONE,
+    DONE_EVENT,
+    Chunk,
+    EventReader,
+    MalformedEvent,
+    event_data,
+    inspect_chunk,
+)
+from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
 from proxy.upstream import PassThrough, Upstream
 
 log = structlog.get_logger("proxy.forwarding")
@@ -97,6 +107,16 @@ class Reply:
 
 class ClientGone(Exception):
     """The client went away while we were writing to it."""
+
+
+class CommittedFailure(Exception):
+    """A stream failed after the client had received part of the answer."""
+
+    def __init__(self, failure: UpstreamFailure, delivered: Delivered, ttfb_s: float) -> None:
+        super().__init__(failure.detail)
+        self.failure = failure
+        self.delivered = delivered
+        self.ttfb_s = ttfb_s
 
 
 class Forwarder:
@@ -150,6 +170,13 @@ class Forwarder:
                     inst.inflight -= 1
                     if inst.circuit.trial_in_flight:
                         self.registry.release_trial(inst)  # no verdict (e.g. cancelled)
+            except CommittedFailure as cut:
+                attempts.append(Attempt(inst.id, cut.failure.code, cut.failure.detail,
+                                        _ms(started)))
+                self.registry.record_failure(inst, cut.failure)
+                assert sink is not None
+                return await self._continue(req, plan, sink, client_auth, inst, cut,
+                                            index + 1, attempts)
             except PassThrough as p:
                 attempts.append(Attempt(inst.id, None, f"HTTP {p.status}", _ms(started)))
                 inst.circuit.on_success()  # it answered: the server works
@@ -248,7 +275,11 @@ class Forwarder:
 
     async def _attempt_stream(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
                               client_auth: str | None, attempt_no: int) -> Reply:
-        """A streaming attempt: buffer until the first content chunk, then commit and relay."""
+        """A streaming attempt: buffer until the first content chunk, then commit and relay.
+
+        Raises an UpstreamFailure before the commit point (invisible to the client) and
+        CommittedFailure after it.
+        """
         cfg = inst.config
         timeouts = self.config.timeouts
         t0 = time.perf_counter()
@@ -264,48 +295,42 @@ class Forwarder:
                 self.registry.record_success(inst, time.perf_counter() - t0)
                 return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"))
             reader = EventReader(resp.content)
-            pending: list[bytes] = []
-            finished = await self._until_content(reader, pending, deadline, inst.fingerprint)
+            pending: list[tuple[bytes, Chunk | None]] = []
+            await self._until_content(reader, pending, deadline, inst.fingerprint)
             ttfb = time.perf_counter() - t0
             self.registry.record_success(inst, ttfb)
 
             # Commit point: from here on the client has seen this instance's answer.
+            delivered = Delivered()
             try:
                 await sink.start(cfg.id, attempt_no)
-                for event in pending:
+                for event, chunk in pending:
+                    if chunk is not None:
+                        delivered.note(chunk.obj, chunk.text, chunk.tool_call,
+                                       chunk.finish_reason)
                     await sink.write(event)
-                if finished is None:  # [DONE] already among the pending events
+                if pending[-1][1] is None:  # [DONE] was among the pending events
                     done = True
                     return Reply(200, None, ttfb_s=ttfb)
-                outcome = await self._relay(reader, sink, finished, t0 + timeouts.total_s)
+                await self._relay(reader, sink, delivered, None, deadline,
+                                  t0 + timeouts.total_s)
             except ClientGone:
                 return Reply(200, None, outcome=CLIENT_GONE, ttfb_s=ttfb)
             except UpstreamFailure as failure:
-                self.registry.record_failure(inst, failure)
-                log.error("stream_failed_after_commit", request_id=req.request_id,
-                          instance=cfg.id, reason=failure.code, detail=failure.detail)
-                try:
-                    await sink.write(error_event(
-                        f"The upstream stream from {cfg.id} failed after the answer had started "
-                        f"({failure.code}: {failure.detail}); the answer is incomplete.",
-                        "upstream_error", failure.code))
-                except ClientGone:
-                    pass
-                return Reply(200, None, outcome=STREAM_FAILED, ttfb_s=ttfb,
-                             headers={"x-failure": failure.code})
-            done = outcome == OK
-            return Reply(200, None, outcome=outcome, ttfb_s=ttfb)
+                raise CommittedFailure(failure, delivered, ttfb) from failure
+            done = True
+            return Reply(200, None, ttfb_s=ttfb)
         finally:
             if done:
                 resp.release()
             else:
                 resp.close()
 
-    async def _until_content(self, reader: EventReader, pending: list[bytes],
-                             deadline: float, pinned: str | None) -> bool | None:
-        """Read events before the commit point into `pending`.
+    async def _until_content(self, reader: EventReader, pending: list[tuple[bytes, Chunk | None]],
+                             deadline: float, pinned: str | None) -> None:
+        """Read events before the commit point into `pending` (a `[DONE]` with chunk None).
 
-        Returns whether a finish reason was seen, or None when `[DONE]` was reached.
+        Returns at the first chunk with content or a finish reason, or at `[DONE]`.
         Raises a failure (still invisible to the client) on any problem.
         """
         while True:
@@ -318,8 +343,8 @@ class Forwarder:
                 continue  # comment or keep-alive
             if payload == DONE:
                 if pending:
-                    pending.append(event)
-                    return None
+                    pending.append((event, None))
+                    return
                 raise ProcessExited("stream ended before any content")
             try:
                 chunk = inspect_chunk(payload)
@@ -331,45 +356,168 @@ class Forwarder:
                 if not models_match(pinned, chunk.model):
                     raise FingerprintMismatch(f"answered as {chunk.model}, pinned {pinned}")
                 pinned = None  # checked once per stream
-            pending.append(event)
+            pending.append((event, chunk))
             if chunk.has_content or chunk.finish_reason is not None:
-                return chunk.finish_reason is not None
+                return
 
-    async def _relay(self, reader: EventReader, sink: StreamSink, finished: bool,
-                     deadline: float) -> str:
-        """Relay events after the commit point until `[DONE]`; raises a stream failure."""
+    async def _relay(self, reader: EventReader, sink: StreamSink, delivered: Delivered,
+                     splicer: Splicer | None, first_deadline: float, deadline: float) -> None:
+        """Relay events until `[DONE]` (or a clean end after a finish reason).
+
+        Without a splicer, events go out as the upstream framed them. With one (a
+        continuation or replay), each chunk is rewritten into the client's stream, and
+        until it has sent something new its failures are still invisible. Raises a stream
+        failure; `delivered` always says what the client has.
+        """
         idle = self.config.timeouts.idle_s
         next_event = self.upstream.next_event
+        committed = splicer is None or splicer.committed
         while True:
             try:
-                event = await next_event(reader, idle, "idle")
+                if committed:
+                    event = await next_event(reader, idle, "idle")
+                else:
+                    wait = max(first_deadline - time.perf_counter(), 0.001)
+                    event = await next_event(reader, wait, "first_byte")
             except UpstreamTimeout as exc:
-                raise StreamStalled(f"no chunk within {idle:g}s") from exc
+                if committed:
+                    raise StreamStalled(f"no chunk within {idle:g}s") from exc
+                raise
             except ProcessExited as exc:
-                raise StreamCut(exc.detail) from exc
+                if committed:
+                    raise StreamCut(exc.detail) from exc
+                raise
             if event is None:
-                if finished:
+                if delivered.finished:
                     # Complete but unterminated: finish it properly for the client.
                     await sink.write(DONE_EVENT)
-                    return OK
-                raise StreamCut("stream ended without a finish reason")
+                    return
+                if committed:
+                    raise StreamCut("stream ended without a finish reason")
+                raise ProcessExited("continuation ended before anything new")
             payload = event_data(event)
             if payload is None:
                 continue
             if payload == DONE:
-                await sink.write(event)
-                return OK
+                await sink.write(DONE_EVENT if splicer is not None else event)
+                return
             try:
                 chunk = inspect_chunk(payload)
             except MalformedEvent as exc:
-                raise StreamMalformed(str(exc)) from None
+                raise StreamMalformed(str(exc)) from None  # never forwarded
             if chunk.error is not None:
                 raise UpstreamErrorEvent(_error_message(chunk.error))
-            if chunk.finish_reason is not None:
-                finished = True
-            await sink.write(event)
+            if splicer is None:
+                delivered.note(chunk.obj, chunk.text, chunk.tool_call, chunk.finish_reason)
+                await sink.write(event)
+            else:
+                out = splicer.feed(chunk.obj)
+                if out is not None:
+                    await sink.write(out)
+                    committed = splicer.committed
             if time.perf_counter() > deadline:
                 raise UpstreamTimeout("total", self.config.timeouts.total_s)
+
+    async def _continue(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink,
+                        client_auth: str | None, origin: InstanceState, cut: CommittedFailure,
+                        start: int, attempts: list[Attempt]) -> Reply:
+        """After a mid-stream failure: continue the answer elsewhere, or fail loudly."""
+        delivered = cut.delivered
+        failure, failed = cut.failure, origin
+        retry = self.config.retry
+        why_not = None
+        if delivered.tool_call:
+            why_not = "a tool call was in flight"
+        elif req.body.get("n") not in (None, 1):
+            why_not = "several choices (n > 1) cannot be continued"
+        elif not retry.retries(failure.code):
+            why_not = f"{failure.code} is not retried (retry.on)"
+        if why_not is None:
+            why_not = "no instance left that can continue it"
+            for cand in plan.candidates[start:]:
+                if len(attempts) >= retry.max_attempts:
+                    why_not = "the retry budget is spent"
+                    break
+                mode = PREFILL if cand.prefill_ok else REPLAY if _twins(origin, cand) else None
+                if mode is None or self._not_ready(cand, last_resort=True) is not None:
+                    continue
+                self.recorder.rerouted(plan, failure.code, failure.detail, failed.id, cand.id)
+                splicer = Splicer(delivered, mode)
+                started = time.perf_counter()
+                try:
+                    await self._attempt_splice(req, cand, sink, client_auth, splicer)
+                except PassThrough as rejected:
+                    # A 4xx to a continuation is about the prefill, never the client's error.
+                    attempts.append(Attempt(cand.id, "PREFILL_REJECTED",
+                                            f"HTTP {rejected.status}", _ms(started)))
+                    if mode == PREFILL:
+                        cand.prefill_ok = False
+                        log.warning("prefill_rejected", instance=cand.id,
+                                    status=rejected.status)
+                    continue
+                except Diverged as exc:
+                    attempts.append(Attempt(cand.id, "REPLAY_DIVERGED", str(exc), _ms(started)))
+                    continue
+                except ClientGone:
+                    return Reply(200, None, instance=cand.id, attempts=attempts,
+                                 outcome=CLIENT_GONE, ttfb_s=cut.ttfb_s)
+                except UpstreamFailure as again:
+                    attempts.append(Attempt(cand.id, again.code, again.detail, _ms(started)))
+                    self.registry.record_failure(cand, again)
+                    failure, failed = again, cand  # `delivered` already holds what it added
+                    continue
+                finally:
+                    if cand.circuit.trial_in_flight:
+                        self.registry.release_trial(cand)
+                attempts.append(Attempt(cand.id, None, f"resumed ({mode})", _ms(started)))
+                self.recorder.resumed(plan, failed.id, cand.id, len(splicer.prefix), mode)
+                return Reply(200, None, instance=cand.id, attempts=attempts, ttfb_s=cut.ttfb_s)
+        log.error("stream_failed_after_commit", request_id=req.request_id, instance=failed.id,
+                  reason=failure.code, detail=failure.detail, why=why_not)
+        try:
+            await sink.write(error_event(
+                f"The stream from {failed.id} failed after the answer had started "
+                f"({failure.code}: {failure.detail}) and could not be continued: {why_not}. "
+                "The answer is incomplete.", "upstream_error", failure.code))
+        except ClientGone:
+            pass
+        return Reply(200, None, instance=failed.id, attempts=attempts, outcome=STREAM_FAILED,
+                     ttfb_s=cut.ttfb_s)
+
+    async def _attempt_splice(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
+                              client_auth: str | None, splicer: Splicer) -> None:
+        """One continuation (prefill) or replay attempt on `inst`, relayed through `splicer`."""
+        cfg = inst.config
+        timeouts = self.config.timeouts
+        if splicer.mode == PREFILL:
+            body = continuation_body(req.body, req.endpoint == CHAT, splicer.delivered, cfg.model)
+            if body is None:
+                raise ProcessExited("this request cannot be continued by prefill")
+            data = orjson.dumps(body)
+        else:
+            data = req.body_for(cfg.model)
+        t0 = time.perf_counter()
+        resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint], data, client_auth)
+        done = False
+        try:
+            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                raise ProcessExited("the continuation was not streamed")
+            await self._relay(EventReader(resp.content), sink, splicer.delivered, splicer,
+                              t0 + timeouts.first_byte_s, t0 + timeouts.total_s)
+            done = True
+            self.registry.record_success(inst, time.perf_counter() - t0)
+        finally:
+            if done:
+                resp.release()
+            else:
+                resp.close()
+
+
+def _twins(a: InstanceState, b: InstanceState) -> bool:
+    """Whether two instances serve the same model (so a greedy replay gives the same text)."""
+    ma = a.fingerprint or a.config.model
+    mb = b.fingerprint or b.config.model
+    return ma is not None and mb is not None and models_match(ma, mb)
 
 
 def _next_id(candidates: list[InstanceState], index: int) -> str | None:

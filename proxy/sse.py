@@ -87,6 +87,7 @@ class Chunk:
     model: str | None
     text: str
     tool_call: bool
+    obj: dict[str, Any]
 
 
 class MalformedEvent(ValueError):
@@ -103,7 +104,7 @@ def inspect_chunk(payload: bytes) -> Chunk:
         raise MalformedEvent("event is not a JSON object")
     error = obj.get("error")
     if error is not None:
-        return Chunk(False, None, error, None, "", False)
+        return Chunk(False, None, error, None, "", False, obj)
     choices = obj.get("choices")
     if not isinstance(choices, list):
         raise MalformedEvent("chunk has no choices list")
@@ -128,4 +129,4 @@ def inspect_chunk(payload: bytes) -> Chunk:
             finish = choice["finish_reason"]
     model = obj.get("model")
     return Chunk(bool(text) or tool_call, finish, None,
-                 model if isinstance(model, str) else None, text, tool_call)
+                 model if isinstance(model, str) else None, text, tool_call, obj)

@@ -63,7 +63,7 @@ SECTIONS = {
     "stream": "2. streaming, asyncio client process (simulator --words 50, no chunk delay)",
     "failover": "3. failover added latency, sequential (direct column = proxied healthy request)",
     "dead": "4. one of two instances dead, wrk -t1 -c64 (direct column = both healthy)",
-    "memory": "5. proxy memory (VmRSS from /proc)",
+    "memory": "5. proxy memory (VmRSS from /proc; simulator --words 1000 --chunk-delay 0.5)",
     "planning": "6. route planning (scripts/bench_planner.py)",
     "audit": "7. audit store",
     "peers": "8. peers, same wrk load (direct = the same simulator, this run)",
@@ -89,6 +89,7 @@ QUICK = Settings(wrk_s=2, warm_s=1, ttft_n=50, rate_s=2.0, rate_conc=16, fail_n=
                  hang_n=5, streams=1000, planner_rounds=3000)
 
 HANG_FIRST_BYTE_S = 0.5
+MEMORY_CHUNK_DELAY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -488,7 +489,11 @@ class Bench:
 
     def memory_group(self) -> None:
         sup, s = self.sup, self.s
-        slow = sup.simulator("sim-slow", SLOW_MODEL, words=1000, chunk_delay=0.05, tags=["memory"])
+        # 1000 words, one every 0.5 s: streams stay open for minutes while the relay load
+        # stays small (2,000 chunks/s for 1000 streams; at 0.05 s it would be 20,000/s,
+        # more than this 2-core machine can relay, and the figure would measure backlog).
+        slow = sup.simulator("sim-slow", SLOW_MODEL, words=1000, chunk_delay=MEMORY_CHUNK_DELAY_S,
+                             tags=["memory"])
         self.wait_ready([slow], "/v1/models")
         assert slow.port
         cfg = proxy_config([instance("slow", slow.port, SLOW_MODEL)], {"slow": ["bench:slow"]},

@@ -206,7 +206,14 @@ async def mode_hold(args: dict[str, Any]) -> None:
 
     t0 = time.perf_counter()
     async with session(limit=0, total=None) as sess:
-        tasks = [asyncio.create_task(hold_one(sess)) for _ in range(n)]
+        # Ramp up in small batches: a burst of 1000 connects overflows accept queues, and
+        # the SYN retransmits that follow would be measured instead of the proxy.
+        batch, pause = args.get("batch", 50), args.get("pause", 0.1)
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.create_task(hold_one(sess)))
+            if (i + 1) % batch == 0:
+                await asyncio.sleep(pause)
         try:
             await asyncio.wait_for(settled.wait(), timeout)
         except TimeoutError:
