@@ -101,6 +101,8 @@ class Faults:
     hang: bool = False
     #: Like llama.cpp while it loads a model: /health and model requests answer 503.
     loading: bool = False
+    #: Like llama.cpp: a continued assistant message is echoed before the continuation.
+    echo_prefill: bool = False
     slow_first_byte: float = 0.0
     die_after: int | None = None
     stall_after: int | None = None
@@ -138,7 +140,7 @@ class Faults:
         )
 
 
-_FLAGS: Final = frozenset({"refuse", "hang", "loading", "no_done", "no_finish"})
+_FLAGS: Final = frozenset({"refuse", "hang", "loading", "echo_prefill", "no_done", "no_finish"})
 _COUNTS: Final = frozenset({"die_after", "stall_after", "malformed_after", "error_after", "context"})
 _SECONDS: Final = frozenset({"slow_first_byte", "rate_limit"})
 _KNOWN: Final = sorted(_FLAGS | _COUNTS | _SECONDS | {"status", "model", "times"})
@@ -783,6 +785,9 @@ class Simulator:
         prompt_tokens = len(prompt.split()) + (len(prefix.split()) if prefix else 0)
         self._check_context(faults, prompt_tokens, "messages")
         pieces, finish = self._plan(model, prompt, prefix, limit)
+        if prefix and faults.echo_prefill:
+            # The prefill comes back first, in 7-character pieces (as split as a tokenizer's).
+            pieces = [prefix[i:i + 7] for i in range(0, len(prefix), 7)] + list(pieces)
         cid, created = self._new_id("chatcmpl"), int(time.time())
 
         if data.get("stream") is not True:
