@@ -89,6 +89,12 @@ async def openai_errors(request: web.Request,
         )
 
 
+#: How the proxy's server must run (`serve` and the tests use it): no access log (the
+#: proxy logs one line per request itself), and a handler is cancelled as soon as its
+#: client disconnects, so the upstream request is closed at once, never orphaned.
+SERVER_OPTIONS: dict[str, object] = {"access_log": None, "handler_cancellation": True}
+
+
 def create_app(config: Config) -> web.Application:
     """Build the proxy application for a validated config."""
     app = web.Application(client_max_size=config.server.max_body_bytes,

@@ -31,7 +31,7 @@ def use_uvloop() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from proxy.app import create_app
+    from proxy.app import SERVER_OPTIONS, create_app
     from proxy.logs import configure_logging
 
     config = _load(args.config)
@@ -42,8 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     print(f"failover-proxy {__version__} serving on http://{host}:{port}/v1 "
           f"({len(config.instances)} instances, config {config.source})", flush=True)
-    web.run_app(app, host=host, port=port, access_log=None, print=None,
-                handle_signals=True, shutdown_timeout=10.0)
+    web.run_app(app, host=host, port=port, print=None, handle_signals=True,
+                shutdown_timeout=10.0, **SERVER_OPTIONS)  # type: ignore[arg-type]
     return 0
 
 

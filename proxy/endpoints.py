@@ -7,6 +7,7 @@ about scoring or upstream transports.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -104,6 +105,12 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
         reply = await state.forwarder.forward(req, plan, sink,
                                               request.headers.get("Authorization"))
         state.planner.served(plan, reply.instance)
+    except asyncio.CancelledError:
+        # The client went away (aiohttp cancels the handler); the upstream request was
+        # closed on the way out. An outcome of the request, not a failure of the instance.
+        recorder.completed(plan, request_id, model, 499, CLIENT_GONE, None, 0, None,
+                           time.perf_counter() - started, 0.0, stream)
+        raise
     except ProxyError as exc:
         if isinstance(exc, RouteBlocked) and plan is not None:
             recorder.blocked(plan, exc.message)

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import create_app
+from proxy.app import SERVER_OPTIONS, create_app
 from proxy.config import DEFAULT_STORE_URL, Config, parse_config
 from proxy.simulator import Simulator
 
@@ -100,7 +100,7 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
             config = dataclasses.replace(config, store=dataclasses.replace(
                 config.store, url=f"sqlite:///{tmp_path}/audit.db"))
         app = create_app(config)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, **SERVER_OPTIONS)  # type: ignore[arg-type]
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -26,7 +26,8 @@ WORDS = 60
 def config_for(sims: list[tuple[Simulator, dict[str, Any]]], tmp: Path, idle_s: float = 2.0,
                **sections: Any) -> Any:
     return parse_config({
-        "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": idle_s, "total_s": 60},
+        "timeouts": sections.pop("timeouts", {"connect_s": 1, "first_byte_s": 2, "idle_s": idle_s,
+                                              "total_s": 60}),
         "health": {"interval_s": 30, "timeout_s": 0.5},
         "store": {"url": f"sqlite:///{tmp}/audit.db"},
         "models": {"main": {"instances": [f"p:s{n}" for n in range(len(sims))],
@@ -320,3 +321,20 @@ def test_splicer_usage_accounts_for_the_carried_part() -> None:
     usage = _sent(s.feed(_chunk(usage={"prompt_tokens": 30, "completion_tokens": 35,
                                        "total_tokens": 65})))["usage"]
     assert usage == {"prompt_tokens": 5, "completion_tokens": 60, "total_tokens": 65}
+
+
+async def test_client_leaving_before_the_first_byte_closes_the_upstream(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    slow = await make_sim("twin", faults=["slow_first_byte=20"])
+    proxy = await make_proxy(config_for([(slow, {})], tmp_path,
+                                        timeouts={"connect_s": 1, "first_byte_s": 30,
+                                                  "idle_s": 30, "total_s": 60}))
+    async with aiohttp.ClientSession() as http:
+        task = asyncio.create_task(http.post(f"{proxy.base_url}/chat/completions",
+                                             json=chat_body(PROMPT, model="main", stream=True)))
+        await wait_for(lambda: slow.stats.inflight == 1, what="the upstream request")
+        task.cancel()  # the client gives up while the upstream is still thinking
+        await asyncio.gather(task, return_exceptions=True)
+    # Cancelled at once, not after the upstream's 20 s: no orphaned generation.
+    await wait_for(lambda: slow.stats.inflight == 0 and slow.stats.open_connections == 0,
+                   timeout=5, what="the upstream connection to close")
