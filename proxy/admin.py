@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -11,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from proxy.audit import EVENT_TYPES
-from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized
+from proxy.auth import check_admin
+from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.health import reset_fingerprint
 from proxy.inbound import CHAT, parse_request
 from proxy.instances import DRAINED, MISMATCH, UNKNOWN, InstanceState
@@ -23,23 +23,12 @@ _JSON = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _check_admin(request: web.Request) -> None:
-    key = request.app[STATE].config.server.admin_key
-    if key is None:
-        return
-    auth = request.headers.get("Authorization", "")
-    if not auth.startswith("Bearer "):
-        raise Unauthorized("Admin endpoints need the admin key as a Bearer token.")
-    if not hmac.compare_digest(auth[7:].encode(), key.encode()):
-        raise Forbidden("This key may not use the admin endpoints.")
-
-
 def admin(handler: Handler) -> Handler:
     """Wrap an admin handler: key check, and ProxyErrors as OpenAI-shaped responses."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            _check_admin(request)
+            check_admin(request.app[STATE].config.server, request.headers)
             return await handler(request)
         except ProxyError as exc:
             return web.Response(status=exc.status, body=exc.body(), content_type=_JSON)

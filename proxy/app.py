@@ -17,6 +17,7 @@ from proxy.health import Prober
 from proxy.instances import Registry
 from proxy.metrics import Metrics
 from proxy.routing import Planner
+from proxy.secrets import Redactor, config_secrets, set_log_redactor
 from proxy.state import CONFIG, REGISTRY, STATE, ProxyState
 from proxy.store import AuditStore
 from proxy.upstream import Upstream, make_session
@@ -41,7 +42,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for inst in registry.states:
         metrics.set_state(inst.id, inst.state, STATES)
     session = make_session(config.timeouts)  # one pooled session for the app's life
-    upstream = Upstream(session, config.timeouts)
+    redactor = Redactor(config_secrets(config))
+    set_log_redactor(redactor)
+    upstream = Upstream(session, config.timeouts, redactor)
     prober = Prober(registry, upstream, config.health)
     app[STATE] = ProxyState(
         config=config,

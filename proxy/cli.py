@@ -28,6 +28,18 @@ def use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -38,6 +50,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format or config.logging.format, config.logging.level)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    if not config.server.api_keys and not is_loopback(host) and not args.insecure:
+        print(f"serve: refusing to listen on {host} with no server.api_keys: anyone who can "
+              "reach it could use your upstream keys. Configure server.api_keys (and "
+              "server.admin_key), bind to 127.0.0.1, or pass --insecure.", file=sys.stderr)
+        return 1
     use_uvloop()
     app = create_app(config)
     print(f"failover-proxy {__version__} serving on http://{host}:{port}/v1 "
@@ -95,6 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from proxy.health import Prober
     from proxy.instances import Registry
     from proxy.logs import configure_logging
+    from proxy.secrets import Redactor, config_secrets
     from proxy.upstream import Upstream, make_session
 
     config = _load(args.config)
@@ -104,7 +122,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         session = make_session(config.timeouts)
         try:
             registry = Registry(config.instances, config.health)
-            await Prober(registry, Upstream(session, config.timeouts), config.health).probe_all()
+            upstream = Upstream(session, config.timeouts, Redactor(config_secrets(config)))
+            await Prober(registry, upstream, config.health).probe_all()
             return registry
         finally:
             await session.close()
@@ -209,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", "-c", required=True, help="YAML or JSON config file")
     serve.add_argument("--host", help="bind address (default: server.host)")
     serve.add_argument("--port", type=int, help="port (default: server.port)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback address with no client keys")
     serve.add_argument("--log-format", choices=("json", "console"),
                        help="log output (default: logging.format, json)")
     serve.set_defaults(func=cmd_serve)

@@ -37,9 +37,11 @@ class ConfigError(Exception):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    api_keys: tuple[str, ...] = ()
-    admin_key: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_key: str | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Put /metrics behind the admin key.
+    metrics_auth: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +334,7 @@ def _describe(value: Any, secret: bool) -> str:
 def _server(r: _Reader | None) -> ServerConfig:
     if r is None:
         return ServerConfig()
-    r.check_keys({"host", "port", "api_keys", "admin_key", "max_body_bytes"})
+    r.check_keys({"host", "port", "api_keys", "admin_key", "max_body_bytes", "metrics_auth"})
     port = r.integer("port", 8080)
     if port > 65535:
         raise r.error(r.sub("port"), "a port number (0-65535)", port)
@@ -342,6 +344,7 @@ def _server(r: _Reader | None) -> ServerConfig:
         api_keys=tuple(k for k in r.strings("api_keys") if k),
         admin_key=r.string("admin_key") or None,
         max_body_bytes=r.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
+        metrics_auth=r.boolean("metrics_auth", False),
     )
 
 

@@ -14,6 +14,7 @@ import time
 import orjson
 from aiohttp import web
 
+from proxy.auth import check_admin, check_client
 from proxy.config import Config
 from proxy.errors import PayloadTooLarge, ProxyError, RouteBlocked
 from proxy.forwarding import CLIENT_GONE, ClientGone
@@ -95,6 +96,7 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     inflight = recorder.metrics.inflight
     inflight.inc()
     try:
+        check_client(config.server, request.headers)
         raw = await _read_body(request, config.server.max_body_bytes)
         req = parse_request(endpoint, raw, request_id)
         model, stream = req.model, req.stream
@@ -159,7 +161,12 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: `auto`, the model groups and every upstream model, OpenAI list format."""
-    return web.Response(body=request.app[STATE].models_body, content_type=_JSON)
+    state = request.app[STATE]
+    try:
+        check_client(state.config.server, request.headers)
+    except ProxyError as exc:
+        return _error_response(exc, {})
+    return web.Response(body=state.models_body, content_type=_JSON)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -176,8 +183,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format."""
-    body = request.app[STATE].recorder.metrics.render()
+    """GET /metrics: Prometheus text format (behind the admin key if server.metrics_auth)."""
+    state = request.app[STATE]
+    if state.config.server.metrics_auth:
+        try:
+            check_admin(state.config.server, request.headers)
+        except ProxyError as exc:
+            return _error_response(exc, {})
+    body = state.recorder.metrics.render()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

@@ -26,6 +26,7 @@ STREAM_CUT = "STREAM_CUT"
 STREAM_STALLED = "STREAM_STALLED"
 STREAM_MALFORMED = "STREAM_MALFORMED"
 UPSTREAM_ERROR = "UPSTREAM_ERROR"
+UPSTREAM_AUTH = "UPSTREAM_AUTH"
 
 # The names used in `retry.on` of the config, mapped to the reason codes they cover.
 RETRY_KINDS: dict[str, tuple[str, ...]] = {
@@ -34,6 +35,7 @@ RETRY_KINDS: dict[str, tuple[str, ...]] = {
     "process_exited": (PROCESS_EXITED, STREAM_CUT, STREAM_MALFORMED, UPSTREAM_ERROR),
     "fingerprint_mismatch": (FINGERPRINT_MISMATCH,),
     "upstream_5xx": (UPSTREAM_5XX,),
+    "upstream_auth": (UPSTREAM_AUTH,),
     "rate_limited": (RATE_LIMITED,),
     "context_too_long": (CONTEXT_TOO_LONG,),
 }
@@ -85,6 +87,17 @@ class Upstream5xx(UpstreamFailure):
         super().__init__(f"HTTP {status}")
         self.status = status
         self.body = body
+
+
+class UpstreamAuth(UpstreamFailure):
+    """The upstream refused the proxy's credentials (401/403): the instance is misconfigured,
+    not the client's request wrong."""
+
+    code = UPSTREAM_AUTH
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}: the upstream refused the configured credentials")
+        self.status = status
 
 
 class RateLimited(UpstreamFailure):

@@ -351,7 +351,7 @@ class Forwarder:
             except MalformedEvent as exc:
                 raise StreamMalformed(str(exc)) from None
             if chunk.error is not None:
-                raise UpstreamErrorEvent(_error_message(chunk.error))
+                raise UpstreamErrorEvent(self.upstream.redactor.text(_error_message(chunk.error)))
             if pinned is not None and chunk.model is not None:
                 if not models_match(pinned, chunk.model):
                     raise FingerprintMismatch(f"answered as {chunk.model}, pinned {pinned}")
@@ -406,7 +406,7 @@ class Forwarder:
             except MalformedEvent as exc:
                 raise StreamMalformed(str(exc)) from None  # never forwarded
             if chunk.error is not None:
-                raise UpstreamErrorEvent(_error_message(chunk.error))
+                raise UpstreamErrorEvent(self.upstream.redactor.text(_error_message(chunk.error)))
             if splicer is None:
                 delivered.note(chunk.obj, chunk.text, chunk.tool_call, chunk.finish_reason)
                 await sink.write(event)

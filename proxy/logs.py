@@ -8,6 +8,8 @@ import sys
 import orjson
 import structlog
 
+from proxy.secrets import redact_log_event
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
@@ -15,6 +17,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Configure structlog once per process; `fmt` is "json" or "console"."""
     shared: list[structlog.typing.Processor] = [
+        redact_log_event,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

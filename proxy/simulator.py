@@ -103,6 +103,8 @@ class Faults:
     loading: bool = False
     #: Like llama.cpp: a continued assistant message is echoed before the continuation.
     echo_prefill: bool = False
+    #: A careless server: answers 401 (or the `status` fault) quoting the key it was sent.
+    leak_auth: bool = False
     slow_first_byte: float = 0.0
     die_after: int | None = None
     stall_after: int | None = None
@@ -134,13 +136,15 @@ class Faults:
         return (
             self.hang
             or self.loading
+            or self.leak_auth
             or self.slow_first_byte > 0
             or self.status is not None
             or self.rate_limit is not None
         )
 
 
-_FLAGS: Final = frozenset({"refuse", "hang", "loading", "echo_prefill", "no_done", "no_finish"})
+_FLAGS: Final = frozenset({"refuse", "hang", "loading", "echo_prefill", "leak_auth", "no_done",
+                            "no_finish"})
 _COUNTS: Final = frozenset({"die_after", "stall_after", "malformed_after", "error_after", "context"})
 _SECONDS: Final = frozenset({"slow_first_byte", "rate_limit"})
 _KNOWN: Final = sorted(_FLAGS | _COUNTS | _SECONDS | {"status", "model", "times"})
@@ -234,6 +238,8 @@ class SimStats:
 
     #: Model requests (chat, completions, embeddings); `by_path` counts every path.
     requests: int = 0
+    #: Headers of the latest model request (to check what a proxy forwards).
+    last_headers: dict[str, str] = field(default_factory=dict)
     by_path: dict[str, int] = field(default_factory=dict)
     open_connections: int = 0
     inflight: int = 0
@@ -697,12 +703,13 @@ class Simulator:
         build: Callable[[web.BaseRequest, dict[str, Any], Faults, str], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         self.stats.requests += 1  # model requests only: health probes don't count
+        self.stats.last_headers = {str(k): v for k, v in request.headers.items()}
         body = await request.read()
         faults = self._take_faults()
         self.stats.inflight += 1
         try:
             if faults.before_headers:
-                early = await self._early_faults(faults)
+                early = await self._early_faults(faults, request)
                 if early is not None:
                     return early
             try:
@@ -717,9 +724,14 @@ class Simulator:
         finally:
             self.stats.inflight -= 1
 
-    async def _early_faults(self, faults: Faults) -> web.StreamResponse | None:
+    async def _early_faults(self, faults: Faults,
+                            request: web.BaseRequest) -> web.StreamResponse | None:
         if faults.hang:
             await _forever()
+        if faults.leak_auth:
+            sent = request.headers.get("Authorization", "(none)")
+            return _error(faults.status or 401, f"Incorrect API key provided: {sent}",
+                          "invalid_request_error", code="invalid_api_key")
         if faults.loading:
             return _error(503, "Loading model", "unavailable_error")
         if faults.slow_first_byte > 0:

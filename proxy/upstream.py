@@ -17,9 +17,11 @@ from proxy.failures import (
     ContextTooLong,
     RateLimited,
     Upstream5xx,
+    UpstreamAuth,
     map_exceptions,
     parse_retry_after,
 )
+from proxy.secrets import Redactor
 from proxy.sse import EventReader
 
 _PASS_HEADERS = ("retry-after",)
@@ -69,9 +71,11 @@ def instance_headers(inst: InstanceConfig, client_auth: str | None) -> dict[str,
 class Upstream:
     """Opens requests to instances over the shared session, with the configured timeouts."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeouts: TimeoutsConfig) -> None:
+    def __init__(self, session: aiohttp.ClientSession, timeouts: TimeoutsConfig,
+                 redactor: Redactor | None = None) -> None:
         self.session = session
         self.timeouts = timeouts
+        self.redactor = redactor or Redactor()
         self._headers: dict[str, dict[str, str]] = {}
 
     def headers_for(self, inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
@@ -105,6 +109,8 @@ class Upstream:
         if status >= 500:
             raise Upstream5xx(status, await self.read_error_body(resp))
         body_bytes = await self.read_error_body(resp)
+        if status in (401, 403):
+            raise UpstreamAuth(status)
         if status == 400 and _is_context_overflow(body_bytes):
             raise ContextTooLong("prompt exceeds the instance's context window", body_bytes)
         raise PassThrough(status, body_bytes, resp.headers.get("Content-Type", "application/json"),
@@ -119,7 +125,7 @@ class Upstream:
         except Exception:
             data = b""
         resp.release()
-        return data
+        return self.redactor.data(data)  # a server may quote the key it was sent
 
     async def read_body(self, resp: aiohttp.ClientResponse, deadline_s: float) -> bytes:
         """Read a whole response body; a cut or stalled body becomes a failure."""

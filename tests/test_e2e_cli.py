@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,106 +15,12 @@ from pathlib import Path
 
 import openai
 import pytest
-import yaml
 
 from proxy.simtext import answer_text
+from tests.cluster import ROOT, Cluster
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "what happens when the primary dies"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise AssertionError(f"process exited with {proc.returncode}: {out}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
-
-
-class Cluster:
-    """Simulator processes plus a proxy process in front of them, all via `python -m proxy`."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.sims: dict[str, tuple[int, subprocess.Popen[bytes] | None]] = {}
-        self.proxy_port = free_port()
-
-    def start_sim(self, name: str, model: str, *faults: str, listen: bool = True) -> int:
-        port = free_port()
-        proc = None
-        if listen:
-            args = [sys.executable, "-m", "proxy", "simulate", "--port", str(port), "--model", model]
-            for fault in faults:
-                args += ["--fault", fault]
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
-            self.procs.append(proc)
-            wait_listening(port, proc)
-        self.sims[name] = (port, proc)
-        return port
-
-    def kill_sim(self, name: str) -> None:
-        proc = self.sims[name][1]
-        assert proc is not None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=5)
-
-    def start_proxy(self, order: list[tuple[str, str]], **sections: object) -> None:
-        doc: dict[str, object] = {
-            "server": {"host": "127.0.0.1", "port": self.proxy_port},
-            "timeouts": {"connect_s": 1, "first_byte_s": 1.5, "idle_s": 2, "total_s": 30},
-            "retry": {"max_retry_after_s": 2},
-            "store": {"url": f"sqlite:///{self.tmp}/audit.db"},
-            "providers": [{"provider_id": "local", "instances": [
-                {"id": name, "base_url": f"http://127.0.0.1:{self.sims[name][0]}",
-                 "metadata": {"model": model}} for name, model in order]}],
-            **sections,
-        }
-        path = self.tmp / "proxy.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        log = open(self.tmp / "proxy.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.procs.append(proc)
-        wait_listening(self.proxy_port, proc)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}/v1"
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=20)
-
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=20)
-
-    def log(self) -> str:
-        return (self.tmp / "proxy.log").read_text(errors="replace")
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            if proc.stdout:
-                proc.stdout.close()
 
 
 @pytest.fixture

@@ -1,0 +1,86 @@
+"""Keeping secrets secret: every configured key is scrubbed from text that leaves the proxy.
+
+Keys are never put into logs, events or errors on purpose; this is the safety net for
+text that comes from upstreams (a server that quotes the key it was sent in an error) and
+for anything logged by mistake. A structlog processor applies it to every log line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+from proxy.config import Config
+
+MASK = "***"
+#: Shorter values are not treated as secrets (they would mask ordinary words).
+MIN_SECRET_LEN = 6
+
+
+class Redactor:
+    """Replaces known secret values with `***`."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        unique = {s for s in secrets if s and len(s) >= MIN_SECRET_LEN}
+        self.secrets = sorted(unique, key=len, reverse=True)  # longest first
+        self._bytes = [s.encode() for s in self.secrets]
+
+    def text(self, value: str) -> str:
+        for secret in self.secrets:
+            if secret in value:
+                value = value.replace(secret, MASK)
+        return value
+
+    def data(self, value: bytes) -> bytes:
+        for secret in self._bytes:
+            if secret in value:
+                value = value.replace(secret, MASK.encode())
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self.secrets)
+
+
+def config_secrets(config: Config) -> list[str]:
+    """Every secret value in a config: client, admin and upstream keys, header values."""
+    out = list(config.server.api_keys)
+    if config.server.admin_key:
+        out.append(config.server.admin_key)
+    for inst in config.instances:
+        if inst.api_key:
+            out.append(inst.api_key)
+        out.extend(value for _, value in inst.headers)
+    return out
+
+
+_log_redactor = Redactor()
+
+
+def set_log_redactor(redactor: Redactor) -> None:
+    """Use `redactor` for log lines from now on (set when a config is loaded)."""
+    global _log_redactor
+    _log_redactor = redactor
+
+
+def redact_log_event(logger: Any, method: str,
+                     event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: scrub secrets from every string field."""
+    redactor = _log_redactor
+    if not redactor:
+        return event
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redactor.text(value)
+        elif isinstance(value, (list, tuple, dict)):
+            event[key] = _scrub(value, redactor)
+    return event
+
+
+def _scrub(value: Any, redactor: Redactor) -> Any:
+    if isinstance(value, str):
+        return redactor.text(value)
+    if isinstance(value, dict):
+        return {k: _scrub(v, redactor) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v, redactor) for v in value]
+    return value
