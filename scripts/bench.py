@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import select
 import signal
 import statistics
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -41,10 +43,12 @@ from bench_lib.procs import (
     LOCALHOST,
     ROOT,
     Child,
+    PortHolder,
     StartError,
     Supervisor,
     free_port,
     http_get,
+    machine_busy_seconds,
     raise_nofile,
 )
 from bench_lib.table import DELTA, RATIO, Row, not_available, render
@@ -142,11 +146,12 @@ def ms(x: float | None) -> float | None:
     return None if x is None else x * 1000.0
 
 
-def post_json(url: str, doc: dict[str, Any], timeout: float = 10.0) -> tuple[int, dict[str, str]]:
+def post_json(url: str, doc: dict[str, Any], timeout: float = 10.0,
+              headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
     req = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             resp.read()
             return resp.status, dict(resp.headers)
     except urllib.error.HTTPError as exc:
@@ -166,9 +171,11 @@ def instance(inst_id: str, port: int, model: str) -> dict[str, Any]:
 
 
 def proxy_config(instances: list[dict[str, Any]], groups: dict[str, list[str]],
-                 health: dict[str, Any], timeouts: dict[str, Any]) -> str:
+                 health: dict[str, Any], timeouts: dict[str, Any], audit_db: Path) -> str:
     return json.dumps({
         "server": {"host": LOCALHOST},
+        # The proxy's default audit store, in the work folder instead of ./data.
+        "store": {"url": f"sqlite:///{audit_db}"},
         # Per-request log lines are at info level: keep them off during load.
         "logging": {"format": "json", "level": "warning"},
         "health": health,
@@ -192,6 +199,8 @@ class Bench:
         self.notes: list[str] = []
         self.raw: dict[str, Any] = {}
         self.durations: dict[str, float] = {}
+        self.foreign: dict[str, float] = {}  # % of the machine used by others, per section
+        self.keep_logs = False
         self.wrk = ""
         self.facts: dict[str, Any] = {}
 
@@ -206,11 +215,20 @@ class Bench:
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
+        """Time a section, and how much of the machine other processes used meanwhile."""
         t0 = time.monotonic()
+        busy0, ours0 = machine_busy_seconds(), self.sup.cpu_seconds()
         try:
             yield
         finally:
-            self.durations[name] = round(time.monotonic() - t0, 1)
+            elapsed = time.monotonic() - t0
+            foreign = (machine_busy_seconds() - busy0) - (self.sup.cpu_seconds() - ours0)
+            share = max(0.0, foreign) / (elapsed * (os.cpu_count() or 1)) if elapsed > 0 else 0.0
+            self.durations[name] = round(elapsed, 1)
+            self.foreign[name] = round(share * 100, 1)
+            if share > 0.10:
+                self.note(f"other processes used {share * 100:.0f}% of the machine's CPU during "
+                          f"section {name}: its figures are lower than on an idle machine")
 
     def client(self, mode: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Run the load client in its own process; its JSON answer."""
@@ -228,20 +246,29 @@ class Bench:
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         return result
 
-    def wrk_run(self, label: str, url: str, script: Path, conns: int) -> WrkResult:
-        """A warm-up run, then the measured one; wrk's complaints become notes."""
+    def wrk_run(self, label: str, url: str, script: Path, conns: int,
+                watch: Child | None = None) -> WrkResult:
+        """A warm-up run, then the measured one; wrk's complaints become notes.
+
+        With `watch`, the CPU time that process used during the measured run is recorded
+        in `res.cpu_s`.
+        """
         run_wrk(self.sup, self.wrk, url, script, conns, self.s.warm_s)
         self.log(f"  wrk {label} -c{conns} {self.s.wrk_s}s")
+        cpu0 = watch.cpu_seconds() if watch is not None else 0.0
         res = run_wrk(self.sup, self.wrk, url, script, conns, self.s.wrk_s)
+        if watch is not None:
+            res.cpu_s = watch.cpu_seconds() - cpu0
         self.raw.setdefault("wrk", {})[f"{label}@c{conns}"] = res.as_dict()
         problems = res.problems()
         if problems:
             self.note(f"wrk {label} -c{conns}: {problems}")
         return res
 
-    def script_for(self, model: str) -> Path:
+    def script_for(self, model: str, headers: dict[str, str] | None = None,
+                   name: str = "") -> Path:
         doc = json.dumps(chat_body(model), separators=(",", ":")).encode()
-        return write_post_script(self.workdir / f"post-{model}.lua", doc)
+        return write_post_script(self.workdir / f"post-{name or model}.lua", doc, headers)
 
     def wait_ready(self, children: list[Child], path: str, timeout: float = 30.0) -> None:
         self.sup.wait_ready(children, path, timeout)
@@ -288,7 +315,12 @@ class Bench:
                              text=True, check=False).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "proxy"], cwd=ROOT,
                                capture_output=True, text=True, check=False).stdout.strip()
+        busy0, t0 = machine_busy_seconds(), time.monotonic()
+        time.sleep(1.0)
+        idle_busy = (machine_busy_seconds() - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
         self.facts = {
+            "busy_before_pct": round(idle_busy * 100, 1),
+            "loadavg_before": os.getloadavg()[0],
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "mode": self.mode,
             "cpus": os.cpu_count(),
@@ -310,6 +342,9 @@ class Bench:
             f"machine: {f['cpus']} CPUs ({f['cpu_model']}), Linux {f['kernel']}, "
             f"Python {f['python']}, aiohttp {v['aiohttp']}, uvloop {v['uvloop']}, {f['wrk']}",
             f"code: {f['git']} ({f['proxy_tree']})",
+            f"machine busy before start: {f['busy_before_pct']:g}% of all CPUs "
+            f"(load average {f['loadavg_before']:.2f}); other processes' share per section "
+            "is listed at the end",
             f"load: wrk {self.s.wrk_s}s per run after {self.s.warm_s}s warm-up; all processes on "
             "these CPUs (load generator, proxy and simulators compete for them)",
         ])
@@ -329,7 +364,8 @@ class Bench:
              instance("stream", stream.port, STREAM_MODEL)],
             {"main": ["bench:primary", "bench:secondary"], "stream": ["bench:stream"]},
             health={"interval_s": 5, "timeout_s": 1},
-            timeouts={"connect_s": 1, "first_byte_s": 10, "idle_s": 10})
+            timeouts={"connect_s": 1, "first_byte_s": 10, "idle_s": 10},
+            audit_db=self.workdir / "audit-main.db")
         proxy = sup.proxy("proxy-main", cfg, tags=["main"])
         self.wait_ready([proxy], "/readyz")
 
@@ -353,8 +389,10 @@ class Bench:
         direct_script, proxy_script = self.script_for(MODEL), self.script_for("main")
         results: dict[tuple[str, int], WrkResult] = {}
         for conns in (1, 64):
-            results["direct", conns] = self.wrk_run("direct", direct_url, direct_script, conns)
-            results["proxied", conns] = self.wrk_run("proxied", proxy_url, proxy_script, conns)
+            results["direct", conns] = self.wrk_run("direct", direct_url, direct_script, conns,
+                                                    watch=sim)
+            results["proxied", conns] = self.wrk_run("proxied", proxy_url, proxy_script, conns,
+                                                     watch=proxy)
         d1, p1 = results["direct", 1], results["proxied", 1]
         d64, p64 = results["direct", 64], results["proxied", 64]
         self.wrk_rows("nonstream", "", d1, p1, 1, p50_note="delta = added latency p50 @1 client")
@@ -362,6 +400,14 @@ class Bench:
         for row in self.rows[-3:]:
             if row.metric.startswith("requests/s"):
                 row.note = (row.note + "; " if row.note else "") + "ratio = proxied/direct"
+        # CPU per request: direct = the simulator's, proxied = the proxy's own (not the
+        # simulator behind it). Shows whether the proxy process is the bottleneck.
+        for conns, d, p in ((1, d1, p1), (64, d64, p64)):
+            if d.requests and p.requests:
+                busy = p.cpu_s / p.duration_s * 100
+                self.row("nonstream", f"CPU per request, {conns} conn" + ("s" if conns > 1 else ""),
+                         d.cpu_s / d.requests * 1e6, p.cpu_s / p.requests * 1e6, "us", RATIO,
+                         f"simulator vs proxy process; proxy busy {busy:.0f}% of a core")
         return {1: d1, 64: d64}
 
     def bench_stream(self, sim: Child, proxy: Child) -> None:
@@ -432,12 +478,21 @@ class Bench:
             f"primary SIGKILLed, {state} after {discovered:.1f}s"
 
     def failover_group(self) -> None:
-        sup, s = self.sup, self.s
+        sup = self.sup
         sec = sup.simulator("sim-f-secondary", MODEL, tags=["failover"])
         p503 = sup.simulator("sim-f-503", MODEL, faults=["status=503"], tags=["failover"])
         phang = sup.simulator("sim-f-hang", MODEL, faults=["hang"], tags=["failover"])
         self.wait_ready([sec, p503, phang], "/v1/models")
-        dead_port = free_port()  # nothing ever listens here
+        dead = PortHolder()  # refuses connections; nobody else can take it meanwhile
+        try:
+            self.failover_cases(sec, p503, phang, dead.port)
+        finally:
+            dead.close()
+        self.scan_logs([sec, p503, phang])
+        sup.stop_tagged("failover")
+
+    def failover_cases(self, sec: Child, p503: Child, phang: Child, dead_port: int) -> None:
+        sup, s = self.sup, self.s
         assert sec.port and p503.port and phang.port
         cfg = proxy_config(
             [instance("secondary", sec.port, MODEL), instance("dead", dead_port, MODEL),
@@ -447,7 +502,8 @@ class Bench:
             # No probes: only the requests themselves discover (and re-discover) failures.
             # A long cooldown keeps a known-dead instance's circuit open between rounds.
             health={"enabled": False, "cooldown_s": 60, "max_cooldown_s": 60},
-            timeouts={"connect_s": 1, "first_byte_s": HANG_FIRST_BYTE_S, "idle_s": 10})
+            timeouts={"connect_s": 1, "first_byte_s": HANG_FIRST_BYTE_S, "idle_s": 10},
+            audit_db=self.workdir / "audit-failover.db")
         proxy = sup.proxy("proxy-failover", cfg, tags=["failover"])
         self.wait_ready([proxy], "/healthz")
         base = f"http://{LOCALHOST}:{proxy.port}"
@@ -484,8 +540,7 @@ class Bench:
             if case.expect:
                 note += f"; expect {case.expect}"
             self.row("failover", case.metric, healthy, ms(pct(lat, 50)), "ms", DELTA, note)
-        self.scan_logs([sec, p503, phang, proxy])
-        sup.stop_tagged("failover")
+        self.scan_logs([proxy])
 
     def memory_group(self) -> None:
         sup, s = self.sup, self.s
@@ -498,13 +553,16 @@ class Bench:
         assert slow.port
         cfg = proxy_config([instance("slow", slow.port, SLOW_MODEL)], {"slow": ["bench:slow"]},
                            health={"interval_s": 5, "timeout_s": 1},
-                           timeouts={"connect_s": 1, "first_byte_s": 30, "idle_s": 30})
+                           timeouts={"connect_s": 1, "first_byte_s": 30, "idle_s": 30},
+                           audit_db=self.workdir / "audit-memory.db")
         proxy = sup.proxy("proxy-memory", cfg, tags=["memory"])
         self.wait_ready([proxy], "/readyz")
         url = f"http://{LOCALHOST}:{proxy.port}{CHAT}"
         # Warm up the code paths (short answers via max_tokens), then let it settle.
-        self.client("ttft", {"url": url, "model": "slow", "n": 10, "warmup": 0, "max_tokens": 3},
-                    timeout=60)
+        warm = self.client("burst", {"url": url, "model": "slow", "n": 20, "max_tokens": 2},
+                           timeout=60)
+        if set(warm["status"]) != {"200"}:
+            self.note(f"memory: warm-up answers {warm['status']}")
         time.sleep(1.0)
         idle = self.rss_mib(proxy)
         hold = sup.spawn("client-hold", [sys.executable, CLIENT, "hold",
@@ -513,7 +571,7 @@ class Bench:
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, tags=["memory"])
         assert hold.proc.stdout is not None and hold.proc.stdin is not None
         ready = json.loads(self.read_line(hold, 90))
-        sim_state = json.loads(http_get(f"http://{LOCALHOST}:{slow.port}/_sim/state")[1])
+        sim_state = self.sim_state(slow)
         loaded = self.rss_mib(proxy)
         hold.proc.stdin.write(b"close\n")
         hold.proc.stdin.flush()
@@ -523,8 +581,7 @@ class Bench:
         after = self.rss_mib(proxy)
         self.raw["memory"] = {"idle_mib": idle, "open_mib": loaded, "after_mib": after,
                               "client": ready, "closed": closed,
-                              "sim_inflight": sim_state.get("stats", sim_state).get("inflight")
-                              if isinstance(sim_state, dict) else None}
+                              "sim_inflight": sim_state.get("stats", {}).get("inflight")}
         if ready["ready"] != s.streams:
             self.note(f"memory: only {ready['ready']}/{s.streams} streams got a first chunk "
                       f"(failed: {ready['failed']})")
@@ -540,6 +597,19 @@ class Bench:
                  base=idle)
         self.scan_logs([slow, proxy])
         sup.stop_tagged("memory")
+
+    def sim_state(self, sim: Child) -> dict[str, Any]:
+        """A simulator's /_sim/state, or {} (with a note) when it cannot be read."""
+        try:
+            status, body = http_get(f"http://{LOCALHOST}:{sim.port}/_sim/state", 5.0)
+            state = json.loads(body)
+        except (OSError, ValueError) as exc:
+            self.note(f"{sim.name}: /_sim/state unreadable ({exc})")
+            return {}
+        if status != 200 or not isinstance(state, dict):
+            self.note(f"{sim.name}: /_sim/state answered HTTP {status}")
+            return {}
+        return state
 
     @staticmethod
     def rss_mib(child: Child, samples: int = 5) -> float:
@@ -607,9 +677,11 @@ class Bench:
         port = free_port()
         cfg = self.workdir / "litellm.yaml"
         cfg.write_text(peers.litellm_config(MODEL, MODEL, f"http://{LOCALHOST}:{sim.port}/v1"))
+        key = "sk-bench-" + secrets.token_hex(16)
+        auth = {"Authorization": f"Bearer {key}"}
         child = self.sup.spawn("litellm", [str(exe), "--config", str(cfg), "--host", LOCALHOST,
                                            "--port", str(port), "--num_workers", "1"],
-                               port=port, env=peers.litellm_env(), tags=["peer"])
+                               port=port, env=peers.litellm_env(key), tags=["peer"])
         try:
             self.wait_ready([child], "/health/liveliness", timeout=180)
         except StartError as exc:
@@ -617,11 +689,11 @@ class Bench:
             self.rows.append(not_available("peers", "litellm", "did not start (see notes)"))
             self.sup.stop([child])
             return
-        status, headers = post_json(f"http://{LOCALHOST}:{port}{CHAT}", chat_body(MODEL), 30)
+        status, _ = post_json(f"http://{LOCALHOST}:{port}{CHAT}", chat_body(MODEL), 30, auth)
         if status != 200:
             self.note(f"peers: LiteLLM answered HTTP {status} to a test request; see {child.log_path}")
         url = f"http://{LOCALHOST}:{port}{CHAT}"
-        script = self.script_for(MODEL)
+        script = self.script_for(MODEL, auth, name="litellm")
         version = peers.litellm_version()
         res = {c: self.wrk_run("litellm", url, script, c) for c in (1, 64)}
         self.wrk_rows("peers", f"litellm {version}: ", direct[1], res[1], 1, which=("rps", "p50"))
@@ -638,6 +710,7 @@ class Bench:
             errors = [ln for ln in text.splitlines()
                       if "Traceback" in ln or '"level":"error"' in ln or '"level": "error"' in ln]
             if errors:
+                self.keep_logs = True  # the note points into the work folder
                 self.note(f"{child.name} logged {len(errors)} error line(s), e.g.: "
                           f"{errors[0][:160]} (log: {child.log_path})")
 
@@ -666,7 +739,9 @@ class Bench:
         if self.notes:
             lines += ["", "notes:"] + [f"  - {n}" for n in self.notes]
         took = ", ".join(f"{k} {v:g}s" for k, v in self.durations.items())
-        lines += ["", f"took {total_s:.0f}s ({took})"]
+        others = ", ".join(f"{k} {v:g}%" for k, v in self.foreign.items())
+        lines += ["", f"took {total_s:.0f}s ({took})",
+                  f"CPU used by other processes (share of the machine): {others}"]
         return "\n".join(lines)
 
     def as_json(self, total_s: float) -> dict[str, Any]:
@@ -678,6 +753,7 @@ class Bench:
             "rows": [r.as_dict() for r in sorted(self.rows, key=lambda r: order.index(r.section))],
             "notes": self.notes,
             "durations_s": self.durations | {"total": round(total_s, 1)},
+            "foreign_cpu_pct": self.foreign,
             "raw": self.raw,
         }
 
@@ -692,8 +768,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     peer = os.environ.get("BENCH_PEERS", "").strip() or None
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
+    # Also when started with SIGINT ignored (a background job of a script): Ctrl-C, kill
+    # and a closed terminal all end in the same teardown.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="failover-bench-"))
     bench = Bench(QUICK if args.quick else FULL, "quick" if args.quick else "full", workdir)
@@ -704,12 +782,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping every child process", file=sys.stderr)
         code = 130
-    except (StartError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+    except Exception as exc:  # noqa: BLE001 - report what was measured, then fail
+        traceback.print_exc()
         print(f"bench: failed: {exc}", file=sys.stderr)
         bench.note(f"run aborted: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         code = 1
         args.keep_logs = True
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
         bench.sup.stop_all()
         left = bench.sup.leftovers()
         if left:
@@ -720,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(bench.as_json(total), indent=2) + "\n")
             print(f"bench: wrote {args.json}", file=sys.stderr)
-    if args.keep_logs:
+    if args.keep_logs or bench.keep_logs:
         print(f"bench: logs kept in {workdir}", file=sys.stderr)
     else:
         _rmtree(workdir)

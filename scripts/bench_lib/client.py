@@ -5,6 +5,7 @@
 Modes (each prints one JSON object on stdout, except `hold`, which prints two lines):
 
 ttft     sequential streaming requests: time to the first content chunk, and total time
+burst    N concurrent streaming requests, all at once (a warm-up)
 rate     C concurrent streaming workers for D seconds: content chunks per second
 latency  sequential non-streaming requests over several cases, interleaved, each case
          optionally preceded by an untimed admin POST (e.g. re-enable an instance)
@@ -98,6 +99,19 @@ async def mode_ttft(args: dict[str, Any]) -> dict[str, Any]:
                 instances[r["instance"]] = instances.get(r["instance"], 0) + 1
     return {"ttft_s": ttfts, "total_s": totals, "chunks": chunks, "errors": errors,
             "instances": instances}
+
+
+async def mode_burst(args: dict[str, Any]) -> dict[str, Any]:
+    """`n` concurrent streaming requests (a warm-up); their statuses."""
+    payload = body(args["model"], True, args.get("max_tokens"))
+    async with session(limit=0) as sess:
+        results = await asyncio.gather(*(one_stream(sess, args["url"], payload)
+                                         for _ in range(args["n"])), return_exceptions=True)
+    status: dict[str, int] = {}
+    for r in results:
+        key = type(r).__name__ if isinstance(r, BaseException) else str(r["status"])
+        status[key] = status.get(key, 0) + 1
+    return {"status": status}
 
 
 async def mode_rate(args: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +245,7 @@ async def mode_hold(args: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-MODES = {"ttft": mode_ttft, "rate": mode_rate, "latency": mode_latency}
+MODES = {"ttft": mode_ttft, "rate": mode_rate, "latency": mode_latency, "burst": mode_burst}
 
 
 def main() -> int:

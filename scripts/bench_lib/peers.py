@@ -71,9 +71,11 @@ def litellm_config(model_name: str, upstream_model: str, api_base: str) -> str:
     )
 
 
-def litellm_env() -> dict[str, str]:
+def litellm_env(master_key: str) -> dict[str, str]:
+    """LiteLLM refuses to start without a master key: a random one, per run."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env.update({
+        "LITELLM_MASTER_KEY": master_key,
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download of the cost map at start
         "LITELLM_LOG": "ERROR",
         "LITELLM_TELEMETRY": "False",

@@ -52,30 +52,83 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection((LOCALHOST, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+def listening_ports(pids: Sequence[int]) -> set[int]:
+    """TCP ports these processes are listening on (their socket inodes in /proc/net/tcp*).
+
+    Children bind port 0 and we read the port the kernel gave them: no window in which
+    another program on this (shared) machine could take a port we picked for a child.
+    """
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every process in process group `pgid` (a child and what it started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # after the name: state, ppid, pgrp
+            pids.append(int(entry))
+    return pids
+
+
+class PortHolder:
+    """A port that refuses connections and that no other program can take meanwhile:
+    bound, never listening (a SYN to it is answered with a reset)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((LOCALHOST, 0))
+        self.port = int(self.sock.getsockname()[1])
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 
 
-def http_post(url: str, body: bytes = b"{}", timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback only)
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+def machine_busy_seconds() -> float:
+    """CPU seconds processes on all CPUs have used since boot (/proc/stat)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    # user + nice + system: time that processes used. Interrupt and softirq time (much
+    # of loopback networking) and steal are attributed to no process, so they are left out.
+    return sum(fields[:3]) / os.sysconf("SC_CLK_TCK")
 
 
 class StartError(RuntimeError):
@@ -103,6 +156,13 @@ class Child:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far (/proc/PID/stat)."""
+        with open(f"/proc/{self.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        # After the command name: state is field 3, utime field 14, stime field 15.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_kib(self) -> int:
         """VmRSS of the process, from /proc/PID/status."""
         with open(f"/proc/{self.pid}/status") as fh:
@@ -128,14 +188,16 @@ class Supervisor:
               stdin: int | None = subprocess.DEVNULL, stdout: int | None = None,
               tags: Sequence[str] = ()) -> Child:
         log_path = self.workdir / f"{name}.log" if log else None
-        out = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL
         try:
+            # cwd: the work folder, so whatever a child writes to a relative path (the
+            # proxy's default audit database, ./data/audit.db) stays out of the project.
             proc = subprocess.Popen(
-                list(cmd), cwd=ROOT, stdin=stdin,
+                list(cmd), cwd=self.workdir, stdin=stdin,
                 stdout=stdout if stdout is not None else out,
                 stderr=out, env=env, start_new_session=True, preexec_fn=_child_setup)
         finally:
-            if log_path is not None:
+            if not isinstance(out, int):
                 out.close()  # the child has its own copy
         child = Child(name, proc, log_path, port, set(tags))
         self.children.append(child)
@@ -143,22 +205,25 @@ class Supervisor:
 
     def simulator(self, name: str, model: str, *, words: int = 20, chunk_delay: float = 0.0,
                   faults: Sequence[str] = (), tags: Sequence[str] = ()) -> Child:
-        port = free_port()
-        cmd = [self.python, "-m", "proxy", "simulate", "--port", str(port), "--model", model,
+        """A simulator on a port of the kernel's choosing (known once `wait_ready` returns)."""
+        cmd = [self.python, "-m", "proxy", "simulate", "--port", "0", "--model", model,
                "--words", str(words), "--chunk-delay", str(chunk_delay)]
         for fault in faults:
             cmd += ["--fault", fault]
-        return self.spawn(name, cmd, port=port, tags=tags)
+        return self.spawn(name, cmd, tags=tags)
 
     def proxy(self, name: str, config_text: str, tags: Sequence[str] = ()) -> Child:
-        port = free_port()
+        """A proxy on a port of the kernel's choosing (known once `wait_ready` returns)."""
         cfg = self.workdir / f"{name}.json"
         cfg.write_text(config_text)
-        cmd = [self.python, "-m", "proxy", "serve", "--config", str(cfg), "--port", str(port)]
-        return self.spawn(name, cmd, port=port, tags=tags)
+        cmd = [self.python, "-m", "proxy", "serve", "--config", str(cfg), "--port", "0"]
+        return self.spawn(name, cmd, tags=tags)
 
     def wait_ready(self, children: Sequence[Child], path: str, timeout: float = 30.0) -> None:
-        """Wait until every child answers GET `path` with 200 on its port."""
+        """Wait until every child answers GET `path` with 200 on a port it listens on.
+
+        A child without a port gets the one of its listening ports that answers so.
+        """
         deadline = time.monotonic() + timeout
         pending = list(children)
         while pending:
@@ -166,14 +231,18 @@ class Supervisor:
                 if not child.alive():
                     raise StartError(f"{child.name} exited with code {child.proc.returncode}:\n"
                                      + child.log_tail())
-                assert child.port is not None
-                if listening(child.port):
+                own = listening_ports(group_pids(child.pid))
+                candidates = sorted(own) if child.port is None else \
+                    [child.port] if child.port in own else []
+                for port in candidates:
                     try:
-                        status, _ = http_get(f"http://{LOCALHOST}:{child.port}{path}", 1.0)
+                        status, _ = http_get(f"http://{LOCALHOST}:{port}{path}", 1.0)
                     except OSError:
                         status = 0
                     if status == 200:
+                        child.port = port
                         pending.remove(child)
+                        break
             if not pending:
                 return
             if time.monotonic() > deadline:
@@ -183,6 +252,18 @@ class Supervisor:
             time.sleep(0.05)
 
     # ------------------------------------------------------------------ stop
+
+    def cpu_seconds(self) -> float:
+        """CPU used by the benchmark and all its children, live or reaped, so far."""
+        t = os.times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in self.children:
+            if child.alive():
+                try:
+                    total += child.cpu_seconds()
+                except (OSError, IndexError, ValueError):
+                    pass
+        return total
 
     def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
         """Kill one child's process group at once (a crash, from its peers' point of view)."""

@@ -39,9 +39,10 @@ def wrk_version(path: str) -> str:
     return first[0].split(" [")[0] if first else "wrk (unknown version)"
 
 
-def write_post_script(path: Path, body: bytes) -> Path:
+def write_post_script(path: Path, body: bytes, headers: dict[str, str] | None = None) -> Path:
     """A wrk Lua script sending `body` as a JSON POST on every request."""
     text = body.decode()
+    extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
     level = 0
     while f"]{'=' * level}]" in text:
         level += 1
@@ -49,7 +50,8 @@ def write_post_script(path: Path, body: bytes) -> Path:
     path.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = [{eq}[{text}]{eq}]\n"
+        + extra
+        + f"wrk.body = [{eq}[{text}]{eq}]\n"
     )
     return path
 
@@ -70,6 +72,8 @@ class WrkResult:
     socket_errors: dict[str, int] = field(default_factory=dict)
     returncode: int = 0
     stderr: str = ""
+    #: CPU seconds a watched process (the server under test) used during the run.
+    cpu_s: float = 0.0
     raw: str = ""
 
     @property
@@ -143,7 +147,7 @@ def parse_wrk(text: str, result: WrkResult) -> WrkResult:
 
 
 def run_wrk(sup: Supervisor, wrk: str, url: str, script: Path, connections: int,
-            duration_s: int, threads: int = 1, timeout_s: float = 2.0) -> WrkResult:
+            duration_s: int, threads: int = 1, timeout_s: float = 10.0) -> WrkResult:
     """One wrk run against `url`; wrk is a child of `sup`, so Ctrl-C stops it too."""
     import subprocess as sp
 
