@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -11,12 +12,13 @@ from aiohttp import web
 
 from proxy.audit import EVENT_TYPES
 from proxy.auth import check_admin
+from proxy.endpoints import read_body
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.health import reset_fingerprint
 from proxy.inbound import CHAT, parse_request
 from proxy.instances import DRAINED, MISMATCH, UNKNOWN, InstanceState
 from proxy.routing import new_id
-from proxy.state import STATE
+from proxy.state import RELOAD, STATE
 from proxy.store import EventQuery
 
 _JSON = "application/json"
@@ -41,7 +43,8 @@ def admin(handler: Handler) -> Handler:
 async def route_dry_run(request: web.Request) -> web.Response:
     """POST /admin/route: the plan the proxy would make for this body; nothing is sent."""
     state = request.app[STATE]
-    req = parse_request(CHAT, await request.read(), new_id())
+    raw = await read_body(request, state.config.server.max_body_bytes)
+    req = parse_request(CHAT, raw, new_id())
     plan = state.planner.plan(req, request.headers)
     return web.Response(body=orjson.dumps(plan.as_dict()), content_type=_JSON)
 
@@ -132,16 +135,19 @@ def parse_event_query(params: Mapping[str, str]) -> EventQuery:
                       instance=params.get("instance") or None, since=since, limit=limit)
 
 
+_AGE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd])")
+_NUMBER = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 def parse_since(text: str) -> float | None:
     """Unix seconds from `1732780000`, `2026-11-28T05:00:00Z` or an age like `15m`."""
     text = text.strip()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-        return time.time() - float(text[:-1]) * units[text[-1]]
-    try:
+    age = _AGE.fullmatch(text)
+    if age is not None:
+        return time.time() - float(age.group(1)) * _UNITS[age.group(2)]
+    if _NUMBER.fullmatch(text):
         return float(text)
-    except ValueError:
-        pass
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -151,7 +157,18 @@ def parse_since(text: str) -> float | None:
     return parsed.timestamp()
 
 
+@admin
+async def reload(request: web.Request) -> web.Response:
+    """POST /admin/reload: re-read the config file; 200 when switched, 400 when rejected."""
+    ok, message = await request.app[RELOAD](request.app)
+    if not ok:
+        raise BadRequest(f"The new config was rejected; the running one stays. {message}",
+                         code="invalid_config")
+    return _json_response({"status": "reloaded", "message": message})
+
+
 def add_admin_routes(app: web.Application) -> None:
+    app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/events", list_events)
     app.router.add_post("/admin/route", route_dry_run)
     app.router.add_get("/admin/instances", list_instances)

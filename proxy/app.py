@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import structlog
 from aiohttp import web
 
 from proxy.admin import add_admin_routes
 from proxy.audit import STATES, Recorder
-from proxy.config import Config
+from proxy.config import Config, ConfigError, load_config
 from proxy.endpoints import add_routes, models_body
 from proxy.errors import error_body
 from proxy.forwarding import Forwarder
@@ -18,17 +20,45 @@ from proxy.instances import Registry
 from proxy.metrics import Metrics
 from proxy.routing import Planner
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
-from proxy.state import CONFIG, REGISTRY, STATE, ProxyState
+from proxy.state import CONFIG, REGISTRY, RELOAD, STATE, ProxyState
 from proxy.store import AuditStore
 from proxy.upstream import Upstream, make_session
 
 log = structlog.get_logger("proxy.app")
 
 
+def _assemble(config: Config, registry: Registry, recorder: Recorder,
+              session: aiohttp.ClientSession) -> ProxyState:
+    """Everything that depends on the config, around the long-lived session and recorder."""
+    redactor = Redactor(config_secrets(config))
+    upstream = Upstream(session, config.timeouts, redactor)
+    registry.listeners.append(recorder.state_changed)
+    for inst in registry.states:
+        recorder.metrics.set_state(inst.id, inst.state, STATES)
+    return ProxyState(
+        config=config,
+        registry=registry,
+        planner=Planner(config, registry),
+        forwarder=Forwarder(config, registry, upstream, recorder),
+        prober=Prober(registry, upstream, config.health),
+        recorder=recorder,
+        session=session,
+        redactor=redactor,
+        models_body=models_body(config),
+    )
+
+
+async def _start_probing(state: ProxyState) -> None:
+    if state.config.health.enabled:
+        # One round before the state is used, so the first plans know who is up. Bounded
+        # by health.timeout_s; the loops then keep it fresh in the background.
+        await state.prober.probe_all()
+        state.prober.start()
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Start-up and shutdown: audit store, upstream session, prober, in that order."""
     config = app[CONFIG]
-    registry = app[REGISTRY]
     metrics = Metrics()
     store = None
     if config.store.enabled:
@@ -38,36 +68,58 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                            on_drop=lambda n: metrics.events_dropped.inc(n))
         await store.start()
     recorder = Recorder(metrics, store)
-    registry.listeners.append(recorder.state_changed)
-    for inst in registry.states:
-        metrics.set_state(inst.id, inst.state, STATES)
     session = make_session(config.timeouts)  # one pooled session for the app's life
-    redactor = Redactor(config_secrets(config))
-    set_log_redactor(redactor)
-    upstream = Upstream(session, config.timeouts, redactor)
-    prober = Prober(registry, upstream, config.health)
-    app[STATE] = ProxyState(
-        config=config,
-        registry=registry,
-        planner=Planner(config, registry),
-        forwarder=Forwarder(config, registry, upstream, recorder),
-        prober=prober,
-        recorder=recorder,
-        models_body=models_body(config),
-    )
-    if config.health.enabled:
-        # One round before accepting traffic, so the first plans know who is up. Bounded
-        # by health.timeout_s; the loops then keep it fresh in the background.
-        await prober.probe_all()
-        prober.start()
-    log.info("proxy_started", instances=[s.id for s in registry.states],
+    state = _assemble(config, app[REGISTRY], recorder, session)
+    set_log_redactor(state.redactor)
+    app[STATE] = state
+    await _start_probing(state)
+    log.info("proxy_started", instances=[s.id for s in state.registry.states],
              config=config.source, audit=config.store.url if store else "off")
     yield
-    await prober.stop()
+    state = app[STATE]  # the latest, after any reloads
+    await state.prober.stop()
     await session.close()
     if store is not None:
         await store.close()  # flushes what is queued
-    registry.listeners.remove(recorder.state_changed)
+
+
+async def reload_config(app: web.Application, path: str | None = None) -> tuple[bool, str]:
+    """Load the config file again and switch to it for new requests.
+
+    In-flight requests finish on the state they started with. Instances that kept their
+    id, address and model keep their health, circuit, fingerprint and latency figures.
+    An invalid file is rejected and the running config stays. Returns (ok, message).
+    """
+    state = app[STATE]
+    source = path or state.config.source
+    try:
+        config = load_config(source)
+    except ConfigError as exc:
+        log.error("reload_rejected", error=str(exc))
+        return False, str(exc)
+    notes = []
+    old = state.config
+    if (config.server.host, config.server.port) != (old.server.host, old.server.port):
+        notes.append("server.host/port take effect at the next restart")
+    if config.store != old.store:
+        notes.append("store settings take effect at the next restart")
+    registry = Registry(config.instances, config.health)
+    registry.adopt(state.registry)
+    fresh = _assemble(config, registry, state.recorder, state.session)
+    fresh.planner.sessions = state.planner.sessions
+    fresh.planner.sessions.ttl_s = config.routing.sticky_ttl_s
+    await state.prober.stop()
+    await _start_probing(fresh)
+    # The switch: one synchronous step, so a request sees the old state or the new one.
+    state.registry.listeners.remove(state.recorder.state_changed)
+    set_log_redactor(fresh.redactor)
+    app[STATE].replace_with(fresh)
+    message = f"reloaded {source}: {len(config.instances)} instances"
+    if notes:
+        message += "; " + "; ".join(notes)
+    log.warning("config_reloaded", source=source, instances=len(config.instances),
+                notes=notes)
+    return True, message
 
 
 _STATUS_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
@@ -90,19 +142,26 @@ async def openai_errors(request: web.Request,
             body=error_body(message, _STATUS_TYPES.get(exc.status, "invalid_request_error")),
             content_type="application/json",
         )
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        # A bug of ours: log it, and still answer in OpenAI's shape.
+        log.exception("unhandled_error", path=request.path)
+        return web.Response(status=500, content_type="application/json", body=error_body(
+            "The proxy hit an internal error; it has been logged.", "server_error"))
 
 
-#: How the proxy's server must run (`serve` and the tests use it): no access log (the
-#: proxy logs one line per request itself), and a handler is cancelled as soon as its
-#: client disconnects, so the upstream request is closed at once, never orphaned.
-SERVER_OPTIONS: dict[str, object] = {"access_log": None, "handler_cancellation": True}
+#: HTTP parsing limits: generous, so that odd headers reach the handlers (which answer in
+#: OpenAI's shape) rather than the framework's plain-text 400. Beyond them aiohttp answers.
+HANDLER_LIMITS = {"max_line_size": 131072, "max_field_size": 131072, "max_headers": 256}
 
 
 def create_app(config: Config) -> web.Application:
     """Build the proxy application for a validated config."""
     app = web.Application(client_max_size=config.server.max_body_bytes,
-                          middlewares=[openai_errors])
+                          middlewares=[openai_errors], handler_args=HANDLER_LIMITS)
     app[CONFIG] = config
+    app[RELOAD] = reload_config
     app[REGISTRY] = Registry(config.instances, config.health)
     app.cleanup_ctx.append(_lifecycle)
     add_routes(app)

@@ -41,10 +41,9 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from proxy.app import SERVER_OPTIONS, create_app
+    from proxy.app import create_app, reload_config
     from proxy.logs import configure_logging
+    from proxy.server import serve
 
     config = _load(args.config)
     configure_logging(args.log_format or config.logging.format, config.logging.level)
@@ -59,8 +58,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     print(f"failover-proxy {__version__} serving on http://{host}:{port}/v1 "
           f"({len(config.instances)} instances, config {config.source})", flush=True)
-    web.run_app(app, host=host, port=port, print=None, handle_signals=True,
-                shutdown_timeout=10.0, **SERVER_OPTIONS)  # type: ignore[arg-type]
+
+    async def reload() -> None:
+        await reload_config(app)
+
+    asyncio.run(serve(app, host, port, config.server.shutdown_grace_s, reload))
     return 0
 
 

@@ -42,6 +42,10 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Put /metrics behind the admin key.
     metrics_auth: bool = False
+    #: On SIGTERM: how long in-flight requests and streams may take to finish.
+    shutdown_grace_s: float = 30.0
+    #: How long a client may take to send its request body.
+    body_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +338,8 @@ def _describe(value: Any, secret: bool) -> str:
 def _server(r: _Reader | None) -> ServerConfig:
     if r is None:
         return ServerConfig()
-    r.check_keys({"host", "port", "api_keys", "admin_key", "max_body_bytes", "metrics_auth"})
+    r.check_keys({"host", "port", "api_keys", "admin_key", "max_body_bytes", "metrics_auth",
+                  "shutdown_grace_s", "body_timeout_s"})
     port = r.integer("port", 8080)
     if port > 65535:
         raise r.error(r.sub("port"), "a port number (0-65535)", port)
@@ -345,6 +350,8 @@ def _server(r: _Reader | None) -> ServerConfig:
         admin_key=r.string("admin_key") or None,
         max_body_bytes=r.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024),
         metrics_auth=r.boolean("metrics_auth", False),
+        shutdown_grace_s=r.number("shutdown_grace_s", 30.0),
+        body_timeout_s=r.number("body_timeout_s", 30.0, minimum=0.01),
     )
 
 

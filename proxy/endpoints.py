@@ -13,10 +13,11 @@ import time
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.auth import check_admin, check_client
 from proxy.config import Config
-from proxy.errors import PayloadTooLarge, ProxyError, RouteBlocked
+from proxy.errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout, RouteBlocked
 from proxy.forwarding import CLIENT_GONE, ClientGone
 from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -67,14 +68,21 @@ def _request_id(request: web.Request) -> str:
     return new_id()
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The request body, within the size limit and the time a client may take to send it."""
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout_s:g}s.") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.") from None
+    except (HttpProcessingError, web.RequestPayloadError):
+        # e.g. a Content-Encoding the body does not match, or a broken chunked encoding
+        raise BadRequest("The request body could not be read (bad encoding or framing).") from None
 
 
 def _error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
@@ -85,8 +93,9 @@ def _error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
 
 async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     state: ProxyState = request.app[STATE]
-    config = state.config
-    recorder = state.recorder
+    # Taken once: a config reload during this request does not change what it uses.
+    config, recorder, planner, forwarder = (state.config, state.recorder, state.planner,
+                                            state.forwarder)
     started = time.perf_counter()
     request_id = _request_id(request)
     headers = {"x-request-id": request_id}
@@ -97,16 +106,15 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     inflight.inc()
     try:
         check_client(config.server, request.headers)
-        raw = await _read_body(request, config.server.max_body_bytes)
+        raw = await read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
         req = parse_request(endpoint, raw, request_id)
         model, stream = req.model, req.stream
-        plan = state.planner.plan(req, request.headers)
+        plan = planner.plan(req, request.headers)
         headers["x-route-plan-id"] = plan.plan_id
         recorder.planned(plan)
         sink = HttpSink(request, headers) if stream else None
-        reply = await state.forwarder.forward(req, plan, sink,
-                                              request.headers.get("Authorization"))
-        state.planner.served(plan, reply.instance)
+        reply = await forwarder.forward(req, plan, sink, request.headers.get("Authorization"))
+        planner.served(plan, reply.instance)
     except asyncio.CancelledError:
         # The client went away (aiohttp cancels the handler); the upstream request was
         # closed on the way out. An outcome of the request, not a failure of the instance.

@@ -59,6 +59,14 @@ class NotFound(ProxyError):
     code = "model_not_found"
 
 
+class RequestTimeout(ProxyError):
+    """408: the client was too slow sending its request."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ProxyError):
     """413: the body is larger than `server.max_body_bytes`."""
 

@@ -20,6 +20,13 @@ UPSTREAM_PATH = {
     EMBEDDINGS: "/embeddings",
 }
 
+#: Deepest JSON nesting accepted (real requests: under 10; tool schemas a little more).
+MAX_DEPTH = 64
+#: Largest token count or choice count accepted (what any server could mean by it).
+MAX_INT = 2**31 - 1
+#: Most messages in one chat request.
+MAX_MESSAGES = 10_000
+
 # The field each endpoint cannot do without.
 _REQUIRED = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
 
@@ -66,6 +73,10 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
                          f"(line {exc.lineno}, column {exc.colno}).") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
+    # Counting brackets is C-speed; only a body that could be that deep is walked.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(body, MAX_DEPTH):
+        raise BadRequest(f"The request body is nested more than {MAX_DEPTH} levels deep.",
+                         code="too_deep")
 
     model = body.get("model")
     if model is None:
@@ -94,8 +105,13 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
 
     for name in ("max_tokens", "max_completion_tokens", "n"):
         number = body.get(name)
-        if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
+        if number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, int):
             raise _type_error(name, "an integer")
+        if not 0 <= number <= MAX_INT:
+            raise BadRequest(f"Invalid value for '{name}': expected an integer from 0 to "
+                             f"{MAX_INT}.", param=name, code="invalid_value")
 
     include_usage = False
     options = body.get("stream_options")
@@ -116,12 +132,29 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
     )
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and objects more than `limit` levels deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return False
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list):
         raise _type_error("messages", "an array")
     if not messages:
         raise BadRequest("'messages' must contain at least one message.", param="messages",
                          code="empty_array")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"'messages' has {len(messages)} messages; at most {MAX_MESSAGES} "
+                         "are accepted.", param="messages", code="too_many_messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _type_error(f"messages[{i}]", "an object")

@@ -190,6 +190,32 @@ class Registry:
             if not inst.config.enabled:
                 inst.state = DRAINED
 
+    def adopt(self, old: Registry) -> None:
+        """Carry live figures over from a previous registry (a config reload), for every
+        instance whose id, address and model are unchanged."""
+        for inst in self.states:
+            prev = old.by_id.get(inst.id)
+            if prev is None or (prev.config.base_url, prev.config.model, prev.config.server) != (
+                    inst.config.base_url, inst.config.model, inst.config.server):
+                continue
+            for name in ("circuit", "inflight", "ttfb_ewma_ms", "successes", "failures",
+                         "last_error", "last_error_at", "recent", "last_failure_mono",
+                         "last_probe_at", "last_probe_ms", "last_probe_error",
+                         "latency_reason"):
+                setattr(inst, name, getattr(prev, name))
+            if not inst.config.enabled:
+                inst.state = DRAINED
+            elif prev.state == DRAINED and not prev.config.enabled:
+                inst.state = UNKNOWN  # enabled in the new config
+            else:
+                inst.state = prev.state
+            if inst.fingerprint_source != "configured" and prev.fingerprint_source == "learned":
+                inst.fingerprint = prev.fingerprint
+                inst.fingerprint_source = "learned"
+                inst.fingerprint_detail = prev.fingerprint_detail
+            if "prefill" in inst.config.capabilities:
+                inst.prefill_ok = prev.prefill_ok
+
     def get(self, instance_id: str) -> InstanceState | None:
         """The instance with this full id, or a unique short id."""
         inst = self.by_id.get(instance_id)

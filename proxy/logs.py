@@ -7,6 +7,8 @@ import sys
 
 import orjson
 import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.secrets import redact_log_event
 
@@ -14,8 +16,25 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+class _ClientFaultFilter(logging.Filter):
+    """aiohttp logs malformed HTTP from a client (bad framing, an undecodable body) with a
+    traceback, although the client got its 400; that is the client's fault, not an error
+    of ours: keep one warning line, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (web.RequestPayloadError, HttpProcessingError)):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"client sent an unreadable body: {exc}"
+            record.args = ()
+        return True
+
+
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Configure structlog once per process; `fmt` is "json" or "console"."""
+    logging.getLogger("aiohttp.server").addFilter(_ClientFaultFilter())
     shared: list[structlog.typing.Processor] = [
         redact_log_event,
         structlog.processors.add_log_level,
@@ -30,7 +49,8 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         )
     else:
         structlog.configure(
-            processors=[*shared, structlog.processors.JSONRenderer(serializer=orjson.dumps)],
+            processors=[*shared, structlog.processors.format_exc_info,
+                        structlog.processors.JSONRenderer(serializer=orjson.dumps)],
             wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
             logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer),
             cache_logger_on_first_use=True,

@@ -6,6 +6,7 @@ the tag classifier looks at the last user message only.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,21 +93,21 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
         max_tokens = default_max_tokens if req.endpoint != "embeddings" else 0
 
     header_tags = headers.get(TAGS_HEADER)
-    if header_tags:
-        tags = tuple(t for t in (p.strip().lower() for p in header_tags.split(",")) if t)
+    tags = _header_tags(header_tags) if header_tags else ()
+    if tags:
         source = "header"
     else:
         tags = classify(last_user)
         source = "classifier"
 
-    prefer = (headers.get(PREFER_HEADER) or "").strip().lower() or None
+    prefer = (headers.get(PREFER_HEADER) or "")[:16].strip().lower() or None
     if prefer not in PREFERENCES:
         prefer = None
 
-    session = headers.get(session_header) or None
+    session = _session_key(headers.get(session_header))
     if session is None:
         user = body.get("user")
-        session = user if isinstance(user, str) and user else None
+        session = _session_key(user if isinstance(user, str) else None)
 
     return Requirements(
         prompt_tokens=prompt_tokens,
@@ -117,6 +118,30 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
         prefer=prefer,
         session=session,
     )
+
+
+_TAG = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
+_SAFE_SESSION = re.compile(r"[\x21-\x7e]{1,256}")
+
+
+def _header_tags(value: str) -> tuple[str, ...]:
+    """Tags from `x-route-tags`: at most 16, each a short lower-case name; others ignored."""
+    tags = []
+    for part in value.split(",", 16)[:16]:
+        tag = part.strip().lower()
+        if _TAG.fullmatch(tag):
+            tags.append(tag)
+    return tuple(tags)
+
+
+def _session_key(value: str | None) -> str | None:
+    """A session key safe to keep and record: printable ASCII as is, anything else hashed."""
+    if not value:
+        return None
+    if _SAFE_SESSION.fullmatch(value):
+        return value
+    raw = value.encode("utf-8", "surrogateescape")
+    return "h:" + hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 
 def classify(text: str) -> tuple[str, ...]:

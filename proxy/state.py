@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 
 from proxy.audit import Recorder
@@ -12,11 +14,13 @@ from proxy.forwarding import Forwarder
 from proxy.health import Prober
 from proxy.instances import Registry
 from proxy.routing import Planner
+from proxy.secrets import Redactor
 
 
 @dataclass(slots=True)
 class ProxyState:
-    """Everything a request handler needs, looked up once per request."""
+    """Everything a request handler needs. Handlers take what they need from it once, at
+    the start of a request; a reload replaces its contents in one synchronous step."""
 
     config: Config
     registry: Registry
@@ -24,9 +28,20 @@ class ProxyState:
     forwarder: Forwarder
     prober: Prober
     recorder: Recorder
+    session: aiohttp.ClientSession
+    redactor: Redactor
     models_body: bytes
 
 
+    def replace_with(self, other: ProxyState) -> None:
+        """Take over every field of `other` (used by reload)."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(other, name))
+
+
 STATE = web.AppKey("state", ProxyState)
+#: The app's reload function (see proxy.app.reload_config): (app) -> (ok, message).
+Reloader = Callable[[web.Application], Awaitable[tuple[bool, str]]]
+RELOAD: web.AppKey[Reloader] = web.AppKey("reload")
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", Registry)

@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import SERVER_OPTIONS, create_app
+from proxy.app import create_app
 from proxy.config import DEFAULT_STORE_URL, Config, parse_config
+from proxy.server import SERVER_OPTIONS, ProxyRunner
 from proxy.simulator import Simulator
 
 MakeSim = Callable[..., Awaitable[Simulator]]
@@ -100,7 +101,7 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
             config = dataclasses.replace(config, store=dataclasses.replace(
                 config.store, url=f"sqlite:///{tmp_path}/audit.db"))
         app = create_app(config)
-        runner = web.AppRunner(app, **SERVER_OPTIONS)  # type: ignore[arg-type]
+        runner = ProxyRunner(app, **SERVER_OPTIONS)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
