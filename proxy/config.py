@@ -102,6 +102,9 @@ class RetryConfig:
     max_retry_after_s: float = 10.0
     #: Extra tries on the same instance for a transient failure (500, reset before any byte).
     same_instance_retries: int = 1
+    #: How long a request waits for a slot on an instance at its max_concurrency before
+    #: moving on to the next one.
+    queue_wait_s: float = 0.25
 
     def retries(self, code: str) -> bool:
         """Whether a failure with this reason code may be retried elsewhere."""
@@ -149,6 +152,8 @@ class InstanceConfig:
     api_key: str | None = field(default=None, repr=False)
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     forward_client_auth: bool = False
+    #: Most requests in flight to this instance at once (None: no cap).
+    max_concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +412,8 @@ def _timeouts(r: _Reader | None) -> TimeoutsConfig:
 def _retry(r: _Reader | None) -> RetryConfig:
     if r is None:
         return RetryConfig()
-    r.check_keys({"max_attempts", "on", "max_retry_after_s", "same_instance_retries"})
+    r.check_keys({"max_attempts", "on", "max_retry_after_s", "same_instance_retries",
+                  "queue_wait_s"})
     kinds = r.strings("on") if "on" in r.data else tuple(RETRY_KINDS)
     for i, kind in enumerate(kinds):
         if kind not in RETRY_KINDS:
@@ -417,6 +423,7 @@ def _retry(r: _Reader | None) -> RetryConfig:
         on=frozenset(kinds),
         max_retry_after_s=r.number("max_retry_after_s", 10.0),
         same_instance_retries=r.integer("same_instance_retries", 1),
+        queue_wait_s=r.number("queue_wait_s", 0.25),
     )
 
 
@@ -468,7 +475,7 @@ def is_local_host(host: str) -> bool:
 def _instance(r: _Reader, provider_id: str, kind: str, provider_local: bool | None,
               provider_key: str | None, server: str) -> InstanceConfig:
     r.check_keys({"id", "base_url", "enabled", "local", "fingerprint", "metadata", "api_key",
-                  "headers", "forward_client_auth", "kind", "server"})
+                  "headers", "forward_client_auth", "kind", "server", "max_concurrency"})
     inst_id = r.string("id", required=True)
     assert inst_id is not None
     if not re.fullmatch(r"[A-Za-z0-9._\-/]+", inst_id):
@@ -536,6 +543,8 @@ def _instance(r: _Reader, provider_id: str, kind: str, provider_local: bool | No
         api_key=r.string("api_key") or provider_key,
         headers=headers,
         forward_client_auth=r.boolean("forward_client_auth", False),
+        max_concurrency=(r.integer("max_concurrency", 0, minimum=1)
+                         if r.data.get("max_concurrency") is not None else None),
     )
 
 

@@ -15,6 +15,7 @@ import aiohttp
 
 # Reason codes, as strings so they serialise as they are.
 INSTANCE_NOT_READY = "INSTANCE_NOT_READY"
+INSTANCE_BUSY = "INSTANCE_BUSY"
 CONN_REFUSED = "CONN_REFUSED"
 TIMEOUT = "TIMEOUT"
 PROCESS_EXITED = "PROCESS_EXITED"

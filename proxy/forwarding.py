@@ -29,6 +29,7 @@ from proxy.errors import (
 )
 from proxy.failures import (
     CONTEXT_TOO_LONG,
+    INSTANCE_BUSY,
     INSTANCE_NOT_READY,
     RATE_LIMITED,
     TIMEOUT,
@@ -150,6 +151,14 @@ class Forwarder:
                         self.recorder.rerouted(plan, INSTANCE_NOT_READY, why, inst.id,
                                                _next_id(candidates, index))
                         continue
+                    cap = inst.config.max_concurrency
+                    if cap is not None and inst.inflight >= cap and not await self._slot(
+                            inst, cap, last=index + 1 >= len(candidates)):
+                        index += 1
+                        self.recorder.rerouted(plan, INSTANCE_BUSY,
+                                               f"{inst.inflight} in flight (max {cap})",
+                                               inst.id, _next_id(candidates, index))
+                        continue
                     if index == 0:
                         self.recorder.verified(plan, inst.id)
             else:
@@ -235,6 +244,16 @@ class Forwarder:
         if inst.circuit.acquire(time.monotonic()) or last_resort:
             return None
         return f"circuit {inst.circuit.state}"
+
+    async def _slot(self, inst: InstanceState, cap: int, last: bool) -> bool:
+        """Queue briefly for a free slot on a busy instance; False means move on.
+
+        The last candidate is never given up: piling on beats losing the request.
+        """
+        deadline = time.monotonic() + self.config.retry.queue_wait_s
+        while inst.inflight >= cap and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return last or inst.inflight < cap
 
     async def _wait_out_rate_limit(
             self, limited: dict[str, tuple[InstanceState, float]]) -> InstanceState | None:

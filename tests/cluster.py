@@ -45,11 +45,14 @@ class Cluster:
         self.sims: dict[str, tuple[int, subprocess.Popen[bytes] | None]] = {}
         self.proxy_port = free_port()
 
-    def start_sim(self, name: str, model: str, *faults: str, listen: bool = True) -> int:
+    def start_sim(self, name: str, model: str, *faults: str, listen: bool = True,
+                  options: tuple[str, ...] = ()) -> int:
+        """Start a simulator process (or, with listen=False, just reserve a dead port)."""
         port = free_port()
         proc = None
         if listen:
-            args = [sys.executable, "-m", "proxy", "simulate", "--port", str(port), "--model", model]
+            args = [sys.executable, "-m", "proxy", "simulate", "--port", str(port), "--model",
+                    model, *options]
             for fault in faults:
                 args += ["--fault", fault]
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
