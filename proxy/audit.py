@@ -51,9 +51,9 @@ class Recorder:
         store = self.store
         now = time.time()
         if store is not None:
+            # The whole plan goes to route_plans (joined by plan_id); the event stays small.
             store.event(now, ROUTE_PLANNED, plan.request_id, plan.plan_id, plan.selected,
-                        detail={"model": plan.model, "fallback": plan.fallback,
-                                "rejected": plan.rejected})
+                        detail={"fallback": plan.fallback})
         if plan.preferred is not None and plan.selected is not None:
             self.rerouted(plan, INSTANCE_NOT_READY, plan.preferred_why or "not ready",
                           plan.preferred, plan.selected)
@@ -123,9 +123,8 @@ class Recorder:
         store.event(now, REQUEST_COMPLETED, request_id, plan.plan_id, instance, None,
                     detail={"status": status, "outcome": outcome, "attempts": attempts,
                             "ttfb_ms": ttfb_ms, "duration_ms": duration_ms})
-        store.plan((plan.plan_id, request_id, now, model, plan.requirements.as_dict(),
-                    plan.as_dict(), plan.selected, instance, outcome, status, attempts,
-                    ttfb_ms, duration_ms))
+        store.plan(plan, (plan.plan_id, request_id, now, model, plan.selected, instance,
+                          outcome, status, attempts, ttfb_ms, duration_ms))
 
     # ------------------------------------------------------------------ instances
 

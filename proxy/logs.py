@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any
 
 import orjson
 import structlog
@@ -32,13 +35,33 @@ class _ClientFaultFilter(logging.Filter):
         return True
 
 
+class _Timestamper:
+    """ISO-8601 UTC timestamps, formatting the date and time only once per second."""
+
+    __slots__ = ("_second", "_prefix")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, method: str,
+                 event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Configure structlog once per process; `fmt` is "json" or "console"."""
     logging.getLogger("aiohttp.server").addFilter(_ClientFaultFilter())
     shared: list[structlog.typing.Processor] = [
         redact_log_event,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _Timestamper(),
     ]
     if fmt == "console":
         structlog.configure(

@@ -7,6 +7,7 @@ network; it takes microseconds.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Mapping
@@ -73,9 +74,16 @@ class Resolution:
     tags: tuple[str, ...] = ()  # a tag group's tags stand in for the request's
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
 def new_id() -> str:
-    """A short random hex id (request ids, plan ids)."""
-    return os.urandom(12).hex()
+    """A unique id (request ids, plan ids): a random per-process prefix and a counter.
+
+    No system call per id, unlike os.urandom; unique across processes and restarts.
+    """
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 def resolve_model(config: Config, registry: Registry, model: str) -> Resolution | None:

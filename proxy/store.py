@@ -216,11 +216,11 @@ class AuditStore:
         self.submit((_LINEAGE, ts, "route_change", request_id, plan_id, from_instance,
                      to_instance, reason_code))
 
-    def plan(self, row: tuple[Any, ...]) -> None:
-        """A route_plans row: (plan_id, request_id, ts, model, requirements, plan, selected,
-        final_instance, outcome, status, attempts, ttfb_ms, duration_ms); dicts are JSON'd
-        by the writer."""
-        self.submit((_PLAN, *row))
+    def plan(self, plan: Any, row: tuple[Any, ...]) -> None:
+        """A route_plans row: `plan` (anything with `as_dict()`, serialised by the writer,
+        off the request path) and (plan_id, request_id, ts, model, selected,
+        final_instance, outcome, status, attempts, ttfb_ms, duration_ms)."""
+        self.submit((_PLAN, plan, *row))
 
     async def _writer(self) -> None:
         queue = self._queue
@@ -249,10 +249,11 @@ class AuditStore:
                 detail = row[9]
                 events.append((*row[1:9], dumps(detail).decode() if detail else None))
             elif kind == _PLAN:
-                r = list(row[1:])
-                r[4] = dumps(r[4]).decode()
-                r[5] = dumps(r[5]).decode()
-                plans.append(tuple(r))
+                plan = row[1].as_dict()
+                plan_id, request_id, ts, model, *rest = row[2:]
+                plans.append((plan_id, request_id, ts, model,
+                              dumps(plan["requirements"]).decode(), dumps(plan).decode(),
+                              *rest))
             else:
                 lineage.append(row[1:])
         with self._lock:
