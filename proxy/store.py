@@ -10,6 +10,7 @@ shutdown the queue is flushed. SQLite runs in WAL mode so readers (the admin API
 from __future__ import annotations
 
 import asyncio
+import queue
 import sqlite3
 import threading
 import time
@@ -83,7 +84,8 @@ EVENT_COLUMNS = ("id", "ts", "type", "request_id", "plan_id", "instance", "reaso
 _EVENT = 0
 _PLAN = 1
 _LINEAGE = 2
-_STOP = (-1,)  # tells the writer to finish
+_STOP_KIND = -1  # (kind,): the writer finishes
+_FLUSH_KIND = -2  # (kind, threading.Event): set once everything before it is written
 
 
 class StoreError(Exception):
@@ -162,7 +164,15 @@ def query_events(conn: sqlite3.Connection, q: EventQuery) -> list[dict[str, Any]
 
 
 class AuditStore:
-    """Batched, non-blocking writes to SQLite from one background task."""
+    """Batched, non-blocking writes to SQLite from one background thread.
+
+    The event loop only appends to a bounded thread-safe queue; the writer thread takes
+    what has accumulated, writes it in one transaction, and pauses briefly when the queue
+    is short so that rows arrive in batches rather than one wake-up each.
+    """
+
+    #: Pause of the writer after a small batch, letting rows accumulate.
+    PAUSE_S = 0.02
 
     def __init__(self, url: str, *, queue_size: int = 50_000, batch: int = 2000,
                  retention_s: float = 7 * 86400.0, max_rows: int = 1_000_000,
@@ -175,8 +185,8 @@ class AuditStore:
         self.on_drop = on_drop
         self.dropped = 0
         self.written = 0
-        self._queue: asyncio.Queue[tuple[Any, ...]] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._queue: queue.Queue[tuple[Any, ...]] | None = None
+        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._last_warning = 0.0
@@ -184,17 +194,18 @@ class AuditStore:
 
     async def start(self) -> None:
         self._conn = await asyncio.to_thread(connect, self.path)
-        self._queue = asyncio.Queue(self.queue_size)
-        self._task = asyncio.create_task(self._writer(), name="audit-writer")
+        self._queue = queue.Queue(self.queue_size)
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
 
     def submit(self, row: tuple[Any, ...]) -> None:
         """Queue a row without waiting; if the writer is behind, drop it and count."""
-        queue = self._queue
-        if queue is None:
+        q = self._queue
+        if q is None:
             return
         try:
-            queue.put_nowait(row)
-        except asyncio.QueueFull:
+            q.put_nowait(row)
+        except queue.Full:
             self.dropped += 1
             if self.on_drop is not None:
                 self.on_drop(1)
@@ -222,23 +233,35 @@ class AuditStore:
         final_instance, outcome, status, attempts, ttfb_ms, duration_ms)."""
         self.submit((_PLAN, plan, *row))
 
-    async def _writer(self) -> None:
-        queue = self._queue
-        assert queue is not None
+    def _run(self) -> None:
+        """The writer thread: batch, write, repeat, until told to stop."""
+        q = self._queue
+        assert q is not None
         while True:
-            rows = [await queue.get()]
-            while len(rows) < self.batch and not queue.empty():
-                rows.append(queue.get_nowait())
-            stop = _STOP in rows
-            if stop:
-                rows = [r for r in rows if r is not _STOP]
+            rows = [q.get()]
+            while len(rows) < self.batch:
+                try:
+                    rows.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            markers = [r for r in rows if r[0] in (_STOP_KIND, _FLUSH_KIND)]
+            if markers:
+                rows = [r for r in rows if r[0] not in (_STOP_KIND, _FLUSH_KIND)]
             if rows:
                 try:
-                    await asyncio.to_thread(self._write, rows)
+                    self._write(rows)
                 except Exception:
                     log.exception("audit_write_failed", rows=len(rows))
+            stop = False
+            for marker in markers:
+                if marker[0] == _FLUSH_KIND:
+                    marker[1].set()
+                else:
+                    stop = True
             if stop:
                 return
+            if len(rows) < self.batch // 4 and not markers:
+                time.sleep(self.PAUSE_S)
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         events, plans, lineage = [], [], []
@@ -298,16 +321,14 @@ class AuditStore:
             if self._conn is not None:
                 self._apply_retention(self._conn)
 
-    async def flush(self) -> None:
-        """Write everything queued so far."""
-        queue = self._queue
-        if queue is None:
+    async def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until everything queued so far is written."""
+        q = self._queue
+        if q is None or self._thread is None or not self._thread.is_alive():
             return
-        rows = []
-        while not queue.empty():
-            rows.append(queue.get_nowait())
-        if rows:
-            await asyncio.to_thread(self._write, rows)
+        done = threading.Event()
+        await asyncio.to_thread(q.put, (_FLUSH_KIND, done), True, timeout_s)
+        await asyncio.to_thread(done.wait, timeout_s)
 
     async def query(self, q: EventQuery) -> list[dict[str, Any]]:
         """Read events (after writing what is queued, so a reader sees its own request)."""
@@ -322,12 +343,12 @@ class AuditStore:
 
     async def close(self) -> None:
         """Stop the writer after it has written everything queued, then close the database."""
-        if self._task is not None and self._queue is not None:
-            await self._queue.put(_STOP)
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        await self.flush()
+        q, thread = self._queue, self._thread
+        if q is not None and thread is not None and thread.is_alive():
+            await asyncio.to_thread(q.put, (_STOP_KIND,), True, 10.0)
+            await asyncio.to_thread(thread.join, 30.0)
         self._queue = None
+        self._thread = None
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
