@@ -105,6 +105,8 @@ class Faults:
     echo_prefill: bool = False
     #: A careless server: answers 401 (or the `status` fault) quoting the key it was sent.
     leak_auth: bool = False
+    #: Streams answer with a tool call (its arguments carry the words) instead of text.
+    tool_call: bool = False
     slow_first_byte: float = 0.0
     die_after: int | None = None
     stall_after: int | None = None
@@ -144,7 +146,7 @@ class Faults:
 
 
 _FLAGS: Final = frozenset({"refuse", "hang", "loading", "echo_prefill", "leak_auth", "no_done",
-                            "no_finish"})
+                            "no_finish", "tool_call"})
 _COUNTS: Final = frozenset({"die_after", "stall_after", "malformed_after", "error_after", "context"})
 _SECONDS: Final = frozenset({"slow_first_byte", "rate_limit"})
 _KNOWN: Final = sorted(_FLAGS | _COUNTS | _SECONDS | {"status", "model", "times"})
@@ -816,10 +818,22 @@ class Simulator:
         tail = b'},"finish_reason":null}]}\n\n'
         first = _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]})
+        firsts = [first]
+        if faults.tool_call:
+            # The words travel as a tool call's JSON arguments, split across chunks.
+            firsts.append(_sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "call_sim", "type": "function",
+                 "function": {"name": "lookup", "arguments": ""}}]}, "finish_reason": None}]}))
+            head = (b"data: " + orjson.dumps(base)[:-1]
+                    + b',"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":'
+                      b'{"arguments":')
+            tail = b'}}]},"finish_reason":null}]}\n\n'
+            pieces = ['{"q": "', *pieces, '"}']
+            finish = "tool_calls"
         finish_ev = _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         usage_ev = (_sse({**base, "choices": [], "usage": _usage(prompt_tokens, len(pieces))})
                     if _include_usage(data) else None)
-        return await self._stream(request, faults, [first], head, tail, pieces, finish_ev, usage_ev)
+        return await self._stream(request, faults, firsts, head, tail, pieces, finish_ev, usage_ev)
 
     async def _completions(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._model_request(request, self._build_completion)

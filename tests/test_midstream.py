@@ -338,3 +338,37 @@ async def test_client_leaving_before_the_first_byte_closes_the_upstream(
     # Cancelled at once, not after the upstream's 20 s: no orphaned generation.
     await wait_for(lambda: slow.stats.inflight == 0 and slow.stats.open_connections == 0,
                    timeout=5, what="the upstream connection to close")
+
+
+async def test_a_tool_call_in_flight_is_never_continued(make_sim: MakeSim, make_proxy: MakeProxy,
+                                                        tmp_path: Path) -> None:
+    a = await make_sim("twin", words=WORDS, faults=["tool_call", "die_after=10"])
+    b = await make_sim("twin", words=WORDS)
+    proxy = await make_proxy(config_for([(a, {}), (b, {"capabilities": ["prefill"]})], tmp_path))
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+    arguments = ""
+    with pytest.raises(openai.APIError) as err:
+        async for chunk in await client.chat.completions.create(
+                model="main", messages=[{"role": "user", "content": PROMPT}], stream=True):
+            for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                arguments += call.function.arguments or "" if call.function else ""
+    assert "a tool call was in flight" in str(err.value)
+    assert arguments.startswith('{"q": "')  # half a call arrived, and it is not passed off
+    assert b.stats.requests == 0
+
+
+async def test_a_complete_tool_call_stream_passes_through(make_sim: MakeSim, make_proxy: MakeProxy,
+                                                          tmp_path: Path) -> None:
+    a = await make_sim("twin", words=12, faults=["tool_call"])
+    proxy = await make_proxy(config_for([(a, {})], tmp_path))
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
+    arguments, finishes = "", []
+    async for chunk in await client.chat.completions.create(
+            model="main", messages=[{"role": "user", "content": PROMPT}], stream=True):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                arguments += (call.function.arguments or "") if call.function else ""
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    assert orjson.loads(arguments) == {"q": answer_text("twin", PROMPT, 12)}
+    assert finishes == ["tool_calls"]
