@@ -11,7 +11,7 @@ Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
 added latency, 4 one of two instances dead, 5 proxy memory, 6 planning cost, 7 audit store,
-8 peers. Rows for features the proxy lacks print as n/a (see FAILOVER_CASES, bench_audit).
+8 peers. Rows for features the proxy lacks print as n/a (see FAILOVER_CASES).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import platform
 import secrets
 import select
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -59,17 +60,20 @@ CHAT = "/v1/chat/completions"
 MODEL = "bench-model"
 STREAM_MODEL = "bench-stream"
 SLOW_MODEL = "bench-slow"
+TWIN_MODEL = "bench-twin"
 PROMPT = "Say hello to the benchmark."
 MIB = 1024.0
 
 SECTIONS = {
     "nonstream": "1. non-streaming chat, wrk -t1 (direct = simulator; proxied = proxy -> same simulator)",
     "stream": "2. streaming, asyncio client process (simulator --words 50, no chunk delay)",
-    "failover": "3. failover added latency, sequential (direct column = proxied healthy request)",
+    "failover": "3. failover added latency, sequential (direct column = proxied healthy request;"
+                " mid-stream: the fallback's own time to first token)",
     "dead": "4. one of two instances dead, wrk -t1 -c64 (direct column = both healthy)",
     "memory": "5. proxy memory (VmRSS from /proc; simulator --words 1000 --chunk-delay 0.5)",
     "planning": "6. route planning (scripts/bench_planner.py)",
-    "audit": "7. audit store",
+    "audit": "7. audit store, wrk -t1 -c64 as in 1 (direct column = audit off, proxied = on; "
+             "info logging to /dev/null)",
     "peers": "8. peers, same wrk load (direct = the same simulator, this run)",
 }
 
@@ -85,12 +89,20 @@ class Settings:
     hang_n: int  # requests for the hung-backend case (each costs first_byte_s)
     streams: int  # concurrent open streams for the memory figure
     planner_rounds: int
+    mid_n: int  # sequential mid-stream continuations
+    audit_pairs: int  # alternating (audit on, audit off) wrk runs
 
 
 FULL = Settings(wrk_s=10, warm_s=1, ttft_n=200, rate_s=5.0, rate_conc=16, fail_n=200,
-                hang_n=20, streams=1000, planner_rounds=20000)
-QUICK = Settings(wrk_s=2, warm_s=1, ttft_n=50, rate_s=2.0, rate_conc=16, fail_n=30,
-                 hang_n=5, streams=1000, planner_rounds=3000)
+                hang_n=20, streams=1000, planner_rounds=20000, mid_n=50, audit_pairs=3)
+# Quick stays under a minute with sections 3 and 7 included: fewer streams held open for
+# the memory figure, fewer sequential requests; every figure is still measured.
+QUICK = Settings(wrk_s=2, warm_s=1, ttft_n=40, rate_s=2.0, rate_conc=16, fail_n=30,
+                 hang_n=3, streams=200, planner_rounds=2000, mid_n=20, audit_pairs=1)
+
+#: Mid-stream case: the first twin cuts every answer after MID_CUT of MID_WORDS words.
+MID_WORDS = 60
+MID_CUT = 20
 
 HANG_FIRST_BYTE_S = 0.5
 MEMORY_CHUNK_DELAY_S = 0.5
@@ -124,8 +136,9 @@ FAILOVER_CASES = (
                  reset="bench:p503"),
     FailoverCase("hang", f"hung backend, first_byte_s={HANG_FIRST_BYTE_S:g}", "hang",
                  reset="bench:phang", limit="hang_n", expect=f"~{HANG_FIRST_BYTE_S * 1000:.0f} ms"),
-    FailoverCase("midstream", "mid-stream continuation", None, stream=True,
-                 unavailable="not implemented yet"),
+    # Measured by bench_midstream (a streaming client and a proxy of its own).
+    FailoverCase("midstream", "mid-stream continuation", "midstream", reset="bench:cut",
+                 limit="mid_n", stream=True),
 )
 
 
@@ -165,19 +178,25 @@ def chat_body(model: str, stream: bool = False) -> dict[str, Any]:
 # --------------------------------------------------------------------------- configs
 
 
-def instance(inst_id: str, port: int, model: str) -> dict[str, Any]:
-    return {"id": inst_id, "base_url": f"http://{LOCALHOST}:{port}/v1",
-            "metadata": {"model": model, "tags": ["general"], "ctx": 8192}}
+def instance(inst_id: str, port: int, model: str,
+             capabilities: tuple[str, ...] = ()) -> dict[str, Any]:
+    meta: dict[str, Any] = {"model": model, "tags": ["general"], "ctx": 8192}
+    if capabilities:
+        meta["capabilities"] = list(capabilities)
+    return {"id": inst_id, "base_url": f"http://{LOCALHOST}:{port}/v1", "metadata": meta}
 
 
 def proxy_config(instances: list[dict[str, Any]], groups: dict[str, list[str]],
-                 health: dict[str, Any], timeouts: dict[str, Any], audit_db: Path) -> str:
+                 health: dict[str, Any], timeouts: dict[str, Any], audit_db: Path | None,
+                 log_level: str = "warning") -> str:
+    """A proxy config; `audit_db=None` turns the audit store off."""
     return json.dumps({
         "server": {"host": LOCALHOST},
         # The proxy's default audit store, in the work folder instead of ./data.
-        "store": {"url": f"sqlite:///{audit_db}"},
-        # Per-request log lines are at info level: keep them off during load.
-        "logging": {"format": "json", "level": "warning"},
+        "store": {"url": f"sqlite:///{audit_db}"} if audit_db is not None else {"enabled": False},
+        # Per-request log lines are at info level: keep them off during load (except in
+        # section 7, which compares production settings, info, with the logs to /dev/null).
+        "logging": {"format": "json", "level": log_level},
         "health": health,
         "timeouts": timeouts,
         "models": {name: {"instances": members, "strategy": "ordered"}
@@ -352,7 +371,8 @@ class Bench:
     # ------------------------------------------------------------------ sections
 
     def main_group(self, peer: str | None, peer_exe: Path | None) -> None:
-        """Rows 1, 2, 4 and 8 share one proxy in front of three simulators."""
+        """Rows 1, 2, 4 and 8 share one proxy in front of three simulators; 7 runs proxies
+        of its own in front of the same two (before 4 kills one of them)."""
         sup = self.sup
         primary = sup.simulator("sim-primary", MODEL, words=20, tags=["main"])
         secondary = sup.simulator("sim-secondary", MODEL, words=20, tags=["main"])
@@ -367,7 +387,10 @@ class Bench:
             timeouts={"connect_s": 1, "first_byte_s": 10, "idle_s": 10},
             audit_db=self.workdir / "audit-main.db")
         proxy = sup.proxy("proxy-main", cfg, tags=["main"])
-        self.wait_ready([proxy], "/readyz")
+        # Section 7's two proxies start now too (idle until then), so that their start-up
+        # overlaps this one instead of adding to the run.
+        audit = self.audit_proxies(primary, secondary)
+        self.wait_ready([proxy, *audit.values()], "/readyz")
 
         with self.timed("1 non-streaming"):
             self.log("[1] non-streaming: wrk direct vs proxied")
@@ -377,6 +400,9 @@ class Bench:
         with self.timed("2 streaming"):
             self.log("[2] streaming: TTFT and chunks/s")
             self.bench_stream(stream, proxy)
+        with self.timed("7 audit"):
+            self.log("[7] audit store: events written, throughput on vs off")
+            self.bench_audit(audit)
         with self.timed("4 one instance dead"):
             self.log("[4] one of two instances dead")
             self.bench_dead(primary, proxy)
@@ -482,16 +508,21 @@ class Bench:
         sec = sup.simulator("sim-f-secondary", MODEL, tags=["failover"])
         p503 = sup.simulator("sim-f-503", MODEL, faults=["status=503"], tags=["failover"])
         phang = sup.simulator("sim-f-hang", MODEL, faults=["hang"], tags=["failover"])
-        self.wait_ready([sec, p503, phang], "/v1/models")
+        # Twins for the mid-stream case: the first cuts every answer after MID_CUT words.
+        cut = sup.simulator("sim-f-cut", TWIN_MODEL, words=MID_WORDS,
+                            faults=[f"die_after={MID_CUT}"], tags=["failover"])
+        twin = sup.simulator("sim-f-twin", TWIN_MODEL, words=MID_WORDS, tags=["failover"])
+        self.wait_ready([sec, p503, phang, cut, twin], "/v1/models")
         dead = PortHolder()  # refuses connections; nobody else can take it meanwhile
         try:
-            self.failover_cases(sec, p503, phang, dead.port)
+            self.failover_cases(sec, p503, phang, dead.port, (cut, twin))
         finally:
             dead.close()
-        self.scan_logs([sec, p503, phang])
+        self.scan_logs([sec, p503, phang, cut, twin])
         sup.stop_tagged("failover")
 
-    def failover_cases(self, sec: Child, p503: Child, phang: Child, dead_port: int) -> None:
+    def failover_cases(self, sec: Child, p503: Child, phang: Child, dead_port: int,
+                       twins: tuple[Child, Child]) -> None:
         sup, s = self.sup, self.s
         assert sec.port and p503.port and phang.port
         cfg = proxy_config(
@@ -505,11 +536,13 @@ class Bench:
             timeouts={"connect_s": 1, "first_byte_s": HANG_FIRST_BYTE_S, "idle_s": 10},
             audit_db=self.workdir / "audit-failover.db")
         proxy = sup.proxy("proxy-failover", cfg, tags=["failover"])
+        mid = self.midstream_proxy(*twins)  # starts alongside, to save time
         self.wait_ready([proxy], "/healthz")
+        self.wait_ready([mid], "/readyz")
         base = f"http://{LOCALHOST}:{proxy.port}"
         cases: list[dict[str, Any]] = [{"name": "healthy", "url": base + CHAT, "model": "healthy"}]
         for case in FAILOVER_CASES:
-            if case.unavailable or case.group is None:
+            if case.unavailable or case.group is None or case.stream:
                 continue
             spec: dict[str, Any] = {"name": case.key, "url": base + CHAT, "model": case.group,
                                     "n": getattr(s, case.limit)}
@@ -529,6 +562,9 @@ class Bench:
             if case.unavailable or case.group is None:
                 self.rows.append(not_available("failover", case.metric, case.unavailable))
                 continue
+            if case.stream:
+                self.bench_midstream(case, mid, twins[1])
+                continue
             r = res[case.key]
             lat = r["latency_s"]
             bad = {k: v for k, v in r["status"].items() if k != "200"}
@@ -541,6 +577,94 @@ class Bench:
                 note += f"; expect {case.expect}"
             self.row("failover", case.metric, healthy, ms(pct(lat, 50)), "ms", DELTA, note)
         self.scan_logs([proxy])
+
+    def midstream_proxy(self, cut: Child, twin: Child) -> Child:
+        """The mid-stream case's proxy (not yet ready): group `midstream` = the twin that
+        cuts, then the prefill-capable twin."""
+        assert cut.port and twin.port
+        cfg = proxy_config(
+            [instance("cut", cut.port, TWIN_MODEL),
+             instance("twin", twin.port, TWIN_MODEL, capabilities=("prefill",))],
+            {"midstream": ["bench:cut", "bench:twin"]},
+            # Probes: one round at start (fingerprints), then none during the run. The cut
+            # opens the first twin's circuit; the case's `reset` closes it before each request.
+            health={"interval_s": 3600, "timeout_s": 1},
+            timeouts={"connect_s": 1, "first_byte_s": 10, "idle_s": 10},
+            audit_db=self.workdir / "audit-midstream.db")
+        return self.sup.proxy("proxy-midstream", cfg, tags=["failover"])
+
+    def bench_midstream(self, case: FailoverCase, proxy: Child, twin: Child) -> None:
+        """Mid-stream continuation: the gap the client sees at the cut, against what the
+        fallback itself needs to start the same continuation (its TTFT, asked directly)."""
+        s = self.s
+        assert twin.port and case.reset
+        cut_id = case.reset
+        base = f"http://{LOCALHOST}:{proxy.port}"
+        n = getattr(s, case.limit)
+        warmup = 3
+        res = self.client("midstream", {
+            "url": base + CHAT, "model": case.group, "n": n, "warmup": warmup, "cut": MID_CUT,
+            "words": MID_WORDS, "reset_url": f"{base}/admin/instances/{case.reset}/enable",
+            "direct_url": f"http://{LOCALHOST}:{twin.port}{CHAT}", "direct_model": TWIN_MODEL,
+        }, timeout=60 + n * 0.5)
+        resumed = self.metric_total(proxy, "failover_proxy_streams_resumed_total")
+        gaps, direct = res["gap_s"], res["direct_ttft_s"]
+        gap50, ttft50 = ms(pct(gaps, 50)), ms(pct(direct, 50))
+        self.raw["midstream"] = {
+            "n": n, "warmup": warmup, "words": MID_WORDS, "cut_after": MID_CUT,
+            "complete": res["complete"], "instances": res["instances"],
+            "chunks_per_answer": res["chunks"], "errors": res["errors"],
+            "direct_errors": res["direct_errors"], "reset_errors": res["reset_errors"],
+            "incomplete_tails": res["incomplete"], "resumed_total": resumed,
+            "gap_p50_ms": gap50, "gap_p90_ms": ms(pct(gaps, 90)),
+            "gap_p99_ms": ms(pct(gaps, 99)), "fallback_ttft_p50_ms": ttft50,
+            "fallback_ttft_p90_ms": ms(pct(direct, 90)),
+            "added_p50_ms": None if gap50 is None or ttft50 is None else gap50 - ttft50,
+            "whole_answer_p50_ms": ms(pct(res["total_s"], 50)),
+        }
+        for what, errs in (("proxied", res["errors"]), ("fallback direct", res["direct_errors"]),
+                           ("admin enable", res["reset_errors"])):
+            if errs:
+                self.note(f"mid-stream {what}: errors {errs}")
+        if res["complete"] != n:
+            self.note(f"mid-stream: only {res['complete']}/{n} streamed answers were complete "
+                      f"({MID_WORDS} words, indices 0..{MID_WORDS - 1}); chunks per answer "
+                      f"{res['chunks']}; e.g. ...{res['incomplete'][:1]}")
+        other = {k: v for k, v in res["instances"].items() if k != cut_id}
+        if other:
+            self.note(f"mid-stream: answers not started on {cut_id} (so not cut): {other}")
+        if resumed is not None and resumed != n + warmup:
+            self.note(f"mid-stream: the proxy counted {resumed:g} resumed streams for "
+                      f"{n + warmup} requests")
+        note = (f"gap at the cut (chunk {MID_CUT} -> {MID_CUT + 1}) vs the fallback's direct "
+                f"TTFT with the prefill; {res['complete']}/{n} complete, "
+                f"started on {cut_id}: {res['instances'].get(cut_id, 0)}/{n}")
+        self.row("failover", case.metric, ttft50, gap50, "ms", DELTA, note)
+        self.scan_logs([proxy])
+        self.sup.stop([proxy])
+
+    def metric_total(self, proxy: Child, name: str) -> float | None:
+        """The sum of a Prometheus series over its labels, from GET /metrics, or None."""
+        try:
+            status, body = http_get(f"http://{LOCALHOST}:{proxy.port}/metrics", 5.0)
+        except OSError as exc:
+            self.note(f"{proxy.name}: /metrics unreadable ({exc})")
+            return None
+        if status != 200:
+            self.note(f"{proxy.name}: /metrics answered HTTP {status}")
+            return None
+        family = name.removesuffix("_total")
+        total, known = 0.0, False
+        for line in body.decode(errors="replace").splitlines():
+            if line.startswith(f"# TYPE {family} "):
+                known = True  # a labelled counter has no samples until it first counts
+            elif line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+                total += float(line.rsplit(None, 1)[1])
+                known = True
+        if not known:
+            self.note(f"{proxy.name}: no metric {name} in /metrics")
+            return None
+        return total
 
     def memory_group(self) -> None:
         sup, s = self.sup, self.s
@@ -645,12 +769,146 @@ class Bench:
         self.row("planning", "route plan per request, 10 instances", None, us, "us",
                  note=f"best of 5 x {rounds} plans, in-process")
 
-    def bench_audit(self) -> None:
-        # When the audit store lands: run the main proxy with the store on and off (same
-        # wrk load as section 1) and count rows written per second; replace these rows.
-        why = "audit store not implemented yet"
-        self.rows.append(not_available("audit", "audit events written/s", why))
-        self.rows.append(not_available("audit", "throughput, audit on vs off", why))
+    def audit_proxies(self, primary: Child, secondary: Child) -> dict[str, Child]:
+        """Section 7's proxies (not yet ready): in front of section 1's simulators, the same
+        but for the audit store (on: SQLite in the work folder; off: `store.enabled:
+        false`), both at the production log level (info) with their output to /dev/null."""
+        assert primary.port and secondary.port
+        proxies: dict[str, Child] = {}
+        for mode in ("on", "off"):
+            cfg = proxy_config(
+                [instance("primary", primary.port, MODEL),
+                 instance("secondary", secondary.port, MODEL)],
+                {"main": ["bench:primary", "bench:secondary"]},
+                health={"interval_s": 5, "timeout_s": 1},
+                timeouts={"connect_s": 1, "first_byte_s": 10, "idle_s": 10},
+                audit_db=self.audit_db if mode == "on" else None, log_level="info")
+            proxies[mode] = self.sup.proxy(f"proxy-audit-{mode}", cfg, tags=["audit"], log=False)
+        return proxies
+
+    @property
+    def audit_db(self) -> Path:
+        return self.workdir / "audit-on.db"
+
+    def bench_audit(self, proxies: dict[str, Child]) -> None:
+        """wrk runs alternate between the audit-on and audit-off proxies (on, off, on,
+        off...); each run is a warm-up and a measured run, as in section 1.
+
+        Rows written by a measured run: the on-proxy's row count once its writer has
+        caught up after the run, minus the count once it had caught up after the warm-up
+        (the last count after SIGTERM, when the proxy has flushed its queue and exited).
+        """
+        sup, s = self.sup, self.s
+        db = self.audit_db
+        script = self.script_for("main")
+        runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+        exit_code: int | None = -1
+        try:
+            for i in range(s.audit_pairs):
+                for mode in ("on", "off"):
+                    proxy = proxies[mode]
+                    url = f"http://{LOCALHOST}:{proxy.port}{CHAT}"
+                    label = f"audit-{mode}-{i + 1}"
+                    run_wrk(sup, self.wrk, url, script, 64, s.warm_s)
+                    before = self.audit_rows(db, settle=True) if mode == "on" else None
+                    dropped0 = self.metric_total(proxy, "failover_proxy_events_dropped_total") \
+                        if mode == "on" else None
+                    self.log(f"  wrk {label} -c64 {s.wrk_s}s")
+                    cpu0 = proxy.cpu_seconds()
+                    res = run_wrk(sup, self.wrk, url, script, 64, s.wrk_s)
+                    res.cpu_s = proxy.cpu_seconds() - cpu0
+                    self.raw.setdefault("wrk", {})[f"{label}@c64"] = res.as_dict()
+                    if res.problems():
+                        self.note(f"wrk {label} -c64: {res.problems()}")
+                    run: dict[str, Any] = {"rps": res.rps, "requests": res.requests,
+                                           "elapsed_s": res.elapsed_s or float(s.wrk_s),
+                                           "p50_ms": res.p50_ms, "p99_ms": res.p99_ms,
+                                           "cpu_us_per_request": (res.cpu_s / res.requests * 1e6
+                                                                  if res.requests else None)}
+                    if mode == "on":
+                        dropped = self.metric_total(proxy, "failover_proxy_events_dropped_total")
+                        last = i == s.audit_pairs - 1
+                        if last:  # SIGTERM: the proxy flushes its queue, then exits 0
+                            exit_code = sup.terminate(proxy)
+                        after = self.audit_rows(db, settle=not last)
+                        assert before is not None
+                        run |= {"rows": {k: after[k] - before[k] for k in after},
+                                "dropped": (None if dropped is None or dropped0 is None
+                                            else dropped - dropped0),
+                                "dropped_total": dropped}
+                        run["rows_total"] = sum(run["rows"].values())
+                        run["rows_per_s"] = run["rows_total"] / run["elapsed_s"]
+                        # One route_plans row per request served (wrk does not count
+                        # the <= 64 still in flight when it stops; the proxy serves them).
+                        plans = run["rows"]["route_plans"]
+                        run["rows_per_request"] = run["rows_total"] / plans if plans else None
+                    runs[mode].append(run)
+        finally:
+            sup.stop_tagged("audit")
+        self.audit_rows_report(runs, exit_code)
+
+    def audit_rows_report(self, runs: dict[str, list[dict[str, Any]]],
+                          exit_code: int | None) -> None:
+        on, off = runs["on"], runs["off"]
+        self.raw["audit"] = {"runs": runs, "on_exit_code": exit_code}
+        if exit_code != 0:
+            self.note(f"audit: the audit-on proxy did not exit 0 after SIGTERM (exit "
+                      f"{exit_code}); rows still queued may be missing")
+        rates = [r["rows_per_s"] for r in on]
+        rows = {k: sum(r["rows"][k] for r in on) for k in on[0]["rows"]}
+        per_req = [r["rows_per_request"] for r in on if r["rows_per_request"] is not None]
+        dropped = [r["dropped"] for r in on if r["dropped"] is not None]
+        total_dropped = on[-1]["dropped_total"]
+        seconds = sum(r["elapsed_s"] for r in on)
+        self.row("audit", "audit events written/s", None, statistics.median(rates), "rows/s",
+                 note=f"median of {len(on)} x {self.s.wrk_s}s; in {seconds:.0f}s: "
+                      + " + ".join(f"{v} {k}" for k, v in rows.items())
+                      + (f"; {statistics.median(per_req):.2f} rows/request served"
+                         if per_req else ""))
+        self.row("audit", "audit rows dropped (writer behind)", None,
+                 float(sum(dropped)) if dropped else None, "rows",
+                 note=f"failover_proxy_events_dropped_total in the measured runs; "
+                      f"{total_dropped:g} in all (with warm-ups)"
+                      if total_dropped is not None else "metric not readable")
+        if dropped and sum(dropped):
+            self.note(f"audit: {sum(dropped):g} audit rows dropped during the measured runs "
+                      "(queue full): events/s counts only the rows written")
+        rps_on = statistics.median(r["rps"] for r in on)
+        rps_off = statistics.median(r["rps"] for r in off)
+        cpu_on = [r["cpu_us_per_request"] for r in on if r["cpu_us_per_request"]]
+        cpu_off = [r["cpu_us_per_request"] for r in off if r["cpu_us_per_request"]]
+        note = f"median of {len(on)} alternating runs each"
+        if cpu_on and cpu_off:
+            note += (f"; proxy CPU/request {statistics.median(cpu_off):.0f} us off, "
+                     f"{statistics.median(cpu_on):.0f} us on")
+        self.row("audit", "throughput, audit on vs off", rps_off, rps_on, "req/s", RATIO, note)
+        if rps_off and rps_on / rps_off < 0.9:
+            self.note(f"audit: throughput with the audit store on is {rps_on / rps_off:.0%} of "
+                      "off (below 90%)")
+
+    def audit_rows(self, db: Path, settle: bool) -> dict[str, int]:
+        """Rows in the audit database's three tables. With `settle`, the proxy is running:
+        wait until the counts stop changing (its background writer has caught up)."""
+        def count() -> dict[str, int]:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
+            try:
+                return {t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
+                        for t in ("events", "route_plans", "lineage")}
+            finally:
+                conn.close()
+
+        last = count()
+        if not settle:
+            return last
+        stable, deadline = 0, time.monotonic() + 30.0
+        while stable < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = count()
+            stable = stable + 1 if now == last else 0
+            last = now
+        if stable < 3:
+            self.note("audit: the row count was still changing 30s after the load stopped")
+        return last
 
     def prepare_peer(self, peer: str | None) -> Path | None:
         if peer is None:
@@ -730,7 +988,6 @@ class Bench:
         with self.timed("5 memory"):
             self.log(f"[5] memory with {self.s.streams} open streams")
             self.memory_group()
-        self.bench_audit()
 
     def report(self, total_s: float) -> str:
         order = list(SECTIONS)

@@ -11,11 +11,17 @@ latency  sequential non-streaming requests over several cases, interleaved, each
          optionally preceded by an untimed admin POST (e.g. re-enable an instance)
 hold     open N streams, wait until each has received its first content chunk, print a
          `ready` line, keep reading until a line arrives on stdin, then close them all
+midstream sequential streams through a proxy whose first instance cuts every answer after
+         `cut` content chunks: the gap between chunk `cut` and the next one (the
+         continuation's first new text), whether the whole answer arrived; interleaved
+         with the baseline, the fallback's own time to first token for the same prefill
+         request sent to it directly
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import resource
 import sys
 import time
@@ -245,7 +251,112 @@ async def mode_hold(args: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-MODES = {"ttft": mode_ttft, "rate": mode_rate, "latency": mode_latency, "burst": mode_burst}
+_INDEX = re.compile(r"(\d+)$")
+
+
+def complete_answer(text: str, words: int) -> bool:
+    """Whether `text` is a whole simulator answer: `words` words, the i-th ending in i."""
+    parts = text.split()
+    if len(parts) != words:
+        return False
+    for i, word in enumerate(parts):
+        m = _INDEX.search(word)
+        if m is None or int(m.group(1)) != i:
+            return False
+    return True
+
+
+def _count(d: dict[str, int], key: str) -> None:
+    d[key] = d.get(key, 0) + 1
+
+
+async def mode_midstream(args: dict[str, Any]) -> dict[str, Any]:
+    """Args: url, model, n, warmup, cut, words, reset_url, direct_url, direct_model.
+
+    Round i: POST reset_url (untimed: closes the first instance's circuit, so the cut is
+    met afresh), one streamed answer through the proxy (arrival time of every content
+    chunk), then the same prefill request the proxy sends the fallback (the original
+    messages plus the first `cut` chunks' text as an assistant message), sent to the
+    fallback directly: its time to first content chunk.
+    """
+    cut, words = args["cut"], args["words"]
+    payload = body(args["model"], True)
+    gaps: list[float] = []
+    ttft_direct: list[float] = []
+    totals: list[float] = []
+    out: dict[str, Any] = {"complete": 0, "incomplete": [], "instances": {}, "errors": {},
+                           "direct_errors": {}, "reset_errors": {}, "chunks": {}}
+    prefix: str | None = None
+    async with session(limit=0, total=60.0) as sess:
+        for i in range(args.get("warmup", 3) + args["n"]):
+            measured = i >= args.get("warmup", 3)
+            async with sess.post(args["reset_url"], data=b"{}") as r:
+                await r.read()
+                if r.status != 200 and measured:
+                    _count(out["reset_errors"], f"HTTP {r.status}")
+            times: list[float] = []
+            pieces: list[str] = []
+            t0 = time.perf_counter()
+            try:
+                async with sess.post(args["url"], data=payload) as resp:
+                    status = resp.status
+                    inst = resp.headers.get("x-route-instance", "-")
+                    async for line in resp.content:
+                        text = content_of(line)
+                        if text is not None:
+                            times.append(time.perf_counter())
+                            pieces.append(text)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if measured:
+                    _count(out["errors"], type(exc).__name__)
+                continue
+            total = time.perf_counter() - t0
+            if len(pieces) >= cut:
+                prefix = "".join(pieces[:cut])
+            if measured:
+                _count(out["instances"], inst)
+                _count(out["chunks"], str(len(pieces)))
+                if status != 200:
+                    _count(out["errors"], f"HTTP {status}")
+                else:
+                    whole = "".join(pieces)
+                    if complete_answer(whole, words):
+                        out["complete"] += 1
+                    elif len(out["incomplete"]) < 3:
+                        out["incomplete"].append(whole[-160:])
+                    if len(times) > cut:
+                        gaps.append(times[cut] - times[cut - 1])
+                    totals.append(total)
+            if prefix is None:
+                continue
+            # The baseline: what the fallback itself takes to start continuing the answer.
+            doc = {"model": args["direct_model"], "stream": True,
+                   "messages": [{"role": "user", "content": PROMPT},
+                                {"role": "assistant", "content": prefix}]}
+            t0 = time.perf_counter()
+            first = None
+            try:
+                async with sess.post(args["direct_url"], data=orjson.dumps(doc)) as resp:
+                    dstatus = resp.status
+                    async for line in resp.content:
+                        if first is None and content_of(line) is not None:
+                            first = time.perf_counter() - t0
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if measured:
+                    _count(out["direct_errors"], type(exc).__name__)
+                continue
+            if not measured:
+                continue
+            if dstatus != 200 or first is None:
+                _count(out["direct_errors"], f"HTTP {dstatus}" if dstatus != 200 else "no content")
+            else:
+                ttft_direct.append(first)
+    out |= {"gap_s": gaps, "direct_ttft_s": ttft_direct, "total_s": totals, "prefix": prefix}
+    return out
+
+
+MODES = {"ttft": mode_ttft, "rate": mode_rate, "latency": mode_latency, "burst": mode_burst,
+         "midstream": mode_midstream}
 
 
 def main() -> int:

@@ -212,12 +212,16 @@ class Supervisor:
             cmd += ["--fault", fault]
         return self.spawn(name, cmd, tags=tags)
 
-    def proxy(self, name: str, config_text: str, tags: Sequence[str] = ()) -> Child:
-        """A proxy on a port of the kernel's choosing (known once `wait_ready` returns)."""
+    def proxy(self, name: str, config_text: str, tags: Sequence[str] = (),
+              log: bool = True) -> Child:
+        """A proxy on a port of the kernel's choosing (known once `wait_ready` returns).
+
+        `log=False` sends its output (the structured log lines) to /dev/null.
+        """
         cfg = self.workdir / f"{name}.json"
         cfg.write_text(config_text)
         cmd = [self.python, "-m", "proxy", "serve", "--config", str(cfg), "--port", "0"]
-        return self.spawn(name, cmd, tags=tags)
+        return self.spawn(name, cmd, tags=tags, log=log)
 
     def wait_ready(self, children: Sequence[Child], path: str, timeout: float = 30.0) -> None:
         """Wait until every child answers GET `path` with 200 on a port it listens on.
@@ -276,6 +280,21 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.proc.wait(timeout=5)
+
+    def terminate(self, child: Child, timeout: float = 30.0) -> int | None:
+        """SIGTERM one child and wait up to `timeout` for it to exit on its own (a proxy
+        flushes its audit queue first); its exit code, or None if it had to be killed."""
+        code: int | None = None
+        try:
+            os.kill(child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            code = child.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.stop([child])  # sweeps the group (SIGKILL if still there), bookkeeping
+        return code
 
     def stop(self, children: Sequence[Child], grace: float = 5.0) -> None:
         """SIGTERM each child's group, wait up to `grace`, then SIGKILL what is left."""

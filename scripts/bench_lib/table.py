@@ -51,6 +51,8 @@ def fmt(x: float | str | None) -> str:
         return "-"
     if isinstance(x, str):
         return x
+    if x == 0:
+        return "0"
     a = abs(x)
     if a >= 1000:
         return f"{x:,.0f}"

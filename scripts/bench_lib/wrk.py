@@ -62,6 +62,8 @@ class WrkResult:
     connections: int
     duration_s: float
     requests: int = 0
+    #: How long the run really lasted, as wrk reports it ("N requests in 10.01s").
+    elapsed_s: float = 0.0
     rps: float = 0.0
     p50_ms: float | None = None
     p75_ms: float | None = None
@@ -132,6 +134,7 @@ def parse_wrk(text: str, result: WrkResult) -> WrkResult:
         m = re.match(r"^(\d+) requests in ([\d.]+\w+),", s)
         if m:
             result.requests = int(m.group(1))
+            result.elapsed_s = _seconds(m.group(2))
         m = re.match(r"^Socket errors: (.*)$", s)
         if m:
             for item in m.group(1).split(","):
