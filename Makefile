@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install clean lint typecheck bench
+.PHONY: run test install clean lint typecheck bench chaos
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y wrk \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; }
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# `make chaos` (about a minute): simulators killed and restarted at random under load, every
+# answer checked; or `make chaos CHAOS_ARGS="--duration 20 --seed 7 --mode inproc"`.
+chaos: $(STAMP)
+	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .run

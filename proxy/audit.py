@@ -54,7 +54,7 @@ class Recorder:
             # The whole plan goes to route_plans (joined by plan_id); the event stays small.
             store.event(now, ROUTE_PLANNED, plan.request_id, plan.plan_id, plan.selected,
                         detail={"fallback": plan.fallback})
-        if plan.preferred is not None and plan.selected is not None:
+        if plan.preferred is not None and plan.selected not in (None, plan.preferred):
             self.rerouted(plan, INSTANCE_NOT_READY, plan.preferred_why or "not ready",
                           plan.preferred, plan.selected)
 

@@ -67,6 +67,14 @@ class RequestTimeout(ProxyError):
     code = "request_timeout"
 
 
+class UnsupportedEncoding(ProxyError):
+    """415: a compressed request body (no OpenAI SDK sends one)."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+
 class PayloadTooLarge(ProxyError):
     """413: the body is larger than `server.max_body_bytes`."""
 

@@ -48,6 +48,7 @@ from proxy.fingerprints import models_match, response_model
 from proxy.inbound import CHAT, UPSTREAM_PATH, ClientRequest
 from proxy.instances import InstanceState, Registry
 from proxy.routing import RoutePlan, larger_window
+from proxy.scoring import hard_filter
 from proxy.sse import (
     DONE,
     DONE_EVENT,
@@ -159,7 +160,7 @@ class Forwarder:
                                                f"{inst.inflight} in flight (max {cap})",
                                                inst.id, _next_id(candidates, index))
                         continue
-                    if index == 0:
+                    if index == 0 and plan.healthy:
                         self.recorder.verified(plan, inst.id)
             else:
                 waited = await self._wait_out_rate_limit(rate_limited)
@@ -453,7 +454,7 @@ class Forwarder:
             why_not = f"{failure.code} is not retried (retry.on)"
         if why_not is None:
             why_not = "no instance left that can continue it"
-            for cand in plan.candidates[start:]:
+            for cand in self._continuation_pool(plan, origin, start):
                 if len(attempts) >= retry.max_attempts:
                     why_not = "the retry budget is spent"
                     break
@@ -502,6 +503,20 @@ class Forwarder:
             pass
         return Reply(200, None, instance=failed.id, attempts=attempts, outcome=STREAM_FAILED,
                      ttfb_s=cut.ttfb_s)
+
+    def _continuation_pool(self, plan: RoutePlan, origin: InstanceState,
+                           start: int) -> list[InstanceState]:
+        """Who may continue a cut stream, as things stand now: the plan's later candidates,
+        then its earlier ones, then instances the plan rejected that are fit again (a twin
+        that came back after planning)."""
+        pool = plan.candidates[start:] + [c for c in plan.candidates[:start] if c is not origin]
+        seen = {c.id for c in pool} | {origin.id}
+        for inst_id in plan.rejected:
+            inst = self.registry.by_id.get(inst_id)
+            if inst is not None and inst.id not in seen and inst.routable() \
+                    and hard_filter(inst, plan.requirements) is None:
+                pool.append(inst)
+        return pool
 
     async def _attempt_splice(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
                               client_auth: str | None, splicer: Splicer) -> None:
@@ -556,11 +571,14 @@ def _error_message(error: object) -> str:
 def _final_error(plan: RoutePlan, attempts: list[Attempt], last: UpstreamFailure | None,
                  rate_limited: dict[str, tuple[InstanceState, float]]) -> ProxyError:
     """The error for a request no attempt could serve."""
-    if not attempts:
+    listing = "; ".join(a.describe() for a in attempts)
+    if not plan.healthy:
+        # Nothing was ready; whatever was tried was a last resort.
         why = "; ".join(f"{i}: {r}" for i, r in plan.rejected.items())
+        if attempts:
+            why = f"{why}; " * bool(why) + f"last-resort tries failed: {listing}"
         return RouteBlocked(f"No available instances for model '{plan.model}'"
                             + (f" ({why})." if why else "."))
-    listing = "; ".join(a.describe() for a in attempts)
     codes = {a.code for a in attempts}
     n = len(attempts)
     summary = f"All {n} attempt{'s' if n > 1 else ''} failed: {listing}"

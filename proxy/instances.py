@@ -39,6 +39,10 @@ DRAINED = "DRAINED"
 
 #: States in which an instance may be sent traffic.
 ROUTABLE_STATES = frozenset({UNKNOWN, READY})
+#: States the prober saw last, which may be out of date by now: such an instance is still
+#: tried as a last resort (if its circuit allows), so a server that came back between two
+#: probes is never refused.
+STALE_STATES = frozenset({DOWN, LOADING})
 
 _EWMA_ALPHA = 0.2
 #: How many recent outcomes, and how far back, the error rate looks at. Old failures are
@@ -110,9 +114,13 @@ class InstanceState:
         return self.circuit.available(time.monotonic() if now is None else now)
 
     def blocked_reason(self) -> str | None:
-        """Why the instance may not be sent any request now (a hard filter), or None."""
+        """Why the instance may not be sent any request now (a hard filter), or None.
+
+        DOWN and LOADING are not blocking: the planner keeps such an instance as a last
+        resort while its circuit is closed.
+        """
         state = self.state
-        if state in ROUTABLE_STATES:
+        if state in ROUTABLE_STATES or state in STALE_STATES:
             return None
         if state == DRAINED:
             return "drained" if self.config.enabled else "disabled"
@@ -251,6 +259,8 @@ class Registry:
         inst.latency_reason = f"latency={ewma:.0f}ms"
         inst.successes += 1
         inst._remember(True, time.monotonic())
+        if inst.state in STALE_STATES:
+            self.set_state(inst, READY, "answered a request")
         if inst.circuit.state != CLOSED:
             inst.circuit.on_success()
             log.info("circuit_closed", instance=inst.id, by="successful request")

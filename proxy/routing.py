@@ -17,7 +17,7 @@ from typing import Any
 from proxy.config import Config, InstanceConfig
 from proxy.errors import NotFound
 from proxy.inbound import ClientRequest
-from proxy.instances import DRAINED, InstanceState, Registry
+from proxy.instances import DRAINED, STALE_STATES, InstanceState, Registry
 from proxy.requirements import Requirements, extract
 from proxy.scoring import hard_filter, score
 from proxy.sessions import SessionTable
@@ -178,18 +178,33 @@ class Planner:
                         if unready is None or rank < unready[0]:
                             unready = (rank, inst.id, why)
                     continue
+                stale = inst.state in STALE_STATES
+                open_circuit = not inst.circuit.available(now)
+                if stale and open_circuit:
+                    # Down by the prober and by traffic: not worth even a last try.
+                    rejected[inst.id] = f"state={inst.state}"
+                    rank = (tier_no, _key(resolution.strategy, score(
+                        inst, reqs, weights, prefer_local, sticky, now, ctx_reason,
+                        assume_ready=True)[0], position), position)
+                    if unready is None or rank < unready[0]:
+                        unready = (rank, inst.id, f"state={inst.state}")
+                    continue
                 value, why_list = score(inst, reqs, weights, prefer_local, sticky, now,
-                                        ctx_reason)
+                                        ctx_reason, assume_ready=stale)
                 scores[inst.id] = value
                 reasons[inst.id] = why_list
                 rank = (tier_no, _key(resolution.strategy, value, position), position)
-                if not inst.circuit.available(now):
+                if stale or open_circuit:
                     # Still tried, after every healthy instance: never refuse a request
-                    # some instance might serve.
-                    why_list.append(f"circuit_open={inst.circuit.remaining(now):.1f}s")
+                    # some instance might serve (a server may be back before the prober
+                    # has seen it).
+                    why_list[0] = f"state={inst.state}" if stale else why_list[0]
+                    why_list.append("last_resort" if stale else
+                                    f"circuit_open={inst.circuit.remaining(now):.1f}s")
                     last_resort.append(inst)
                     if unready is None or rank < unready[0]:
-                        unready = (rank, inst.id, f"circuit {inst.circuit.state}")
+                        unready = (rank, inst.id, f"state={inst.state}" if stale
+                                   else f"circuit {inst.circuit.state}")
                 else:
                     ranked.append((value, inst))
                     if first_rank is None or rank < first_rank:

@@ -117,9 +117,18 @@ async def test_scenario_4_nothing_available_is_blocked(make_sim: MakeSim, make_p
     assert status == 503
     assert "No available instances" in body["error"]["message"]
     trail = await events(proxy, request_id=headers["x-request-id"])
+    # The instance the prober saw down is still given a last try (it might be back):
+    # refused, so the request is blocked.
+    assert [e["type"] for e in trail] == ["ROUTE_PLANNED", "REROUTED", "ROUTE_BLOCKED",
+                                          "REQUEST_COMPLETED"]
+    assert trail[1]["reason_code"] == "CONN_REFUSED"
+    assert "No available instances" in trail[2]["detail"]["message"]
+    # Now its circuit is open too: the next request does not even try it.
+    status, headers, body = await chat(proxy)
+    assert status == 503
+    trail = await events(proxy, request_id=headers["x-request-id"])
     assert [e["type"] for e in trail] == ["ROUTE_PLANNED", "ROUTE_BLOCKED", "REQUEST_COMPLETED"]
-    assert (await events(proxy, type="ROUTE_BLOCKED"))[0]["detail"]["rejected"] == {
-        "llamacpp:local0": "state=DOWN"}
+    assert trail[1]["detail"]["rejected"] == {"llamacpp:local0": "state=DOWN"}
 
 
 async def test_state_changes_are_events(make_sim: MakeSim, make_proxy: MakeProxy,

@@ -120,9 +120,11 @@ def test_everything_down_sdk_raises_naming_each_attempt(cluster: Cluster) -> Non
     with pytest.raises(openai.APIStatusError) as err:
         ask(cluster.client())
     assert err.value.status_code == 502
-    # The prober found the primary down before the request; it is named, not tried.
-    assert "local:primary (state=DOWN)" in str(err.value)
+    # The prober found the primary down: it is tried only as the last resort, after the
+    # secondary failed twice.
     assert "local:secondary UPSTREAM_5XX" in str(err.value)
+    assert str(err.value).endswith("local:primary CONN_REFUSED: connection refused by "
+                                   f"127.0.0.1:{cluster.sims['primary'][0]}")
 
 
 def test_malformed_bodies_are_400_and_the_proxy_stays_up(cluster: Cluster) -> None:

@@ -223,7 +223,8 @@ async def test_everything_known_down_is_503_route_blocked(make_sim: MakeSim,
     assert err.value.status_code == 503
     assert err.value.code == "ROUTE_BLOCKED"
     assert "No available instances" in str(err.value)
-    assert "p0:s0: state=DOWN" in str(err.value)
+    # Both were given a last try in case they were back; both refused.
+    assert "last-resort tries failed: p0:s0 CONN_REFUSED" in str(err.value)
 
 
 async def test_every_attempt_timed_out_is_504(make_sim: MakeSim, make_proxy: MakeProxy) -> None:

@@ -135,10 +135,21 @@ def test_missing_capability_is_rejected_unknown_is_ranked_lower() -> None:
 def test_down_and_disabled_instances_are_rejected() -> None:
     config = seed_with_cloud()
     planner = ready_planner(config)
-    planner.registry.by_id["llamacpp:qwen3-coder-30b"].state = DOWN
+    coder = planner.registry.by_id["llamacpp:qwen3-coder-30b"]
+    coder.state = DOWN
+    plan = planner.plan(chat("fix this python bug"), {})
+    # Down by the prober only: kept as a last resort, in case it is back already.
+    assert plan.selected == "llamacpp:glm47flash-q8"
+    assert plan.fallback[-1] == "llamacpp:qwen3-coder-30b"
+    assert plan.reasons["llamacpp:qwen3-coder-30b"][-1] == "last_resort"
+    assert plan.preferred == "llamacpp:qwen3-coder-30b"  # recorded as INSTANCE_NOT_READY
+    # Down by traffic too (its circuit is open): not even a last resort.
+    coder.circuit.on_failure("connection", time.monotonic(), immediate=True)
     plan = planner.plan(chat("fix this python bug"), {})
     assert plan.rejected == {"llamacpp:qwen3-coder-30b": "state=DOWN"}
-    assert plan.selected == "llamacpp:glm47flash-q8"
+    planner.registry.by_id["openai:default"].state = "DRAINED"
+    plan = planner.plan(chat("fix this python bug"), {})
+    assert plan.rejected["openai:default"] == "drained"
 
 
 @pytest.mark.parametrize("prefer_local,prefer,first", [
