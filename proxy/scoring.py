@@ -64,9 +64,12 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
     # Tags: the share of the requested tags the instance carries.
     tags = req.tags
     if tags:
-        cached = inst.tag_match_cache.get(tags)
+        cache = inst.tag_match_cache
+        cached = cache.get(tags)
         if cached is None:
-            cached = inst.tag_match_cache[tags] = tag_match(inst.tags, tags)
+            if len(cache) >= 512:  # clients choose tags freely: keep the cache bounded
+                cache.clear()
+            cached = cache[tags] = tag_match(inst.tags, tags)
         total += weights.tags * cached[0]
         reasons.append(cached[1])
         weight_sum += weights.tags
