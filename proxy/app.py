@@ -33,6 +33,9 @@ def _assemble(config: Config, registry: Registry, recorder: Recorder,
     redactor = Redactor(config_secrets(config))
     upstream = Upstream(session, config.timeouts, redactor)
     registry.listeners.append(recorder.state_changed)
+    recorder.known_models = frozenset(
+        {"auto", *config.models, *(i.model for i in config.instances if i.model),
+         *(i.id for i in config.instances)})
     for inst in registry.states:
         recorder.metrics.set_state(inst.id, inst.state, STATES)
     return ProxyState(

@@ -8,7 +8,7 @@ awaits anything (store writes are queued), so recording costs the request micros
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -43,6 +43,20 @@ class Recorder:
     def __init__(self, metrics: Metrics, store: AuditStore | None = None) -> None:
         self.metrics = metrics
         self.store = store
+        # Labelled children, looked up once: prometheus' labels() costs microseconds a call.
+        self._children: dict[tuple[str, ...], Any] = {}
+        #: Model names worth a metrics label; anything else a client sends is "other", so
+        #: clients cannot grow the number of series without bound.
+        self.known_models: frozenset[str] = frozenset()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > 10_000:  # clients pick model names: stay bounded
+                self._children.clear()
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # ------------------------------------------------------------------ routing
 
@@ -110,11 +124,12 @@ class Recorder:
                          attempts=attempts, status=status, outcome=outcome, stream=stream,
                          latency_ms=duration_ms)
         m = self.metrics
-        m.requests.labels(model or "", instance or "", outcome).inc()
-        m.duration.labels("true" if stream else "false").observe(duration_s)
+        label = model if model in self.known_models else ("" if model is None else "other")
+        self._child(m.requests, label, instance or "", outcome).inc()
+        self._child(m.duration, "true" if stream else "false").observe(duration_s)
         m.overhead.observe(max(0.0, duration_s - upstream_s))
         if ttfb_s is not None and instance is not None:
-            m.ttfb.labels(instance).observe(ttfb_s)
+            self._child(m.ttfb, instance).observe(ttfb_s)
         store = self.store
         if store is None or plan is None:
             return
