@@ -747,7 +747,8 @@ class Simulator:
                 headers={"Retry-After": faults.rate_limit},
             )
         if faults.status is not None:
-            return _error(faults.status, f"simulated HTTP {faults.status} failure", _error_type(faults.status))
+            return _error(faults.status, f"simulated HTTP {faults.status} failure",
+                          _error_type(faults.status))
         return None
 
     def _check_context(self, faults: Faults, tokens: int, param: str) -> None:
@@ -759,7 +760,8 @@ class Simulator:
                 "context_length_exceeded",
             )
 
-    def _plan(self, model: str, prompt: str, prefix: str | None, limit: int | None) -> tuple[Sequence[str], str]:
+    def _plan(self, model: str, prompt: str, prefix: str | None,
+              limit: int | None) -> tuple[Sequence[str], str]:
         """Pieces to send and finish_reason."""
         ans = _answer(model, prompt, self.words)
         pieces: Sequence[str] = ans.pieces
@@ -863,7 +865,8 @@ class Simulator:
         base = {"id": cid, "object": "text_completion", "created": created, "model": model}
         head = b"data: " + orjson.dumps(base)[:-1] + b',"choices":[{"text":'
         tail = b',"index":0,"logprobs":null,"finish_reason":null}]}\n\n'
-        finish_ev = _sse({**base, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": finish}]})
+        finish_ev = _sse({**base, "choices": [{"text": "", "index": 0, "logprobs": None,
+                                               "finish_reason": finish}]})
         usage_ev = (_sse({**base, "choices": [], "usage": _usage(prompt_tokens, len(pieces))})
                     if _include_usage(data) else None)
         return await self._stream(request, faults, [], head, tail, pieces, finish_ev, usage_ev)

@@ -271,7 +271,7 @@ async def test_legacy_completions(client: openai.AsyncOpenAI) -> None:
 async def test_embeddings(client: openai.AsyncOpenAI, session: aiohttp.ClientSession, sim: Simulator) -> None:
     r = await client.embeddings.create(model=MODEL, input=["a b", "c"])  # SDK asks for base64
     assert [d.index for d in r.data] == [0, 1]
-    for d, text in zip(r.data, ["a b", "c"]):
+    for d, text in zip(r.data, ["a b", "c"], strict=True):
         assert d.embedding == pytest.approx(embedding_vector(text), abs=1e-6)
     assert r.usage.prompt_tokens == 3
     _, body = await post(session, sim, "/v1/embeddings", {"model": MODEL, "input": "a b"})
