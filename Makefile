@@ -17,7 +17,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) llama
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -40,3 +40,33 @@ chaos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .run
+
+# `make llama`: llama.cpp's llama-server, built once per version into a cache outside the
+# repo (10 to 15 minutes on 2 cores the first time, then nothing), and tiny random-weight
+# GGUF models beside it, for tests/test_llamacpp.py. `make test` runs it first.
+LLAMA_CACHE  := $(shell bash scripts/build_llama_server.sh --cache)
+LLAMA_MODELS := $(LLAMA_CACHE)/models
+LLAMA_GGUF   := $(addprefix $(LLAMA_MODELS)/,tiny-a.gguf tiny-b.gguf tiny-slow.gguf tiny-slow-utf8.gguf)
+
+.PHONY: llama llama-server
+llama: llama-server $(LLAMA_GGUF)
+
+llama-server: $(STAMP)
+	PYTHON="$(CURDIR)/$(BIN)/python" bash scripts/build_llama_server.sh
+
+$(LLAMA_MODELS)/tiny-a.gguf: scripts/make_tiny_gguf.py $(STAMP)
+	$(BIN)/python scripts/make_tiny_gguf.py --out $@ --name tiny-a --seed 1
+
+$(LLAMA_MODELS)/tiny-b.gguf: scripts/make_tiny_gguf.py $(STAMP)
+	$(BIN)/python scripts/make_tiny_gguf.py --out $@ --name tiny-b --seed 2
+
+# 300,000 unreachable filler tokens: loading the vocabulary keeps /health at 503 for about a
+# second, and the output layer makes a token take about 6 ms, so a stream can be cut mid-answer.
+$(LLAMA_MODELS)/tiny-slow.gguf: scripts/make_tiny_gguf.py $(STAMP)
+	$(BIN)/python scripts/make_tiny_gguf.py --out $@ --name tiny-slow --seed 3 --pad-vocab 300000
+
+# The same, with é, 世 and 🙂 written as byte tokens: the server sends such a character in
+# one chunk once all its bytes are out, so a chunk can be several tokens.
+$(LLAMA_MODELS)/tiny-slow-utf8.gguf: scripts/make_tiny_gguf.py $(STAMP)
+	$(BIN)/python scripts/make_tiny_gguf.py --out $@ --name tiny-slow-utf8 --seed 4 \
+		--pad-vocab 300000 --utf8-chains

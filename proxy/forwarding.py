@@ -524,7 +524,16 @@ class Forwarder:
         cfg = inst.config
         timeouts = self.config.timeouts
         if splicer.mode == PREFILL:
-            body = continuation_body(req.body, req.endpoint == CHAT, splicer.delivered, cfg.model)
+            carried = None
+            if cfg.server == "llamacpp":
+                # Chunks are not tokens (a character of several tokens comes as one chunk):
+                # ask the server, so the continuation keeps the client's token budget.
+                carried = await self.upstream.count_tokens(cfg, splicer.prefix,
+                                                           timeouts.connect_s + 1.0)
+                if carried is not None:
+                    splicer.carried_chunks = carried
+            body = continuation_body(req.body, req.endpoint == CHAT, splicer.delivered,
+                                     cfg.model, carried)
             if body is None:
                 raise ProcessExited("this request cannot be continued by prefill")
             data = orjson.dumps(body)

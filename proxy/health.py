@@ -163,6 +163,12 @@ class Prober:
             log.info("fingerprint_pinned", instance=inst.id, fingerprint=learned,
                      detail=result.detail)
             return READY, "healthy (fingerprint pinned)"
+        pinned_file = inst.fingerprint_detail
+        if (inst.fingerprint_source == "learned" and pinned_file and result.detail
+                and result.detail != pinned_file):
+            # Same alias, another weights file: a different model under the same name.
+            return MISMATCH, (f"serves the file {result.detail}, not the pinned "
+                              f"{pinned_file} (alias {inst.fingerprint})")
         if any_match(inst.fingerprint, result.models):
             return READY, "healthy"
         return MISMATCH, (f"serves {', '.join(result.models[:5])}, "

@@ -78,6 +78,7 @@ class Splicer:
         self.delivered = delivered
         self.mode = mode
         self.prefix = delivered.text
+        #: Tokens of the delivered text, for usage; chunks unless the caller knows better.
         self.carried_chunks = delivered.content_chunks
         self.pending = ""
         self.decided = False
@@ -182,9 +183,14 @@ def _common(a: str, b: str) -> int:
 
 
 def continuation_body(body: dict[str, Any], endpoint_is_chat: bool, delivered: Delivered,
-                      model: str | None) -> dict[str, Any] | None:
+                      model: str | None, carried_tokens: int | None = None
+                      ) -> dict[str, Any] | None:
     """The request that asks an instance to continue the delivered text, or None if it
-    cannot be asked (a completions prompt that is not a string)."""
+    cannot be asked (a completions prompt that is not a string).
+
+    `carried_tokens` is the delivered text's length in the instance's tokens when known;
+    otherwise its content chunks stand in (one token each for most servers)."""
+    carried = delivered.content_chunks if carried_tokens is None else carried_tokens
     text = delivered.text
     out = dict(body)
     if model is not None:
@@ -193,7 +199,7 @@ def continuation_body(body: dict[str, Any], endpoint_is_chat: bool, delivered: D
     for key in ("max_tokens", "max_completion_tokens"):
         limit = body.get(key)
         if isinstance(limit, int) and not isinstance(limit, bool):
-            out[key] = max(1, limit - delivered.content_chunks)  # what is left of the budget
+            out[key] = max(1, limit - carried)  # what is left of the budget
     if endpoint_is_chat:
         out["messages"] = [*body["messages"], {"role": "assistant", "content": text}]
         return out

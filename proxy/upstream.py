@@ -18,6 +18,7 @@ from proxy.failures import (
     RateLimited,
     Upstream5xx,
     UpstreamAuth,
+    UpstreamFailure,
     map_exceptions,
     parse_retry_after,
 )
@@ -140,6 +141,27 @@ class Upstream:
             async with asyncio.timeout(timeout_s):
                 async with self.session.get(url, headers=self.headers_for(inst, None)) as resp:
                     return resp.status, await resp.content.read(1 << 20)
+
+    async def count_tokens(self, inst: InstanceConfig, text: str,
+                           timeout_s: float) -> int | None:
+        """How many tokens `text` is for this instance's model, by llama.cpp's /tokenize;
+        None when it cannot tell."""
+        body = orjson.dumps({"content": text, "add_special": False})
+        try:
+            with map_exceptions("probe", timeout_s):
+                async with asyncio.timeout(timeout_s):
+                    async with self.session.post(inst.root_url + "/tokenize", data=body,
+                                                 headers=self.headers_for(inst, None)) as resp:
+                        if resp.status != 200:
+                            return None
+                        data = await resp.read()
+        except UpstreamFailure:
+            return None
+        try:
+            tokens = orjson.loads(data).get("tokens")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return len(tokens) if isinstance(tokens, list) else None
 
     @staticmethod
     async def next_event(reader: EventReader, timeout_s: float, phase: str) -> bytes | None:
