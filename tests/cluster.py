@@ -22,12 +22,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0,
+                   log: Path | None = None) -> None:
+    """Wait until `port` accepts connections; fail with the process's output if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise AssertionError(f"process exited with {proc.returncode}: {out}")
+            if log is not None:
+                out = log.read_text(errors="replace")[-3000:]
+            else:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"process exited with {proc.returncode}:\n{out}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return

@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.simtext import answer_text
+from tests.cluster import wait_listening
 
 pytestmark = pytest.mark.e2e
 
@@ -73,18 +74,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}:\n"
-                                 + log.read_text(errors="replace")[-3000:])
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path,
+                    timeout: float = 20.0) -> None:
+    wait_listening(port, proc, timeout, log)
 
 
 class Target:
