@@ -154,6 +154,7 @@ class Planner:
         scores: dict[str, float] = {}
         ordered: list[InstanceState] = []
         last_resort: list[InstanceState] = []
+        desperate: list[InstanceState] = []
         seen: set[str] = set()
         ctx_reason = f"ctx>={reqs.ctx_needed}"
         # The best instance that is not ready now, for the audit: (rank, id, why).
@@ -180,15 +181,6 @@ class Planner:
                     continue
                 stale = inst.state in STALE_STATES
                 open_circuit = not inst.circuit.available(now)
-                if stale and open_circuit:
-                    # Down by the prober and by traffic: not worth even a last try.
-                    rejected[inst.id] = f"state={inst.state}"
-                    rank = (tier_no, _key(resolution.strategy, score(
-                        inst, reqs, weights, prefer_local, sticky, now, ctx_reason,
-                        assume_ready=True)[0], position), position)
-                    if unready is None or rank < unready[0]:
-                        unready = (rank, inst.id, f"state={inst.state}")
-                    continue
                 value, why_list = score(inst, reqs, weights, prefer_local, sticky, now,
                                         ctx_reason, assume_ready=stale)
                 scores[inst.id] = value
@@ -197,11 +189,12 @@ class Planner:
                 if stale or open_circuit:
                     # Still tried, after every healthy instance: never refuse a request
                     # some instance might serve (a server may be back before the prober
-                    # has seen it).
+                    # or its cooldown has noticed). Down by both probe and traffic: last.
                     why_list[0] = f"state={inst.state}" if stale else why_list[0]
-                    why_list.append("last_resort" if stale else
-                                    f"circuit_open={inst.circuit.remaining(now):.1f}s")
-                    last_resort.append(inst)
+                    if open_circuit:
+                        why_list.append(f"circuit_open={inst.circuit.remaining(now):.1f}s")
+                    why_list.append("last_resort")
+                    (desperate if stale and open_circuit else last_resort).append(inst)
                     if unready is None or rank < unready[0]:
                         unready = (rank, inst.id, f"state={inst.state}" if stale
                                    else f"circuit {inst.circuit.state}")
@@ -214,6 +207,7 @@ class Planner:
             ordered.extend(inst for _, inst in ranked)
         healthy = len(ordered)
         ordered.extend(last_resort)
+        ordered.extend(desperate)
         ids = [s.id for s in ordered]
         preferred = preferred_why = None
         if unready is not None and (first_rank is None or unready[0] < first_rank):

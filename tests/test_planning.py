@@ -143,10 +143,12 @@ def test_down_and_disabled_instances_are_rejected() -> None:
     assert plan.fallback[-1] == "llamacpp:qwen3-coder-30b"
     assert plan.reasons["llamacpp:qwen3-coder-30b"][-1] == "last_resort"
     assert plan.preferred == "llamacpp:qwen3-coder-30b"  # recorded as INSTANCE_NOT_READY
-    # Down by traffic too (its circuit is open): not even a last resort.
+    # Down by traffic too (its circuit is open): still tried, but after everything else.
     coder.circuit.on_failure("connection", time.monotonic(), immediate=True)
+    planner.registry.by_id["openai:default"].circuit.on_failure(
+        "connection", time.monotonic(), immediate=True)
     plan = planner.plan(chat("fix this python bug"), {})
-    assert plan.rejected == {"llamacpp:qwen3-coder-30b": "state=DOWN"}
+    assert plan.fallback == ["openai:default", "llamacpp:qwen3-coder-30b"]
     planner.registry.by_id["openai:default"].state = "DRAINED"
     plan = planner.plan(chat("fix this python bug"), {})
     assert plan.rejected["openai:default"] == "drained"
