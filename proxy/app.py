@@ -31,7 +31,7 @@ def _assemble(config: Config, registry: Registry, recorder: Recorder,
               session: aiohttp.ClientSession) -> ProxyState:
     """Everything that depends on the config, around the long-lived session and recorder."""
     redactor = Redactor(config_secrets(config))
-    upstream = Upstream(session, config.timeouts, redactor)
+    upstream = Upstream(session, config.timeouts, redactor, config.routing.default_max_tokens)
     registry.listeners.append(recorder.state_changed)
     recorder.known_models = frozenset(
         {"auto", *config.models, *(i.model for i in config.instances if i.model),

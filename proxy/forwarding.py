@@ -53,7 +53,7 @@ from proxy.sse import (
     DONE,
     DONE_EVENT,
     Chunk,
-    EventReader,
+    EventSource,
     MalformedEvent,
     event_data,
     inspect_chunk,
@@ -284,6 +284,7 @@ class Forwarder:
             resp.close()
             raise
         resp.release()
+        body = self.upstream.translate_body(cfg, body)
         pinned = inst.fingerprint
         if pinned is not None and resp.status == 200:
             seen = response_model(body)
@@ -314,7 +315,7 @@ class Forwarder:
                 done = True
                 self.registry.record_success(inst, time.perf_counter() - t0)
                 return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"))
-            reader = EventReader(resp.content)
+            reader = self.upstream.events(cfg, resp, req.include_usage)
             pending: list[tuple[bytes, Chunk | None]] = []
             await self._until_content(reader, pending, deadline, inst.fingerprint)
             ttfb = time.perf_counter() - t0
@@ -346,7 +347,7 @@ class Forwarder:
             else:
                 resp.close()
 
-    async def _until_content(self, reader: EventReader, pending: list[tuple[bytes, Chunk | None]],
+    async def _until_content(self, reader: EventSource, pending: list[tuple[bytes, Chunk | None]],
                              deadline: float, pinned: str | None) -> None:
         """Read events before the commit point into `pending` (a `[DONE]` with chunk None).
 
@@ -380,7 +381,7 @@ class Forwarder:
             if chunk.has_content or chunk.finish_reason is not None:
                 return
 
-    async def _relay(self, reader: EventReader, sink: StreamSink, delivered: Delivered,
+    async def _relay(self, reader: EventSource, sink: StreamSink, delivered: Delivered,
                      splicer: Splicer | None, first_deadline: float, deadline: float) -> None:
         """Relay events until `[DONE]` (or a clean end after a finish reason).
 
@@ -545,7 +546,8 @@ class Forwarder:
         try:
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
                 raise ProcessExited("the continuation was not streamed")
-            await self._relay(EventReader(resp.content), sink, splicer.delivered, splicer,
+            await self._relay(self.upstream.events(cfg, resp, req.include_usage), sink,
+                              splicer.delivered, splicer,
                               t0 + timeouts.first_byte_s, t0 + timeouts.total_s)
             done = True
             self.registry.record_success(inst, time.perf_counter() - t0)

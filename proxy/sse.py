@@ -20,6 +20,12 @@ class ByteSource(Protocol):
     async def readany(self) -> bytes: ...
 
 
+class EventSource(Protocol):
+    """Anything that yields complete SSE events (an EventReader, or a translating one)."""
+
+    async def next(self) -> bytes | None: ...
+
+
 class EventReader:
     """Yields raw events, each ending in its blank-line terminator, from a byte source."""
 

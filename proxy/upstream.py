@@ -7,14 +7,19 @@ This is the boundary where transport exceptions become our failures (via
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 
 import aiohttp
 import orjson
 
+from proxy import anthropic
 from proxy.config import InstanceConfig, TimeoutsConfig
+from proxy.errors import error_body
 from proxy.failures import (
+    UPSTREAM_ERROR,
     ContextTooLong,
+    ProcessExited,
     RateLimited,
     Upstream5xx,
     UpstreamAuth,
@@ -23,7 +28,7 @@ from proxy.failures import (
     parse_retry_after,
 )
 from proxy.secrets import Redactor
-from proxy.sse import EventReader
+from proxy.sse import DONE_EVENT, EventReader, EventSource, event_data
 
 _PASS_HEADERS = ("retry-after",)
 
@@ -60,7 +65,9 @@ def make_session(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
 def instance_headers(inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
     """Headers for a request to `inst`: its own credentials, never the client's unless allowed."""
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-    if inst.api_key:
+    if inst.kind == ANTHROPIC:
+        headers.update(anthropic.HEADERS(inst.api_key or ""))
+    elif inst.api_key:
         headers["Authorization"] = f"Bearer {inst.api_key}"
     elif inst.forward_client_auth and client_auth:
         headers["Authorization"] = client_auth
@@ -69,14 +76,71 @@ def instance_headers(inst: InstanceConfig, client_auth: str | None) -> dict[str,
     return headers
 
 
+ANTHROPIC = "anthropic"
+
+
+class UnsupportedByInstance(UpstreamFailure):
+    """The request cannot be expressed in this instance's protocol; try another one."""
+
+    code = UPSTREAM_ERROR
+
+
+class AnthropicEvents:
+    """Reads a Messages API event stream and yields OpenAI chunk events in its place.
+
+    The rest of the relay sees what any OpenAI-compatible server would send: chunks,
+    `[DONE]` at message_stop, an in-band `{"error": ...}` for an error event.
+    """
+
+    __slots__ = ("_events", "_translator", "_queue")
+
+    def __init__(self, events: EventReader, translator: anthropic.StreamTranslator) -> None:
+        self._events = events
+        self._translator = translator
+        self._queue: list[bytes] = []
+
+    async def next(self) -> bytes | None:
+        while not self._queue:
+            raw = await self._events.next()
+            if raw is None:
+                return None
+            name, payload = _event_name(raw), event_data(raw)
+            if payload is None:
+                continue
+            try:
+                data = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return b"data: " + payload + b"\n\n"  # malformed: let the relay judge it
+            if not isinstance(data, dict):
+                continue
+            try:
+                chunks = self._translator.feed(name or str(data.get("type", "")), data)
+            except anthropic.AnthropicStreamError as exc:
+                return b"data: " + orjson.dumps({"error": {"message": exc.message,
+                                                           "type": exc.error_type}}) + b"\n\n"
+            self._queue.extend(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
+            if self._translator.done:
+                self._queue.append(DONE_EVENT)
+        return self._queue.pop(0)
+
+
+def _event_name(raw: bytes) -> str | None:
+    for line in raw.split(b"\n"):
+        if line.startswith(b"event:"):
+            return line[6:].strip().decode("utf-8", "replace")
+    return None
+
+
 class Upstream:
     """Opens requests to instances over the shared session, with the configured timeouts."""
 
     def __init__(self, session: aiohttp.ClientSession, timeouts: TimeoutsConfig,
-                 redactor: Redactor | None = None) -> None:
+                 redactor: Redactor | None = None, default_max_tokens: int = 1024) -> None:
         self.session = session
         self.timeouts = timeouts
         self.redactor = redactor or Redactor()
+        #: The Messages API requires max_tokens; used when the client sent none.
+        self.default_max_tokens = default_max_tokens
         self._headers: dict[str, dict[str, str]] = {}
 
     def headers_for(self, inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
@@ -96,6 +160,8 @@ class Upstream:
         resets, 5xx, 429 and context overflow.
         The wait for headers is bounded by `first_byte_s`; the caller bounds the rest.
         """
+        if inst.kind == ANTHROPIC:
+            path, body = self._to_anthropic(inst, path, body)
         url = inst.api_base + path
         with map_exceptions("first_byte", self.timeouts.first_byte_s):
             async with asyncio.timeout(self.timeouts.first_byte_s):
@@ -110,12 +176,58 @@ class Upstream:
         if status >= 500:
             raise Upstream5xx(status, await self.read_error_body(resp))
         body_bytes = await self.read_error_body(resp)
+        if inst.kind == ANTHROPIC:
+            self._anthropic_error(status, body_bytes, resp.headers.get("Retry-After"))
         if status in (401, 403):
             raise UpstreamAuth(status)
         if status == 400 and _is_context_overflow(body_bytes):
             raise ContextTooLong("prompt exceeds the instance's context window", body_bytes)
         raise PassThrough(status, body_bytes, resp.headers.get("Content-Type", "application/json"),
                           passthrough_headers(resp.headers))
+
+    def _to_anthropic(self, inst: InstanceConfig, path: str, body: bytes) -> tuple[str, bytes]:
+        """An OpenAI chat request as a Messages API request."""
+        if path != "/chat/completions":
+            raise UnsupportedByInstance(f"{inst.id} speaks the Messages API: chat only")
+        try:
+            translated = anthropic.to_messages_request(orjson.loads(body), inst.model,
+                                                       self.default_max_tokens)
+        except (anthropic.TranslationError, orjson.JSONDecodeError) as exc:
+            raise UnsupportedByInstance(f"cannot be expressed for {inst.id}: {exc}") from None
+        return "/messages", orjson.dumps(translated)
+
+    def _anthropic_error(self, status: int, body: bytes, retry_after: str | None) -> None:
+        """Raise the failure (or pass-through) an Anthropic error status stands for."""
+        code, message = anthropic.map_error(status, body)
+        if code == "RATE_LIMITED":
+            raise RateLimited(parse_retry_after(retry_after), body)
+        if code == "UPSTREAM_5XX":
+            raise Upstream5xx(status, body)
+        if code == "UPSTREAM_AUTH":
+            raise UpstreamAuth(status)
+        if code == "CONTEXT_TOO_LONG":
+            raise ContextTooLong(message, body)
+        raise PassThrough(status, error_body(message, "invalid_request_error"),
+                          "application/json", {})
+
+    def translate_body(self, inst: InstanceConfig, body: bytes) -> bytes:
+        """A whole response in OpenAI's chat.completion shape (Messages API translated)."""
+        if inst.kind != ANTHROPIC:
+            return body
+        try:
+            return orjson.dumps(anthropic.from_messages_response(orjson.loads(body),
+                                                                 int(time.time())))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ProcessExited(f"unreadable Messages API response: {exc}") from None
+
+    @staticmethod
+    def events(inst: InstanceConfig, resp: aiohttp.ClientResponse,
+               include_usage: bool) -> EventReader | AnthropicEvents:
+        """The response's server-sent events, as OpenAI chat completion chunks."""
+        if inst.kind == ANTHROPIC:
+            return AnthropicEvents(EventReader(resp.content),
+                                   anthropic.StreamTranslator(int(time.time()), include_usage))
+        return EventReader(resp.content)
 
     async def read_error_body(self, resp: aiohttp.ClientResponse, limit: int = 65536) -> bytes:
         """Read (a bounded part of) an error response's body and release the connection."""
@@ -164,7 +276,7 @@ class Upstream:
         return len(tokens) if isinstance(tokens, list) else None
 
     @staticmethod
-    async def next_event(reader: EventReader, timeout_s: float, phase: str) -> bytes | None:
+    async def next_event(reader: EventSource, timeout_s: float, phase: str) -> bytes | None:
         """The next SSE event within `timeout_s`; a silence or a cut becomes a failure."""
         with map_exceptions(phase, timeout_s):
             async with asyncio.timeout(timeout_s):
