@@ -173,3 +173,26 @@ async def test_a_cut_stream_is_continued_on_the_anthropic_instance(
     assert len(ids) == 1
     assert claude.last_body is not None
     assert claude.last_body["messages"][-1]["role"] == "assistant"  # continued, not replayed
+
+
+async def test_the_anthropic_instance_is_probed_and_fingerprinted(
+        make_proxy: MakeProxy, claude: AnthropicSimulator, tmp_path: Path) -> None:
+    import aiohttp
+
+    proxy = await make_proxy(config_for([], claude, tmp_path))
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/admin/instances") as resp:
+        row = (await resp.json())["instances"][0]
+    assert row["id"] == "anthropic:default"
+    assert row["state"] == "READY" and row["fingerprint"] == CLAUDE  # from its /v1/models
+    wrong = AnthropicSimulator(CLAUDE, api_key="another-key-000000")
+    await wrong.start()
+    try:
+        config = config_for([], wrong, tmp_path)
+        proxy2 = await make_proxy(config)
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{proxy2.url}/admin/instances") as resp:
+            row = (await resp.json())["instances"][0]
+        assert row["state"] == "DOWN"  # the listing refused our key
+        assert "401" in row["last_probe_error"]
+    finally:
+        await wrong.stop()
