@@ -43,7 +43,7 @@ def is_loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.app import create_app, reload_config
     from proxy.logs import configure_logging
-    from proxy.server import serve
+    from proxy.server import serve, supervise
 
     config = _load(args.config)
     configure_logging(args.log_format or config.logging.format, config.logging.level)
@@ -54,16 +54,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "reach it could use your upstream keys. Configure server.api_keys (and "
               "server.admin_key), bind to 127.0.0.1, or pass --insecure.", file=sys.stderr)
         return 1
-    use_uvloop()
-    app = create_app(config)
+    workers = max(1, args.workers)
     print(f"failover-proxy {__version__} serving on http://{host}:{port}/v1 "
-          f"({len(config.instances)} instances, config {config.source})", flush=True)
+          f"({len(config.instances)} instances, config {config.source}"
+          + (f", {workers} workers" if workers > 1 else "") + ")", flush=True)
 
-    async def reload() -> None:
-        await reload_config(app)
+    def run_one() -> int:
+        use_uvloop()
+        app = create_app(config)
 
-    asyncio.run(serve(app, host, port, config.server.shutdown_grace_s, reload))
-    return 0
+        async def reload() -> None:
+            await reload_config(app)
+
+        asyncio.run(serve(app, host, port, config.server.shutdown_grace_s, reload,
+                          reuse_port=workers > 1))
+        return 0
+
+    if workers == 1:
+        return run_one()
+    return supervise(workers, run_one)
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -230,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", "-c", required=True, help="YAML or JSON config file")
     serve.add_argument("--host", help="bind address (default: server.host)")
     serve.add_argument("--port", type=int, help="port (default: server.port)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the port (SO_REUSEPORT); default 1")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback address with no client keys")
     serve.add_argument("--log-format", choices=("json", "console"),

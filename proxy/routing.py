@@ -78,6 +78,16 @@ _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
 
 
+def _new_id_prefix() -> None:
+    """A forked worker must not share its parent's prefix (ids would collide)."""
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = os.urandom(8).hex()
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def new_id() -> str:
     """A unique id (request ids, plan ids): a random per-process prefix and a counter.
 

@@ -11,7 +11,10 @@ an encoding it cannot decode) answer in OpenAI's error shape instead of plain te
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -62,11 +65,11 @@ class ProxyRunner(web.AppRunner):
 
 
 async def serve(app: web.Application, host: str, port: int, grace_s: float,
-                on_reload: Any = None) -> None:
+                on_reload: Any = None, reuse_port: bool = False) -> None:
     """Serve until SIGTERM or SIGINT; then shut down gracefully."""
     runner = ProxyRunner(app, shutdown_timeout=grace_s, **SERVER_OPTIONS)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     await site.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -91,3 +94,40 @@ async def serve(app: web.Application, host: str, port: int, grace_s: float,
         # app's cleanup (prober, upstream session, audit flush).
         await runner.cleanup()
         log.info("stopped")
+
+
+def supervise(workers: int, run_one: Callable[[], int]) -> int:
+    """Run `run_one` in `workers` forked processes sharing one port (SO_REUSEPORT).
+
+    Each worker is a whole proxy with its own instance states, prober, sessions, metrics
+    and audit writer (they share the SQLite file). Signals are passed on to every worker;
+    the supervisor exits when all have, with the worst exit code.
+    """
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                code = run_one()
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, frame: Any) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    worst = 0
+    for child in children:
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
+    return worst
