@@ -20,7 +20,7 @@ from proxy.instances import Registry
 from proxy.metrics import Metrics
 from proxy.routing import Planner
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
-from proxy.state import CONFIG, REGISTRY, RELOAD, STATE, ProxyState
+from proxy.state import CONFIG, RELOAD, STATE, ProxyState
 from proxy.store import AuditStore
 from proxy.upstream import Upstream, make_session
 
@@ -72,7 +72,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.start()
     recorder = Recorder(metrics, store)
     session = make_session(config.timeouts)  # one pooled session for the app's life
-    state = _assemble(config, app[REGISTRY], recorder, session)
+    state = _assemble(config, Registry(config.instances, config.health), recorder, session)
     set_log_redactor(state.redactor)
     app[STATE] = state
     await _start_probing(state)
@@ -165,7 +165,6 @@ def create_app(config: Config) -> web.Application:
                           middlewares=[openai_errors], handler_args=HANDLER_LIMITS)
     app[CONFIG] = config
     app[RELOAD] = reload_config
-    app[REGISTRY] = Registry(config.instances, config.health)
     app.cleanup_ctx.append(_lifecycle)
     add_routes(app)
     add_admin_routes(app)

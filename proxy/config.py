@@ -177,13 +177,25 @@ class Config:
     models: Mapping[str, ModelGroup] = field(default_factory=dict)
     instances: tuple[InstanceConfig, ...] = ()
 
+    #: Full ids and unique short ids -> full id; built once by `instance_ids`.
+    ids: Mapping[str, str] = field(default_factory=dict)
+
     def instance(self, instance_id: str) -> InstanceConfig | None:
         """The instance with this full id, or a unique short id."""
-        for inst in self.instances:
-            if inst.id == instance_id:
-                return inst
-        short = [i for i in self.instances if i.id.split(":", 1)[1] == instance_id]
-        return short[0] if len(short) == 1 else None
+        full = self.ids.get(instance_id)
+        return None if full is None else next(i for i in self.instances if i.id == full)
+
+
+def instance_ids(instances: tuple[InstanceConfig, ...]) -> dict[str, str]:
+    """Every name an instance answers to: its full id, and its short id when unique."""
+    ids = {i.id: i.id for i in instances}
+    shorts: dict[str, list[str]] = {}
+    for inst in instances:
+        shorts.setdefault(inst.id.split(":", 1)[1], []).append(inst.id)
+    for short, full in shorts.items():
+        if len(full) == 1:
+            ids.setdefault(short, full[0])
+    return ids
 
 
 # --------------------------------------------------------------------------- reading
@@ -583,15 +595,14 @@ def _models(r: _Reader | None, instances: tuple[InstanceConfig, ...]) -> dict[st
     if r is None:
         return {}
     groups: dict[str, ModelGroup] = {}
-    ids = {i.id for i in instances}
-    short = {i.id.split(":", 1)[1]: i.id for i in instances}
+    ids = instance_ids(instances)
     for name in r.data:
         g = r.child(str(name), required=True)
         assert g is not None
         g.check_keys({"tags", "instances", "strategy"})
         members = []
         for k, ref in enumerate(g.strings("instances")):
-            full = ref if ref in ids else short.get(ref)
+            full = ids.get(ref)
             if full is None:
                 raise g.error(f"{g.sub('instances')}[{k}]", "the id of a configured instance", ref)
             members.append(full)
@@ -621,6 +632,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         logging=_logging(root.child("logging")),
         models=_models(root.child("models"), instances),
         instances=instances,
+        ids=instance_ids(instances),
     )
 
 

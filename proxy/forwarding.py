@@ -66,8 +66,6 @@ log = structlog.get_logger("proxy.forwarding")
 # Outcomes, as recorded per request.
 OK = "ok"
 PASSED_THROUGH = "passthrough"
-FAILED = "failed"
-BLOCKED = "blocked"
 STREAM_FAILED = "stream_failed"
 CLIENT_GONE = "client_gone"
 

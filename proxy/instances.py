@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from proxy.circuit import BY_CONNECTION, BY_HTTP, BY_RATE_LIMIT, CLOSED, Circuit
-from proxy.config import HealthConfig, InstanceConfig
+from proxy.config import HealthConfig, InstanceConfig, instance_ids
 from proxy.failures import (
     CONN_REFUSED,
     FINGERPRINT_MISMATCH,
@@ -193,6 +193,7 @@ class Registry:
                                                health.failure_threshold))
             for cfg in instances)
         self.by_id: dict[str, InstanceState] = {s.id: s for s in self.states}
+        self._names = instance_ids(tuple(s.config for s in self.states))
         self.listeners: list[StateListener] = []
         for inst in self.states:
             if not inst.config.enabled:
@@ -226,15 +227,8 @@ class Registry:
 
     def get(self, instance_id: str) -> InstanceState | None:
         """The instance with this full id, or a unique short id."""
-        inst = self.by_id.get(instance_id)
-        if inst is None:
-            short = [s for s in self.states if s.id.split(":", 1)[1] == instance_id]
-            inst = short[0] if len(short) == 1 else None
-        return inst
-
-    def any_routable(self) -> bool:
-        now = time.monotonic()
-        return any(s.routable(now) for s in self.states)
+        full = self._names.get(instance_id)
+        return None if full is None else self.by_id[full]
 
     def set_state(self, inst: InstanceState, new: str, reason: str) -> bool:
         """Move an instance to a new state; logs and notifies listeners when it changes."""

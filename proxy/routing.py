@@ -24,7 +24,6 @@ from proxy.sessions import SessionTable
 
 AUTO = "auto"
 SCORED = "scored"
-ORDERED = "ordered"
 
 
 @dataclass(slots=True)

@@ -44,4 +44,3 @@ STATE = web.AppKey("state", ProxyState)
 Reloader = Callable[[web.Application], Awaitable[tuple[bool, str]]]
 RELOAD: web.AppKey[Reloader] = web.AppKey("reload")
 CONFIG = web.AppKey("config", Config)
-REGISTRY = web.AppKey("registry", Registry)
