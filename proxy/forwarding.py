@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 import structlog
@@ -60,6 +60,9 @@ from proxy.sse import (
 )
 from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
 from proxy.upstream import PassThrough, Upstream
+
+if TYPE_CHECKING:  # the type only: the forwarder never touches aiohttp itself
+    import aiohttp
 
 log = structlog.get_logger("proxy.forwarding")
 
@@ -275,12 +278,20 @@ class Forwarder:
         t0 = time.perf_counter()
         resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
                                         req.body_for(cfg.model), client_auth)
-        ttfb = time.perf_counter() - t0
         try:
-            body = await self.upstream.read_body(resp, self.config.timeouts.idle_s)
+            return await self._whole_reply(inst, resp, time.perf_counter() - t0)
         except BaseException:
             resp.close()
             raise
+
+    async def _whole_reply(self, inst: InstanceState, resp: aiohttp.ClientResponse,
+                           ttfb: float) -> Reply:
+        """Read a whole answer, in OpenAI's shape, checked against the pinned fingerprint.
+
+        Used for non-streaming requests and for an upstream that ignored `stream`.
+        """
+        cfg = inst.config
+        body = await self.upstream.read_body(resp, self.config.timeouts.idle_s)
         resp.release()
         body = self.upstream.translate_body(cfg, body)
         pinned = inst.fingerprint
@@ -308,11 +319,10 @@ class Forwarder:
         done = False
         try:
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                # The upstream ignored `stream`; relay its whole answer as it is.
-                body = await self.upstream.read_body(resp, timeouts.idle_s)
+                # The upstream ignored `stream`; relay its whole answer.
+                reply = await self._whole_reply(inst, resp, time.perf_counter() - t0)
                 done = True
-                self.registry.record_success(inst, time.perf_counter() - t0)
-                return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"))
+                return reply
             reader = self.upstream.events(cfg, resp, req.include_usage)
             pending: list[tuple[bytes, Chunk | None]] = []
             await self._until_content(reader, pending, deadline, inst.fingerprint)
