@@ -247,11 +247,16 @@ class Upstream:
                 return await resp.read()
 
 
-    async def probe(self, inst: InstanceConfig, url: str, timeout_s: float) -> tuple[int, bytes]:
-        """GET a health endpoint: (status, body). Raises UpstreamFailure when unreachable."""
+    async def probe(self, inst: InstanceConfig, url: str, timeout_s: float,
+                    body: bytes | None = None) -> tuple[int, bytes]:
+        """GET (or, with a body, POST) a side endpoint of the server: health, props,
+        tokenize. Returns (status, first MiB of the body); raises UpstreamFailure when
+        unreachable."""
         with map_exceptions("probe", timeout_s):
             async with asyncio.timeout(timeout_s):
-                async with self.session.get(url, headers=self.headers_for(inst, None)) as resp:
+                async with self.session.request("POST" if body is not None else "GET", url,
+                                                data=body,
+                                                headers=self.headers_for(inst, None)) as resp:
                     return resp.status, await resp.content.read(1 << 20)
 
     async def count_tokens(self, inst: InstanceConfig, text: str,
@@ -260,14 +265,10 @@ class Upstream:
         None when it cannot tell."""
         body = orjson.dumps({"content": text, "add_special": False})
         try:
-            with map_exceptions("probe", timeout_s):
-                async with asyncio.timeout(timeout_s):
-                    async with self.session.post(inst.root_url + "/tokenize", data=body,
-                                                 headers=self.headers_for(inst, None)) as resp:
-                        if resp.status != 200:
-                            return None
-                        data = await resp.read()
+            status, data = await self.probe(inst, inst.root_url + "/tokenize", timeout_s, body)
         except UpstreamFailure:
+            return None
+        if status != 200:
             return None
         try:
             tokens = orjson.loads(data).get("tokens")
