@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.audit import EVENT_TYPES
 from proxy.auth import check_admin
 from proxy.endpoints import read_body
-from proxy.errors import BadRequest, NotFound, ProxyError
+from proxy.errors import BadRequest, NotFound
 from proxy.health import reset_fingerprint
 from proxy.inbound import CHAT, parse_request
 from proxy.instances import DRAINED, MISMATCH, UNKNOWN, InstanceState
@@ -26,14 +26,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def admin(handler: Handler) -> Handler:
-    """Wrap an admin handler: key check, and ProxyErrors as OpenAI-shaped responses."""
+    """Wrap an admin handler with the admin key check (errors get their shape from the
+    app's middleware)."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            check_admin(request.app[STATE].config.server, request.headers)
-            return await handler(request)
-        except ProxyError as exc:
-            return web.Response(status=exc.status, body=exc.body(), content_type=_JSON)
+        check_admin(request.app[STATE].config.server, request.headers)
+        return await handler(request)
 
     wrapped.__doc__ = handler.__doc__
     return wrapped

@@ -12,8 +12,8 @@ from aiohttp import web
 from proxy.admin import add_admin_routes
 from proxy.audit import STATES, Recorder
 from proxy.config import Config, ConfigError, load_config
-from proxy.endpoints import add_routes, models_body
-from proxy.errors import error_body
+from proxy.endpoints import add_routes, error_response, models_body
+from proxy.errors import ProxyError, error_body
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
 from proxy.instances import Registry
@@ -133,9 +133,12 @@ _STATUS_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
 async def openai_errors(request: web.Request,
                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                         ) -> web.StreamResponse:
-    """Give the framework's own errors (unknown path, wrong method...) OpenAI's shape."""
+    """OpenAI's error shape for the proxy's own errors raised by any handler, and for the
+    framework's (unknown path, wrong method...)."""
     try:
         return await handler(request)
+    except ProxyError as exc:
+        return error_response(exc, {})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -98,7 +98,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -
         raise BadRequest("The request body could not be read (bad encoding or framing).") from None
 
 
-def _error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
+def error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
+    """A ProxyError as an OpenAI-shaped response (with its own headers, e.g. Retry-After)."""
     headers.update(exc.headers)
     return web.Response(status=exc.status, body=exc.body(), content_type=_JSON,
                         headers=headers)
@@ -141,7 +142,7 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
         recorder.completed(plan, request_id, model, exc.status, exc.code or exc.type, None,
                            exc.attempts, None, time.perf_counter() - started, exc.upstream_s,
                            stream)
-        return _error_response(exc, headers)
+        return error_response(exc, headers)
     finally:
         inflight.dec()
 
@@ -183,10 +184,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: `auto`, the model groups and every upstream model, OpenAI list format."""
     state = request.app[STATE]
-    try:
-        check_client(state.config.server, request.headers)
-    except ProxyError as exc:
-        return _error_response(exc, {})
+    check_client(state.config.server, request.headers)
     return web.Response(body=state.models_body, content_type=_JSON)
 
 
@@ -207,10 +205,7 @@ async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format (behind the admin key if server.metrics_auth)."""
     state = request.app[STATE]
     if state.config.server.metrics_auth:
-        try:
-            check_admin(state.config.server, request.headers)
-        except ProxyError as exc:
-            return _error_response(exc, {})
+        check_admin(state.config.server, request.headers)
     body = state.recorder.metrics.render()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
