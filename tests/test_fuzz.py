@@ -22,10 +22,6 @@ import gzip
 import http.client
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 import zlib
@@ -35,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.simtext import answer_text
-from tests.cluster import wait_listening
+from tests.cluster import Cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -68,54 +63,22 @@ def fuzz(max_examples: int) -> settings:
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path,
-                    timeout: float = 20.0) -> None:
-    wait_listening(port, proc, timeout, log)
-
-
-class Target:
+class Target(Cluster):
     """The proxy process in front of one simulator process."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.sim_port = _free_port()
-        self.port = _free_port()
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.proxy: subprocess.Popen[bytes] | None = None
+        super().__init__(tmp)
+        self.port = self.proxy_port
         self.proxy_log = tmp / "proxy.log"
 
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "proxy", *args], cwd=ROOT,
-                                    stdout=out, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
-
     def start(self) -> None:
-        sim_log = self.tmp / "sim.log"
-        sim = self._spawn(["simulate", "--port", str(self.sim_port), "--model", MODEL,
-                           "--words", str(WORDS)], sim_log)
-        _wait_listening(self.sim_port, sim, sim_log)
-        doc = {
-            "server": {"host": "127.0.0.1", "port": self.port, "max_body_bytes": MAX_BODY},
-            "timeouts": {"connect_s": 1, "first_byte_s": 5, "idle_s": 5, "total_s": 20},
-            "health": {"interval_s": 1, "timeout_s": 1},
-            "store": {"url": f"sqlite:///{self.tmp}/audit.db"},
-            "logging": {"format": "json", "level": "warning"},
-            "providers": [{"provider_id": "p", "instances": [
-                {"id": "s0", "base_url": f"http://127.0.0.1:{self.sim_port}",
-                 "metadata": {"model": MODEL}}]}],
-        }
-        config = self.tmp / "proxy.yaml"
-        config.write_text(yaml.safe_dump(doc))
-        self.proxy = self._spawn(["serve", "--config", str(config)], self.proxy_log)
-        _wait_listening(self.port, self.proxy, self.proxy_log)
+        self.start_sim("s0", MODEL, options=("--words", str(WORDS)))
+        self.start_proxy(
+            [("s0", MODEL)],
+            server={"host": "127.0.0.1", "port": self.port, "max_body_bytes": MAX_BODY},
+            timeouts={"connect_s": 1, "first_byte_s": 5, "idle_s": 5, "total_s": 20},
+            health={"interval_s": 1, "timeout_s": 1},
+            logging={"format": "json", "level": "warning"})
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.proxy_log.read_text(errors="replace").splitlines()
@@ -123,17 +86,6 @@ class Target:
 
     def alive(self) -> bool:
         return self.proxy is not None and self.proxy.poll() is None
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
