@@ -1,13 +1,12 @@
-"""The aiohttp application: shared state under typed keys, lifecycle, error shape."""
+"""The proxy application: routes, shared state under typed keys, lifecycle, error shape."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import structlog
-from aiohttp import web
 
 from proxy.admin import add_admin_routes
 from proxy.audit import STATES, Recorder
@@ -16,6 +15,7 @@ from proxy.endpoints import add_routes, error_response, models_body
 from proxy.errors import ProxyError, error_body
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
+from proxy.httpserver import App, Handler, Request, Response, StreamResponse
 from proxy.instances import Registry
 from proxy.metrics import Metrics
 from proxy.routing import Planner
@@ -59,7 +59,7 @@ async def _start_probing(state: ProxyState) -> None:
         state.prober.start()
 
 
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+async def _lifecycle(app: App) -> AsyncIterator[None]:
     """Start-up and shutdown: audit store, upstream session, prober, in that order."""
     config = app[CONFIG]
     metrics = Metrics()
@@ -86,7 +86,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.close()  # flushes what is queued
 
 
-async def reload_config(app: web.Application, path: str | None = None) -> tuple[bool, str]:
+async def reload_config(app: App, path: str | None = None) -> tuple[bool, str]:
     """Load the config file again and switch to it for new requests.
 
     In-flight requests finish on the state they started with. Instances that kept their
@@ -125,50 +125,34 @@ async def reload_config(app: web.Application, path: str | None = None) -> tuple[
     return True, message
 
 
-_STATUS_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
-                 413: "invalid_request_error"}
-
-
-@web.middleware
-async def openai_errors(request: web.Request,
-                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                        ) -> web.StreamResponse:
-    """OpenAI's error shape for the proxy's own errors raised by any handler, and for the
-    framework's (unknown path, wrong method...)."""
+async def openai_errors(request: Request, handler: Handler) -> Response | StreamResponse:
+    """OpenAI's error shape for the proxy's own errors raised by any handler, and a logged
+    500 in the same shape for a bug of ours."""
     try:
         return await handler(request)
     except ProxyError as exc:
         return error_response(exc, {})
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = exc.reason if exc.status != 404 else f"Unknown path: {request.path}"
-        return web.Response(
-            status=exc.status,
-            body=error_body(message, _STATUS_TYPES.get(exc.status, "invalid_request_error")),
-            content_type="application/json",
-        )
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
-        # A bug of ours: log it, and still answer in OpenAI's shape.
         log.exception("unhandled_error", path=request.path)
-        return web.Response(status=500, content_type="application/json", body=error_body(
-            "The proxy hit an internal error; it has been logged.", "server_error"))
+        return Response(500, error_body("The proxy hit an internal error; it has been logged.",
+                                        "server_error"))
 
 
-#: HTTP parsing limits: generous, so that odd headers reach the handlers (which answer in
-#: OpenAI's shape) rather than the framework's plain-text 400. Beyond them aiohttp answers.
-HANDLER_LIMITS = {"max_line_size": 131072, "max_field_size": 131072, "max_headers": 256}
+def protocol_error(status: int, message: str) -> Response:
+    """The server's own errors (unknown path, wrong method, malformed HTTP) in OpenAI's shape."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return Response(status, error_body(message, kind))
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config) -> App:
     """Build the proxy application for a validated config."""
-    app = web.Application(client_max_size=config.server.max_body_bytes,
-                          middlewares=[openai_errors], handler_args=HANDLER_LIMITS)
+    app = App(client_max_size=config.server.max_body_bytes, error_response=protocol_error)
+    app.wrap = openai_errors
     app[CONFIG] = config
     app[RELOAD] = reload_config
-    app.cleanup_ctx.append(_lifecycle)
+    app.lifecycles.append(_lifecycle)
     add_routes(app)
     add_admin_routes(app)
     return app

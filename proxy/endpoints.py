@@ -12,8 +12,6 @@ import re
 import time
 
 import orjson
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.auth import check_admin, check_client
 from proxy.config import Config
@@ -26,6 +24,14 @@ from proxy.errors import (
     UnsupportedEncoding,
 )
 from proxy.forwarding import CLIENT_GONE, ClientGone
+from proxy.httpserver import (
+    App,
+    BodyTooLarge,
+    ClientDisconnected,
+    Request,
+    Response,
+    StreamResponse,
+)
 from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.routing import AUTO, RoutePlan, new_id
@@ -40,10 +46,10 @@ class HttpSink:
 
     __slots__ = ("request", "response", "headers")
 
-    def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
+    def __init__(self, request: Request, headers: dict[str, str]) -> None:
         self.request = request
         self.headers = headers
-        self.response: web.StreamResponse | None = None
+        self.response: StreamResponse | None = None
 
     async def start(self, instance_id: str, attempts: int) -> None:
         headers = self.headers
@@ -52,7 +58,7 @@ class HttpSink:
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
-        response = web.StreamResponse(status=200, headers=headers)
+        response = StreamResponse(200, headers)
         try:
             await response.prepare(self.request)
         except (ConnectionError, RuntimeError) as exc:
@@ -68,14 +74,14 @@ class HttpSink:
             raise ClientGone() from exc
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
     if given and _REQUEST_ID.fullmatch(given):
         return given
     return new_id()
 
 
-async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
     """The request body, within the size limit and the time a client may take to send it."""
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
@@ -91,21 +97,19 @@ async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -
             return await request.read()
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {timeout_s:g}s.") from None
-    except web.HTTPRequestEntityTooLarge:
+    except BodyTooLarge:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.") from None
-    except (HttpProcessingError, web.RequestPayloadError):
-        # e.g. a Content-Encoding the body does not match, or a broken chunked encoding
-        raise BadRequest("The request body could not be read (bad encoding or framing).") from None
+    except ClientDisconnected:
+        raise BadRequest("The request body was cut short.") from None
 
 
-def error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
+def error_response(exc: ProxyError, headers: dict[str, str]) -> Response:
     """A ProxyError as an OpenAI-shaped response (with its own headers, e.g. Retry-After)."""
     headers.update(exc.headers)
-    return web.Response(status=exc.status, body=exc.body(), content_type=_JSON,
-                        headers=headers)
+    return Response(exc.status, exc.body(), headers)
 
 
-async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
+async def _proxy(request: Request, endpoint: str) -> Response | StreamResponse:
     state: ProxyState = request.app[STATE]
     # Taken once: a config reload during this request does not change what it uses.
     config, recorder, planner, forwarder = (state.config, state.recorder, state.planner,
@@ -162,52 +166,51 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     headers.update(reply.headers)
     headers["x-route-instance"] = reply.instance or ""
     headers["x-route-attempts"] = str(len(reply.attempts))
-    return web.Response(status=reply.status, body=reply.body, headers=headers,
-                        content_type=reply.content_type.split(";")[0] or _JSON)
+    return Response(reply.status, reply.body, headers, reply.content_type or _JSON)
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def chat_completions(request: Request) -> Response | StreamResponse:
     """POST /v1/chat/completions"""
     return await _proxy(request, CHAT)
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
+async def completions(request: Request) -> Response | StreamResponse:
     """POST /v1/completions"""
     return await _proxy(request, COMPLETIONS)
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
+async def embeddings(request: Request) -> Response | StreamResponse:
     """POST /v1/embeddings"""
     return await _proxy(request, EMBEDDINGS)
 
 
-async def list_models(request: web.Request) -> web.Response:
+async def list_models(request: Request) -> Response:
     """GET /v1/models: `auto`, the model groups and every upstream model, OpenAI list format."""
     state = request.app[STATE]
     check_client(state.config.server, request.headers)
-    return web.Response(body=state.models_body, content_type=_JSON)
+    return Response(200, state.models_body)
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(request: Request) -> Response:
     """GET /healthz: the process is alive."""
-    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+    return Response(200, b'{"status":"ok"}')
 
 
-async def readyz(request: web.Request) -> web.Response:
+async def readyz(request: Request) -> Response:
     """GET /readyz: 200 when at least one instance is routable, else 503."""
     registry = request.app[STATE].registry
     routable = [s.id for s in registry.states if s.routable()]
     body = orjson.dumps({"status": "ready" if routable else "unavailable", "routable": routable})
-    return web.Response(status=200 if routable else 503, body=body, content_type=_JSON)
+    return Response(200 if routable else 503, body)
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics(request: Request) -> Response:
     """GET /metrics: Prometheus text format (behind the admin key if server.metrics_auth)."""
     state = request.app[STATE]
     if state.config.server.metrics_auth:
         check_admin(state.config.server, request.headers)
     body = state.recorder.metrics.render()
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+    return Response(200, body, content_type=METRICS_CONTENT_TYPE)
 
 
 def models_body(config: Config) -> bytes:
@@ -225,13 +228,13 @@ def models_body(config: Config) -> bytes:
     ]})
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: App) -> None:
     """Register the public endpoints."""
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.add_post("/v1/chat/completions", chat_completions)
+    app.add_post("/v1/completions", completions)
+    app.add_post("/v1/embeddings", embeddings)
+    app.add_get("/v1/models", list_models)
+    app.add_get("/healthz", healthz)
+    app.add_get("/readyz", readyz)
+    app.add_get("/metrics", metrics)
 

@@ -3,9 +3,6 @@
 SIGTERM/SIGINT: stop accepting, let in-flight requests and streams finish within
 `server.shutdown_grace_s`, flush the audit queue, exit 0. SIGHUP: reload the config file
 (see `proxy.app.reload_config`).
-
-The runner also makes aiohttp's own protocol-level errors (a header too large, a body in
-an encoding it cannot decode) answer in OpenAI's error shape instead of plain text.
 """
 
 from __future__ import annotations
@@ -18,59 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
-from proxy.errors import error_body
+from proxy.httpserver import App, start_server, stop_server
 
 log = structlog.get_logger("proxy.server")
 
-#: How the proxy's server must run (`serve` and the tests use it): no access log (the
-#: proxy logs one line per request itself), and a handler is cancelled as soon as its
-#: client disconnects, so the upstream request is closed at once, never orphaned.
-SERVER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": True}
 
-
-class _JsonErrorHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own HTTP-level errors in OpenAI's shape."""
-
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        plain = super().handle_error(request, status, exc, message)
-        kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
-        detail = (message or "").strip().splitlines()[0][:300] if message else ""
-        if status >= 500:
-            text = "The proxy hit an internal error; it has been logged."
-        else:
-            text = "Malformed HTTP request" + (f": {detail}" if detail else "") + "."
-        resp = web.Response(status=status, body=error_body(text, kind),
-                            content_type="application/json")
-        resp.force_close()
-        del plain
-        return resp
-
-
-class _JsonErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class ProxyRunner(web.AppRunner):
-    """An AppRunner whose connections use `_JsonErrorHandler`."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer  # same state, one overridden factory method
-        return server
-
-
-async def serve(app: web.Application, host: str, port: int, grace_s: float,
+async def serve(app: App, host: str, port: int, grace_s: float,
                 on_reload: Any = None, reuse_port: bool = False) -> None:
     """Serve until SIGTERM or SIGINT; then shut down gracefully."""
-    runner = ProxyRunner(app, shutdown_timeout=grace_s, **SERVER_OPTIONS)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
-    await site.start()
+    server = await start_server(app, host, port, reuse_port=reuse_port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[Any]] = set()
@@ -91,8 +45,8 @@ async def serve(app: web.Application, host: str, port: int, grace_s: float,
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         # Stops accepting, waits up to grace_s for in-flight requests, then runs the
-        # app's cleanup (prober, upstream session, audit flush).
-        await runner.cleanup()
+        # app's cleanup (prober, upstream connections, audit flush).
+        await stop_server(server, grace_s)
         log.info("stopped")
 
 

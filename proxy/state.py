@@ -6,12 +6,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
 
 from proxy.audit import Recorder
 from proxy.config import Config
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
+from proxy.httpserver import App, AppKey
 from proxy.instances import Registry
 from proxy.routing import Planner
 from proxy.secrets import Redactor
@@ -39,8 +39,8 @@ class ProxyState:
             setattr(self, name, getattr(other, name))
 
 
-STATE = web.AppKey("state", ProxyState)
+STATE: AppKey[ProxyState] = AppKey("state")
 #: The app's reload function (see proxy.app.reload_config): (app) -> (ok, message).
-Reloader = Callable[[web.Application], Awaitable[tuple[bool, str]]]
-RELOAD: web.AppKey[Reloader] = web.AppKey("reload")
-CONFIG = web.AppKey("config", Config)
+Reloader = Callable[[App], Awaitable[tuple[bool, str]]]
+RELOAD: AppKey[Reloader] = AppKey("reload")
+CONFIG: AppKey[Config] = AppKey("config")

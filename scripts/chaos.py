@@ -429,21 +429,13 @@ class InprocProxy:
         self.app: Any = None
 
     async def start(self, doc: dict[str, Any]) -> None:
-        from aiohttp import web
-
         from proxy.app import create_app
         from proxy.config import parse_config
-
-        try:  # served the way `failover-proxy serve` serves it
-            from proxy.server import SERVER_OPTIONS, ProxyRunner
-        except ImportError:  # older layout
-            from proxy.app import SERVER_OPTIONS  # type: ignore[attr-defined,no-redef]
-            ProxyRunner = web.AppRunner  # type: ignore[assignment,misc]  # noqa: N806
+        from proxy.httpserver import start_server
 
         self.app = create_app(parse_config(doc, "<chaos>"))
-        self.runner = ProxyRunner(self.app, **SERVER_OPTIONS)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        # served the way `failover-proxy serve` serves it
+        self.runner = await start_server(self.app, "127.0.0.1", self.port)
 
     def connector(self) -> Any:
         from proxy.state import STATE
@@ -451,12 +443,13 @@ class InprocProxy:
         return self.app[STATE].forwarder.upstream.session.connector
 
     def inbound_connections(self) -> int:
-        server = self.runner.server
-        return len(server.connections) if server is not None else 0
+        return len(self.runner.connections) if self.runner is not None else 0
 
     async def close(self) -> None:
+        from proxy.httpserver import stop_server
+
         if self.runner is not None:
-            await self.runner.cleanup()
+            await stop_server(self.runner, 1.0)
 
 
 class ProcProxy:

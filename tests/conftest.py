@@ -14,11 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import DEFAULT_STORE_URL, Config, parse_config
-from proxy.server import SERVER_OPTIONS, ProxyRunner
+from proxy.httpserver import App, Server, start_server, stop_server
 from proxy.simulator import Simulator
 
 MakeSim = Callable[..., Awaitable[Simulator]]
@@ -73,8 +72,8 @@ def proxy_config(sims: Sequence[Simulator | tuple[str, str]], *, models: dict[st
 class RunningProxy:
     """The proxy app served on a real port."""
 
-    def __init__(self, runner: web.AppRunner, port: int, app: web.Application) -> None:
-        self.runner = runner
+    def __init__(self, server: Server, port: int, app: App) -> None:
+        self.server = server
         self.port = port
         self.app = app
 
@@ -94,24 +93,20 @@ MakeProxy = Callable[[Config], Awaitable[RunningProxy]]
 async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
     """Serve a config on a free port; its audit store goes to the test's temp dir unless
     the config names one."""
-    runners: list[web.AppRunner] = []
+    servers: list[Server] = []
 
     async def make(config: Config) -> RunningProxy:
         if config.store.url == DEFAULT_STORE_URL:
             config = dataclasses.replace(config, store=dataclasses.replace(
                 config.store, url=f"sqlite:///{tmp_path}/audit.db"))
         app = create_app(config)
-        runner = ProxyRunner(app, **SERVER_OPTIONS)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = runner.addresses[0][1]
-        return RunningProxy(runner, port, app)
+        server = await start_server(app, "127.0.0.1", 0)
+        servers.append(server)
+        return RunningProxy(server, server.port, app)
 
     yield make
-    for runner in runners:
-        await runner.cleanup()
+    for server in servers:
+        await stop_server(server, 1.0)
 
 
 @pytest.fixture
