@@ -1,19 +1,20 @@
 """The audit store: route plans, events and lineage in SQLite, written off the request path.
 
-Requests hand rows to `AuditStore.submit`, which never blocks and never waits on disk: a
-bounded queue feeds one background writer that batches inserts in a worker thread. If the
-writer falls behind, rows are dropped and counted (`dropped`), never the request. On
-shutdown the queue is flushed. SQLite runs in WAL mode so readers (the admin API, the
-`events` command) never block the writer.
+Requests hand rows to `AuditStore.submit`, which never blocks and never waits on disk: it
+appends to a bounded deque (an append is atomic, no lock is taken on the request path) that
+one background writer thread drains in batches. If the writer falls behind, rows are
+dropped and counted (`dropped`), never the request. On shutdown the queue is flushed.
+SQLite runs in WAL mode so readers (the admin API, the `events` command) never block the
+writer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,13 +167,15 @@ def query_events(conn: sqlite3.Connection, q: EventQuery) -> list[dict[str, Any]
 class AuditStore:
     """Batched, non-blocking writes to SQLite from one background thread.
 
-    The event loop only appends to a bounded thread-safe queue; the writer thread takes
-    what has accumulated, writes it in one transaction, and pauses briefly when the queue
-    is short so that rows arrive in batches rather than one wake-up each.
+    The event loop only appends to a deque; the writer thread takes what has accumulated,
+    writes it in one transaction, and sleeps briefly between batches (woken at once for a
+    flush or stop) so that rows arrive in batches rather than one wake-up each.
     """
 
-    #: Pause of the writer after a small batch, letting rows accumulate.
+    #: Pause of the writer between batches, letting rows accumulate.
     PAUSE_S = 0.02
+    #: Pause when nothing came in the last pause (an idle proxy wakes rarely).
+    IDLE_PAUSE_S = 0.25
 
     def __init__(self, url: str, *, queue_size: int = 50_000, batch: int = 2000,
                  retention_s: float = 7 * 86400.0, max_rows: int = 1_000_000,
@@ -185,7 +188,8 @@ class AuditStore:
         self.on_drop = on_drop
         self.dropped = 0
         self.written = 0
-        self._queue: queue.Queue[tuple[Any, ...]] | None = None
+        self._queue: deque[tuple[Any, ...]] | None = None
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -194,7 +198,7 @@ class AuditStore:
 
     async def start(self) -> None:
         self._conn = await asyncio.to_thread(connect, self.path)
-        self._queue = queue.Queue(self.queue_size)
+        self._queue = deque()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -203,9 +207,9 @@ class AuditStore:
         q = self._queue
         if q is None:
             return
-        try:
-            q.put_nowait(row)
-        except queue.Full:
+        if len(q) < self.queue_size:
+            q.append(row)
+        else:
             self.dropped += 1
             if self.on_drop is not None:
                 self.on_drop(1)
@@ -233,16 +237,32 @@ class AuditStore:
         final_instance, outcome, status, attempts, ttfb_ms, duration_ms)."""
         self.submit((_PLAN, plan, *row))
 
+    def _control(self, marker: tuple[Any, ...]) -> None:
+        """Queue a flush or stop marker (never dropped) and wake the writer."""
+        q = self._queue
+        assert q is not None
+        q.append(marker)
+        self._wake.set()
+
     def _run(self) -> None:
         """The writer thread: batch, write, repeat, until told to stop."""
         q = self._queue
         assert q is not None
+        pause = self.PAUSE_S
         while True:
-            rows = [q.get()]
+            if not q:
+                self._wake.wait(pause)
+                self._wake.clear()
+                if not q:
+                    pause = self.IDLE_PAUSE_S
+                    continue
+            pause = self.PAUSE_S
+            rows: list[tuple[Any, ...]] = []
+            popleft = q.popleft
             while len(rows) < self.batch:
                 try:
-                    rows.append(q.get_nowait())
-                except queue.Empty:
+                    rows.append(popleft())
+                except IndexError:
                     break
             markers = [r for r in rows if r[0] in (_STOP_KIND, _FLUSH_KIND)]
             if markers:
@@ -260,8 +280,9 @@ class AuditStore:
                     stop = True
             if stop:
                 return
-            if len(rows) < self.batch // 4 and not markers:
-                time.sleep(self.PAUSE_S)
+            if len(rows) < self.batch // 4 and not markers and not self._wake.is_set():
+                self._wake.wait(self.PAUSE_S)
+                self._wake.clear()
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         events, plans, lineage = [], [], []
@@ -327,7 +348,7 @@ class AuditStore:
         if q is None or self._thread is None or not self._thread.is_alive():
             return
         done = threading.Event()
-        await asyncio.to_thread(q.put, (_FLUSH_KIND, done), True, timeout_s)
+        self._control((_FLUSH_KIND, done))
         await asyncio.to_thread(done.wait, timeout_s)
 
     async def query(self, q: EventQuery) -> list[dict[str, Any]]:
@@ -345,7 +366,7 @@ class AuditStore:
         """Stop the writer after it has written everything queued, then close the database."""
         q, thread = self._queue, self._thread
         if q is not None and thread is not None and thread.is_alive():
-            await asyncio.to_thread(q.put, (_STOP_KIND,), True, 10.0)
+            self._control((_STOP_KIND,))
             await asyncio.to_thread(thread.join, 30.0)
         self._queue = None
         self._thread = None
