@@ -93,8 +93,7 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
     if length is not None and length > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
     try:
-        async with asyncio.timeout(timeout_s):
-            return await request.read()
+        return await request.read(timeout_s)
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {timeout_s:g}s.") from None
     except BodyTooLarge:

@@ -138,15 +138,22 @@ class Request:
         except ValueError:
             return None
 
-    async def read(self) -> bytes:
-        """The whole body; raises BodyTooLarge or ClientDisconnected."""
-        while not self._complete and self._error is None:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            self._conn.body_wanted()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        """The whole body; raises BodyTooLarge, ClientDisconnected, or TimeoutError when it
+        has not all arrived within `timeout_s` (no timer at all when it already has)."""
+        if not self._complete and self._error is None:
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout_s is None else loop.time() + timeout_s
+            while not self._complete and self._error is None:
+                waiter = self._waiter = loop.create_future()
+                timer = None if deadline is None else loop.call_at(deadline, _time_out, waiter)
+                self._conn.body_wanted()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+                    if timer is not None:
+                        timer.cancel()
         if self._error is not None:
             raise self._error
         body = self._body
@@ -180,6 +187,11 @@ class Request:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Response:
