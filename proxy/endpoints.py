@@ -51,7 +51,7 @@ class HttpSink:
         self.headers = headers
         self.response: StreamResponse | None = None
 
-    async def start(self, instance_id: str, attempts: int) -> None:
+    async def start(self, instance_id: str, attempts: int, first: bytes) -> None:
         headers = self.headers
         headers["x-route-instance"] = instance_id
         headers["x-route-attempts"] = str(attempts)
@@ -60,7 +60,7 @@ class HttpSink:
         headers["X-Accel-Buffering"] = "no"
         response = StreamResponse(200, headers)
         try:
-            await response.prepare(self.request)
+            await response.prepare(self.request, first)
         except (ConnectionError, RuntimeError) as exc:
             raise ClientGone() from exc
         self.response = response

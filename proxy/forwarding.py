@@ -76,7 +76,9 @@ CLIENT_GONE = "client_gone"
 class StreamSink(Protocol):
     """Where a committed stream goes: the HTTP layer's response to the client."""
 
-    async def start(self, instance_id: str, attempts: int) -> None: ...
+    async def start(self, instance_id: str, attempts: int, first: bytes) -> None:
+        """Send the response head and the first events (one write)."""
+        ...
 
     async def write(self, data: bytes) -> None: ...
 
@@ -332,12 +334,11 @@ class Forwarder:
             # Commit point: from here on the client has seen this instance's answer.
             delivered = Delivered()
             try:
-                await sink.start(cfg.id, attempt_no)
-                for event, chunk in pending:
+                for _, chunk in pending:
                     if chunk is not None:
                         delivered.note(chunk.obj, chunk.text, chunk.tool_call,
                                        chunk.finish_reason)
-                    await sink.write(event)
+                await sink.start(cfg.id, attempt_no, b"".join(event for event, _ in pending))
                 if pending[-1][1] is None:  # [DONE] was among the pending events
                     done = True
                     return Reply(200, None, ttfb_s=ttfb)
@@ -400,52 +401,68 @@ class Forwarder:
         """
         idle = self.config.timeouts.idle_s
         next_event = self.upstream.next_event
+        buffered = getattr(reader, "buffered", None)
         committed = splicer is None or splicer.committed
-        while True:
-            try:
-                if committed:
-                    event = await next_event(reader, idle, "idle")
+        out: list[bytes] = []  # what goes to the client in one write
+        try:
+            while True:
+                event = buffered() if buffered is not None and out else None
+                if event is None:
+                    if out:  # nothing more at hand: send what we have before waiting
+                        await sink.write(b"".join(out))
+                        out.clear()
+                    try:
+                        if committed:
+                            event = await next_event(reader, idle, "idle")
+                        else:
+                            wait = max(first_deadline - time.perf_counter(), 0.001)
+                            event = await next_event(reader, wait, "first_byte")
+                    except UpstreamTimeout as exc:
+                        if committed:
+                            raise StreamStalled(f"no chunk within {idle:g}s") from exc
+                        raise
+                    except ProcessExited as exc:
+                        if committed:
+                            raise StreamCut(exc.detail) from exc
+                        raise
+                    if event is None:
+                        if delivered.finished:
+                            # Complete but unterminated: finish it properly for the client.
+                            out.append(DONE_EVENT)
+                            break
+                        if committed:
+                            raise StreamCut("stream ended without a finish reason")
+                        raise ProcessExited("continuation ended before anything new")
+                payload = event_data(event)
+                if payload is None:
+                    continue
+                if payload == DONE:
+                    out.append(DONE_EVENT if splicer is not None else event)
+                    break
+                try:
+                    chunk = inspect_chunk(payload)
+                except MalformedEvent as exc:
+                    raise StreamMalformed(str(exc)) from None  # never forwarded
+                if chunk.error is not None:
+                    raise UpstreamErrorEvent(
+                        self.upstream.redactor.text(_error_message(chunk.error)))
+                if splicer is None:
+                    delivered.note(chunk.obj, chunk.text, chunk.tool_call, chunk.finish_reason)
+                    out.append(event)
                 else:
-                    wait = max(first_deadline - time.perf_counter(), 0.001)
-                    event = await next_event(reader, wait, "first_byte")
-            except UpstreamTimeout as exc:
-                if committed:
-                    raise StreamStalled(f"no chunk within {idle:g}s") from exc
-                raise
-            except ProcessExited as exc:
-                if committed:
-                    raise StreamCut(exc.detail) from exc
-                raise
-            if event is None:
-                if delivered.finished:
-                    # Complete but unterminated: finish it properly for the client.
-                    await sink.write(DONE_EVENT)
-                    return
-                if committed:
-                    raise StreamCut("stream ended without a finish reason")
-                raise ProcessExited("continuation ended before anything new")
-            payload = event_data(event)
-            if payload is None:
-                continue
-            if payload == DONE:
-                await sink.write(DONE_EVENT if splicer is not None else event)
-                return
-            try:
-                chunk = inspect_chunk(payload)
-            except MalformedEvent as exc:
-                raise StreamMalformed(str(exc)) from None  # never forwarded
-            if chunk.error is not None:
-                raise UpstreamErrorEvent(self.upstream.redactor.text(_error_message(chunk.error)))
-            if splicer is None:
-                delivered.note(chunk.obj, chunk.text, chunk.tool_call, chunk.finish_reason)
-                await sink.write(event)
-            else:
-                out = splicer.feed(chunk.obj)
-                if out is not None:
-                    await sink.write(out)
-                    committed = splicer.committed
-            if time.perf_counter() > deadline:
-                raise UpstreamTimeout("total", self.config.timeouts.total_s)
+                    spliced = splicer.feed(chunk.obj)
+                    if spliced is not None:
+                        out.append(spliced)
+                        committed = splicer.committed
+                if time.perf_counter() > deadline:
+                    raise UpstreamTimeout("total", self.config.timeouts.total_s)
+        except UpstreamFailure:
+            if out:
+                # What was accepted before the failure still reaches the client, so that
+                # `delivered` stays exactly what it has.
+                await sink.write(b"".join(out))
+            raise
+        await sink.write(b"".join(out))
 
     async def _continue(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink,
                         client_auth: str | None, origin: InstanceState, cut: CommittedFailure,

@@ -222,16 +222,19 @@ class StreamResponse:
         self.prepared = False
         self.finished = False
 
-    async def prepare(self, request: Request) -> None:
-        """Send the status line and headers."""
+    async def prepare(self, request: Request, first: bytes = b"") -> None:
+        """Send the status line and headers (and `first`, the start of the body, with them)."""
         conn = request._conn
         if conn.transport is None or conn.transport.is_closing():
             raise ConnectionResetError("the client has gone")
         self._conn = conn
         self._request = request
         self.headers["Transfer-Encoding"] = "chunked"
-        conn.write(_head(self.status, self.headers, conn.keeps(request)))
+        head = _head(self.status, self.headers, conn.keeps(request))
+        conn.write(head + b"%x\r\n%b\r\n" % (len(first), first) if first else head)
         self.prepared = True
+        if conn.paused:
+            await conn.drain()
 
     async def write(self, data: bytes) -> None:
         """Send one piece; waits while the client is not reading."""

@@ -54,6 +54,11 @@ class EventReader:
             self._feed(chunk)
         return self._events.popleft()
 
+    def buffered(self) -> bytes | None:
+        """The next event if one is already at hand (no waiting), else None."""
+        events = self._events
+        return events.popleft() if events else None
+
     def _feed(self, chunk: bytes) -> None:
         data = self._buffer + chunk if self._buffer else chunk
         if b"\r" in data:
