@@ -97,19 +97,22 @@ class AppKey(Generic[T]):
 class Request:
     """One request: method, path, query, headers, and a body that may still be arriving."""
 
-    __slots__ = ("method", "path", "query_string", "headers", "app", "match_info",
-                 "keep_alive", "_body", "_size", "_complete", "_waiter", "_error", "_query",
-                 "_limit", "_conn")
+    __slots__ = ("method", "path", "raw_path", "query_string", "headers", "app", "match_info",
+                 "keep_alive", "expect_continue", "_body", "_size", "_complete", "_waiter",
+                 "_error", "_query", "_limit", "_conn")
 
-    def __init__(self, conn: _Connection, method: str, path: str, query_string: str,
-                 headers: Headers, limit: int) -> None:
+    def __init__(self, conn: _Connection, method: str, path: str, raw_path: str,
+                 query_string: str, headers: Headers, limit: int) -> None:
         self.method = method
-        self.path = path
+        self.path = path  # percent-decoded
+        self.raw_path = raw_path
         self.query_string = query_string
         self.headers = headers
         self.app: App = conn.app
         self.match_info: dict[str, str] = {}
         self.keep_alive = True
+        #: The client waits for `100 Continue` before sending the body (sent on first read).
+        self.expect_continue = False
         self._body: list[bytes] = []
         self._size = 0
         self._complete = False
@@ -147,7 +150,7 @@ class Request:
             while not self._complete and self._error is None:
                 waiter = self._waiter = loop.create_future()
                 timer = None if deadline is None else loop.call_at(deadline, _time_out, waiter)
-                self._conn.body_wanted()
+                self._conn.body_wanted(self)
                 try:
                     await waiter
                 finally:
@@ -322,7 +325,7 @@ class App:
         return handler
 
     def _match_pattern(self, request: Request) -> dict[str, Handler] | None:
-        segments = request.path.strip("/").split("/")
+        segments = request.raw_path.strip("/").split("/")
         for parts, methods in self._patterns:
             if len(parts) != len(segments):
                 continue
@@ -331,7 +334,7 @@ class App:
                 if part.startswith("{"):
                     if not segment:
                         break
-                    found[part[1:-1]] = unquote(segment, errors="replace")
+                    found[part[1:-1]] = unquote(segment, errors="replace")  # once
                 elif part != segment:
                     break
             else:
@@ -434,6 +437,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = Headers()
         self._head_bytes = 0
+        self._in_head = False
         self._parse_error = False
 
     # ---- asyncio.Protocol
@@ -478,6 +482,16 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self._in_head:
+                # The parser holds a header line until it ends: bound what it may hold.
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    if not self._headers:
+                        raise HttpError(414, "The request line is too long.")
+                    raise HttpError(431, "The request headers are larger than "
+                                         f"{MAX_HEAD_BYTES} bytes.")
+        except HttpError as exc:
+            self._protocol_error(exc.status, exc.message)
         except httptools.HttpParserUpgrade:
             pass  # no protocol switching here; the request is answered as plain HTTP/1.1
         except httptools.HttpParserError as exc:
@@ -497,6 +511,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = Headers()
         self._head_bytes = 0
+        self._in_head = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -516,6 +531,7 @@ class _Connection(asyncio.Protocol):
         dict.__setitem__(headers, key, text)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self.parser
         url = self._url
         qmark = url.find(b"?")
@@ -525,20 +541,19 @@ class _Connection(asyncio.Protocol):
             raw_path, query = url, ""
         if raw_path.startswith(b"http://") or raw_path.startswith(b"https://"):
             raw_path = b"/" + raw_path.split(b"/", 3)[-1] if raw_path.count(b"/") >= 3 else b"/"
-        path = raw_path.decode("latin-1")
-        if "%" in path:
-            path = unquote(path, errors="replace")
+        raw = raw_path.decode("latin-1")
+        path = unquote(raw, errors="replace") if "%" in raw else raw
         method = parser.get_method().decode("latin-1")
-        request = Request(self, method, path, query, self._headers, self.app.client_max_size)
+        request = Request(self, method, path, raw, query, self._headers,
+                          self.app.client_max_size)
         request.keep_alive = parser.should_keep_alive()
         self.current = request
         length = request.content_length
         if length is not None and length > self.app.client_max_size:
             request._error = BodyTooLarge(self.app.client_max_size)
             request.keep_alive = False
-        elif (self._headers.get("expect") or "").lower() == "100-continue" and \
-                self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        elif (self._headers.get("expect") or "").lower() == "100-continue":
+            request.expect_continue = True
         self.queue.append(request)
         if self.task is None:
             self._start_next()
@@ -558,8 +573,12 @@ class _Connection(asyncio.Protocol):
 
     # ---- handling
 
-    def body_wanted(self) -> None:
-        """A handler waits for body bytes: make sure the socket is being read."""
+    def body_wanted(self, request: Request) -> None:
+        """A handler waits for body bytes: ask for them if the client waits to be asked, and
+        make sure the socket is being read."""
+        if request.expect_continue and self.transport is not None:
+            request.expect_continue = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
