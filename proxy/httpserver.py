@@ -438,6 +438,7 @@ class _Connection(asyncio.Protocol):
         self._headers = Headers()
         self._head_bytes = 0
         self._in_head = False
+        self._line_done = False  # the request line of the message being read has ended
         self._parse_error = False
 
     # ---- asyncio.Protocol
@@ -485,8 +486,9 @@ class _Connection(asyncio.Protocol):
             if self._in_head:
                 # The parser holds a header line until it ends: bound what it may hold.
                 self._head_bytes += len(data)
+                self._line_done = self._line_done or b"\n" in data
                 if self._head_bytes > MAX_HEAD_BYTES:
-                    if not self._headers:
+                    if not self._line_done:
                         raise HttpError(414, "The request line is too long.")
                     raise HttpError(431, "The request headers are larger than "
                                          f"{MAX_HEAD_BYTES} bytes.")
@@ -531,7 +533,7 @@ class _Connection(asyncio.Protocol):
         dict.__setitem__(headers, key, text)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head = self._line_done = False
         parser = self.parser
         url = self._url
         qmark = url.find(b"?")
