@@ -98,7 +98,7 @@ class Request:
     """One request: method, path, query, headers, and a body that may still be arriving."""
 
     __slots__ = ("method", "path", "raw_path", "query_string", "headers", "app", "match_info",
-                 "keep_alive", "expect_continue", "_body", "_size", "_complete", "_waiter",
+                 "keep_alive", "expect_continue", "http10", "_body", "_size", "_complete", "_waiter",
                  "_error", "_query", "_limit", "_conn")
 
     def __init__(self, conn: _Connection, method: str, path: str, raw_path: str,
@@ -113,6 +113,7 @@ class Request:
         self.keep_alive = True
         #: The client waits for `100 Continue` before sending the body (sent on first read).
         self.expect_continue = False
+        self.http10 = False  # an HTTP/1.0 client: no chunked encoding
         self._body: list[bytes] = []
         self._size = 0
         self._complete = False
@@ -215,7 +216,7 @@ class Response:
 class StreamResponse:
     """A response written piece by piece (chunked transfer encoding): prepare, write..., write_eof."""
 
-    __slots__ = ("status", "headers", "_conn", "_request", "prepared", "finished")
+    __slots__ = ("status", "headers", "_conn", "_request", "prepared", "finished", "_chunked")
 
     def __init__(self, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self.status = status
@@ -224,6 +225,7 @@ class StreamResponse:
         self._request: Request | None = None
         self.prepared = False
         self.finished = False
+        self._chunked = True
 
     async def prepare(self, request: Request, first: bytes = b"") -> None:
         """Send the status line and headers (and `first`, the start of the body, with them)."""
@@ -232,9 +234,14 @@ class StreamResponse:
             raise ConnectionResetError("the client has gone")
         self._conn = conn
         self._request = request
-        self.headers["Transfer-Encoding"] = "chunked"
-        head = _head(self.status, self.headers, conn.keeps(request))
-        conn.write(head + b"%x\r\n%b\r\n" % (len(first), first) if first else head)
+        if request.http10:  # no chunked encoding: the body ends when the connection does
+            self._chunked = request.keep_alive = False
+            head = _head(self.status, self.headers, False)
+            conn.write(head + first)
+        else:
+            self.headers["Transfer-Encoding"] = "chunked"
+            head = _head(self.status, self.headers, conn.keeps(request))
+            conn.write(head + b"%x\r\n%b\r\n" % (len(first), first) if first else head)
         self.prepared = True
         if conn.paused:
             await conn.drain()
@@ -246,7 +253,7 @@ class StreamResponse:
             raise RuntimeError("write() before prepare()")
         if not data:
             return
-        conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
         if conn.paused:
             await conn.drain()
 
@@ -255,7 +262,8 @@ class StreamResponse:
         if self.finished or self._conn is None:
             return
         self.finished = True
-        self._conn.write(b"0\r\n\r\n")
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
 
 
 Handler = Callable[[Request], Awaitable["Response | StreamResponse"]]
@@ -549,6 +557,7 @@ class _Connection(asyncio.Protocol):
         request = Request(self, method, path, raw, query, self._headers,
                           self.app.client_max_size)
         request.keep_alive = parser.should_keep_alive()
+        request.http10 = parser.get_http_version() == "1.0"
         self.current = request
         length = request.content_length
         if length is not None and length > self.app.client_max_size:

@@ -561,6 +561,20 @@ async def test_stream_response_arrives_whole_and_in_order(served: Served) -> Non
     assert served.probe.stream_errors == []
 
 
+async def test_stream_to_an_http10_client_is_unframed_and_ends_with_the_connection(
+        served: Served) -> None:
+    """HTTP/1.0 has no chunked encoding: the body is the bytes up to the close."""
+    reader, writer = await served.connect()
+    writer.write(b"GET /stream?n=5&size=16 HTTP/1.0\r\n\r\n")
+    async with asyncio.timeout(GUARD_S):
+        raw = await reader.read()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head.lower()
+    assert body == b"".join(chunk_payload(i, 16) for i in range(5))
+
+
 async def test_stream_to_a_client_that_does_not_read_waits_then_delivers_everything(
         served: Served) -> None:
     n, size = 200, 64 * 1024
