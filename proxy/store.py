@@ -1,20 +1,25 @@
 """The audit store: route plans, events and lineage in SQLite, written off the request path.
 
 Requests hand rows to `AuditStore.submit`, which never blocks and never waits on disk: it
-appends to a bounded deque (an append is atomic, no lock is taken on the request path) that
-one background writer thread drains in batches. If the writer falls behind, rows are
-dropped and counted (`dropped`), never the request. On shutdown the queue is flushed.
-SQLite runs in WAL mode so readers (the admin API, the `events` command) never block the
-writer.
+appends to a list. Every `SEND_EVERY_S` the rows gathered so far go, as one JSON line, down
+a pipe to a writer *process* (`proxy.auditwriter`) that inserts them in one transaction.
+A separate process, not a thread, because a writer thread binding rows for SQLite keeps
+taking the interpreter lock back from the event loop: on a busy proxy that cost the loop
+more CPU than the rows themselves. The writer acknowledges every batch, so the proxy knows
+how many rows are in flight; beyond `queue_size` rows not yet written, new rows are dropped
+and counted (`dropped`), never the request. On shutdown everything queued is written before
+the writer exits. SQLite runs in WAL mode so readers (the admin API, the `events` command)
+never block the writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
+import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +90,6 @@ EVENT_COLUMNS = ("id", "ts", "type", "request_id", "plan_id", "instance", "reaso
 _EVENT = 0
 _PLAN = 1
 _LINEAGE = 2
-_STOP_KIND = -1  # (kind,): the writer finishes
-_FLUSH_KIND = -2  # (kind, threading.Event): set once everything before it is written
 
 
 class StoreError(Exception):
@@ -164,18 +167,64 @@ def query_events(conn: sqlite3.Connection, q: EventQuery) -> list[dict[str, Any]
     return rows
 
 
-class AuditStore:
-    """Batched, non-blocking writes to SQLite from one background thread.
+def write_rows(conn: sqlite3.Connection, rows: list[list[Any]]) -> None:
+    """Insert a batch of queued rows (events, plans, lineage) in one transaction."""
+    events, plans, lineage = [], [], []
+    dumps = orjson.dumps
+    for row in rows:
+        kind = row[0]
+        if kind == _EVENT:
+            detail = row[9]
+            events.append((*row[1:9], dumps(detail).decode() if detail else None))
+        elif kind == _PLAN:
+            plan = row[1]
+            plan_id, request_id, ts, model, *rest = row[2:]
+            plans.append((plan_id, request_id, ts, model,
+                          dumps(plan["requirements"]).decode(), dumps(plan).decode(), *rest))
+        else:
+            lineage.append(row[1:])
+    conn.execute("BEGIN")
+    try:
+        if events:
+            conn.executemany(
+                "INSERT INTO events (ts, type, request_id, plan_id, instance, reason_code,"
+                " from_instance, to_instance, detail) VALUES (?,?,?,?,?,?,?,?,?)", events)
+        if plans:
+            conn.executemany(
+                "INSERT OR REPLACE INTO route_plans (plan_id, request_id, ts, model,"
+                " requirements, plan, selected, final_instance, outcome, status, attempts,"
+                " ttfb_ms, duration_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", plans)
+        if lineage:
+            conn.executemany(
+                "INSERT INTO lineage (ts, kind, request_id, plan_id, from_instance,"
+                " to_instance, reason_code) VALUES (?,?,?,?,?,?,?)", lineage)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
-    The event loop only appends to a deque; the writer thread takes what has accumulated,
-    writes it in one transaction, and sleeps briefly between batches (woken at once for a
-    flush or stop) so that rows arrive in batches rather than one wake-up each.
+
+def apply_retention(conn: sqlite3.Connection, retention_s: float, max_rows: int) -> None:
+    """Delete rows older than the retention period, and beyond the row cap."""
+    cutoff = time.time() - retention_s
+    for table in ("events", "lineage", "route_plans"):
+        conn.execute(f"DELETE FROM {table} WHERE ts < ?", (cutoff,))
+    for table in ("events", "lineage"):
+        conn.execute(f"DELETE FROM {table} WHERE id <= "
+                     f"(SELECT MAX(id) FROM {table}) - ?", (max_rows,))
+    conn.execute("DELETE FROM route_plans WHERE rowid IN (SELECT rowid FROM route_plans"
+                 " ORDER BY ts DESC LIMIT -1 OFFSET ?)", (max_rows,))
+
+
+class AuditStore:
+    """Batched, non-blocking writes to SQLite through a writer process.
+
+    Used from the event loop's thread only. Reads (`query`) use the store's own
+    connection in a worker thread, after a flush so that a reader sees its own request.
     """
 
-    #: Pause of the writer between batches, letting rows accumulate.
-    PAUSE_S = 0.02
-    #: Pause when nothing came in the last pause (an idle proxy wakes rarely).
-    IDLE_PAUSE_S = 0.25
+    #: How often gathered rows go to the writer.
+    SEND_EVERY_S = 0.02
 
     def __init__(self, url: str, *, queue_size: int = 50_000, batch: int = 2000,
                  retention_s: float = 7 * 86400.0, max_rows: int = 1_000_000,
@@ -188,168 +237,150 @@ class AuditStore:
         self.on_drop = on_drop
         self.dropped = 0
         self.written = 0
-        self._queue: deque[tuple[Any, ...]] | None = None
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rows: list[Any] = []
+        self._inflight = 0  # rows sent to the writer, not yet written
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._tokens = itertools.count(1)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._last_warning = 0.0
-        self._last_retention = 0.0
+        self._broken = False
+        self._closing = False
+
+    @property
+    def writer_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> None:
-        self._conn = await asyncio.to_thread(connect, self.path)
-        self._queue = deque()
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._thread.start()
+        self._conn = await asyncio.to_thread(connect, self.path)  # creates/migrates the schema
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.auditwriter", self.path, repr(self.retention_s),
+            str(self.max_rows), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        self._reader = asyncio.get_running_loop().create_task(self._read_acks())
 
-    def submit(self, row: tuple[Any, ...]) -> None:
+    def submit(self, row: list[Any]) -> None:
         """Queue a row without waiting; if the writer is behind, drop it and count."""
-        q = self._queue
-        if q is None:
+        if self._proc is None:
             return
-        if len(q) < self.queue_size:
-            q.append(row)
-        else:
-            self.dropped += 1
-            if self.on_drop is not None:
-                self.on_drop(1)
-            now = time.monotonic()
-            if now - self._last_warning > 5.0:
-                self._last_warning = now
-                log.warning("audit_events_dropped", dropped_total=self.dropped,
-                            reason="writer behind; queue full")
+        rows = self._rows
+        if self._broken or len(rows) + self._inflight >= self.queue_size:
+            self._drop(1, "writer behind; queue full" if not self._broken else "writer gone")
+            return
+        if not rows and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.SEND_EVERY_S, self._send)
+        rows.append(row)
+        if len(rows) >= self.batch:
+            self._send()
+
+    def _drop(self, n: int, reason: str) -> None:
+        self.dropped += n
+        if self.on_drop is not None:
+            self.on_drop(n)
+        now = time.monotonic()
+        if now - self._last_warning > 5.0:
+            self._last_warning = now
+            log.warning("audit_events_dropped", dropped_total=self.dropped, reason=reason)
 
     def event(self, ts: float, type_: str, request_id: str | None, plan_id: str | None,
               instance: str | None, reason_code: str | None = None,
               from_instance: str | None = None, to_instance: str | None = None,
               detail: dict[str, Any] | None = None) -> None:
-        self.submit((_EVENT, ts, type_, request_id, plan_id, instance, reason_code,
-                     from_instance, to_instance, detail))
+        self.submit([_EVENT, ts, type_, request_id, plan_id, instance, reason_code,
+                     from_instance, to_instance, detail])
 
     def lineage(self, ts: float, request_id: str | None, plan_id: str | None,
                 from_instance: str | None, to_instance: str | None, reason_code: str) -> None:
-        self.submit((_LINEAGE, ts, "route_change", request_id, plan_id, from_instance,
-                     to_instance, reason_code))
+        self.submit([_LINEAGE, ts, "route_change", request_id, plan_id, from_instance,
+                     to_instance, reason_code])
 
     def plan(self, plan: Any, row: tuple[Any, ...]) -> None:
-        """A route_plans row: `plan` (anything with `as_dict()`, serialised by the writer,
-        off the request path) and (plan_id, request_id, ts, model, selected,
+        """A route_plans row: `plan` (anything with `as_dict()`, turned into data when the
+        batch is sent, off the request path) and (plan_id, request_id, ts, model, selected,
         final_instance, outcome, status, attempts, ttfb_ms, duration_ms)."""
-        self.submit((_PLAN, plan, *row))
+        self.submit([_PLAN, plan, *row])
 
-    def _control(self, marker: tuple[Any, ...]) -> None:
-        """Queue a flush or stop marker (never dropped) and wake the writer."""
-        q = self._queue
-        assert q is not None
-        q.append(marker)
-        self._wake.set()
-
-    def _run(self) -> None:
-        """The writer thread: batch, write, repeat, until told to stop."""
-        q = self._queue
-        assert q is not None
-        pause = self.PAUSE_S
-        while True:
-            if not q:
-                self._wake.wait(pause)
-                self._wake.clear()
-                if not q:
-                    pause = self.IDLE_PAUSE_S
-                    continue
-            pause = self.PAUSE_S
-            rows: list[tuple[Any, ...]] = []
-            popleft = q.popleft
-            while len(rows) < self.batch:
-                try:
-                    rows.append(popleft())
-                except IndexError:
-                    break
-            markers = [r for r in rows if r[0] in (_STOP_KIND, _FLUSH_KIND)]
-            if markers:
-                rows = [r for r in rows if r[0] not in (_STOP_KIND, _FLUSH_KIND)]
-            if rows:
-                try:
-                    self._write(rows)
-                except Exception:
-                    log.exception("audit_write_failed", rows=len(rows))
-            stop = False
-            for marker in markers:
-                if marker[0] == _FLUSH_KIND:
-                    marker[1].set()
-                else:
-                    stop = True
-            if stop:
-                return
-            if len(rows) < self.batch // 4 and not markers and not self._wake.is_set():
-                self._wake.wait(self.PAUSE_S)
-                self._wake.clear()
-
-    def _write(self, rows: list[tuple[Any, ...]]) -> None:
-        events, plans, lineage = [], [], []
-        dumps = orjson.dumps
+    def _send(self) -> None:
+        """Send what has gathered to the writer as one line."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        rows, self._rows = self._rows, []
+        proc = self._proc
+        if not rows or proc is None or proc.stdin is None:
+            return
         for row in rows:
-            kind = row[0]
-            if kind == _EVENT:
-                detail = row[9]
-                events.append((*row[1:9], dumps(detail).decode() if detail else None))
-            elif kind == _PLAN:
-                plan = row[1].as_dict()
-                plan_id, request_id, ts, model, *rest = row[2:]
-                plans.append((plan_id, request_id, ts, model,
-                              dumps(plan["requirements"]).decode(), dumps(plan).decode(),
-                              *rest))
-            else:
-                lineage.append(row[1:])
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                return
-            conn.execute("BEGIN")
-            if events:
-                conn.executemany(
-                    "INSERT INTO events (ts, type, request_id, plan_id, instance, reason_code,"
-                    " from_instance, to_instance, detail) VALUES (?,?,?,?,?,?,?,?,?)", events)
-            if plans:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO route_plans (plan_id, request_id, ts, model,"
-                    " requirements, plan, selected, final_instance, outcome, status, attempts,"
-                    " ttfb_ms, duration_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", plans)
-            if lineage:
-                conn.executemany(
-                    "INSERT INTO lineage (ts, kind, request_id, plan_id, from_instance,"
-                    " to_instance, reason_code) VALUES (?,?,?,?,?,?,?)", lineage)
-            conn.execute("COMMIT")
-            self.written += len(rows)
-            now = time.monotonic()
-            if now - self._last_retention > 60.0:
-                self._last_retention = now
-                self._apply_retention(conn)
+            if row[0] == _PLAN:
+                row[1] = row[1].as_dict()
+        try:
+            proc.stdin.write(orjson.dumps(["rows", rows]) + b"\n")
+        except (ConnectionError, RuntimeError):
+            self._writer_gone()
+            self._drop(len(rows), "writer gone")
+            return
+        self._inflight += len(rows)
 
-    def _apply_retention(self, conn: sqlite3.Connection) -> None:
-        """Delete rows older than the retention period, and beyond the row cap."""
-        cutoff = time.time() - self.retention_s
-        for table in ("events", "lineage", "route_plans"):
-            conn.execute(f"DELETE FROM {table} WHERE ts < ?", (cutoff,))
-        for table in ("events", "lineage"):
-            conn.execute(f"DELETE FROM {table} WHERE id <= "
-                         f"(SELECT MAX(id) FROM {table}) - ?", (self.max_rows,))
-        conn.execute("DELETE FROM route_plans WHERE rowid IN (SELECT rowid FROM route_plans"
-                     " ORDER BY ts DESC LIMIT -1 OFFSET ?)", (self.max_rows,))
+    def _command(self, name: str) -> asyncio.Future[None]:
+        """Send a command the writer acknowledges once everything before it is done."""
+        self._send()
+        future = asyncio.get_running_loop().create_future()
+        proc = self._proc
+        if proc is None or proc.stdin is None or self._broken:
+            future.set_result(None)
+            return future
+        token = next(self._tokens)
+        self._waiters[token] = future
+        try:
+            proc.stdin.write(orjson.dumps([name, token]) + b"\n")
+        except (ConnectionError, RuntimeError):
+            self._writer_gone()
+        return future
+
+    async def _read_acks(self) -> None:
+        """The writer's answers: `w N` (N rows written) and `ok TOKEN` (command done)."""
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                break
+            kind, _, value = line.strip().partition(b" ")
+            if kind == b"w":
+                n = int(value)
+                self._inflight = max(0, self._inflight - n)
+                self.written += n
+            elif kind == b"ok":
+                future = self._waiters.pop(int(value), None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+        self._writer_gone()
+
+    def _writer_gone(self) -> None:
+        if not self._broken and self._proc is not None and self._proc.returncode is None \
+                and not self._closing:
+            log.error("audit_writer_gone", pid=self._proc.pid)
+        self._broken = True
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_result(None)
+        self._waiters.clear()
 
     def apply_retention(self) -> None:
         """Run retention now (tests, admin)."""
         with self._lock:
             if self._conn is not None:
-                self._apply_retention(self._conn)
+                apply_retention(self._conn, self.retention_s, self.max_rows)
 
     async def flush(self, timeout_s: float = 10.0) -> None:
         """Wait until everything queued so far is written."""
-        q = self._queue
-        if q is None or self._thread is None or not self._thread.is_alive():
+        if self._proc is None:
             return
-        done = threading.Event()
-        self._control((_FLUSH_KIND, done))
-        await asyncio.to_thread(done.wait, timeout_s)
+        try:
+            await asyncio.wait_for(self._command("flush"), timeout_s)
+        except TimeoutError:
+            log.warning("audit_flush_timeout", timeout_s=timeout_s)
 
     async def query(self, q: EventQuery) -> list[dict[str, Any]]:
         """Read events (after writing what is queued, so a reader sees its own request)."""
@@ -364,12 +395,26 @@ class AuditStore:
 
     async def close(self) -> None:
         """Stop the writer after it has written everything queued, then close the database."""
-        q, thread = self._queue, self._thread
-        if q is not None and thread is not None and thread.is_alive():
-            self._control((_STOP_KIND,))
-            await asyncio.to_thread(thread.join, 30.0)
-        self._queue = None
-        self._thread = None
+        proc = self._proc
+        if proc is not None:
+            self._closing = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self._send()
+            if proc.stdin is not None:
+                try:
+                    proc.stdin.close()  # the writer finishes what it has, then exits
+                except (ConnectionError, RuntimeError):
+                    pass
+            try:
+                await asyncio.wait_for(proc.wait(), 30.0)
+            except TimeoutError:
+                log.error("audit_writer_stuck", pid=proc.pid)
+                proc.kill()
+                await proc.wait()
+            if self._reader is not None:
+                await self._reader
+        self._proc = None
         with self._lock:
             if self._conn is not None:
                 self._conn.close()

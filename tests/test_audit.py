@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -221,13 +223,16 @@ async def test_writer_behind_drops_events_never_requests(tmp_path: Path) -> None
     dropped: list[int] = []
     store = AuditStore(f"sqlite:///{tmp_path}/a.db", queue_size=10, on_drop=dropped.append)
     await store.start()
-    store._lock.acquire()  # a stalled disk: the writer blocks on its first batch
+    assert store.writer_pid is not None
+    os.kill(store.writer_pid, signal.SIGSTOP)  # a stalled disk: the writer makes no progress
     try:
         for n in range(100):
             store.event(time.time(), "ROUTE_PLANNED", f"r{n}", "p", None)
+            if n % 10 == 0:
+                await asyncio.sleep(store.SEND_EVERY_S)  # batches go out meanwhile
         assert store.dropped >= 80 and sum(dropped) == store.dropped
     finally:
-        store._lock.release()
+        os.kill(store.writer_pid, signal.SIGCONT)
     await store.close()  # whatever was queued is written
     conn = connect(str(tmp_path / "a.db"), readonly=True)
     kept = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
@@ -270,10 +275,10 @@ async def test_requests_do_not_wait_on_a_slow_disk(make_sim: MakeSim, make_proxy
     from proxy.state import STATE
 
     store = proxy.app[STATE].recorder.store
-    assert store is not None
-    store._lock.acquire()  # the writer now blocks inside its worker thread
+    assert store is not None and store.writer_pid is not None
+    os.kill(store.writer_pid, signal.SIGSTOP)  # the writer process is stuck
     try:
         results = await asyncio.gather(*(chat(proxy, f"q{n}") for n in range(20)))
         assert all(status == 200 for status, _, _ in results)
     finally:
-        store._lock.release()
+        os.kill(store.writer_pid, signal.SIGCONT)
