@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -16,19 +15,20 @@ from proxy.endpoints import add_routes, error_response, models_body
 from proxy.errors import ProxyError, error_body
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
+from proxy.httpclient import Pool
 from proxy.instances import Registry
 from proxy.metrics import Metrics
 from proxy.routing import Planner
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
 from proxy.state import CONFIG, RELOAD, STATE, ProxyState
 from proxy.store import AuditStore
-from proxy.upstream import Upstream, make_session
+from proxy.upstream import Upstream, make_client
 
 log = structlog.get_logger("proxy.app")
 
 
 def _assemble(config: Config, registry: Registry, recorder: Recorder,
-              session: aiohttp.ClientSession) -> ProxyState:
+              session: Pool) -> ProxyState:
     """Everything that depends on the config, around the long-lived session and recorder."""
     redactor = Redactor(config_secrets(config))
     upstream = Upstream(session, config.timeouts, redactor, config.routing.default_max_tokens)
@@ -71,7 +71,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                            on_drop=lambda n: metrics.events_dropped.inc(n))
         await store.start()
     recorder = Recorder(metrics, store)
-    session = make_session(config.timeouts)  # one pooled session for the app's life
+    session = make_client(config.timeouts)  # one pooled client for the app's life
     state = _assemble(config, Registry(config.instances, config.health), recorder, session)
     set_log_redactor(state.redactor)
     app[STATE] = state

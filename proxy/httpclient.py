@@ -46,7 +46,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple, TypeVar, overload
+from typing import NamedTuple, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import httptools
@@ -143,8 +143,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but they are one.
+        self.transport = cast(asyncio.Transport, transport)
         self.pool._all.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -218,9 +218,11 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        if self.buffered > HIGH_WATER and not self.paused:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                self.paused = True
+                transport.pause_reading()
         self._wake_body()
 
     def on_message_complete(self) -> None:
@@ -271,8 +273,9 @@ class _Connection(asyncio.Protocol):
                 self.buffered = 0
                 if self.paused:
                     self.paused = False
-                    if self.transport is not None:
-                        self.transport.resume_reading()
+                    transport = self.transport
+                    if transport is not None and not transport.is_closing():
+                        transport.resume_reading()
                 return data
             if self.body_done:
                 return b""
@@ -572,8 +575,18 @@ class Pool:
 
     @property
     def idle_count(self) -> int:
-        """Connections idle in the pool (for tests and diagnostics)."""
-        return sum(len(idle) for idle in self._idle.values())
+        """Connections idle in the pool and still open (for tests and diagnostics)."""
+        return sum(self.idle_by_key().values())
+
+    def idle_by_key(self) -> dict[tuple[str, str, int], int]:
+        """Open idle connections per (scheme, host, port) (for tests and diagnostics)."""
+        return {key: n for key, idle in self._idle.items()
+                if (n := sum(1 for c in idle if not c.lost))}
+
+    @property
+    def in_use_count(self) -> int:
+        """Connections checked out of the pool (a request or response holds them)."""
+        return len(self._all) - self.idle_count
 
     @property
     def open_count(self) -> int:

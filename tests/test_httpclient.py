@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+import uvloop
 
 from proxy import httpclient
 from proxy.failures import ConnRefused, ProcessExited, UpstreamTimeout
@@ -23,6 +24,23 @@ from proxy.simulator import Simulator
 from proxy.sse import DONE_EVENT, EventReader
 
 Handler = Callable[["Conn"], Awaitable[None]]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test on both loops: the proxy serves on uvloop, whose transports differ."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Overriding the \"event_loop_policy\" fixture:DeprecationWarning")
+
+
+async def test_runs_on_the_parametrized_loop(request: pytest.FixtureRequest) -> None:
+    on_uvloop = isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    assert on_uvloop == ("uvloop" in request.node.callspec.id)
 
 
 class Conn:
