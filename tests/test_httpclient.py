@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -596,3 +597,46 @@ async def test_max_idle_per_host(serve: Any) -> None:
         assert await settle(lambda: server.open == 2)
     finally:
         await p.close()
+
+
+async def test_https_with_server_name(tmp_path: Any, pool: Pool) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+        "-keyout", str(key), "-out", str(cert),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    if await made.wait() != 0:
+        pytest.skip("openssl cannot make a test certificate here")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        conn = Conn(reader, writer, 0)
+        try:
+            while await conn.read_request() is not None:
+                await conn.send(ok(b"secret"))
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # The client's context is ssl.create_default_context(); this one also trusts the
+        # test certificate. The name checked is the URL's host ("localhost", resolved).
+        pool._ssl = ssl.create_default_context(cafile=str(cert))
+        for _ in range(2):
+            resp, data = await get(pool, f"https://localhost:{port}/v1/models")
+            assert resp.status == 200 and data == b"secret"
+        assert accepted == 1
+        other = Pool(connect_timeout_s=2.0)  # the default context does not trust it
+        with pytest.raises(ConnRefused) as info:
+            await other.request("GET", f"https://localhost:{port}/", None, {})
+        assert "TLS" in info.value.detail
+        await other.close()
+    finally:
+        await pool.close()
+        server.close()
