@@ -148,8 +148,10 @@ class _Connection(asyncio.Protocol):
         self.pool._all.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy:
-            # Nothing is expected on an idle connection: do not reuse it.
+        if not self.busy or self.body_done:
+            # Nothing is expected on an idle connection or after a whole response: a
+            # server sending more is not one to reuse.
+            self.keep_alive = False
             self.close()
             return
         self.started = True

@@ -640,3 +640,21 @@ async def test_https_with_server_name(tmp_path: Any, pool: Pool) -> None:
     finally:
         await pool.close()
         server.close()
+
+
+async def test_bytes_after_a_whole_response_keep_the_connection_out_of_the_pool(
+        serve: Any, pool: Pool) -> None:
+    async def handler(conn: Conn) -> None:
+        while await conn.read_request() is not None:
+            await conn.send(ok(b"body"))
+            await asyncio.sleep(0.01)
+            await conn.send(b"junk")
+
+    server = await serve(handler)
+    resp = await pool.request("GET", server.url + "/", None, {})
+    assert await resp.read() == b"body"
+    assert await settle(lambda: server.open == 0)
+    resp.release()
+    assert pool.idle_count == 0
+    assert (await get(pool, server.url + "/"))[1] == b"body"
+    assert server.accepted == 2
