@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aiohttp
 import structlog
 
 from proxy.admin import add_admin_routes
@@ -15,6 +14,7 @@ from proxy.endpoints import add_routes, error_response, models_body
 from proxy.errors import ProxyError, error_body
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
+from proxy.httpclient import Pool
 from proxy.httpserver import App, Handler, Request, Response, StreamResponse
 from proxy.instances import Registry
 from proxy.metrics import Metrics
@@ -22,16 +22,16 @@ from proxy.routing import Planner
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
 from proxy.state import CONFIG, RELOAD, STATE, ProxyState
 from proxy.store import AuditStore
-from proxy.upstream import Upstream, make_session
+from proxy.upstream import Upstream, make_client
 
 log = structlog.get_logger("proxy.app")
 
 
 def _assemble(config: Config, registry: Registry, recorder: Recorder,
-              session: aiohttp.ClientSession) -> ProxyState:
-    """Everything that depends on the config, around the long-lived session and recorder."""
+              client: Pool) -> ProxyState:
+    """Everything that depends on the config, around the long-lived client and recorder."""
     redactor = Redactor(config_secrets(config))
-    upstream = Upstream(session, config.timeouts, redactor, config.routing.default_max_tokens)
+    upstream = Upstream(client, config.timeouts, redactor, config.routing.default_max_tokens)
     registry.listeners.append(recorder.state_changed)
     recorder.known_models = frozenset(
         {"auto", *config.models, *(i.model for i in config.instances if i.model),
@@ -45,7 +45,7 @@ def _assemble(config: Config, registry: Registry, recorder: Recorder,
         forwarder=Forwarder(config, registry, upstream, recorder),
         prober=Prober(registry, upstream, config.health),
         recorder=recorder,
-        session=session,
+        client=client,
         redactor=redactor,
         models_body=models_body(config),
     )
@@ -60,7 +60,7 @@ async def _start_probing(state: ProxyState) -> None:
 
 
 async def _lifecycle(app: App) -> AsyncIterator[None]:
-    """Start-up and shutdown: audit store, upstream session, prober, in that order."""
+    """Start-up and shutdown: audit store, upstream client, prober, in that order."""
     config = app[CONFIG]
     metrics = Metrics()
     store = None
@@ -71,8 +71,8 @@ async def _lifecycle(app: App) -> AsyncIterator[None]:
                            on_drop=lambda n: metrics.events_dropped.inc(n))
         await store.start()
     recorder = Recorder(metrics, store)
-    session = make_session(config.timeouts)  # one pooled session for the app's life
-    state = _assemble(config, Registry(config.instances, config.health), recorder, session)
+    client = make_client(config.timeouts)  # one pooled client for the app's life
+    state = _assemble(config, Registry(config.instances, config.health), recorder, client)
     set_log_redactor(state.redactor)
     app[STATE] = state
     await _start_probing(state)
@@ -81,7 +81,7 @@ async def _lifecycle(app: App) -> AsyncIterator[None]:
     yield
     state = app[STATE]  # the latest, after any reloads
     await state.prober.stop()
-    await session.close()
+    await client.close()
     if store is not None:
         await store.close()  # flushes what is queued
 
@@ -108,7 +108,7 @@ async def reload_config(app: App, path: str | None = None) -> tuple[bool, str]:
         notes.append("store settings take effect at the next restart")
     registry = Registry(config.instances, config.health)
     registry.adopt(state.registry)
-    fresh = _assemble(config, registry, state.recorder, state.session)
+    fresh = _assemble(config, registry, state.recorder, state.client)
     fresh.planner.sessions = state.planner.sessions
     fresh.planner.sessions.ttl_s = config.routing.sticky_ttl_s
     await state.prober.stop()

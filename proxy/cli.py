@@ -124,13 +124,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from proxy.instances import Registry
     from proxy.logs import configure_logging
     from proxy.secrets import Redactor, config_secrets
-    from proxy.upstream import Upstream, make_session
+    from proxy.upstream import Upstream, make_client
 
     config = _load(args.config)
     configure_logging("console", "error")
 
     async def probe() -> Registry:
-        session = make_session(config.timeouts)
+        session = make_client(config.timeouts)
         try:
             registry = Registry(config.instances, config.health)
             upstream = Upstream(session, config.timeouts, Redactor(config_secrets(config)))

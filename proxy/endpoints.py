@@ -133,7 +133,7 @@ async def _proxy(request: Request, endpoint: str) -> Response | StreamResponse:
         reply = await forwarder.forward(req, plan, sink, request.headers.get("Authorization"))
         planner.served(plan, reply.instance)
     except asyncio.CancelledError:
-        # The client went away (aiohttp cancels the handler); the upstream request was
+        # The client went away (the server cancels the handler); the upstream request was
         # closed on the way out. An outcome of the request, not a failure of the instance.
         recorder.completed(plan, request_id, model, 499, CLIENT_GONE, None, 0, None,
                            time.perf_counter() - started, 0.0, stream)

@@ -1,17 +1,15 @@
 """Every way an upstream attempt can fail, and the one place where transport errors become ours.
 
 Reason codes are the product's vocabulary (SPEC section 6): they appear in events, logs,
-metrics and the 502 message. Handlers never catch aiohttp exceptions themselves; they call
-the upstream client, which wraps its I/O in :func:`map_exceptions`.
+metrics and the 502 message. Handlers never catch transport exceptions themselves; they call
+the upstream client (`proxy.upstream`), whose HTTP client (`proxy.httpclient`) raises these
+failures itself and which wraps its I/O in :func:`map_exceptions` for timeouts.
 """
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import aiohttp
 
 # Reason codes, as strings so they serialise as they are.
 INSTANCE_NOT_READY = "INSTANCE_NOT_READY"
@@ -164,38 +162,19 @@ def parse_retry_after(value: str | None) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-def _is_refusal(exc: BaseException) -> bool:
-    os_error = getattr(exc, "os_error", None)
-    if isinstance(os_error, ConnectionRefusedError):
-        return True
-    code = getattr(os_error, "errno", None)
-    return code in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
-
-
 @contextmanager
 def map_exceptions(phase: str, timeout_s: float | None = None) -> Iterator[None]:
-    """Translate aiohttp and socket exceptions raised inside the block into our failures.
+    """Translate the timeouts and socket errors raised inside the block into our failures.
 
     `phase` names what was awaited ("connect", "first_byte", "idle", "body") so a
-    timeout says where it happened.
+    timeout says where it happened. The HTTP client raises our failures itself (refusals,
+    connect timeouts, closed or reset connections); they pass through unchanged.
     """
     try:
         yield
     except UpstreamFailure:
         raise
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise UpstreamTimeout("connect", timeout_s) from exc
-    except aiohttp.ClientConnectorError as exc:
-        if _is_refusal(exc):
-            raise ConnRefused(f"connection refused by {exc.host}:{exc.port}") from exc
-        raise ConnRefused(f"cannot connect to {exc.host}:{exc.port}") from exc
-    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+    except TimeoutError as exc:
         raise UpstreamTimeout(phase, timeout_s) from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise ProcessExited("server closed the connection") from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise ProcessExited("response body cut short") from exc
-    except (aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError) as exc:
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
         raise ProcessExited("connection reset") from exc
-    except aiohttp.ClientError as exc:
-        raise ProcessExited(f"transport error: {type(exc).__name__}") from exc

@@ -61,8 +61,8 @@ from proxy.sse import (
 from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
 from proxy.upstream import PassThrough, Upstream
 
-if TYPE_CHECKING:  # the type only: the forwarder never touches aiohttp itself
-    import aiohttp
+if TYPE_CHECKING:  # the type only: the forwarder never touches the HTTP client itself
+    from proxy.httpclient import Response
 
 log = structlog.get_logger("proxy.forwarding")
 
@@ -286,7 +286,7 @@ class Forwarder:
             resp.close()
             raise
 
-    async def _whole_reply(self, inst: InstanceState, resp: aiohttp.ClientResponse,
+    async def _whole_reply(self, inst: InstanceState, resp: Response,
                            ttfb: float) -> Reply:
         """Read a whole answer, in OpenAI's shape, checked against the pinned fingerprint.
 

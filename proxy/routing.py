@@ -137,7 +137,7 @@ class Planner:
     def plan(self, req: ClientRequest, headers: Mapping[str, str]) -> RoutePlan:
         """The plan for one request; raises NotFound for an unknown model in strict mode.
 
-        `headers` is looked up with lower-case names (aiohttp's are case-insensitive).
+        `headers` is looked up with lower-case names (the server's are case-insensitive).
         """
         config = self.config
         resolution = resolve_model(config, self.registry, req.model)

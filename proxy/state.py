@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from proxy.audit import Recorder
 from proxy.config import Config
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
+from proxy.httpclient import Pool
 from proxy.httpserver import App, AppKey
 from proxy.instances import Registry
 from proxy.routing import Planner
@@ -28,7 +27,7 @@ class ProxyState:
     forwarder: Forwarder
     prober: Prober
     recorder: Recorder
-    session: aiohttp.ClientSession
+    client: Pool
     redactor: Redactor
     models_body: bytes
 

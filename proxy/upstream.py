@@ -1,7 +1,8 @@
 """Talking to one instance: open a request, classify its status, read bodies.
 
-This is the boundary where transport exceptions become our failures (via
-`map_exceptions`); nothing above it sees an aiohttp client exception.
+This is the boundary where transport exceptions become our failures: the HTTP client
+(`proxy.httpclient`) raises our failures itself, and `map_exceptions` turns the callers'
+timeouts (and any stray socket error) into them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import asyncio
 import time
 from collections.abc import Mapping
 
-import aiohttp
 import orjson
 
 from proxy import anthropic
@@ -27,6 +27,7 @@ from proxy.failures import (
     map_exceptions,
     parse_retry_after,
 )
+from proxy.httpclient import Pool, Response
 from proxy.secrets import Redactor
 from proxy.sse import DONE_EVENT, EventReader, EventSource, event_data
 
@@ -48,18 +49,9 @@ class PassThrough(Exception):
         self.headers = headers
 
 
-def make_session(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
-    """The one pooled client session of the app (keep-alive, no per-host cap)."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60,
-                                     ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s,
-                                      connect=timeouts.connect_s),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-        json_serialize=lambda o: orjson.dumps(o).decode(),
-    )
+def make_client(timeouts: TimeoutsConfig) -> Pool:
+    """The one pooled HTTP client of the app (keep-alive, no cap on connections)."""
+    return Pool(timeouts.connect_s, keepalive_s=60.0)
 
 
 def instance_headers(inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
@@ -132,11 +124,11 @@ def _event_name(raw: bytes) -> str | None:
 
 
 class Upstream:
-    """Opens requests to instances over the shared session, with the configured timeouts."""
+    """Opens requests to instances over the shared client pool, with the configured timeouts."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeouts: TimeoutsConfig,
+    def __init__(self, client: Pool, timeouts: TimeoutsConfig,
                  redactor: Redactor | None = None, default_max_tokens: int = 1024) -> None:
-        self.session = session
+        self.client = client
         self.timeouts = timeouts
         self.redactor = redactor or Redactor()
         #: The Messages API requires max_tokens; used when the client sent none.
@@ -152,7 +144,7 @@ class Upstream:
         return cached
 
     async def open(self, inst: InstanceConfig, path: str, body: bytes,
-                   client_auth: str | None = None) -> aiohttp.ClientResponse:
+                   client_auth: str | None = None) -> Response:
         """POST `body` to the instance and wait for the status line and headers.
 
         Returns a 2xx/3xx response with its body unread. Raises PassThrough for a 4xx
@@ -165,8 +157,8 @@ class Upstream:
         url = inst.api_base + path
         with map_exceptions("first_byte", self.timeouts.first_byte_s):
             async with asyncio.timeout(self.timeouts.first_byte_s):
-                resp = await self.session.post(url, data=body,
-                                               headers=self.headers_for(inst, client_auth))
+                resp = await self.client.request("POST", url, body,
+                                                 self.headers_for(inst, client_auth))
         status = resp.status
         if status < 400:
             return resp
@@ -221,31 +213,30 @@ class Upstream:
             raise ProcessExited(f"unreadable Messages API response: {exc}") from None
 
     @staticmethod
-    def events(inst: InstanceConfig, resp: aiohttp.ClientResponse,
+    def events(inst: InstanceConfig, resp: Response,
                include_usage: bool) -> EventReader | AnthropicEvents:
         """The response's server-sent events, as OpenAI chat completion chunks."""
         if inst.kind == ANTHROPIC:
-            return AnthropicEvents(EventReader(resp.content),
+            return AnthropicEvents(EventReader(resp),
                                    anthropic.StreamTranslator(int(time.time()), include_usage))
-        return EventReader(resp.content)
+        return EventReader(resp)
 
-    async def read_error_body(self, resp: aiohttp.ClientResponse, limit: int = 65536) -> bytes:
+    async def read_error_body(self, resp: Response, limit: int = 65536) -> bytes:
         """Read (a bounded part of) an error response's body and release the connection."""
         try:
             with map_exceptions("body", self.timeouts.idle_s):
                 async with asyncio.timeout(self.timeouts.idle_s):
-                    data = await resp.content.read(limit)
+                    data = await resp.read(limit)
         except Exception:
             data = b""
         resp.release()
         return self.redactor.data(data)  # a server may quote the key it was sent
 
-    async def read_body(self, resp: aiohttp.ClientResponse, deadline_s: float) -> bytes:
+    async def read_body(self, resp: Response, deadline_s: float) -> bytes:
         """Read a whole response body; a cut or stalled body becomes a failure."""
         with map_exceptions("body", deadline_s):
             async with asyncio.timeout(deadline_s):
                 return await resp.read()
-
 
     async def probe(self, inst: InstanceConfig, url: str, timeout_s: float,
                     body: bytes | None = None) -> tuple[int, bytes]:
@@ -254,10 +245,12 @@ class Upstream:
         unreachable."""
         with map_exceptions("probe", timeout_s):
             async with asyncio.timeout(timeout_s):
-                async with self.session.request("POST" if body is not None else "GET", url,
-                                                data=body,
-                                                headers=self.headers_for(inst, None)) as resp:
-                    return resp.status, await resp.content.read(1 << 20)
+                resp = await self.client.request("POST" if body is not None else "GET", url,
+                                                 body, self.headers_for(inst, None))
+                try:
+                    return resp.status, await resp.read(1 << 20)
+                finally:
+                    resp.release()
 
     async def count_tokens(self, inst: InstanceConfig, text: str,
                            timeout_s: float) -> int | None:

@@ -437,10 +437,10 @@ class InprocProxy:
         # served the way `failover-proxy serve` serves it
         self.runner = await start_server(self.app, "127.0.0.1", self.port)
 
-    def connector(self) -> Any:
+    def pool(self) -> Any:
         from proxy.state import STATE
 
-        return self.app[STATE].forwarder.upstream.session.connector
+        return self.app[STATE].forwarder.upstream.client
 
     def inbound_connections(self) -> int:
         return len(self.runner.connections) if self.runner is not None else 0
@@ -736,13 +736,11 @@ class Chaos:
         base_kinds: Counter[str] = baseline
         problems, facts = [], []
         states = await self._sim_states()
-        connector = proxy.connector()
+        pool = proxy.pool()
         idle: Counter[int] = Counter()
-        for key, conns in connector._conns.items():
-            for proto, _ in conns:
-                if proto.is_connected():
-                    idle[key.port] += 1
-        acquired = len(connector._acquired)
+        for (_, _, port), count in pool.idle_by_key().items():
+            idle[port] += count
+        acquired = pool.in_use_count
         inbound = proxy.inbound_connections()
         bound = len(self.backends) * (self.opts.clients + 2)
         sims_open = 0
