@@ -119,8 +119,8 @@ async def _proxy(request: Request, endpoint: str) -> Response | StreamResponse:
     model: str | None = None
     plan: RoutePlan | None = None
     stream = False
-    inflight = recorder.metrics.inflight
-    inflight.inc()
+    counters = recorder.metrics
+    counters.inflight += 1
     try:
         check_client(config.server, request.headers)
         raw = await read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
@@ -147,7 +147,7 @@ async def _proxy(request: Request, endpoint: str) -> Response | StreamResponse:
                            stream)
         return error_response(exc, headers)
     finally:
-        inflight.dec()
+        counters.inflight -= 1
 
     upstream_s = sum(a.elapsed_ms for a in reply.attempts) / 1000.0
     recorder.completed(plan, request_id, model, reply.status, reply.outcome, reply.instance,

@@ -59,6 +59,9 @@ def any_match(expected: str, listed: list[str]) -> bool:
     return any(models_match(expected, m) for m in listed)
 
 
+_MODEL_VALUE = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
+
+
 def response_model(body: bytes) -> str | None:
     """The top-level `model` of a JSON response body, read without parsing it all.
 
@@ -68,6 +71,9 @@ def response_model(body: bytes) -> str | None:
     at = body.find(b'"model"')
     if at < 0:
         return None
+    simple = _MODEL_VALUE.match(body, at)
+    if simple is not None:
+        return simple.group(1).decode("utf-8", "replace")
     i = at + 7
     n = len(body)
     while i < n and body[i] in b" \t\r\n":

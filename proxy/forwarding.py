@@ -401,12 +401,12 @@ class Forwarder:
         """
         idle = self.config.timeouts.idle_s
         next_event = self.upstream.next_event
-        buffered = getattr(reader, "buffered", None)
+        buffered = reader.buffered
         committed = splicer is None or splicer.committed
         out: list[bytes] = []  # what goes to the client in one write
         try:
             while True:
-                event = buffered() if buffered is not None and out else None
+                event = buffered() if out else None
                 if event is None:
                     if out:  # nothing more at hand: send what we have before waiting
                         await sink.write(b"".join(out))

@@ -31,9 +31,11 @@ Design
   (the server closed it while it was idle) is retried once on a fresh connection. Once a
   response byte came, nothing is retried.
 * Errors are the proxy's own failures (:mod:`proxy.failures`), raised here directly:
-  ``ConnRefused``, ``UpstreamTimeout("connect", s)``, ``ProcessExited(...)``. Every other
-  timeout is the caller's (``asyncio.timeout``); a request cancelled mid-flight closes its
-  connection, so cancellation never leaks one.
+  ``ConnRefused``, ``UpstreamTimeout(phase, s)``, ``ProcessExited(...)``. A wait for the
+  headers or the body may carry a timeout: one timer on the loop, armed only when there
+  is something to wait for (a body already complete is read without one); it fails the
+  wait and closes the connection. A request cancelled mid-flight closes its connection,
+  so cancellation never leaks one.
 """
 
 from __future__ import annotations
@@ -102,6 +104,14 @@ class Headers(Mapping[str, str]):
         return f"Headers({self._items!r})"
 
 
+class _Limit(NamedTuple):
+    """A request's deadline (time.monotonic()), and what to call it when it passes."""
+
+    deadline: float
+    phase: str
+    seconds: float
+
+
 class _Target(NamedTuple):
     """The per-URL pieces, parsed once."""
 
@@ -139,6 +149,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.body_waiter: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
+        self.timeout: tuple[str, float] | None = None  # (phase, seconds) of the armed timer
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -254,40 +265,70 @@ class _Connection(asyncio.Protocol):
         self.error = None
         self.requests += 1
 
-    async def send(self, data: bytes) -> None:
-        """Write the request and wait until the response's headers have arrived."""
+    async def send(self, data: bytes, limit: _Limit | None) -> None:
+        """Write the request and wait until the response's headers have arrived (before
+        the limit's deadline, else UpstreamTimeout)."""
         transport = self.transport
         if transport is None or self.lost or transport.is_closing():
             raise ProcessExited("server closed the connection")
         waiter = self.headers_waiter = self.loop.create_future()
+        timer = None
+        if limit is not None:
+            timer = self._arm(limit.deadline - time.monotonic(), limit.phase, limit.seconds)
         transport.write(data)
         try:
             await waiter
         finally:
             self.headers_waiter = None
+            if timer is not None:
+                timer.cancel()
 
-    async def readany(self) -> bytes:
+    def _arm(self, delay_s: float, phase: str, seconds: float) -> asyncio.TimerHandle:
+        """Fail the current wait with UpstreamTimeout(phase, seconds) after `delay_s`."""
+        self.timeout = (phase, seconds)
+        return self.loop.call_later(max(delay_s, 0.0), self._timed_out)
+
+    def _timed_out(self) -> None:
+        phase, seconds = self.timeout or ("idle", 0.0)
+        self._fail(UpstreamTimeout(phase, seconds))
+
+    async def readany(self, timeout_s: float | None = None, phase: str = "idle") -> bytes:
+        timer = None
+        try:
+            while True:
+                data = self._take_chunks()
+                if data:
+                    return data
+                if self.body_done:
+                    return b""
+                if self.error is not None:
+                    raise self.error
+                if timer is None and timeout_s is not None:
+                    timer = self._arm(timeout_s, phase, timeout_s)
+                waiter = self.body_waiter = self.loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self.body_waiter = None
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _take_chunks(self) -> bytes:
+        """Every body byte at hand (b"" when none)."""
         while True:
             chunks = self.chunks
-            if chunks:
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self.buffered = 0
-                if self.paused:
-                    self.paused = False
-                    transport = self.transport
-                    if transport is not None and not transport.is_closing():
-                        transport.resume_reading()
-                return data
-            if self.body_done:
+            if not chunks:
                 return b""
-            if self.error is not None:
-                raise self.error
-            waiter = self.body_waiter = self.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self.body_waiter = None
+            data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self.buffered = 0
+            if self.paused:
+                self.paused = False
+                transport = self.transport
+                if transport is not None and not transport.is_closing():
+                    transport.resume_reading()
+            return data
 
     def unread(self, data: bytes) -> None:
         """Put bytes back in front of the queue (read() took more than its limit)."""
@@ -328,19 +369,29 @@ class Response:
         self.headers = Headers(conn.raw_headers)
         self._conn: _Connection | None = conn
 
-    async def readany(self) -> bytes:
-        """The next available body bytes; b"" at the end of the body."""
+    async def readany(self, timeout_s: float | None = None, phase: str = "idle") -> bytes:
+        """The next available body bytes; b"" at the end of the body. Waits at most
+        `timeout_s` for them (UpstreamTimeout(phase) after that)."""
         conn = self._conn
         if conn is None:
             return b""
-        return await conn.readany()
+        return await conn.readany(timeout_s, phase)
 
-    async def read(self, limit: int | None = None) -> bytes:
-        """The whole body, or (with `limit`) up to `limit` bytes of it."""
+    async def read(self, limit: int | None = None, timeout_s: float | None = None,
+                   phase: str = "body") -> bytes:
+        """The whole body, or (with `limit`) up to `limit` bytes of it, within `timeout_s`
+        (no timer at all when it has already arrived)."""
+        conn = self._conn
+        if conn is not None and conn.body_done and limit is None and conn.error is None:
+            return conn._take_chunks()  # the common case: it came with the headers
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         parts: list[bytes] = []
         size = 0
         while limit is None or size < limit:
-            data = await self.readany()
+            if deadline is None or conn is None:
+                data = await self.readany()
+            else:
+                data = await self._read_until(conn, deadline, phase, timeout_s or 0.0)
             if not data:
                 break
             parts.append(data)
@@ -351,6 +402,17 @@ class Response:
             self._conn.unread(body[limit:])
             body = body[:limit]
         return body
+
+    async def _read_until(self, conn: _Connection, deadline: float, phase: str,
+                          seconds: float) -> bytes:
+        data = conn._take_chunks()
+        if data or conn.body_done:
+            return data
+        timer = conn._arm(deadline - time.monotonic(), phase, seconds)
+        try:
+            return await self.readany()
+        finally:
+            timer.cancel()
 
     @property
     def complete(self) -> bool:
@@ -407,8 +469,10 @@ class Pool:
     # -- the hot path ----------------------------------------------------------------
 
     async def request(self, method: str, url: str, body: bytes | None,
-                      headers: Mapping[str, str]) -> Response:
-        """Send a request; return once the status line and headers have arrived."""
+                      headers: Mapping[str, str], timeout_s: float | None = None,
+                      phase: str = "first_byte") -> Response:
+        """Send a request; return once the status line and headers have arrived, within
+        `timeout_s` from now (connecting included), else UpstreamTimeout(phase)."""
         if self._closed:
             raise RuntimeError("the pool is closed")
         target = self._targets.get(url)
@@ -434,22 +498,24 @@ class Pool:
             data += body
         is_head = method == "HEAD"
 
+        limit = None if timeout_s is None else _Limit(time.monotonic() + timeout_s, phase,
+                                                            timeout_s)
         conn = self._take(target.key)
         reused = conn is not None
         if conn is None:
-            conn = await self._connect(target.key)
+            conn = await self._connect(target.key, limit)
         try:
             conn.start(is_head)
-            await conn.send(data)
+            await conn.send(data, limit)
         except ProcessExited:
             conn.close()
             if not reused or conn.started:
                 raise
             # The server closed the idle connection as we reused it: once more, fresh.
-            conn = await self._connect(target.key)
+            conn = await self._connect(target.key, limit)
             try:
                 conn.start(is_head)
-                await conn.send(data)
+                await conn.send(data, limit)
             except BaseException:
                 conn.close()
                 raise
@@ -539,11 +605,18 @@ class Pool:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
+    async def _connect(self, key: tuple[str, str, int],
+                       limit: _Limit | None = None) -> _Connection:
+        """A new connection, within the connect timeout (or the request's deadline, when
+        that comes first)."""
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         tls = scheme == "https"
         timeout_s = self.connect_timeout_s
+        failure = UpstreamTimeout("connect", timeout_s)
+        if limit is not None and limit.deadline - time.monotonic() < timeout_s:
+            timeout_s = limit.deadline - time.monotonic()
+            failure = UpstreamTimeout(limit.phase, limit.seconds)
         try:
             async with asyncio.timeout(timeout_s):
                 _, conn = await loop.create_connection(
@@ -551,7 +624,7 @@ class Pool:
                     ssl=self._ssl_context() if tls else None,
                     server_hostname=host if tls else None)
         except TimeoutError:
-            raise UpstreamTimeout("connect", timeout_s) from None
+            raise failure from None
         except socket.gaierror as exc:
             raise ConnRefused(f"cannot resolve {host}: {exc.strerror or exc}") from exc
         except ssl.SSLError as exc:

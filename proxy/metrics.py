@@ -39,8 +39,10 @@ class Metrics:
         self.overhead = Histogram(
             "failover_proxy_overhead_seconds", "Time spent in the proxy itself, excluding "
             "waiting on upstreams", buckets=_OVERHEAD_BUCKETS, registry=r)
-        self.inflight = Gauge(
-            "failover_proxy_inflight_requests", "Requests being served now", registry=r)
+        #: Requests being served now: a plain counter on the hot path, read at scrape time.
+        self.inflight = 0
+        Gauge("failover_proxy_inflight_requests", "Requests being served now",
+              registry=r).set_function(lambda: self.inflight)
         self.events_dropped = Counter(
             "failover_proxy_events_dropped", "Audit rows dropped because the writer fell behind",
             registry=r)

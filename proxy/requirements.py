@@ -39,6 +39,7 @@ _FRONTEND = frozenset("""
     button stylesheet scss sass
 """.split())
 _CODE_MARKERS = ("```", "def ", "function ", "=>", "();", "#include", "import ")
+_CODE_MARKER = re.compile("|".join(re.escape(m) for m in _CODE_MARKERS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +152,7 @@ def classify(text: str) -> tuple[str, ...]:
     sample = text[:4000].lower()
     words = set(_WORD.findall(sample))
     frontend = not words.isdisjoint(_FRONTEND)
-    coding = frontend or not words.isdisjoint(_CODING) or any(m in sample for m in _CODE_MARKERS)
+    coding = frontend or not words.isdisjoint(_CODING) or _CODE_MARKER.search(sample) is not None
     if frontend:
         return ("coding", "frontend")
     if coding:

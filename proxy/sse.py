@@ -25,6 +25,10 @@ class EventSource(Protocol):
 
     async def next(self) -> bytes | None: ...
 
+    def buffered(self) -> bytes | None:
+        """The next event if one is already at hand, else None (never waits)."""
+        ...
+
 
 class EventReader:
     """Yields raw events, each ending in its blank-line terminator, from a byte source."""

@@ -1,8 +1,9 @@
 """Talking to one instance: open a request, classify its status, read bodies.
 
 This is the boundary where transport exceptions become our failures: the HTTP client
-(`proxy.httpclient`) raises our failures itself, and `map_exceptions` turns the callers'
-timeouts (and any stray socket error) into them.
+(`proxy.httpclient`) raises our failures itself (its own timers included, on the hot
+path), and `map_exceptions` turns the other waits' timeouts (and any stray socket error)
+into them.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class AnthropicEvents:
         self._translator = translator
         self._queue: list[bytes] = []
 
+    def buffered(self) -> bytes | None:
+        """A translated event already at hand, else None (no waiting)."""
+        return self._queue.pop(0) if self._queue else None
+
     async def next(self) -> bytes | None:
         while not self._queue:
             raw = await self._events.next()
@@ -155,10 +160,8 @@ class Upstream:
         if inst.kind == ANTHROPIC:
             path, body = self._to_anthropic(inst, path, body)
         url = inst.api_base + path
-        with map_exceptions("first_byte", self.timeouts.first_byte_s):
-            async with asyncio.timeout(self.timeouts.first_byte_s):
-                resp = await self.client.request("POST", url, body,
-                                                 self.headers_for(inst, client_auth))
+        resp = await self.client.request("POST", url, body, self.headers_for(inst, client_auth),
+                                         self.timeouts.first_byte_s, "first_byte")
         status = resp.status
         if status < 400:
             return resp
@@ -224,9 +227,7 @@ class Upstream:
     async def read_error_body(self, resp: Response, limit: int = 65536) -> bytes:
         """Read (a bounded part of) an error response's body and release the connection."""
         try:
-            with map_exceptions("body", self.timeouts.idle_s):
-                async with asyncio.timeout(self.timeouts.idle_s):
-                    data = await resp.read(limit)
+            data = await resp.read(limit, self.timeouts.idle_s)
         except Exception:
             data = b""
         resp.release()
@@ -234,9 +235,7 @@ class Upstream:
 
     async def read_body(self, resp: Response, deadline_s: float) -> bytes:
         """Read a whole response body; a cut or stalled body becomes a failure."""
-        with map_exceptions("body", deadline_s):
-            async with asyncio.timeout(deadline_s):
-                return await resp.read()
+        return await resp.read(None, deadline_s)
 
     async def probe(self, inst: InstanceConfig, url: str, timeout_s: float,
                     body: bytes | None = None) -> tuple[int, bytes]:
@@ -272,6 +271,9 @@ class Upstream:
     @staticmethod
     async def next_event(reader: EventSource, timeout_s: float, phase: str) -> bytes | None:
         """The next SSE event within `timeout_s`; a silence or a cut becomes a failure."""
+        event = reader.buffered()
+        if event is not None:
+            return event  # at hand: no timer needed
         with map_exceptions(phase, timeout_s):
             async with asyncio.timeout(timeout_s):
                 return await reader.next()

@@ -464,6 +464,62 @@ async def test_timed_out_body_read_then_close_leaves_no_connection(serve: Any,
     assert await settle(lambda: server.open == 0)
 
 
+async def test_headers_not_arriving_in_time_is_an_upstream_timeout(serve: Any,
+                                                                    pool: Pool) -> None:
+    """The request's own timer: the wait for headers ends as UpstreamTimeout(phase), and the
+    connection is closed rather than pooled."""
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()  # ...and never answer
+
+    server = await serve(handler)
+    with pytest.raises(UpstreamTimeout) as caught:
+        await pool.request("POST", server.url + "/", b"x", {}, timeout_s=0.05,
+                           phase="first_byte")
+    assert caught.value.phase == "first_byte" and "0.05" in caught.value.detail
+    assert pool.open_count == 0 and pool.idle_count == 0
+    assert await settle(lambda: server.open == 0)
+
+
+async def test_a_stalled_body_read_with_a_timeout_fails_and_closes(serve: Any,
+                                                                    pool: Pool) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")  # 7 missing
+
+    server = await serve(handler)
+    resp = await pool.request("GET", server.url + "/", None, {}, timeout_s=1.0)
+    with pytest.raises(UpstreamTimeout) as caught:
+        await resp.read(None, 0.05, "body")
+    assert caught.value.phase == "body"
+    resp.close()
+    assert pool.open_count == 0
+    assert await settle(lambda: server.open == 0)
+
+
+async def test_a_readany_timeout_and_a_body_that_came_whole(serve: Any, pool: Pool) -> None:
+    """readany's timer fails a silent stream; a body that already arrived whole is read
+    at once even with a timeout given, and the connection is reused."""
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await conn.read_request()  # the first response never ends: a new connection asks
+
+    server = await serve(handler)
+    resp = await pool.request("GET", server.url + "/", None, {})
+    assert await resp.readany(0.5) == b"abc"
+    with pytest.raises(UpstreamTimeout) as caught:
+        await resp.readany(0.05, "idle")
+    assert caught.value.phase == "idle"
+    resp.close()
+
+    whole = await serve(keep_answering())
+    for _ in range(2):
+        resp = await pool.request("POST", whole.url + "/", b"hi", {}, timeout_s=1.0)
+        assert await resp.read(None, 1.0) == b"echo:hi"
+        resp.release()
+    assert whole.accepted == 1
+
+
 async def test_interim_100_continue_is_skipped(serve: Any, pool: Pool) -> None:
     async def handler(conn: Conn) -> None:
         while await conn.read_request() is not None:
