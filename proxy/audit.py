@@ -7,6 +7,7 @@ awaits anything (store writes are queued), so recording costs the request micros
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +49,12 @@ class Recorder:
         #: Model names worth a metrics label; anything else a client sends is "other", so
         #: clients cannot grow the number of series without bound.
         self.known_models: frozenset[str] = frozenset()
+        #: Whether the per-request line is logged at all (info level): when it is not, its
+        #: arguments are not even assembled.
+        self.log_requests = bool(request_log.is_enabled_for(logging.INFO))
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
+        key = (metric.name, *labels)
         child = self._children.get(key)
         if child is None:
             if len(self._children) > 10_000:  # clients pick model names: stay bounded
@@ -120,9 +124,10 @@ class Recorder:
                   stream: bool) -> None:
         """The request is over: one log line, the metrics, its audit rows."""
         duration_ms = round(duration_s * 1000.0, 2)
-        request_log.info("request", request_id=request_id, model=model, instance=instance,
-                         attempts=attempts, status=status, outcome=outcome, stream=stream,
-                         latency_ms=duration_ms)
+        if self.log_requests:
+            request_log.info("request", request_id=request_id, model=model,
+                             instance=instance, attempts=attempts, status=status,
+                             outcome=outcome, stream=stream, latency_ms=duration_ms)
         m = self.metrics
         label = model if model in self.known_models else ("" if model is None else "other")
         self._child(m.requests, label, instance or "", outcome).inc()

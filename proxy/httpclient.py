@@ -104,6 +104,9 @@ class Headers(Mapping[str, str]):
         return f"Headers({self._items!r})"
 
 
+_HeadKey = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
 class _Limit(NamedTuple):
     """A request's deadline (time.monotonic()), and what to call it when it passes."""
 
@@ -462,6 +465,7 @@ class Pool:
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._targets: dict[str, _Target] = {}
+        self._heads: dict[_HeadKey, bytes] = {}
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -478,24 +482,14 @@ class Pool:
         target = self._targets.get(url)
         if target is None:
             target = self._target(url)
-        head = [f"{method} {target.path} HTTP/1.1\r\n{target.host_line}"]  # two lines
-        if len(headers) < 2:
-            head.extend(f"{name}: {value}\r\n" for name, value in headers.items()
-                        if name.lower() not in _OURS)
-        else:
-            # Header names are case-insensitive: one line per name, the last value wins.
-            merged = {name.lower(): (name, value) for name, value in headers.items()}
-            head.extend(f"{name}: {value}\r\n" for lower, (name, value) in merged.items()
-                        if lower not in _OURS)
+        key = (method, url, tuple(headers.items()))
+        head = self._heads.get(key)
+        if head is None:
+            head = self._head(method, target, headers, key)
         if body is not None:
-            head.append(f"Content-Length: {len(body)}\r\n")
-        head.append("\r\n")
-        text = "".join(head)
-        if text.count("\n") != len(head) + 1 or text.count("\r") != len(head) + 1:
-            raise ValueError("line breaks in a request header")
-        data = text.encode("utf-8")
-        if body:
-            data += body
+            data = b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
+        else:
+            data = head + b"\r\n"
         is_head = method == "HEAD"
 
         limit = None if timeout_s is None else _Limit(time.monotonic() + timeout_s, phase,
@@ -523,6 +517,23 @@ class Pool:
             conn.close()  # cancelled or failed mid-flight: the connection is unusable
             raise
         return Response(conn)
+
+    def _head(self, method: str, target: _Target, headers: Mapping[str, str],
+              key: _HeadKey) -> bytes:
+        """Request line, Host and the given headers (no blank line), cached by all three."""
+        lines = [f"{method} {target.path} HTTP/1.1\r\n{target.host_line}"]  # two lines
+        # Header names are case-insensitive: one line per name, the last value wins.
+        merged = {name.lower(): (name, value) for name, value in headers.items()}
+        lines.extend(f"{name}: {value}\r\n" for lower, (name, value) in merged.items()
+                     if lower not in _OURS)
+        text = "".join(lines)
+        if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
+            raise ValueError("line breaks in a request header")
+        head = text.encode("utf-8")
+        if len(self._heads) >= _MAX_CACHED_URLS:
+            self._heads.clear()
+        self._heads[key] = head
+        return head
 
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)

@@ -1,8 +1,18 @@
-"""Prometheus metrics of one proxy, in their own registry (so several apps can share a process)."""
+"""Prometheus metrics of one proxy, in their own registry (so several apps can share a process).
+
+The metrics every request touches (requests, duration, overhead, time to first byte) are
+plain numbers updated from the event loop's thread without locks, and turned into
+Prometheus families only when /metrics is scraped (`_LoopCollector`); the rare ones use
+prometheus-client's own classes.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -12,15 +22,105 @@ _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _CounterCell:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramCell:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class LoopCounter:
+    """A labelled counter for the event loop's thread: `labels(...).inc()` takes no lock."""
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self.cells: dict[tuple[str, ...], _CounterCell] = {}
+
+    def labels(self, *values: str) -> _CounterCell:
+        cell = self.cells.get(values)
+        if cell is None:
+            cell = self.cells[values] = _CounterCell()
+        return cell
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, cell in self.cells.items():
+            family.add_metric(list(values), cell.value)
+        return family
+
+
+class LoopHistogram:
+    """A labelled histogram for the event loop's thread: `observe` takes no lock."""
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = (),
+                 buckets: tuple[float, ...] = ()) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(sorted(buckets))
+        self.cells: dict[tuple[str, ...], _HistogramCell] = {}
+        self._plain = None if self.labelnames else self.labels()
+
+    def labels(self, *values: str) -> _HistogramCell:
+        cell = self.cells.get(values)
+        if cell is None:
+            cell = self.cells[values] = _HistogramCell(self.bounds)
+        return cell
+
+    def observe(self, value: float) -> None:
+        """For a histogram without labels."""
+        assert self._plain is not None
+        self._plain.observe(value)
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        names = [repr(b) for b in self.bounds] + ["+Inf"]  # as prometheus-client writes them
+        for values, cell in self.cells.items():
+            total = 0
+            buckets = []
+            for name, count in zip(names, cell.counts, strict=True):
+                total += count
+                buckets.append((name, float(total)))
+            family.add_metric(list(values), buckets, cell.sum)
+        return family
+
+
+class _LoopCollector:
+    def __init__(self, metrics: list[LoopCounter | LoopHistogram]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            yield metric.family()
+
+
 class Metrics:
     """Every metric the proxy exports."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "failover_proxy_requests", "Requests by model asked for, instance that answered, "
-            "and outcome", ["model", "instance", "outcome"], registry=r)
+            "and outcome", ["model", "instance", "outcome"])
         self.reroutes = Counter(
             "failover_proxy_reroutes", "Moves from one instance to another, by reason",
             ["reason", "from_instance", "to_instance"], registry=r)
@@ -30,15 +130,17 @@ class Metrics:
         self.instance_state = Gauge(
             "failover_proxy_instance_state", "1 for the state each instance is in",
             ["instance", "state"], registry=r)
-        self.ttfb = Histogram(
+        self.ttfb = LoopHistogram(
             "failover_proxy_ttfb_seconds", "Upstream time to first byte (first content chunk "
-            "for streams)", ["instance"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.duration = Histogram(
+            "for streams)", ["instance"], buckets=_LATENCY_BUCKETS)
+        self.duration = LoopHistogram(
             "failover_proxy_request_duration_seconds", "Whole request duration in the proxy",
-            ["stream"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.overhead = Histogram(
+            ["stream"], buckets=_LATENCY_BUCKETS)
+        self.overhead = LoopHistogram(
             "failover_proxy_overhead_seconds", "Time spent in the proxy itself, excluding "
-            "waiting on upstreams", buckets=_OVERHEAD_BUCKETS, registry=r)
+            "waiting on upstreams", buckets=_OVERHEAD_BUCKETS)
+        r.register(_LoopCollector([self.requests, self.ttfb, self.duration,
+                                   self.overhead]))
         #: Requests being served now: a plain counter on the hot path, read at scrape time.
         self.inflight = 0
         Gauge("failover_proxy_inflight_requests", "Requests being served now",

@@ -282,3 +282,28 @@ async def test_requests_do_not_wait_on_a_slow_disk(make_sim: MakeSim, make_proxy
         assert all(status == 200 for status, _, _ in results)
     finally:
         os.kill(store.writer_pid, signal.SIGCONT)
+
+
+def test_loop_metrics_render_as_prometheus_histograms_and_counters() -> None:
+    """The lock-free request metrics come out in Prometheus' format: cumulative buckets
+    (a value equal to a bound counts in that bucket), +Inf, sum and count; counters by label."""
+    from proxy.metrics import Metrics
+
+    m = Metrics()
+    for value in (0.00005, 0.0003, 0.0003, 7.0):
+        m.overhead.observe(value)
+    m.requests.labels("auto", "p:s0", "ok").inc()
+    m.requests.labels("auto", "p:s0", "ok").inc()
+    m.requests.labels("auto", "", "ROUTE_BLOCKED").inc()
+    text = m.render().decode()
+    assert 'failover_proxy_overhead_seconds_bucket{le="5e-05"} 1.0' in text
+    assert 'failover_proxy_overhead_seconds_bucket{le="0.00025"} 1.0' in text
+    assert 'failover_proxy_overhead_seconds_bucket{le="0.0005"} 3.0' in text
+    assert 'failover_proxy_overhead_seconds_bucket{le="0.1"} 3.0' in text
+    assert 'failover_proxy_overhead_seconds_bucket{le="+Inf"} 4.0' in text
+    assert "failover_proxy_overhead_seconds_count 4.0" in text
+    assert "failover_proxy_overhead_seconds_sum 7.00065" in text
+    assert ('failover_proxy_requests_total{instance="p:s0",model="auto",outcome="ok"} 2.0'
+            in text)
+    assert ('failover_proxy_requests_total{instance="",model="auto",outcome="ROUTE_BLOCKED"} 1.0'
+            in text)

@@ -203,6 +203,25 @@ async def test_request_carries_only_the_given_headers(serve: Any, pool: Pool) ->
         await pool.request("GET", server.url + "/", None, {"X-Bad": "a\r\nInjected: 1"})
 
 
+async def test_cached_request_heads_follow_the_headers_given(serve: Any, pool: Pool) -> None:
+    """Request heads are cached per (method, url, headers); a changed header, or the same
+    mapping changed in place, is sent as it is now, and bodies of any length are framed."""
+    seen: list[dict[str, str]] = []
+
+    def respond(conn: Conn, line: bytes, headers: dict[str, str], body: bytes) -> bytes:
+        seen.append(headers)
+        return ok(body)
+
+    server = await serve(keep_answering(respond))
+    headers = {"Authorization": "Bearer one"}
+    assert (await get(pool, server.url + "/x", b"abc", headers))[1] == b"abc"
+    headers["Authorization"] = "Bearer two"
+    assert (await get(pool, server.url + "/x", b"abcdef", headers))[1] == b"abcdef"
+    assert (await get(pool, server.url + "/x", b"", headers))[1] == b""
+    assert [(h["authorization"], h["content-length"]) for h in seen] == [
+        ("Bearer one", "3"), ("Bearer two", "6"), ("Bearer two", "0")]
+
+
 async def test_header_names_merge_case_insensitively(serve: Any, pool: Pool) -> None:
     seen: list[bytes] = []
 
