@@ -47,13 +47,14 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
-from typing import NamedTuple, TypeVar, cast, overload
+from collections.abc import Mapping
+from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from proxy.failures import ConnRefused, ProcessExited, UpstreamTimeout
+from proxy.headers import Headers
 
 #: Unread body bytes above which the transport stops reading (resumed once drained).
 HIGH_WATER = 256 * 1024
@@ -63,45 +64,7 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 _MAX_CACHED_URLS = 4096
 #: Headers the client writes itself; a caller's own are ignored.
 _OURS = frozenset({"host", "content-length", "transfer-encoding"})
-_T = TypeVar("_T")
 _ERRNO_RE = re.compile(r"\[Errno (\d+)\]")
-
-
-class Headers(Mapping[str, str]):
-    """Read-only response headers: lowercase names, looked up in any case.
-
-    A header sent several times has its values joined with ", ".
-    """
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: dict[str, str]) -> None:
-        self._items = items  # names already lowercase
-
-    def __getitem__(self, name: str) -> str:
-        return self._items[name.lower()]
-
-    @overload
-    def get(self, name: str) -> str | None: ...
-    @overload
-    def get(self, name: str, default: str) -> str: ...
-    @overload
-    def get(self, name: str, default: _T) -> str | _T: ...
-
-    def get(self, name: str, default: object = None) -> object:
-        return self._items.get(name.lower(), default)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
 
 
 _HeadKey = tuple[str, str, tuple[tuple[str, str], ...]]

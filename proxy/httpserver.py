@@ -35,6 +35,8 @@ from urllib.parse import parse_qsl, unquote
 import httptools
 import structlog
 
+from proxy.headers import Headers
+
 log = structlog.get_logger("proxy.httpserver")
 
 T = TypeVar("T")
@@ -65,21 +67,6 @@ class BodyTooLarge(HttpError):
 
 class ClientDisconnected(ConnectionError):
     """The client closed the connection before its request body was complete."""
-
-
-class Headers(dict[str, str]):
-    """Request headers by lower-case name; lookups accept any case."""
-
-    __slots__ = ()
-
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return dict.get(self, name.lower(), default)
-
-    def __getitem__(self, name: str) -> str:
-        return dict.__getitem__(self, name.lower())
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and dict.__contains__(self, name.lower())
 
 
 class AppKey(Generic[T]):
@@ -443,7 +430,7 @@ class _Connection(asyncio.Protocol):
         self.current: Request | None = None  # the request the parser is filling
         self.idle_since = time.monotonic()
         self._url = b""
-        self._headers = Headers()
+        self._headers: dict[str, str] = {}
         self._head_bytes = 0
         self._in_head = False
         self._line_done = False  # the request line of the message being read has ended
@@ -519,7 +506,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = Headers()
+        self._headers = {}
         self._head_bytes = 0
         self._in_head = True
 
@@ -536,9 +523,8 @@ class _Connection(asyncio.Protocol):
         key = name.decode("latin-1").lower()
         text = value.decode("utf-8", "surrogateescape")
         headers = self._headers
-        if key in headers:
-            text = dict.__getitem__(headers, key) + ", " + text
-        dict.__setitem__(headers, key, text)
+        seen = headers.get(key)
+        headers[key] = text if seen is None else f"{seen}, {text}"
 
     def on_headers_complete(self) -> None:
         self._in_head = self._line_done = False
@@ -554,7 +540,7 @@ class _Connection(asyncio.Protocol):
         raw = raw_path.decode("latin-1")
         path = unquote(raw, errors="replace") if "%" in raw else raw
         method = parser.get_method().decode("latin-1")
-        request = Request(self, method, path, raw, query, self._headers,
+        request = Request(self, method, path, raw, query, Headers(self._headers),
                           self.app.client_max_size)
         request.keep_alive = parser.should_keep_alive()
         request.http10 = parser.get_http_version() == "1.0"
@@ -563,7 +549,7 @@ class _Connection(asyncio.Protocol):
         if length is not None and length > self.app.client_max_size:
             request._error = BodyTooLarge(self.app.client_max_size)
             request.keep_alive = False
-        elif (self._headers.get("expect") or "").lower() == "100-continue":
+        elif self._headers.get("expect", "").lower() == "100-continue":
             request.expect_continue = True
         self.queue.append(request)
         if self.task is None:
