@@ -932,8 +932,8 @@ class Simulator:
             end = self._faulty_events(faults, events, head, tail, pieces, finish_ev, usage_ev)
 
         resp = web.StreamResponse(headers=_SSE_HEADERS)
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)
             delay = self.chunk_delay
             if delay > 0:
                 for i, ev in enumerate(events):
@@ -950,9 +950,12 @@ class Simulator:
             if end is _End.STALL:
                 await _forever()
             await resp.write_eof()
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             self.stats.aborted += 1
             raise
+        except ConnectionError:
+            self.stats.aborted += 1  # the client went away mid-stream: nothing to report
+            return resp
         self.stats.completed_streams += 1
         return resp
 
