@@ -2,15 +2,18 @@
 
 Started by `proxy.store.AuditStore` as `python -m proxy.auditwriter PATH RETENTION_S
 MAX_ROWS`. Each stdin line is a JSON command: `["rows", [...]]` (answered `w N` once
-written), `["flush", TOKEN]` (answered `ok TOKEN`: everything before it is written). At the
-end of stdin (the proxy closed it, or died) it writes what it has and exits. Retention runs
-every minute. Acknowledgements go to the original stdout; anything else this process might
-print goes to stderr.
+written, `x N` when the batch could not be written), `["flush", TOKEN]` (answered
+`ok TOKEN`: everything before it is done). Only the end of stdin ends it (the proxy closed
+it, or died): signals sent to the proxy's whole process group (Ctrl-C, a service manager
+stopping the unit) are ignored, so rows queued during a graceful shutdown are still
+written. Retention runs every minute. Acknowledgements go to the original stdout; anything
+else this process might print goes to stderr.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -27,6 +30,8 @@ def _say(text: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     path, retention_s, max_rows = argv[0], float(argv[1]), int(argv[2])
     acks = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # stray prints must not corrupt the acknowledgements
@@ -41,9 +46,10 @@ def main(argv: list[str]) -> int:
         if command == "rows":
             try:
                 write_rows(conn, arg)
+                acks.write(b"w %d\n" % len(arg))
             except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the writer
                 _say(f"audit batch of {len(arg)} rows not written: {exc!r}")
-            acks.write(b"w %d\n" % len(arg))
+                acks.write(b"x %d\n" % len(arg))
             now = time.monotonic()
             if now - last_retention > RETENTION_EVERY_S:
                 last_retention = now

@@ -444,8 +444,9 @@ def _store(r: _Reader | None) -> StoreConfig:
         return StoreConfig()
     r.check_keys({"url", "enabled", "retention_days", "max_rows", "queue_size"})
     url = r.string("url", DEFAULT_STORE_URL) or DEFAULT_STORE_URL
-    if not url.startswith("sqlite:///"):
-        raise r.error(r.sub("url"), "a sqlite:///PATH url", url)
+    if not url.startswith("sqlite:///") or url[len("sqlite:///"):] in ("", ":memory:"):
+        # (not in memory: the audit writer is a separate process with its own memory)
+        raise r.error(r.sub("url"), "a sqlite:///PATH url with a file path", url)
     return StoreConfig(
         url=url,
         enabled=r.boolean("enabled", True),

@@ -26,6 +26,7 @@ from proxy.errors import (
 from proxy.forwarding import CLIENT_GONE, ClientGone
 from proxy.httpserver import (
     App,
+    BadFraming,
     BodyTooLarge,
     ClientDisconnected,
     Request,
@@ -100,6 +101,9 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.") from None
     except ClientDisconnected:
         raise BadRequest("The request body was cut short.") from None
+    except BadFraming:
+        raise BadRequest("The request body could not be read (broken chunked encoding).") \
+            from None
 
 
 def error_response(exc: ProxyError, headers: dict[str, str]) -> Response:
@@ -155,7 +159,8 @@ async def _proxy(request: Request, endpoint: str) -> Response | StreamResponse:
                        upstream_s, reply.body is None)
     if reply.body is None:
         response = sink.response if sink is not None else None
-        assert response is not None
+        if response is None:  # the client left before the stream could start
+            return Response(499, b"", headers)
         if reply.outcome != CLIENT_GONE:
             try:
                 await response.write_eof()

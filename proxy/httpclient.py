@@ -492,7 +492,7 @@ class Pool:
         text = "".join(lines)
         if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
             raise ValueError("line breaks in a request header")
-        head = text.encode("utf-8")
+        head = text.encode("utf-8", "surrogateescape")  # (a client's header, byte for byte)
         if len(self._heads) >= _MAX_CACHED_URLS:
             self._heads.clear()
         self._heads[key] = head
@@ -515,6 +515,12 @@ class Pool:
 
     def _put(self, conn: _Connection) -> None:
         conn.busy = False
+        conn.chunks.clear()  # (a body released unread)
+        conn.buffered = 0
+        if conn.paused:  # a released body had filled the buffer: read again
+            conn.paused = False
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.transport.resume_reading()
         if self._closed:
             conn.close()
             return

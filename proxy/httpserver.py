@@ -52,12 +52,14 @@ WRITE_HIGH_WATER = 256 * 1024
 
 
 class HttpError(Exception):
-    """A protocol-level error answered by the server itself (status, message)."""
+    """A protocol-level error answered by the server itself (status, message, headers)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 class BodyTooLarge(HttpError):
@@ -67,6 +69,10 @@ class BodyTooLarge(HttpError):
 
 class ClientDisconnected(ConnectionError):
     """The client closed the connection before its request body was complete."""
+
+
+class BadFraming(Exception):
+    """The request body's framing (chunked encoding) is broken; the connection closes."""
 
 
 class AppKey(Generic[T]):
@@ -221,6 +227,7 @@ class StreamResponse:
             raise ConnectionResetError("the client has gone")
         self._conn = conn
         self._request = request
+        conn.head_sent = request
         if request.http10:  # no chunked encoding: the body ends when the connection does
             self._chunked = request.keep_alive = False
             head = _head(self.status, self.headers, False)
@@ -315,8 +322,9 @@ class App:
         if handler is None and request.method == "HEAD":
             handler = methods.get("GET")
         if handler is None:
+            allowed = sorted({*methods, "HEAD"} if "GET" in methods else methods)
             raise HttpError(405, f"Method {request.method} is not allowed for {request.path}; "
-                                 f"allowed: {', '.join(sorted(methods))}.")
+                                 f"allowed: {', '.join(allowed)}.", {"Allow": ", ".join(allowed)})
         return handler
 
     def _match_pattern(self, request: Request) -> dict[str, Handler] | None:
@@ -342,7 +350,9 @@ class App:
         try:
             handler = self.resolve(request)
         except HttpError as exc:
-            return self.error_response(exc.status, exc.message)
+            response = self.error_response(exc.status, exc.message)
+            response.headers.update(exc.headers)
+            return response
         if self.wrap is not None:
             return await self.wrap(request, handler)
         return await handler(request)
@@ -428,10 +438,12 @@ class _Connection(asyncio.Protocol):
         self.queue: deque[Request] = deque()
         self.task: asyncio.Task[None] | None = None
         self.current: Request | None = None  # the request the parser is filling
+        self.head_sent: Request | None = None  # the request whose stream head went out
         self.idle_since = time.monotonic()
         self._url = b""
         self._headers: dict[str, str] = {}
         self._head_bytes = 0
+        self._raw_head = 0
         self._in_head = False
         self._line_done = False  # the request line of the message being read has ended
         self._parse_error = False
@@ -476,13 +488,16 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._parse_error:
             return
+        began_in_head = self._in_head
         try:
             self.parser.feed_data(data)
             if self._in_head:
-                # The parser holds a header line until it ends: bound what it may hold.
-                self._head_bytes += len(data)
+                # The parser holds a header line until it ends: bound what it may hold, by
+                # the bytes that arrived while the head was incomplete (callbacks count the
+                # finished lines exactly, separately).
+                self._raw_head = self._raw_head + len(data) if began_in_head else len(data)
                 self._line_done = self._line_done or b"\n" in data
-                if self._head_bytes > MAX_HEAD_BYTES:
+                if self._raw_head > MAX_HEAD_BYTES:
                     if not self._line_done:
                         raise HttpError(414, "The request line is too long.")
                     raise HttpError(431, "The request headers are larger than "
@@ -490,7 +505,10 @@ class _Connection(asyncio.Protocol):
         except HttpError as exc:
             self._protocol_error(exc.status, exc.message)
         except httptools.HttpParserUpgrade:
-            pass  # no protocol switching here; the request is answered as plain HTTP/1.1
+            # A bodyless request asked to switch protocols (others were refused): it is
+            # answered as plain HTTP/1.1, then the connection closes; what follows is not
+            # HTTP this server reads.
+            self._parse_error = True
         except httptools.HttpParserError as exc:
             cause = exc.__context__  # an error raised by one of our callbacks
             if isinstance(cause, HttpError):
@@ -540,16 +558,27 @@ class _Connection(asyncio.Protocol):
         raw = raw_path.decode("latin-1")
         path = unquote(raw, errors="replace") if "%" in raw else raw
         method = parser.get_method().decode("latin-1")
-        request = Request(self, method, path, raw, query, Headers(self._headers),
+        raw_headers = self._headers
+        coding = raw_headers.get("transfer-encoding")
+        if coding is not None and coding.rsplit(",", 1)[-1].strip().lower() != "chunked":
+            # The body's end cannot be known (RFC 9112 6.3): refuse rather than guess.
+            raise HttpError(400, "A Transfer-Encoding other than chunked is not accepted.")
+        upgrade = parser.should_upgrade()
+        if upgrade and (method == "CONNECT" or coding is not None
+                        or raw_headers.get("content-length", "0").strip() not in ("", "0")):
+            # The parser would take the body for another protocol's bytes: refuse.
+            raise HttpError(400, "Protocol upgrades (and CONNECT) are not supported here; "
+                                 "send the request as plain HTTP/1.1 without Upgrade.")
+        request = Request(self, method, path, raw, query, Headers(raw_headers),
                           self.app.client_max_size)
-        request.keep_alive = parser.should_keep_alive()
+        request.keep_alive = parser.should_keep_alive() and not upgrade
         request.http10 = parser.get_http_version() == "1.0"
         self.current = request
         length = request.content_length
         if length is not None and length > self.app.client_max_size:
             request._error = BodyTooLarge(self.app.client_max_size)
             request.keep_alive = False
-        elif self._headers.get("expect", "").lower() == "100-continue":
+        elif raw_headers.get("expect", "").lower() == "100-continue" and not request.http10:
             request.expect_continue = True
         self.queue.append(request)
         if self.task is None:
@@ -598,19 +627,27 @@ class _Connection(asyncio.Protocol):
                 log.exception("handler_failed", path=request.path)
                 response = self.app.error_response(500, "The proxy hit an internal error; "
                                                         "it has been logged.")
-            keep_alive = self.keeps(request)
+            keep_alive = self.keeps(request) and request._complete
             if isinstance(response, StreamResponse):
                 if not response.prepared:
                     await response.prepare(request)
                 await response.write_eof()
+                keep_alive = keep_alive and request.keep_alive  # (HTTP/1.0 streams close)
+            elif self.head_sent is request:
+                # A stream had started when the handler failed: a second answer cannot
+                # follow its head; closing is how the client learns it is incomplete.
+                keep_alive = False
             else:
                 body = response.body
-                head = _head(response.status, response.headers, keep_alive, len(body))
+                headers = response.headers
+                if keep_alive and request.http10:
+                    headers["Connection"] = "keep-alive"
+                head = _head(response.status, headers, keep_alive, len(body))
                 if request.method == "HEAD" or not body:
                     self.write(head)
                 else:
                     self.write(head + body)
-        except (ConnectionError, RuntimeError):
+        except Exception:  # the client is gone, or a bug of ours: never leave it half-open
             keep_alive = False
         finally:
             server.active -= 1
@@ -673,6 +710,9 @@ class _Connection(asyncio.Protocol):
     def _protocol_error(self, status: int, message: str) -> None:
         """Answer a request the parser refused, then close: the stream cannot be trusted."""
         self._parse_error = True
+        if self.current is not None:  # its body will never be complete
+            self.current._fail(BadFraming(message))
+            self.current = None
         if self.task is not None:
             self.closing = True  # answer what is in progress, then close
             return

@@ -254,12 +254,21 @@ class AuditStore:
     def writer_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    #: Pause before starting a new writer after one died.
+    RESTART_AFTER_S = 1.0
+
     async def start(self) -> None:
         self._conn = await asyncio.to_thread(connect, self.path)  # creates/migrates the schema
+        await self._spawn()
+
+    async def _spawn(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy.auditwriter", self.path, repr(self.retention_s),
-            str(self.max_rows), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        self._reader = asyncio.get_running_loop().create_task(self._read_acks())
+            str(self.max_rows), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            start_new_session=True)  # a signal to the proxy's group does not reach it
+        self._broken = False
+        self._inflight = 0
+        self._reader = asyncio.get_running_loop().create_task(self._read_acks(self._proc))
 
     def submit(self, row: list[Any]) -> None:
         """Queue a row without waiting; if the writer is behind, drop it and count."""
@@ -311,13 +320,21 @@ class AuditStore:
         proc = self._proc
         if not rows or proc is None or proc.stdin is None:
             return
-        for row in rows:
-            if row[0] == _PLAN:
-                row[1] = row[1].as_dict()
         try:
-            proc.stdin.write(orjson.dumps(["rows", rows]) + b"\n")
+            for row in rows:
+                if row[0] == _PLAN:
+                    row[1] = row[1].as_dict()
+            line = orjson.dumps(["rows", rows]) + b"\n"
+        except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
+            log.error("audit_batch_unserialisable", rows=len(rows), error=str(exc))
+            self._drop(len(rows), "unserialisable batch")
+            return
+        if self._broken:
+            self._drop(len(rows), "writer gone")
+            return
+        try:
+            proc.stdin.write(line)
         except (ConnectionError, RuntimeError):
-            self._writer_gone()
             self._drop(len(rows), "writer gone")
             return
         self._inflight += len(rows)
@@ -338,29 +355,41 @@ class AuditStore:
             self._writer_gone()
         return future
 
-    async def _read_acks(self) -> None:
-        """The writer's answers: `w N` (N rows written) and `ok TOKEN` (command done)."""
-        proc = self._proc
-        assert proc is not None and proc.stdout is not None
+    async def _read_acks(self, proc: asyncio.subprocess.Process) -> None:
+        """The writer's answers: `w N` (N rows written), `x N` (N rows it could not write)
+        and `ok TOKEN` (command done). When it dies, a new one is started."""
+        assert proc.stdout is not None
         while True:
             line = await proc.stdout.readline()
             if not line:
                 break
             kind, _, value = line.strip().partition(b" ")
-            if kind == b"w":
+            if kind in (b"w", b"x"):
                 n = int(value)
                 self._inflight = max(0, self._inflight - n)
-                self.written += n
+                if kind == b"w":
+                    self.written += n
+                else:
+                    self._drop(n, "the writer could not write a batch")
             elif kind == b"ok":
                 future = self._waiters.pop(int(value), None)
                 if future is not None and not future.done():
                     future.set_result(None)
         self._writer_gone()
+        if not self._closing:
+            await asyncio.sleep(self.RESTART_AFTER_S)
+            if not self._closing:
+                log.warning("audit_writer_restarting")
+                await self._spawn()
 
     def _writer_gone(self) -> None:
-        if not self._broken and self._proc is not None and self._proc.returncode is None \
-                and not self._closing:
-            log.error("audit_writer_gone", pid=self._proc.pid)
+        """The writer exited: what it had not acknowledged is lost; say so once."""
+        if not self._broken and not self._closing:
+            code = self._proc.returncode if self._proc is not None else None
+            log.error("audit_writer_gone", exit_code=code, rows_lost=self._inflight)
+            if self._inflight:
+                self._drop(self._inflight, "writer gone")
+        self._inflight = 0
         self._broken = True
         for future in self._waiters.values():
             if not future.done():
@@ -414,6 +443,8 @@ class AuditStore:
                 await proc.wait()
             if self._reader is not None:
                 await self._reader
+        elif self._reader is not None:  # between a writer's death and its successor
+            self._reader.cancel()
         self._proc = None
         with self._lock:
             if self._conn is not None:

@@ -230,7 +230,8 @@ class Upstream:
             data = await resp.read(limit, self.timeouts.idle_s)
         except Exception:
             data = b""
-        resp.release()
+        finally:
+            resp.release()  # (closes it unless the whole body came)
         return self.redactor.data(data)  # a server may quote the key it was sent
 
     async def read_body(self, resp: Response, deadline_s: float) -> bytes:

@@ -307,3 +307,35 @@ def test_loop_metrics_render_as_prometheus_histograms_and_counters() -> None:
             in text)
     assert ('failover_proxy_requests_total{instance="",model="auto",outcome="ROUTE_BLOCKED"} 1.0'
             in text)
+
+
+async def test_the_writer_ignores_group_signals_and_comes_back_after_a_crash(
+        tmp_path: Path) -> None:
+    """Ctrl-C or a service manager signals the whole process group: the writer keeps going
+    (the proxy ends it by closing the pipe). Killed outright, it is replaced, and what it
+    had not acknowledged is counted as dropped."""
+    store = AuditStore(f"sqlite:///{tmp_path}/a.db")
+    store.RESTART_AFTER_S = 0.05
+    await store.start()
+    first = store.writer_pid
+    assert first is not None
+    await store.flush()  # the writer is up (past its start-up)
+    os.kill(first, signal.SIGTERM)
+    os.kill(first, signal.SIGINT)
+    store.event(time.time(), "ROUTE_PLANNED", "before", "p", None)
+    await store.flush()
+    assert store.writer_pid == first and store.written == 1
+
+    os.kill(first, signal.SIGSTOP)
+    store.event(time.time(), "ROUTE_PLANNED", "lost", "p", None)
+    await asyncio.sleep(store.SEND_EVERY_S * 3)  # sent, never acknowledged
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while store.writer_pid in (first, None) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert store.writer_pid not in (first, None), "no new writer"
+    assert store.dropped == 1
+    store.event(time.time(), "ROUTE_PLANNED", "after", "p", None)
+    rows = await store.query(EventQuery(limit=10))
+    await store.close()
+    assert sorted(r["request_id"] for r in rows) == ["after", "before"]

@@ -733,3 +733,21 @@ async def test_bytes_after_a_whole_response_keep_the_connection_out_of_the_pool(
     assert pool.idle_count == 0
     assert (await get(pool, server.url + "/"))[1] == b"body"
     assert server.accepted == 2
+
+
+async def test_a_big_body_released_unread_leaves_a_usable_connection(serve: Any,
+                                                                     pool: Pool) -> None:
+    """A response that filled the read buffer (reading paused) and was released unread:
+    the pooled connection reads again for the next request."""
+    big = b"x" * (httpclient.HIGH_WATER + 1)  # reading pauses at the very last byte
+
+    def respond(conn: Conn, line: bytes, headers: dict[str, str], body: bytes) -> bytes:
+        return ok(big if line.startswith(b"GET /big") else b"small")
+
+    server = await serve(keep_answering(respond))
+    resp = await pool.request("GET", server.url + "/big", None, {})
+    assert await settle(lambda: resp.complete)
+    resp.release()
+    resp = await pool.request("GET", server.url + "/small", None, {}, timeout_s=5.0)
+    assert await resp.read(None, 5.0) == b"small" and server.accepted == 1
+    resp.release()

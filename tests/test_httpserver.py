@@ -665,3 +665,97 @@ async def test_handler_exception_gives_500_and_the_server_keeps_serving(served: 
     assert (await read_reply(reader)).body == b"hello world"
     other, _ = await served.ask(build("POST", "/echo", b"still here"))
     assert (other.status, other.body) == (200, b"still here")
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+async def test_upgrade_with_a_body_is_refused_and_nothing_is_smuggled(served: Served) -> None:
+    """httptools takes everything after an Upgrade request's head for the other protocol:
+    a body there must not be parsed as a next request."""
+    reader, writer = await served.connect()
+    smuggled = build("GET", "/hello")
+    writer.write(build("POST", "/echo", headers={
+        "Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+        "Content-Length": str(len(smuggled))}))
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(smuggled)  # the "body"
+    reply = await read_reply(reader)
+    assert reply.status == 400 and "Upgrade" in reply.json()["error"]["message"]
+    await assert_closed(reader)  # and no answer for the smuggled GET
+    assert served.probe.echo_bodies == []
+
+
+async def test_bodyless_upgrade_is_answered_as_http11_then_closed(served: Served) -> None:
+    reader, writer = await served.connect()
+    writer.write(build("GET", "/hello", headers={"Connection": "Upgrade",
+                                                  "Upgrade": "websocket"}) + build("GET", "/hello"))
+    reply = await read_reply(reader)
+    assert reply.status == 200 and reply.body == b"hello world"
+    assert reply.headers["connection"].lower() == "close"
+    await assert_closed(reader)
+
+
+async def test_connect_is_refused(served: Served) -> None:
+    reply, reader = await served.ask(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.status == 400
+    await assert_closed(reader)
+
+
+async def test_transfer_encoding_other_than_chunked_is_refused(served: Served) -> None:
+    reply, reader = await served.ask(build("POST", "/echo", b"abc", length=False,
+                                           headers={"Transfer-Encoding": "gzip"}))
+    assert reply.status == 400
+    await assert_closed(reader)
+
+
+async def test_broken_chunked_body_fails_the_read_at_once(served: Served) -> None:
+    """A handler already waiting on the body learns of broken framing at once (not after
+    its read timeout); the answer is the app's, then the connection closes."""
+    reader, writer = await served.connect()
+    writer.write(build("POST", "/echo", length=False, headers={"Transfer-Encoding": "chunked"}))
+    writer.write(b"5\r\n{\"mod\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the handler now waits for the rest
+    writer.write(b"ZZ\r\n")
+    reply = await read_reply(reader)
+    assert reply.status == 500  # this test app has no error wrapper: its read raised
+    assert served.probe.echo_bodies == []
+    await assert_closed(reader)
+
+
+async def test_a_large_header_split_before_its_end_is_counted_once(served: Served) -> None:
+    """70 KB of header (under the 128 KiB limit) in one segment, the end in the next."""
+    reader, writer = await served.connect()
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000)
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"\r\n\r\n")
+    reply = await read_reply(reader)
+    assert reply.status == 200
+
+
+async def test_405_names_the_allowed_methods(served: Served) -> None:
+    reply, _ = await served.ask(build("DELETE", "/hello"))
+    assert reply.status == 405 and reply.headers["allow"] == "GET, HEAD"
+
+
+async def test_http10_keep_alive_is_said_and_kept(served: Served) -> None:
+    reader, writer = await served.connect()
+    for _ in range(2):
+        writer.write(build("GET", "/hello", version="HTTP/1.0",
+                           headers={"Connection": "keep-alive"}))
+        reply = await read_reply(reader)
+        assert reply.status == 200 and reply.headers["connection"].lower() == "keep-alive"
+
+
+async def test_no_100_continue_for_http10(served: Served) -> None:
+    reader, writer = await served.connect()
+    writer.write(build("POST", "/echo", version="HTTP/1.0",
+                       headers={"Expect": "100-continue", "Content-Length": "2"}))
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"hi")
+    reply = await read_reply(reader)
+    assert reply.status == 200 and reply.body == b"hi"
