@@ -647,7 +647,10 @@ class _Connection(asyncio.Protocol):
                     self.write(head)
                 else:
                     self.write(head + body)
-        except Exception:  # the client is gone, or a bug of ours: never leave it half-open
+        except (ConnectionError, RuntimeError):  # the client is gone
+            keep_alive = False
+        except Exception:  # a bug of ours: say so, and never leave the connection half-open
+            log.exception("response_failed", path=request.path)
             keep_alive = False
         finally:
             server.active -= 1
