@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +18,11 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
         c.start_sim("a", "m")
         c.start_proxy([("a", "m")], "--workers", "2")
         prefixes = set()
-        for _ in range(40):  # a new connection each time: the kernel spreads them
+        # A new connection each time: the kernel spreads them over the workers listening.
+        # The port answers as soon as the first worker listens; the second may take a
+        # moment longer to start (a busy machine), so ask until both have answered.
+        deadline = time.monotonic() + 20
+        while len(prefixes) < 2 and time.monotonic() < deadline:
             request = urllib.request.Request(
                 f"{c.base_url}/chat/completions", data=json.dumps(chat_body()).encode(),
                 headers={"Content-Type": "application/json"})
