@@ -53,6 +53,9 @@ class Requirements:
     tags_source: str  # header | classifier
     prefer: str | None
     session: str | None
+    #: What of the OpenAI protocol the request uses beyond one chat answer: `completions`,
+    #: `embeddings`, `n>1`; not every upstream protocol can express it.
+    protocol: frozenset[str] = frozenset()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +66,7 @@ class Requirements:
             "tags_source": self.tags_source,
             "prefer": self.prefer,
             "session": self.session,
+            "protocol": sorted(self.protocol),
         }
 
 
@@ -110,6 +114,13 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
         user = body.get("user")
         session = _session_key(user if isinstance(user, str) else None)
 
+    protocol = set()
+    if req.endpoint != CHAT:
+        protocol.add(req.endpoint)
+    choices = body.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+        protocol.add("n>1")
+
     return Requirements(
         prompt_tokens=prompt_tokens,
         ctx_needed=prompt_tokens + max_tokens,
@@ -118,6 +129,7 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
         tags_source=source,
         prefer=prefer,
         session=session,
+        protocol=frozenset(protocol),
     )
 
 

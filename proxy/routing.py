@@ -262,4 +262,4 @@ def _key(strategy: str, value: float, position: int) -> float:
 
 def _with_tags(reqs: Requirements, tags: tuple[str, ...]) -> Requirements:
     return Requirements(reqs.prompt_tokens, reqs.ctx_needed, reqs.capabilities, tags, "group",
-                        reqs.prefer, reqs.session)
+                        reqs.prefer, reqs.session, reqs.protocol)

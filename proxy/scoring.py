@@ -18,6 +18,9 @@ LATENCY_HALF_MS = 500.0
 LATENCY_STEP_MS = 25.0
 #: Score factor for an instance that declares no capabilities when some are needed.
 UNKNOWN_CAPABILITIES_FACTOR = 0.8
+#: What each upstream protocol cannot express (see Requirements.protocol): such an
+#: instance is never tried, rather than tried and failed (or answering with less).
+UNSUPPORTED = {"anthropic": frozenset({"completions", "embeddings", "n>1"})}
 
 
 def hard_filter(inst: InstanceState, req: Requirements) -> str | None:
@@ -32,6 +35,10 @@ def hard_filter(inst: InstanceState, req: Requirements) -> str | None:
         missing = req.capabilities - cfg.capabilities
         if missing:
             return "missing_capability=" + ",".join(sorted(missing))
+    if req.protocol:
+        unsupported = req.protocol & UNSUPPORTED.get(cfg.kind, frozenset())
+        if unsupported:
+            return f"unsupported_by_{cfg.kind}=" + ",".join(sorted(unsupported))
     return None
 
 

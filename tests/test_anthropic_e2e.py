@@ -86,6 +86,25 @@ async def test_every_local_down_the_anthropic_instance_answers(
     assert claude.last_body is not None and claude.last_body["system"] == "be brief"
 
 
+async def test_several_choices_are_never_sent_to_the_anthropic_instance(
+        make_sim: MakeSim, make_proxy: MakeProxy, claude: AnthropicSimulator,
+        tmp_path: Path) -> None:
+    """n=2 has no Messages API equivalent: with the local instance down, the client gets a
+    clear error naming why (502 with the local attempt, or 503 once the local instance is
+    known down), not one choice where it asked for two."""
+    local = await make_sim("local-model")
+    proxy = await make_proxy(config_for([local], claude, tmp_path))
+    await local.stop()
+    before = claude.requests
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sdk(proxy.base_url).chat.completions.create(
+            model="auto", n=2, messages=[{"role": "user", "content": PROMPT}])
+    assert caught.value.status_code in (502, 503)
+    assert "anthropic:default (unsupported_by_anthropic=n>1)" in str(caught.value) or \
+        "anthropic:default: unsupported_by_anthropic=n>1" in str(caught.value)
+    assert claude.requests == before
+
+
 async def test_a_tool_call_round_trip_through_anthropic(make_proxy: MakeProxy,
                                                        claude: AnthropicSimulator,
                                                        tmp_path: Path) -> None:

@@ -276,3 +276,29 @@ def test_demo_config_plans_without_network() -> None:
     plan = Planner(config, Registry(config.instances)).plan(chat("fix this python bug"), {})
     assert plan.selected == "local:primary"
     assert plan.fallback[-1] == "cloud:default"
+
+
+def test_what_the_messages_api_cannot_express_never_goes_to_an_anthropic_instance() -> None:
+    """n > 1, text completions and embeddings are filtered out for `kind: anthropic`
+    instances at planning time, with the reason in the plan (rather than tried, failed,
+    and counted against the instance's circuit, or answered with one choice of two)."""
+    config = parse_config({"providers": [
+        {"provider_id": "local", "instances": [
+            {"id": "a", "base_url": "http://127.0.0.1:9/v1", "metadata": {"model": "m"}}]},
+        {"provider_id": "claude", "kind": "anthropic", "api_key": "sk-ant-test-key-123456",
+         "local": False, "instances": [
+             {"id": "default", "base_url": "https://api.anthropic.com/v1",
+              "metadata": {"model": "claude-x"}}]}]}, "<test>")
+    planner = ready_planner(config)
+    plain = planner.plan(chat(n=1), {})
+    assert plain.fallback == ["claude:default"]
+    two = planner.plan(chat(n=2), {})
+    assert two.fallback == []
+    assert two.rejected["claude:default"] == "unsupported_by_anthropic=n>1"
+    assert two.requirements.as_dict()["protocol"] == ["n>1"]
+    for endpoint in ("completions", "embeddings"):
+        field = "prompt" if endpoint == "completions" else "input"
+        req = parse_request(endpoint, orjson.dumps({"model": "auto", field: "hi"}), "r")
+        plan = planner.plan(req, {})
+        assert plan.candidates[0].id == "local:a"
+        assert plan.rejected["claude:default"] == f"unsupported_by_anthropic={endpoint}"
