@@ -78,6 +78,10 @@ class _Limit(NamedTuple):
     seconds: float
 
 
+def _limit(timeout_s: float | None, phase: str) -> _Limit | None:
+    return None if timeout_s is None else _Limit(time.monotonic() + timeout_s, phase, timeout_s)
+
+
 class _Target(NamedTuple):
     """The per-URL pieces, parsed once."""
 
@@ -97,7 +101,6 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False  # connection_lost seen
         self.idle_since = 0.0
-        self.requests = 0  # requests sent on this connection
         # Per-request state, reset by start().
         self.busy = False
         self.started = False  # a byte of the response arrived
@@ -229,7 +232,6 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.body_waiter = None
         self.error = None
-        self.requests += 1
 
     async def send(self, data: bytes, limit: _Limit | None) -> None:
         """Write the request and wait until the response's headers have arrived (before
@@ -238,9 +240,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or self.lost or transport.is_closing():
             raise ProcessExited("server closed the connection")
         waiter = self.headers_waiter = self.loop.create_future()
-        timer = None
-        if limit is not None:
-            timer = self._arm(limit.deadline - time.monotonic(), limit.phase, limit.seconds)
+        timer = None if limit is None else self._arm(limit)
         transport.write(data)
         try:
             await waiter
@@ -249,16 +249,18 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
 
-    def _arm(self, delay_s: float, phase: str, seconds: float) -> asyncio.TimerHandle:
-        """Fail the current wait with UpstreamTimeout(phase, seconds) after `delay_s`."""
-        self.timeout = (phase, seconds)
-        return self.loop.call_later(max(delay_s, 0.0), self._timed_out)
+    def _arm(self, limit: _Limit) -> asyncio.TimerHandle:
+        """Fail the current wait with UpstreamTimeout(phase, seconds) at the deadline."""
+        self.timeout = (limit.phase, limit.seconds)
+        return self.loop.call_later(max(limit.deadline - time.monotonic(), 0.0),
+                                    self._timed_out)
 
     def _timed_out(self) -> None:
         phase, seconds = self.timeout or ("idle", 0.0)
         self._fail(UpstreamTimeout(phase, seconds))
 
-    async def readany(self, timeout_s: float | None = None, phase: str = "idle") -> bytes:
+    async def readany(self, limit: _Limit | None = None) -> bytes:
+        """Body bytes at hand, else wait for some (no timer unless it must wait)."""
         timer = None
         try:
             while True:
@@ -269,8 +271,8 @@ class _Connection(asyncio.Protocol):
                     return b""
                 if self.error is not None:
                     raise self.error
-                if timer is None and timeout_s is not None:
-                    timer = self._arm(timeout_s, phase, timeout_s)
+                if timer is None and limit is not None:
+                    timer = self._arm(limit)
                 waiter = self.body_waiter = self.loop.create_future()
                 try:
                     await waiter
@@ -341,44 +343,29 @@ class Response:
         conn = self._conn
         if conn is None:
             return b""
-        return await conn.readany(timeout_s, phase)
+        return await conn.readany(_limit(timeout_s, phase))
 
     async def read(self, limit: int | None = None, timeout_s: float | None = None,
                    phase: str = "body") -> bytes:
         """The whole body, or (with `limit`) up to `limit` bytes of it, within `timeout_s`
         (no timer at all when it has already arrived)."""
         conn = self._conn
-        if conn is not None and conn.body_done and limit is None and conn.error is None:
-            return conn._take_chunks()  # the common case: it came with the headers
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if conn is None:
+            return b""
+        deadline = _limit(timeout_s, phase)
         parts: list[bytes] = []
         size = 0
         while limit is None or size < limit:
-            if deadline is None or conn is None:
-                data = await self.readany()
-            else:
-                data = await self._read_until(conn, deadline, phase, timeout_s or 0.0)
+            data = await conn.readany(deadline)
             if not data:
                 break
             parts.append(data)
             size += len(data)
-        body = b"".join(parts)
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         if limit is not None and len(body) > limit:
-            assert self._conn is not None
-            self._conn.unread(body[limit:])
+            conn.unread(body[limit:])
             body = body[:limit]
         return body
-
-    async def _read_until(self, conn: _Connection, deadline: float, phase: str,
-                          seconds: float) -> bytes:
-        data = conn._take_chunks()
-        if data or conn.body_done:
-            return data
-        timer = conn._arm(deadline - time.monotonic(), phase, seconds)
-        try:
-            return await self.readany()
-        finally:
-            timer.cancel()
 
     @property
     def complete(self) -> bool:
@@ -455,31 +442,25 @@ class Pool:
             data = head + b"\r\n"
         is_head = method == "HEAD"
 
-        limit = None if timeout_s is None else _Limit(time.monotonic() + timeout_s, phase,
-                                                            timeout_s)
+        limit = _limit(timeout_s, phase)
         conn = self._take(target.key)
-        reused = conn is not None
-        if conn is None:
-            conn = await self._connect(target.key, limit)
-        try:
-            conn.start(is_head)
-            await conn.send(data, limit)
-        except ProcessExited:
-            conn.close()
-            if not reused or conn.started:
-                raise
-            # The server closed the idle connection as we reused it: once more, fresh.
-            conn = await self._connect(target.key, limit)
+        while True:
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(target.key, limit)
             try:
                 conn.start(is_head)
                 await conn.send(data, limit)
-            except BaseException:
+                return Response(conn)
+            except ProcessExited:
                 conn.close()
+                if not reused or conn.started:
+                    raise
+                # The server closed the idle connection as we reused it: once more, fresh.
+                conn = None
+            except BaseException:
+                conn.close()  # cancelled or failed mid-flight: the connection is unusable
                 raise
-        except BaseException:
-            conn.close()  # cancelled or failed mid-flight: the connection is unusable
-            raise
-        return Response(conn)
 
     def _head(self, method: str, target: _Target, headers: Mapping[str, str],
               key: _HeadKey) -> bytes:

@@ -6,6 +6,7 @@ learn what the failover logic must know (content present? finish reason? error? 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,13 +18,17 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class ByteSource(Protocol):
-    async def readany(self) -> bytes: ...
+    """Body bytes as they come; a wait longer than `timeout_s` fails (the source's own
+    failure, e.g. the HTTP client's UpstreamTimeout(phase))."""
+
+    async def readany(self, timeout_s: float | None = None, phase: str = "idle") -> bytes: ...
 
 
 class EventSource(Protocol):
     """Anything that yields complete SSE events (an EventReader, or a translating one)."""
 
-    async def next(self) -> bytes | None: ...
+    async def next(self, timeout_s: float | None = None, phase: str = "idle") -> bytes | None:
+        ...
 
     def buffered(self) -> bytes | None:
         """The next event if one is already at hand, else None (never waits)."""
@@ -41,12 +46,17 @@ class EventReader:
         self._events: deque[bytes] = deque()
         self._eof = False
 
-    async def next(self) -> bytes | None:
-        """The next event, or None when the stream has ended."""
+    async def next(self, timeout_s: float | None = None, phase: str = "idle") -> bytes | None:
+        """The next event, or None when the stream has ended; an event already at hand is
+        returned without waiting, else the whole wait is bounded by `timeout_s`."""
+        deadline = None
         while not self._events:
             if self._eof:
                 return None
-            chunk = await self._source.readany()
+            if timeout_s is not None:
+                deadline = deadline or time.monotonic() + timeout_s
+                timeout_s = max(deadline - time.monotonic(), 0.0)
+            chunk = await self._source.readany(timeout_s, phase)
             if not chunk:
                 self._eof = True
                 tail = self._buffer.strip()

@@ -96,9 +96,13 @@ class AnthropicEvents:
         """A translated event already at hand, else None (no waiting)."""
         return self._queue.pop(0) if self._queue else None
 
-    async def next(self) -> bytes | None:
+    async def next(self, timeout_s: float | None = None, phase: str = "idle") -> bytes | None:
+        deadline = None
         while not self._queue:
-            raw = await self._events.next()
+            if timeout_s is not None:  # pings do not extend the wait for content
+                deadline = deadline or time.monotonic() + timeout_s
+                timeout_s = max(deadline - time.monotonic(), 0.0)
+            raw = await self._events.next(timeout_s, phase)
             if raw is None:
                 return None
             name, payload = _event_name(raw), event_data(raw)
@@ -271,13 +275,9 @@ class Upstream:
 
     @staticmethod
     async def next_event(reader: EventSource, timeout_s: float, phase: str) -> bytes | None:
-        """The next SSE event within `timeout_s`; a silence or a cut becomes a failure."""
-        event = reader.buffered()
-        if event is not None:
-            return event  # at hand: no timer needed
-        with map_exceptions(phase, timeout_s):
-            async with asyncio.timeout(timeout_s):
-                return await reader.next()
+        """The next SSE event within `timeout_s`; a silence or a cut becomes a failure (the
+        client's own timer, armed only when it has to wait)."""
+        return await reader.next(timeout_s, phase)
 
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
