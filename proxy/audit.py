@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -44,23 +44,12 @@ class Recorder:
     def __init__(self, metrics: Metrics, store: AuditStore | None = None) -> None:
         self.metrics = metrics
         self.store = store
-        # Labelled children, looked up once: prometheus' labels() costs microseconds a call.
-        self._children: dict[tuple[str, ...], Any] = {}
         #: Model names worth a metrics label; anything else a client sends is "other", so
         #: clients cannot grow the number of series without bound.
         self.known_models: frozenset[str] = frozenset()
         #: Whether the per-request line is logged at all (info level): when it is not, its
         #: arguments are not even assembled.
         self.log_requests = bool(request_log.is_enabled_for(logging.INFO))
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric.name, *labels)
-        child = self._children.get(key)
-        if child is None:
-            if len(self._children) > 10_000:  # clients pick model names: stay bounded
-                self._children.clear()
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     # ------------------------------------------------------------------ routing
 
@@ -130,11 +119,11 @@ class Recorder:
                              outcome=outcome, stream=stream, latency_ms=duration_ms)
         m = self.metrics
         label = model if model in self.known_models else ("" if model is None else "other")
-        self._child(m.requests, label, instance or "", outcome).inc()
-        self._child(m.duration, "true" if stream else "false").observe(duration_s)
+        m.requests.labels(label, instance or "", outcome).inc()
+        m.duration.labels("true" if stream else "false").observe(duration_s)
         m.overhead.observe(max(0.0, duration_s - upstream_s))
         if ttfb_s is not None and instance is not None:
-            self._child(m.ttfb, instance).observe(ttfb_s)
+            m.ttfb.labels(instance).observe(ttfb_s)
         store = self.store
         if store is None or plan is None:
             return

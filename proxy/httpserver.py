@@ -209,13 +209,12 @@ class Response:
 class StreamResponse:
     """A response written piece by piece (chunked transfer encoding): prepare, write..., write_eof."""
 
-    __slots__ = ("status", "headers", "_conn", "_request", "prepared", "finished", "_chunked")
+    __slots__ = ("status", "headers", "_conn", "prepared", "finished", "_chunked")
 
     def __init__(self, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self.status = status
         self.headers = headers if headers is not None else {}
         self._conn: _Connection | None = None
-        self._request: Request | None = None
         self.prepared = False
         self.finished = False
         self._chunked = True
@@ -226,7 +225,6 @@ class StreamResponse:
         if conn.transport is None or conn.transport.is_closing():
             raise ConnectionResetError("the client has gone")
         self._conn = conn
-        self._request = request
         conn.head_sent = request
         if request.http10:  # no chunked encoding: the body ends when the connection does
             self._chunked = request.keep_alive = False

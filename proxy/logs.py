@@ -10,29 +10,11 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.secrets import redact_log_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
-
-
-class _ClientFaultFilter(logging.Filter):
-    """aiohttp logs malformed HTTP from a client (bad framing, an undecodable body) with a
-    traceback, although the client got its 400; that is the client's fault, not an error
-    of ours: keep one warning line, drop the traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (web.RequestPayloadError, HttpProcessingError)):
-            record.exc_info = None
-            record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = f"client sent an unreadable body: {exc}"
-            record.args = ()
-        return True
 
 
 class _Timestamper:
@@ -57,7 +39,6 @@ class _Timestamper:
 
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Configure structlog once per process; `fmt` is "json" or "console"."""
-    logging.getLogger("aiohttp.server").addFilter(_ClientFaultFilter())
     shared: list[structlog.typing.Processor] = [
         redact_log_event,
         structlog.processors.add_log_level,

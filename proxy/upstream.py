@@ -162,7 +162,7 @@ class Upstream:
         The wait for headers is bounded by `first_byte_s`; the caller bounds the rest.
         """
         if inst.kind == ANTHROPIC:
-            path, body = self._to_anthropic(inst, path, body)
+            path, body = "/messages", self._to_anthropic(inst, body)
         url = inst.api_base + path
         resp = await self.client.request("POST", url, body, self.headers_for(inst, client_auth),
                                          self.timeouts.first_byte_s, "first_byte")
@@ -184,16 +184,15 @@ class Upstream:
         raise PassThrough(status, body_bytes, resp.headers.get("Content-Type", "application/json"),
                           passthrough_headers(resp.headers))
 
-    def _to_anthropic(self, inst: InstanceConfig, path: str, body: bytes) -> tuple[str, bytes]:
-        """An OpenAI chat request as a Messages API request."""
-        if path != "/chat/completions":
-            raise UnsupportedByInstance(f"{inst.id} speaks the Messages API: chat only")
+    def _to_anthropic(self, inst: InstanceConfig, body: bytes) -> bytes:
+        """An OpenAI chat request as a Messages API request (the planner sends nothing else:
+        see scoring.UNSUPPORTED)."""
         try:
             translated = anthropic.to_messages_request(orjson.loads(body), inst.model,
                                                        self.default_max_tokens)
         except (anthropic.TranslationError, orjson.JSONDecodeError) as exc:
             raise UnsupportedByInstance(f"cannot be expressed for {inst.id}: {exc}") from None
-        return "/messages", orjson.dumps(translated)
+        return orjson.dumps(translated)
 
     def _anthropic_error(self, status: int, body: bytes, retry_after: str | None) -> None:
         """Raise the failure (or pass-through) an Anthropic error status stands for."""
