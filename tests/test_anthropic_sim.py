@@ -33,22 +33,16 @@ async def sim() -> AsyncIterator[AnthropicSimulator]:
     await s.stop()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-async def post(session: aiohttp.ClientSession, sim: AnthropicSimulator, body: dict[str, Any],
+async def post(http: aiohttp.ClientSession, sim: AnthropicSimulator, body: dict[str, Any],
                headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    async with session.post(f"{sim.base_url}/v1/messages", json=body,
+    async with http.post(f"{sim.base_url}/v1/messages", json=body,
                             headers=HEADERS if headers is None else headers) as r:
         return r.status, await r.json()
 
 
-async def events(session: aiohttp.ClientSession, sim: AnthropicSimulator,
+async def events(http: aiohttp.ClientSession, sim: AnthropicSimulator,
                  body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    async with session.post(f"{sim.base_url}/v1/messages", json={**body, "stream": True},
+    async with http.post(f"{sim.base_url}/v1/messages", json={**body, "stream": True},
                             headers=HEADERS) as r:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
@@ -74,32 +68,32 @@ def test_prompt_key_matches_openai() -> None:
     assert anthropic_prompt(None, USER) == prompt_of_messages(USER)
 
 
-async def test_models_and_auth(sim: AnthropicSimulator, session: aiohttp.ClientSession) -> None:
+async def test_models_and_auth(sim: AnthropicSimulator, http: aiohttp.ClientSession) -> None:
     assert sim.port > 0 and sim.base_url == f"http://127.0.0.1:{sim.port}"
-    async with session.get(f"{sim.base_url}/v1/models", headers=HEADERS) as r:
+    async with http.get(f"{sim.base_url}/v1/models", headers=HEADERS) as r:
         assert r.status == 200
         body = await r.json()
     assert body == {"data": [{"type": "model", "id": MODEL, "display_name": MODEL,
                               "created_at": "2025-01-01T00:00:00Z"}],
                     "has_more": False, "first_id": MODEL, "last_id": MODEL}
-    async with session.get(f"{sim.base_url}/v1/models", headers={"x-api-key": "wrong"}) as r:
+    async with http.get(f"{sim.base_url}/v1/models", headers={"x-api-key": "wrong"}) as r:
         assert r.status == 401
         assert (await r.json())["error"]["type"] == "authentication_error"
-    status, err = await post(session, sim, {"model": MODEL, "max_tokens": 5, "messages": USER},
+    status, err = await post(http, sim, {"model": MODEL, "max_tokens": 5, "messages": USER},
                              headers={"anthropic-version": "2023-06-01"})
     assert status == 401 and err["type"] == "error"
-    status, err = await post(session, sim, {"model": MODEL, "max_tokens": 5, "messages": USER},
+    status, err = await post(http, sim, {"model": MODEL, "max_tokens": 5, "messages": USER},
                              headers={"x-api-key": KEY})
     assert status == 400 and err["error"]["type"] == "invalid_request_error"
-    status, err = await post(session, sim, {"model": MODEL, "messages": USER})
+    status, err = await post(http, sim, {"model": MODEL, "messages": USER})
     assert status == 400 and err["error"]["type"] == "invalid_request_error"
     assert sim.requests == 3
     assert sim.last_body == {"model": MODEL, "messages": USER}
     assert sim.last_headers["x-api-key"] == KEY
 
 
-async def test_non_stream_text(sim: AnthropicSimulator, session: aiohttp.ClientSession) -> None:
-    status, body = await post(session, sim, {"model": MODEL, "max_tokens": 100,
+async def test_non_stream_text(sim: AnthropicSimulator, http: aiohttp.ClientSession) -> None:
+    status, body = await post(http, sim, {"model": MODEL, "max_tokens": 100,
                                              "system": SYSTEM, "messages": USER})
     assert status == 200
     assert body["type"] == "message" and body["role"] == "assistant" and body["model"] == MODEL
@@ -108,15 +102,15 @@ async def test_non_stream_text(sim: AnthropicSimulator, session: aiohttp.ClientS
     assert body["stop_reason"] == "end_turn" and body["stop_sequence"] is None
     assert body["usage"] == {"input_tokens": len(PROMPT.split()), "output_tokens": WORDS}
 
-    status, body = await post(session, sim, {"model": MODEL, "max_tokens": 4,
+    status, body = await post(http, sim, {"model": MODEL, "max_tokens": 4,
                                              "system": [{"type": "text", "text": SYSTEM}],
                                              "messages": USER})
     assert body["content"][0]["text"] == answer_text(MODEL, PROMPT, 4)
     assert body["stop_reason"] == "max_tokens" and body["usage"]["output_tokens"] == 4
 
 
-async def test_stream_text(sim: AnthropicSimulator, session: aiohttp.ClientSession) -> None:
-    evs = await events(session, sim, {"model": MODEL, "max_tokens": 100, "system": SYSTEM,
+async def test_stream_text(sim: AnthropicSimulator, http: aiohttp.ClientSession) -> None:
+    evs = await events(http, sim, {"model": MODEL, "max_tokens": 100, "system": SYSTEM,
                                       "messages": USER})
     names = [n for n, _ in evs]
     assert names == ["message_start", "ping", "content_block_start",
@@ -134,26 +128,26 @@ async def test_stream_text(sim: AnthropicSimulator, session: aiohttp.ClientSessi
     assert md["usage"] == {"output_tokens": WORDS}
 
 
-async def test_prefill_remainder(sim: AnthropicSimulator, session: aiohttp.ClientSession) -> None:
+async def test_prefill_remainder(sim: AnthropicSimulator, http: aiohttp.ClientSession) -> None:
     cut = len(FULL) // 2 + 1  # most likely mid-word
     msgs = [*USER, {"role": "assistant", "content": FULL[:cut]}]
     body = {"model": MODEL, "max_tokens": 100, "system": SYSTEM, "messages": msgs}
-    status, resp = await post(session, sim, body)
+    status, resp = await post(http, sim, body)
     assert status == 200
     assert FULL[:cut] + resp["content"][0]["text"] == FULL
-    evs = await events(session, sim, body)
+    evs = await events(http, sim, body)
     assert FULL[:cut] + "".join(d["delta"]["text"] for n, d in evs if n == "content_block_delta") == FULL
 
 
-async def test_tool_use_and_result(sim: AnthropicSimulator, session: aiohttp.ClientSession) -> None:
+async def test_tool_use_and_result(sim: AnthropicSimulator, http: aiohttp.ClientSession) -> None:
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     body = {"model": MODEL, "max_tokens": 100, "messages": ask, "tools": TOOLS}
-    status, resp = await post(session, sim, body)
+    status, resp = await post(http, sim, body)
     assert status == 200 and resp["stop_reason"] == "tool_use"
     assert resp["content"] == [{"type": "tool_use", "id": "toolu_sim1", "name": "get_weather",
                                 "input": {"city": "Paris"}}]
 
-    evs = await events(session, sim, body)
+    evs = await events(http, sim, body)
     assert [n for n, _ in evs] == ["message_start", "ping", "content_block_start",
                                    "content_block_delta", "content_block_delta",
                                    "content_block_stop", "message_delta", "message_stop"]
@@ -167,26 +161,26 @@ async def test_tool_use_and_result(sim: AnthropicSimulator, session: aiohttp.Cli
     convo = [*ask, {"role": "assistant", "content": resp["content"]},
              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_sim1",
                                            "content": "sunny, 21 C"}]}]
-    status, resp = await post(session, sim, {"model": MODEL, "max_tokens": 100, "messages": convo,
+    status, resp = await post(http, sim, {"model": MODEL, "max_tokens": 100, "messages": convo,
                                              "tools": TOOLS})
     assert status == 200 and resp["stop_reason"] == "end_turn"
     assert resp["content"] == [{"type": "text", "text": "The tool said: sunny, 21 C"}]
-    evs = await events(session, sim, {"model": MODEL, "max_tokens": 100, "messages": convo, "tools": TOOLS})
+    evs = await events(http, sim, {"model": MODEL, "max_tokens": 100, "messages": convo, "tools": TOOLS})
     text = "".join(d["delta"]["text"] for n, d in evs if n == "content_block_delta")
     assert text == "The tool said: sunny, 21 C"
 
     # Without tools, "weather" is just a prompt word.
-    status, resp = await post(session, sim, {"model": MODEL, "max_tokens": 100, "messages": ask})
+    status, resp = await post(http, sim, {"model": MODEL, "max_tokens": 100, "messages": ask})
     assert resp["content"][0]["text"] == answer_text(MODEL, prompt_of_messages(ask), WORDS)
 
 
 @pytest.mark.parametrize(("code", "etype"), [(529, "overloaded_error"), (500, "api_error"),
                                              (429, "rate_limit_error")])
-async def test_status(session: aiohttp.ClientSession, code: int, etype: str) -> None:
+async def test_status(http: aiohttp.ClientSession, code: int, etype: str) -> None:
     sim = AnthropicSimulator(MODEL, status=code)
     await sim.start()
     try:
-        async with session.post(f"{sim.base_url}/v1/messages", headers=HEADERS,
+        async with http.post(f"{sim.base_url}/v1/messages", headers=HEADERS,
                                 json={"model": MODEL, "max_tokens": 5, "messages": USER}) as r:
             assert r.status == code
             body = await r.json()

@@ -52,12 +52,6 @@ async def sim() -> AsyncIterator[Simulator]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 async def client(sim: Simulator) -> AsyncIterator[openai.AsyncOpenAI]:
     c = openai.AsyncOpenAI(base_url=sim.base_url + "/v1", api_key="x", max_retries=0, timeout=5)
     yield c
@@ -71,20 +65,20 @@ async def until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def post(session: aiohttp.ClientSession, sim: Simulator, path: str, body: Any,
+async def post(http: aiohttp.ClientSession, sim: Simulator, path: str, body: Any,
                **kw: Any) -> tuple[int, Any]:
-    async with session.post(sim.base_url + path, json=body, **kw) as resp:
+    async with http.post(sim.base_url + path, json=body, **kw) as resp:
         return resp.status, await resp.json(content_type=None)
 
 
 async def raw_stream(
-    session: aiohttp.ClientSession, sim: Simulator, body: dict[str, Any], path: str = "/v1/chat/completions",
+    http: aiohttp.ClientSession, sim: Simulator, body: dict[str, Any], path: str = "/v1/chat/completions",
     timeout: aiohttp.ClientTimeout | None = None,
 ) -> tuple[list[str], BaseException | None]:
     """POST a streaming request; return the ``data:`` payloads and the error that ended it, if any."""
     datas: list[str] = []
     err: BaseException | None = None
-    async with session.post(sim.base_url + path, json={"stream": True, **body}, timeout=timeout) as resp:
+    async with http.post(sim.base_url + path, json={"stream": True, **body}, timeout=timeout) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         try:
@@ -215,8 +209,8 @@ async def test_openai_chat_stream(client: openai.AsyncOpenAI) -> None:
     assert all(c.model == MODEL and c.object == "chat.completion.chunk" for c in got)
 
 
-async def test_raw_stream_format(session: aiohttp.ClientSession, sim: Simulator) -> None:
-    async with session.post(sim.base_url + "/v1/chat/completions", json=chat_body(stream=True)) as resp:
+async def test_raw_stream_format(http: aiohttp.ClientSession, sim: Simulator) -> None:
+    async with http.post(sim.base_url + "/v1/chat/completions", json=chat_body(stream=True)) as resp:
         raw = (await resp.read()).decode()
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
@@ -228,13 +222,13 @@ async def test_raw_stream_format(session: aiohttp.ClientSession, sim: Simulator)
     assert sim.stats.completed_streams == 1
 
 
-async def test_determinism_across_simulators(session: aiohttp.ClientSession) -> None:
+async def test_determinism_across_simulators(http: aiohttp.ClientSession) -> None:
     texts = []
     for model in (MODEL, MODEL, "sim-b"):
         s = Simulator(model, words=WORDS)
         await s.start()
         try:
-            _, body = await post(session, s, "/v1/chat/completions", chat_body())
+            _, body = await post(http, s, "/v1/chat/completions", chat_body())
             texts.append(body["choices"][0]["message"]["content"])
         finally:
             await s.stop()
@@ -242,19 +236,19 @@ async def test_determinism_across_simulators(session: aiohttp.ClientSession) -> 
     assert texts[2] == answer_text("sim-b", PROMPT, WORDS) != FULL
 
 
-async def test_max_tokens_caps(session: aiohttp.ClientSession, sim: Simulator) -> None:
-    _, body = await post(session, sim, "/v1/chat/completions", chat_body(max_tokens=5))
+async def test_max_tokens_caps(http: aiohttp.ClientSession, sim: Simulator) -> None:
+    _, body = await post(http, sim, "/v1/chat/completions", chat_body(max_tokens=5))
     assert body["choices"][0]["message"]["content"] == answer_text(MODEL, PROMPT, 5)
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 5
-    _, body = await post(session, sim, "/v1/chat/completions", chat_body(max_completion_tokens=3))
+    _, body = await post(http, sim, "/v1/chat/completions", chat_body(max_completion_tokens=3))
     assert body["choices"][0]["message"]["content"] == answer_text(MODEL, PROMPT, 3)
-    _, body = await post(session, sim, "/v1/chat/completions", chat_body(max_tokens=WORDS))
+    _, body = await post(http, sim, "/v1/chat/completions", chat_body(max_tokens=WORDS))
     assert body["choices"][0]["finish_reason"] == "stop"
-    datas, err = await raw_stream(session, sim, chat_body(max_tokens=4))
+    datas, err = await raw_stream(http, sim, chat_body(max_tokens=4))
     assert err is None and "".join(contents(datas)) == answer_text(MODEL, PROMPT, 4)
     assert chunks(datas)[-1]["choices"][0]["finish_reason"] == "length"
-    status, body = await post(session, sim, "/v1/chat/completions", chat_body(max_tokens="many"))
+    status, body = await post(http, sim, "/v1/chat/completions", chat_body(max_tokens="many"))
     assert status == 400 and body["error"]["param"] == "max_tokens"
 
 
@@ -268,54 +262,54 @@ async def test_legacy_completions(client: openai.AsyncOpenAI) -> None:
     assert got[-1].choices[0].finish_reason == "stop"
 
 
-async def test_embeddings(client: openai.AsyncOpenAI, session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_embeddings(client: openai.AsyncOpenAI, http: aiohttp.ClientSession, sim: Simulator) -> None:
     r = await client.embeddings.create(model=MODEL, input=["a b", "c"])  # SDK asks for base64
     assert [d.index for d in r.data] == [0, 1]
     for d, text in zip(r.data, ["a b", "c"], strict=True):
         assert d.embedding == pytest.approx(embedding_vector(text), abs=1e-6)
     assert r.usage.prompt_tokens == 3
-    _, body = await post(session, sim, "/v1/embeddings", {"model": MODEL, "input": "a b"})
+    _, body = await post(http, sim, "/v1/embeddings", {"model": MODEL, "input": "a b"})
     assert body["object"] == "list" and body["data"][0]["embedding"] == embedding_vector("a b")
-    status, body = await post(session, sim, "/v1/embeddings", {"model": MODEL, "input": 3})
+    status, body = await post(http, sim, "/v1/embeddings", {"model": MODEL, "input": 3})
     assert status == 400 and body["error"]["param"] == "input"
 
 
-async def test_info_endpoints(session: aiohttp.ClientSession, sim: Simulator, client: openai.AsyncOpenAI) -> None:
+async def test_info_endpoints(http: aiohttp.ClientSession, sim: Simulator, client: openai.AsyncOpenAI) -> None:
     models = await client.models.list()
     assert [m.id for m in models.data] == [MODEL] and models.data[0].owned_by == "simulator"
-    async with session.get(sim.base_url + "/health") as resp:
+    async with http.get(sim.base_url + "/health") as resp:
         assert await resp.json() == {"status": "ok"}
-    async with session.get(sim.base_url + "/props") as resp:
+    async with http.get(sim.base_url + "/props") as resp:
         assert await resp.json() == {"model_alias": MODEL, "model_path": f"/models/{MODEL}.gguf"}
 
 
-async def test_bad_requests(session: aiohttp.ClientSession, sim: Simulator) -> None:
-    async with session.post(sim.base_url + "/v1/chat/completions", data=b"{nope") as resp:
+async def test_bad_requests(http: aiohttp.ClientSession, sim: Simulator) -> None:
+    async with http.post(sim.base_url + "/v1/chat/completions", data=b"{nope") as resp:
         assert resp.status == 400
         body = await resp.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] is None
-    status, body = await post(session, sim, "/v1/chat/completions", {"model": MODEL})
+    status, body = await post(http, sim, "/v1/chat/completions", {"model": MODEL})
     assert status == 400 and body["error"]["param"] == "messages"
-    async with session.get(sim.base_url + "/v1/nothing") as resp:
+    async with http.get(sim.base_url + "/v1/nothing") as resp:
         assert resp.status == 404 and "error" in await resp.json()
-    async with session.get(sim.base_url + "/v1/chat/completions") as resp:
+    async with http.get(sim.base_url + "/v1/chat/completions") as resp:
         assert resp.status == 405
 
 
 # --------------------------------------------------------------------------- prefill
 
 
-async def test_prefill_continuation(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_prefill_continuation(http: aiohttp.ClientSession, sim: Simulator) -> None:
     words = FULL.split()
     for cut in (len(words[0]) + 1 + len(words[1]),  # word boundary
                 len(words[0]) + 4,  # in the middle of the second word
                 0, len(FULL)):
         prefix = FULL[:cut]
         msgs = [*USER, {"role": "assistant", "content": prefix}]
-        _, body = await post(session, sim, "/v1/chat/completions", {"model": MODEL, "messages": msgs})
+        _, body = await post(http, sim, "/v1/chat/completions", {"model": MODEL, "messages": msgs})
         assert body["choices"][0]["message"]["content"] == FULL[cut:], cut
-        datas, err = await raw_stream(session, sim, {"model": MODEL, "messages": msgs})
+        datas, err = await raw_stream(http, sim, {"model": MODEL, "messages": msgs})
         assert err is None
         pieces = contents(datas)
         assert prefix + "".join(pieces) == FULL
@@ -325,27 +319,27 @@ async def test_prefill_continuation(session: aiohttp.ClientSession, sim: Simulat
             assert pieces[1:] == stream_pieces(words)[2:]
 
 
-async def test_prefill_mismatch_and_parts(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_prefill_mismatch_and_parts(http: aiohttp.ClientSession, sim: Simulator) -> None:
     msgs = [*USER, {"role": "assistant", "content": "something else"}]
-    _, body = await post(session, sim, "/v1/chat/completions", {"model": MODEL, "messages": msgs})
+    _, body = await post(http, sim, "/v1/chat/completions", {"model": MODEL, "messages": msgs})
     text = body["choices"][0]["message"]["content"]
     assert text and text not in FULL and not FULL.startswith("something else")
     # content as a list of parts works as a prefix too
     parts = [*USER, {"role": "assistant", "content": [{"type": "text", "text": FULL[:10]}]}]
-    _, body = await post(session, sim, "/v1/chat/completions", {"model": MODEL, "messages": parts})
+    _, body = await post(http, sim, "/v1/chat/completions", {"model": MODEL, "messages": parts})
     assert body["choices"][0]["message"]["content"] == FULL[10:]
 
 
-async def test_prefill_disabled(session: aiohttp.ClientSession) -> None:
+async def test_prefill_disabled(http: aiohttp.ClientSession) -> None:
     s = Simulator(MODEL, words=WORDS, prefill=False)
     await s.start()
     try:
         msgs = [*USER, {"role": "assistant", "content": FULL[:5]}]
-        status, body = await post(session, s, "/v1/chat/completions", {"model": MODEL, "messages": msgs})
+        status, body = await post(http, s, "/v1/chat/completions", {"model": MODEL, "messages": msgs})
         assert status == 400
         assert "assistant prefill is not supported" in body["error"]["message"]
         assert body["error"]["type"] == "invalid_request_error"
-        status, _ = await post(session, s, "/v1/chat/completions", chat_body())
+        status, _ = await post(http, s, "/v1/chat/completions", chat_body())
         assert status == 200
     finally:
         await s.stop()
@@ -354,32 +348,32 @@ async def test_prefill_disabled(session: aiohttp.ClientSession) -> None:
 # --------------------------------------------------------------------------- faults
 
 
-async def test_refuse_and_back(session: aiohttp.ClientSession) -> None:
+async def test_refuse_and_back(http: aiohttp.ClientSession) -> None:
     s = Simulator(MODEL, words=WORDS, faults=["refuse"])
     await s.start()
     try:
         port = s.port
         assert port > 0
         with pytest.raises(aiohttp.ClientConnectorError):
-            await post(session, s, "/v1/chat/completions", chat_body())
+            await post(http, s, "/v1/chat/completions", chat_body())
         s.set_faults([])
-        status, _ = await post(session, s, "/v1/chat/completions", chat_body())
+        status, _ = await post(http, s, "/v1/chat/completions", chat_body())
         assert status == 200 and s.port == port
         # applying refuse at run time closes the port at once, and drops pooled connections
         s.set_faults(["refuse"])
         await until(lambda: s.stats.open_connections == 0)
         with pytest.raises(aiohttp.ClientConnectionError):
-            await post(session, s, "/v1/chat/completions", chat_body())
+            await post(http, s, "/v1/chat/completions", chat_body())
         s.set_faults([])
-        status, _ = await post(session, s, "/v1/chat/completions", chat_body())
+        status, _ = await post(http, s, "/v1/chat/completions", chat_body())
         assert status == 200 and s.port == port
     finally:
         await s.stop()
 
 
-async def test_hang_times_out_and_connection_is_counted(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_hang_times_out_and_connection_is_counted(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["hang"])
-    task = asyncio.ensure_future(post(session, sim, "/v1/chat/completions", chat_body(),
+    task = asyncio.ensure_future(post(http, sim, "/v1/chat/completions", chat_body(),
                                       timeout=aiohttp.ClientTimeout(total=0.3)))
     await until(lambda: sim.stats.inflight == 1)
     assert sim.stats.open_connections == 1
@@ -389,18 +383,18 @@ async def test_hang_times_out_and_connection_is_counted(session: aiohttp.ClientS
     await until(lambda: sim.stats.open_connections == 0 and sim.stats.inflight == 0)
 
 
-async def test_slow_first_byte(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_slow_first_byte(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["slow_first_byte=0.2"])
     t0 = time.monotonic()
-    status, body = await post(session, sim, "/v1/chat/completions", chat_body())
+    status, body = await post(http, sim, "/v1/chat/completions", chat_body())
     assert status == 200 and body["choices"][0]["message"]["content"] == FULL
     assert time.monotonic() - t0 >= 0.19
 
 
-async def test_die_after_stream(session: aiohttp.ClientSession, sim: Simulator,
+async def test_die_after_stream(http: aiohttp.ClientSession, sim: Simulator,
                                 client: openai.AsyncOpenAI) -> None:
     sim.set_faults(["die_after=3"])
-    datas, err = await raw_stream(session, sim, chat_body())
+    datas, err = await raw_stream(http, sim, chat_body())
     assert isinstance(err, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError
                       | aiohttp.ClientConnectionError)
     assert contents(datas) == stream_pieces(FULL.split())[:3]
@@ -416,40 +410,40 @@ async def test_die_after_stream(session: aiohttp.ClientSession, sim: Simulator,
     assert sim.stats.aborted == 0 and sim.stats.completed_streams == 0
 
 
-async def test_die_after_non_stream(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_die_after_non_stream(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["die_after=1"])
-    async with session.post(sim.base_url + "/v1/chat/completions", json=chat_body()) as resp:
+    async with http.post(sim.base_url + "/v1/chat/completions", json=chat_body()) as resp:
         assert resp.status == 200 and resp.content_length is not None
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
 
 
-async def test_stall_after(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_stall_after(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["stall_after=2"])
-    datas, err = await raw_stream(session, sim, chat_body(), timeout=aiohttp.ClientTimeout(sock_read=0.3))
+    datas, err = await raw_stream(http, sim, chat_body(), timeout=aiohttp.ClientTimeout(sock_read=0.3))
     assert isinstance(err, asyncio.TimeoutError)
     assert contents(datas) == stream_pieces(FULL.split())[:2]
     await until(lambda: sim.stats.aborted == 1 and sim.stats.open_connections == 0)
     # non-stream: headers, then nothing
-    async with session.post(sim.base_url + "/v1/chat/completions", json=chat_body(),
+    async with http.post(sim.base_url + "/v1/chat/completions", json=chat_body(),
                             timeout=aiohttp.ClientTimeout(sock_read=0.3)) as resp:
         assert resp.status == 200
         with pytest.raises(asyncio.TimeoutError):
             await resp.read()
 
 
-async def test_malformed_after(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_malformed_after(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["malformed_after=2"])
-    datas, err = await raw_stream(session, sim, chat_body())
+    datas, err = await raw_stream(http, sim, chat_body())
     assert err is None
     assert datas[3] == "{not json"  # role chunk, two pieces, then the bad event
     good = [d for d in datas if d != "{not json"]
     assert "".join(contents(good)) == FULL and good[-1] == "[DONE]"
 
 
-async def test_error_after(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_error_after(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["error_after=2"])
-    datas, err = await raw_stream(session, sim, chat_body())
+    datas, err = await raw_stream(http, sim, chat_body())
     assert err is None
     assert contents(datas[:-1]) == stream_pieces(FULL.split())[:2]
     assert orjson.loads(datas[-1]) == {"error": {"message": "simulated failure", "type": "server_error",
@@ -457,94 +451,94 @@ async def test_error_after(session: aiohttp.ClientSession, sim: Simulator) -> No
     assert "[DONE]" not in datas
 
 
-async def test_no_done_and_no_finish(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_no_done_and_no_finish(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["no_done"])
-    datas, err = await raw_stream(session, sim, chat_body())
+    datas, err = await raw_stream(http, sim, chat_body())
     assert err is None and datas[-1] != "[DONE]"
     assert chunks(datas)[-1]["choices"][0]["finish_reason"] == "stop"
     assert "".join(contents(datas)) == FULL
     sim.set_faults(["no_finish"])
-    datas, err = await raw_stream(session, sim, chat_body(stream_options={"include_usage": True}))
+    datas, err = await raw_stream(http, sim, chat_body(stream_options={"include_usage": True}))
     assert err is None and "[DONE]" not in datas
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks(datas))
     assert "".join(contents(datas)) == FULL
 
 
-async def test_status_and_rate_limit(session: aiohttp.ClientSession, sim: Simulator,
+async def test_status_and_rate_limit(http: aiohttp.ClientSession, sim: Simulator,
                                      client: openai.AsyncOpenAI) -> None:
     sim.set_faults(["status=503"])
-    status, body = await post(session, sim, "/v1/chat/completions", chat_body(stream=True))
+    status, body = await post(http, sim, "/v1/chat/completions", chat_body(stream=True))
     assert status == 503 and body["error"]["type"] == "server_error"
     with pytest.raises(openai.InternalServerError):
         await client.chat.completions.create(model=MODEL, messages=USER)
     sim.set_faults(["rate_limit=5"])
-    async with session.post(sim.base_url + "/v1/chat/completions", json=chat_body()) as resp:
+    async with http.post(sim.base_url + "/v1/chat/completions", json=chat_body()) as resp:
         assert resp.status == 429 and resp.headers["Retry-After"] == "5"
         err = (await resp.json())["error"]
     assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
     with pytest.raises(openai.RateLimitError):
         await client.chat.completions.create(model=MODEL, messages=USER)
     # info endpoints are not affected
-    async with session.get(sim.base_url + "/health") as resp:
+    async with http.get(sim.base_url + "/health") as resp:
         assert resp.status == 200
 
 
-async def test_model_fault(session: aiohttp.ClientSession, sim: Simulator, client: openai.AsyncOpenAI) -> None:
+async def test_model_fault(http: aiohttp.ClientSession, sim: Simulator, client: openai.AsyncOpenAI) -> None:
     sim.set_faults(["model=other"])
     models = await client.models.list()
     assert [m.id for m in models.data] == ["other"]
     r = await client.chat.completions.create(model=MODEL, messages=USER)
     assert r.model == "other" and r.choices[0].message.content == answer_text("other", PROMPT, WORDS)
-    datas, _ = await raw_stream(session, sim, chat_body())
+    datas, _ = await raw_stream(http, sim, chat_body())
     assert {c["model"] for c in chunks(datas)} == {"other"}
 
 
-async def test_context_fault(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_context_fault(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["context=3"])
-    status, _ = await post(session, sim, "/v1/chat/completions", chat_body())  # 2 words
+    status, _ = await post(http, sim, "/v1/chat/completions", chat_body())  # 2 words
     assert status == 200
     long = [{"role": "user", "content": "one two three four"}]
-    status, body = await post(session, sim, "/v1/chat/completions", {"model": MODEL, "messages": long})
+    status, body = await post(http, sim, "/v1/chat/completions", {"model": MODEL, "messages": long})
     assert status == 400
     assert body["error"]["code"] == "context_length_exceeded" and body["error"]["param"] == "messages"
     assert body["error"]["message"].startswith("This model's maximum context length is 3 tokens")
 
 
-async def test_times_applies_once_then_clears(session: aiohttp.ClientSession, sim: Simulator) -> None:
+async def test_times_applies_once_then_clears(http: aiohttp.ClientSession, sim: Simulator) -> None:
     sim.set_faults(["status=500", "times=1"])
     # info requests do not use up the count
-    async with session.get(sim.base_url + "/v1/models") as resp:
+    async with http.get(sim.base_url + "/v1/models") as resp:
         assert resp.status == 200
-    status, _ = await post(session, sim, "/v1/chat/completions", chat_body())
+    status, _ = await post(http, sim, "/v1/chat/completions", chat_body())
     assert status == 500
     assert sim.faults == ()
-    status, _ = await post(session, sim, "/v1/chat/completions", chat_body())
+    status, _ = await post(http, sim, "/v1/chat/completions", chat_body())
     assert status == 200
     sim.set_faults(["die_after=2", "times=2"])
     for _ in range(2):
-        _, err = await raw_stream(session, sim, chat_body())
+        _, err = await raw_stream(http, sim, chat_body())
         assert err is not None
-    datas, err = await raw_stream(session, sim, chat_body())
+    datas, err = await raw_stream(http, sim, chat_body())
     assert err is None and "".join(contents(datas)) == FULL
 
 
-async def test_chunk_delay(session: aiohttp.ClientSession) -> None:
+async def test_chunk_delay(http: aiohttp.ClientSession) -> None:
     s = Simulator(MODEL, words=5, chunk_delay=0.02)
     await s.start()
     try:
         t0 = time.monotonic()
-        datas, err = await raw_stream(session, s, chat_body())
+        datas, err = await raw_stream(http, s, chat_body())
         assert err is None and "".join(contents(datas)) == answer_text(MODEL, PROMPT, 5)
         assert time.monotonic() - t0 >= 0.02 * 5
     finally:
         await s.stop()
 
 
-async def test_client_disconnect_mid_stream_counts_as_aborted(session: aiohttp.ClientSession) -> None:
+async def test_client_disconnect_mid_stream_counts_as_aborted(http: aiohttp.ClientSession) -> None:
     s = Simulator(MODEL, words=50, chunk_delay=0.01)
     await s.start()
     try:
-        async with session.post(s.base_url + "/v1/chat/completions", json=chat_body(stream=True)) as resp:
+        async with http.post(s.base_url + "/v1/chat/completions", json=chat_body(stream=True)) as resp:
             await resp.content.readline()  # the role chunk
             resp.close()  # drop the connection, like a client that gave up
         await until(lambda: s.stats.aborted == 1 and s.stats.inflight == 0 and s.stats.open_connections == 0)
@@ -556,60 +550,60 @@ async def test_client_disconnect_mid_stream_counts_as_aborted(session: aiohttp.C
 # --------------------------------------------------------------------------- control, stats, lifecycle
 
 
-async def test_control_endpoints_and_stats(session: aiohttp.ClientSession, sim: Simulator) -> None:
-    await post(session, sim, "/v1/chat/completions", chat_body())
-    await raw_stream(session, sim, chat_body())
-    async with session.get(sim.base_url + "/_sim/state") as resp:
+async def test_control_endpoints_and_stats(http: aiohttp.ClientSession, sim: Simulator) -> None:
+    await post(http, sim, "/v1/chat/completions", chat_body())
+    await raw_stream(http, sim, chat_body())
+    async with http.get(sim.base_url + "/_sim/state") as resp:
         state = await resp.json()
     assert state["model"] == MODEL and state["faults"] == []
     assert state["stats"]["requests"] == 2
     assert state["stats"]["by_path"] == {"/v1/chat/completions": 2}
     assert state["stats"]["completed_streams"] == 1
-    status, state = await post(session, sim, "/_sim/faults", {"faults": ["die_after=3", "times=1"]})
+    status, state = await post(http, sim, "/_sim/faults", {"faults": ["die_after=3", "times=1"]})
     assert status == 200 and state["faults"] == ["die_after=3", "times=1"]
     assert sim.faults == ("die_after=3", "times=1")
-    status, body = await post(session, sim, "/_sim/faults", {"faults": ["bogus"]})
+    status, body = await post(http, sim, "/_sim/faults", {"faults": ["bogus"]})
     assert status == 400 and "unknown fault 'bogus'" in body["error"]["message"]
-    status, body = await post(session, sim, "/_sim/faults", ["x"])
+    status, body = await post(http, sim, "/_sim/faults", ["x"])
     assert status == 400
-    status, body = await post(session, sim, "/_sim/faults", {"faults": [3]})
+    status, body = await post(http, sim, "/_sim/faults", {"faults": [3]})
     assert status == 400 and "must be a string" in body["error"]["message"]
     assert sim.faults == ("die_after=3", "times=1")  # a rejected update changes nothing
-    status, state = await post(session, sim, "/_sim/reset_stats", {})
+    status, state = await post(http, sim, "/_sim/reset_stats", {})
     assert status == 200 and state["stats"]["requests"] == 0 and state["stats"]["by_path"] == {}
     assert sim.stats.requests == 0  # control requests are never counted
 
 
-async def test_refuse_via_main_port_and_control_port(session: aiohttp.ClientSession) -> None:
+async def test_refuse_via_main_port_and_control_port(http: aiohttp.ClientSession) -> None:
     s = Simulator(MODEL, words=WORDS, control_port=0)
     await s.start()
     try:
         assert s.control_port and s.control_port != s.port
         ctl = f"http://127.0.0.1:{s.control_port}"
         # switching to refuse over the main port still answers that request
-        status, state = await post(session, s, "/_sim/faults", {"faults": ["refuse"]})
+        status, state = await post(http, s, "/_sim/faults", {"faults": ["refuse"]})
         assert status == 200 and state["faults"] == ["refuse"] and state["listening"] is False
         with pytest.raises(aiohttp.ClientConnectionError):
-            await post(session, s, "/v1/chat/completions", chat_body())
-        async with session.get(ctl + "/_sim/state") as resp:
+            await post(http, s, "/v1/chat/completions", chat_body())
+        async with http.get(ctl + "/_sim/state") as resp:
             assert (await resp.json())["faults"] == ["refuse"]
-        async with session.post(ctl + "/_sim/faults", json={"faults": []}) as resp:
+        async with http.post(ctl + "/_sim/faults", json={"faults": []}) as resp:
             assert resp.status == 200
-        status, _ = await post(session, s, "/v1/chat/completions", chat_body())
+        status, _ = await post(http, s, "/v1/chat/completions", chat_body())
         assert status == 200
         assert s.stats.requests == 1
     finally:
         await s.stop()
     with pytest.raises(aiohttp.ClientConnectionError):
-        async with session.get(ctl + "/_sim/state"):
+        async with http.get(ctl + "/_sim/state"):
             pass
 
 
-async def test_stop_aborts_open_streams_and_restart_keeps_port(session: aiohttp.ClientSession) -> None:
+async def test_stop_aborts_open_streams_and_restart_keeps_port(http: aiohttp.ClientSession) -> None:
     s = Simulator(MODEL, words=WORDS, faults=["stall_after=1"])
     await s.start()
     port = s.port
-    task = asyncio.ensure_future(raw_stream(session, s, chat_body()))
+    task = asyncio.ensure_future(raw_stream(http, s, chat_body()))
     await until(lambda: s.stats.inflight == 1)
     t0 = time.monotonic()
     await s.stop()
@@ -621,7 +615,7 @@ async def test_stop_aborts_open_streams_and_restart_keeps_port(session: aiohttp.
     await s.start()
     try:
         assert s.port == port
-        status, _ = await post(session, s, "/v1/chat/completions", chat_body())
+        status, _ = await post(http, s, "/v1/chat/completions", chat_body())
         assert status == 200
     finally:
         await s.stop()
