@@ -1,15 +1,11 @@
-"""Every way an upstream attempt can fail, and the one place where transport errors become ours.
+"""Every way an upstream attempt can fail.
 
 Reason codes are the product's vocabulary (SPEC section 6): they appear in events, logs,
-metrics and the 502 message. Handlers never catch transport exceptions themselves; they call
-the upstream client (`proxy.upstream`), whose HTTP client (`proxy.httpclient`) raises these
-failures itself and which wraps its I/O in :func:`map_exceptions` for timeouts.
+metrics and the 502 message. Handlers never catch transport exceptions themselves: the HTTP
+client (`proxy.httpclient`) raises these failures, its own timeouts included.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 # Reason codes, as strings so they serialise as they are.
 INSTANCE_NOT_READY = "INSTANCE_NOT_READY"
@@ -160,21 +156,3 @@ def parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if seconds >= 0 else None
-
-
-@contextmanager
-def map_exceptions(phase: str, timeout_s: float | None = None) -> Iterator[None]:
-    """Translate the timeouts and socket errors raised inside the block into our failures.
-
-    `phase` names what was awaited ("connect", "first_byte", "idle", "body") so a
-    timeout says where it happened. The HTTP client raises our failures itself (refusals,
-    connect timeouts, closed or reset connections); they pass through unchanged.
-    """
-    try:
-        yield
-    except UpstreamFailure:
-        raise
-    except TimeoutError as exc:
-        raise UpstreamTimeout(phase, timeout_s) from exc
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
-        raise ProcessExited("connection reset") from exc

@@ -1,14 +1,11 @@
 """Talking to one instance: open a request, classify its status, read bodies.
 
-This is the boundary where transport exceptions become our failures: the HTTP client
-(`proxy.httpclient`) raises our failures itself (its own timers included, on the hot
-path), and `map_exceptions` turns the other waits' timeouts (and any stray socket error)
-into them.
+Transport problems arrive here already as our failures: the HTTP client
+(`proxy.httpclient`) raises them itself, its own timeouts included.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 
@@ -25,7 +22,6 @@ from proxy.failures import (
     Upstream5xx,
     UpstreamAuth,
     UpstreamFailure,
-    map_exceptions,
     parse_retry_after,
 )
 from proxy.httpclient import Pool, Response
@@ -246,14 +242,13 @@ class Upstream:
         """GET (or, with a body, POST) a side endpoint of the server: health, props,
         tokenize. Returns (status, first MiB of the body); raises UpstreamFailure when
         unreachable."""
-        with map_exceptions("probe", timeout_s):
-            async with asyncio.timeout(timeout_s):
-                resp = await self.client.request("POST" if body is not None else "GET", url,
-                                                 body, self.headers_for(inst, None))
-                try:
-                    return resp.status, await resp.read(1 << 20)
-                finally:
-                    resp.release()
+        deadline = time.monotonic() + timeout_s
+        resp = await self.client.request("POST" if body is not None else "GET", url, body,
+                                         self.headers_for(inst, None), timeout_s, "probe")
+        try:
+            return resp.status, await resp.read(1 << 20, deadline - time.monotonic(), "probe")
+        finally:
+            resp.release()
 
     async def count_tokens(self, inst: InstanceConfig, text: str,
                            timeout_s: float) -> int | None:
