@@ -365,7 +365,7 @@ class Forwarder:
         """
         while True:
             remaining = max(deadline - time.perf_counter(), 0.001)
-            event = await self.upstream.next_event(reader, remaining, "first_byte")
+            event = await reader.next(remaining, "first_byte")
             if event is None:
                 raise ProcessExited("stream ended before any content")
             payload = event_data(event)
@@ -400,7 +400,7 @@ class Forwarder:
         failure; `delivered` always says what the client has.
         """
         idle = self.config.timeouts.idle_s
-        next_event = self.upstream.next_event
+        next_event = reader.next
         buffered = reader.buffered
         committed = splicer is None or splicer.committed
         out: list[bytes] = []  # what goes to the client in one write
@@ -413,10 +413,10 @@ class Forwarder:
                         out.clear()
                     try:
                         if committed:
-                            event = await next_event(reader, idle, "idle")
+                            event = await next_event(idle, "idle")
                         else:
                             wait = max(first_deadline - time.perf_counter(), 0.001)
-                            event = await next_event(reader, wait, "first_byte")
+                            event = await next_event(wait, "first_byte")
                     except UpstreamTimeout as exc:
                         if committed:
                             raise StreamStalled(f"no chunk within {idle:g}s") from exc

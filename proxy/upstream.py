@@ -26,7 +26,7 @@ from proxy.failures import (
 )
 from proxy.httpclient import Pool, Response
 from proxy.secrets import Redactor
-from proxy.sse import DONE_EVENT, EventReader, EventSource, event_data
+from proxy.sse import DONE_EVENT, EventReader, event_data
 
 _PASS_HEADERS = ("retry-after",)
 
@@ -266,12 +266,6 @@ class Upstream:
         except (orjson.JSONDecodeError, AttributeError):
             return None
         return len(tokens) if isinstance(tokens, list) else None
-
-    @staticmethod
-    async def next_event(reader: EventSource, timeout_s: float, phase: str) -> bytes | None:
-        """The next SSE event within `timeout_s`; a silence or a cut becomes a failure (the
-        client's own timer, armed only when it has to wait)."""
-        return await reader.next(timeout_s, phase)
 
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
