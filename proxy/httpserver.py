@@ -286,9 +286,6 @@ class App:
     def __setitem__(self, key: AppKey[T], value: T) -> None:
         self._state[key] = value
 
-    def __contains__(self, key: AppKey[Any]) -> bool:
-        return key in self._state
-
     # ---- routes
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
@@ -612,8 +609,6 @@ class _Connection(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:
-        server = self.server
-        server.active += 1
         try:
             try:
                 response = await self.app.handle(request)
@@ -650,8 +645,6 @@ class _Connection(asyncio.Protocol):
         except Exception:  # a bug of ours: say so, and never leave the connection half-open
             log.exception("response_failed", path=request.path)
             keep_alive = False
-        finally:
-            server.active -= 1
         self.idle_since = time.monotonic()
         if not request._complete:
             # A body still arriving (refused, or not needed) is not worth parsing to find a
@@ -732,7 +725,6 @@ class Server:
         self.app = app
         self.keepalive_s = keepalive_s
         self.connections: set[_Connection] = set()
-        self.active = 0  # handlers running
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -743,6 +735,11 @@ class Server:
         self._server = await loop.create_server(lambda: _Connection(self), host, port,
                                                 reuse_port=reuse_port or None, backlog=backlog)
         self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def active(self) -> int:
+        """Handlers running now."""
+        return sum(1 for c in self.connections if c.task is not None and not c.task.done())
 
     @property
     def port(self) -> int:
