@@ -11,7 +11,7 @@ Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
 added latency, 4 one of two instances dead, 5 proxy memory, 6 planning cost, 7 audit store,
-8 peers. Rows for features the proxy lacks print as n/a (see FAILOVER_CASES).
+8 peers, 9 the proxy against a bare aiohttp pass-through (and --workers 2 against 1). Rows for features the proxy lacks print as n/a (see FAILOVER_CASES).
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ SECTIONS = {
     "audit": "7. audit store, wrk -t1 -c64 as in 1 (direct column = audit off, proxied = on; "
              "info logging to /dev/null)",
     "peers": "8. peers, same wrk load (direct = the same simulator, this run)",
+    "baseline": "9. against a bare aiohttp pass-through (scripts/bench_lib/passthrough.py: one "
+                "ClientSession, uvloop, no routing), wrk -t1, same simulators (direct column = "
+                "pass-through)",
 }
 
 
@@ -390,7 +393,8 @@ class Bench:
         # Section 7's two proxies start now too (idle until then), so that their start-up
         # overlaps this one instead of adding to the run.
         audit = self.audit_proxies(primary, secondary)
-        self.wait_ready([proxy, *audit.values()], "/readyz")
+        base = self.baseline_children(primary, secondary, stream)
+        self.wait_ready([proxy, *audit.values(), *base.values()], "/readyz")
 
         with self.timed("1 non-streaming"):
             self.log("[1] non-streaming: wrk direct vs proxied")
@@ -400,6 +404,9 @@ class Bench:
         with self.timed("2 streaming"):
             self.log("[2] streaming: TTFT and chunks/s")
             self.bench_stream(stream, proxy)
+        with self.timed("9 pass-through"):
+            self.log("[9] against a bare aiohttp pass-through")
+            self.bench_baseline(base, proxy, audit["on"])
         with self.timed("7 audit"):
             self.log("[7] audit store: events written, throughput on vs off")
             self.bench_audit(audit)
@@ -471,6 +478,96 @@ class Bench:
         self.row("stream", f"content chunks/s, {s.rate_conc} concurrent streams",
                  rate["direct"]["chunks_per_s"], rate["proxied"]["chunks_per_s"], "chunks/s", RATIO,
                  f"{per_stream['proxied']:.0f} chunks/stream, {s.rate_s:g}s")
+
+    def baseline_children(self, primary: Child, secondary: Child,
+                          stream: Child) -> dict[str, Child]:
+        """Section 9's processes (not yet ready): pass-throughs in front of the primary and
+        the streaming simulator, a lean proxy (audit and request log off), and the same
+        proxy with `--workers 1` and `--workers 2` on fixed ports (SO_REUSEPORT needs one)."""
+        assert primary.port and secondary.port and stream.port
+        sup = self.sup
+        children = {"pass": sup.passthrough("passthrough", primary.port, tags=["main"]),
+                    "pass-stream": sup.passthrough("passthrough-stream", stream.port,
+                                                   tags=["main"])}
+        lean = proxy_config(
+            [instance("primary", primary.port, MODEL), instance("secondary", secondary.port, MODEL),
+             instance("stream", stream.port, STREAM_MODEL)],
+            {"main": ["bench:primary", "bench:secondary"], "stream": ["bench:stream"]},
+            health={"interval_s": 5, "timeout_s": 1},
+            timeouts={"connect_s": 1, "first_byte_s": 10, "idle_s": 10}, audit_db=None)
+        children["lean"] = sup.proxy("proxy-lean", lean, tags=["main"])
+        for workers in (1, 2):
+            cfg = self.workdir / f"proxy-w{workers}.json"
+            cfg.write_text(lean)
+            port = free_port()
+            children[f"w{workers}"] = sup.spawn(
+                f"proxy-w{workers}", [sys.executable, "-m", "proxy", "serve", "--config", str(cfg),
+                                      "--port", str(port), "--workers", str(workers)],
+                port=port, tags=["main"])
+        return children
+
+    def bench_baseline(self, base: dict[str, Child], proxy: Child, full: Child) -> None:
+        """The proxy against a bare aiohttp pass-through in front of the same simulator.
+
+        `full` runs with everything on (audit store, metrics, the info request log to
+        /dev/null: section 7's audit-on proxy); `lean` with the audit store and the request
+        log off. Runs alternate (pass-through, full, lean) so drift hits all three alike;
+        each figure is the better of two measured runs.
+        """
+        script_direct, script_proxy = self.script_for(MODEL), self.script_for("main")
+
+        def url(child: Child) -> str:
+            return f"http://{LOCALHOST}:{child.port}{CHAT}"
+
+        targets = {"pass": (base["pass"], script_direct), "full": (full, script_proxy),
+                   "lean": (base["lean"], script_proxy)}
+        best: dict[tuple[str, int], WrkResult] = {}
+        for conns in (64, 1):
+            for round_no in range(2):
+                for name, (child, script) in targets.items():
+                    res = self.wrk_run(f"base-{name}-{round_no + 1}", url(child), script, conns,
+                                       watch=child)
+                    prev = best.get((name, conns))
+                    if prev is None or res.rps > prev.rps:
+                        best[name, conns] = res
+        p64 = best["pass", 64]
+        for name, label in (("full", "audit + metrics + request log on"),
+                            ("lean", "audit and request log off")):
+            res = best[name, 64]
+            self.row("baseline", f"requests/s, 64 conns, proxy with {label}", p64.rps, res.rps,
+                     "req/s", RATIO, "target >= 0.75" if name == "full" else "target >= 0.90")
+            if res.requests and p64.requests:
+                self.row("baseline", f"CPU per request, 64 conns, proxy with {label}",
+                         p64.cpu_s / p64.requests * 1e6, res.cpu_s / res.requests * 1e6, "us",
+                         RATIO, "pass-through process vs proxy process")
+        self.row("baseline", "latency p50, 1 conn, proxy with audit and request log off",
+                 best["pass", 1].p50_ms, best["lean", 1].p50_ms, "ms", DELTA)
+        # Streaming: the same concurrent streaming client as section 2.
+        s = self.s
+        rates = {}
+        for name, child, model in (("pass", base["pass-stream"], STREAM_MODEL),
+                                   ("lean", base["lean"], "stream")):
+            rates[name] = self.client("rate", {"url": url(child), "model": model,
+                                               "concurrency": s.rate_conc, "duration": s.rate_s,
+                                               "warmup": 1.0}, timeout=s.rate_s + 60)
+            if rates[name]["errors"]:
+                self.note(f"pass-through streaming {name}: errors {rates[name]['errors']}")
+        self.row("baseline", f"content chunks/s, {s.rate_conc} concurrent streams",
+                 rates["pass"]["chunks_per_s"], rates["lean"]["chunks_per_s"], "chunks/s", RATIO,
+                 "target >= 0.75")
+        # --workers 2 against 1, same lean config, alternating.
+        workers: dict[str, WrkResult] = {}
+        for round_no in range(2):
+            for name in ("w1", "w2"):
+                res = self.wrk_run(f"workers-{name}-{round_no + 1}", url(base[name]),
+                                   script_proxy, 64)
+                if name not in workers or res.rps > workers[name].rps:
+                    workers[name] = res
+        self.row("baseline", "requests/s, 64 conns: --workers 2 (proxied) vs 1 (direct column)",
+                 workers["w1"].rps, workers["w2"].rps, "req/s", RATIO,
+                 f"{os.cpu_count()} cores shared with wrk and the simulator")
+        self.raw["baseline"] = {f"{k[0]}@c{k[1]}": v.as_dict() for k, v in best.items()} | {
+            "stream": rates, "workers": {k: v.as_dict() for k, v in workers.items()}}
 
     def bench_dead(self, primary: Child, proxy: Child) -> None:
         url = f"http://{LOCALHOST}:{proxy.port}{CHAT}"

@@ -223,6 +223,14 @@ class Supervisor:
         cmd = [self.python, "-m", "proxy", "serve", "--config", str(cfg), "--port", "0"]
         return self.spawn(name, cmd, tags=tags, log=log)
 
+    def passthrough(self, name: str, upstream_port: int, tags: Sequence[str] = ()) -> Child:
+        """The bare aiohttp pass-through (bench_lib/passthrough.py) in front of one backend,
+        on a port of the kernel's choosing (known once `wait_ready` returns)."""
+        script = Path(__file__).resolve().parent / "passthrough.py"
+        cmd = [self.python, str(script), "--port", "0",
+               "--upstream", f"http://{LOCALHOST}:{upstream_port}"]
+        return self.spawn(name, cmd, tags=tags)
+
     def wait_ready(self, children: Sequence[Child], path: str, timeout: float = 30.0) -> None:
         """Wait until every child answers GET `path` with 200 on a port it listens on.
 
