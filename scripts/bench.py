@@ -11,7 +11,8 @@ Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
 added latency, 4 one of two instances dead, 5 proxy memory, 6 planning cost, 7 audit store,
-8 peers, 9 the proxy against a bare aiohttp pass-through (and --workers 2 against 1). Rows for features the proxy lacks print as n/a (see FAILOVER_CASES).
+8 peers, 9 the proxy against a bare aiohttp pass-through (and --workers 2 against 1).
+Rows for features the proxy lacks print as n/a (see FAILOVER_CASES).
 """
 
 from __future__ import annotations
