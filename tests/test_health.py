@@ -180,7 +180,9 @@ async def test_provider_aliasing_is_not_a_mismatch(make_sim: MakeSim, make_proxy
             {"id": "default", "base_url": dated.base_url, "metadata": {"model": "gpt-4o-mini"}}]}]})
     proxy = await make_proxy(config)
     row = (await admin_instances(proxy))["openai:default"]
-    assert row["state"] == "READY" and row["fingerprint"] == "gpt-4o-mini"
+    # The pin is what the server serves; the label names it (a dated snapshot): no warning.
+    assert row["state"] == "READY" and row["fingerprint"] == "gpt-4o-mini-2024-07-18"
+    assert row["warnings"] == []
     text, instance, attempts = await ask(proxy, model="auto")
     assert (instance, attempts) == ("openai:default", "1")
 
