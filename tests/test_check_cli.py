@@ -81,7 +81,7 @@ def test_check_passes_the_seed_config_and_prints_label_warnings_and_capability_n
     result = check(config)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert f"llamacpp:qwen3-coder-30b  READY" in out and QWEN_FILE in out
+    assert "llamacpp:qwen3-coder-30b  READY" in out and QWEN_FILE in out
     assert ("warning: llamacpp:qwen3-coder-30b: metadata.model 'Qwen3-Coder-30B' is not a "
             f"model this server lists ({QWEN_FILE})") in out
     assert "warning: llamacpp:glm47flash-q8: metadata.model 'GLM-4-7B-Flash'" in out
