@@ -3,8 +3,9 @@
 One task per instance asks the server, the way its implementation answers (llama.cpp's
 `/health` and `/props`, Ollama's `/api/tags`, otherwise `/v1/models`), every
 `health.interval_s` with jitter. Each probe updates the instance's state (READY, LOADING,
-DOWN, MISMATCH), learns or checks its fingerprint, and may close a circuit that
-connection failures opened. Requests never wait for a probe.
+DOWN, MISMATCH), learns or checks its fingerprint (proxy/fingerprints.py), notes a label
+the server does not list as a warning, and may close a circuit that connection failures
+opened. Requests never wait for a probe.
 """
 
 from __future__ import annotations
