@@ -84,6 +84,8 @@ async def test_seed_providers_json_routes_to_llamacpp_servers_whose_files_carry_
         "llamacpp:qwen3-coder-30b", "1")
     assert (await ask(proxy, PROMPT, True, model="GLM-4-7B-Flash")) == (
         answer_text(GLM_REPO, PROMPT, 20), "llamacpp:glm47flash-q8", "1")
+    # ... and by the names the servers use, once the prober has learned them.
+    assert (await ask(proxy, PROMPT, model=GLM_REPO))[1:] == ("llamacpp:glm47flash-q8", "1")
     rows = await admin_instances(proxy)
     assert [r["state"] for r in rows.values()] == ["READY", "READY"]
     assert [r["failures"] for r in rows.values()] == [0, 0]
