@@ -162,6 +162,8 @@ def judge(pin: Pin, served: Served) -> tuple[Pin, str | None]:
         return pin, f"serves {show(listed)}, not the learned {show(pin.keep)}"
     if listed == pin.models and served.detail == pin.detail:
         return pin, None  # nothing changed: the usual probe
+    if pin.detail and not served.detail:
+        return pin, None  # llama.cpp answered without /props this time: it says less
     return learn(served, pin.label), None
 
 

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from proxy.config import Config, parse_config
-from proxy.fingerprints import Served, learn
+from proxy.fingerprints import Served, judge, learn
 from proxy.simtext import answer_text
 from proxy.simulator import Simulator
 from proxy.state import STATE
@@ -258,3 +258,12 @@ def test_a_response_claims_another_model_only_when_it_names_one_the_server_does_
     listed = learn(Served(("llama3.1:8b", "qwen3-coder:30b")), "llama3.1:8b")
     assert not listed.contradicted_by("qwen3-coder:30b")  # served there, if not the label
     assert listed.contradicted_by("mistral:7b")
+
+
+def test_a_llamacpp_probe_without_props_keeps_the_file_it_knows() -> None:
+    pin = learn(Served(("qwen3-coder", QWEN_FILE), "qwen3-coder", QWEN_FILE), "qwen3-coder")
+    kept, mismatch = judge(pin, Served(("qwen3-coder",), "qwen3-coder"))  # /v1/models only
+    assert (kept, mismatch) == (pin, None)
+    kept, mismatch = judge(kept, Served(("qwen3-coder", "/m/other.gguf"), "qwen3-coder",
+                                        "/m/other.gguf"))
+    assert mismatch is not None and "/m/other.gguf" in mismatch
