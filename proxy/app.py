@@ -19,6 +19,7 @@ from proxy.httpserver import App, Handler, Request, Response, StreamResponse
 from proxy.instances import Registry
 from proxy.metrics import Metrics
 from proxy.routing import Planner
+from proxy.scoring import capability_notes
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
 from proxy.state import CONFIG, RELOAD, STATE, ProxyState
 from proxy.store import AuditStore
@@ -78,6 +79,8 @@ async def _lifecycle(app: App) -> AsyncIterator[None]:
     await _start_probing(state)
     log.info("proxy_started", instances=[s.id for s in state.registry.states],
              config=config.source, audit=config.store.url if store else "off")
+    if notes := capability_notes(config.instances):
+        log.warning("capability_coverage", notes=notes)
     yield
     state = app[STATE]  # the latest, after any reloads
     await state.prober.stop()

@@ -118,11 +118,15 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Probe every instance once and report; exit 1 when none is routable (or the config
+    is invalid), 0 otherwise. Warnings (a label the server does not list, capabilities
+    only cloud instances can serve) never fail the check."""
     import orjson
 
     from proxy.health import Prober
     from proxy.instances import Registry
     from proxy.logs import configure_logging
+    from proxy.scoring import capability_notes
     from proxy.secrets import Redactor, config_secrets
     from proxy.upstream import Upstream, make_client
 
@@ -141,12 +145,36 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     registry = asyncio.run(probe())
     rows = [s.snapshot() for s in registry.states]
+    notes = capability_notes(config.instances)
+    routable = sum(1 for row in rows if row["routable"])
     if args.json:
-        sys.stdout.write(orjson.dumps({"instances": rows}, option=orjson.OPT_INDENT_2).decode())
-        sys.stdout.write("\n")
+        doc = {"instances": rows, "routable": routable, "capabilities": notes}
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(format_instances(rows))
+        for row in rows:
+            warnings = row["warnings"]
+            for warning in warnings if isinstance(warnings, list) else ():
+                print(f"warning: {row['id']}: {warning}")
+        for note in notes:
+            print(f"capabilities: {note}")
+    if routable:
         return 0
-    print(format_instances(rows))
-    return 0
+    print(f"check: no instance is routable ({len(rows)} configured):", file=sys.stderr)
+    for row in rows:
+        print(f"  {row['id']}: {not_routable_reason(row)}", file=sys.stderr)
+    return 1
+
+
+def not_routable_reason(row: dict[str, object]) -> str:
+    """Why an instance (a `snapshot()` row) may not be sent traffic, for people."""
+    state = row["state"]
+    if state == "DRAINED":
+        return "disabled in the config" if not row["enabled"] else "drained by an admin"
+    why = row.get("last_probe_error") or row.get("last_error")
+    if state in ("READY", "UNKNOWN") and row.get("circuit") != "closed":
+        why = f"circuit {row['circuit']} ({row.get('circuit_opened_by')})"
+    return f"{state}: {why}" if why else str(state)
 
 
 def format_instances(rows: list[dict[str, object]]) -> str:

@@ -25,6 +25,10 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_STORE_URL = "sqlite:///./data/audit.db"
 #: Server implementations the prober knows how to ask (see proxy/health.py).
 SERVER_KINDS = ("openai", "llamacpp", "ollama", "lmstudio", "vllm")
+#: What an instance may declare it can do (`metadata.capabilities`) or state it cannot
+#: (`metadata.unsupported`): what proxy/requirements.py derives from a request (`tools`,
+#: `json`, `vision`), and continuing a cut stream from an assistant prefill (`prefill`).
+CAPABILITIES = ("json", "prefill", "tools", "vision")
 SECRET_KEYS = frozenset({"api_key", "api_keys", "admin_key", "headers"})
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -145,7 +149,10 @@ class InstanceConfig:
     model: str | None = None
     tags: tuple[str, ...] = ()
     ctx: int | None = None
+    #: Known to work. A capability in neither set is unknown: allowed, ranked lower.
     capabilities: frozenset[str] = frozenset()
+    #: Stated not to work: requests that need one never go to this instance.
+    unsupported: frozenset[str] = frozenset()
     cost_input_per_mtok: float = 0.0
     cost_output_per_mtok: float = 0.0
     fingerprint: str | None = "auto"  # "auto", a model name, or None (no check)
@@ -310,6 +317,15 @@ class _Reader:
                 raise self.error(path, "a string", item)
             out.append(self.interpolate(path, str(item)))
         return tuple(out)
+
+    def names(self, key: str, known: tuple[str, ...]) -> frozenset[str]:
+        """A list of names from `known` (case-insensitive); an unknown one is an error
+        naming its index and the known names."""
+        names = self.strings(key)
+        for i, name in enumerate(names):
+            if name.lower() not in known:
+                raise self.error(f"{self.sub(key)}[{i}]", "one of " + ", ".join(known), name)
+        return frozenset(n.lower() for n in names)
 
     def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
         value = self.string(key, default)
@@ -502,13 +518,20 @@ def _instance(r: _Reader, provider_id: str, kind: str, provider_local: bool | No
 
     meta = r.child("metadata")
     model = tags = ctx = None
-    capabilities: tuple[str, ...] = ()
+    capabilities: frozenset[str] = frozenset()
+    unsupported: frozenset[str] = frozenset()
     cost_in = cost_out = 0.0
     if meta is not None:
+        meta.check_keys({"model", "tags", "ctx", "capabilities", "unsupported", "cost"})
         model = meta.string("model")
         tags = meta.strings("tags")
         ctx = meta.integer("ctx", 0, minimum=1) if "ctx" in meta.data else None
-        capabilities = meta.strings("capabilities")
+        capabilities = meta.names("capabilities", CAPABILITIES)
+        unsupported = meta.names("unsupported", CAPABILITIES)
+        both = capabilities & unsupported
+        if both:
+            raise meta.error(meta.sub("unsupported"), "capabilities not also listed in "
+                             f"{meta.sub('capabilities')}", ", ".join(sorted(both)))
         cost = meta.child("cost")
         if cost is not None:
             cost.check_keys({"input_per_mtok", "output_per_mtok"})
@@ -549,7 +572,8 @@ def _instance(r: _Reader, provider_id: str, kind: str, provider_local: bool | No
         model=model,
         tags=tags or (),
         ctx=ctx,
-        capabilities=frozenset(c.lower() for c in capabilities),
+        capabilities=capabilities,
+        unsupported=unsupported,
         cost_input_per_mtok=cost_in,
         cost_output_per_mtok=cost_out,
         fingerprint=fingerprint,

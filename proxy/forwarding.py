@@ -44,7 +44,7 @@ from proxy.failures import (
     UpstreamFailure,
     UpstreamTimeout,
 )
-from proxy.fingerprints import models_match, response_model
+from proxy.fingerprints import Pin, models_match, response_model
 from proxy.inbound import CHAT, UPSTREAM_PATH, ClientRequest
 from proxy.instances import InstanceState, Registry
 from proxy.routing import RoutePlan, larger_window
@@ -296,11 +296,11 @@ class Forwarder:
         body = await self.upstream.read_body(resp, self.config.timeouts.idle_s)
         resp.release()
         body = self.upstream.translate_body(cfg, body)
-        pinned = inst.fingerprint
-        if pinned is not None and resp.status == 200:
+        pin = inst.pin
+        if pin is not None and resp.status == 200:
             seen = response_model(body)
-            if seen is not None and not models_match(pinned, seen):
-                raise FingerprintMismatch(f"answered as {seen}, pinned {pinned}")
+            if pin.contradicted_by(seen):
+                raise FingerprintMismatch(f"answered as {seen}, pinned {pin.describe()}")
         self.registry.record_success(inst, ttfb)
         return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
                      ttfb_s=ttfb)
@@ -327,7 +327,7 @@ class Forwarder:
                 return reply
             reader = self.upstream.events(cfg, resp, req.include_usage)
             pending: list[tuple[bytes, Chunk | None]] = []
-            await self._until_content(reader, pending, deadline, inst.fingerprint)
+            await self._until_content(reader, pending, deadline, inst.pin)
             ttfb = time.perf_counter() - t0
             self.registry.record_success(inst, ttfb)
 
@@ -357,7 +357,7 @@ class Forwarder:
                 resp.close()
 
     async def _until_content(self, reader: EventSource, pending: list[tuple[bytes, Chunk | None]],
-                             deadline: float, pinned: str | None) -> None:
+                             deadline: float, pinned: Pin | None) -> None:
         """Read events before the commit point into `pending` (a `[DONE]` with chunk None).
 
         Returns at the first chunk with content or a finish reason, or at `[DONE]`.
@@ -383,9 +383,10 @@ class Forwarder:
             if chunk.error is not None:
                 raise UpstreamErrorEvent(self.upstream.redactor.text(_error_message(chunk.error)))
             if pinned is not None and chunk.model is not None:
-                if not models_match(pinned, chunk.model):
-                    raise FingerprintMismatch(f"answered as {chunk.model}, pinned {pinned}")
-                pinned = None  # checked once per stream
+                if pinned.contradicted_by(chunk.model):
+                    raise FingerprintMismatch(
+                        f"answered as {chunk.model}, pinned {pinned.describe()}")
+                pinned = None  # checked once per stream (a chunk claiming nothing has None)
             pending.append((event, chunk))
             if chunk.has_content or chunk.finish_reason is not None:
                 return

@@ -3,8 +3,9 @@
 One task per instance asks the server, the way its implementation answers (llama.cpp's
 `/health` and `/props`, Ollama's `/api/tags`, otherwise `/v1/models`), every
 `health.interval_s` with jitter. Each probe updates the instance's state (READY, LOADING,
-DOWN, MISMATCH), learns or checks its fingerprint, and may close a circuit that
-connection failures opened. Requests never wait for a probe.
+DOWN, MISMATCH), learns or checks its fingerprint (proxy/fingerprints.py), notes a label
+the server does not list as a warning, and may close a circuit that connection failures
+opened. Requests never wait for a probe.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 import structlog
 
 from proxy.config import HealthConfig
 from proxy.failures import UpstreamFailure
-from proxy.fingerprints import any_match
+from proxy.fingerprints import LEARNED, Served, changes, judge, label_warning, learn
 from proxy.instances import DOWN, DRAINED, LOADING, MISMATCH, READY, InstanceState, Registry
 from proxy.upstream import Upstream
 
@@ -28,14 +29,12 @@ log = structlog.get_logger("proxy.health")
 
 @dataclass(slots=True)
 class ProbeResult:
-    """What one probe saw. `models` are the names the server reports serving."""
+    """What one probe saw: a state, why, and what the server says it serves (None when
+    it did not say)."""
 
     state: str
     reason: str
-    models: list[str] = field(default_factory=list)
-    #: For one-model servers (llama.cpp): the model's identity, e.g. its alias.
-    identity: str | None = None
-    detail: str | None = None
+    served: Served | None = None
     latency_ms: float = 0.0
 
 
@@ -47,7 +46,8 @@ def _json(body: bytes) -> object:
 
 
 def _listed_ids(doc: object) -> list[str]:
-    """Model ids from an OpenAI `/v1/models` list or Ollama's `/api/tags`."""
+    """Model names from an OpenAI `/v1/models` list (with llama.cpp's `aliases` of each)
+    or Ollama's `/api/tags` (`name`, `model`)."""
     if not isinstance(doc, dict):
         return []
     items = doc.get("data")
@@ -57,9 +57,10 @@ def _listed_ids(doc: object) -> list[str]:
     if isinstance(items, list):
         for item in items:
             if isinstance(item, dict):
-                for key in ("id", "name", "model"):
-                    value = item.get(key)
-                    if isinstance(value, str) and value not in names:
+                aliases = item.get("aliases")
+                extra = aliases if isinstance(aliases, list) else []
+                for value in (item.get("id"), item.get("name"), item.get("model"), *extra):
+                    if isinstance(value, str) and value and value not in names:
                         names.append(value)
     return names
 
@@ -107,19 +108,22 @@ class Prober:
         if not isinstance(doc, dict):
             status, body = await self.upstream.probe(cfg, cfg.api_base + "/models", timeout)
             return self._from_listing(status, body)
-        alias = doc.get("model_alias")
-        path = doc.get("model_path")
-        names = [n for n in (alias, path) if isinstance(n, str) and n]
-        identity = alias if isinstance(alias, str) and alias else (names[0] if names else None)
-        return ProbeResult(READY, "healthy", names, identity,
-                           path if isinstance(path, str) else None)
+        # `model_alias` is the --alias, else the -m path or -hf repo; `model_path` the file
+        # (llama.cpp tools/server/server-context.cpp get_res_props, llama-cpp-python 0.3.36).
+        alias, path = doc.get("model_alias"), doc.get("model_path")
+        names = tuple(dict.fromkeys(n for n in (alias, path) if isinstance(n, str) and n))
+        if not names:  # an older server whose /props does not say
+            status, body = await self.upstream.probe(cfg, cfg.api_base + "/models", timeout)
+            return self._from_listing(status, body)
+        return ProbeResult(READY, "healthy", Served(
+            names, names[0], path if isinstance(path, str) and path else None))
 
     @staticmethod
     def _from_listing(status: int, body: bytes) -> ProbeResult:
         if status == 200:
-            names = _listed_ids(_json(body))
-            identity = names[0] if len(names) == 1 else None
-            return ProbeResult(READY, "healthy", names, identity)
+            names = tuple(_listed_ids(_json(body)))
+            return ProbeResult(READY, "healthy",
+                               Served(names, names[0] if len(names) == 1 else None))
         if status == 404:
             return ProbeResult(READY, "reachable (no model listing)")
         if status == 503:
@@ -127,12 +131,17 @@ class Prober:
         return ProbeResult(DOWN, f"model listing answered HTTP {status}")
 
     def apply(self, inst: InstanceState, result: ProbeResult) -> None:
-        """Apply a probe's result: state, fingerprint, circuit."""
+        """Apply a probe's result: state, fingerprint, warnings, circuit."""
         inst.last_probe_at = time.time()
         inst.last_probe_ms = result.latency_ms
         state, reason = result.state, result.reason
-        if state == READY and result.models:
-            state, reason = self._check_fingerprint(inst, result)
+        served = result.served
+        if state == READY and served is not None and served.models:
+            state, reason = self._check_fingerprint(inst, served)
+            cfg = inst.config
+            # llama.cpp ignores a request's `model`; every other server looks it up.
+            warning = label_warning(cfg.model, served, cfg.server != "llamacpp")
+            self._set_warnings(inst, () if warning is None else (warning,))
         inst.last_probe_error = None if state == READY else reason
         if state == READY and inst.circuit.on_probe_ok():
             # Back after a refused or reset connection: its old errors say nothing now.
@@ -143,36 +152,35 @@ class Prober:
         self.registry.set_state(inst, state, reason)
 
     @staticmethod
-    def _check_fingerprint(inst: InstanceState, result: ProbeResult) -> tuple[str, str]:
-        cfg = inst.config
-        if cfg.fingerprint is None:
+    def _check_fingerprint(inst: InstanceState, served: Served) -> tuple[str, str]:
+        """(state, reason) for a server that answered its probe with what it serves."""
+        if inst.config.fingerprint is None:
             return READY, "healthy (fingerprint off)"
-        if inst.fingerprint is None:
-            # `auto`: learn at the first good probe, then pin.
-            if cfg.model and not any_match(cfg.model, result.models):
-                return MISMATCH, (f"serves {', '.join(result.models[:5])}, "
-                                  f"not the configured model {cfg.model}")
-            learned = result.identity if cfg.server == "llamacpp" else None
-            if learned is None:
-                learned = cfg.model or result.identity
-            if learned is None:
-                return READY, f"healthy ({len(result.models)} models listed, none pinned)"
-            inst.fingerprint = learned
-            inst.fingerprint_source = "learned"
-            inst.fingerprint_detail = result.detail
-            log.info("fingerprint_pinned", instance=inst.id, fingerprint=learned,
-                     detail=result.detail)
+        pin = inst.pin
+        if pin is None:  # `auto`: learn at the first good probe, then pin
+            inst.pin = pin = learn(served, inst.config.model)
+            log.info("fingerprint_pinned", instance=inst.id, fingerprint=pin.describe(),
+                     models=list(pin.models[:20]), detail=pin.detail)
             return READY, "healthy (fingerprint pinned)"
-        pinned_file = inst.fingerprint_detail
-        if (inst.fingerprint_source == "learned" and pinned_file and result.detail
-                and result.detail != pinned_file):
-            # Same alias, another weights file: a different model under the same name.
-            return MISMATCH, (f"serves the file {result.detail}, not the pinned "
-                              f"{pinned_file} (alias {inst.fingerprint})")
-        if any_match(inst.fingerprint, result.models):
-            return READY, "healthy"
-        return MISMATCH, (f"serves {', '.join(result.models[:5])}, "
-                          f"not the pinned {inst.fingerprint}")
+        kept, mismatch = judge(pin, served)
+        if mismatch is not None:
+            return MISMATCH, mismatch
+        if kept is not pin:  # the same server; its listing changed around the pinned model
+            added, removed = changes(pin, kept)
+            inst.pin = kept
+            log.info("fingerprint_updated", instance=inst.id, fingerprint=kept.describe(),
+                     added=added[:20], removed=removed[:20])
+        return READY, "healthy"
+
+    @staticmethod
+    def _set_warnings(inst: InstanceState, warnings: tuple[str, ...]) -> None:
+        """Keep the latest warnings; log each one once, when it appears (not per probe)."""
+        if warnings == inst.warnings:
+            return
+        for warning in warnings:
+            if warning not in inst.warnings:
+                log.warning("instance_warning", instance=inst.id, warning=warning)
+        inst.warnings = warnings
 
     async def probe_all(self) -> None:
         """One probe of every instance, concurrently (start-up, `check`)."""
@@ -206,8 +214,6 @@ class Prober:
 
 def reset_fingerprint(inst: InstanceState) -> None:
     """Forget a learned fingerprint; the next probe learns it again (admin action)."""
-    if inst.fingerprint_source == "learned":
-        inst.fingerprint = None
-        inst.fingerprint_source = "none"
-        inst.fingerprint_detail = None
+    if inst.pin is not None and inst.pin.source == LEARNED:
+        inst.pin = None
 

@@ -26,6 +26,7 @@ from proxy.failures import (
     STREAM_CUT,
     UpstreamFailure,
 )
+from proxy.fingerprints import Pin, configured
 
 log = structlog.get_logger("proxy.instances")
 
@@ -74,12 +75,12 @@ class InstanceState:
         default_factory=lambda: deque(maxlen=ERROR_WINDOW_N))
     error_window_s: float = ERROR_WINDOW_S
     last_failure_mono: float = float("-inf")
-    #: The model the server answers as, once known: configured, or learned at the first
-    #: good probe and pinned until an admin resets it. None means: not checked.
-    fingerprint: str | None = None
-    fingerprint_source: str = "none"  # configured | learned | none
-    #: Extra identity the probe saw (e.g. llama.cpp's model file path).
-    fingerprint_detail: str | None = None
+    #: What the server is known to serve: configured, or learned at the first good probe
+    #: and kept until it changes or an admin resets it. None: not known (not checked).
+    pin: Pin | None = None
+    #: Things a person should fix that do not stop routing (a label the server does not
+    #: list), from the latest probe.
+    warnings: tuple[str, ...] = ()
     last_probe_at: float | None = None
     last_probe_ms: float | None = None
     last_probe_error: str | None = None
@@ -99,10 +100,15 @@ class InstanceState:
         self.id = cfg.id
         self.tags = frozenset(cfg.tags)
         self.cost_per_mtok = cfg.cost_input_per_mtok + cfg.cost_output_per_mtok
-        if cfg.fingerprint not in (None, "auto"):
-            self.fingerprint = cfg.fingerprint
-            self.fingerprint_source = "configured"
+        if cfg.fingerprint is not None and cfg.fingerprint != "auto":
+            self.pin = configured(cfg.fingerprint, cfg.model)
         self.prefill_ok = "prefill" in cfg.capabilities
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The pinned model's name, or a learned set's names, or None when not known."""
+        pin = self.pin
+        return None if pin is None else pin.describe()
 
     def routable(self, now: float | None = None) -> bool:
         """Whether traffic may be sent now: a routable state and a circuit that is not open.
@@ -166,8 +172,10 @@ class InstanceState:
             "circuit_opened_by": circuit.opened_by,
             "circuit_retry_in_s": round(circuit.remaining(now), 2),
             "fingerprint": self.fingerprint,
-            "fingerprint_source": self.fingerprint_source,
-            "fingerprint_detail": self.fingerprint_detail,
+            "fingerprint_source": "none" if self.pin is None else self.pin.source,
+            "fingerprint_models": [] if self.pin is None else list(self.pin.models),
+            "fingerprint_detail": None if self.pin is None else self.pin.detail,
+            "warnings": list(self.warnings),
             "latency_ewma_ms": None if self.ttfb_ewma_ms is None else round(self.ttfb_ewma_ms, 2),
             "error_rate": round(self.error_rate(now), 3),
             "inflight": self.inflight,
@@ -218,10 +226,9 @@ class Registry:
                 inst.state = UNKNOWN  # enabled in the new config
             else:
                 inst.state = prev.state
-            if inst.fingerprint_source != "configured" and prev.fingerprint_source == "learned":
-                inst.fingerprint = prev.fingerprint
-                inst.fingerprint_source = "learned"
-                inst.fingerprint_detail = prev.fingerprint_detail
+            if inst.config.fingerprint == "auto" and prev.config.fingerprint == "auto":
+                inst.pin = prev.pin  # learned (or not yet): what the server serves is unchanged
+            inst.warnings = prev.warnings
             if "prefill" in inst.config.capabilities:
                 inst.prefill_ok = prev.prefill_ok
 

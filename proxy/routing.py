@@ -100,7 +100,8 @@ def resolve_model(config: Config, registry: Registry, model: str) -> Resolution 
 
     A group confines the request to its members. A named instance comes first, then
     every other instance; a model name puts the instances serving it first, then the
-    rest. Returns None when the name is unknown (the caller decides: 404 or `auto`).
+    rest; a model name is a label (`metadata.model`) or, failing that, a name a server
+    lists. Returns None when the name is unknown (the caller decides: 404 or `auto`).
     """
     states = registry.states
     if model == AUTO or not model:
@@ -119,6 +120,11 @@ def resolve_model(config: Config, registry: Registry, model: str) -> Resolution 
     serving = [s for s in states if s.config.model == model]
     if serving:
         return Resolution([serving, [s for s in states if s.config.model != model]])
+    # The name a server itself uses, as its probe reported it.
+    listed = [s for s in states if s.pin is not None and model in s.pin.models]
+    if listed:
+        return Resolution([listed, [s for s in states
+                                    if s.pin is None or model not in s.pin.models]])
     return None
 
 

@@ -7,7 +7,9 @@ vocabulary (`READY`, `tags_match=coding`, `ctx>=4096`, `latency=38ms`, `local_pr
 
 from __future__ import annotations
 
-from proxy.config import Weights
+from collections.abc import Iterable
+
+from proxy.config import CAPABILITIES, InstanceConfig, Weights
 from proxy.instances import READY, InstanceState
 from proxy.requirements import Requirements
 
@@ -16,7 +18,9 @@ LATENCY_HALF_MS = 500.0
 #: Latencies are compared in steps of this size, so noise (1.1 ms against 1.3 ms) never
 #: outranks config order, while 40 ms against 400 ms still does.
 LATENCY_STEP_MS = 25.0
-#: Score factor for an instance that declares no capabilities when some are needed.
+#: Score factor for an instance that does not say whether it has a capability the request
+#: needs (unknown, not missing): it is still tried, after one that declares it when all
+#: else is equal; a local one still beats a paid cloud one when local is preferred.
 UNKNOWN_CAPABILITIES_FACTOR = 0.8
 #: What each upstream protocol cannot express (see Requirements.protocol): such an
 #: instance is never tried, rather than tried and failed (or answering with less).
@@ -31,10 +35,10 @@ def hard_filter(inst: InstanceState, req: Requirements) -> str | None:
     cfg = inst.config
     if cfg.ctx is not None and cfg.ctx < req.ctx_needed:
         return f"ctx={cfg.ctx}<{req.ctx_needed}"
-    if req.capabilities and cfg.capabilities:
-        missing = req.capabilities - cfg.capabilities
-        if missing:
-            return "missing_capability=" + ",".join(sorted(missing))
+    if req.capabilities and cfg.unsupported:
+        denied = req.capabilities & cfg.unsupported
+        if denied:  # only an explicit statement filters: unmentioned is unknown
+            return "capability_unsupported=" + ",".join(sorted(denied))
     if req.protocol:
         unsupported = req.protocol & UNSUPPORTED.get(cfg.kind, frozenset())
         if unsupported:
@@ -133,7 +137,40 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
             reasons.append("sticky_session")
 
     value = total / weight_sum
-    if req.capabilities and not inst.config.capabilities:
-        value *= UNKNOWN_CAPABILITIES_FACTOR
-        reasons.append("capabilities_unknown")
+    if req.capabilities:
+        unknown = req.capabilities - inst.config.capabilities
+        if unknown:
+            value *= UNKNOWN_CAPABILITIES_FACTOR
+            reasons.append("capability_unknown=" + ",".join(sorted(unknown)))
     return value, reasons
+
+
+def capability_notes(instances: Iterable[InstanceConfig]) -> list[str]:
+    """Capabilities that only cloud instances (or none) can serve, as sentences for
+    `check` and the start-up log; [] when local instances may serve every one.
+
+    By the planner's rules: an enabled instance may serve a capability unless it lists
+    it in `unsupported`, except `prefill`, used only where declared. A capability that
+    local instances may serve but only cloud ones declare is noted too: requests that
+    need it go to the silent local instances first.
+    """
+    enabled = [i for i in instances if i.enabled]
+    notes = []
+    for cap in CAPABILITIES:
+        declared = [i for i in enabled if cap in i.capabilities]
+        able = declared if cap == "prefill" else [i for i in enabled if cap not in i.unsupported]
+        if not able:
+            notes.append("prefill: no instance declares it: a stream cut mid-answer is "
+                         "replayed on a same-model instance or fails" if cap == "prefill"
+                         else f"{cap}: no instance can serve it (all list it as unsupported)")
+        elif not any(i.local for i in able):
+            notes.append(f"{cap}: only cloud instances can serve it ({_ids(able)})")
+        elif declared and not any(i.local for i in declared):
+            notes.append(f"{cap}: only cloud instances declare it ({_ids(declared)}); local "
+                         "instances that do not mention it are tried first (list it in "
+                         "their metadata.unsupported if they lack it)")
+    return notes
+
+
+def _ids(instances: list[InstanceConfig]) -> str:
+    return ", ".join(i.id for i in instances)

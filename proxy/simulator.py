@@ -28,12 +28,19 @@ Faults (``name`` or ``name=value``) are set at construction, with
 ``context=N``        400 context_length_exceeded if the prompt has > N words
 ``times=N``          the whole set applies to the next N model requests only,
                      then it is cleared (cannot be combined with ``refuse``)
+``models=A,B``       list these ids (``/v1/models``, ``/api/tags``) like a
+                     multi-model server or gateway, and answer as the
+                     request's ``model`` (as Ollama, vLLM and gateways echo it)
+``model_file=PATH``  ``/props`` reports this ``model_path`` (llama.cpp's loaded
+                     file; default ``/models/MODEL.gguf``)
+``azure_prelude``    streams begin with Azure OpenAI's prompt-filter event:
+                     ``"model": ""``, ``"choices": []``
 ===================  =========================================================
 
 A stream fault whose N is larger than the number of pieces never fires.
-Faults other than ``refuse`` and ``model`` only affect model requests
-(chat, completions, embeddings); ``/health``, ``/props`` and ``/v1/models``
-keep answering normally.
+Faults other than ``refuse``, ``model``, ``models`` and ``model_file`` only
+affect model requests (chat, completions, embeddings); ``/health``, ``/props``
+and ``/v1/models`` keep answering normally.
 
 Listening is done with :class:`aiohttp.web.Server` (aiohttp's low-level
 server) on sockets this module binds itself, instead of ``AppRunner`` +
@@ -87,6 +94,13 @@ _MALFORMED: Final = b"data: {not json\n\n"
 _ERROR_EVENT: Final = (
     b'data: {"error": {"message": "simulated failure", "type": "server_error", "code": null}}\n\n'
 )
+#: Azure OpenAI's first chat stream event (prompt filter results; no model, no choices).
+_AZURE_PRELUDE: Final = (
+    b'data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":'
+    b'[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"},'
+    b'"self_harm":{"filtered":false,"severity":"safe"},"sexual":{"filtered":false,'
+    b'"severity":"safe"},"violence":{"filtered":false,"severity":"safe"}}}]}\n\n'
+)
 
 
 # --------------------------------------------------------------------------- faults
@@ -119,6 +133,12 @@ class Faults:
     model: str | None = None
     context: int | None = None
     times: int | None = None
+    #: The ids a multi-model server or gateway lists; answers name the requested model.
+    models: tuple[str, ...] = ()
+    #: llama.cpp's /props `model_path` (the loaded file).
+    model_file: str | None = None
+    #: Azure OpenAI's first stream event: prompt filter results, no model, no choices.
+    azure_prelude: bool = False
 
     @property
     def shapes_stream(self) -> bool:
@@ -146,10 +166,12 @@ class Faults:
 
 
 _FLAGS: Final = frozenset({"refuse", "hang", "loading", "echo_prefill", "leak_auth", "no_done",
-                            "no_finish", "tool_call"})
+                            "no_finish", "tool_call", "azure_prelude"})
 _COUNTS: Final = frozenset({"die_after", "stall_after", "malformed_after", "error_after", "context"})
 _SECONDS: Final = frozenset({"slow_first_byte", "rate_limit"})
-_KNOWN: Final = sorted(_FLAGS | _COUNTS | _SECONDS | {"status", "model", "times"})
+_STRINGS: Final = frozenset({"model", "model_file"})
+_KNOWN: Final = sorted(_FLAGS | _COUNTS | _SECONDS | {"status", "model", "times"}
+                       | _STRINGS | {"models"})
 
 
 def parse_faults(specs: Sequence[str]) -> Faults:
@@ -175,8 +197,13 @@ def parse_faults(specs: Sequence[str]) -> Faults:
             continue
         if not value:
             raise ValueError(f"fault {name!r} needs a value: {name}=VALUE")
-        if name == "model":
+        if name in _STRINGS:
             values[name] = value
+        elif name == "models":
+            ids = tuple(m.strip() for m in value.split(",") if m.strip())
+            if not ids:
+                raise ValueError("fault 'models' needs model ids: models=A,B")
+            values[name] = ids
         elif name in _SECONDS:
             secs = _number(name, value)
             # Keep an integral Retry-After integral ("5", not "5.0"): clients parse it as int.
@@ -192,7 +219,8 @@ def parse_faults(specs: Sequence[str]) -> Faults:
         # refuse receives no requests, so nothing would ever count the times down.
         raise ValueError("fault 'times' cannot be combined with 'refuse'")
     spec = tuple(
-        k if v is True else f"{k}={v}" for k, v in sorted(values.items())
+        k if v is True else f"{k}={','.join(v) if isinstance(v, tuple) else v}"
+        for k, v in sorted(values.items())
     )
     return Faults(spec=spec, **values)
 
@@ -675,16 +703,20 @@ class Simulator:
 
     # ------------------------------------------------------------------ info endpoints
 
+    def _listed(self) -> tuple[str, ...]:
+        faults = self._faults
+        return faults.models or (faults.model or self.model,)
+
     async def _models(self, request: web.BaseRequest) -> web.StreamResponse:
-        model = self._faults.model or self.model
         body = {"object": "list",
-                "data": [{"id": model, "object": "model", "created": self._created, "owned_by": "simulator"}]}
+                "data": [{"id": model, "object": "model", "created": self._created, "owned_by": "simulator"}
+                         for model in self._listed()]}
         return web.Response(body=orjson.dumps(body), headers=_JSON_HEADERS)
 
     async def _ollama_tags(self, request: web.BaseRequest) -> web.StreamResponse:
         """Ollama's model listing, so the prober's Ollama path can be tested."""
-        model = self._faults.model or self.model
-        body = {"models": [{"name": model, "model": model, "size": 0, "digest": "sim"}]}
+        body = {"models": [{"name": model, "model": model, "size": 0, "digest": "sim"}
+                           for model in self._listed()]}
         return web.Response(body=orjson.dumps(body), headers=_JSON_HEADERS)
 
     async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -693,8 +725,8 @@ class Simulator:
         return web.Response(body=b'{"status":"ok"}', headers=_JSON_HEADERS)
 
     async def _props(self, request: web.BaseRequest) -> web.StreamResponse:
-        model = self._faults.model or self.model
-        body = {"model_alias": model, "model_path": f"/models/{model}.gguf"}
+        model = self._listed()[0]
+        body = {"model_alias": model, "model_path": self._faults.model_file or f"/models/{model}.gguf"}
         return web.Response(body=orjson.dumps(body), headers=_JSON_HEADERS)
 
     # ------------------------------------------------------------------ model endpoints
@@ -720,7 +752,7 @@ class Simulator:
                 raise _BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
             if not isinstance(data, dict):
                 raise _BadRequest("The request body must be a JSON object.")
-            return await build(request, data, faults, faults.model or self.model)
+            return await build(request, data, faults, self._answering(faults, data))
         except _BadRequest as exc:
             return _error(400, exc.message, "invalid_request_error", param=exc.param, code=exc.code)
         finally:
@@ -750,6 +782,15 @@ class Simulator:
             return _error(faults.status, f"simulated HTTP {faults.status} failure",
                           _error_type(faults.status))
         return None
+
+    def _answering(self, faults: Faults, data: dict[str, Any]) -> str:
+        """The model an answer names: with ``models``, the one asked for (echoed)."""
+        if faults.model:
+            return faults.model
+        if faults.models:
+            asked = data.get("model")
+            return asked if isinstance(asked, str) and asked else faults.models[0]
+        return self.model
 
     def _check_context(self, faults: Faults, tokens: int, param: str) -> None:
         if faults.context is not None and tokens > faults.context:
@@ -820,7 +861,7 @@ class Simulator:
         tail = b'},"finish_reason":null}]}\n\n'
         first = _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]})
-        firsts = [first]
+        firsts = [_AZURE_PRELUDE, first] if faults.azure_prelude else [first]
         if faults.tool_call:
             # The words travel as a tool call's JSON arguments, split across chunks.
             firsts.append(_sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
@@ -869,7 +910,8 @@ class Simulator:
                                                "finish_reason": finish}]})
         usage_ev = (_sse({**base, "choices": [], "usage": _usage(prompt_tokens, len(pieces))})
                     if _include_usage(data) else None)
-        return await self._stream(request, faults, [], head, tail, pieces, finish_ev, usage_ev)
+        prelude = [_AZURE_PRELUDE] if faults.azure_prelude else []
+        return await self._stream(request, faults, prelude, head, tail, pieces, finish_ev, usage_ev)
 
     async def _embeddings(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._model_request(request, self._build_embeddings)

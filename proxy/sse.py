@@ -152,6 +152,8 @@ def inspect_chunk(payload: bytes) -> Chunk:
                 text += piece
         if choice.get("finish_reason") is not None:
             finish = choice["finish_reason"]
-    model = obj.get("model")
+    # A chunk without choices or with an empty model (Azure OpenAI's first event:
+    # `"model": "", "choices": [], "prompt_filter_results": [...]`) claims no model.
+    model = obj.get("model") if choices else None
     return Chunk(bool(text) or tool_call, finish, None,
-                 model if isinstance(model, str) else None, text, tool_call, obj)
+                 model if isinstance(model, str) and model else None, text, tool_call, obj)

@@ -180,7 +180,9 @@ async def test_provider_aliasing_is_not_a_mismatch(make_sim: MakeSim, make_proxy
             {"id": "default", "base_url": dated.base_url, "metadata": {"model": "gpt-4o-mini"}}]}]})
     proxy = await make_proxy(config)
     row = (await admin_instances(proxy))["openai:default"]
-    assert row["state"] == "READY" and row["fingerprint"] == "gpt-4o-mini"
+    # The pin is what the server serves; the label names it (a dated snapshot): no warning.
+    assert row["state"] == "READY" and row["fingerprint"] == "gpt-4o-mini-2024-07-18"
+    assert row["warnings"] == []
     text, instance, attempts = await ask(proxy, model="auto")
     assert (instance, attempts) == ("openai:default", "1")
 
@@ -274,7 +276,9 @@ def test_check_cli_prints_a_table(tmp_path: Path) -> None:
                       "[{id: gone, base_url: 'http://127.0.0.1:9'}]}]\n")
     result = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(config)],
                             capture_output=True, text=True, cwd=ROOT, timeout=30, check=False)
-    assert result.returncode == 0, result.stderr
+    # Nothing is routable: the table, then why, and a failing exit code.
+    assert result.returncode == 1, result.stderr
+    assert "no instance is routable" in result.stderr and "p:gone: DOWN" in result.stderr
     header, row = result.stdout.splitlines()[:2]
     assert header.split()[:4] == ["INSTANCE", "STATE", "CIRCUIT", "LATENCY"]
     assert row.split()[:2] == ["p:gone", "DOWN"]

@@ -16,7 +16,8 @@ from proxy.instances import DOWN, READY, Registry
 from proxy.requirements import classify
 from proxy.routing import Planner
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "examples" / "providers.json"
+#: The seed's providers.json, a real user's config (copied: a clone has no ../shared).
+SEED = Path(__file__).resolve().parent / "fixtures" / "providers.json"
 
 
 def request(body: dict[str, Any]) -> ClientRequest:
@@ -120,16 +121,19 @@ def test_context_too_small_is_rejected_with_reason() -> None:
     assert plan.selected == "llamacpp:qwen3-coder-30b"
 
 
-def test_missing_capability_is_rejected_unknown_is_ranked_lower() -> None:
+def test_unsupported_capability_is_rejected_unmentioned_is_unknown_and_ranked_lower() -> None:
     config = parse_config({"providers": [{"provider_id": "p", "instances": [
         {"id": "plain", "base_url": "http://127.0.0.1:1", "metadata": {"capabilities": ["json"]}},
         {"id": "unknown", "base_url": "http://127.0.0.1:2"},
         {"id": "tools", "base_url": "http://127.0.0.1:3", "metadata": {"capabilities": ["tools"]}},
+        {"id": "none", "base_url": "http://127.0.0.1:4", "metadata": {"unsupported": ["tools"]}},
     ]}]})
     plan = ready_planner(config).plan(chat(tools=[{"type": "function", "function": {"name": "f"}}]), {})
-    assert plan.rejected == {"p:plain": "missing_capability=tools"}
-    assert [plan.selected, *plan.fallback] == ["p:tools", "p:unknown"]
-    assert "capabilities_unknown" in plan.reasons["p:unknown"]
+    assert plan.rejected == {"p:none": "capability_unsupported=tools"}
+    assert [plan.selected, *plan.fallback] == ["p:tools", "p:plain", "p:unknown"]
+    assert "capability_unknown=tools" in plan.reasons["p:plain"]
+    assert "capability_unknown=tools" in plan.reasons["p:unknown"]
+    assert not any(r.startswith("capability_unknown") for r in plan.reasons["p:tools"])
 
 
 def test_down_and_disabled_instances_are_rejected() -> None:

@@ -48,7 +48,7 @@ async def test_long_prompt_skips_the_small_window_instance(make_sim: MakeSim,
     assert small.stats.requests == 0  # never even tried
 
 
-async def test_tools_request_skips_instances_without_the_capability(make_sim: MakeSim,
+async def test_tools_request_goes_first_to_the_instance_that_declares_tools(make_sim: MakeSim,
                                                                     make_proxy: MakeProxy) -> None:
     plain, capable = await make_sim("plain"), await make_sim("capable")
     proxy = await make_proxy(config_for([(plain, {"capabilities": ["json"]}),
