@@ -13,14 +13,16 @@ How servers word and shape it (status; body; message):
   and for newer models "Input tokens exceed the configured limit of N tokens. Your
   messages resulted in M tokens." (the code is what we go by).
 - vLLM (`vllm/entrypoints/openai/serving_engine.py`, `VLLMValidationError`): 400, before
-  v0.8 a top-level `{"object": "error", "message", "type": "BadRequestError", "param",
-  "code": 400}`, since then `{"error": {...}}` with the same fields. Wordings by version:
+  v0.10.1 a top-level `{"object": "error", "message", "type": "BadRequestError", "param",
+  "code": 400}`, since then (PR #22099) `{"error": {...}}` with the same fields. Wordings
+  by version:
   "This model's maximum context length is N tokens. However, you requested M tokens (P in
   the messages, C in the completion). ..."; "... However, your request has P input
   tokens. ..."; "'max_tokens' or 'max_completion_tokens' is too large: C. This model's
   maximum context length is N tokens and your request has P input tokens (C > N - P)";
-  "... However, you requested C output tokens and your prompt contains at least P input
-  tokens, for a total of at least M tokens. ...".
+  "... However, you requested M tokens in the messages, Please reduce ..."; "... However,
+  you requested C output tokens and your prompt contains at least P input tokens, for a
+  total of at least M tokens. ...".
 - SGLang: 400 in vLLM's old top-level shape; "The input (M tokens) is longer than the
   model's context length (N tokens)."; also "Requested token count exceeds the model's
   maximum context length of N tokens. ...".
@@ -29,7 +31,8 @@ How servers word and shape it (status; body; message):
   "n_prompt_tokens": M, "n_ctx": N}}`; "request (M tokens) exceeds the available context
   size (N tokens), try increasing it" (older builds: "the request exceeds the available
   context size, try increasing it", no numbers; "input (M tokens) is larger than the max
-  context size (N tokens). skipping").
+  context size (N tokens). skipping"). Streamed or not, the same 400 (checked against the
+  llama.cpp vendored by llama-cpp-python 0.3.36: tests/test_llamacpp.py).
 - LM Studio (its llama.cpp engine): 400 `{"error": "The number of tokens to keep from the
   initial prompt is greater than the context length (n_keep: M >= n_ctx: N). Try to load
   the model with a larger context length, or provide a shorter input."}` (a string error;
@@ -182,11 +185,11 @@ def _parts(body: bytes) -> tuple[str, str | None, dict[str, Any] | None]:
         return "", None, None
     error = parsed.get("error")
     if isinstance(error, dict):
-        return _fields(error)  # OpenAI, llama.cpp, vLLM >= 0.8, Anthropic, Ollama /v1
+        return _fields(error)  # OpenAI, llama.cpp, vLLM >= 0.10.1, Anthropic, Ollama /v1
     if isinstance(error, str):
         return error, None, None  # TGI, Ollama, LM Studio
     if isinstance(parsed.get("message"), str):
-        return _fields(parsed)  # vLLM < 0.8 and SGLang: {"object": "error", "message", ...}
+        return _fields(parsed)  # vLLM < 0.10.1, SGLang: {"object": "error", "message", ...}
     detail = parsed.get("detail")
     return (detail if isinstance(detail, str) else ""), None, None
 

@@ -36,6 +36,11 @@ from proxy.sse import REASONING_FIELDS, Chunk, delta_reasoning
 PREFILL = "prefill"
 REPLAY = "replay"
 
+#: Delta fields a spliced chunk does not pass on as they came: the role (the client has
+#: had it), the answer and the reasoning (what of them is new is decided here), and
+#: OpenRouter's structured `reasoning_details` (neither compared nor carried over).
+_REWRITTEN = frozenset({"role", "content", "reasoning_details", *REASONING_FIELDS})
+
 
 class Diverged(Exception):
     """A replay's output does not begin with the text the client already has."""
@@ -165,16 +170,15 @@ class Splicer:
         if not isinstance(choice, dict):
             return None
         delta = choice.get("delta")
+        thought, thought_field, other = "", None, False
         if isinstance(delta, dict):
             content = delta.get("content")
-            text = content if isinstance(content, str) else ""
             thought, thought_field = delta_reasoning(delta)
             other = bool(delta.get("tool_calls") or delta.get("function_call")
                          or delta.get("refusal"))
         else:
-            piece = choice.get("text")
-            text, thought, thought_field, other = (piece if isinstance(piece, str) else ""), \
-                "", None, False
+            content = choice.get("text")  # a text completion
+        text = content if isinstance(content, str) else ""
         finish = choice.get("finish_reason")
         if text or thought or other:
             self.producing = True
@@ -195,8 +199,7 @@ class Splicer:
             return None  # a role-only or empty chunk, or reasoning that is not relayed
         out_choice = dict(choice)
         if isinstance(delta, dict):
-            out_delta = {k: v for k, v in delta.items()
-                         if k != "role" and k != "content" and k not in REASONING_FIELDS}
+            out_delta = {k: v for k, v in delta.items() if k not in _REWRITTEN}
             if new or "content" in delta:
                 out_delta["content"] = new
             if new_thought and thought_field is not None:
