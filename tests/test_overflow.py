@@ -275,3 +275,8 @@ def test_the_anthropic_mapping_uses_the_same_classifier() -> None:
         "context limit: 188240 + 21333 > 200000, decrease input length or `max_tokens` and "
         "try again"}})
     assert map_error(400, body)[0] == "CONTEXT_TOO_LONG"
+
+
+def test_the_simulator_refuses_an_unknown_wording() -> None:
+    with pytest.raises(ValueError, match="context_style"):
+        Simulator("m", faults=["context=10", "context_style=cobol"])

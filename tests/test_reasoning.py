@@ -271,3 +271,8 @@ def test_a_replay_whose_reasoning_differs_or_falls_short_diverges() -> None:
     assert short.feed(_delta_chunk({"reasoning_content": "Let me"})) is None
     with pytest.raises(Diverged):
         short.feed(_delta_chunk({"content": "Yes"}))
+
+
+def test_the_simulator_refuses_an_unknown_reasoning_field() -> None:
+    with pytest.raises(ValueError, match="reasoning_field"):
+        Simulator("m", faults=["reasoning=1", "reasoning_field=musings"])
