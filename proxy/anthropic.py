@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from proxy import overflow
+
 Json = dict[str, Any]
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -38,9 +40,6 @@ _TOOL_CHOICES: dict[str, Json] = {
     "required": {"type": "any"},
     "none": {"type": "none"},
 }
-
-_CONTEXT_PHRASES = ("prompt is too long", "context window", "context length", "too many tokens")
-
 
 class TranslationError(ValueError):
     """The OpenAI request cannot be expressed as a Messages API request (a client error)."""
@@ -432,10 +431,14 @@ class StreamTranslator:
         return []
 
     def _block_delta(self, data: Json) -> list[Json]:
-        """Text becomes content; partial tool input JSON becomes tool call arguments."""
+        """Text becomes content, thinking reasoning; partial tool input JSON becomes tool
+        call arguments (Anthropic's `thinking_delta`, `text_delta`, `input_json_delta`)."""
         delta = data.get("delta") or {}
         if delta.get("type") == "text_delta":
             return [self._chunk({"content": delta.get("text", "")})]
+        if delta.get("type") == "thinking_delta":
+            # Extended thinking: reasoning, named as llama.cpp and DeepSeek stream it.
+            return [self._chunk({"reasoning_content": delta.get("thinking", "")})]
         if delta.get("type") == "input_json_delta":
             index = self._tool_index.get(int(data.get("index", 0)))
             if index is None:
@@ -489,7 +492,7 @@ def map_error(status: int, body: bytes) -> tuple[str, str]:
         return UPSTREAM_5XX, message
     if status in (401, 403):
         return UPSTREAM_AUTH, message
-    if status == 400 and any(p in message.lower() for p in _CONTEXT_PHRASES):
+    if overflow.classify(status, body) is not None:  # "prompt is too long: N tokens > M maximum"
         return CONTEXT_TOO_LONG, message
     if 400 <= status < 500:
         return CLIENT_ERROR, message

@@ -7,6 +7,8 @@ client (`proxy.httpclient`) raises these failures, its own timeouts included.
 
 from __future__ import annotations
 
+from proxy.overflow import Overflow
+
 # Reason codes, as strings so they serialise as they are.
 INSTANCE_NOT_READY = "INSTANCE_NOT_READY"
 INSTANCE_BUSY = "INSTANCE_BUSY"
@@ -108,13 +110,14 @@ class RateLimited(UpstreamFailure):
 
 
 class ContextTooLong(UpstreamFailure):
-    """The upstream said the prompt does not fit its context window."""
+    """The upstream said the prompt does not fit its context window (in any server's
+    wording: see proxy.overflow); `overflow` holds the window and size it stated."""
 
     code = CONTEXT_TOO_LONG
 
-    def __init__(self, detail: str, body: bytes = b"") -> None:
-        super().__init__(detail)
-        self.body = body
+    def __init__(self, overflow: Overflow) -> None:
+        super().__init__(overflow.describe())
+        self.overflow = overflow
 
 
 class FingerprintMismatch(UpstreamFailure):

@@ -9,6 +9,7 @@ returned `Reply` into a response; this module knows nothing about the server sid
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 import structlog
 
+from proxy import overflow
 from proxy.audit import Recorder
 from proxy.circuit import CLOSED
 from proxy.config import Config
@@ -220,9 +222,13 @@ class Forwarder:
                 if index < len(candidates):
                     index += 1
                 if isinstance(failure, ContextTooLong):
-                    # Only a larger window can help: skip the ones no larger than this.
+                    if failure.overflow.window is not None:
+                        self.registry.learn_window(inst, failure.overflow.window)
+                    # Only a larger window can help: skip the ones no larger than this
+                    # (compared in the config's terms when it declares them).
+                    window = inst.ctx
                     while index < len(candidates) and not larger_window(
-                            inst.config, candidates[index].config):
+                            window, candidates[index].ctx):
                         index += 1
                 self.recorder.rerouted(plan, failure.code, failure.detail, inst.id,
                                        _next_id(candidates, index))
@@ -336,8 +342,7 @@ class Forwarder:
             try:
                 for _, chunk in pending:
                     if chunk is not None:
-                        delivered.note(chunk.obj, chunk.text, chunk.tool_call,
-                                       chunk.finish_reason)
+                        delivered.note(chunk)
                 await sink.start(cfg.id, attempt_no, b"".join(event for event, _ in pending))
                 if pending[-1][1] is None:  # [DONE] was among the pending events
                     done = True
@@ -360,8 +365,11 @@ class Forwarder:
                              deadline: float, pinned: Pin | None) -> None:
         """Read events before the commit point into `pending` (a `[DONE]` with chunk None).
 
-        Returns at the first chunk with content or a finish reason, or at `[DONE]`.
-        Raises a failure (still invisible to the client) on any problem.
+        Returns at the first chunk with model output (answer text, reasoning, a tool call
+        or a refusal: see sse.Chunk) or a finish reason, or at `[DONE]`; so `deadline`
+        (first_byte_s) bounds only the wait for the first output, however long the answer
+        then takes. Raises a failure (still invisible to the client) on any problem; an
+        in-band error that says the prompt does not fit is a ContextTooLong.
         """
         while True:
             remaining = max(deadline - time.perf_counter(), 0.001)
@@ -381,6 +389,10 @@ class Forwarder:
             except MalformedEvent as exc:
                 raise StreamMalformed(str(exc)) from None
             if chunk.error is not None:
+                overflowed = overflow.of_error(chunk.error)
+                if overflowed is not None:  # e.g. llama.cpp builds that say it in-band
+                    raise ContextTooLong(dataclasses.replace(
+                        overflowed, message=self.upstream.redactor.text(overflowed.message)))
                 raise UpstreamErrorEvent(self.upstream.redactor.text(_error_message(chunk.error)))
             if pinned is not None and chunk.model is not None:
                 if pinned.contradicted_by(chunk.model):
@@ -404,6 +416,10 @@ class Forwarder:
         next_event = reader.next
         buffered = reader.buffered
         committed = splicer is None or splicer.committed
+        # first_byte_s bounds the wait for a continuation's first output only; once it
+        # streams anything (reasoning not relayed, a replay of what the client has), the
+        # wait between events is idle_s.
+        producing = committed
         out: list[bytes] = []  # what goes to the client in one write
         try:
             while True:
@@ -413,7 +429,7 @@ class Forwarder:
                         await sink.write(b"".join(out))
                         out.clear()
                     try:
-                        if committed:
+                        if producing:
                             event = await next_event(idle, "idle")
                         else:
                             wait = max(first_deadline - time.perf_counter(), 0.001)
@@ -448,10 +464,11 @@ class Forwarder:
                     raise UpstreamErrorEvent(
                         self.upstream.redactor.text(_error_message(chunk.error)))
                 if splicer is None:
-                    delivered.note(chunk.obj, chunk.text, chunk.tool_call, chunk.finish_reason)
+                    delivered.note(chunk)
                     out.append(event)
                 else:
                     spliced = splicer.feed(chunk.obj)
+                    producing = splicer.producing
                     if spliced is not None:
                         out.append(spliced)
                         committed = splicer.committed
@@ -475,17 +492,25 @@ class Forwarder:
         why_not = None
         if delivered.tool_call:
             why_not = "a tool call was in flight"
+        elif delivered.refusal:
+            why_not = "a refusal was in flight"
         elif req.body.get("n") not in (None, 1):
             why_not = "several choices (n > 1) cannot be continued"
         elif not retry.retries(failure.code):
             why_not = f"{failure.code} is not retried (retry.on)"
         if why_not is None:
-            why_not = "no instance left that can continue it"
+            # Only reasoning delivered: a prefill is answer text and cannot carry on a
+            # reasoning; a twin's replay can (see proxy.streaming).
+            answer_started = bool(delivered.pieces) or not delivered.reasoning_pieces
+            why_not = ("no instance left that can continue it" if answer_started else
+                       "only reasoning had been delivered, and no twin is left to replay it")
             for cand in self._continuation_pool(plan, origin, start):
                 if len(attempts) >= retry.max_attempts:
                     why_not = "the retry budget is spent"
                     break
-                mode = PREFILL if cand.prefill_ok else REPLAY if _twins(origin, cand) else None
+                mode = REPLAY if _twins(origin, cand) else None
+                if cand.prefill_ok and answer_started:
+                    mode = PREFILL
                 if mode is None or self._not_ready(cand, last_resort=True) is not None:
                     continue
                 self.recorder.rerouted(plan, failure.code, failure.detail, failed.id, cand.id)
@@ -630,21 +655,16 @@ def _final_error(plan: RoutePlan, attempts: list[Attempt], last: UpstreamFailure
             headers["Retry-After"] = str(max(1, round(soonest - time.monotonic())))
         return RateLimitedError(summary, headers=headers)
     if codes == {CONTEXT_TOO_LONG} and isinstance(last, ContextTooLong):
-        return _ContextError(last.body or b"", summary)
+        return ContextError(f"{last.overflow.message or last.detail} ({summary})")
     return AllAttemptsFailed(summary)
 
 
-class _ContextError(ProxyError):
-    """400: no instance could fit the prompt; carries the last upstream's own error body."""
+class ContextError(ProxyError):
+    """400: no instance could fit the prompt. In OpenAI's shape whatever server said it
+    (SDKs raise BadRequestError with code `context_length_exceeded`); the message quotes
+    the last upstream's own words, then every attempt."""
 
     status = 400
     type = "invalid_request_error"
     code = "context_length_exceeded"
-
-    def __init__(self, upstream_body: bytes, summary: str) -> None:
-        super().__init__(summary)
-        self.upstream_body = upstream_body
-
-    def body(self) -> bytes:
-        return self.upstream_body or super().body()
 

@@ -86,12 +86,17 @@ class InstanceState:
     last_probe_error: str | None = None
     #: False once the instance refused an assistant prefill (mid-stream continuation).
     prefill_ok: bool = True
+    #: The context window (tokens) the server stated in a context-overflow error, for an
+    #: instance whose config declares no `ctx`; None until one said it.
+    learned_ctx: int | None = None
     # Copied from the config once, for the planner's inner loop.
     id: str = field(init=False)
     tags: frozenset[str] = field(init=False)
     cost_per_mtok: float = field(init=False)
     #: The latency reason string, formatted when the EWMA changes rather than per plan.
     latency_reason: str = "latency=unknown"
+    #: The context reason of a window learned from the server, formatted once.
+    ctx_reason: str = "ctx=unknown"
     #: Requested tags -> (matched share, reason): few distinct tag sets ever occur.
     tag_match_cache: dict[tuple[str, ...], tuple[float, str]] = field(default_factory=dict)
 
@@ -109,6 +114,13 @@ class InstanceState:
         """The pinned model's name, or a learned set's names, or None when not known."""
         pin = self.pin
         return None if pin is None else pin.describe()
+
+    @property
+    def ctx(self) -> int | None:
+        """The context window in tokens: the configured one, else the one the server
+        stated in an overflow error, else None (unknown)."""
+        declared = self.config.ctx
+        return declared if declared is not None else self.learned_ctx
 
     def routable(self, now: float | None = None) -> bool:
         """Whether traffic may be sent now: a routable state and a circuit that is not open.
@@ -187,6 +199,9 @@ class InstanceState:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "prefill": self.prefill_ok,
+            "ctx": self.ctx,
+            "ctx_source": "configured" if cfg.ctx is not None
+            else "learned" if self.learned_ctx is not None else "unknown",
         }
 
 
@@ -218,7 +233,7 @@ class Registry:
             for name in ("circuit", "inflight", "ttfb_ewma_ms", "successes", "failures",
                          "last_error", "last_error_at", "recent", "last_failure_mono",
                          "last_probe_at", "last_probe_ms", "last_probe_error",
-                         "latency_reason"):
+                         "latency_reason", "learned_ctx", "ctx_reason"):
                 setattr(inst, name, getattr(prev, name))
             if not inst.config.enabled:
                 inst.state = DRAINED
@@ -289,6 +304,15 @@ class Registry:
         if opened:
             log.warning("circuit_opened", instance=inst.id, reason=code,
                         cooldown_s=round(inst.circuit.remaining(now), 2))
+
+    def learn_window(self, inst: InstanceState, window: int) -> None:
+        """The server stated its context window (tokens) in an overflow error: kept for
+        later plans when the config declares none (a declared `ctx` is the user's word)."""
+        if inst.config.ctx is not None or inst.learned_ctx == window:
+            return
+        inst.learned_ctx = window
+        inst.ctx_reason = f"ctx=learned:{window}"
+        log.info("ctx_learned", instance=inst.id, ctx=window)
 
     def release_trial(self, inst: InstanceState) -> None:
         """An acquired half-open trial ended without a verdict (e.g. the client left)."""

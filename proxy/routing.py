@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config import Config, InstanceConfig
+from proxy.config import Config
 from proxy.errors import NotFound
 from proxy.inbound import ClientRequest
 from proxy.instances import DRAINED, STALE_STATES, InstanceState, Registry
@@ -250,11 +250,12 @@ class Planner:
             self.sessions.remember(plan.requirements.session, instance_id)
 
 
-def larger_window(failed: InstanceConfig, candidate: InstanceConfig) -> bool:
-    """Whether `candidate` might fit a prompt that overflowed `failed`'s context window."""
-    if failed.ctx is None or candidate.ctx is None:
+def larger_window(failed: int | None, candidate: int | None) -> bool:
+    """Whether an instance with context window `candidate` (tokens; None: unknown) might
+    fit a prompt that overflowed a window of `failed` tokens (None: unknown)."""
+    if failed is None or candidate is None:
         return True
-    return candidate.ctx > failed.ctx
+    return candidate > failed
 
 
 def _by_score(item: tuple[float, InstanceState]) -> float:

@@ -33,8 +33,11 @@ def hard_filter(inst: InstanceState, req: Requirements) -> str | None:
     if blocked is not None:
         return blocked
     cfg = inst.config
-    if cfg.ctx is not None and cfg.ctx < req.ctx_needed:
-        return f"ctx={cfg.ctx}<{req.ctx_needed}"
+    if cfg.ctx is not None:
+        if cfg.ctx < req.ctx_needed:
+            return f"ctx={cfg.ctx}<{req.ctx_needed}"
+    elif inst.learned_ctx is not None and inst.learned_ctx < req.ctx_needed:
+        return f"ctx={inst.learned_ctx}(learned)<{req.ctx_needed}"
     if req.capabilities and cfg.unsupported:
         denied = req.capabilities & cfg.unsupported
         if denied:  # only an explicit statement filters: unmentioned is unknown
@@ -85,7 +88,8 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
         reasons.append(cached[1])
         weight_sum += weights.tags
 
-    reasons.append(ctx_reason if inst.config.ctx is not None else "ctx=unknown")
+    # A window the server stated (learned) is named as such: the config did not say it.
+    reasons.append(ctx_reason if inst.config.ctx is not None else inst.ctx_reason)
 
     # Latency: EWMA of time to first byte from real traffic; unknown is neutral.
     latency_w = weights.latency * 3.0 if prefer == "fast" else weights.latency

@@ -22,6 +22,7 @@ __all__ = [
     "embedding_vector",
     "message_text",
     "prompt_of_messages",
+    "reasoning_words",
     "stream_pieces",
 ]
 
@@ -62,6 +63,12 @@ def answer_words(model: str, prompt: str, n: int) -> list[str]:
         h = _mix((seed + (i + 1) * _GOLDEN) & _MASK64)
         words.append(f"{syl[h % k]}{syl[(h >> 8) % k]}{syl[(h >> 16) % k]}{i}")
     return words
+
+
+def reasoning_words(model: str, prompt: str, n: int) -> list[str]:
+    """Return the first ``n`` words of the reasoning streamed before the answer (the
+    simulator's ``reasoning=S``); unlike the answer's, and just as stable."""
+    return answer_words(model, f"\0reasoning\0{prompt}", n)
 
 
 def answer_text(model: str, prompt: str, n: int) -> str:

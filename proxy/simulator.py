@@ -35,6 +35,17 @@ Faults (``name`` or ``name=value``) are set at construction, with
                      file; default ``/models/MODEL.gguf``)
 ``azure_prelude``    streams begin with Azure OpenAI's prompt-filter event:
                      ``"model": ""``, ``"choices": []``
+``reasoning=S``      chat stream: S seconds of reasoning deltas (ten a second,
+                     ``delta.reasoning_content``) before the answer; they count
+                     as pieces for the stream faults above
+``reasoning_field=F`` the delta field of that reasoning: ``reasoning_content``
+                     (DeepSeek, llama.cpp), ``reasoning`` (vLLM, OpenRouter,
+                     Ollama) or ``thinking``
+``refusal``          chat stream: the words come as ``delta.refusal`` (OpenAI)
+``context_style=W``  how ``context=N`` says it, as server W does:
+                     ``openai`` (default), ``vllm``, ``vllm_old``, ``sglang``,
+                     ``tgi``, ``llamacpp``, ``llamacpp_old``, ``ollama``,
+                     ``lmstudio``, ``anthropic`` (status, body shape, wording)
 ===================  =========================================================
 
 A stream fault whose N is larger than the number of pieces never fires.
@@ -80,6 +91,7 @@ from .simtext import (
     embedding_vector,
     message_text,
     prompt_of_messages,
+    reasoning_words,
     stream_pieces,
 )
 
@@ -139,6 +151,13 @@ class Faults:
     model_file: str | None = None
     #: Azure OpenAI's first stream event: prompt filter results, no model, no choices.
     azure_prelude: bool = False
+    #: Seconds of reasoning deltas before the answer, and their delta field.
+    reasoning: float = 0.0
+    reasoning_field: str = "reasoning_content"
+    #: Streams answer with a refusal (`delta.refusal`) instead of text.
+    refusal: bool = False
+    #: Whose wording `context=N` uses (see _CONTEXT_STYLES).
+    context_style: str = "openai"
 
     @property
     def shapes_stream(self) -> bool:
@@ -166,12 +185,20 @@ class Faults:
 
 
 _FLAGS: Final = frozenset({"refuse", "hang", "loading", "echo_prefill", "leak_auth", "no_done",
-                            "no_finish", "tool_call", "azure_prelude"})
+                            "no_finish", "tool_call", "azure_prelude", "refusal"})
 _COUNTS: Final = frozenset({"die_after", "stall_after", "malformed_after", "error_after", "context"})
-_SECONDS: Final = frozenset({"slow_first_byte", "rate_limit"})
+_SECONDS: Final = frozenset({"slow_first_byte", "rate_limit", "reasoning"})
 _STRINGS: Final = frozenset({"model", "model_file"})
+#: Faults whose value is one of a few names.
+_CHOICES: Final = {
+    "reasoning_field": ("reasoning_content", "reasoning", "thinking"),
+    "context_style": ("openai", "vllm", "vllm_old", "sglang", "tgi", "llamacpp", "llamacpp_old",
+                      "ollama", "lmstudio", "anthropic"),
+}
 _KNOWN: Final = sorted(_FLAGS | _COUNTS | _SECONDS | {"status", "model", "times"}
-                       | _STRINGS | {"models"})
+                       | _STRINGS | {"models"} | set(_CHOICES))
+#: Reasoning deltas come this often (so `reasoning=S` streams S / step of them).
+REASONING_STEP_S: Final = 0.1
 
 
 def parse_faults(specs: Sequence[str]) -> Faults:
@@ -204,10 +231,15 @@ def parse_faults(specs: Sequence[str]) -> Faults:
             if not ids:
                 raise ValueError("fault 'models' needs model ids: models=A,B")
             values[name] = ids
+        elif name in _CHOICES:
+            if value not in _CHOICES[name]:
+                raise ValueError(f"fault {name!r} needs one of {', '.join(_CHOICES[name])}, "
+                                 f"got {value!r}")
+            values[name] = value
         elif name in _SECONDS:
             secs = _number(name, value)
             # Keep an integral Retry-After integral ("5", not "5.0"): clients parse it as int.
-            values[name] = secs if name == "slow_first_byte" else _fmt_seconds(secs)
+            values[name] = _fmt_seconds(secs) if name == "rate_limit" else secs
         else:
             n = _integer(name, value)
             if name == "status" and not 400 <= n <= 599:
@@ -350,6 +382,64 @@ class _BadRequest(Exception):
         self.message, self.param, self.code = message, param, code
 
 
+class _Refused(Exception):
+    """A request answered with an error in some server's own status and body shape."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+def _context_error(style: str, n_ctx: int, tokens: int, param: str) -> tuple[int, Any]:
+    """(status, body) of a context overflow as server `style` answers it (the wordings and
+    their sources are in proxy.overflow's docstring)."""
+    if style == "vllm":
+        return 400, {"error": {
+            "message": f"This model's maximum context length is {n_ctx} tokens. However, you "
+                       f"requested 0 output tokens and your prompt contains at least {tokens} "
+                       f"input tokens, for a total of at least {tokens} tokens. Please reduce "
+                       f"the length of the input prompt or the number of requested output "
+                       f"tokens. (parameter=input_tokens, value={tokens})",
+            "type": "BadRequestError", "param": "input_tokens", "code": 400}}
+    if style in ("vllm_old", "sglang"):
+        message = (f"The input ({tokens} tokens) is longer than the model's context length "
+                   f"({n_ctx} tokens)." if style == "sglang" else
+                   f"This model's maximum context length is {n_ctx} tokens. However, you "
+                   f"requested {tokens} tokens ({tokens} in the messages, 0 in the completion)."
+                   f" Please reduce the length of the messages or completion.")
+        return 400, {"object": "error", "message": message, "type": "BadRequestError",
+                     "param": None, "code": 400}
+    if style == "tgi":
+        return 422, {"error": f"Input validation error: `inputs` tokens + `max_new_tokens` must "
+                              f"be <= {n_ctx}. Given: {tokens} `inputs` tokens and 0 "
+                              f"`max_new_tokens`", "error_type": "validation"}
+    if style == "llamacpp":
+        return 400, {"error": {"code": 400, "message": f"request ({tokens} tokens) exceeds the "
+                               f"available context size ({n_ctx} tokens), try increasing it",
+                               "type": "exceed_context_size_error", "n_prompt_tokens": tokens,
+                               "n_ctx": n_ctx}}
+    if style == "llamacpp_old":
+        return 400, {"error": {"code": 400, "message": "the request exceeds the available context "
+                               "size, try increasing it", "type": "invalid_request_error"}}
+    if style == "ollama":
+        return 400, {"error": f"prompt too long; exceeded max context length by "
+                              f"{tokens - n_ctx} tokens"}
+    if style == "lmstudio":
+        return 400, {"error": f"The number of tokens to keep from the initial prompt is greater "
+                              f"than the context length (n_keep: {tokens} >= n_ctx: {n_ctx}). Try "
+                              f"to load the model with a larger context length, or provide a "
+                              f"shorter input."}
+    if style == "anthropic":
+        return 400, {"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": f"prompt is too long: {tokens} tokens > {n_ctx} maximum"}}
+    return 400, {"error": {
+        "message": f"This model's maximum context length is {n_ctx} tokens. However, your "
+                   f"request resulted in {tokens} tokens. Please reduce the length of the "
+                   f"{param}.",
+        "type": "invalid_request_error", "param": param, "code": "context_length_exceeded"}}
+
+
 def _error(
     status: int,
     message: str,
@@ -424,6 +514,18 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def _thoughts(faults: Faults, base: dict[str, Any], model: str, prompt: str) -> list[bytes]:
+    """The reasoning events of ``reasoning=S``: one per REASONING_STEP_S, each a piece of
+    :func:`reasoning_words` in the ``reasoning_field`` of its delta."""
+    if faults.reasoning <= 0:
+        return []
+    n = max(1, round(faults.reasoning / REASONING_STEP_S))
+    field = faults.reasoning_field
+    return [_sse({**base, "choices": [{"index": 0, "delta": {field: piece},
+                                       "finish_reason": None}]})
+            for piece in stream_pieces(reasoning_words(model, prompt, n))]
 
 
 class _End(enum.Enum):
@@ -755,6 +857,8 @@ class Simulator:
             return await build(request, data, faults, self._answering(faults, data))
         except _BadRequest as exc:
             return _error(400, exc.message, "invalid_request_error", param=exc.param, code=exc.code)
+        except _Refused as exc:
+            return web.Response(status=exc.status, body=orjson.dumps(exc.body), headers=_JSON_HEADERS)
         finally:
             self.stats.inflight -= 1
 
@@ -794,12 +898,7 @@ class Simulator:
 
     def _check_context(self, faults: Faults, tokens: int, param: str) -> None:
         if faults.context is not None and tokens > faults.context:
-            raise _BadRequest(
-                f"This model's maximum context length is {faults.context} tokens. However, your "
-                f"request resulted in {tokens} tokens. Please reduce the length of the {param}.",
-                param,
-                "context_length_exceeded",
-            )
+            raise _Refused(*_context_error(faults.context_style, faults.context, tokens, param))
 
     def _plan(self, model: str, prompt: str, prefix: str | None,
               limit: int | None) -> tuple[Sequence[str], str]:
@@ -873,10 +972,15 @@ class Simulator:
             tail = b'}}]},"finish_reason":null}]}\n\n'
             pieces = ['{"q": "', *pieces, '"}']
             finish = "tool_calls"
+        if faults.refusal:  # as OpenAI streams a refusal: `delta.refusal`, no content
+            head = b"data: " + orjson.dumps(base)[:-1] + b',"choices":[{"index":0,"delta":{"refusal":'
+        thoughts = _thoughts(faults, base, model, prompt)
         finish_ev = _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-        usage_ev = (_sse({**base, "choices": [], "usage": _usage(prompt_tokens, len(pieces))})
+        usage_ev = (_sse({**base, "choices": [],
+                          "usage": _usage(prompt_tokens, len(thoughts) + len(pieces))})
                     if _include_usage(data) else None)
-        return await self._stream(request, faults, firsts, head, tail, pieces, finish_ev, usage_ev)
+        return await self._stream(request, faults, firsts, head, tail, pieces, finish_ev, usage_ev,
+                                  thoughts)
 
     async def _completions(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._model_request(request, self._build_completion)
@@ -961,27 +1065,41 @@ class Simulator:
         pieces: Sequence[str],
         finish_ev: bytes,
         usage_ev: bytes | None,
+        thoughts: Sequence[bytes] = (),
     ) -> web.StreamResponse:
         dumps = orjson.dumps
         end = _End.CLEAN
+        # Reasoning events, then the answer's: the stream faults count both as pieces.
+        paced = range(len(events) + 1, len(events) + len(thoughts) + 1)
+        bodies = [*thoughts, *(head + dumps(p) + tail for p in pieces)]
         if not faults.shapes_stream:
-            events.extend([head + dumps(p) + tail for p in pieces])
+            events.extend(bodies)
             events.append(finish_ev)
             if usage_ev is not None:
                 events.append(usage_ev)
             events.append(_DONE)
         else:
-            end = self._faulty_events(faults, events, head, tail, pieces, finish_ev, usage_ev)
+            end = self._faulty_events(faults, events, bodies, finish_ev, usage_ev)
 
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         try:
             await resp.prepare(request)
             delay = self.chunk_delay
-            if delay > 0:
+            if delay > 0 or thoughts:
+                # The first reasoning event at once, the next ones (and the answer after the
+                # last) REASONING_STEP_S apart: the answer begins `reasoning` seconds in.
+                step = faults.reasoning / len(thoughts) if thoughts else 0.0
+                ready: list[bytes] = []
                 for i, ev in enumerate(events):
-                    if i:
-                        await asyncio.sleep(delay)
-                    await resp.write(ev)
+                    pause = max(delay if i else 0.0, step if i in paced else 0.0)
+                    if pause > 0:
+                        if ready:
+                            await resp.write(b"".join(ready))
+                            ready.clear()
+                        await asyncio.sleep(pause)
+                    ready.append(ev)
+                if ready:
+                    await resp.write(b"".join(ready))
             elif events:
                 # No delay: one write (one syscall) for the whole stream.
                 await resp.write(b"".join(events))
@@ -1005,13 +1123,12 @@ class Simulator:
     def _faulty_events(
         faults: Faults,
         events: list[bytes],
-        head: bytes,
-        tail: bytes,
-        pieces: Sequence[str],
+        pieces: Sequence[bytes],
         finish_ev: bytes,
         usage_ev: bytes | None,
     ) -> _End:
-        """Fill ``events`` for a stream with fault points; return how it ends."""
+        """Fill ``events`` for a stream with fault points (``pieces`` are the events of the
+        reasoning and answer pieces); return how it ends."""
         for i in range(len(pieces) + 1):  # i = pieces already sent
             if faults.malformed_after == i:
                 events.append(_MALFORMED)
@@ -1023,7 +1140,7 @@ class Simulator:
             if faults.stall_after == i:
                 return _End.STALL
             if i < len(pieces):
-                events.append(head + orjson.dumps(pieces[i]) + tail)
+                events.append(pieces[i])
         if faults.no_finish:
             return _End.CLEAN
         events.append(finish_ev)

@@ -9,6 +9,18 @@ Two ways to go on after a cut (SPEC section 6):
   original messages; it is used only if it begins with exactly the delivered text, and
   only what follows is sent. Anything else is a divergence.
 
+Reasoning (a reasoning model's thinking, streamed beside the answer: see
+`sse.REASONING_FIELDS`) is not part of the answer text, and no server takes it back as
+a prefill. So:
+- once answer text was delivered, the prefill is that text alone (the reasoning is not
+  re-sent) and whatever reasoning the continuation streams is not relayed: the client's
+  reasoning phase is over, and a second one would be text it never asked for;
+- a cut while only reasoning was delivered can be continued by a replay alone, held to
+  the same rule: the twin's reasoning must begin with exactly the delivered reasoning,
+  then the rest of its reasoning and its whole answer follow. A prefill cannot carry on a
+  reasoning, so without a twin such a stream fails loudly.
+The client never sees text twice, nor a gap.
+
 Pure logic over parsed chunks; no I/O.
 """
 
@@ -19,8 +31,15 @@ from typing import Any
 
 import orjson
 
+from proxy.sse import REASONING_FIELDS, Chunk, delta_reasoning
+
 PREFILL = "prefill"
 REPLAY = "replay"
+
+#: Delta fields a spliced chunk does not pass on as they came: the role (the client has
+#: had it), the answer and the reasoning (what of them is new is decided here), and
+#: OpenRouter's structured `reasoning_details` (neither compared nor carried over).
+_REWRITTEN = frozenset({"role", "content", "reasoning_details", *REASONING_FIELDS})
 
 
 class Diverged(Exception):
@@ -29,13 +48,17 @@ class Diverged(Exception):
 
 @dataclass(slots=True)
 class Delivered:
-    """What the client has received on a committed stream."""
+    """What the client has received on a committed stream: answer text and reasoning,
+    each as the pieces sent and their chunk count (a token count stand-in)."""
 
     id: str | None = None
     created: int | None = None
     pieces: list[str] = field(default_factory=list)
     content_chunks: int = 0
+    reasoning_pieces: list[str] = field(default_factory=list)
+    reasoning_chunks: int = 0
     tool_call: bool = False
+    refusal: bool = False
     finished: bool = False
     role_sent: bool = False
 
@@ -43,91 +66,47 @@ class Delivered:
     def text(self) -> str:
         return "".join(self.pieces)
 
-    def note(self, obj: dict[str, Any], text: str, tool_call: bool,
-             finish_reason: str | None) -> None:
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.reasoning_pieces)
+
+    def note(self, chunk: Chunk) -> None:
         """Account for one chunk sent as it was (the first instance's own stream)."""
         if self.id is None:
+            obj = chunk.obj
             chunk_id = obj.get("id")
             self.id = chunk_id if isinstance(chunk_id, str) else None
             created = obj.get("created")
             self.created = created if isinstance(created, int) else None
-        if text:
-            self.pieces.append(text)
+        if chunk.text:
+            self.pieces.append(chunk.text)
             self.content_chunks += 1
-        if tool_call:
+        if chunk.reasoning:
+            self.reasoning_pieces.append(chunk.reasoning)
+            self.reasoning_chunks += 1
+        if chunk.tool_call:
             self.tool_call = True
-        if finish_reason is not None:
+        if chunk.refusal:
+            self.refusal = True
+        if chunk.finish_reason is not None:
             self.finished = True
         self.role_sent = True
 
 
-def _content_of(choice: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    """(text, delta) of a chat chunk's choice, or (text, None) for a text completion."""
-    delta = choice.get("delta")
-    if isinstance(delta, dict):
-        content = delta.get("content")
-        return (content if isinstance(content, str) else ""), delta
-    text = choice.get("text")
-    return (text if isinstance(text, str) else ""), None
+class _Prefix:
+    """Holds back one channel's output (answer or reasoning) until it is clear what of it
+    is new: an echo of a prefill, or a replay of what the client already has."""
 
+    __slots__ = ("prefix", "mode", "pending", "decided")
 
-class Splicer:
-    """Turns a continuation or replay stream into the rest of the client's stream."""
-
-    def __init__(self, delivered: Delivered, mode: str) -> None:
-        self.delivered = delivered
+    def __init__(self, prefix: str, mode: str) -> None:
+        self.prefix = prefix
         self.mode = mode
-        self.prefix = delivered.text
-        #: Tokens of the delivered text, for usage; chunks unless the caller knows better.
-        self.carried_chunks = delivered.content_chunks
         self.pending = ""
-        self.decided = False
-        #: True once this stream has sent the client something new.
-        self.committed = False
+        self.decided = not prefix  # nothing delivered: everything is new
 
-    def feed(self, obj: dict[str, Any]) -> bytes | None:
-        """The event to send the client for this upstream chunk, or None to send nothing.
-
-        Raises Diverged when a replay turns out to differ from what was delivered.
-        """
-        choices = obj.get("choices")
-        if not isinstance(choices, list) or not choices:
-            usage = obj.get("usage")
-            if not isinstance(usage, dict):
-                return None
-            return self._event({**obj, "usage": self._usage(usage)})
-        choice = choices[0]
-        if not isinstance(choice, dict):
-            return None
-        text, delta = _content_of(choice)
-        finish = choice.get("finish_reason")
-        tool_calls = delta.get("tool_calls") if delta is not None else None
-        new = self._take(text, finish is not None)
-        if new is None:
-            return None  # still deciding whether this is an echo or a faithful replay
-        if not new and finish is None and not tool_calls:
-            return None  # a role-only or empty chunk: the client has had its role chunk
-        out_choice = dict(choice)
-        if delta is not None:
-            out_delta = {k: v for k, v in delta.items() if k not in ("role", "content")}
-            out_delta["content"] = new
-            out_choice["delta"] = out_delta
-        else:
-            out_choice["text"] = new
-        if new:
-            self.delivered.pieces.append(new)
-            self.delivered.content_chunks += 1
-            self.committed = True
-        if tool_calls:
-            self.delivered.tool_call = True
-            self.committed = True
-        if finish is not None:
-            self.delivered.finished = True
-            self.committed = True
-        return self._event({**obj, "choices": [out_choice]})
-
-    def _take(self, text: str, finishing: bool) -> str | None:
-        """The new part of `text` to send, or None while undecided."""
+    def take(self, text: str, finishing: bool) -> str | None:
+        """The new part of `text` to send, or None while undecided; raises Diverged."""
         if self.decided:
             return text
         self.pending += text
@@ -155,13 +134,104 @@ class Splicer:
             return ""  # finished within a partial echo: nothing new
         return pending
 
+
+class Splicer:
+    """Turns a continuation or replay stream into the rest of the client's stream."""
+
+    def __init__(self, delivered: Delivered, mode: str) -> None:
+        self.delivered = delivered
+        self.mode = mode
+        self.prefix = delivered.text
+        self._answer = _Prefix(self.prefix, mode)
+        #: Only reasoning was delivered: a replay must repeat it exactly, then go on.
+        #: Otherwise the continuation's reasoning is not relayed (see the module doc).
+        self._reasoning = (_Prefix(delivered.reasoning, REPLAY)
+                           if not self.prefix and delivered.reasoning else None)
+        #: Tokens of the delivered text, for usage; chunks unless the caller knows better.
+        self.carried_chunks = delivered.content_chunks
+        #: True once the upstream has streamed any output (even output held back or not
+        #: relayed): from then on the wait between events is the idle timeout.
+        self.producing = False
+        #: True once this stream has sent the client something new.
+        self.committed = False
+
+    def feed(self, obj: dict[str, Any]) -> bytes | None:
+        """The event to send the client for this upstream chunk, or None to send nothing.
+
+        Raises Diverged when a replay turns out to differ from what was delivered.
+        """
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or not choices:
+            usage = obj.get("usage")
+            if not isinstance(usage, dict):
+                return None
+            return self._event({**obj, "usage": self._usage(usage)})
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            return None
+        delta = choice.get("delta")
+        thought, thought_field, other = "", None, False
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            thought, thought_field = delta_reasoning(delta)
+            other = bool(delta.get("tool_calls") or delta.get("function_call")
+                         or delta.get("refusal"))
+        else:
+            content = choice.get("text")  # a text completion
+        text = content if isinstance(content, str) else ""
+        finish = choice.get("finish_reason")
+        if text or thought or other:
+            self.producing = True
+        new_thought = ""
+        if thought and self._reasoning is not None:
+            taken = self._reasoning.take(thought, False)
+            if taken is None:
+                return None  # still replaying the delivered reasoning
+            new_thought = taken
+        if (text or other or finish is not None) and self._reasoning is not None:
+            # The answer begins: the replay's reasoning must have covered the delivered
+            # one (raises Diverged if it fell short).
+            self._reasoning.take("", True)
+        new = self._answer.take(text, finish is not None)
+        if new is None:
+            return None  # still deciding whether this is an echo or a faithful replay
+        if not new and not new_thought and finish is None and not other:
+            return None  # a role-only or empty chunk, or reasoning that is not relayed
+        out_choice = dict(choice)
+        if isinstance(delta, dict):
+            out_delta = {k: v for k, v in delta.items() if k not in _REWRITTEN}
+            if new or "content" in delta:
+                out_delta["content"] = new
+            if new_thought and thought_field is not None:
+                out_delta[thought_field] = new_thought
+            out_choice["delta"] = out_delta
+        else:
+            out_choice["text"] = new
+        delivered = self.delivered
+        if new:
+            delivered.pieces.append(new)
+            delivered.content_chunks += 1
+        if new_thought:
+            delivered.reasoning_pieces.append(new_thought)
+            delivered.reasoning_chunks += 1
+        if isinstance(delta, dict) and (delta.get("tool_calls") or delta.get("function_call")):
+            delivered.tool_call = True
+        if isinstance(delta, dict) and delta.get("refusal"):
+            delivered.refusal = True
+        if finish is not None:
+            delivered.finished = True
+        self.committed = True
+        return self._event({**obj, "choices": [out_choice]})
+
     def _usage(self, usage: dict[str, Any]) -> dict[str, Any]:
-        """Usage for the whole answer: a prefill's prompt included the carried text."""
+        """Usage for the whole answer: a prefill's prompt included the carried text, and
+        the reasoning delivered before the cut was generated for this answer too."""
         if self.mode != PREFILL:
             return usage  # a replay generated the whole answer itself
         carried = self.carried_chunks
         prompt = max(0, int(usage.get("prompt_tokens") or 0) - carried)
-        completion = int(usage.get("completion_tokens") or 0) + carried
+        completion = (int(usage.get("completion_tokens") or 0) + carried
+                      + self.delivered.reasoning_chunks)
         return {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
@@ -189,8 +259,12 @@ def continuation_body(body: dict[str, Any], endpoint_is_chat: bool, delivered: D
     cannot be asked (a completions prompt that is not a string).
 
     `carried_tokens` is the delivered text's length in the instance's tokens when known;
-    otherwise its content chunks stand in (one token each for most servers)."""
+    otherwise its content chunks stand in (one token each for most servers). The client's
+    `max_tokens` also paid for the delivered reasoning (vLLM, llama.cpp and the DeepSeek
+    API count reasoning tokens in it), so its chunks come off the budget too; the
+    reasoning itself is not sent (see the module doc)."""
     carried = delivered.content_chunks if carried_tokens is None else carried_tokens
+    carried += delivered.reasoning_chunks
     text = delivered.text
     out = dict(body)
     if model is not None:

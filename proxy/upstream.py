@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from proxy import anthropic
+from proxy import anthropic, overflow
 from proxy.config import InstanceConfig, TimeoutsConfig
 from proxy.errors import error_body
 from proxy.failures import (
@@ -171,12 +171,13 @@ class Upstream:
         if status >= 500:
             raise Upstream5xx(status, await self.read_error_body(resp))
         body_bytes = await self.read_error_body(resp)
+        overflowed = overflow.classify(status, body_bytes)  # every server's wording
+        if overflowed is not None:
+            raise ContextTooLong(overflowed)
         if inst.kind == ANTHROPIC:
             self._anthropic_error(status, body_bytes, resp.headers.get("Retry-After"))
         if status in (401, 403):
             raise UpstreamAuth(status)
-        if status == 400 and _is_context_overflow(body_bytes):
-            raise ContextTooLong("prompt exceeds the instance's context window", body_bytes)
         raise PassThrough(status, body_bytes, resp.headers.get("Content-Type", "application/json"),
                           passthrough_headers(resp.headers))
 
@@ -199,8 +200,6 @@ class Upstream:
             raise Upstream5xx(status, body)
         if code == "UPSTREAM_AUTH":
             raise UpstreamAuth(status)
-        if code == "CONTEXT_TOO_LONG":
-            raise ContextTooLong(message, body)
         raise PassThrough(status, error_body(message, "invalid_request_error"),
                           "application/json", {})
 
@@ -272,17 +271,3 @@ def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The upstream headers worth relaying on a passed-through response."""
     return {name: headers[name] for name in _PASS_HEADERS if name in headers}
 
-
-def _is_context_overflow(body: bytes) -> bool:
-    if b"context" not in body:
-        return False
-    try:
-        error = orjson.loads(body).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return False
-    if not isinstance(error, dict):
-        return False
-    code = str(error.get("code") or "")
-    message = str(error.get("message") or "").lower()
-    return code == "context_length_exceeded" or "maximum context length" in message \
-        or "exceeds the available context size" in message

@@ -503,3 +503,44 @@ def test_loading_state_while_server_loads_then_ready(bench: Bench) -> None:
     assert "503" in str(reasons[seen.index("LOADING")]), list(zip(seen, reasons, strict=True))
     text, instance = ask(bench.client(), True)
     assert instance == "local:slow" and text
+
+
+# --- 5. a prompt too long for one server's context --------------------------------------------
+
+def test_context_overflow_reroutes_to_a_larger_context_and_the_window_is_learned(
+        bench: Bench) -> None:
+    """llama-server answers a prompt over its `-c` with 400 `exceed_context_size_error`
+    (n_ctx stated): the proxy goes on to the larger server, and, the config declaring no
+    `ctx`, plans the next such prompt without the small one."""
+    small, large = bench.server("small"), bench.server("large")
+    small.start("tiny-a", "tiny-a", "-c", "256")
+    large.start("tiny-a", "tiny-a")  # -c 1024
+    bench.start_proxy(["small", "large"])
+    # About 500 prompt tokens in tiny-a's vocabulary (over 256; under 1024 with the answer);
+    # 325 by the planner's estimate (500 characters / 4 + max_tokens), which plans compare.
+    prompt, budget = "word " * 100, 200
+    with pytest.raises(openai.BadRequestError) as direct:
+        small.client().chat.completions.create(**chat_args(prompt, max_tokens=budget))
+    assert "exceeds the available context size (256 tokens)" in str(direct.value)
+
+    raw = bench.client().chat.completions.with_raw_response.create(
+        **chat_args(prompt, max_tokens=budget))
+    assert raw.headers["x-route-instance"] == "local:large"
+    assert raw.headers["x-route-attempts"] == "2"
+    assert raw.parse().choices[0].message.content == \
+        large.client().chat.completions.create(**chat_args(prompt, max_tokens=budget)) \
+        .choices[0].message.content
+    learned = bench.instance("small")
+    assert (learned["ctx"], learned["ctx_source"]) == (256, "learned")
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{bench.cluster.proxy_port}/admin/route",
+        json.dumps(chat_args(prompt, max_tokens=budget)).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        plan = json.loads(resp.read())
+    assert plan["rejected"]["local:small"] == \
+        f"ctx=256(learned)<{plan['requirements']['ctx_needed']}"
+    raw = bench.client().chat.completions.with_raw_response.create(
+        **chat_args(prompt, max_tokens=budget))
+    assert (raw.headers["x-route-instance"], raw.headers["x-route-attempts"]) == \
+        ("local:large", "1")
