@@ -107,14 +107,14 @@ async def reload_config(app: App, path: str | None = None) -> tuple[bool, str]:
     if config.store != old.store:
         notes.append("store settings take effect at the next restart")
     registry = Registry(config.instances, config.health)
-    registry.adopt(state.registry)
+    registry.adopt(state.registry, config.health)
     fresh = _assemble(config, registry, state.recorder, state.client)
     fresh.planner.sessions = state.planner.sessions
     fresh.planner.sessions.ttl_s = config.routing.sticky_ttl_s
     await state.prober.stop()
     await _start_probing(fresh)
     # The switch: one synchronous step, so a request sees the old state or the new one.
-    state.registry.listeners.remove(state.recorder.state_changed)
+    # (The old registry's listeners are already the new one's: see Registry.adopt.)
     set_log_redactor(fresh.redactor)
     app[STATE].replace_with(fresh)
     message = f"reloaded {source}: {len(config.instances)} instances"
