@@ -33,6 +33,7 @@ from proxy.failures import (
     INSTANCE_BUSY,
     INSTANCE_NOT_READY,
     TIMEOUT,
+    UNSUPPORTED_REQUEST,
     ContextTooLong,
     FingerprintMismatch,
     ProcessExited,
@@ -543,8 +544,12 @@ class Forwarder:
                 mode = PREFILL if cand.prefill_ok and no_prefill is None else \
                     REPLAY if twin else None
                 if mode is None:
-                    skipped[cand.id] = no_prefill if cand.prefill_ok and no_prefill else \
-                        "no prefill capability and another model"
+                    if cand.prefill_ok and no_prefill:  # able in general, not for this one
+                        skipped[cand.id] = no_prefill
+                        self.recorder.rerouted(plan, UNSUPPORTED_REQUEST, no_prefill, cand.id,
+                                               None)
+                    else:
+                        skipped[cand.id] = "no prefill capability and another model"
                     continue
                 not_ready = self._not_ready(cand, last_resort=True)
                 if not_ready is not None:

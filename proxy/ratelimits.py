@@ -50,7 +50,8 @@ def relay_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """How many seconds a 429 asks to wait, from its headers; None when it does not say.
+    """How many seconds a 429 asks to wait, from its headers (a case-insensitive mapping,
+    as the HTTP client gives); None when it does not say.
 
     In order: `retry-after-ms`, `Retry-After` (seconds or an HTTP-date), then the latest
     reset among the exhausted limits (`...-remaining` = 0) of OpenAI's `x-ratelimit-*` or
