@@ -89,8 +89,10 @@ async def _lifecycle(app: App) -> AsyncIterator[None]:
 async def reload_config(app: App, path: str | None = None) -> tuple[bool, str]:
     """Load the config file again and switch to it for new requests.
 
-    In-flight requests finish on the state they started with. Instances that kept their
-    id, address and model keep their health, circuit, fingerprint and latency figures.
+    In-flight requests finish on the state they started with, except that an instance
+    which kept its id, address, model and server kind is the same live object in both
+    (Registry.adopt): it keeps its health, circuit, cooldown, fingerprint and latency
+    figures, and in-flight requests release their count and slot on it.
     An invalid file is rejected and the running config stays. Returns (ok, message).
     """
     state = app[STATE]
