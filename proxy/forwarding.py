@@ -540,9 +540,8 @@ class Forwarder:
                 if len(attempts) >= retry.max_attempts:
                     why_not = "the retry budget is spent"
                     break
-                twin = _twins(origin, cand)
                 mode = PREFILL if cand.prefill_ok and no_prefill is None else \
-                    REPLAY if twin else None
+                    REPLAY if _twins(origin, cand) else None
                 if mode is None:
                     if cand.prefill_ok and no_prefill:  # able in general, not for this one
                         skipped[cand.id] = no_prefill
@@ -702,7 +701,7 @@ def _final_error(plan: RoutePlan, attempts: list[Attempt], skipped: dict[str, st
         wait = max(1, math.ceil(inst.rate_limited_until - now))
         cooling = ", ".join(f"{i.id} for {max(0.0, i.rate_limited_until - now):.1f}s"
                             for i, _ in limited.values())
-        message = f"Every instance that could serve model '{plan.model}' is rate limited " \
+        message = f"No instance can serve model '{plan.model}' now: rate limited " \
                   f"({cooling}); retry after {wait}s."
         if attempts:
             message += f" Attempts: {listing}."
