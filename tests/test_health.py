@@ -280,7 +280,7 @@ async def test_http_errors_open_the_circuit_after_threshold_failed_attempts_and_
     a = await make_sim("twin", faults=["status=500"])
     b = await make_sim("twin")
     proxy = await make_proxy(config_for([a, b], interval=0.2,
-                                        health={"failure_threshold": 3, "cooldown_s": 0.6}))
+                                        health={"failure_threshold": 3, "cooldown_s": 1.5}))
     primary = proxy.app[STATE].registry.by_id["p:s0"]
     # Every failed attempt is a strike. First request: a 500, one more try on s0 (a blip?),
     # a 500 again (two strikes), then s1 answers.
