@@ -5,6 +5,12 @@ It answers the same deterministic words as the OpenAI-style simulator
 OpenAI -> Anthropic failover can check the exact text a client received.
 
 Endpoints: ``GET /v1/models`` and ``POST /v1/messages`` (plain and streamed).
+
+Rate limits as Anthropic reports them (Anthropic docs, "Rate limits"): with ``status=429``
+the answer carries ``retry-after`` (``retry_after``; None leaves it out) and
+``anthropic-ratelimit-requests-*`` headers saying the limit is exhausted until
+``retry_after`` seconds from now (20 without one), the reset as an RFC 3339 time. With
+``ratelimit_headers=True`` every other answer carries them too.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -63,6 +70,16 @@ def _error(status: int, message: str, etype: str | None = None,
     return web.json_response(body, status=status, headers=dict(headers or {}))
 
 
+def _ratelimit_headers(remaining: int, reset_in_s: float) -> dict[str, str]:
+    reset = (datetime.now(UTC) + timedelta(seconds=reset_in_s)).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
+    return {
+        "anthropic-ratelimit-requests-limit": "50",
+        "anthropic-ratelimit-requests-remaining": str(remaining),
+        "anthropic-ratelimit-requests-reset": reset,
+    }
+
+
 def _sse(event: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
@@ -93,8 +110,11 @@ class AnthropicSimulator:
     """A simulated Anthropic backend serving one model on 127.0.0.1."""
 
     def __init__(self, model: str, *, words: int = 20, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str | None = None, status: int | None = None) -> None:
+                 api_key: str | None = None, status: int | None = None,
+                 retry_after: str | None = "1", ratelimit_headers: bool = False) -> None:
         self.model = model
+        self.retry_after = retry_after
+        self.ratelimit_headers = ratelimit_headers
         self.words = words
         self.host = host
         self.api_key = api_key
@@ -116,6 +136,7 @@ class AnthropicSimulator:
 
     async def start(self) -> None:
         app = web.Application()
+        app.on_response_prepare.append(self._add_ratelimit_headers)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/messages", self._messages)
         runner = web.AppRunner(app, access_log=None)
@@ -134,6 +155,11 @@ class AnthropicSimulator:
             self._runner = None
 
     # ------------------------------------------------------------------ handlers
+
+    async def _add_ratelimit_headers(self, request: web.Request,
+                                     response: web.StreamResponse) -> None:
+        if self.ratelimit_headers and "anthropic-ratelimit-requests-limit" not in response.headers:
+            response.headers.update(_ratelimit_headers(max(0, 50 - self.requests), 60.0))
 
     def _auth_error(self, request: web.Request) -> web.Response | None:
         if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
@@ -167,7 +193,12 @@ class AnthropicSimulator:
         if not request.headers.get("anthropic-version"):
             return _error(400, "anthropic-version: header is required", "invalid_request_error")
         if self.status is not None:
-            headers = {"retry-after": "1"} if self.status == 429 else None
+            headers = None
+            if self.status == 429:
+                reset = float(self.retry_after) if self.retry_after is not None else 20.0
+                headers = _ratelimit_headers(0, reset)
+                if self.retry_after is not None:
+                    headers["retry-after"] = self.retry_after
             return _error(self.status, f"simulated HTTP {self.status} failure", headers=headers)
         if not isinstance(data, dict):
             return _error(400, "request body must be a JSON object")

@@ -92,8 +92,10 @@ async def _lifecycle(app: App) -> AsyncIterator[None]:
 async def reload_config(app: App, path: str | None = None) -> tuple[bool, str]:
     """Load the config file again and switch to it for new requests.
 
-    In-flight requests finish on the state they started with. Instances that kept their
-    id, address and model keep their health, circuit, fingerprint and latency figures.
+    In-flight requests finish on the state they started with, except that an instance
+    which kept its id, address, model and server kind is the same live object in both
+    (Registry.adopt): it keeps its health, circuit, cooldown, fingerprint and latency
+    figures, and in-flight requests release their count and slot on it.
     An invalid file is rejected and the running config stays. Returns (ok, message).
     """
     state = app[STATE]
@@ -110,14 +112,14 @@ async def reload_config(app: App, path: str | None = None) -> tuple[bool, str]:
     if config.store != old.store:
         notes.append("store settings take effect at the next restart")
     registry = Registry(config.instances, config.health)
-    registry.adopt(state.registry)
+    registry.adopt(state.registry, config.health)
     fresh = _assemble(config, registry, state.recorder, state.client)
     fresh.planner.sessions = state.planner.sessions
     fresh.planner.sessions.ttl_s = config.routing.sticky_ttl_s
     await state.prober.stop()
     await _start_probing(fresh)
     # The switch: one synchronous step, so a request sees the old state or the new one.
-    state.registry.listeners.remove(state.recorder.state_changed)
+    # (The old registry's listeners are already the new one's: see Registry.adopt.)
     set_log_redactor(fresh.redactor)
     app[STATE].replace_with(fresh)
     message = f"reloaded {source}: {len(config.instances)} instances"

@@ -6,7 +6,12 @@ doubled cooldown. Pure logic over a monotonic clock the caller passes in; no I/O
 Who may close an open circuit depends on what opened it: a refused or reset connection
 is something a health probe sees too, so a good probe closes it; HTTP errors on
 completions are not (a probe of /v1/models can succeed while completions fail), so only a
-successful half-open trial closes that. A 429 opens it for exactly its Retry-After.
+successful half-open trial closes that. A 429 is no circuit matter: the server works and
+said when to come back, so the registry keeps the instance out for exactly that long
+(`InstanceState.rate_limited_until`) and no half-open trial ever shortens it.
+
+`threshold` counts failed attempts: a 5xx retried once on the same instance that fails again
+is two strikes.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ HALF_OPEN = "half_open"
 # What opened the circuit.
 BY_CONNECTION = "connection"
 BY_HTTP = "http"
-BY_RATE_LIMIT = "rate_limit"
 
 
 @dataclass(slots=True)
@@ -52,9 +56,6 @@ class Circuit:
             return True
         if now < self.open_until:
             return False
-        if self.opened_by == BY_RATE_LIMIT:
-            self._close()  # the upstream said when to come back; it is that time
-            return True
         if self.trial_in_flight:
             return False
         self.state = HALF_OPEN
@@ -68,20 +69,13 @@ class Circuit:
         """A request succeeded: whatever the state, the instance works."""
         self._close()
 
-    def on_failure(self, kind: str, now: float, immediate: bool,
-                   retry_after_s: float | None = None) -> bool:
-        """Record a failure; returns True when this opened (or re-opened) the circuit.
+    def on_failure(self, kind: str, now: float, immediate: bool) -> bool:
+        """Record a failed attempt; returns True when this opened (or re-opened) the circuit.
 
-        `kind` is BY_CONNECTION, BY_HTTP or BY_RATE_LIMIT. `immediate` opens at once
-        (refused or reset connections); otherwise only after `threshold` in a row.
+        `kind` is BY_CONNECTION or BY_HTTP. `immediate` opens at once (refused or reset
+        connections); otherwise only after `threshold` failed attempts in a row.
         """
         self.trial_in_flight = False
-        if kind == BY_RATE_LIMIT:
-            wait = retry_after_s if retry_after_s is not None else self.base_cooldown_s
-            self.state = OPEN
-            self.opened_by = BY_RATE_LIMIT
-            self.open_until = max(self.open_until, now + wait)
-            return True
         if self.state == CLOSED and not immediate:
             self.strikes += 1
             if self.strikes < self.threshold:

@@ -52,8 +52,11 @@ class HttpSink:
         self.headers = headers
         self.response: StreamResponse | None = None
 
-    async def start(self, instance_id: str, attempts: int, first: bytes) -> None:
+    async def start(self, instance_id: str, attempts: int, first: bytes,
+                    upstream_headers: dict[str, str]) -> None:
         headers = self.headers
+        if upstream_headers:
+            headers.update(upstream_headers)
         headers["x-route-instance"] = instance_id
         headers["x-route-attempts"] = str(attempts)
         headers["Content-Type"] = "text/event-stream; charset=utf-8"

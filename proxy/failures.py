@@ -12,6 +12,8 @@ from proxy.overflow import Overflow
 # Reason codes, as strings so they serialise as they are.
 INSTANCE_NOT_READY = "INSTANCE_NOT_READY"
 INSTANCE_BUSY = "INSTANCE_BUSY"
+#: A skip, not a failure: the instance cannot take this particular request.
+UNSUPPORTED_REQUEST = "UNSUPPORTED_REQUEST"
 CONN_REFUSED = "CONN_REFUSED"
 TIMEOUT = "TIMEOUT"
 PROCESS_EXITED = "PROCESS_EXITED"
@@ -44,6 +46,9 @@ class UpstreamFailure(Exception):
     code: str = UPSTREAM_ERROR
     #: Worth one more try on the same instance (a blip), before moving on.
     transient: bool = False
+    #: Says something about the instance's health: feeds its error rate and circuit (or,
+    #: for a 429, its rate-limit cooldown). False for an answer about this request only.
+    instance_fault: bool = True
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.code)
@@ -98,22 +103,27 @@ class UpstreamAuth(UpstreamFailure):
 
 
 class RateLimited(UpstreamFailure):
-    """The upstream answered 429; `retry_after` is its requested pause in seconds."""
+    """The upstream answered 429; `retry_after` is its requested pause in seconds (None when
+    it gave none), `headers` its rate-limit headers, relayed to the client."""
 
     code = RATE_LIMITED
 
-    def __init__(self, retry_after: float | None, body: bytes = b"") -> None:
+    def __init__(self, retry_after: float | None, body: bytes = b"",
+                 headers: dict[str, str] | None = None) -> None:
         detail = "HTTP 429" + (f", retry after {retry_after:g}s" if retry_after is not None else "")
         super().__init__(detail)
         self.retry_after = retry_after
         self.body = body
+        self.headers = headers or {}
 
 
 class ContextTooLong(UpstreamFailure):
     """The upstream said the prompt does not fit its context window (in any server's
-    wording: see proxy.overflow); `overflow` holds the window and size it stated."""
+    wording: see proxy.overflow); `overflow` holds the window and size it stated. A fact
+    about this request, not about the instance's health."""
 
     code = CONTEXT_TOO_LONG
+    instance_fault = False
 
     def __init__(self, overflow: Overflow) -> None:
         super().__init__(overflow.describe())
@@ -150,12 +160,24 @@ class UpstreamErrorEvent(UpstreamFailure):
     code = UPSTREAM_ERROR
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds form); None when absent or odd."""
-    if not value:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
+class UnusableAnswer(UpstreamFailure):
+    """The instance answered, in a form this request cannot use (a continuation answered
+    without streaming): a failed attempt, but no mark against the instance's health."""
+
+    code = UPSTREAM_ERROR
+    instance_fault = False
+
+
+class UnsupportedByInstance(Exception):
+    """This instance cannot take this particular request (a continuation it cannot
+    express, a protocol that cannot carry it): it is skipped with `detail` as the reason.
+
+    Not an UpstreamFailure: nothing was sent, the instance did nothing wrong, and its
+    circuit and error rate stay untouched; a skip does not count as an attempt.
+    """
+
+    code = UNSUPPORTED_REQUEST
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail

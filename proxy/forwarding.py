@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -33,8 +34,8 @@ from proxy.failures import (
     CONTEXT_TOO_LONG,
     INSTANCE_BUSY,
     INSTANCE_NOT_READY,
-    RATE_LIMITED,
     TIMEOUT,
+    UNSUPPORTED_REQUEST,
     ContextTooLong,
     FingerprintMismatch,
     ProcessExited,
@@ -42,6 +43,8 @@ from proxy.failures import (
     StreamCut,
     StreamMalformed,
     StreamStalled,
+    UnsupportedByInstance,
+    UnusableAnswer,
     UpstreamErrorEvent,
     UpstreamFailure,
     UpstreamTimeout,
@@ -49,8 +52,9 @@ from proxy.failures import (
 from proxy.fingerprints import Pin, models_match, response_model
 from proxy.inbound import CHAT, UPSTREAM_PATH, ClientRequest
 from proxy.instances import InstanceState, Registry
+from proxy.ratelimits import relay_headers
 from proxy.routing import RoutePlan, larger_window
-from proxy.scoring import hard_filter
+from proxy.scoring import RATE_LIMITED_REASON, hard_filter
 from proxy.sse import (
     DONE,
     DONE_EVENT,
@@ -68,6 +72,10 @@ if TYPE_CHECKING:  # the type only: the forwarder never touches the HTTP client 
 
 log = structlog.get_logger("proxy.forwarding")
 
+_NO_HEADERS: dict[str, str] = {}  # shared, never written to
+_NO_PREFILL = "a text completion whose prompt is not one string cannot be continued by prefill"
+_REASONING_ONLY = "only reasoning was delivered: a prefill (answer text) cannot continue a reasoning"
+
 # Outcomes, as recorded per request.
 OK = "ok"
 PASSED_THROUGH = "passthrough"
@@ -78,8 +86,10 @@ CLIENT_GONE = "client_gone"
 class StreamSink(Protocol):
     """Where a committed stream goes: the HTTP layer's response to the client."""
 
-    async def start(self, instance_id: str, attempts: int, first: bytes) -> None:
-        """Send the response head and the first events (one write)."""
+    async def start(self, instance_id: str, attempts: int, first: bytes,
+                    upstream_headers: dict[str, str]) -> None:
+        """Send the response head and the first events (one write). `upstream_headers`
+        are the upstream's headers relayed to the client (its rate-limit headers)."""
         ...
 
     async def write(self, data: bytes) -> None: ...
@@ -138,11 +148,21 @@ class Forwarder:
 
     async def forward(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink | None,
                       client_auth: str | None = None) -> Reply:
-        """Try the plan's candidates within the retry budget; return the reply to send."""
+        """Try the plan's candidates within the retry budget; return the reply to send.
+
+        Raises a ProxyError when nothing served the request: 429 (with Retry-After) while
+        an instance that could serve it is in a rate-limit cooldown, else 503, 502 or 504.
+        An instance skipped (not ready, busy, or unable to take this request) is no
+        attempt: only what was written upstream counts against the retry budget.
+        """
         retry = self.config.retry
         candidates = plan.candidates
         attempts: list[Attempt] = []
-        rate_limited: dict[str, tuple[InstanceState, float]] = {}
+        # Instances held back by a rate-limit cooldown -> the rate-limit headers of their
+        # 429 in this request (empty when the cooldown predates it).
+        limited: dict[str, tuple[InstanceState, dict[str, str]]] = (
+            {i.id: (i, _NO_HEADERS) for i in plan.cooling} if plan.cooling else {})
+        skipped: dict[str, str] | None = None
         last_failure: UpstreamFailure | None = None
         index = 0
         same_tries = 0
@@ -154,6 +174,10 @@ class Forwarder:
                     why = self._not_ready(inst, last_resort=index >= plan.healthy)
                     if why is not None:
                         index += 1
+                        if why.startswith(RATE_LIMITED_REASON):
+                            limited.setdefault(inst.id, (inst, _NO_HEADERS))
+                        else:
+                            skipped = _note(skipped, inst.id, why)
                         self.recorder.rerouted(plan, INSTANCE_NOT_READY, why, inst.id,
                                                _next_id(candidates, index))
                         continue
@@ -161,17 +185,22 @@ class Forwarder:
                     if cap is not None and inst.inflight >= cap and not await self._slot(
                             inst, cap, last=index + 1 >= len(candidates)):
                         index += 1
-                        self.recorder.rerouted(plan, INSTANCE_BUSY,
-                                               f"{inst.inflight} in flight (max {cap})",
-                                               inst.id, _next_id(candidates, index))
+                        busy = f"{inst.inflight} in flight (max {cap})"
+                        skipped = _note(skipped, inst.id, busy)
+                        self.recorder.rerouted(plan, INSTANCE_BUSY, busy, inst.id,
+                                               _next_id(candidates, index))
                         continue
                     if index == 0 and plan.healthy:
                         self.recorder.verified(plan, inst.id)
             else:
-                waited = await self._wait_out_rate_limit(rate_limited)
+                waited = await self._wait_out_rate_limit(limited)
                 if waited is None:
                     break
                 inst = waited
+                why = inst.blocked_reason()
+                if why is not None:  # its state changed while we waited
+                    skipped = _note(skipped, inst.id, why)
+                    continue
             started = time.perf_counter()
             try:
                 inst.inflight += 1
@@ -197,27 +226,32 @@ class Forwarder:
                 inst.circuit.on_success()  # it answered: the server works
                 return Reply(p.status, p.body, p.content_type, p.headers, inst.id, attempts,
                              PASSED_THROUGH)
+            except UnsupportedByInstance as skip:
+                # Nothing was sent: not an attempt, and no mark against the instance.
+                skipped = _note(skipped, inst.id, skip.detail)
+                same_tries = 0
+                if index < len(candidates):
+                    index += 1
+                self.recorder.rerouted(plan, skip.code, skip.detail, inst.id,
+                                       _next_id(candidates, index))
+                continue
             except UpstreamFailure as failure:
                 attempts.append(Attempt(inst.id, failure.code, failure.detail, _ms(started)))
-                retry_after = failure.retry_after if isinstance(failure, RateLimited) else None
-                # A blip gets one more try on the same instance; only if that fails too
-                # does the circuit breaker hear of it.
-                retry_same = (failure.transient and same_tries < retry.same_instance_retries
-                              and inst.circuit.state == CLOSED
-                              and retry.retries(failure.code))
-                self.registry.record_failure(inst, failure, retry_after,
-                                             feed_circuit=not retry_same)
+                # A blip gets one more try on the same instance, if the circuit is still
+                # closed once this failed attempt has been counted.
+                may_retry = (failure.transient and same_tries < retry.same_instance_retries
+                             and retry.retries(failure.code))
+                self.registry.record_failure(inst, failure, retrying=may_retry)
                 last_failure = failure
                 if not retry.retries(failure.code):
                     break
-                if retry_same:
+                if may_retry and inst.circuit.state == CLOSED:
                     same_tries += 1
                     log.warning("retry_same", request_id=req.request_id, instance=inst.id,
                                 reason=failure.code, detail=failure.detail)
                     continue
                 if isinstance(failure, RateLimited):
-                    wait = retry_after if retry_after is not None else 1.0
-                    rate_limited[inst.id] = (inst, time.monotonic() + wait)
+                    limited[inst.id] = (inst, failure.headers)
                 same_tries = 0
                 if index < len(candidates):
                     index += 1
@@ -237,7 +271,7 @@ class Forwarder:
             reply.attempts = attempts
             reply.instance = inst.id
             return reply
-        error = _final_error(plan, attempts, last_failure, rate_limited)
+        error = _final_error(plan, attempts, skipped, last_failure, limited)
         error.attempts = len(attempts)
         error.upstream_s = sum(a.elapsed_ms for a in attempts) / 1000.0
         raise error
@@ -246,12 +280,16 @@ class Forwarder:
         """Why `inst` must be skipped right now, or None (claiming a half-open trial).
 
         A last-resort candidate (its circuit was open at planning time) is tried even if
-        its circuit is still open: every healthy instance has failed by then.
+        its circuit is still open: every healthy instance has failed by then. An instance
+        in a rate-limit cooldown is never tried (`rate_limited(retry_in=...)`).
         """
         blocked = inst.blocked_reason()
         if blocked is not None:
             return blocked
-        if inst.circuit.acquire(time.monotonic()) or last_resort:
+        now = time.monotonic()
+        if inst.rate_limited_until > now:  # never sent anything, not even as a last resort
+            return inst.rate_limit_reason(now)
+        if inst.circuit.acquire(now) or last_resort:
             return None
         return f"circuit {inst.circuit.state}"
 
@@ -266,18 +304,25 @@ class Forwarder:
         return last or inst.inflight < cap
 
     async def _wait_out_rate_limit(
-            self, limited: dict[str, tuple[InstanceState, float]]) -> InstanceState | None:
-        """When only rate-limited instances are left, wait out the shortest Retry-After."""
-        if not limited:
-            return None
-        inst_id, (inst, until) = min(limited.items(), key=lambda item: item[1][1])
-        wait = until - time.monotonic()
-        if wait > self.config.retry.max_retry_after_s:
-            return None
-        del limited[inst_id]
-        if wait > 0:
-            await asyncio.sleep(wait)
-        return inst
+            self, limited: dict[str, tuple[InstanceState, dict[str, str]]]
+    ) -> InstanceState | None:
+        """When only rate-limited instances are left, wait for the soonest end of a cooldown
+        (up to retry.max_retry_after_s) and return that instance; None when it is further
+        off (the caller answers 429)."""
+        while limited:
+            inst_id, (inst, _) = min(limited.items(),
+                                     key=lambda item: item[1][0].rate_limited_until)
+            until = inst.rate_limited_until
+            wait = until - time.monotonic()
+            if wait > self.config.retry.max_retry_after_s:
+                return None
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if inst.rate_limited_until > until:
+                continue  # another request met a new 429 meanwhile: wait for that one
+            del limited[inst_id]
+            return inst
+        return None
 
     async def _attempt_whole(self, req: ClientRequest, inst: InstanceState,
                              client_auth: str | None) -> Reply:
@@ -309,7 +354,7 @@ class Forwarder:
                 raise FingerprintMismatch(f"answered as {seen}, pinned {pin.describe()}")
         self.registry.record_success(inst, ttfb)
         return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
-                     ttfb_s=ttfb)
+                     relay_headers(resp.headers), ttfb_s=ttfb)
 
     async def _attempt_stream(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
                               client_auth: str | None, attempt_no: int) -> Reply:
@@ -343,7 +388,8 @@ class Forwarder:
                 for _, chunk in pending:
                     if chunk is not None:
                         delivered.note(chunk)
-                await sink.start(cfg.id, attempt_no, b"".join(event for event, _ in pending))
+                await sink.start(cfg.id, attempt_no, b"".join(event for event, _ in pending),
+                                 relay_headers(resp.headers))
                 if pending[-1][1] is None:  # [DONE] was among the pending events
                     done = True
                     return Reply(200, None, ttfb_s=ttfb)
@@ -485,7 +531,13 @@ class Forwarder:
     async def _continue(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink,
                         client_auth: str | None, origin: InstanceState, cut: CommittedFailure,
                         start: int, attempts: list[Attempt]) -> Reply:
-        """After a mid-stream failure: continue the answer elsewhere, or fail loudly."""
+        """After a mid-stream failure: continue the answer elsewhere, or fail loudly.
+
+        An instance that cannot take the continuation (no prefill and another model, a
+        prefill this request cannot be expressed as, not ready now) is skipped with its
+        reason, which the error names; its circuit and error rate stay untouched, and the
+        failure stays with the instance that failed.
+        """
         delivered = cut.delivered
         failure, failed = cut.failure, origin
         retry = self.config.retry
@@ -504,20 +556,40 @@ class Forwarder:
             answer_started = bool(delivered.pieces) or not delivered.reasoning_pieces
             why_not = ("no instance left that can continue it" if answer_started else
                        "only reasoning had been delivered, and no twin is left to replay it")
+            skipped: dict[str, str] = {}
+            # A prefill is the same request for every instance: ask once whether it exists.
+            no_prefill = None if continuation_body(
+                req.body, req.endpoint == CHAT, delivered, None) is not None \
+                else _NO_PREFILL
+            if not answer_started:
+                no_prefill = no_prefill or _REASONING_ONLY
             for cand in self._continuation_pool(plan, origin, start):
                 if len(attempts) >= retry.max_attempts:
                     why_not = "the retry budget is spent"
                     break
-                mode = REPLAY if _twins(origin, cand) else None
-                if cand.prefill_ok and answer_started:
-                    mode = PREFILL
-                if mode is None or self._not_ready(cand, last_resort=True) is not None:
+                mode = PREFILL if cand.prefill_ok and no_prefill is None else \
+                    REPLAY if _twins(origin, cand) else None
+                if mode is None:
+                    if cand.prefill_ok and no_prefill:  # able in general, not for this one
+                        skipped[cand.id] = no_prefill
+                        self.recorder.rerouted(plan, UNSUPPORTED_REQUEST, no_prefill, cand.id,
+                                               None)
+                    else:
+                        skipped[cand.id] = "no prefill capability and another model"
+                    continue
+                not_ready = self._not_ready(cand, last_resort=True)
+                if not_ready is not None:
+                    skipped[cand.id] = not_ready
                     continue
                 self.recorder.rerouted(plan, failure.code, failure.detail, failed.id, cand.id)
                 splicer = Splicer(delivered, mode)
                 started = time.perf_counter()
                 try:
                     await self._attempt_splice(req, cand, sink, client_auth, splicer)
+                except UnsupportedByInstance as skip:
+                    skipped[cand.id] = skip.detail
+                    self.recorder.rerouted(plan, skip.code, skip.detail, cand.id, None)
+                    continue
                 except PassThrough as rejected:
                     # A 4xx to a continuation is about the prefill, never the client's error.
                     attempts.append(Attempt(cand.id, "PREFILL_REJECTED",
@@ -535,6 +607,9 @@ class Forwarder:
                                  outcome=CLIENT_GONE, ttfb_s=cut.ttfb_s)
                 except UpstreamFailure as again:
                     attempts.append(Attempt(cand.id, again.code, again.detail, _ms(started)))
+                    if not again.instance_fault:
+                        skipped[cand.id] = again.detail  # the failure stays where it was
+                        continue
                     self.registry.record_failure(cand, again)
                     failure, failed = again, cand  # `delivered` already holds what it added
                     continue
@@ -544,6 +619,9 @@ class Forwarder:
                 attempts.append(Attempt(cand.id, None, f"resumed ({mode})", _ms(started)))
                 self.recorder.resumed(plan, failed.id, cand.id, len(splicer.prefix), mode)
                 return Reply(200, None, instance=cand.id, attempts=attempts, ttfb_s=cut.ttfb_s)
+            if skipped:
+                why_not += " (" + "; ".join(f"{i}: {r}" for i, r in skipped.items()) \
+                    + ")"
         log.error("stream_failed_after_commit", request_id=req.request_id, instance=failed.id,
                   reason=failure.code, detail=failure.detail, why=why_not)
         try:
@@ -563,10 +641,11 @@ class Forwarder:
         that came back after planning)."""
         pool = plan.candidates[start:] + [c for c in plan.candidates[:start] if c is not origin]
         seen = {c.id for c in pool} | {origin.id}
+        now = time.monotonic()
         for inst_id in plan.rejected:
             inst = self.registry.by_id.get(inst_id)
-            if inst is not None and inst.id not in seen and inst.routable() \
-                    and hard_filter(inst, plan.requirements) is None:
+            if inst is not None and inst.id not in seen and inst.routable(now) \
+                    and hard_filter(inst, plan.requirements, now) is None:
                 pool.append(inst)
         return pool
 
@@ -587,7 +666,7 @@ class Forwarder:
             body = continuation_body(req.body, req.endpoint == CHAT, splicer.delivered,
                                      cfg.model, carried)
             if body is None:
-                raise ProcessExited("this request cannot be continued by prefill")
+                raise UnsupportedByInstance(_NO_PREFILL)
             data = orjson.dumps(body)
         else:
             data = req.body_for(cfg.model)
@@ -596,7 +675,7 @@ class Forwarder:
         done = False
         try:
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                raise ProcessExited("the continuation was not streamed")
+                raise UnusableAnswer("it answered the continuation without streaming it")
             await self._relay(self.upstream.events(cfg, resp, req.include_usage), sink,
                               splicer.delivered, splicer,
                               t0 + timeouts.first_byte_s, t0 + timeouts.total_s)
@@ -630,13 +709,33 @@ def _error_message(error: object) -> str:
     return str(error)
 
 
-def _final_error(plan: RoutePlan, attempts: list[Attempt], last: UpstreamFailure | None,
-                 rate_limited: dict[str, tuple[InstanceState, float]]) -> ProxyError:
-    """The error for a request no attempt could serve."""
+def _final_error(plan: RoutePlan, attempts: list[Attempt], skipped: dict[str, str] | None,
+                 last: UpstreamFailure | None,
+                 limited: dict[str, tuple[InstanceState, dict[str, str]]]) -> ProxyError:
+    """The error for a request no attempt could serve.
+
+    While an instance that could serve it is in a rate-limit cooldown, that is the answer:
+    429 with `Retry-After` = the soonest end (whole seconds, rounded up, at least 1), and
+    the rate-limit headers of that instance's 429 when it answered one in this request.
+    """
     listing = "; ".join(a.describe() for a in attempts)
-    if not plan.healthy:
-        # Nothing was ready; whatever was tried was a last resort.
-        why = "; ".join(f"{i}: {r}" for i, r in plan.rejected.items())
+    not_tried = dict(plan.rejected)
+    if skipped:
+        not_tried.update(skipped)
+    if limited:
+        now = time.monotonic()
+        inst, headers = min(limited.values(), key=lambda entry: entry[0].rate_limited_until)
+        wait = max(1, math.ceil(inst.rate_limited_until - now))
+        cooling = ", ".join(f"{i.id} for {max(0.0, i.rate_limited_until - now):.1f}s"
+                            for i, _ in limited.values())
+        message = f"No instance can serve model '{plan.model}' now: rate limited " \
+                  f"({cooling}); retry after {wait}s."
+        if attempts:
+            message += f" Attempts: {listing}."
+        return RateLimitedError(message, headers={**headers, "retry-after": str(wait)})
+    if not plan.healthy or not attempts:
+        # Nothing was ready (whatever was tried was a last resort), or nothing could be sent.
+        why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
         if attempts:
             why = f"{why}; " * bool(why) + f"last-resort tries failed: {listing}"
         return RouteBlocked(f"No available instances for model '{plan.model}'"
@@ -644,19 +743,21 @@ def _final_error(plan: RoutePlan, attempts: list[Attempt], last: UpstreamFailure
     codes = {a.code for a in attempts}
     n = len(attempts)
     summary = f"All {n} attempt{'s' if n > 1 else ''} failed: {listing}"
-    if plan.rejected:
-        summary += ". Not tried: " + "; ".join(f"{i} ({r})" for i, r in plan.rejected.items())
+    if not_tried:
+        summary += ". Not tried: " + "; ".join(f"{i} ({r})" for i, r in not_tried.items())
     if codes == {TIMEOUT}:
         return AllAttemptsTimedOut(summary)
-    if codes == {RATE_LIMITED}:
-        headers = {}
-        if rate_limited:
-            soonest = min(until for _, until in rate_limited.values())
-            headers["Retry-After"] = str(max(1, round(soonest - time.monotonic())))
-        return RateLimitedError(summary, headers=headers)
     if codes == {CONTEXT_TOO_LONG} and isinstance(last, ContextTooLong):
         return ContextError(f"{last.overflow.message or last.detail} ({summary})")
     return AllAttemptsFailed(summary)
+
+
+def _note(skipped: dict[str, str] | None, instance: str, why: str) -> dict[str, str]:
+    """Remember why an instance was skipped (the dict is made on the first skip only)."""
+    if skipped is None:
+        skipped = {}
+    skipped[instance] = why
+    return skipped
 
 
 class ContextError(ProxyError):

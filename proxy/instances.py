@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from proxy.circuit import BY_CONNECTION, BY_HTTP, BY_RATE_LIMIT, CLOSED, Circuit
+from proxy.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
 from proxy.config import HealthConfig, InstanceConfig, instance_ids
 from proxy.failures import (
     CONN_REFUSED,
     FINGERPRINT_MISMATCH,
     PROCESS_EXITED,
-    RATE_LIMITED,
     STREAM_CUT,
+    RateLimited,
     UpstreamFailure,
 )
-from proxy.fingerprints import Pin, configured
+from proxy.fingerprints import CONFIGURED, Pin, configured
 
 log = structlog.get_logger("proxy.instances")
 
@@ -89,6 +89,14 @@ class InstanceState:
     #: The context window (tokens) the server stated in a context-overflow error, for an
     #: instance whose config declares no `ctx`; None until one said it.
     learned_ctx: int | None = None
+    #: Monotonic time until which the instance is sent nothing: it answered 429 and said
+    #: (or, saying nothing, was given) how long to stay away.
+    rate_limited_until: float = 0.0
+    #: 429s in a row that gave no wait: each doubles the default cooldown.
+    rate_limit_streak: int = 0
+    #: Set when a config reload dropped or replaced this instance: requests still in flight
+    #: on it finish, but what they report no longer reaches the registry's listeners.
+    retired: bool = False
     # Copied from the config once, for the planner's inner loop.
     id: str = field(init=False)
     tags: frozenset[str] = field(init=False)
@@ -101,13 +109,18 @@ class InstanceState:
     tag_match_cache: dict[tuple[str, ...], tuple[float, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._derive()
+        cfg = self.config
+        if cfg.fingerprint is not None and cfg.fingerprint != "auto":
+            self.pin = configured(cfg.fingerprint, cfg.model)
+        self.prefill_ok = "prefill" in cfg.capabilities
+
+    def _derive(self) -> None:
         cfg = self.config
         self.id = cfg.id
         self.tags = frozenset(cfg.tags)
         self.cost_per_mtok = cfg.cost_input_per_mtok + cfg.cost_output_per_mtok
-        if cfg.fingerprint is not None and cfg.fingerprint != "auto":
-            self.pin = configured(cfg.fingerprint, cfg.model)
-        self.prefill_ok = "prefill" in cfg.capabilities
+        self.tag_match_cache.clear()
 
     @property
     def fingerprint(self) -> str | None:
@@ -122,14 +135,53 @@ class InstanceState:
         declared = self.config.ctx
         return declared if declared is not None else self.learned_ctx
 
+    def reconfigure(self, config: InstanceConfig, health: HealthConfig) -> None:
+        """Take a reloaded config of the same server (same id, address, model and kind).
+
+        Every live figure stays (state, circuit, in-flight count, latency, error history,
+        rate-limit cooldown, a learned fingerprint or context window, a refused prefill)
+        and the object stays the same, so requests in flight during a reload report to
+        what new requests read.
+        """
+        old = self.config
+        self.config = config
+        self._derive()
+        circuit = self.circuit
+        circuit.base_cooldown_s = health.cooldown_s
+        circuit.max_cooldown_s = health.max_cooldown_s
+        circuit.threshold = health.failure_threshold
+        pin = self.pin
+        if config.fingerprint is not None and config.fingerprint != "auto":
+            if pin is None or pin.source != CONFIGURED or pin.name != config.fingerprint:
+                self.pin = configured(config.fingerprint, config.model)
+        elif config.fingerprint is None or (pin is not None and pin.source == CONFIGURED):
+            self.pin = None  # off, or back to auto: learn again at the next probe
+        if config.ctx is not None:
+            self.learned_ctx = None  # the user's word now
+            self.ctx_reason = "ctx=unknown"
+        # A refusal learned from traffic stands; a newly declared prefill is believed.
+        self.prefill_ok = "prefill" in config.capabilities and (
+            self.prefill_ok or "prefill" not in old.capabilities)
+        if not config.enabled:
+            self.state = DRAINED
+        elif self.state == DRAINED and not old.enabled:
+            self.state = UNKNOWN  # enabled in the new config
+
     def routable(self, now: float | None = None) -> bool:
-        """Whether traffic may be sent now: a routable state and a circuit that is not open.
+        """Whether traffic may be sent now: a routable state, no rate-limit cooldown and a
+        circuit that is not open.
 
         Disabled (config `enabled: false`) and drained instances are in state DRAINED.
         """
         if self.state not in ROUTABLE_STATES:
             return False
-        return self.circuit.available(time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        return self.rate_limited_until <= now and self.circuit.available(now)
+
+    def rate_limit_reason(self, now: float) -> str | None:
+        """`rate_limited(retry_in=29.4s)` while a 429 cooldown runs (a hard filter), else None."""
+        left = self.rate_limited_until - now
+        return f"rate_limited(retry_in={left:.1f}s)" if left > 0 else None
 
     def blocked_reason(self) -> str | None:
         """Why the instance may not be sent any request now (a hard filter), or None.
@@ -183,6 +235,7 @@ class InstanceState:
             else "half_open",
             "circuit_opened_by": circuit.opened_by,
             "circuit_retry_in_s": round(circuit.remaining(now), 2),
+            "rate_limited_retry_in_s": round(max(0.0, self.rate_limited_until - now), 2),
             "fingerprint": self.fingerprint,
             "fingerprint_source": "none" if self.pin is None else self.pin.source,
             "fingerprint_models": [] if self.pin is None else list(self.pin.models),
@@ -222,30 +275,33 @@ class Registry:
             if not inst.config.enabled:
                 inst.state = DRAINED
 
-    def adopt(self, old: Registry) -> None:
-        """Carry live figures over from a previous registry (a config reload), for every
-        instance whose id, address and model are unchanged."""
-        for inst in self.states:
+    def adopt(self, old: Registry, health: HealthConfig | None = None) -> None:
+        """Take over the live instances of a previous registry (a config reload).
+
+        An instance whose id, address, model and server kind are unchanged is the previous
+        object from now on, reconfigured in place (InstanceState.reconfigure): requests in
+        flight during the reload decrement the in-flight count, free the concurrency slot
+        and report their outcome on the object new requests read, so no counter or slot is
+        left behind on a copy. The old registry's listeners become this one's for the same
+        reason; instances the reload dropped or replaced are retired (silent).
+        """
+        health = health or HealthConfig()
+        states = list(self.states)
+        kept: set[int] = set()
+        for n, inst in enumerate(states):
             prev = old.by_id.get(inst.id)
             if prev is None or (prev.config.base_url, prev.config.model, prev.config.server) != (
                     inst.config.base_url, inst.config.model, inst.config.server):
                 continue
-            for name in ("circuit", "inflight", "ttfb_ewma_ms", "successes", "failures",
-                         "last_error", "last_error_at", "recent", "last_failure_mono",
-                         "last_probe_at", "last_probe_ms", "last_probe_error",
-                         "latency_reason", "learned_ctx", "ctx_reason"):
-                setattr(inst, name, getattr(prev, name))
-            if not inst.config.enabled:
-                inst.state = DRAINED
-            elif prev.state == DRAINED and not prev.config.enabled:
-                inst.state = UNKNOWN  # enabled in the new config
-            else:
-                inst.state = prev.state
-            if inst.config.fingerprint == "auto" and prev.config.fingerprint == "auto":
-                inst.pin = prev.pin  # learned (or not yet): what the server serves is unchanged
-            inst.warnings = prev.warnings
-            if "prefill" in inst.config.capabilities:
-                inst.prefill_ok = prev.prefill_ok
+            prev.reconfigure(inst.config, health)
+            states[n] = prev
+            kept.add(id(prev))
+        for prev in old.states:
+            if id(prev) not in kept:
+                prev.retired = True
+        self.states = tuple(states)
+        self.by_id = {s.id: s for s in self.states}
+        old.listeners = self.listeners
 
     def get(self, instance_id: str) -> InstanceState | None:
         """The instance with this full id, or a unique short id."""
@@ -260,6 +316,8 @@ class Registry:
         inst.state = new
         if new == READY:
             inst.forget_errors()
+        if inst.retired:
+            return True
         log.warning("instance_state_changed", instance=inst.id, old=old, new=new,
                     reason=reason)
         for listener in self.listeners:
@@ -274,6 +332,7 @@ class Registry:
         inst.ttfb_ewma_ms = ewma
         inst.latency_reason = f"latency={ewma:.0f}ms"
         inst.successes += 1
+        inst.rate_limit_streak = 0
         inst._remember(True, time.monotonic())
         if inst.state in STALE_STATES:
             self.set_state(inst, READY, "answered a request")
@@ -282,8 +341,19 @@ class Registry:
             log.info("circuit_closed", instance=inst.id, by="successful request")
 
     def record_failure(self, inst: InstanceState, failure: UpstreamFailure,
-                       retry_after_s: float | None = None, feed_circuit: bool = True) -> None:
-        """An attempt failed: feed the error rate and (unless told not to) the circuit."""
+                       retrying: bool = False) -> None:
+        """An attempt written upstream failed: feed the error rate and the circuit.
+
+        Every failed attempt is one strike towards `failure_threshold`. A refused or reset
+        connection opens the circuit at once, unless `retrying` (the caller tries the same
+        instance once more): then it is a strike too, and the retry's failure decides.
+        A 429 starts a rate-limit cooldown instead (the circuit stays as it is): its
+        Retry-After, or with none, health.cooldown_s doubled for each such 429 in a row up
+        to health.max_cooldown_s. A failure that is no instance fault (a prompt too long
+        for its window) changes nothing.
+        """
+        if not failure.instance_fault:
+            return
         now = time.monotonic()
         inst.failures += 1
         inst.last_error = f"{failure.code}: {failure.detail}"
@@ -293,12 +363,11 @@ class Registry:
         if code == FINGERPRINT_MISMATCH:
             self.set_state(inst, MISMATCH, failure.detail)
             return
-        if not feed_circuit:
+        if isinstance(failure, RateLimited):
+            self._cool_down(inst, failure.retry_after, now)
             return
-        if code == RATE_LIMITED:
-            opened = inst.circuit.on_failure(BY_RATE_LIMIT, now, True, retry_after_s)
-        elif code in _CONNECTION_FAILURES:
-            opened = inst.circuit.on_failure(BY_CONNECTION, now, True)
+        if code in _CONNECTION_FAILURES:
+            opened = inst.circuit.on_failure(BY_CONNECTION, now, not retrying)
         else:
             opened = inst.circuit.on_failure(BY_HTTP, now, False)
         if opened:
@@ -313,6 +382,20 @@ class Registry:
         inst.learned_ctx = window
         inst.ctx_reason = f"ctx=learned:{window}"
         log.info("ctx_learned", instance=inst.id, ctx=window)
+
+    @staticmethod
+    def _cool_down(inst: InstanceState, retry_after_s: float | None, now: float) -> None:
+        if retry_after_s is None:
+            circuit = inst.circuit
+            wait = min(circuit.base_cooldown_s * (1 << min(inst.rate_limit_streak, 16)),
+                       circuit.max_cooldown_s)
+            inst.rate_limit_streak += 1
+        else:
+            wait = retry_after_s
+        if now + wait > inst.rate_limited_until:
+            inst.rate_limited_until = now + wait
+        log.warning("rate_limited", instance=inst.id, retry_in_s=round(wait, 2),
+                    given=retry_after_s is not None)
 
     def release_trial(self, inst: InstanceState) -> None:
         """An acquired half-open trial ended without a verdict (e.g. the client left)."""

@@ -19,7 +19,7 @@ from proxy.errors import NotFound
 from proxy.inbound import ClientRequest
 from proxy.instances import DRAINED, STALE_STATES, InstanceState, Registry
 from proxy.requirements import Requirements, extract
-from proxy.scoring import hard_filter, score
+from proxy.scoring import RATE_LIMITED_REASON, hard_filter, score
 from proxy.sessions import SessionTable
 
 AUTO = "auto"
@@ -48,6 +48,9 @@ class RoutePlan:
     #: (recorded as REROUTED / INSTANCE_NOT_READY), and why it was not.
     preferred: str | None = None
     preferred_why: str | None = None
+    #: Instances left out only because of a rate-limit cooldown: they could serve once it
+    #: ends (the forwarder may wait for the soonest, or answer 429 with its Retry-After).
+    cooling: tuple[InstanceState, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -170,6 +173,7 @@ class Planner:
         ordered: list[InstanceState] = []
         last_resort: list[InstanceState] = []
         desperate: list[InstanceState] = []
+        cooling: list[InstanceState] | None = None
         seen: set[str] = set()
         ctx_reason = f"ctx>={reqs.ctx_needed}"
         # The best instance that is not ready now, for the audit: (rank, id, why).
@@ -184,10 +188,15 @@ class Planner:
                 seen.add(inst.id)
                 position += 1
                 sticky = None if sticky_id is None else inst.id == sticky_id
-                why = hard_filter(inst, reqs)
+                why = hard_filter(inst, reqs, now)
                 if why is not None:
                     rejected[inst.id] = why
-                    if inst.state != DRAINED and why.startswith("state="):
+                    limited = why.startswith(RATE_LIMITED_REASON)
+                    if limited:
+                        if cooling is None:
+                            cooling = []
+                        cooling.append(inst)
+                    if inst.state != DRAINED and (limited or why.startswith("state=")):
                         value, _ = score(inst, reqs, weights, prefer_local, sticky, now,
                                          ctx_reason, assume_ready=True)
                         rank = (tier_no, _key(resolution.strategy, value, position), position)
@@ -242,6 +251,7 @@ class Planner:
             healthy=healthy,
             preferred=preferred,
             preferred_why=preferred_why,
+            cooling=() if cooling is None else tuple(cooling),
         )
 
     def served(self, plan: RoutePlan, instance_id: str | None) -> None:

@@ -25,10 +25,16 @@ UNKNOWN_CAPABILITIES_FACTOR = 0.8
 #: What each upstream protocol cannot express (see Requirements.protocol): such an
 #: instance is never tried, rather than tried and failed (or answering with less).
 UNSUPPORTED = {"anthropic": frozenset({"completions", "embeddings", "n>1"})}
+#: How a rejection for a rate-limit cooldown begins (see InstanceState.rate_limit_reason).
+RATE_LIMITED_REASON = "rate_limited("
 
 
-def hard_filter(inst: InstanceState, req: Requirements) -> str | None:
-    """Why the instance can never serve this request, or None if it may."""
+def hard_filter(inst: InstanceState, req: Requirements, now: float) -> str | None:
+    """Why the instance may not serve this request now, or None if it may.
+
+    A rate-limit cooldown is checked last, so `rate_limited(...)` means the instance
+    could serve the request once its cooldown (`now` is monotonic) is over.
+    """
     blocked = inst.blocked_reason()
     if blocked is not None:
         return blocked
@@ -46,6 +52,8 @@ def hard_filter(inst: InstanceState, req: Requirements) -> str | None:
         unsupported = req.protocol & UNSUPPORTED.get(cfg.kind, frozenset())
         if unsupported:
             return f"unsupported_by_{cfg.kind}=" + ",".join(sorted(unsupported))
+    if inst.rate_limited_until > now:
+        return inst.rate_limit_reason(now)
     return None
 
 

@@ -46,6 +46,9 @@ Faults (``name`` or ``name=value``) are set at construction, with
                      ``openai`` (default), ``vllm``, ``vllm_old``, ``sglang``,
                      ``tgi``, ``llamacpp``, ``llamacpp_old``, ``ollama``,
                      ``lmstudio``, ``anthropic`` (status, body shape, wording)
+``ratelimit_headers`` successful answers carry OpenAI's ``x-ratelimit-*``
+                     headers (a 429 from ``rate_limit`` always does, with
+                     ``retry-after-ms`` too)
 ===================  =========================================================
 
 A stream fault whose N is larger than the number of pieces never fires.
@@ -158,6 +161,8 @@ class Faults:
     refusal: bool = False
     #: Whose wording `context=N` uses (see _CONTEXT_STYLES).
     context_style: str = "openai"
+    #: Like OpenAI: successful answers carry `x-ratelimit-*` headers.
+    ratelimit_headers: bool = False
 
     @property
     def shapes_stream(self) -> bool:
@@ -185,7 +190,8 @@ class Faults:
 
 
 _FLAGS: Final = frozenset({"refuse", "hang", "loading", "echo_prefill", "leak_auth", "no_done",
-                            "no_finish", "tool_call", "azure_prelude", "refusal"})
+                            "no_finish", "tool_call", "azure_prelude", "refusal",
+                            "ratelimit_headers"})
 _COUNTS: Final = frozenset({"die_after", "stall_after", "malformed_after", "error_after", "context"})
 _SECONDS: Final = frozenset({"slow_first_byte", "rate_limit", "reasoning"})
 _STRINGS: Final = frozenset({"model", "model_file"})
@@ -462,6 +468,21 @@ def _error_type(status: int) -> str:
         404: "not_found_error",
         429: "rate_limit_error",
     }.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+_RATE_LIMIT: Final = 1000  # requests per window, as the simulated x-ratelimit-* headers say
+
+
+def _ratelimit_headers(remaining: int, reset: str) -> dict[str, str]:
+    """OpenAI's rate-limit headers (OpenAI docs, "Rate limits"): resets are durations."""
+    return {
+        "x-ratelimit-limit-requests": str(_RATE_LIMIT),
+        "x-ratelimit-remaining-requests": str(remaining),
+        "x-ratelimit-reset-requests": reset,
+        "x-ratelimit-limit-tokens": "200000",
+        "x-ratelimit-remaining-tokens": "199000" if remaining else "0",
+        "x-ratelimit-reset-tokens": reset,
+    }
 
 
 def _sse(obj: Any) -> bytes:
@@ -880,7 +901,9 @@ class Simulator:
                 f"Rate limit reached (simulated). Please try again in {faults.rate_limit}s.",
                 "rate_limit_error",
                 code="rate_limit_exceeded",
-                headers={"Retry-After": faults.rate_limit},
+                headers={"Retry-After": faults.rate_limit,
+                         "retry-after-ms": _fmt_seconds(float(faults.rate_limit) * 1000),
+                         **_ratelimit_headers(0, f"{faults.rate_limit}s")},
             )
         if faults.status is not None:
             return _error(faults.status, f"simulated HTTP {faults.status} failure",
@@ -1041,10 +1064,16 @@ class Simulator:
 
     # ------------------------------------------------------------------ writing
 
+    def _headers(self, faults: Faults, base: dict[str, str]) -> dict[str, str]:
+        if not faults.ratelimit_headers:
+            return base
+        return {**base, **_ratelimit_headers(max(0, _RATE_LIMIT - self.stats.requests), "1s")}
+
     async def _send_json(self, request: web.BaseRequest, faults: Faults, body: bytes) -> web.StreamResponse:
+        headers = self._headers(faults, _JSON_HEADERS)
         if faults.die_after is None and faults.stall_after is None:
-            return web.Response(body=body, headers=_JSON_HEADERS)
-        resp = web.StreamResponse(headers=_JSON_HEADERS)
+            return web.Response(body=body, headers=headers)
+        resp = web.StreamResponse(headers=headers)
         resp.content_length = len(body)
         await resp.prepare(request)  # StreamResponse sends the headers right away
         if faults.die_after is not None:
@@ -1081,7 +1110,7 @@ class Simulator:
         else:
             end = self._faulty_events(faults, events, bodies, finish_ev, usage_ev)
 
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        resp = web.StreamResponse(headers=self._headers(faults, _SSE_HEADERS))
         try:
             await resp.prepare(request)
             delay = self.chunk_delay

@@ -15,20 +15,18 @@ from proxy import anthropic, overflow
 from proxy.config import InstanceConfig, TimeoutsConfig
 from proxy.errors import error_body
 from proxy.failures import (
-    UPSTREAM_ERROR,
     ContextTooLong,
     ProcessExited,
     RateLimited,
+    UnsupportedByInstance,
     Upstream5xx,
     UpstreamAuth,
     UpstreamFailure,
-    parse_retry_after,
 )
 from proxy.httpclient import Pool, Response
+from proxy.ratelimits import relay_headers, retry_after_s
 from proxy.secrets import Redactor
 from proxy.sse import DONE_EVENT, EventReader, event_data
-
-_PASS_HEADERS = ("retry-after",)
 
 
 class PassThrough(Exception):
@@ -66,12 +64,6 @@ def instance_headers(inst: InstanceConfig, client_auth: str | None) -> dict[str,
 
 
 ANTHROPIC = "anthropic"
-
-
-class UnsupportedByInstance(UpstreamFailure):
-    """The request cannot be expressed in this instance's protocol; try another one."""
-
-    code = UPSTREAM_ERROR
 
 
 class AnthropicEvents:
@@ -167,7 +159,8 @@ class Upstream:
             return resp
         if status == 429:
             body_bytes = await self.read_error_body(resp)
-            raise RateLimited(parse_retry_after(resp.headers.get("Retry-After")), body_bytes)
+            raise RateLimited(retry_after_s(resp.headers), body_bytes,
+                              passthrough_headers(resp.headers))
         if status >= 500:
             raise Upstream5xx(status, await self.read_error_body(resp))
         body_bytes = await self.read_error_body(resp)
@@ -175,7 +168,7 @@ class Upstream:
         if overflowed is not None:
             raise ContextTooLong(overflowed)
         if inst.kind == ANTHROPIC:
-            self._anthropic_error(status, body_bytes, resp.headers.get("Retry-After"))
+            self._anthropic_error(status, body_bytes, resp.headers)
         if status in (401, 403):
             raise UpstreamAuth(status)
         raise PassThrough(status, body_bytes, resp.headers.get("Content-Type", "application/json"),
@@ -191,17 +184,17 @@ class Upstream:
             raise UnsupportedByInstance(f"cannot be expressed for {inst.id}: {exc}") from None
         return orjson.dumps(translated)
 
-    def _anthropic_error(self, status: int, body: bytes, retry_after: str | None) -> None:
+    def _anthropic_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
         """Raise the failure (or pass-through) an Anthropic error status stands for."""
         code, message = anthropic.map_error(status, body)
         if code == "RATE_LIMITED":
-            raise RateLimited(parse_retry_after(retry_after), body)
+            raise RateLimited(retry_after_s(headers), body, passthrough_headers(headers))
         if code == "UPSTREAM_5XX":
             raise Upstream5xx(status, body)
         if code == "UPSTREAM_AUTH":
             raise UpstreamAuth(status)
         raise PassThrough(status, error_body(message, "invalid_request_error"),
-                          "application/json", {})
+                          "application/json", passthrough_headers(headers))
 
     def translate_body(self, inst: InstanceConfig, body: bytes) -> bytes:
         """A whole response in OpenAI's chat.completion shape (Messages API translated)."""
@@ -268,6 +261,7 @@ class Upstream:
 
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The upstream headers worth relaying on a passed-through response."""
-    return {name: headers[name] for name in _PASS_HEADERS if name in headers}
+    """The upstream headers worth relaying on a passed-through or 429 answer: its
+    rate-limit headers (see proxy.ratelimits)."""
+    return relay_headers(headers)
 

@@ -175,6 +175,38 @@ async def test_anthropic_overloaded_fails_over(make_sim: MakeSim, make_proxy: Ma
         await overloaded.stop()
 
 
+async def test_a_request_the_messages_api_cannot_express_skips_the_anthropic_instance(
+        make_sim: MakeSim, make_proxy: MakeProxy, claude: AnthropicSimulator,
+        tmp_path: Path) -> None:
+    """An audio part has no Messages API form: the Anthropic instance (first in the plan)
+    is skipped with the reason, not tried and failed; its circuit and error rate stay clean
+    and the skip is not counted as an attempt."""
+    import aiohttp
+
+    local = await make_sim("local-model")
+    proxy = await make_proxy(config_for([local], claude, tmp_path))
+    audio = [{"type": "text", "text": PROMPT},
+             {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{proxy.base_url}/chat/completions", json={
+                "model": "anthropic:default",
+                "messages": [{"role": "user", "content": audio}]}) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["x-route-instance"] == "llamacpp:l0"
+            assert resp.headers["x-route-attempts"] == "1"
+            request_id = resp.headers["x-request-id"]
+        async with http.get(f"{proxy.url}/admin/instances") as resp:
+            rows = {r["id"]: r for r in (await resp.json())["instances"]}
+        async with http.get(f"{proxy.url}/admin/events",
+                            params={"request_id": request_id, "type": "REROUTED"}) as resp:
+            events = (await resp.json())["events"]
+    skipped = rows["anthropic:default"]
+    assert (skipped["circuit"], skipped["failures"], skipped["error_rate"]) == ("closed", 0, 0)
+    assert claude.requests == 0
+    assert [(e["reason_code"], e["from_instance"]) for e in events] == [
+        ("UNSUPPORTED_REQUEST", "anthropic:default")]
+
+
 async def test_a_cut_stream_is_continued_on_the_anthropic_instance(
         make_sim: MakeSim, make_proxy: MakeProxy, claude: AnthropicSimulator,
         tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from proxy.simtext import answer_text
 from proxy.simulator import Simulator
 from proxy.state import STATE
 from tests.cluster import Cluster
-from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, wait_for
 
 
 def write_config(path: Path, sims: list[Simulator], **extra: Any) -> Path:
@@ -229,5 +229,39 @@ async def test_reload_keeps_what_it_learned_about_unchanged_instances(
     ok, message = await reload_config(proxy.app)
     assert ok, message
     after = proxy.app[STATE].registry.by_id["p:s0"]
-    assert after is not before
+    assert after is before  # the same live object, reconfigured in place (Registry.adopt)
     assert after.successes == 1 and after.fingerprint == "a" and after.state == "READY"
+
+
+async def test_a_reload_during_an_in_flight_stream_leaves_inflight_zero_and_the_slot_free(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    a = await make_sim("twin", words=40, chunk_delay=0.02)
+    b = await make_sim("twin")
+    path = write_config(tmp_path / "c.yaml", [a, b], s0={"max_concurrency": 1},
+                        retry={"queue_wait_s": 0.05})
+    proxy = await make_proxy(load_config(path))
+    async with aiohttp.ClientSession() as http:
+        stream = await http.post(f"{proxy.base_url}/chat/completions",
+                                 json=chat_body("long", stream=True))
+        assert stream.headers["x-route-instance"] == "p:s0"
+        await stream.content.readany()  # in flight on s0
+        # The reload changes s0's config (a tag), so s0 is reconfigured, not replaced.
+        write_config(path, [a, b], s0={"max_concurrency": 1, "metadata": {
+            "model": "twin", "tags": ["coding"]}}, retry={"queue_wait_s": 0.05})
+        ok, message = await reload_config(proxy.app)
+        assert ok, message
+        s0 = proxy.app[STATE].registry.by_id["p:s0"]
+        assert s0.inflight == 1 and s0.tags == frozenset({"coding"})
+        rest = await stream.read()
+        assert rest.endswith(b"data: [DONE]\n\n")
+        stream.close()
+        await wait_for(lambda: s0.inflight == 0, what="the in-flight count to drop after the "
+                       "stream that started before the reload")
+        async with http.get(f"{proxy.url}/admin/instances") as resp:
+            rows = {r["id"]: r for r in (await resp.json())["instances"]}
+        assert rows["p:s0"]["inflight"] == 0
+        # With max_concurrency 1, the free slot admits the next request at once.
+        async with http.post(f"{proxy.base_url}/chat/completions", json=chat_body("next")) as r:
+            assert r.status == 200
+            assert (r.headers["x-route-instance"], r.headers["x-route-attempts"]) == ("p:s0", "1")
+    assert b.stats.requests == 0

@@ -16,8 +16,10 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.circuit import BY_CONNECTION, BY_HTTP, BY_RATE_LIMIT, CLOSED, HALF_OPEN, OPEN, Circuit
+from proxy.circuit import BY_CONNECTION, BY_HTTP, CLOSED, HALF_OPEN, OPEN, Circuit
 from proxy.config import parse_config
+from proxy.failures import RateLimited
+from proxy.instances import Registry
 from proxy.simtext import answer_text
 from proxy.simulator import Simulator
 from proxy.state import STATE
@@ -97,11 +99,40 @@ def test_circuit_needs_n_timeouts_and_only_a_trial_closes_an_http_opening() -> N
     assert conn.on_probe_ok() and conn.state == CLOSED
 
 
-def test_rate_limit_cooldown_is_exactly_retry_after() -> None:
-    c = Circuit()
-    c.on_failure(BY_RATE_LIMIT, now=10.0, immediate=True, retry_after_s=5)
-    assert not c.available(14.9)
-    assert c.acquire(15.0) and c.state == CLOSED
+def one_instance_registry(**health: float) -> Registry:
+    config = parse_config({"health": health, "providers": [
+        {"provider_id": "p", "instances": [{"id": "a", "base_url": "http://127.0.0.1:9"}]}]},
+        "<test>")
+    return Registry(config.instances, config.health)
+
+
+def test_rate_limit_cooldown_is_exactly_retry_after_and_leaves_the_circuit_alone() -> None:
+    registry = one_instance_registry()
+    inst = registry.states[0]
+    before = time.monotonic()
+    registry.record_failure(inst, RateLimited(5.0))
+    after = time.monotonic()
+    until = inst.rate_limited_until
+    assert before + 5.0 <= until <= after + 5.0
+    assert not inst.routable(until - 0.01) and inst.routable(until)
+    assert inst.circuit.state == CLOSED  # a 429 is no circuit matter
+    registry.record_success(inst, 0.01)  # a request admitted earlier answering proves nothing
+    assert inst.rate_limited_until == until
+
+
+def test_a_429_without_retry_after_cools_down_by_doubling_steps() -> None:
+    registry = one_instance_registry(cooldown_s=1, max_cooldown_s=4)
+    inst = registry.states[0]
+    waits = []
+    for _ in range(4):
+        before = time.monotonic()
+        registry.record_failure(inst, RateLimited(None))
+        waits.append(inst.rate_limited_until - before)
+        inst.rate_limited_until = 0.0  # as if each cooldown had passed
+    assert [round(w) for w in waits] == [1, 2, 4, 4]
+    registry.record_success(inst, 0.01)
+    registry.record_failure(inst, RateLimited(None))
+    assert inst.rate_limited_until - time.monotonic() <= 1.0  # a success starts it over
 
 
 # --------------------------------------------------------------------------- with servers
@@ -246,17 +277,21 @@ async def test_ollama_listing_is_probed(make_sim: MakeSim, make_proxy: MakeProxy
     assert a.stats.by_path.get("/api/tags") == 1
 
 
-async def test_http_errors_open_the_circuit_and_only_a_trial_closes_it(
+async def test_http_errors_open_the_circuit_after_threshold_failed_attempts_and_only_a_trial_closes_it(
         make_sim: MakeSim, make_proxy: MakeProxy) -> None:
     a = await make_sim("twin", faults=["status=500"])
     b = await make_sim("twin")
     proxy = await make_proxy(config_for([a, b], interval=0.2,
-                                        health={"failure_threshold": 3, "cooldown_s": 0.6}))
+                                        health={"failure_threshold": 3, "cooldown_s": 1.5}))
     primary = proxy.app[STATE].registry.by_id["p:s0"]
-    # Each request: a 500, one more try on s0 (a blip?), a 500 again, then s1. The retried
-    # 500s count as one strike each; the third in a row opens the circuit.
-    for _ in range(3):
-        assert (await ask(proxy))[1:] == ("p:s1", "3")
+    # Every failed attempt is a strike. First request: a 500, one more try on s0 (a blip?),
+    # a 500 again (two strikes), then s1 answers.
+    assert (await ask(proxy))[1:] == ("p:s1", "3")
+    assert primary.circuit.state == CLOSED and primary.circuit.strikes == 2
+    # Second request: its first 500 is the third failed attempt in a row and opens the
+    # circuit, so s0 gets no second try.
+    assert (await ask(proxy))[1:] == ("p:s1", "2")
+    assert a.stats.requests == 3
     assert primary.circuit.state == OPEN and primary.circuit.opened_by == BY_HTTP
     served_by_a = a.stats.requests
     assert (await ask(proxy))[1:] == ("p:s1", "1")  # skipped while open

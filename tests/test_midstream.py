@@ -372,3 +372,34 @@ async def test_a_complete_tool_call_stream_passes_through(make_sim: MakeSim, mak
                 finishes.append(choice.finish_reason)
     assert orjson.loads(arguments) == {"q": answer_text("twin", PROMPT, 12)}
     assert finishes == ["tool_calls"]
+
+
+async def test_a_text_completion_with_a_list_prompt_cut_mid_stream_fails_loudly_without_blaming_the_healthy_instance(  # noqa: E501
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    a = await make_sim("model-a", words=WORDS, faults=["die_after=25"])
+    # Healthy and able to continue by prefill, but a list prompt cannot be expressed as
+    # one, and it serves another model (no replay): it must be skipped, not failed.
+    b = await make_sim("model-b", words=WORDS)
+    proxy = await make_proxy(config_for([(a, {}), (b, {"capabilities": ["prefill"]})], tmp_path))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{proxy.base_url}/completions", json={
+                "model": "main", "prompt": [PROMPT], "stream": True}) as resp:
+            assert resp.status == 200 and resp.headers["x-route-instance"] == "p:s0"
+            request_id = resp.headers["x-request-id"]
+            data = await resp.read()
+        assert b"[DONE]" not in data  # never presented as complete
+        last = orjson.loads(data.strip().rsplit(b"\n\n", 1)[-1].removeprefix(b"data: "))
+        message = last["error"]["message"]
+        assert message.startswith("The stream from p:s0 failed")  # the one that failed
+        assert "p:s1: a text completion whose prompt is not one string" in message
+        assert b.stats.requests == 0
+        async with http.get(f"{proxy.url}/admin/instances") as resp:
+            rows = {r["id"]: r for r in (await resp.json())["instances"]}
+    healthy = rows["p:s1"]
+    assert healthy["circuit"] == "closed" and healthy["routable"] is True
+    assert (healthy["failures"], healthy["error_rate"], healthy["last_error"]) == (0, 0, None)
+    trail = await events_of(proxy, request_id)
+    away = [e["reason_code"] for e in trail
+            if e["type"] == "REROUTED" and e["from_instance"] == "p:s1"]
+    assert away == ["UNSUPPORTED_REQUEST"]  # recorded as a skip, never as a failure
+    assert rows["p:s0"]["circuit"] == "open"
