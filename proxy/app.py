@@ -135,7 +135,9 @@ def http_error_response(status: int, message: str, headers: dict[str, str] | Non
                         content_type="application/json", headers=headers)
 
 
-def _framework_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+def framework_error(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
+    """An HTTPException aiohttp raised (404 unknown path, 405 with Allow, 413 over
+    `client_max_size`, 417...) as an OpenAI-shaped response with the same status."""
     if isinstance(exc, web.HTTPNotFound):
         return http_error_response(404, f"Unknown path: {request.path}")
     if isinstance(exc, web.HTTPMethodNotAllowed):
@@ -167,7 +169,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _framework_error(request, exc)
+        return framework_error(request, exc)
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
@@ -185,14 +187,17 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 #: - request bodies are never decompressed (compressed ones are refused with a 415 before
 #:   they are read); no access log (the proxy logs one line per request itself);
 #: - a keep-alive connection idle for KEEPALIVE_S is closed (also one that never completes
-#:   its first request head).
+#:   its first request head); after an answer sent before its request's body was read
+#:   (401, 413...), what is left of the body is read and dropped for up to LINGER_S, so
+#:   that closing does not reset the connection before the client has read the answer.
 MAX_LINE_SIZE = 8 * 1024
 MAX_FIELD_SIZE = 16 * 1024
 MAX_HEADERS = 100
 KEEPALIVE_S = 75.0
+LINGER_S = 2.0
 HANDLER_ARGS: dict[str, Any] = {
     "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,
-    "max_headers": MAX_HEADERS, "keepalive_timeout": KEEPALIVE_S,
+    "max_headers": MAX_HEADERS, "keepalive_timeout": KEEPALIVE_S, "lingering_time": LINGER_S,
     "handler_cancellation": True, "auto_decompress": False, "access_log": None,
 }
 

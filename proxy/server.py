@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, http_error_response
+from proxy.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, framework_error, http_error_response
 
 log = structlog.get_logger("proxy.server")
 
@@ -51,7 +51,8 @@ def protocol_error(status: int, exc: BaseException | None,
             return 414, f"The request line is longer than {MAX_LINE_SIZE} bytes."
         return 431, f"A request header line is longer than {MAX_FIELD_SIZE} bytes."
     detail = message or (exc.message if isinstance(exc, HttpProcessingError) else "") or ""
-    detail = detail.strip().splitlines()[0][:200] if detail.strip() else ""
+    # The parser's message is a line of text, then the offending bytes with a caret.
+    detail = detail.strip().splitlines()[0][:200].rstrip(":. ") if detail.strip() else ""
     if detail == "Too many headers received":
         return 431, "The request has too many headers."
     return status, "Malformed HTTP request" + (f": {detail}" if detail else "") + "."
@@ -79,6 +80,17 @@ class _OpenAIErrorHandler(RequestHandler):
         resp = http_error_response(status, text)
         resp.force_close()
         return resp
+
+    def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                        start_time: float | None
+                        ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # An HTTPException raised before the app's middleware runs reaches the client
+        # through here as it is: aiohttp's default Expect handler, which the router uses
+        # for unknown paths, answers an unknown expectation with a plain-text 417. (Not
+        # a coroutine itself: no extra await per request.)
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            resp = framework_error(request, resp)
+        return super().finish_response(request, resp, start_time)
 
 
 class _OpenAIErrorServer(web.Server):
