@@ -23,9 +23,16 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from proxy.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, framework_error, http_error_response
+from proxy.app import (
+    LINGER_S,
+    MAX_FIELD_SIZE,
+    MAX_LINE_SIZE,
+    framework_error,
+    http_error_response,
+)
+from proxy.errors import error_body
 
 log = structlog.get_logger("proxy.server")
 
@@ -58,10 +65,59 @@ def protocol_error(status: int, exc: BaseException | None,
     return status, "Malformed HTTP request" + (f": {detail}" if detail else "") + "."
 
 
-class _OpenAIErrorHandler(RequestHandler):
-    """aiohttp's connection protocol, answering its own errors in OpenAI's shape."""
+class _Refusal(web.Response):
+    """The answer to a request the parser refused. After it, the connection is half-closed
+    (the client reads the answer, then EOF), and whatever the client still sends is read
+    and dropped for up to LINGER_S before the connection closes (sooner when the client
+    closes): closing a socket with unread bytes would reset the connection, and a reset
+    can destroy the answer before the client has read it."""
 
-    __slots__ = ()
+    def __init__(self, transport: asyncio.Transport | None, status: int, body: bytes) -> None:
+        super().__init__(status=status, body=body, content_type="application/json")
+        self.force_close()
+        self.transport = transport
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+            # Cancelled at once when the client closes (handler_cancellation).
+            await asyncio.sleep(LINGER_S)
+
+
+class _OpenAIErrorHandler(RequestHandler):
+    """aiohttp's connection protocol, answering its own errors in OpenAI's shape, and
+    reading no further into a connection once its parser has refused a request."""
+
+    __slots__ = ("_refused",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the stream cannot be trusted any more: dropped until the close
+        super().data_received(data)
+        # aiohttp queues a request its parser refused as a message (_ErrInfo) for
+        # start() to answer after the ones before it, and would go on parsing what
+        # follows into more of them, each holding the offending bytes in its message
+        # (about 10 MB per connection sending an endless header line).
+        messages = self._messages
+        if not messages or not isinstance(messages[-1][0], _ErrInfo):
+            return
+        self._refused = True
+        request = self._current_request
+        if request is not None and not request.content.is_eof():
+            # The refused bytes are the body of the request being handled (a broken
+            # chunked encoding). aiohttp 3.14's C parser drops that body without failing
+            # it (its pure-Python parser fails it), so the handler reading it would wait
+            # out body_timeout_s: it is failed here, and the connection closes after the
+            # handler's answer rather than answer the same request twice.
+            request.content.set_exception(web.RequestPayloadError(messages[-1][0].message))
+            request.content.feed_eof()  # (nothing of it left to drain after the answer)
+            self.close()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -75,11 +131,11 @@ class _OpenAIErrorHandler(RequestHandler):
         status, text = protocol_error(status, exc, message)
         if status >= 500:
             log.error("request_failed", status=status, exc_info=exc)
-        else:
-            log.debug("bad_http_request", status=status, message=text)
-        resp = http_error_response(status, text)
-        resp.force_close()
-        return resp
+            resp = http_error_response(status, text)
+            resp.force_close()
+            return resp
+        log.debug("bad_http_request", status=status, message=text)
+        return _Refusal(self.transport, status, error_body(text, "invalid_request_error"))
 
     def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
                         start_time: float | None

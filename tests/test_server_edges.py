@@ -1,0 +1,888 @@
+"""The proxy's HTTP server (aiohttp.web, proxy/server.py) at its edges, over raw sockets.
+
+The first part serves the proxy in this event loop in front of a simulator and writes
+request bytes with `asyncio.open_connection` wherever framing matters (keep-alive,
+pipelining, chunked bodies, 100-continue, limits, malformed heads, streams, disconnects,
+graceful stop). The second part attacks a proxy *process* (`python -m proxy serve`, via
+tests/cluster.py) the way a hostile client would, and checks during each attack that
+`GET /healthz` still answers within a second (a liveness check), that the process's RSS
+stays bounded, and that a normal request still gets its answer.
+
+Every network read has a guard timeout so that a broken server fails a test instead of
+hanging it; apart from the liveness bound, no test asserts on durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, create_app
+from proxy.config import Config
+from proxy.server import ProxyRunner, bound_port, start
+from proxy.simtext import answer_text
+from proxy.simulator import Simulator
+from proxy.state import STATE
+from tests.cluster import Cluster
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
+
+#: server.max_body_bytes of the in-process proxy (small, so that "too large" is cheap).
+LIMIT = 16 * 1024
+#: Longest a single network read may take before the test fails instead of hanging.
+GUARD_S = 5.0
+MODEL = "edge-model"
+WORDS = 8
+
+
+# --------------------------------------------------------------------------- raw HTTP
+
+
+@dataclass
+class Reply:
+    version: str
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    chunks: list[bytes] | None = None  # the chunks of a chunked body, in order
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def error(self) -> dict[str, Any]:
+        """The OpenAI-shaped error of this reply (asserting the shape)."""
+        assert self.headers.get("content-type", "").startswith("application/json"), self
+        doc = self.json()
+        assert set(doc) == {"error"}, doc
+        assert {"message", "type", "param", "code"} <= set(doc["error"]), doc
+        assert isinstance(doc["error"]["message"], str) and doc["error"]["message"], doc
+        return dict(doc["error"])
+
+    def text(self) -> str:
+        """The content of a streamed chat answer."""
+        text = ""
+        for line in self.body.split(b"\n"):
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice["delta"].get("content") or ""
+        return text
+
+
+def build(method: str, path: str, body: bytes = b"", *, version: str = "HTTP/1.1",
+          headers: dict[str, str] | None = None, length: bool = True) -> bytes:
+    """A request's bytes; Host is added, and Content-Length for a body unless `length`
+    is False."""
+    lines = [f"{method} {path} {version}", "Host: 127.0.0.1"]
+    all_headers = dict(headers or {})
+    if body and length:
+        all_headers.setdefault("Content-Length", str(len(body)))
+    lines += [f"{name}: {value}" for name, value in all_headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def chat(prompt: str = "hello", *, stream: bool = False, **extra: Any) -> bytes:
+    return json.dumps({"model": "auto", "messages": [{"role": "user", "content": prompt}],
+                       "stream": stream, **extra}).encode()
+
+
+def post_chat(prompt: str = "hello", *, stream: bool = False, version: str = "HTTP/1.1",
+              headers: dict[str, str] | None = None) -> bytes:
+    return build("POST", "/v1/chat/completions", chat(prompt, stream=stream), version=version,
+                 headers={"Content-Type": "application/json", **(headers or {})})
+
+
+async def read_reply(reader: asyncio.StreamReader, *, head: bool = False) -> Reply:
+    """One response (an interim 1xx too) as framed by the server."""
+    async with asyncio.timeout(GUARD_S):
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw[:-4].decode("latin-1").split("\r\n")
+        version, status, *_ = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            key = name.strip().lower()
+            assert key not in headers, f"header {key!r} sent twice"
+            headers[key] = value.strip()
+        code = int(status)
+        if head or 100 <= code < 200 or code in (204, 304):
+            return Reply(version, code, headers, b"")
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            chunks: list[bytes] = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+                if size == 0:
+                    assert await reader.readexactly(2) == b"\r\n", "no CRLF after the last chunk"
+                    return Reply(version, code, headers, b"".join(chunks), chunks)
+                data = await reader.readexactly(size + 2)
+                assert data[-2:] == b"\r\n", "chunk not followed by CRLF"
+                chunks.append(data[:-2])
+        if "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+            return Reply(version, code, headers, body)
+        return Reply(version, code, headers, await reader.read())
+
+
+async def assert_closed(reader: asyncio.StreamReader) -> None:
+    """The server closed the connection cleanly: EOF with nothing else sent (a reset fails)."""
+    async with asyncio.timeout(GUARD_S):
+        rest = await reader.read()
+    assert rest == b"", f"unexpected bytes before EOF: {rest[:200]!r}"
+
+
+class Conns:
+    """Raw connections to one port, closed at the end of the test."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def open(self, *, rcvbuf: int | None = None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if rcvbuf is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        else:  # a small receive window, set before connecting
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+        self.writers.append(writer)
+        return reader, writer
+
+    async def ask(self, data: bytes, **kw: Any) -> tuple[Reply, asyncio.StreamReader]:
+        """Send on a new connection and read one answer."""
+        reader, writer = await self.open()
+        writer.write(data)
+        await writer.drain()
+        return await read_reply(reader, **kw), reader
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+@dataclass
+class Edge:
+    proxy: RunningProxy
+    sim: Simulator
+    conns: Conns
+
+    @property
+    def inbound(self) -> int:
+        """Client connections the proxy's server holds."""
+        server = self.proxy.runner.server
+        return len(server.connections) if server is not None else 0
+
+
+def edge_config(sim: Simulator, **sections: Any) -> Config:
+    server = {"max_body_bytes": LIMIT, **sections.pop("server", {})}
+    return proxy_config([sim], server=server, **sections)
+
+
+@pytest.fixture
+async def edge(make_sim: MakeSim, make_proxy: MakeProxy) -> AsyncIterator[Edge]:
+    sim = await make_sim(MODEL, words=WORDS)
+    proxy = await make_proxy(edge_config(sim))
+    conns = Conns(proxy.port)
+    yield Edge(proxy, sim, conns)
+    conns.close()
+
+
+# --------------------------------------------------------------------------- keep-alive
+
+
+async def test_keep_alive_answers_sequential_requests_on_one_connection(edge: Edge) -> None:
+    reader, writer = await edge.conns.open()
+    for prompt in ("first question", "the second, longer question"):
+        writer.write(post_chat(prompt))
+        reply = await read_reply(reader)
+        assert reply.status == 200
+        assert reply.json()["choices"][0]["message"]["content"] == answer_text(MODEL, prompt, WORDS)
+        assert reply.headers["x-route-instance"] == "p0:s0"
+        assert reply.headers["x-route-attempts"] == "1"
+        assert reply.headers["x-request-id"] and reply.headers["x-route-plan-id"]
+        assert "connection" not in reply.headers
+    writer.write(build("GET", "/healthz"))
+    assert (await read_reply(reader)).json() == {"status": "ok"}
+    assert edge.inbound == 1  # all answered on the same connection
+
+
+async def test_connection_close_request_is_answered_then_closed(edge: Edge) -> None:
+    reply, reader = await edge.conns.ask(build("GET", "/healthz", headers={"Connection": "close"}))
+    assert reply.status == 200
+    assert reply.headers["connection"].lower() == "close"
+    await assert_closed(reader)
+
+
+async def test_http10_is_closed_after_the_answer_unless_it_asks_for_keep_alive(
+        edge: Edge) -> None:
+    reply, reader = await edge.conns.ask(b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert reply.status == 200 and reply.json() == {"status": "ok"}
+    await assert_closed(reader)
+    reader, writer = await edge.conns.open()
+    for _ in range(2):
+        writer.write(build("GET", "/healthz", version="HTTP/1.0",
+                           headers={"Connection": "keep-alive"}))
+        reply = await read_reply(reader)
+        assert reply.status == 200 and reply.headers["connection"].lower() == "keep-alive"
+
+
+# --------------------------------------------------------------------------- pipelining
+
+
+async def test_pipelined_requests_are_answered_in_order(edge: Edge) -> None:
+    reader, writer = await edge.conns.open()
+    writer.write(post_chat("streamed first", stream=True)
+                 + post_chat("then whole", headers={"x-request-id": "second-one"})
+                 + build("GET", "/healthz"))
+    await writer.drain()
+    first, second, third = [await read_reply(reader) for _ in range(3)]
+    assert first.status == 200 and first.headers["content-type"].startswith("text/event-stream")
+    assert first.text() == answer_text(MODEL, "streamed first", WORDS)
+    assert first.body.rstrip().endswith(b"data: [DONE]")
+    assert second.status == 200 and second.headers["x-request-id"] == "second-one"
+    assert third.json() == {"status": "ok"}
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+async def test_chunked_request_body_arriving_in_pieces_is_read_whole(edge: Edge) -> None:
+    body = chat("sent in chunks")
+    reader, writer = await edge.conns.open()
+    writer.write(build("POST", "/v1/chat/completions", length=False,
+                       headers={"Transfer-Encoding": "chunked"}))
+    for at in range(0, len(body), 17):
+        piece = body[at:at + 17]
+        writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+        await writer.drain()
+        await asyncio.sleep(0.005)
+    writer.write(b"0\r\n\r\n")
+    reply = await read_reply(reader)
+    assert reply.status == 200
+    assert reply.json()["choices"][0]["message"]["content"] == answer_text(MODEL, "sent in chunks",
+                                                                           WORDS)
+    writer.write(build("GET", "/healthz"))  # and the connection is still usable
+    assert (await read_reply(reader)).status == 200
+
+
+async def test_expect_100_continue_asks_for_the_body_then_answers(edge: Edge) -> None:
+    body = chat("after continue")
+    reader, writer = await edge.conns.open()
+    writer.write(build("POST", "/v1/chat/completions", length=False, headers={
+        "Expect": "100-continue", "Content-Length": str(len(body))}))
+    await writer.drain()
+    async with asyncio.timeout(GUARD_S):
+        interim = await reader.readuntil(b"\r\n\r\n")
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert edge.sim.stats.requests == 0
+    writer.write(body)
+    reply = await read_reply(reader)
+    assert reply.status == 200 and edge.sim.stats.requests == 1
+
+
+async def test_expect_100_continue_with_a_body_over_the_limit_gets_413_and_no_continue(
+        edge: Edge) -> None:
+    reply, reader = await edge.conns.ask(build("POST", "/v1/chat/completions", headers={
+        "Expect": "100-continue", "Content-Length": str(LIMIT + 1)}))
+    assert reply.status == 413  # the first thing sent: no "100 Continue" before it
+    assert reply.error()["code"] == "request_too_large"
+    assert reply.headers["connection"].lower() == "close"
+    await assert_closed(reader)
+
+
+async def test_no_100_continue_for_http10(edge: Edge) -> None:
+    body = chat("old client")
+    reader, writer = await edge.conns.open()
+    writer.write(build("POST", "/v1/chat/completions", length=False, version="HTTP/1.0",
+                       headers={"Expect": "100-continue", "Content-Length": str(len(body))}))
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(body)
+    reply = await read_reply(reader)
+    assert reply.status == 200  # the first bytes are the answer, not an interim 100
+
+
+async def test_body_over_the_limit_by_content_length_is_413_readable_then_closed(
+        edge: Edge) -> None:
+    reader, writer = await edge.conns.open()
+    size = 1024 * 1024
+    writer.write(build("POST", "/v1/chat/completions", length=False,
+                       headers={"Content-Length": str(size)}))
+    piece = b"z" * 65536
+    with contextlib.suppress(ConnectionError):  # the server may stop reading: fine
+        for _ in range(size // len(piece)):
+            writer.write(piece)
+            await asyncio.wait_for(writer.drain(), GUARD_S)
+    reply = await read_reply(reader)  # no reset before the answer can be read
+    assert reply.status == 413 and reply.headers["connection"].lower() == "close"
+    assert str(LIMIT) in reply.error()["message"]
+    await assert_closed(reader)
+    assert edge.sim.stats.requests == 0
+
+
+async def test_chunked_body_growing_over_the_limit_is_413(edge: Edge) -> None:
+    reader, writer = await edge.conns.open()
+    writer.write(build("POST", "/v1/chat/completions", length=False,
+                       headers={"Transfer-Encoding": "chunked"}))
+    piece = b"q" * 4096
+    with contextlib.suppress(ConnectionError):
+        for _ in range(4 * LIMIT // len(piece)):
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await asyncio.wait_for(writer.drain(), GUARD_S)
+        writer.write(b"0\r\n\r\n")
+    reply = await read_reply(reader)
+    assert reply.status == 413 and reply.error()["code"] == "request_too_large"
+    assert reply.headers["connection"].lower() == "close"
+    await assert_closed(reader)
+    assert edge.sim.stats.requests == 0
+
+
+async def test_a_body_exactly_at_the_limit_is_served(edge: Edge) -> None:
+    body = chat("pad")
+    body = body[:-1] + b", \"user\": \"" + b"u" * (LIMIT - len(body) - 12) + b"\"}"
+    assert len(body) == LIMIT
+    reply, _ = await edge.conns.ask(build("POST", "/v1/chat/completions", body))
+    assert reply.status == 200
+
+
+async def test_broken_chunked_body_fails_at_once_with_400(edge: Edge) -> None:
+    """A handler already waiting on the body learns of broken framing at once, not after
+    body_timeout_s (30 s here)."""
+    reader, writer = await edge.conns.open()
+    writer.write(build("POST", "/v1/chat/completions", length=False,
+                       headers={"Transfer-Encoding": "chunked"}))
+    writer.write(b"5\r\n{\"mod\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the handler now waits for the rest
+    writer.write(b"ZZ\r\n")
+    reply = await read_reply(reader)
+    assert reply.status == 400 and "could not be read" in reply.error()["message"]
+    assert edge.sim.stats.requests == 0
+
+
+async def test_transfer_encoding_other_than_chunked_is_refused(edge: Edge) -> None:
+    reply, reader = await edge.conns.ask(build("POST", "/v1/chat/completions", b"abc",
+                                               length=False, headers={"Transfer-Encoding": "gzip"}))
+    assert reply.status == 400 and reply.error()["type"] == "invalid_request_error"
+    await assert_closed(reader)
+
+
+async def test_upgrade_with_a_body_is_not_a_way_to_smuggle_a_request(edge: Edge) -> None:
+    smuggled = build("GET", "/healthz")
+    reader, writer = await edge.conns.open()
+    writer.write(build("POST", "/v1/chat/completions", headers={
+        "Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+        "Content-Length": str(len(smuggled))}))
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(smuggled)  # the "body"
+    reply = await read_reply(reader)
+    assert reply.status == 400  # a body that is not JSON; and no answer to the GET in it
+    writer.write(build("GET", "/readyz"))
+    assert (await read_reply(reader)).json()["status"] == "ready"
+
+
+async def test_bodyless_upgrade_is_answered_as_http11(edge: Edge) -> None:
+    reader, writer = await edge.conns.open()
+    writer.write(build("GET", "/healthz", headers={"Connection": "Upgrade",
+                                                   "Upgrade": "websocket"})
+                 + build("GET", "/readyz"))
+    first, second = await read_reply(reader), await read_reply(reader)
+    assert first.status == 200 and first.json() == {"status": "ok"}
+    assert second.status == 200 and second.json()["status"] == "ready"
+
+
+async def test_connect_gets_a_4xx_in_openai_shape(edge: Edge) -> None:
+    reply, _ = await edge.conns.ask(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert 400 <= reply.status < 500
+    reply.error()
+
+
+# --------------------------------------------------------------------------- bad heads
+
+
+async def test_malformed_request_line_gets_400_in_openai_shape_and_close(edge: Edge) -> None:
+    reply, reader = await edge.conns.ask(b"GARBAGE\r\n\r\n")
+    assert reply.status == 400
+    assert reply.error()["message"].startswith("Malformed HTTP request")
+    await assert_closed(reader)
+
+
+async def test_request_line_too_long_gets_414(edge: Edge) -> None:
+    reply, reader = await edge.conns.ask(build("GET", "/healthz?q=" + "a" * MAX_LINE_SIZE))
+    assert reply.status == 414 and str(MAX_LINE_SIZE) in reply.error()["message"]
+    await assert_closed(reader)
+
+
+async def test_header_line_too_long_or_too_many_headers_get_431(edge: Edge) -> None:
+    reply, reader = await edge.conns.ask(build("GET", "/healthz",
+                                               headers={"X-Big": "b" * (MAX_FIELD_SIZE + 100)}))
+    assert reply.status == 431 and str(MAX_FIELD_SIZE) in reply.error()["message"]
+    await assert_closed(reader)
+    many = {f"X-Pad-{n}": "p" for n in range(200)}
+    reply, reader = await edge.conns.ask(build("GET", "/healthz", headers=many))
+    assert reply.status == 431 and "too many headers" in reply.error()["message"]
+    await assert_closed(reader)
+
+
+async def test_a_large_header_split_before_its_end_is_accepted(edge: Edge) -> None:
+    """A header under the limit, its end in a later segment than its start."""
+    reader, writer = await edge.conns.open()
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_FIELD_SIZE - 100))
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"\r\n\r\n")
+    assert (await read_reply(reader)).status == 200
+
+
+async def test_missing_or_repeated_host_is_a_400_in_openai_shape(edge: Edge) -> None:
+    """HTTP/1.1 requires exactly one Host (RFC 9112 section 3.2); HTTP/1.0 does not."""
+    for head in (b"GET /healthz HTTP/1.1\r\n\r\n",
+                 b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                 b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"):
+        reply, reader = await edge.conns.ask(head)
+        assert reply.status == 400 and "Host" in reply.error()["message"]
+        await assert_closed(reader)
+    reply, _ = await edge.conns.ask(b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert reply.status == 200
+    assert edge.sim.stats.requests == 0
+
+
+async def test_unknown_expectation_on_an_unknown_path_is_answered_in_openai_shape(
+        edge: Edge) -> None:
+    """aiohttp answers this before any middleware runs (its default Expect handler)."""
+    reply, _ = await edge.conns.ask(build("GET", "/nowhere", headers={"Expect": "junk"}))
+    assert reply.status == 417
+    reply.error()
+    reply, _ = await edge.conns.ask(build("GET", "/healthz", headers={"Expect": "junk"}))
+    assert reply.status == 200  # ignored on a route of ours (RFC 9110 section 10.1.1)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+async def test_unknown_path_and_wrong_method_keep_the_connection(edge: Edge) -> None:
+    reader, writer = await edge.conns.open()
+    writer.write(build("GET", "/nowhere") + build("DELETE", "/healthz")
+                 + build("GET", "/v1/chat/completions") + build("GET", "/healthz"))
+    await writer.drain()
+    missing = await read_reply(reader)
+    assert missing.status == 404 and "/nowhere" in missing.error()["message"]
+    wrong = await read_reply(reader)
+    assert wrong.status == 405 and wrong.headers["allow"] == "GET, HEAD"
+    assert "GET, HEAD" in wrong.error()["message"]
+    post_only = await read_reply(reader)
+    assert post_only.status == 405 and post_only.headers["allow"] == "POST"
+    ok = await read_reply(reader)
+    assert ok.status == 200 and ok.json() == {"status": "ok"}
+
+
+async def test_head_on_a_get_route_sends_headers_only(edge: Edge) -> None:
+    reader, writer = await edge.conns.open()
+    writer.write(build("HEAD", "/healthz") + build("GET", "/readyz"))
+    await writer.drain()
+    head = await read_reply(reader, head=True)
+    assert head.status == 200 and head.headers["content-length"] == "15"
+    # no body bytes: the very next bytes are the second answer's status line
+    following = await read_reply(reader)
+    assert following.json()["status"] == "ready"
+
+
+async def test_admin_route_segments_are_percent_decoded_once(edge: Edge) -> None:
+    reply, _ = await edge.conns.ask(build("POST", "/admin/instances/p0%3As0/drain"))
+    assert reply.status == 200 and reply.json()["id"] == "p0:s0"
+    reply, _ = await edge.conns.ask(build("POST", "/admin/instances/p0%253As0/drain"))
+    assert reply.status == 404 and "p0%3As0" in reply.error()["message"]
+
+
+# --------------------------------------------------------------------------- streams
+
+
+async def test_stream_arrives_whole_chunked_with_the_route_headers(edge: Edge) -> None:
+    reply, _ = await edge.conns.ask(post_chat("stream me", stream=True,
+                                              headers={"x-request-id": "edge-stream-1"}))
+    assert reply.status == 200
+    assert reply.headers["transfer-encoding"] == "chunked" and "content-length" not in reply.headers
+    assert reply.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert reply.headers["x-request-id"] == "edge-stream-1"
+    assert reply.headers["x-route-instance"] == "p0:s0"
+    assert reply.headers["x-route-attempts"] == "1" and reply.headers["x-route-plan-id"]
+    assert reply.text() == answer_text(MODEL, "stream me", WORDS)
+    assert reply.body.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_stream_to_an_http10_client_is_unframed_and_ends_with_the_connection(
+        edge: Edge) -> None:
+    reader, writer = await edge.conns.open()
+    writer.write(post_chat("old stream", stream=True, version="HTTP/1.0"))
+    async with asyncio.timeout(GUARD_S):
+        raw = await reader.read()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower()
+    assert Reply("", 200, {}, body).text() == answer_text(MODEL, "old stream", WORDS)
+    assert body.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_a_stream_to_a_client_that_does_not_read_waits_then_delivers_everything(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    words = 60_000  # ~ 10 MB of events: more than the kernel buffers to the client hold
+    sim = await make_sim(MODEL, words=words)
+    proxy = await make_proxy(edge_config(sim, timeouts={"idle_s": 30, "total_s": 120}))
+    conns = Conns(proxy.port)
+    try:
+        reader, writer = await conns.open(rcvbuf=32 * 1024)
+        writer.write(post_chat("a long one", stream=True))
+        await writer.drain()
+        # The client reads nothing for a while. The relay must wait for it (aiohttp's
+        # writer pauses when the transport's buffer is full), not buffer the answer.
+        await wait_for(lambda: sim.stats.inflight == 1, what="the upstream stream")
+        server = proxy.runner.server
+        assert server is not None
+        waiting = 0
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            buffered = max(c.transport.get_write_buffer_size() for c in server.connections
+                           if c.transport is not None)
+            assert buffered < 1024 * 1024, f"{buffered} bytes buffered for a client not reading"
+            waiting += 1
+        reply = await read_reply(reader)
+        assert waiting == 20 and reply.status == 200
+        assert reply.text() == answer_text(MODEL, "a long one", words)
+        writer.write(build("GET", "/healthz"))  # the connection is still usable afterwards
+        assert (await read_reply(reader)).status == 200
+    finally:
+        conns.close()
+
+
+async def test_client_leaving_mid_stream_stops_the_relay_and_releases_the_upstream(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    sim = await make_sim(MODEL, words=2000, chunk_delay=0.01)
+    proxy = await make_proxy(edge_config(sim))
+    conns = Conns(proxy.port)
+    reader, writer = await conns.open()
+    writer.write(post_chat("then I leave", stream=True))
+    async with asyncio.timeout(GUARD_S):
+        await reader.readuntil(b"data: ")  # the stream has started
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()  # a reset, as from a killed client
+    await wait_for(lambda: sim.stats.aborted == 1, what="the upstream stream to be closed")
+    await wait_for(lambda: sim.stats.open_connections == 0, what="the upstream connection closed")
+    state = proxy.app[STATE]
+    await wait_for(lambda: state.recorder.metrics.inflight == 0, what="no request in flight")
+    inst = state.registry.by_id["p0:s0"]
+    assert inst.failures == 0  # the client's leaving is not held against the instance
+    reply, _ = await conns.ask(post_chat("still serving"))
+    assert reply.status == 200
+    conns.close()
+
+
+# --------------------------------------------------------------------------- graceful stop
+
+
+async def test_graceful_stop_lets_a_running_stream_finish_and_refuses_new_connections(
+        make_sim: MakeSim, tmp_path: Path) -> None:
+    sim = await make_sim(MODEL, words=60, chunk_delay=0.02)
+    config = edge_config(sim, store={"url": f"sqlite:///{tmp_path}/audit.db"})
+    runner = await start(create_app(config), "127.0.0.1", 0, shutdown_timeout=10)
+    port = bound_port(runner)
+    conns = Conns(port)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        idle_reader, idle_writer = await conns.open()  # an idle keep-alive connection
+        idle_writer.write(build("GET", "/healthz"))
+        assert (await read_reply(idle_reader)).status == 200
+        reader, writer = await conns.open()
+        writer.write(post_chat("finish me", stream=True))
+        async with asyncio.timeout(GUARD_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        stopping = asyncio.create_task(runner.cleanup())
+        await assert_closed(idle_reader)  # idle connections are closed at once
+        with pytest.raises(OSError):  # no longer accepting
+            await asyncio.open_connection("127.0.0.1", port)
+        assert not stopping.done()  # still waiting for the stream
+        async with asyncio.timeout(GUARD_S):
+            rest = await reader.read()  # the stream, to its end; then the connection closes
+        assert Reply("", 200, {}, rest).text() == answer_text(MODEL, "finish me", 60)
+        assert b"data: [DONE]" in rest and rest.endswith(b"0\r\n\r\n")
+        async with asyncio.timeout(GUARD_S):
+            await stopping
+    finally:
+        conns.close()
+        if stopping is None:
+            await runner.cleanup()
+
+
+async def test_stop_with_a_short_grace_cancels_a_request_that_never_finishes(
+        make_sim: MakeSim) -> None:
+    sim = await make_sim(MODEL, faults=["hang"])
+    config = edge_config(sim, timeouts={"connect_s": 1, "first_byte_s": 60, "idle_s": 60,
+                                        "total_s": 120}, health={"enabled": False},
+                         store={"enabled": False})
+    runner: ProxyRunner = await start(create_app(config), "127.0.0.1", 0, shutdown_timeout=0.3)
+    conns = Conns(bound_port(runner))
+    try:
+        reader, writer = await conns.open()
+        writer.write(post_chat("never answered"))
+        await writer.drain()
+        await wait_for(lambda: sim.stats.inflight == 1, what="the upstream request")
+        async with asyncio.timeout(GUARD_S):
+            await runner.cleanup()
+        await wait_for(lambda: sim.stats.open_connections == 0, what="the upstream closed")
+        async with asyncio.timeout(GUARD_S):
+            rest = await reader.read()
+        assert b"200 OK" not in rest
+    finally:
+        conns.close()
+
+
+# --------------------------------------------------------------------------- attacks
+#
+# A proxy process (with client keys, so that unauthenticated requests get 401) in front
+# of one simulator process, shared by the attack tests; each measures from its own
+# baseline.
+
+KEY = "edge-client-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+#: How much the proxy process's RSS may grow during one attack.
+RSS_GROWTH_MB = 40.0
+#: The liveness bound: /healthz must answer within this during an attack.
+LIVENESS_S = 1.0
+
+
+class Target(Cluster):
+    def start(self) -> None:
+        self.start_sim("s0", MODEL, options=("--words", str(WORDS)))
+        self.start_proxy([("s0", MODEL)],
+                         server={"host": "127.0.0.1", "port": self.proxy_port,
+                                 "api_keys": [KEY], "max_body_bytes": 64 * 1024},
+                         health={"interval_s": 5, "timeout_s": 1},
+                         logging={"format": "json", "level": "warning"})
+
+    def rss_mb(self) -> float:
+        """Resident memory of the proxy process (Linux /proc)."""
+        for line in Path(f"/proc/{self.proxy.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    if not Path("/proc/self/status").exists():
+        pytest.fail("the attack tests read the proxy's RSS from /proc (Linux)")
+    t = Target(tmp_path_factory.mktemp("edge-attacks"))
+    try:
+        t.start()
+        yield t
+    finally:
+        t.close()
+
+
+async def healthz_within(port: int, bound_s: float = LIVENESS_S) -> None:
+    """GET /healthz on a new connection answers 200 within `bound_s` (liveness)."""
+    try:
+        async with asyncio.timeout(bound_s):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(build("GET", "/healthz", headers={"Connection": "close"}))
+                reply = await read_reply(reader)
+            finally:
+                writer.close()
+    except TimeoutError:
+        raise AssertionError(f"/healthz did not answer within {bound_s:g}s") from None
+    assert reply.status == 200
+
+
+async def victim(port: int, prompt: str = "victim") -> Reply:
+    """A normal, authenticated chat request on its own connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(post_chat(prompt, headers=AUTH))
+        return await read_reply(reader)
+    finally:
+        writer.close()
+
+
+@dataclass
+class Watch:
+    """What was seen while an attack ran."""
+
+    baseline_mb: float
+    peak_mb: float = 0.0
+    probes: int = 0
+    victim: Reply | None = None
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak_mb - self.baseline_mb
+
+    def check(self) -> None:
+        """/healthz answered in time all along (checked as it ran), a normal request made
+        during the attack was served, and memory stayed bounded."""
+        assert self.probes >= 1
+        assert self.victim is not None and self.victim.status == 200, self.victim
+        assert self.victim.json()["choices"][0]["message"]["content"] == answer_text(
+            MODEL, "victim", WORDS)
+        assert self.growth_mb < RSS_GROWTH_MB, (
+            f"RSS grew by {self.growth_mb:.0f} MB ({self.baseline_mb:.0f} -> "
+            f"{self.peak_mb:.0f} MB)")
+
+
+async def under_attack(t: Target, attack: Any, seconds: float) -> Watch:
+    """Run `attack()` for up to `seconds` (less when it ends by itself) while probing
+    /healthz every 0.1 s and sampling the proxy's RSS, and send one normal request in
+    the middle of it; the attack is cancelled at the end (a flood never ends by itself,
+    and its writers may be blocked on a full socket)."""
+    await healthz_within(t.proxy_port)
+    watch = Watch(baseline_mb=t.rss_mb())
+    watch.peak_mb = watch.baseline_mb
+    task = asyncio.create_task(attack())
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    try:
+        while loop.time() < end and not task.done():
+            await asyncio.sleep(0.1)
+            await healthz_within(t.proxy_port)
+            watch.probes += 1
+            watch.peak_mb = max(watch.peak_mb, t.rss_mb())
+            if watch.victim is None:
+                watch.victim = await victim(t.proxy_port)
+        if task.done():
+            task.result()  # an attacker that failed fails the test
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await task
+    assert t.proxy.poll() is None, "the proxy died:\n" + t.log()[-3000:]
+    return watch
+
+
+async def test_attack_pipelining_without_reading_the_answers_keeps_memory_bounded(
+        target: Target) -> None:
+    """20 connections pipeline requests (unauthenticated ones get 401, others are health
+    checks) as fast as the proxy takes them, and never read an answer."""
+    one_round = (b"".join(post_chat(f"no key {n}") for n in range(50))
+                 + build("GET", "/healthz") * 50 + build("GET", "/v1/models") * 50)
+    opened: list[asyncio.StreamWriter] = []
+
+    async def flood() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", target.proxy_port)
+        opened.append(writer)
+        while True:
+            writer.write(one_round)
+            await writer.drain()  # blocks for good once the proxy stops reading
+
+    async def attack() -> None:
+        await asyncio.gather(*(flood() for _ in range(20)))
+
+    try:
+        watch = await under_attack(target, attack, seconds=4.0)
+    finally:
+        for writer in opened:
+            writer.close()
+    watch.check()
+    assert watch.probes >= 10
+
+
+async def test_attack_a_long_pipelined_burst_is_answered_whole_and_in_order(
+        target: Target) -> None:
+    """One connection sends 600 requests in one burst, each with a 6 KB header (many
+    requests' worth of head bytes in every read, and heads that straddle reads); every
+    one is answered, in order, and none is refused as too large."""
+    count = 600
+    pad = "p" * 6000
+    burst = b"".join(post_chat(f"burst {n}", headers={**AUTH, "x-request-id": f"burst-{n}",
+                                                     "X-Pad": pad}) for n in range(count))
+    answers: list[Reply] = []
+
+    async def attack() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.proxy_port)
+        try:
+            writer.write(burst)
+            # write and read at once, as a pipelining client does
+            drained = asyncio.create_task(writer.drain())
+            for _ in range(count):
+                answers.append(await read_reply(reader))
+            await drained
+        finally:
+            writer.close()
+
+    watch = await under_attack(target, attack, seconds=120.0)
+    watch.check()
+    assert len(answers) == count, f"only {len(answers)} of {count} answered"
+    for n, reply in enumerate(answers):
+        assert reply.status == 200, (n, reply.status, reply.body[:300])
+        assert reply.headers["x-request-id"] == f"burst-{n}"
+        assert reply.json()["choices"][0]["message"]["content"] == answer_text(
+            MODEL, f"burst {n}", WORDS)
+
+
+@pytest.mark.parametrize("header", ["Authorization", "x-api-key"])
+@pytest.mark.parametrize("value", [b"Bearer \xff\xfe\xfd", b"Bearer " + KEY.encode() + b"\xc3(",
+                                   b"\xed\xa0\x80", b"Bearer \x80" * 40])
+async def test_attack_non_utf8_credentials_get_401_never_500(target: Target, header: str,
+                                                             value: bytes) -> None:
+    if header == "x-api-key":
+        value = value.removeprefix(b"Bearer ")
+    for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET"),
+                         ("/admin/instances", "GET")):
+        body = chat("who am I") if method == "POST" else b""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n").encode() + header.encode() + b": " + value
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.proxy_port)
+        try:
+            writer.write(head + b"\r\n\r\n" + body)
+            reply = await read_reply(reader)
+        finally:
+            writer.close()
+        assert reply.status in (400, 401, 403), (path, reply.status, reply.body[:300])
+        reply.error()
+    await healthz_within(target.proxy_port)
+    assert '"unhandled_error"' not in target.log()
+
+
+@pytest.mark.parametrize("where", ["header line", "request line"])
+async def test_attack_an_endless_line_is_refused_and_the_proxy_stays_up(
+        target: Target, where: str) -> None:
+    """10 connections each send a line that never ends, as fast as the proxy reads."""
+    opening = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: " if where == "header line"
+               else b"GET /healthz?q=")
+    statuses: list[int] = []
+    piece = b"a" * 65536
+
+    async def endless() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.proxy_port)
+        try:
+            writer.write(opening)
+            answer = asyncio.create_task(read_reply(reader))
+            # Until the answer comes; the proxy may stop reading first (a full socket) or
+            # close while bytes are still on their way (a reset): both are fine.
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                while not answer.done():
+                    writer.write(piece)
+                    await asyncio.wait_for(writer.drain(), 0.5)
+            reply = await answer
+            reply.error()
+            statuses.append(reply.status)
+        finally:
+            writer.close()
+
+    async def attack() -> None:
+        await asyncio.gather(*(endless() for _ in range(10)))
+        await asyncio.sleep(1.0)  # keep the watch on a little after the refusals
+
+    watch = await under_attack(target, attack, seconds=30.0)
+    watch.check()
+    assert statuses == [431 if where == "header line" else 414] * 10
