@@ -656,7 +656,7 @@ async def test_stop_with_a_short_grace_cancels_a_request_that_never_finishes(
 KEY = "edge-client-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 #: How much the proxy process's RSS may grow during one attack.
-RSS_GROWTH_MB = 40.0
+RSS_GROWTH_MB = 25.0
 #: The liveness bound: /healthz must answer within this during an attack.
 LIVENESS_S = 1.0
 
