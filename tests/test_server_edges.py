@@ -1,25 +1,19 @@
 """The proxy's HTTP server (aiohttp.web, proxy/server.py) at its edges, over raw sockets.
 
-The first part serves the proxy in this event loop in front of a simulator and writes
-request bytes with `asyncio.open_connection` wherever framing matters (keep-alive,
-pipelining, chunked bodies, 100-continue, limits, malformed heads, streams, disconnects,
-graceful stop). The second part attacks a proxy *process* (`python -m proxy serve`, via
-tests/cluster.py) the way a hostile client would, and checks during each attack that
-`GET /healthz` still answers within a second (a liveness check), that the process's RSS
-stays bounded, and that a normal request still gets its answer.
-
-Every network read has a guard timeout so that a broken server fails a test instead of
-hanging it; apart from the liveness bound, no test asserts on durations.
+The proxy is served in this event loop in front of a simulator, the way `failover-proxy
+serve` serves it; request bytes are written with `asyncio.open_connection` wherever
+framing matters (keep-alive, pipelining, chunked bodies, 100-continue, limits, malformed
+heads, streams, disconnects, graceful stop). The client-facing attacks are in
+tests/test_client_attacks.py. No test asserts on durations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,141 +26,22 @@ from proxy.server import ProxyRunner, bound_port, start
 from proxy.simtext import answer_text
 from proxy.simulator import Simulator
 from proxy.state import STATE
-from tests.cluster import Cluster
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
+from tests.rawhttp import (
+    GUARD_S,
+    Conns,
+    Reply,
+    assert_closed,
+    build,
+    chat,
+    post_chat,
+    read_reply,
+)
 
 #: server.max_body_bytes of the in-process proxy (small, so that "too large" is cheap).
 LIMIT = 16 * 1024
-#: Longest a single network read may take before the test fails instead of hanging.
-GUARD_S = 5.0
 MODEL = "edge-model"
 WORDS = 8
-
-
-# --------------------------------------------------------------------------- raw HTTP
-
-
-@dataclass
-class Reply:
-    version: str
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-    chunks: list[bytes] | None = None  # the chunks of a chunked body, in order
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def error(self) -> dict[str, Any]:
-        """The OpenAI-shaped error of this reply (asserting the shape)."""
-        assert self.headers.get("content-type", "").startswith("application/json"), self
-        doc = self.json()
-        assert set(doc) == {"error"}, doc
-        assert {"message", "type", "param", "code"} <= set(doc["error"]), doc
-        assert isinstance(doc["error"]["message"], str) and doc["error"]["message"], doc
-        return dict(doc["error"])
-
-    def text(self) -> str:
-        """The content of a streamed chat answer."""
-        text = ""
-        for line in self.body.split(b"\n"):
-            if line.startswith(b"data: {"):
-                for choice in json.loads(line[6:])["choices"]:
-                    text += choice["delta"].get("content") or ""
-        return text
-
-
-def build(method: str, path: str, body: bytes = b"", *, version: str = "HTTP/1.1",
-          headers: dict[str, str] | None = None, length: bool = True) -> bytes:
-    """A request's bytes; Host is added, and Content-Length for a body unless `length`
-    is False."""
-    lines = [f"{method} {path} {version}", "Host: 127.0.0.1"]
-    all_headers = dict(headers or {})
-    if body and length:
-        all_headers.setdefault("Content-Length", str(len(body)))
-    lines += [f"{name}: {value}" for name, value in all_headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def chat(prompt: str = "hello", *, stream: bool = False, **extra: Any) -> bytes:
-    return json.dumps({"model": "auto", "messages": [{"role": "user", "content": prompt}],
-                       "stream": stream, **extra}).encode()
-
-
-def post_chat(prompt: str = "hello", *, stream: bool = False, version: str = "HTTP/1.1",
-              headers: dict[str, str] | None = None) -> bytes:
-    return build("POST", "/v1/chat/completions", chat(prompt, stream=stream), version=version,
-                 headers={"Content-Type": "application/json", **(headers or {})})
-
-
-async def read_reply(reader: asyncio.StreamReader, *, head: bool = False) -> Reply:
-    """One response (an interim 1xx too) as framed by the server."""
-    async with asyncio.timeout(GUARD_S):
-        raw = await reader.readuntil(b"\r\n\r\n")
-        lines = raw[:-4].decode("latin-1").split("\r\n")
-        version, status, *_ = lines[0].split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            key = name.strip().lower()
-            assert key not in headers, f"header {key!r} sent twice"
-            headers[key] = value.strip()
-        code = int(status)
-        if head or 100 <= code < 200 or code in (204, 304):
-            return Reply(version, code, headers, b"")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            chunks: list[bytes] = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-                if size == 0:
-                    assert await reader.readexactly(2) == b"\r\n", "no CRLF after the last chunk"
-                    return Reply(version, code, headers, b"".join(chunks), chunks)
-                data = await reader.readexactly(size + 2)
-                assert data[-2:] == b"\r\n", "chunk not followed by CRLF"
-                chunks.append(data[:-2])
-        if "content-length" in headers:
-            body = await reader.readexactly(int(headers["content-length"]))
-            return Reply(version, code, headers, body)
-        return Reply(version, code, headers, await reader.read())
-
-
-async def assert_closed(reader: asyncio.StreamReader) -> None:
-    """The server closed the connection cleanly: EOF with nothing else sent (a reset fails)."""
-    async with asyncio.timeout(GUARD_S):
-        rest = await reader.read()
-    assert rest == b"", f"unexpected bytes before EOF: {rest[:200]!r}"
-
-
-class Conns:
-    """Raw connections to one port, closed at the end of the test."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def open(self, *, rcvbuf: int | None = None
-                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if rcvbuf is None:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        else:  # a small receive window, set before connecting
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
-            reader, writer = await asyncio.open_connection(sock=sock)
-        self.writers.append(writer)
-        return reader, writer
-
-    async def ask(self, data: bytes, **kw: Any) -> tuple[Reply, asyncio.StreamReader]:
-        """Send on a new connection and read one answer."""
-        reader, writer = await self.open()
-        writer.write(data)
-        await writer.drain()
-        return await read_reply(reader, **kw), reader
-
-    def close(self) -> None:
-        for writer in self.writers:
-            writer.close()
 
 
 @dataclass
@@ -645,244 +520,3 @@ async def test_stop_with_a_short_grace_cancels_a_request_that_never_finishes(
         assert b"200 OK" not in rest
     finally:
         conns.close()
-
-
-# --------------------------------------------------------------------------- attacks
-#
-# A proxy process (with client keys, so that unauthenticated requests get 401) in front
-# of one simulator process, shared by the attack tests; each measures from its own
-# baseline.
-
-KEY = "edge-client-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-#: How much the proxy process's RSS may grow during one attack.
-RSS_GROWTH_MB = 25.0
-#: The liveness bound: /healthz must answer within this during an attack.
-LIVENESS_S = 1.0
-
-
-class Target(Cluster):
-    def start(self) -> None:
-        self.start_sim("s0", MODEL, options=("--words", str(WORDS)))
-        self.start_proxy([("s0", MODEL)],
-                         server={"host": "127.0.0.1", "port": self.proxy_port,
-                                 "api_keys": [KEY], "max_body_bytes": 64 * 1024},
-                         health={"interval_s": 5, "timeout_s": 1},
-                         logging={"format": "json", "level": "warning"})
-
-    def rss_mb(self) -> float:
-        """Resident memory of the proxy process (Linux /proc)."""
-        for line in Path(f"/proc/{self.proxy.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    if not Path("/proc/self/status").exists():
-        pytest.fail("the attack tests read the proxy's RSS from /proc (Linux)")
-    t = Target(tmp_path_factory.mktemp("edge-attacks"))
-    try:
-        t.start()
-        yield t
-    finally:
-        t.close()
-
-
-async def healthz_within(port: int, bound_s: float = LIVENESS_S) -> None:
-    """GET /healthz on a new connection answers 200 within `bound_s` (liveness)."""
-    try:
-        async with asyncio.timeout(bound_s):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.write(build("GET", "/healthz", headers={"Connection": "close"}))
-                reply = await read_reply(reader)
-            finally:
-                writer.close()
-    except TimeoutError:
-        raise AssertionError(f"/healthz did not answer within {bound_s:g}s") from None
-    assert reply.status == 200
-
-
-async def victim(port: int, prompt: str = "victim") -> Reply:
-    """A normal, authenticated chat request on its own connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(post_chat(prompt, headers=AUTH))
-        return await read_reply(reader)
-    finally:
-        writer.close()
-
-
-@dataclass
-class Watch:
-    """What was seen while an attack ran."""
-
-    baseline_mb: float
-    peak_mb: float = 0.0
-    probes: int = 0
-    victim: Reply | None = None
-
-    @property
-    def growth_mb(self) -> float:
-        return self.peak_mb - self.baseline_mb
-
-    def check(self) -> None:
-        """/healthz answered in time all along (checked as it ran), a normal request made
-        during the attack was served, and memory stayed bounded."""
-        assert self.probes >= 1
-        assert self.victim is not None and self.victim.status == 200, self.victim
-        assert self.victim.json()["choices"][0]["message"]["content"] == answer_text(
-            MODEL, "victim", WORDS)
-        assert self.growth_mb < RSS_GROWTH_MB, (
-            f"RSS grew by {self.growth_mb:.0f} MB ({self.baseline_mb:.0f} -> "
-            f"{self.peak_mb:.0f} MB)")
-
-
-async def under_attack(t: Target, attack: Any, seconds: float) -> Watch:
-    """Run `attack()` for up to `seconds` (less when it ends by itself) while probing
-    /healthz every 0.1 s and sampling the proxy's RSS, and send one normal request in
-    the middle of it; the attack is cancelled at the end (a flood never ends by itself,
-    and its writers may be blocked on a full socket)."""
-    await healthz_within(t.proxy_port)
-    watch = Watch(baseline_mb=t.rss_mb())
-    watch.peak_mb = watch.baseline_mb
-    task = asyncio.create_task(attack())
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    try:
-        while loop.time() < end and not task.done():
-            await asyncio.sleep(0.1)
-            await healthz_within(t.proxy_port)
-            watch.probes += 1
-            watch.peak_mb = max(watch.peak_mb, t.rss_mb())
-            if watch.victim is None:
-                watch.victim = await victim(t.proxy_port)
-        if task.done():
-            task.result()  # an attacker that failed fails the test
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await task
-    assert t.proxy.poll() is None, "the proxy died:\n" + t.log()[-3000:]
-    return watch
-
-
-async def test_attack_pipelining_without_reading_the_answers_keeps_memory_bounded(
-        target: Target) -> None:
-    """20 connections pipeline requests (unauthenticated ones get 401, others are health
-    checks) as fast as the proxy takes them, and never read an answer."""
-    one_round = (b"".join(post_chat(f"no key {n}") for n in range(50))
-                 + build("GET", "/healthz") * 50 + build("GET", "/v1/models") * 50)
-    opened: list[asyncio.StreamWriter] = []
-
-    async def flood() -> None:
-        _, writer = await asyncio.open_connection("127.0.0.1", target.proxy_port)
-        opened.append(writer)
-        while True:
-            writer.write(one_round)
-            await writer.drain()  # blocks for good once the proxy stops reading
-
-    async def attack() -> None:
-        await asyncio.gather(*(flood() for _ in range(20)))
-
-    try:
-        watch = await under_attack(target, attack, seconds=4.0)
-    finally:
-        for writer in opened:
-            writer.close()
-    watch.check()
-    assert watch.probes >= 10
-
-
-async def test_attack_a_long_pipelined_burst_is_answered_whole_and_in_order(
-        target: Target) -> None:
-    """One connection sends 600 requests in one burst, each with a 6 KB header (many
-    requests' worth of head bytes in every read, and heads that straddle reads); every
-    one is answered, in order, and none is refused as too large."""
-    count = 600
-    pad = "p" * 6000
-    burst = b"".join(post_chat(f"burst {n}", headers={**AUTH, "x-request-id": f"burst-{n}",
-                                                     "X-Pad": pad}) for n in range(count))
-    answers: list[Reply] = []
-
-    async def attack() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", target.proxy_port)
-        try:
-            writer.write(burst)
-            # write and read at once, as a pipelining client does
-            drained = asyncio.create_task(writer.drain())
-            for _ in range(count):
-                answers.append(await read_reply(reader))
-            await drained
-        finally:
-            writer.close()
-
-    watch = await under_attack(target, attack, seconds=120.0)
-    watch.check()
-    assert len(answers) == count, f"only {len(answers)} of {count} answered"
-    for n, reply in enumerate(answers):
-        assert reply.status == 200, (n, reply.status, reply.body[:300])
-        assert reply.headers["x-request-id"] == f"burst-{n}"
-        assert reply.json()["choices"][0]["message"]["content"] == answer_text(
-            MODEL, f"burst {n}", WORDS)
-
-
-@pytest.mark.parametrize("header", ["Authorization", "x-api-key"])
-@pytest.mark.parametrize("value", [b"Bearer \xff\xfe\xfd", b"Bearer " + KEY.encode() + b"\xc3(",
-                                   b"\xed\xa0\x80", b"Bearer \x80" * 40])
-async def test_attack_non_utf8_credentials_get_401_never_500(target: Target, header: str,
-                                                             value: bytes) -> None:
-    if header == "x-api-key":
-        value = value.removeprefix(b"Bearer ")
-    for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET"),
-                         ("/admin/instances", "GET")):
-        body = chat("who am I") if method == "POST" else b""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n").encode() + header.encode() + b": " + value
-        reader, writer = await asyncio.open_connection("127.0.0.1", target.proxy_port)
-        try:
-            writer.write(head + b"\r\n\r\n" + body)
-            reply = await read_reply(reader)
-        finally:
-            writer.close()
-        assert reply.status in (400, 401, 403), (path, reply.status, reply.body[:300])
-        reply.error()
-    await healthz_within(target.proxy_port)
-    assert '"unhandled_error"' not in target.log()
-
-
-@pytest.mark.parametrize("where", ["header line", "request line"])
-async def test_attack_an_endless_line_is_refused_and_the_proxy_stays_up(
-        target: Target, where: str) -> None:
-    """10 connections each send a line that never ends, as fast as the proxy reads."""
-    opening = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: " if where == "header line"
-               else b"GET /healthz?q=")
-    statuses: list[int] = []
-    piece = b"a" * 65536
-
-    async def endless() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", target.proxy_port)
-        try:
-            writer.write(opening)
-            answer = asyncio.create_task(read_reply(reader))
-            # Until the answer comes; the proxy may stop reading first (a full socket) or
-            # close while bytes are still on their way (a reset): both are fine.
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                while not answer.done():
-                    writer.write(piece)
-                    await asyncio.wait_for(writer.drain(), 0.5)
-            reply = await answer
-            reply.error()
-            statuses.append(reply.status)
-        finally:
-            writer.close()
-
-    async def attack() -> None:
-        await asyncio.gather(*(endless() for _ in range(10)))
-        await asyncio.sleep(1.0)  # keep the watch on a little after the refusals
-
-    watch = await under_attack(target, attack, seconds=30.0)
-    watch.check()
-    assert statuses == [431 if where == "header line" else 414] * 10
