@@ -8,7 +8,8 @@ The app's middleware gives every error raised while handling a request OpenAI's 
 request that aiohttp's parser refuses (a malformed request line or header, a line over
 the limits set in `proxy.app.HANDLER_ARGS`, a missing or repeated `Host`) never reaches
 the app: aiohttp answers it itself through `RequestHandler.handle_error`. `ProxyRunner`
-serves the app with a RequestHandler whose `handle_error` answers in the same shape.
+serves the app with a RequestHandler subclass that answers those in the same shape, then
+reads no further into the connection (half-closed, the rest dropped, then closed).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidHeader, LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.app import (
@@ -57,8 +58,13 @@ def protocol_error(status: int, exc: BaseException | None,
         if limit == str(MAX_LINE_SIZE):
             return 414, f"The request line is longer than {MAX_LINE_SIZE} bytes."
         return 431, f"A request header line is longer than {MAX_FIELD_SIZE} bytes."
+    if isinstance(exc, InvalidHeader):  # its message quotes the header (a key, maybe)
+        return status, "Malformed HTTP request: a header holds a forbidden character."
+    if isinstance(exc, BadStatusLine):  # (and this one the request line)
+        return status, "Malformed HTTP request: the request line is not HTTP/1.x."
     detail = message or (exc.message if isinstance(exc, HttpProcessingError) else "") or ""
-    # The parser's message is a line of text, then the offending bytes with a caret.
+    # The C parser's message is a line of text, then the offending bytes with a caret:
+    # only the text is kept, so no byte the client sent is echoed (or logged).
     detail = detail.strip().splitlines()[0][:200].rstrip(":. ") if detail.strip() else ""
     if detail == "Too many headers received":
         return 431, "The request has too many headers."

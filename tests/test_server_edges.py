@@ -292,6 +292,22 @@ async def test_malformed_request_line_gets_400_in_openai_shape_and_close(edge: E
     await assert_closed(reader)
 
 
+async def test_a_refused_head_is_not_echoed_back(edge: Edge,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The parser's messages quote the bytes it refused; what the client sent (a key, in a
+    header or the request line) must not come back in the error or go to the log."""
+    secret = "sk-client-SECRET-1234"
+    for head in (f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\x00\r\n\r\n",
+                 f"GET /v1/models?key={secret}\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+                 f"{secret} / HTTP/1.1\r\nHost: x\r\n\r\n"):
+        reply, reader = await edge.conns.ask(head.encode("latin-1"))
+        assert reply.status == 400 and secret not in reply.body.decode("latin-1")
+        reply.error()
+        await assert_closed(reader)
+    logged = capsys.readouterr()
+    assert secret not in logged.out + logged.err
+
+
 async def test_request_line_too_long_gets_414(edge: Edge) -> None:
     reply, reader = await edge.conns.ask(build("GET", "/healthz?q=" + "a" * MAX_LINE_SIZE))
     assert reply.status == 414 and str(MAX_LINE_SIZE) in reply.error()["message"]
