@@ -8,27 +8,27 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 import orjson
+from aiohttp import web
 
 from proxy.audit import EVENT_TYPES
 from proxy.auth import check_admin
-from proxy.endpoints import read_body
+from proxy.endpoints import expect_continue, read_body
 from proxy.errors import BadRequest, NotFound
 from proxy.health import reset_fingerprint
-from proxy.httpserver import App, Request, Response, StreamResponse
 from proxy.inbound import CHAT, parse_request
 from proxy.instances import DRAINED, MISMATCH, UNKNOWN, InstanceState
 from proxy.routing import new_id
 from proxy.state import RELOAD, STATE
 from proxy.store import EventQuery
 
-Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def admin(handler: Handler) -> Handler:
     """Wrap an admin handler with the admin key check (errors get their shape from the
     app's middleware)."""
 
-    async def wrapped(request: Request) -> Response | StreamResponse:
+    async def wrapped(request: web.Request) -> web.Response:
         check_admin(request.app[STATE].config.server, request.headers)
         return await handler(request)
 
@@ -37,28 +37,29 @@ def admin(handler: Handler) -> Handler:
 
 
 @admin
-async def route_dry_run(request: Request) -> Response:
+async def route_dry_run(request: web.Request) -> web.Response:
     """POST /admin/route: the plan the proxy would make for this body; nothing is sent."""
     state = request.app[STATE]
-    raw = await read_body(request, state.config.server.max_body_bytes)
+    server = state.config.server
+    raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
     req = parse_request(CHAT, raw, new_id())
     plan = state.planner.plan(req, request.headers)
-    return Response(200, orjson.dumps(plan.as_dict()))
+    return _json_response(plan.as_dict())
 
 
-def _instance(request: Request) -> InstanceState:
+def _instance(request: web.Request) -> InstanceState:
     inst = request.app[STATE].registry.get(request.match_info["id"])
     if inst is None:
         raise NotFound(f"No instance '{request.match_info['id']}'.", code="instance_not_found")
     return inst
 
 
-def _json_response(data: object) -> Response:
-    return Response(200, orjson.dumps(data))
+def _json_response(data: object) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
 
 
 @admin
-async def list_instances(request: Request) -> Response:
+async def list_instances(request: web.Request) -> web.Response:
     """GET /admin/instances: state, circuit, fingerprint, latency, errors of each instance."""
     now = time.monotonic()
     return _json_response({"instances": [s.snapshot(now)
@@ -66,7 +67,7 @@ async def list_instances(request: Request) -> Response:
 
 
 @admin
-async def drain_instance(request: Request) -> Response:
+async def drain_instance(request: web.Request) -> web.Response:
     """POST /admin/instances/{id}/drain: no new requests; in-flight ones finish."""
     inst = _instance(request)
     request.app[STATE].registry.set_state(inst, DRAINED, "drained by admin")
@@ -74,7 +75,7 @@ async def drain_instance(request: Request) -> Response:
 
 
 @admin
-async def enable_instance(request: Request) -> Response:
+async def enable_instance(request: web.Request) -> web.Response:
     """POST /admin/instances/{id}/enable: back in rotation; probed again at once."""
     state = request.app[STATE]
     inst = _instance(request)
@@ -87,7 +88,7 @@ async def enable_instance(request: Request) -> Response:
 
 
 @admin
-async def reset_instance_fingerprint(request: Request) -> Response:
+async def reset_instance_fingerprint(request: web.Request) -> web.Response:
     """POST /admin/instances/{id}/reset-fingerprint: learn the fingerprint anew."""
     state = request.app[STATE]
     inst = _instance(request)
@@ -99,7 +100,7 @@ async def reset_instance_fingerprint(request: Request) -> Response:
 
 
 @admin
-async def list_events(request: Request) -> Response:
+async def list_events(request: web.Request) -> web.Response:
     """GET /admin/events?request_id=&type=&instance=&since=&limit= (newest first)."""
     store = request.app[STATE].recorder.store
     if store is None:
@@ -155,7 +156,7 @@ def parse_since(text: str) -> float | None:
 
 
 @admin
-async def reload(request: Request) -> Response:
+async def reload(request: web.Request) -> web.Response:
     """POST /admin/reload: re-read the config file; 200 when switched, 400 when rejected."""
     ok, message = await request.app[RELOAD](request.app)
     if not ok:
@@ -164,11 +165,12 @@ async def reload(request: Request) -> Response:
     return _json_response({"status": "reloaded", "message": message})
 
 
-def add_admin_routes(app: App) -> None:
-    app.add_post("/admin/reload", reload)
-    app.add_get("/admin/events", list_events)
-    app.add_post("/admin/route", route_dry_run)
-    app.add_get("/admin/instances", list_instances)
-    app.add_post("/admin/instances/{id}/drain", drain_instance)
-    app.add_post("/admin/instances/{id}/enable", enable_instance)
-    app.add_post("/admin/instances/{id}/reset-fingerprint", reset_instance_fingerprint)
+def add_admin_routes(app: web.Application) -> None:
+    router = app.router
+    for path, handler in (("/admin/reload", reload), ("/admin/route", route_dry_run),
+                          ("/admin/instances/{id}/drain", drain_instance),
+                          ("/admin/instances/{id}/enable", enable_instance),
+                          ("/admin/instances/{id}/reset-fingerprint", reset_instance_fingerprint)):
+        router.add_post(path, handler, expect_handler=expect_continue)
+    router.add_get("/admin/events", list_events, expect_handler=expect_continue)
+    router.add_get("/admin/instances", list_instances, expect_handler=expect_continue)

@@ -26,7 +26,9 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 
 
 def _matches(token: str, keys: tuple[str, ...]) -> bool:
-    given = token.encode()
+    # Header values are decoded as UTF-8 with surrogateescape (aiohttp's parser does so):
+    # bytes that are not UTF-8 come back as they were sent, and match no configured key.
+    given = token.encode("utf-8", "surrogateescape")
     found = False
     for key in keys:
         found |= hmac.compare_digest(given, key.encode())

@@ -12,6 +12,8 @@ import re
 import time
 
 import orjson
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.auth import check_admin, check_client
 from proxy.config import Config
@@ -24,15 +26,6 @@ from proxy.errors import (
     UnsupportedEncoding,
 )
 from proxy.forwarding import CLIENT_GONE, ClientGone
-from proxy.httpserver import (
-    App,
-    BadFraming,
-    BodyTooLarge,
-    ClientDisconnected,
-    Request,
-    Response,
-    StreamResponse,
-)
 from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.routing import AUTO, RoutePlan, new_id
@@ -40,6 +33,18 @@ from proxy.state import STATE, ProxyState
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
+#: Errors answered before the body was read whole: the connection closes after them
+#: rather than read on through what is left of the body to find the next request.
+_CLOSING = frozenset({408, 413})
+
+
+class EventStream(web.StreamResponse):
+    """A streamed answer whose head goes out together with its first events (one write)."""
+
+    # aiohttp (3.12+, aio-libs/aiohttp#10991) keeps a response's head in the writer until
+    # the first body write when this class attribute is False, as web.Response does; a
+    # StreamResponse otherwise sends the head on its own from prepare().
+    _send_headers_immediately = False
 
 
 class HttpSink:
@@ -47,10 +52,10 @@ class HttpSink:
 
     __slots__ = ("request", "response", "headers")
 
-    def __init__(self, request: Request, headers: dict[str, str]) -> None:
+    def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
         self.request = request
         self.headers = headers
-        self.response: StreamResponse | None = None
+        self.response: web.StreamResponse | None = None
 
     async def start(self, instance_id: str, attempts: int, first: bytes,
                     upstream_headers: dict[str, str]) -> None:
@@ -62,9 +67,10 @@ class HttpSink:
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
-        response = StreamResponse(200, headers)
+        response = EventStream(status=200, headers=headers)
         try:
-            await response.prepare(self.request, first)
+            await response.prepare(self.request)
+            await response.write(first)
         except (ConnectionError, RuntimeError) as exc:
             raise ClientGone() from exc
         self.response = response
@@ -72,21 +78,26 @@ class HttpSink:
     async def write(self, data: bytes) -> None:
         assert self.response is not None
         try:
-            await self.response.write(data)
+            await self.response.write(data)  # waits while the client is not reading
         except (ConnectionError, RuntimeError) as exc:
             # The client went away (reset, or the transport is already closing).
             raise ClientGone() from exc
 
 
-def _request_id(request: Request) -> str:
+def _request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id")
     if given and _REQUEST_ID.fullmatch(given):
         return given
     return new_id()
 
 
-async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
-    """The request body, within the size limit and the time a client may take to send it."""
+async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The request body, within the size limit and the time a client may take to send it.
+
+    Raises UnsupportedEncoding (415) for a compressed body, PayloadTooLarge (413) over
+    `limit` bytes, RequestTimeout (408) when it has not all arrived within `timeout_s`,
+    BadRequest (400) when its framing is broken or it is cut short.
+    """
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         # Decoding client bodies buys nothing here and has sharp edges (a bad deflate body
@@ -97,25 +108,50 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
     if length is not None and length > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
     try:
-        return await request.read(timeout_s)
+        if request.content.is_eof():  # it came whole with the head: no timer to arm
+            return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {timeout_s:g}s.") from None
-    except BodyTooLarge:
+    except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.") from None
-    except ClientDisconnected:
-        raise BadRequest("The request body was cut short.") from None
-    except BadFraming:
-        raise BadRequest("The request body could not be read (broken chunked encoding).") \
-            from None
+    except (HttpProcessingError, web.RequestPayloadError):
+        # a broken chunked encoding, or a body cut short by the client's half-close
+        raise BadRequest("The request body could not be read (broken framing, or cut "
+                         "short).") from None
 
 
-def error_response(exc: ProxyError, headers: dict[str, str]) -> Response:
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """The `Expect` handler of every route: `100 Continue` only for a body the proxy would
+    take; a declared length over the limit is answered 413 at once, before the client
+    sends it (aiohttp's default handler sends `100 Continue` first). Expectations other
+    than 100-continue are ignored, as RFC 9110 section 10.1.1 allows; HTTP/1.0 has no
+    interim answers."""
+    if request.version < HttpVersion11 or \
+            request.headers.get("Expect", "").strip().lower() != "100-continue":
+        return None
+    length = request.content_length
+    if length is not None and length > request.client_max_size:
+        return error_response(PayloadTooLarge(
+            f"The request body is {length} bytes; the limit is {request.client_max_size}."), {})
+    writer = request.writer
+    await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    writer.output_size = 0  # the answer itself has not started (as aiohttp's handler does)
+    return None
+
+
+def error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
     """A ProxyError as an OpenAI-shaped response (with its own headers, e.g. Retry-After)."""
     headers.update(exc.headers)
-    return Response(exc.status, exc.body(), headers)
+    headers["Content-Type"] = _JSON
+    response = web.Response(status=exc.status, body=exc.body(), headers=headers)
+    if exc.status in _CLOSING:
+        response.force_close()
+    return response
 
 
-async def _proxy(request: Request, endpoint: str) -> Response | StreamResponse:
+async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     state: ProxyState = request.app[STATE]
     # Taken once: a config reload during this request does not change what it uses.
     config, recorder, planner, forwarder = (state.config, state.recorder, state.planner,
@@ -163,7 +199,7 @@ async def _proxy(request: Request, endpoint: str) -> Response | StreamResponse:
     if reply.body is None:
         response = sink.response if sink is not None else None
         if response is None:  # the client left before the stream could start
-            return Response(499, b"", headers)
+            return web.Response(status=499, headers=headers)
         if reply.outcome != CLIENT_GONE:
             try:
                 await response.write_eof()
@@ -173,51 +209,52 @@ async def _proxy(request: Request, endpoint: str) -> Response | StreamResponse:
     headers.update(reply.headers)
     headers["x-route-instance"] = reply.instance or ""
     headers["x-route-attempts"] = str(len(reply.attempts))
-    return Response(reply.status, reply.body, headers, reply.content_type or _JSON)
+    headers["Content-Type"] = reply.content_type or _JSON  # the upstream's, as it was
+    return web.Response(status=reply.status, body=reply.body, headers=headers)
 
 
-async def chat_completions(request: Request) -> Response | StreamResponse:
+async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
     return await _proxy(request, CHAT)
 
 
-async def completions(request: Request) -> Response | StreamResponse:
+async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions"""
     return await _proxy(request, COMPLETIONS)
 
 
-async def embeddings(request: Request) -> Response | StreamResponse:
+async def embeddings(request: web.Request) -> web.StreamResponse:
     """POST /v1/embeddings"""
     return await _proxy(request, EMBEDDINGS)
 
 
-async def list_models(request: Request) -> Response:
+async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: `auto`, the model groups and every upstream model, OpenAI list format."""
     state = request.app[STATE]
     check_client(state.config.server, request.headers)
-    return Response(200, state.models_body)
+    return web.Response(body=state.models_body, content_type=_JSON)
 
 
-async def healthz(request: Request) -> Response:
+async def healthz(request: web.Request) -> web.Response:
     """GET /healthz: the process is alive."""
-    return Response(200, b'{"status":"ok"}')
+    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
 
 
-async def readyz(request: Request) -> Response:
+async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: 200 when at least one instance is routable, else 503."""
     registry = request.app[STATE].registry
     routable = [s.id for s in registry.states if s.routable()]
     body = orjson.dumps({"status": "ready" if routable else "unavailable", "routable": routable})
-    return Response(200 if routable else 503, body)
+    return web.Response(status=200 if routable else 503, body=body, content_type=_JSON)
 
 
-async def metrics(request: Request) -> Response:
+async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format (behind the admin key if server.metrics_auth)."""
     state = request.app[STATE]
     if state.config.server.metrics_auth:
         check_admin(state.config.server, request.headers)
     body = state.recorder.metrics.render()
-    return Response(200, body, content_type=METRICS_CONTENT_TYPE)
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def models_body(config: Config) -> bytes:
@@ -235,13 +272,12 @@ def models_body(config: Config) -> bytes:
     ]})
 
 
-def add_routes(app: App) -> None:
-    """Register the public endpoints."""
-    app.add_post("/v1/chat/completions", chat_completions)
-    app.add_post("/v1/completions", completions)
-    app.add_post("/v1/embeddings", embeddings)
-    app.add_get("/v1/models", list_models)
-    app.add_get("/healthz", healthz)
-    app.add_get("/readyz", readyz)
-    app.add_get("/metrics", metrics)
-
+def add_routes(app: web.Application) -> None:
+    """Register the public endpoints (a GET route answers HEAD too)."""
+    router = app.router
+    for path, handler in (("/v1/chat/completions", chat_completions),
+                          ("/v1/completions", completions), ("/v1/embeddings", embeddings)):
+        router.add_post(path, handler, expect_handler=expect_continue)
+    for path, get in (("/v1/models", list_models), ("/healthz", healthz), ("/readyz", readyz),
+                      ("/metrics", metrics)):
+        router.add_get(path, get, expect_handler=expect_continue)

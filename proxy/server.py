@@ -1,8 +1,15 @@
-"""Running the proxy: the HTTP server, signals, graceful shutdown and reload.
+"""Running the proxy on aiohttp's server: protocol errors, signals, graceful shutdown, workers.
 
 SIGTERM/SIGINT: stop accepting, let in-flight requests and streams finish within
 `server.shutdown_grace_s`, flush the audit queue, exit 0. SIGHUP: reload the config file
 (see `proxy.app.reload_config`).
+
+The app's middleware gives every error raised while handling a request OpenAI's shape. A
+request that aiohttp's parser refuses (a malformed request line or header, a line over
+the limits set in `proxy.app.HANDLER_ARGS`, a missing or repeated `Host`) never reaches
+the app: aiohttp answers it itself through `RequestHandler.handle_error`. `ProxyRunner`
+serves the app with a RequestHandler subclass that answers those in the same shape, then
+reads no further into the connection (half-closed, the rest dropped, then closed).
 """
 
 from __future__ import annotations
@@ -11,20 +18,191 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidHeader, LineTooLong
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from proxy.httpserver import App, start_server, stop_server
+from proxy.app import (
+    LINGER_S,
+    MAX_FIELD_SIZE,
+    MAX_LINE_SIZE,
+    framework_error,
+    http_error_response,
+)
+from proxy.errors import error_body
 
 log = structlog.get_logger("proxy.server")
 
+#: Pending connections the kernel keeps for the listening socket (aiohttp's default is 128;
+#: a burst of new clients should queue, not be refused).
+BACKLOG = 1024
 
-async def serve(app: App, host: str, port: int, grace_s: float,
-                on_reload: Any = None, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT; then shut down gracefully."""
-    server = await start_server(app, host, port, reuse_port=reuse_port)
+
+def protocol_error(status: int, exc: BaseException | None,
+                   message: str | None) -> tuple[int, str]:
+    """The status and message for a request aiohttp refused: its parser reports every
+    refusal as a 400 with an HttpProcessingError; a line over a size limit becomes 414
+    (the request line, MAX_LINE_SIZE) or 431 (a header line, MAX_FIELD_SIZE), too many
+    headers 431. Any other status (a 500 from a handler, which the middleware prevents)
+    is kept with a message that says nothing about internals."""
+    if status >= 500:
+        return status, "The proxy hit an internal error; it has been logged."
+    if isinstance(exc, LineTooLong):
+        # aiohttp's C parser raises LineTooLong(line, limit) with the limit of the line
+        # it was reading; the two limits differ, so the limit says which line it was.
+        limit = str(exc.args[1]) if len(exc.args) > 1 else ""
+        if limit == str(MAX_LINE_SIZE):
+            return 414, f"The request line is longer than {MAX_LINE_SIZE} bytes."
+        return 431, f"A request header line is longer than {MAX_FIELD_SIZE} bytes."
+    if isinstance(exc, InvalidHeader):  # its message quotes the header (a key, maybe)
+        return status, "Malformed HTTP request: a header holds a forbidden character."
+    if isinstance(exc, BadStatusLine):  # (and this one the request line)
+        return status, "Malformed HTTP request: the request line is not HTTP/1.x."
+    detail = message or (exc.message if isinstance(exc, HttpProcessingError) else "") or ""
+    # The C parser's message is a line of text, then the offending bytes with a caret:
+    # only the text is kept, so no byte the client sent is echoed (or logged).
+    detail = detail.strip().splitlines()[0][:200].rstrip(":. ") if detail.strip() else ""
+    if detail == "Too many headers received":
+        return 431, "The request has too many headers."
+    return status, "Malformed HTTP request" + (f": {detail}" if detail else "") + "."
+
+
+class _Refusal(web.Response):
+    """The answer to a request the parser refused. After it, the connection is half-closed
+    (the client reads the answer, then EOF), and whatever the client still sends is read
+    and dropped for up to LINGER_S before the connection closes (sooner when the client
+    closes): closing a socket with unread bytes would reset the connection, and a reset
+    can destroy the answer before the client has read it."""
+
+    def __init__(self, transport: asyncio.Transport | None, status: int, body: bytes) -> None:
+        super().__init__(status=status, body=body, content_type="application/json")
+        self.force_close()
+        self.transport = transport
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+            # Cancelled at once when the client closes (handler_cancellation).
+            await asyncio.sleep(LINGER_S)
+
+
+class _OpenAIErrorHandler(RequestHandler):
+    """aiohttp's connection protocol, answering its own errors in OpenAI's shape, and
+    reading no further into a connection once its parser has refused a request."""
+
+    __slots__ = ("_refused",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the stream cannot be trusted any more: dropped until the close
+        super().data_received(data)
+        # aiohttp queues a request its parser refused as a message (_ErrInfo) for
+        # start() to answer after the ones before it, and would go on parsing what
+        # follows into more of them, each holding the offending bytes in its message
+        # (about 10 MB per connection sending an endless header line).
+        messages = self._messages
+        if not messages or not isinstance(messages[-1][0], _ErrInfo):
+            return
+        self._refused = True
+        request = self._current_request
+        if request is not None and not request.content.is_eof():
+            # The refused bytes are the body of the request being handled (a broken
+            # chunked encoding). aiohttp 3.14's C parser drops that body without failing
+            # it (its pure-Python parser fails it), so the handler reading it would wait
+            # out body_timeout_s: it is failed here, and the connection closes after the
+            # handler's answer rather than answer the same request twice.
+            request.content.set_exception(web.RequestPayloadError(messages[-1][0].message))
+            request.content.feed_eof()  # (nothing of it left to drain after the answer)
+            self.close()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp 3.14 (web_protocol.py) calls this for a request its parser refused
+        # (status 400, the parser's exception) and for an exception that escaped the
+        # request handler (500, or 504 for a TimeoutError; the app's middleware catches
+        # both first). Like the method it overrides: nothing can follow a response
+        # already started, and the connection closes after the answer.
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already started on this connection")
+        status, text = protocol_error(status, exc, message)
+        if status >= 500:
+            log.error("request_failed", status=status, exc_info=exc)
+            resp = http_error_response(status, text)
+            resp.force_close()
+            return resp
+        log.debug("bad_http_request", status=status, message=text)
+        return _Refusal(self.transport, status, error_body(text, "invalid_request_error"))
+
+    def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                        start_time: float | None
+                        ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # An HTTPException raised before the app's middleware runs reaches the client
+        # through here as it is: aiohttp's default Expect handler, which the router uses
+        # for unknown paths, answers an unknown expectation with a plain-text 417. (Not
+        # a coroutine itself: no extra await per request.)
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            resp = framework_error(request, resp)
+        return super().finish_response(request, resp, start_time)
+
+
+class _OpenAIErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        # The same construction as web.Server.__call__, with the subclass.
+        return _OpenAIErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """An AppRunner whose connections answer aiohttp's own protocol errors in OpenAI's
+    shape (`_OpenAIErrorHandler`). Everything else is aiohttp's AppRunner: the app's
+    cleanup_ctx runs on setup and cleanup, and cleanup stops accepting, closes idle
+    connections, waits up to `shutdown_timeout` seconds for running handlers, then
+    cancels them."""
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp has no option for the connection protocol class (aio-libs/aiohttp#3287
+        # asks for a hook for exactly this), so the app's own server is re-classed; its
+        # state is untouched and only __call__ (the protocol factory) differs. Covered by
+        # tests/test_server_edges.py, which fails if an aiohttp upgrade changes this.
+        server = await super()._make_server()
+        server.__class__ = _OpenAIErrorServer
+        return server
+
+
+async def start(app: web.Application, host: str, port: int, *, reuse_port: bool = False,
+                shutdown_timeout: float = 10.0) -> ProxyRunner:
+    """Run the app's start-up and listen on host:port (port 0: any free port; see
+    `bound_port`). `reuse_port` lets several processes share the port (SO_REUSEPORT)."""
+    runner = ProxyRunner(app, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=BACKLOG)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.BaseRunner) -> int:
+    """The port a started runner listens on."""
+    return int(runner.addresses[0][1])
+
+
+async def serve(app: web.Application, host: str, port: int, grace_s: float,
+                on_reload: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT; then shut down gracefully within `grace_s`."""
+    runner = await start(app, host, port, reuse_port=reuse_port, shutdown_timeout=grace_s)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[Any]] = set()
@@ -44,9 +222,9 @@ async def serve(app: App, host: str, port: int, grace_s: float,
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        # Stops accepting, waits up to grace_s for in-flight requests, then runs the
-        # app's cleanup (prober, upstream connections, audit flush).
-        await stop_server(server, grace_s)
+        # Stops accepting, waits up to grace_s for in-flight requests and streams, then
+        # runs the app's cleanup (prober, upstream connections, audit flush).
+        await runner.cleanup()
         log.info("stopped")
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from proxy.audit import Recorder
 from proxy.config import Config
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
 from proxy.httpclient import Pool
-from proxy.httpserver import App, AppKey
 from proxy.instances import Registry
 from proxy.routing import Planner
 from proxy.secrets import Redactor
@@ -38,8 +39,8 @@ class ProxyState:
             setattr(self, name, getattr(other, name))
 
 
-STATE: AppKey[ProxyState] = AppKey("state")
+STATE = web.AppKey("state", ProxyState)
 #: The app's reload function (see proxy.app.reload_config): (app) -> (ok, message).
-Reloader = Callable[[App], Awaitable[tuple[bool, str]]]
-RELOAD: AppKey[Reloader] = AppKey("reload")
-CONFIG: AppKey[Config] = AppKey("config")
+Reloader = Callable[[web.Application], Awaitable[tuple[bool, str]]]
+RELOAD: web.AppKey[Reloader] = web.AppKey("reload")
+CONFIG = web.AppKey("config", Config)

@@ -431,11 +431,11 @@ class InprocProxy:
     async def start(self, doc: dict[str, Any]) -> None:
         from proxy.app import create_app
         from proxy.config import parse_config
-        from proxy.httpserver import start_server
+        from proxy.server import start
 
         self.app = create_app(parse_config(doc, "<chaos>"))
         # served the way `failover-proxy serve` serves it
-        self.runner = await start_server(self.app, "127.0.0.1", self.port)
+        self.runner = await start(self.app, "127.0.0.1", self.port, shutdown_timeout=1.0)
 
     def pool(self) -> Any:
         from proxy.state import STATE
@@ -443,13 +443,12 @@ class InprocProxy:
         return self.app[STATE].forwarder.upstream.client
 
     def inbound_connections(self) -> int:
-        return len(self.runner.connections) if self.runner is not None else 0
+        server = self.runner.server if self.runner is not None else None
+        return len(server.connections) if server is not None else 0
 
     async def close(self) -> None:
-        from proxy.httpserver import stop_server
-
         if self.runner is not None:
-            await stop_server(self.runner, 1.0)
+            await self.runner.cleanup()
 
 
 class ProcProxy:

@@ -14,10 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import DEFAULT_STORE_URL, Config, parse_config
-from proxy.httpserver import App, Server, start_server, stop_server
+from proxy.server import ProxyRunner, bound_port, start
 from proxy.simulator import Simulator
 
 MakeSim = Callable[..., Awaitable[Simulator]]
@@ -70,12 +71,19 @@ def proxy_config(sims: Sequence[Simulator | tuple[str, str]], *, models: dict[st
 
 
 class RunningProxy:
-    """The proxy app served on a real port."""
+    """The proxy app served on a real port, the way `failover-proxy serve` serves it."""
 
-    def __init__(self, server: Server, port: int, app: App) -> None:
-        self.server = server
+    def __init__(self, runner: ProxyRunner, port: int, app: web.Application) -> None:
+        self.runner = runner
         self.port = port
         self.app = app
+        self.stopped = False
+
+    async def stop(self) -> None:
+        """Shut down as on SIGTERM (which flushes the audit queue); idempotent."""
+        if not self.stopped:
+            self.stopped = True
+            await self.runner.cleanup()
 
     @property
     def url(self) -> str:
@@ -93,20 +101,21 @@ MakeProxy = Callable[[Config], Awaitable[RunningProxy]]
 async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
     """Serve a config on a free port; its audit store goes to the test's temp dir unless
     the config names one."""
-    servers: list[Server] = []
+    running: list[RunningProxy] = []
 
     async def make(config: Config) -> RunningProxy:
         if config.store.url == DEFAULT_STORE_URL:
             config = dataclasses.replace(config, store=dataclasses.replace(
                 config.store, url=f"sqlite:///{tmp_path}/audit.db"))
         app = create_app(config)
-        server = await start_server(app, "127.0.0.1", 0)
-        servers.append(server)
-        return RunningProxy(server, server.port, app)
+        runner = await start(app, "127.0.0.1", 0, shutdown_timeout=1.0)
+        proxy = RunningProxy(runner, bound_port(runner), app)
+        running.append(proxy)
+        return proxy
 
     yield make
-    for server in servers:
-        await stop_server(server, 1.0)
+    for proxy in running:
+        await proxy.stop()
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import openai
 import pytest
 
 from proxy.config import parse_config
-from proxy.httpserver import stop_server
 from proxy.simulator import Simulator
 from proxy.store import AuditStore, EventQuery, connect
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body
@@ -145,7 +144,7 @@ async def test_events_survive_a_restart_and_the_cli_reads_them(
     proxy = await make_proxy(config)
     status, headers, _ = await chat(proxy)
     request_id = headers["x-request-id"]
-    await stop_server(proxy.server)  # shutdown flushes the queue
+    await proxy.stop()  # shutdown flushes the queue
     again = await make_proxy(config)
     assert [e["type"] for e in await events(again, request_id=request_id)] == [
         "ROUTE_PLANNED", "ROUTE_VERIFIED", "REQUEST_COMPLETED"]
@@ -186,7 +185,7 @@ async def test_route_plan_rows_record_the_final_instance(make_sim: MakeSim, make
     proxy = await make_proxy(seed_config([a, b], None, tmp_path))
     await a.stop()
     status, headers, _ = await chat(proxy)
-    await stop_server(proxy.server)
+    await proxy.stop()
     row = sqlite3.connect(tmp_path / "audit.db").execute(
         "SELECT selected, final_instance, outcome, status, attempts, plan FROM route_plans"
         " WHERE plan_id = ?", (headers["x-route-plan-id"],)).fetchone()
