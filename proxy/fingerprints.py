@@ -177,8 +177,32 @@ def label_warning(label: str | None, served: Served, checks_names: bool) -> str 
         return None
     text = f"metadata.model {label!r} is not a model this server lists ({show(served.models)})"
     if checks_names:
-        text += "; requests carry it as their model, which this server may refuse"
+        text += ("; requests name the model it serves instead" if served.identity else
+                 "; requests carry the label as their model, which this server may refuse")
     return text
+
+
+def request_model(label: str | None, pin: Pin | None, checks_names: bool) -> str | None:
+    """The `model` to send an instance: None keeps the client's.
+
+    The label (`metadata.model`) when nothing better is known (no pin, or a multi-model
+    server whose listing the label names none of: the client's `model` then, without a
+    label), when the server lists it (or a variant of it), when the user pinned the model
+    too (`fingerprint: {model: X}`), or when the server ignores the name (`checks_names`
+    False: llama.cpp answers with its one loaded model whatever is asked). Otherwise the
+    name the server was seen serving it under (a one-model server's identity), so a label
+    such as `Qwen3-Coder-30B` still reaches an Ollama box serving
+    `qwen3-coder:30b-a3b-q4_K_M`, and an instance without a label is not sent the
+    client's group name (`auto`, `coder`).
+    """
+    if pin is None or pin.name is None or not checks_names:
+        return label
+    if label is None:
+        return pin.name
+    if pin.source == CONFIGURED or label == pin.name or label in pin.models \
+            or any_match(label, pin.models):
+        return label
+    return pin.name
 
 
 def changes(old: Pin, new: Pin) -> tuple[list[str], list[str]]:

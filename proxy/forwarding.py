@@ -330,7 +330,7 @@ class Forwarder:
         cfg = inst.config
         t0 = time.perf_counter()
         resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
-                                        req.body_for(cfg.model), client_auth)
+                                        req.body_for(inst.request_model), client_auth)
         try:
             return await self._whole_reply(inst, resp, time.perf_counter() - t0)
         except BaseException:
@@ -368,7 +368,7 @@ class Forwarder:
         t0 = time.perf_counter()
         deadline = t0 + timeouts.first_byte_s
         resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
-                                        req.body_for(cfg.model), client_auth)
+                                        req.body_for(inst.request_model), client_auth)
         done = False
         try:
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
@@ -664,12 +664,12 @@ class Forwarder:
                 if carried is not None:
                     splicer.carried_chunks = carried
             body = continuation_body(req.body, req.endpoint == CHAT, splicer.delivered,
-                                     cfg.model, carried)
+                                     inst.request_model, carried)
             if body is None:
                 raise UnsupportedByInstance(_NO_PREFILL)
             data = orjson.dumps(body)
         else:
-            data = req.body_for(cfg.model)
+            data = req.body_for(inst.request_model)
         t0 = time.perf_counter()
         resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint], data, client_auth)
         done = False

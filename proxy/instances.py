@@ -26,7 +26,7 @@ from proxy.failures import (
     RateLimited,
     UpstreamFailure,
 )
-from proxy.fingerprints import CONFIGURED, Pin, configured
+from proxy.fingerprints import CONFIGURED, Pin, configured, request_model
 
 log = structlog.get_logger("proxy.instances")
 
@@ -107,6 +107,10 @@ class InstanceState:
     ctx_reason: str = "ctx=unknown"
     #: Requested tags -> (matched share, reason): few distinct tag sets ever occur.
     tag_match_cache: dict[tuple[str, ...], tuple[float, str]] = field(default_factory=dict)
+    # request_model's cache: the pin it was computed for, and the name.
+    _model_pin: Pin | None = field(default=None, init=False, repr=False)
+    _model_name: str | None = field(default=None, init=False, repr=False)
+    _model_known: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._derive()
@@ -129,6 +133,18 @@ class InstanceState:
         return None if pin is None else pin.describe()
 
     @property
+    def request_model(self) -> str | None:
+        """The `model` to send this instance (None: the client's own), recomputed only
+        when the pin changes (see fingerprints.request_model)."""
+        pin = self.pin
+        if pin is not self._model_pin or not self._model_known:
+            cfg = self.config
+            self._model_name = request_model(cfg.model, pin, cfg.server != "llamacpp")
+            self._model_pin = pin
+            self._model_known = True
+        return self._model_name
+
+    @property
     def ctx(self) -> int | None:
         """The context window in tokens: the configured one, else the one the server
         stated in an overflow error, else None (unknown)."""
@@ -146,6 +162,7 @@ class InstanceState:
         old = self.config
         self.config = config
         self._derive()
+        self._model_known = False  # the label may have changed
         circuit = self.circuit
         circuit.base_cooldown_s = health.cooldown_s
         circuit.max_cooldown_s = health.max_cooldown_s

@@ -49,6 +49,8 @@ Faults (``name`` or ``name=value``) are set at construction, with
 ``ratelimit_headers`` successful answers carry OpenAI's ``x-ratelimit-*``
                      headers (a 429 from ``rate_limit`` always does, with
                      ``retry-after-ms`` too)
+``strict_models``    a request naming a model this server does not serve gets
+                     404 model-not-found, as Ollama, vLLM and LM Studio answer
 ===================  =========================================================
 
 A stream fault whose N is larger than the number of pieces never fires.
@@ -163,6 +165,8 @@ class Faults:
     context_style: str = "openai"
     #: Like OpenAI: successful answers carry `x-ratelimit-*` headers.
     ratelimit_headers: bool = False
+    #: Refuse (404) a request naming a model not served, as Ollama/vLLM/LM Studio do.
+    strict_models: bool = False
 
     @property
     def shapes_stream(self) -> bool:
@@ -191,7 +195,7 @@ class Faults:
 
 _FLAGS: Final = frozenset({"refuse", "hang", "loading", "echo_prefill", "leak_auth", "no_done",
                             "no_finish", "tool_call", "azure_prelude", "refusal",
-                            "ratelimit_headers"})
+                            "ratelimit_headers", "strict_models"})
 _COUNTS: Final = frozenset({"die_after", "stall_after", "malformed_after", "error_after", "context"})
 _SECONDS: Final = frozenset({"slow_first_byte", "rate_limit", "reasoning"})
 _STRINGS: Final = frozenset({"model", "model_file"})
@@ -308,6 +312,8 @@ class SimStats:
     requests: int = 0
     #: Headers of the latest model request (to check what a proxy forwards).
     last_headers: dict[str, str] = field(default_factory=dict)
+    #: The `model` of the latest model request.
+    last_model: str | None = None
     by_path: dict[str, int] = field(default_factory=dict)
     open_connections: int = 0
     inflight: int = 0
@@ -875,6 +881,14 @@ class Simulator:
                 raise _BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
             if not isinstance(data, dict):
                 raise _BadRequest("The request body must be a JSON object.")
+            asked = data.get("model")
+            self.stats.last_model = asked if isinstance(asked, str) else None
+            if faults.strict_models and asked not in self._listed():
+                # Ollama's OpenAI layer (openai.go): 404 with this message for a model it
+                # has not pulled; vLLM and LM Studio also answer 404.
+                raise _Refused(404, {"error": {
+                    "message": f'model "{asked}" not found, try pulling it first',
+                    "type": "api_error", "param": None, "code": None}})
             return await build(request, data, faults, self._answering(faults, data))
         except _BadRequest as exc:
             return _error(400, exc.message, "invalid_request_error", param=exc.param, code=exc.code)

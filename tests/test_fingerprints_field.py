@@ -131,8 +131,11 @@ async def test_a_label_the_server_names_otherwise_is_a_warning_and_the_instance_
     else:
         [warning] = row["warnings"]
         assert f"'{label}'" in warning
-        # Every server but llama.cpp looks a request's `model` up: say it may refuse it.
-        assert ("may refuse" in warning) == (server != "llamacpp")
+        # Every server but llama.cpp looks a request's `model` up: a one-model server is
+        # sent the name it serves; for a listing the label names none of, say it may refuse.
+        multi = any(f.startswith("models=") and "," in f for f in faults)
+        assert ("may refuse" in warning) == (server != "llamacpp" and multi)
+        assert ("name the model it serves" in warning) == (server != "llamacpp" and not multi)
     # Servers listing several models echo the requested one (the label); others their own.
     answers_as = label if any(f.startswith("models=") for f in faults) else served
     for stream in (False, True):
@@ -267,3 +270,32 @@ def test_a_llamacpp_probe_without_props_keeps_the_file_it_knows() -> None:
     kept, mismatch = judge(kept, Served(("qwen3-coder", "/m/other.gguf"), "qwen3-coder",
                                         "/m/other.gguf"))
     assert mismatch is not None and "/m/other.gguf" in mismatch
+
+
+@pytest.mark.parametrize("label", ["Qwen3-Coder-30B", None])
+async def test_a_label_ollama_does_not_serve_is_sent_as_the_name_it_serves(
+        make_sim: MakeSim, make_proxy: MakeProxy, label: str | None) -> None:
+    # An Ollama box that pulled one model refuses any other name with 404 (strict_models);
+    # the user's label (or no label at all) must not make every request fail.
+    served = "qwen3-coder:30b-a3b-q4_K_M"
+    sim = await make_sim("-", faults=[f"models={served}", "strict_models"])
+    meta = {"model": label} if label else {}
+    proxy = await make_proxy(one_provider("ollama", [{"base_url": sim.base_url, "metadata": meta}]))
+    inst = proxy.app[STATE].registry.by_id["p:s0"]
+    assert inst.state == "READY" and inst.request_model == served
+    if label:
+        [warning] = inst.warnings
+        assert "requests name the model it serves instead" in warning
+    for stream in (False, True):
+        text, instance, attempts = await ask(proxy, PROMPT, stream, model="main")
+        assert (instance, attempts) == ("p:s0", "1") and text
+        assert sim.stats.last_model == served
+
+
+async def test_a_label_a_multi_model_server_lists_is_sent_as_written(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    sim = await make_sim("-", faults=["models=llama3.1:8b,qwen3-coder:30b", "strict_models"])
+    proxy = await make_proxy(one_provider("ollama", [
+        {"base_url": sim.base_url, "metadata": {"model": "qwen3-coder:30b"}}]))
+    assert (await ask(proxy, model="main"))[1:] == ("p:s0", "1")
+    assert sim.stats.last_model == "qwen3-coder:30b"
