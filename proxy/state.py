@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from aiohttp import ClientSession
+
 from proxy.audit import Recorder
 from proxy.config import Config
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
-from proxy.httpclient import Pool
 from proxy.httpserver import App, AppKey
 from proxy.instances import Registry
 from proxy.routing import Planner
@@ -27,7 +28,7 @@ class ProxyState:
     forwarder: Forwarder
     prober: Prober
     recorder: Recorder
-    client: Pool
+    client: ClientSession
     redactor: Redactor
     models_body: bytes
 
