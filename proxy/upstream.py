@@ -11,9 +11,11 @@ import asyncio
 import ssl
 import time
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import aiohttp
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from proxy import anthropic
@@ -74,9 +76,10 @@ def make_client(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
       `queue_wait_s`, then reroutes with INSTANCE_BUSY); a connector cap would queue
       requests inside aiohttp instead, unseen, and make health probes wait behind long
       streams, so that a busy instance looked dead.
-    - `trust_env=True`: HTTP_PROXY, HTTPS_PROXY and NO_PROXY (and ~/.netrc) apply, as in
-      aiohttp's documentation ("Proxy support"); NO_PROXY=127.0.0.1,localhost keeps local
-      servers direct.
+    - HTTP_PROXY, HTTPS_PROXY and NO_PROXY apply (see `Upstream.route`), read once per
+      instance rather than by `trust_env=True`, which has aiohttp read the environment
+      and ~/.netrc in a worker thread on every request (aiohttp 3.14 client.py
+      `_request`).
     - Bodies in gzip or deflate are decoded (auto_decompress) though the proxy asks for
       `identity`: a compressed answer reaches the client as the plain bytes it stands for.
     - No redirects are followed (`allow_redirects=False` per request), no cookies kept,
@@ -92,7 +95,7 @@ def make_client(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect_s,
                                       sock_read=None),
-        trust_env=True,
+        trust_env=False,  # the environment's proxies: see Upstream.route
         auto_decompress=True,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
@@ -177,6 +180,15 @@ def _event_name(raw: bytes) -> str | None:
     return None
 
 
+class Route(NamedTuple):
+    """How requests to one instance travel: `ssl=`, `proxy=` and `proxy_headers=` of
+    aiohttp's request."""
+
+    ssl: ssl.SSLContext | bool
+    proxy: URL | None
+    proxy_headers: dict[str, str] | None
+
+
 class Upstream:
     """Opens requests to instances over the shared client session, with the configured
     timeouts, TLS settings and response limits."""
@@ -192,7 +204,7 @@ class Upstream:
         self.limits = limits or UpstreamConfig()
         self._headers: dict[str, dict[str, str]] = {}
         self._urls: dict[str, URL] = {}
-        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._routes: dict[str, Route] = {}
 
     def _url(self, url: str) -> URL:
         """The parsed URL (parsed once: yarl's parsing is a cost per request otherwise)."""
@@ -203,14 +215,27 @@ class Upstream:
             parsed = self._urls[url] = URL(url)
         return parsed
 
-    def ssl_for(self, inst: InstanceConfig) -> ssl.SSLContext | bool:
-        """The `ssl=` argument for requests to `inst`: its own context when it has `tls:`
-        settings (per request on the one session: aiohttp keys pooled connections by it),
-        else True (aiohttp's default verified context)."""
-        value = self._ssl.get(inst.id)
-        if value is None:
-            value = self._ssl[inst.id] = inst.tls.context() if inst.tls is not None else True
-        return value
+    def route(self, inst: InstanceConfig) -> Route:
+        """How to reach `inst`, worked out at its first request under this config.
+
+        TLS: its own SSLContext when it has `tls:` settings (passed per request on the
+        one session; aiohttp keys pooled connections by it), else True (aiohttp's
+        default, verified). Forward proxy: HTTPS_PROXY for an https:// instance,
+        HTTP_PROXY for http://, unless NO_PROXY lists its host (the standard library's
+        rules, through aiohttp's `get_env_proxy_for_url`: the same reading `trust_env`
+        does, including credentials in the proxy URL or ~/.netrc, which go in a
+        Proxy-Authorization header).
+        """
+        route = self._routes.get(inst.id)
+        if route is None:
+            context = inst.tls.context() if inst.tls is not None else True
+            try:
+                proxy, auth = get_env_proxy_for_url(URL(inst.base_url))
+            except LookupError:
+                proxy, auth = None, None
+            headers = {"Proxy-Authorization": auth.encode()} if auth is not None else None
+            route = self._routes[inst.id] = Route(context, proxy, headers)
+        return route
 
     def headers_for(self, inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
         if inst.forward_client_auth:
@@ -233,11 +258,12 @@ class Upstream:
             path, body = "/messages", self._to_anthropic(inst, body)
         first_byte_s = self.timeouts.first_byte_s
         with map_exceptions("first_byte", first_byte_s):
+            route = self.route(inst)
             async with asyncio.timeout(first_byte_s):  # connecting included
                 resp = await self.client.post(
                     self._url(inst.api_base + path), data=body,
-                    headers=self.headers_for(inst, client_auth), ssl=self.ssl_for(inst),
-                    allow_redirects=False)
+                    headers=self.headers_for(inst, client_auth), allow_redirects=False,
+                    ssl=route.ssl, proxy=route.proxy, proxy_headers=route.proxy_headers)
         status = resp.status
         if 200 <= status < 300:
             return resp
@@ -344,12 +370,13 @@ class Upstream:
         """GET (or, with a body, POST) a side endpoint of the server: health, props,
         tokenize. Returns (status, first MiB of the body) within `timeout_s`; raises
         UpstreamFailure when unreachable (UpstreamTimeout("probe") when too slow)."""
+        route = self.route(inst)
         with map_exceptions("probe", timeout_s):
             async with asyncio.timeout(timeout_s):
                 resp = await self.client.request(
                     "POST" if body is not None else "GET", self._url(url), data=body,
-                    headers=self.headers_for(inst, None), ssl=self.ssl_for(inst),
-                    allow_redirects=False)
+                    headers=self.headers_for(inst, None), allow_redirects=False,
+                    ssl=route.ssl, proxy=route.proxy, proxy_headers=route.proxy_headers)
                 try:
                     return resp.status, await _read(resp.content, 1 << 20, None, "probe", False)
                 finally:
