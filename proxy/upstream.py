@@ -249,10 +249,12 @@ class Upstream:
                    client_auth: str | None = None) -> Response:
         """POST `body` to the instance and wait for the status line and headers.
 
-        Returns a 2xx/3xx response with its body unread. Raises PassThrough for a 4xx
-        the client should see unchanged, and an UpstreamFailure for refusals, timeouts,
-        resets, 5xx, 429 and context overflow.
-        The wait for headers is bounded by `first_byte_s`; the caller bounds the rest.
+        Returns a 2xx response with its body unread (the caller releases or closes it).
+        Raises PassThrough for a 4xx the client should see unchanged, and an
+        UpstreamFailure for refusals, timeouts, resets, 5xx, 429, context overflow, and
+        (UpstreamProtocolError) an answer that breaks HTTP, a 101 or a redirect.
+        The wait for headers is bounded by `first_byte_s`, connecting included; the
+        caller bounds the rest.
         """
         if inst.kind == ANTHROPIC:
             path, body = "/messages", self._to_anthropic(inst, body)
@@ -410,10 +412,16 @@ async def _read(content: aiohttp.StreamReader, limit: int, timeout_s: float | No
     """Up to `limit` bytes of a body, within `timeout_s` (no timer when the whole body has
     already arrived). A body over the limit is cut there, or with `strict` raises
     UpstreamProtocolError."""
+    if content.is_eof() and content.exception() is None:
+        # The whole body came with the head (the usual small answer): no wait, no timer.
+        data = content.read_nowait()
+        if len(data) > limit and strict:
+            raise _too_large(limit)
+        return data[:limit]
     parts: list[bytes] = []
     size = 0
     with map_exceptions(phase, timeout_s):
-        async with asyncio.timeout(None if content.is_eof() else timeout_s):
+        async with asyncio.timeout(timeout_s):
             while size <= limit and (chunk := await content.readany()):
                 parts.append(chunk)
                 size += len(chunk)
