@@ -41,11 +41,13 @@ from proxy.sse import DONE_EVENT, EventReader, event_data
 Response = aiohttp.ClientResponse
 
 _PASS_HEADERS = ("retry-after",)
-#: Idle keep-alive connections are dropped after this long. Below the 5 s keep-alive of
-#: llama.cpp's server (cpp-httplib's CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND) and of uvicorn
-#: (vLLM; `--timeout-keep-alive` 5), so the proxy lets go of a connection before the
-#: server does, and a POST rarely meets a connection the server is closing.
-KEEPALIVE_S = 4.0
+#: Idle keep-alive connections are dropped after this long (aiohttp's default). Servers
+#: may close theirs sooner (llama.cpp's cpp-httplib and uvicorn, under vLLM, after 5 s):
+#: aiohttp sees their FIN and does not reuse such a connection. Only a close that crosses
+#: a new request is left; it fails at once (no byte back) as PROCESS_EXITED, and the
+#: forwarder's same-instance retry, a counted attempt, covers it. A shorter keep-alive
+#: would make every sparse request to a cloud instance pay a new TLS handshake.
+KEEPALIVE_S = 15.0
 #: Response head limits (aiohttp's parser; its defaults, stated): a longer line or more
 #: header lines is UPSTREAM_PROTOCOL_ERROR. Real servers send 10 to 40 headers.
 MAX_LINE_BYTES = 8190
