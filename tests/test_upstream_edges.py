@@ -204,7 +204,7 @@ async def test_a_header_flood_fails_over_with_protocol_error(
     async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      h: Hostile) -> None:
         await h.read_request(reader)
-        await h.flood(writer, first, piece, cap=20 * len(piece) * 1000)
+        await h.flood(writer, first, piece, cap=20 * len(piece))  # 20,000 lines, or 1.3 MB
 
     hostile = await make_hostile(behave)
     proxy = await make_proxy(config_for(hostile, await make_sim()))
