@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from proxy.admin import add_admin_routes
 from proxy.audit import STATES, Recorder
@@ -16,7 +16,6 @@ from proxy.endpoints import add_routes, error_response, models_body
 from proxy.errors import ProxyError, error_body
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
-from proxy.httpclient import Pool
 from proxy.instances import Registry
 from proxy.metrics import Metrics
 from proxy.routing import Planner
@@ -30,10 +29,11 @@ log = structlog.get_logger("proxy.app")
 
 
 def _assemble(config: Config, registry: Registry, recorder: Recorder,
-              client: Pool) -> ProxyState:
+              client: ClientSession) -> ProxyState:
     """Everything that depends on the config, around the long-lived client and recorder."""
     redactor = Redactor(config_secrets(config))
-    upstream = Upstream(client, config.timeouts, redactor, config.routing.default_max_tokens)
+    upstream = Upstream(client, config.timeouts, redactor, config.routing.default_max_tokens,
+                        config.upstream)
     registry.listeners.append(recorder.state_changed)
     recorder.known_models = frozenset(
         {"auto", *config.models, *(i.model for i in config.instances if i.model),

@@ -137,7 +137,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         session = make_client(config.timeouts)
         try:
             registry = Registry(config.instances, config.health)
-            upstream = Upstream(session, config.timeouts, Redactor(config_secrets(config)))
+            upstream = Upstream(session, config.timeouts, Redactor(config_secrets(config)),
+                                limits=config.upstream)
             await Prober(registry, upstream, config.health).probe_all()
             return registry
         finally:

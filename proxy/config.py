@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,40 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """Bounds on what an upstream may send; beyond them the attempt fails over with
+    UPSTREAM_PROTOCOL_ERROR instead of buffering without end."""
+
+    #: A whole (non-streamed) response body, after content decoding.
+    max_response_bytes: int = 128 * 1024 * 1024
+    #: One server-sent event of a stream (its lines up to the blank line).
+    max_event_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """An https:// instance's `tls:`: `ca_file` (PEM CAs trusted instead of the system's),
+    `verify` (false: no certificate or host name check, for a test rig only),
+    `client_cert` and `client_key` (PEM; the key may be inside the certificate file)."""
+
+    ca_file: str | None = None
+    verify: bool = True
+    client_cert: str | None = None
+    client_key: str | None = field(default=None, repr=False)
+
+    def context(self) -> ssl.SSLContext:
+        """A client SSLContext with these settings; raises OSError or ssl.SSLError for an
+        unreadable or invalid file."""
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.client_cert is not None:
+            ctx.load_cert_chain(self.client_cert, self.client_key)
+        return ctx
+
+
+@dataclass(frozen=True, slots=True)
 class RetryConfig:
     max_attempts: int = 4
     on: frozenset[str] = frozenset(RETRY_KINDS)
@@ -161,6 +196,8 @@ class InstanceConfig:
     forward_client_auth: bool = False
     #: Most requests in flight to this instance at once (None: no cap).
     max_concurrency: int | None = None
+    #: TLS settings of an https:// instance (None: the system's CAs, verified).
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +215,7 @@ class Config:
     routing: RoutingConfig = RoutingConfig()
     health: HealthConfig = HealthConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
     retry: RetryConfig = RetryConfig()
     store: StoreConfig = StoreConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -437,6 +475,36 @@ def _timeouts(r: _Reader | None) -> TimeoutsConfig:
     )
 
 
+def _upstream(r: _Reader | None) -> UpstreamConfig:
+    if r is None:
+        return UpstreamConfig()
+    r.check_keys({"max_response_bytes", "max_event_bytes"})
+    return UpstreamConfig(*(r.integer(key, getattr(UpstreamConfig(), key), minimum=1024)
+                            for key in ("max_response_bytes", "max_event_bytes")))
+
+
+def _tls(r: _Reader | None, scheme: str) -> TlsConfig | None:
+    """An instance's `tls:` mapping, checked by building its SSL context once."""
+    if r is None:
+        return None
+    r.check_keys({"ca_file", "verify", "client_cert", "client_key"})
+    if scheme != "https":
+        raise r.error(r.path, "an https:// base_url for tls settings")
+    tls = TlsConfig(r.string("ca_file"), r.boolean("verify", True), r.string("client_cert"),
+                    r.string("client_key"))
+    if tls.client_key is not None and tls.client_cert is None:
+        raise r.error(r.sub("client_cert"), "a certificate for client_key (required)")
+    for key in ("ca_file", "client_cert", "client_key"):
+        if getattr(tls, key) is not None and not os.path.isfile(getattr(tls, key)):
+            raise r.error(r.sub(key), "the path of a readable PEM file", getattr(tls, key))
+    try:
+        tls.context()
+    except (OSError, ssl.SSLError) as exc:  # the reason only, never the files' content
+        why = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        raise r.error(r.path, f"PEM files that load ({why})") from None
+    return tls
+
+
 def _retry(r: _Reader | None) -> RetryConfig:
     if r is None:
         return RetryConfig()
@@ -504,7 +572,8 @@ def is_local_host(host: str) -> bool:
 def _instance(r: _Reader, provider_id: str, kind: str, provider_local: bool | None,
               provider_key: str | None, server: str) -> InstanceConfig:
     r.check_keys({"id", "base_url", "enabled", "local", "fingerprint", "metadata", "api_key",
-                  "headers", "forward_client_auth", "kind", "server", "max_concurrency"})
+                  "headers", "forward_client_auth", "kind", "server", "max_concurrency",
+                  "tls"})
     inst_id = r.string("id", required=True)
     assert inst_id is not None
     if not re.fullmatch(r"[A-Za-z0-9._\-/]+", inst_id):
@@ -582,6 +651,7 @@ def _instance(r: _Reader, provider_id: str, kind: str, provider_local: bool | No
         forward_client_auth=r.boolean("forward_client_auth", False),
         max_concurrency=(r.integer("max_concurrency", 0, minimum=1)
                          if r.data.get("max_concurrency") is not None else None),
+        tls=_tls(r.child("tls"), parts.scheme),
     )
 
 
@@ -643,8 +713,8 @@ def _models(r: _Reader | None, instances: tuple[InstanceConfig, ...]) -> dict[st
 def parse_config(data: Any, source: str = "<config>") -> Config:
     """Build a Config from an already-decoded document; raises ConfigError."""
     root = _Reader(source, "", data)
-    root.check_keys({"server", "routing", "health", "timeouts", "retry", "store", "models",
-                     "providers", "logging"})
+    root.check_keys({"server", "routing", "health", "timeouts", "upstream", "retry", "store",
+                     "models", "providers", "logging"})
     instances = _providers(root)
     return Config(
         source=source,
@@ -652,6 +722,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         routing=_routing(root.child("routing")),
         health=_health(root.child("health")),
         timeouts=_timeouts(root.child("timeouts")),
+        upstream=_upstream(root.child("upstream")),
         retry=_retry(root.child("retry")),
         store=_store(root.child("store")),
         logging=_logging(root.child("logging")),

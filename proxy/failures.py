@@ -1,11 +1,20 @@
-"""Every way an upstream attempt can fail.
+"""Every way an upstream attempt can fail, and the one place where aiohttp's errors become ours.
 
 Reason codes are the product's vocabulary (SPEC section 6): they appear in events, logs,
-metrics and the 502 message. Handlers never catch transport exceptions themselves: the HTTP
-client (`proxy.httpclient`) raises these failures, its own timeouts included.
+metrics and the 502 message. Handlers never catch transport exceptions themselves: every
+wait on aiohttp's client goes through :func:`map_exceptions` (or, on the per-event hot
+path, :func:`failure_from`), which turns aiohttp's exceptions (aiohttp 3.14,
+`aiohttp/client_exceptions.py`), socket errors and timeouts into these failures.
 """
 
 from __future__ import annotations
+
+import errno
+from types import TracebackType
+from typing import Literal
+
+import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError
 
 from proxy.overflow import Overflow
 
@@ -26,6 +35,7 @@ STREAM_STALLED = "STREAM_STALLED"
 STREAM_MALFORMED = "STREAM_MALFORMED"
 UPSTREAM_ERROR = "UPSTREAM_ERROR"
 UPSTREAM_AUTH = "UPSTREAM_AUTH"
+UPSTREAM_PROTOCOL_ERROR = "UPSTREAM_PROTOCOL_ERROR"
 
 # The names used in `retry.on` of the config, mapped to the reason codes they cover.
 RETRY_KINDS: dict[str, tuple[str, ...]] = {
@@ -37,6 +47,7 @@ RETRY_KINDS: dict[str, tuple[str, ...]] = {
     "upstream_auth": (UPSTREAM_AUTH,),
     "rate_limited": (RATE_LIMITED,),
     "context_too_long": (CONTEXT_TOO_LONG,),
+    "protocol_error": (UPSTREAM_PROTOCOL_ERROR,),
 }
 
 
@@ -154,6 +165,14 @@ class StreamStalled(UpstreamFailure):
     code = STREAM_STALLED
 
 
+class UpstreamProtocolError(UpstreamFailure):
+    """The answer breaks HTTP (unparsable head, too many or too long header lines, bad
+    chunking or content coding, an unasked-for 101 or a redirect) or exceeds the response
+    limits (`upstream.max_response_bytes`, `upstream.max_event_bytes`)."""
+
+    code = UPSTREAM_PROTOCOL_ERROR
+
+
 class UpstreamErrorEvent(UpstreamFailure):
     """The upstream reported an error inside an otherwise successful stream."""
 
@@ -181,3 +200,77 @@ class UnsupportedByInstance(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+_REFUSAL_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def failure_from(exc: BaseException, phase: str,
+                 timeout_s: float | None = None) -> UpstreamFailure:
+    """Our failure for an exception raised while waiting on an upstream.
+
+    `phase` names the wait ("connect", "first_byte", "idle", "body", "probe") so that a
+    timeout says where it happened. Our own failures come back unchanged.
+    """
+    if isinstance(exc, UpstreamFailure):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout("connect", timeout_s if phase == "connect" else None)
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return ConnRefused(f"cannot reach the forward proxy {exc.host}:{exc.port}")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return ConnRefused(f"the forward proxy refused the tunnel: HTTP {exc.status}")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return ConnRefused(f"cannot resolve {exc.host}")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return ConnRefused(f"TLS handshake with {exc.host}:{exc.port} failed: "
+                           f"{getattr(exc, 'certificate_error', None) or exc.os_error}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        if isinstance(os_error, ConnectionRefusedError) or os_error.errno in _REFUSAL_ERRNOS:
+            return ConnRefused(f"connection refused by {exc.host}:{exc.port}")
+        return ConnRefused(f"cannot connect to {exc.host}:{exc.port}: {os_error.strerror or os_error}")
+    if isinstance(exc, TimeoutError):  # asyncio's, and aiohttp's socket timeouts
+        return UpstreamTimeout(phase, timeout_s)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ProcessExited("server closed the connection")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        # A body that cannot be decoded breaks HTTP; one that stops short (the connection
+        # closed before its length or last chunk) is a server that went away.
+        cause = exc.__cause__
+        if isinstance(cause, (ContentEncodingError, DecompressSizeError)):
+            return UpstreamProtocolError(f"undecodable response body: {cause.message}")
+        return ProcessExited("response body cut short")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # aiohttp's parser refused the response head (too many or too long header lines,
+        # not HTTP at all): the answer breaks HTTP.
+        return UpstreamProtocolError(f"unparsable response: {exc.message}")
+    if isinstance(exc, (aiohttp.ClientOSError, ConnectionError)):
+        return ProcessExited("connection reset")
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamProtocolError(f"transport error: {type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError):
+        return ProcessExited(f"connection error: {exc.strerror or exc}")
+    raise exc  # a bug of ours, not the upstream's failure: let it surface
+
+
+class map_exceptions:  # noqa: N801 - a context manager, named like contextlib's
+    """``with map_exceptions(phase, timeout_s):`` turns whatever an upstream wait inside
+    the block raises into our failure (see :func:`failure_from`). A class rather than a
+    generator: it sits on every request's path."""
+
+    __slots__ = ("phase", "timeout_s")
+
+    def __init__(self, phase: str, timeout_s: float | None = None) -> None:
+        self.phase = phase
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        if exc is None or isinstance(exc, UpstreamFailure) \
+                or not isinstance(exc, (aiohttp.ClientError, OSError, TimeoutError)):
+            return False
+        raise failure_from(exc, self.phase, self.timeout_s) from exc

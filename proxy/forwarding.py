@@ -13,7 +13,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import orjson
 import structlog
@@ -65,10 +65,7 @@ from proxy.sse import (
     inspect_chunk,
 )
 from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
-from proxy.upstream import PassThrough, Upstream
-
-if TYPE_CHECKING:  # the type only: the forwarder never touches the HTTP client itself
-    from proxy.httpclient import Response
+from proxy.upstream import PassThrough, Response, Upstream
 
 log = structlog.get_logger("proxy.forwarding")
 

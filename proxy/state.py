@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from proxy.audit import Recorder
 from proxy.config import Config
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
-from proxy.httpclient import Pool
 from proxy.instances import Registry
 from proxy.routing import Planner
 from proxy.secrets import Redactor
@@ -28,7 +27,7 @@ class ProxyState:
     forwarder: Forwarder
     prober: Prober
     recorder: Recorder
-    client: Pool
+    client: ClientSession
     redactor: Redactor
     models_body: bytes
 

@@ -1,18 +1,25 @@
-"""Talking to one instance: open a request, classify its status, read bodies.
+"""Talking to one instance over the process's one aiohttp client session: open a request,
+classify its status, read bodies and events within the configured timeouts and limits.
 
-Transport problems arrive here already as our failures: the HTTP client
-(`proxy.httpclient`) raises them itself, its own timeouts included.
+Every wait on aiohttp goes through `proxy.failures.map_exceptions` (or its `failure_from`),
+so what leaves this module is our failure vocabulary, never an aiohttp exception.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import time
 from collections.abc import Mapping
+from typing import NamedTuple
 
+import aiohttp
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from proxy import anthropic, overflow
-from proxy.config import InstanceConfig, TimeoutsConfig
+from proxy.config import InstanceConfig, TimeoutsConfig, UpstreamConfig
 from proxy.errors import error_body
 from proxy.failures import (
     ContextTooLong,
@@ -22,11 +29,29 @@ from proxy.failures import (
     Upstream5xx,
     UpstreamAuth,
     UpstreamFailure,
+    UpstreamProtocolError,
+    map_exceptions,
 )
-from proxy.httpclient import Pool, Response
 from proxy.ratelimits import relay_headers, retry_after_s
 from proxy.secrets import Redactor
 from proxy.sse import DONE_EVENT, EventReader, event_data
+
+#: What the forwarder holds while an answer is read: aiohttp's response (its `status`,
+#: `headers`, `release()` and `close()` are all the forwarder uses).
+Response = aiohttp.ClientResponse
+
+#: Idle keep-alive connections are dropped after this long (aiohttp's default). Servers
+#: may close theirs sooner (llama.cpp's cpp-httplib and uvicorn, under vLLM, after 5 s):
+#: aiohttp sees their FIN and does not reuse such a connection. Only a close that crosses
+#: a new request is left; it fails at once (no byte back) as PROCESS_EXITED, and the
+#: forwarder's same-instance retry, a counted attempt, covers it. A shorter keep-alive
+#: would make every sparse request to a cloud instance pay a new TLS handshake.
+KEEPALIVE_S = 15.0
+#: Response head limits (aiohttp's parser; its defaults, stated): a longer line or more
+#: header lines is UPSTREAM_PROTOCOL_ERROR. Real servers send 10 to 40 headers.
+MAX_LINE_BYTES = 8190
+MAX_FIELD_BYTES = 8190
+MAX_HEADERS = 128
 
 
 class PassThrough(Exception):
@@ -44,9 +69,39 @@ class PassThrough(Exception):
         self.headers = headers
 
 
-def make_client(timeouts: TimeoutsConfig) -> Pool:
-    """The one pooled HTTP client of the app (keep-alive, no cap on connections)."""
-    return Pool(timeouts.connect_s, keepalive_s=60.0)
+def make_client(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
+    """The process's one client session (call inside the running loop; close it at exit).
+
+    - Keep-alive pool without a cap on connections (`limit=0`, `limit_per_host=0`): each
+      instance's `max_concurrency` is enforced by the forwarder, visibly (it waits
+      `queue_wait_s`, then reroutes with INSTANCE_BUSY); a connector cap would queue
+      requests inside aiohttp instead, unseen, and make health probes wait behind long
+      streams, so that a busy instance looked dead.
+    - HTTP_PROXY, HTTPS_PROXY and NO_PROXY apply (see `Upstream.route`), read once per
+      instance rather than by `trust_env=True`, which has aiohttp read the environment
+      and ~/.netrc in a worker thread on every request (aiohttp 3.14 client.py
+      `_request`).
+    - Bodies in gzip or deflate are decoded (auto_decompress) though the proxy asks for
+      `identity`: a compressed answer reaches the client as the plain bytes it stands for.
+    - No redirects are followed (`allow_redirects=False` per request), no cookies kept,
+      no User-Agent sent. A POST is never re-sent by aiohttp itself (it retries a dropped
+      keep-alive connection for idempotent methods only, aiohttp 3.14 client.py
+      `_request`); every POST written upstream is an attempt the forwarder counts.
+    - Timeouts: `connect_s` for the TCP (and TLS) connect; the rest are the caller's
+      (first byte, idle, body), each on the wait it bounds.
+    """
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S,
+                                     ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect_s,
+                                      sock_read=None),
+        trust_env=False,  # the environment's proxies: see Upstream.route
+        auto_decompress=True,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent",),
+        max_line_size=MAX_LINE_BYTES, max_field_size=MAX_FIELD_BYTES, max_headers=MAX_HEADERS,
+    )
 
 
 def instance_headers(inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
@@ -120,17 +175,62 @@ def _event_name(raw: bytes) -> str | None:
     return None
 
 
-class Upstream:
-    """Opens requests to instances over the shared client pool, with the configured timeouts."""
+class Route(NamedTuple):
+    """How requests to one instance travel: `ssl=`, `proxy=` and `proxy_headers=` of
+    aiohttp's request."""
 
-    def __init__(self, client: Pool, timeouts: TimeoutsConfig,
-                 redactor: Redactor | None = None, default_max_tokens: int = 1024) -> None:
+    ssl: ssl.SSLContext | bool
+    proxy: URL | None
+    proxy_headers: dict[str, str] | None
+
+
+class Upstream:
+    """Opens requests to instances over the shared client session, with the configured
+    timeouts, TLS settings and response limits."""
+
+    def __init__(self, client: aiohttp.ClientSession, timeouts: TimeoutsConfig,
+                 redactor: Redactor | None = None, default_max_tokens: int = 1024,
+                 limits: UpstreamConfig | None = None) -> None:
         self.client = client
         self.timeouts = timeouts
         self.redactor = redactor or Redactor()
         #: The Messages API requires max_tokens; used when the client sent none.
         self.default_max_tokens = default_max_tokens
+        self.limits = limits or UpstreamConfig()
         self._headers: dict[str, dict[str, str]] = {}
+        self._urls: dict[str, URL] = {}
+        self._routes: dict[str, Route] = {}
+
+    def _url(self, url: str) -> URL:
+        """The parsed URL (parsed once: yarl's parsing is a cost per request otherwise)."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) > 4096:  # bounded: probe and model paths are few
+                self._urls.clear()
+            parsed = self._urls[url] = URL(url)
+        return parsed
+
+    def route(self, inst: InstanceConfig) -> Route:
+        """How to reach `inst`, worked out at its first request under this config.
+
+        TLS: its own SSLContext when it has `tls:` settings (passed per request on the
+        one session; aiohttp keys pooled connections by it), else True (aiohttp's
+        default, verified). Forward proxy: HTTPS_PROXY for an https:// instance,
+        HTTP_PROXY for http://, unless NO_PROXY lists its host (the standard library's
+        rules, through aiohttp's `get_env_proxy_for_url`: the same reading `trust_env`
+        does, including credentials in the proxy URL or ~/.netrc, which go in a
+        Proxy-Authorization header).
+        """
+        route = self._routes.get(inst.id)
+        if route is None:
+            context = inst.tls.context() if inst.tls is not None else True
+            try:
+                proxy, auth = get_env_proxy_for_url(URL(inst.base_url))
+            except LookupError:
+                proxy, auth = None, None
+            headers = {"Proxy-Authorization": auth.encode()} if auth is not None else None
+            route = self._routes[inst.id] = Route(context, proxy, headers)
+        return route
 
     def headers_for(self, inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
         if inst.forward_client_auth:
@@ -144,19 +244,29 @@ class Upstream:
                    client_auth: str | None = None) -> Response:
         """POST `body` to the instance and wait for the status line and headers.
 
-        Returns a 2xx/3xx response with its body unread. Raises PassThrough for a 4xx
-        the client should see unchanged, and an UpstreamFailure for refusals, timeouts,
-        resets, 5xx, 429 and context overflow.
-        The wait for headers is bounded by `first_byte_s`; the caller bounds the rest.
+        Returns a 2xx response with its body unread (the caller releases or closes it).
+        Raises PassThrough for a 4xx the client should see unchanged, and an
+        UpstreamFailure for refusals, timeouts, resets, 5xx, 429, context overflow, and
+        (UpstreamProtocolError) an answer that breaks HTTP, a 101 or a redirect.
+        The wait for headers is bounded by `first_byte_s`, connecting included; the
+        caller bounds the rest.
         """
         if inst.kind == ANTHROPIC:
             path, body = "/messages", self._to_anthropic(inst, body)
-        url = inst.api_base + path
-        resp = await self.client.request("POST", url, body, self.headers_for(inst, client_auth),
-                                         self.timeouts.first_byte_s, "first_byte")
+        first_byte_s = self.timeouts.first_byte_s
+        with map_exceptions("first_byte", first_byte_s):
+            route = self.route(inst)
+            async with asyncio.timeout(first_byte_s):  # connecting included
+                resp = await self.client.post(
+                    self._url(inst.api_base + path), data=body,
+                    headers=self.headers_for(inst, client_auth), allow_redirects=False,
+                    ssl=route.ssl, proxy=route.proxy, proxy_headers=route.proxy_headers)
         status = resp.status
-        if status < 400:
+        if 200 <= status < 300:
             return resp
+        if status < 400:
+            resp.close()
+            raise self._not_an_answer(resp)
         if status == 429:
             body_bytes = await self.read_error_body(resp)
             raise RateLimited(retry_after_s(resp.headers), body_bytes,
@@ -173,6 +283,18 @@ class Upstream:
             raise UpstreamAuth(status)
         raise PassThrough(status, body_bytes, resp.headers.get("Content-Type", "application/json"),
                           passthrough_headers(resp.headers))
+
+    def _not_an_answer(self, resp: Response) -> UpstreamProtocolError:
+        """A final status that is neither an answer nor an error: an unasked-for protocol
+        switch (101) or a redirect (not followed: a model server that redirects is
+        misconfigured, and a POST must not turn into a GET)."""
+        status = resp.status
+        if status == 101:
+            return UpstreamProtocolError("HTTP 101: switched protocols unasked")
+        where = resp.headers.get("Location")
+        return UpstreamProtocolError(
+            f"HTTP {status}" + (f" redirect to {self.redactor.text(where)}" if where else "")
+            + " (redirects are not followed)")
 
     def _to_anthropic(self, inst: InstanceConfig, body: bytes) -> bytes:
         """An OpenAI chat request as a Messages API request (the planner sends nothing else:
@@ -206,41 +328,56 @@ class Upstream:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ProcessExited(f"unreadable Messages API response: {exc}") from None
 
-    @staticmethod
-    def events(inst: InstanceConfig, resp: Response,
+    def events(self, inst: InstanceConfig, resp: Response,
                include_usage: bool) -> EventReader | AnthropicEvents:
-        """The response's server-sent events, as OpenAI chat completion chunks."""
+        """The response's server-sent events, as OpenAI chat completion chunks; an event
+        over `upstream.max_event_bytes` fails with UpstreamProtocolError."""
+        reader = EventReader(resp.content, self.limits.max_event_bytes)
         if inst.kind == ANTHROPIC:
-            return AnthropicEvents(EventReader(resp),
+            return AnthropicEvents(reader,
                                    anthropic.StreamTranslator(int(time.time()), include_usage))
-        return EventReader(resp)
+        return reader
 
     async def read_error_body(self, resp: Response, limit: int = 65536) -> bytes:
-        """Read (a bounded part of) an error response's body and release the connection."""
+        """Read (at most `limit` bytes of) an error response's body within `idle_s`, and
+        release the connection (aiohttp closes it unless the whole body was read)."""
         try:
-            data = await resp.read(limit, self.timeouts.idle_s)
-        except Exception:
+            data = await _read(resp.content, limit, self.timeouts.idle_s, "body", False)
+        except UpstreamFailure:
             data = b""
         finally:
-            resp.release()  # (closes it unless the whole body came)
+            resp.release()
         return self.redactor.data(data)  # a server may quote the key it was sent
 
     async def read_body(self, resp: Response, deadline_s: float) -> bytes:
-        """Read a whole response body; a cut or stalled body becomes a failure."""
-        return await resp.read(None, deadline_s)
+        """Read a whole response body (decoded) within `deadline_s` seconds.
+
+        Raises UpstreamTimeout("body") when it does not arrive in time, ProcessExited when
+        it is cut short, UpstreamProtocolError when it is larger than
+        `upstream.max_response_bytes` (checked as it arrives, so never held whole).
+        """
+        limit = self.limits.max_response_bytes
+        length = resp.content_length
+        if length is not None and length > limit and "Content-Encoding" not in resp.headers:
+            raise _too_large(limit)
+        return await _read(resp.content, limit, deadline_s, "body", True)
 
     async def probe(self, inst: InstanceConfig, url: str, timeout_s: float,
                     body: bytes | None = None) -> tuple[int, bytes]:
         """GET (or, with a body, POST) a side endpoint of the server: health, props,
-        tokenize. Returns (status, first MiB of the body); raises UpstreamFailure when
-        unreachable."""
-        deadline = time.monotonic() + timeout_s
-        resp = await self.client.request("POST" if body is not None else "GET", url, body,
-                                         self.headers_for(inst, None), timeout_s, "probe")
-        try:
-            return resp.status, await resp.read(1 << 20, deadline - time.monotonic(), "probe")
-        finally:
-            resp.release()
+        tokenize. Returns (status, first MiB of the body) within `timeout_s`; raises
+        UpstreamFailure when unreachable (UpstreamTimeout("probe") when too slow)."""
+        route = self.route(inst)
+        with map_exceptions("probe", timeout_s):
+            async with asyncio.timeout(timeout_s):
+                resp = await self.client.request(
+                    "POST" if body is not None else "GET", self._url(url), data=body,
+                    headers=self.headers_for(inst, None), allow_redirects=False,
+                    ssl=route.ssl, proxy=route.proxy, proxy_headers=route.proxy_headers)
+                try:
+                    return resp.status, await _read(resp.content, 1 << 20, None, "probe", False)
+                finally:
+                    resp.release()
 
     async def count_tokens(self, inst: InstanceConfig, text: str,
                            timeout_s: float) -> int | None:
@@ -258,6 +395,36 @@ class Upstream:
         except (orjson.JSONDecodeError, AttributeError):
             return None
         return len(tokens) if isinstance(tokens, list) else None
+
+
+def _too_large(limit: int) -> UpstreamProtocolError:
+    return UpstreamProtocolError(f"response body larger than {limit} bytes "
+                                 "(upstream.max_response_bytes)")
+
+
+async def _read(content: aiohttp.StreamReader, limit: int, timeout_s: float | None,
+                phase: str, strict: bool) -> bytes:
+    """Up to `limit` bytes of a body, within `timeout_s` (no timer when the whole body has
+    already arrived). A body over the limit is cut there, or with `strict` raises
+    UpstreamProtocolError."""
+    if content.is_eof() and content.exception() is None:
+        # The whole body came with the head (the usual small answer): no wait, no timer.
+        data = content.read_nowait()
+        if len(data) > limit and strict:
+            raise _too_large(limit)
+        return data[:limit]
+    parts: list[bytes] = []
+    size = 0
+    with map_exceptions(phase, timeout_s):
+        async with asyncio.timeout(timeout_s):
+            while size <= limit and (chunk := await content.readany()):
+                parts.append(chunk)
+                size += len(chunk)
+    if size > limit:
+        if strict:
+            raise _too_large(limit)
+        return b"".join(parts)[:limit]
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:

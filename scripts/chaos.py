@@ -438,6 +438,7 @@ class InprocProxy:
         self.runner = await start(self.app, "127.0.0.1", self.port, shutdown_timeout=1.0)
 
     def pool(self) -> Any:
+        """The proxy's upstream aiohttp ClientSession."""
         from proxy.state import STATE
 
         return self.app[STATE].forwarder.upstream.client
@@ -449,6 +450,18 @@ class InprocProxy:
     async def close(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+
+def pool_census(session: Any) -> tuple[Counter[int], int]:
+    """(open idle connections per upstream port, connections in use) of an aiohttp
+    ClientSession's connector. aiohttp 3.14 has no public figures for this: read its
+    connector's `_conns` (idle, per connection key) and `_acquired` (in use); a
+    diagnostic of this script only."""
+    connector = session.connector
+    idle: Counter[int] = Counter()
+    for key, conns in connector._conns.items():
+        idle[key.port] += sum(1 for proto, _ in conns if proto.is_connected())
+    return idle, len(connector._acquired)
 
 
 class ProcProxy:
@@ -735,11 +748,7 @@ class Chaos:
         base_kinds: Counter[str] = baseline
         problems, facts = [], []
         states = await self._sim_states()
-        pool = proxy.pool()
-        idle: Counter[int] = Counter()
-        for (_, _, port), count in pool.idle_by_key().items():
-            idle[port] += count
-        acquired = pool.in_use_count
+        idle, acquired = pool_census(proxy.pool())
         inbound = proxy.inbound_connections()
         bound = len(self.backends) * (self.opts.clients + 2)
         sims_open = 0

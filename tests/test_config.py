@@ -167,3 +167,55 @@ def test_defaults_match_the_spec() -> None:
     assert config.routing.session_header == "x-session-id"
     assert config.store.url == "sqlite:///./data/audit.db"
     assert config.instances[0].fingerprint == "auto"
+
+
+def _with_instance(**fields: object) -> dict[str, object]:
+    inst = {"id": "a", "base_url": "https://h.test:8443/v1", **fields}
+    return {"providers": [{"provider_id": "p", "instances": [inst]}]}
+
+
+def test_tls_settings_load_and_build_a_context(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("client.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "client.pem"))
+    config = parse_config(_with_instance(tls={
+        "ca_file": str(tmp_path / "ca.pem"), "client_cert": str(tmp_path / "client.pem")}))
+    tls = config.instances[0].tls
+    assert tls is not None and tls.verify is True
+    assert tls.context().verify_mode.name == "CERT_REQUIRED"
+    assert parse_config(_with_instance()).instances[0].tls is None
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"tls": {"ca_file": "/nonexistent/ca.pem"}},
+     "providers[0].instances[0].tls.ca_file: expected the path of a readable PEM file"),
+    ({"tls": {"client_key": "/etc/hostname"}},
+     "providers[0].instances[0].tls.client_cert: expected a certificate for client_key"),
+    ({"tls": {"verify": "maybe"}}, "providers[0].instances[0].tls.verify: expected true or false"),
+    ({"tls": {"cafile": "x"}}, "providers[0].instances[0].tls.cafile: unknown key"),
+    ({"tls": {"verify": False}, "base_url": "http://h.test:1"},
+     "providers[0].instances[0].tls: expected an https:// base_url for tls settings"),
+])
+def test_tls_errors_name_the_key(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with_instance(**fields), "c.yaml")
+    assert message in str(err.value)
+
+
+def test_a_file_that_is_not_pem_is_refused_without_its_content(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("sk-secret-not-a-certificate\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(_with_instance(tls={"ca_file": str(tmp_path / "ca.pem")}), "c.yaml")
+    assert "providers[0].instances[0].tls: expected PEM files that load" in str(err.value)
+    assert "sk-secret" not in str(err.value)
+
+
+def test_upstream_limits(tmp_path: Path) -> None:
+    config = parse_config({**_with_instance(), "upstream": {"max_response_bytes": 2048}})
+    assert config.upstream.max_response_bytes == 2048
+    assert config.upstream.max_event_bytes == 8 * 1024 * 1024
+    with pytest.raises(ConfigError, match="upstream.max_event_bytes: expected a number >= 1024"):
+        parse_config({**_with_instance(), "upstream": {"max_event_bytes": 10}})
