@@ -7,10 +7,11 @@ sockets; tests/e2e starts both as subprocesses through the CLI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import pytest
@@ -20,24 +21,54 @@ from proxy.app import create_app
 from proxy.config import DEFAULT_STORE_URL, Config, parse_config
 from proxy.server import ProxyRunner, bound_port, start
 from proxy.simulator import Simulator
+from tests.cluster import Cluster
 
 MakeSim = Callable[..., Awaitable[Simulator]]
+
+
+class _Startable(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+@contextlib.asynccontextmanager
+async def started(factory: Callable[..., S]) -> AsyncIterator[Callable[..., Awaitable[S]]]:
+    """`make(*args, **kw)` builds a simulator with `factory` and starts it on a free port;
+    every one made is stopped on exit."""
+    sims: list[S] = []
+
+    async def make(*args: Any, **kw: Any) -> S:
+        sim = factory(*args, **kw)
+        await sim.start()
+        sims.append(sim)
+        return sim
+
+    try:
+        yield make
+    finally:
+        for sim in sims:
+            await sim.stop()
 
 
 @pytest.fixture
 async def make_sim() -> AsyncIterator[MakeSim]:
     """Start simulators on free ports; all are stopped at the end of the test."""
-    sims: list[Simulator] = []
+    def simulator(model: str = "sim-model", faults: Sequence[str] = (), **kw: Any) -> Simulator:
+        return Simulator(model, faults=faults, **kw)
 
-    async def make(model: str = "sim-model", faults: Sequence[str] = (), **kw: Any) -> Simulator:
-        sim = Simulator(model, faults=faults, **kw)
-        await sim.start()
-        sims.append(sim)
-        return sim
+    async with started(simulator) as make:
+        yield make
 
-    yield make
-    for sim in sims:
-        await sim.stop()
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Real processes (proxy, simulators) for end-to-end tests; all stopped at the end."""
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
 
 
 def proxy_config(sims: Sequence[Simulator | tuple[str, str]], *, models: dict[str, Any] | None = None,

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,6 @@ pytestmark = pytest.mark.e2e
 SEED = Path(__file__).resolve().parent / "fixtures" / "providers.json"
 QWEN_FILE = "/models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf"
 GLM_REPO = "unsloth/GLM-4.7-Flash-GGUF:Q8_0"
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
 
 
 def check(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

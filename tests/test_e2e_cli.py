@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -21,13 +20,6 @@ from tests.cluster import ROOT, Cluster
 
 pytestmark = pytest.mark.e2e
 PROMPT = "what happens when the primary dies"
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    yield c
-    c.close()
 
 
 def stream_text(stream: openai.Stream) -> str:  # type: ignore[type-arg]

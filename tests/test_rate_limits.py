@@ -8,6 +8,7 @@ port; the header parsing is checked on its own at the end.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -23,7 +24,7 @@ from proxy.anthropic_sim import AnthropicSimulator
 from proxy.config import parse_config
 from proxy.ratelimits import relay_headers, retry_after_s
 from proxy.state import STATE
-from tests.conftest import MakeProxy, MakeSim, chat_body, proxy_config
+from tests.conftest import MakeProxy, MakeSim, chat_body, proxy_config, started
 
 CLAUDE = "claude-sim-3"
 KEY = "sk-ant-test-key-123456"
@@ -152,17 +153,8 @@ async def test_rate_limit_headers_of_the_upstream_429_reach_the_client(
 
 @pytest.fixture
 async def make_claude() -> AsyncIterator[Any]:
-    sims: list[AnthropicSimulator] = []
-
-    async def make(**kw: Any) -> AnthropicSimulator:
-        sim = AnthropicSimulator(CLAUDE, api_key=KEY, **kw)
-        await sim.start()
-        sims.append(sim)
-        return sim
-
-    yield make
-    for sim in sims:
-        await sim.stop()
+    async with started(functools.partial(AnthropicSimulator, CLAUDE, api_key=KEY)) as make:
+        yield make
 
 
 def claude_config(claude: AnthropicSimulator, tmp: Path) -> Any:
