@@ -574,7 +574,10 @@ class Forwarder:
                     else:
                         skipped[cand.id] = "no prefill capability and another model"
                     continue
-                not_ready = self._not_ready(cand, last_resort=True)
+                # Mid-answer the client is waiting: an instance whose circuit is open is not
+                # worth a try (no last resort here). One the prober last saw down with a
+                # closed circuit is: it may be back, and a refusal costs little.
+                not_ready = self._not_ready(cand, last_resort=False)
                 if not_ready is not None:
                     skipped[cand.id] = not_ready
                     continue
@@ -619,16 +622,21 @@ class Forwarder:
             if skipped:
                 why_not += " (" + "; ".join(f"{i}: {r}" for i, r in skipped.items()) \
                     + ")"
-        log.error("stream_failed_after_commit", request_id=req.request_id, instance=failed.id,
-                  reason=failure.code, detail=failure.detail, why=why_not)
+        first = cut.failure
+        log.error("stream_failed_after_commit", request_id=req.request_id, instance=origin.id,
+                  reason=first.code, detail=first.detail, why=why_not,
+                  last_failed=failed.id, last_reason=failure.code)
+        message = (f"The stream from {origin.id} failed after the answer had started "
+                   f"({first.code}: {first.detail}) and could not be continued: {why_not}.")
+        if failed is not origin:
+            message += (f" The last try to continue it, on {failed.id}, failed too "
+                        f"({failure.code}: {failure.detail}).")
         try:
-            await sink.write(error_event(
-                f"The stream from {failed.id} failed after the answer had started "
-                f"({failure.code}: {failure.detail}) and could not be continued: {why_not}. "
-                "The answer is incomplete.", "upstream_error", failure.code))
+            await sink.write(error_event(message + " The answer is incomplete.",
+                                         "upstream_error", first.code))
         except ClientGone:
             pass
-        return Reply(200, None, instance=failed.id, attempts=attempts, outcome=STREAM_FAILED,
+        return Reply(200, None, instance=origin.id, attempts=attempts, outcome=STREAM_FAILED,
                      ttfb_s=cut.ttfb_s)
 
     def _continuation_pool(self, plan: RoutePlan, origin: InstanceState,
@@ -730,6 +738,14 @@ def _final_error(plan: RoutePlan, attempts: list[Attempt], skipped: dict[str, st
         if attempts:
             message += f" Attempts: {listing}."
         return RateLimitedError(message, headers={**headers, "retry-after": str(wait)})
+    if not attempts and _only_too_small(not_tried):
+        # Every instance is too small for it (no outage): the client's request must change,
+        # so a 400 as OpenAI gives it, which SDKs do not retry (a 503 they would).
+        why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
+        return ContextError(
+            f"This request needs about {plan.requirements.ctx_needed} tokens of context "
+            f"(prompt estimate plus max_tokens), more than any instance for model "
+            f"'{plan.model}' has ({why}). Shorten the messages or lower max_tokens.")
     if not plan.healthy or not attempts:
         # Nothing was ready (whatever was tried was a last resort), or nothing could be sent.
         why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
@@ -747,6 +763,13 @@ def _final_error(plan: RoutePlan, attempts: list[Attempt], skipped: dict[str, st
     if codes == {CONTEXT_TOO_LONG} and isinstance(last, ContextTooLong):
         return ContextError(f"{last.overflow.message or last.detail} ({summary})")
     return AllAttemptsFailed(summary)
+
+
+def _only_too_small(rejected: dict[str, str]) -> bool:
+    """Whether every instance left out was left out for its context window (those an
+    admin took out aside), so waiting would not help."""
+    sizes = [r for r in rejected.values() if r not in ("drained", "disabled")]
+    return bool(sizes) and all(r.startswith("ctx=") for r in sizes)
 
 
 def _note(skipped: dict[str, str] | None, instance: str, why: str) -> dict[str, str]:

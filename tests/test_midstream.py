@@ -403,3 +403,28 @@ async def test_a_text_completion_with_a_list_prompt_cut_mid_stream_fails_loudly_
             if e["type"] == "REROUTED" and e["from_instance"] == "p:s1"]
     assert away == ["UNSUPPORTED_REQUEST"]  # recorded as a skip, never as a failure
     assert rows["p:s0"]["circuit"] == "open"
+
+
+async def test_a_cut_with_only_a_dead_twin_left_blames_the_instance_that_was_cut(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """The first twin is dead (its circuit opened on the refusal), the second starts the
+    answer and is cut: the dead one is not tried again mid-answer, and the error names
+    the instance that was cut, not the dead one."""
+    dead = await make_sim("twin", words=WORDS)
+    cut = await make_sim("twin", words=WORDS, faults=["die_after=10"])
+    proxy = await make_proxy(config_for([(dead, {}), (cut, {})], tmp_path))
+    await dead.stop()
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0, timeout=30)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="main", messages=[{"role": "user", "content": PROMPT}], stream=True)
+    assert raw.headers["x-route-instance"] == "p:s1"  # s0 refused before the commit point
+    with pytest.raises(openai.APIError) as raised:
+        async for _ in raw.parse():
+            pass
+    message = raised.value.message
+    assert message.startswith("The stream from p:s1 failed after the answer had started")
+    assert "p:s0: circuit open" in message and "The last try" not in message
+    reroutes = [(e["from_instance"], e["to_instance"], e["reason_code"])
+                for e in await events_of(proxy, raw.headers["x-request-id"])
+                if e["type"] == "REROUTED"]
+    assert reroutes == [("p:s0", "p:s1", "CONN_REFUSED")]  # none back to the dead twin

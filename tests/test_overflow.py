@@ -75,6 +75,38 @@ async def test_an_overflow_everywhere_is_an_openai_400_whatever_the_server_said(
     assert "`max_new_tokens` must be <= 10" in raised.value.message  # the server's own words
 
 
+@pytest.mark.parametrize("max_tokens", [1_000_000, 100])
+async def test_a_request_larger_than_every_window_is_a_400_not_a_retryable_503(
+        make_sim: MakeSim, make_proxy: MakeProxy, max_tokens: int) -> None:
+    a, b, off = await make_sim("a"), await make_sim("b"), await make_sim("c")
+    proxy = await make_proxy(parse_config(doc_for(
+        [(a, {"ctx": 4096}), (b, {"ctx": 8192}), (off, {"ctx": 2048})]), "<t>"))
+    # An admin took one out: still a size question for the others, not an outage.
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{proxy.url}/admin/instances/p:s2/drain") as resp:
+        assert resp.status == 200
+    prompt = "word " * 40_000 if max_tokens == 100 else "hello"  # ~50k tokens estimated
+    with pytest.raises(openai.BadRequestError) as raised:
+        await sdk(proxy.base_url).chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
+    assert raised.value.code == "context_length_exceeded"
+    assert "p:s0: ctx=4096<" in raised.value.message and "p:s1: ctx=8192<" in raised.value.message
+    assert a.stats.requests == b.stats.requests == off.stats.requests == 0
+
+
+async def test_a_request_too_large_for_the_healthy_instances_but_not_a_broken_one_is_503(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    small = await make_sim("small")
+    wrong = await make_sim("another-model")  # pinned to sim-model: MISMATCH at the first probe
+    doc = doc_for([(small, {"ctx": 4096}), (wrong, {"ctx": 131072})])
+    doc["providers"][0]["instances"][1]["fingerprint"] = {"model": "big-model"}
+    proxy = await make_proxy(parse_config(doc, "<t>"))
+    with pytest.raises(openai.InternalServerError) as raised:  # it may fit once s1 is back
+        await sdk(proxy.base_url).chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "hello"}], max_tokens=10_000)
+    assert raised.value.status_code == 503
+
+
 async def test_an_instance_without_ctx_learns_its_window_and_later_plans_filter_it(
         make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
     small = await make_sim("small", faults=["context=10", "context_style=sglang"])
