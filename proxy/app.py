@@ -9,21 +9,21 @@ from typing import Any
 import structlog
 from aiohttp import ClientSession, web
 
-from proxy.admin import add_admin_routes
-from proxy.audit import STATES, Recorder
+from proxy.api.admin import add_admin_routes
+from proxy.api.endpoints import add_routes, error_response, models_body
+from proxy.api.errors import ProxyError, error_body
+from proxy.api.state import CONFIG, RELOAD, STATE, ProxyState
+from proxy.audit.metrics import Metrics
+from proxy.audit.recorder import STATES, Recorder
+from proxy.audit.store import AuditStore
 from proxy.config import Config, ConfigError, load_config
-from proxy.endpoints import add_routes, error_response, models_body
-from proxy.errors import ProxyError, error_body
-from proxy.forwarding import Forwarder
-from proxy.health import Prober
-from proxy.instances import Registry
-from proxy.metrics import Metrics
-from proxy.routing import Planner
-from proxy.scoring import capability_notes
+from proxy.engine.forwarder import Forwarder
+from proxy.health.prober import Prober
+from proxy.health.registry import Registry
+from proxy.providers.transport import Upstream, make_client
+from proxy.routing.planner import Planner
+from proxy.routing.scoring import capability_notes
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
-from proxy.state import CONFIG, RELOAD, STATE, ProxyState
-from proxy.store import AuditStore
-from proxy.upstream import Upstream, make_client
 
 log = structlog.get_logger("proxy.app")
 

@@ -41,9 +41,9 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.api.server import serve, supervise
     from proxy.app import create_app, reload_config
     from proxy.logs import configure_logging
-    from proxy.server import serve, supervise
 
     config = _load(args.config)
     configure_logging(args.log_format or config.logging.format, config.logging.level)
@@ -78,10 +78,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     import orjson
 
-    from proxy.errors import ProxyError
-    from proxy.inbound import CHAT, parse_request
-    from proxy.instances import Registry
-    from proxy.routing import Planner, new_id
+    from proxy.api.errors import ProxyError
+    from proxy.api.inbound import CHAT, parse_request
+    from proxy.health.registry import Registry
+    from proxy.routing.planner import Planner, new_id
 
     config = _load(args.config)
     if args.request:
@@ -123,12 +123,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     only cloud instances can serve) never fail the check."""
     import orjson
 
-    from proxy.health import Prober
-    from proxy.instances import Registry
+    from proxy.health.prober import Prober
+    from proxy.health.registry import Registry
     from proxy.logs import configure_logging
-    from proxy.scoring import capability_notes
+    from proxy.providers.transport import Upstream, make_client
+    from proxy.routing.scoring import capability_notes
     from proxy.secrets import Redactor, config_secrets
-    from proxy.upstream import Upstream, make_client
 
     config = _load(args.config)
     configure_logging("console", "error")
@@ -203,9 +203,9 @@ def text_table(table: list[tuple[str, ...]]) -> str:
 def cmd_events(args: argparse.Namespace) -> int:
     import orjson
 
-    from proxy.admin import parse_event_query
-    from proxy.errors import ProxyError
-    from proxy.store import StoreError, connect, query_events, sqlite_path
+    from proxy.api.admin import parse_event_query
+    from proxy.api.errors import ProxyError
+    from proxy.audit.store import StoreError, connect, query_events, sqlite_path
 
     url = args.store
     if url is None:
@@ -253,7 +253,7 @@ def format_events(rows: list[dict[str, object]]) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from proxy import simulator
+    from proxy.sim import simulator
 
     return simulator.run(args)
 
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--json", action="store_true", help="JSON for scripts")
     events.set_defaults(func=cmd_events)
 
-    from proxy import simulator
+    from proxy.sim import simulator
 
     simulate = sub.add_parser("simulate", help="run a simulated OpenAI-compatible backend")
     simulator.add_arguments(simulate)

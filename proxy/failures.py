@@ -16,7 +16,7 @@ from typing import Literal
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError
 
-from proxy.overflow import Overflow
+from proxy.providers.overflow import Overflow
 
 # Reason codes, as strings so they serialise as they are.
 INSTANCE_NOT_READY = "INSTANCE_NOT_READY"
@@ -130,7 +130,7 @@ class RateLimited(UpstreamFailure):
 
 class ContextTooLong(UpstreamFailure):
     """The upstream said the prompt does not fit its context window (in any server's
-    wording: see proxy.overflow); `overflow` holds the window and size it stated. A fact
+    wording: see proxy.providers.overflow); `overflow` holds the window and size it stated. A fact
     about this request, not about the instance's health."""
 
     code = CONTEXT_TOO_LONG

@@ -8,10 +8,10 @@ import time
 
 import orjson
 
+from proxy.api.inbound import CHAT, parse_request
 from proxy.config import parse_config
-from proxy.inbound import CHAT, parse_request
-from proxy.instances import READY, Registry
-from proxy.routing import Planner
+from proxy.health.registry import READY, Registry
+from proxy.routing.planner import Planner
 
 
 def measure(instances: int = 10, rounds: int = 20000) -> float:

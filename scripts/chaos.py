@@ -63,7 +63,7 @@ import aiohttp  # noqa: E402
 import openai  # noqa: E402
 import yaml  # noqa: E402
 
-from proxy.simtext import answer_text  # noqa: E402
+from proxy.sim.text import answer_text  # noqa: E402
 
 MODEL = "twin"
 PROVIDER = "chaos"
@@ -334,7 +334,7 @@ class InprocBackend:
     every connection aborted), restarted with `start()` on the same port."""
 
     def __init__(self, name: str, opts: Options) -> None:
-        from proxy.simulator import Simulator
+        from proxy.sim.simulator import Simulator
 
         self.name = name
         self.sim = Simulator(MODEL, words=opts.words, chunk_delay=opts.chunk_delay)
@@ -429,9 +429,9 @@ class InprocProxy:
         self.app: Any = None
 
     async def start(self, doc: dict[str, Any]) -> None:
+        from proxy.api.server import start
         from proxy.app import create_app
         from proxy.config import parse_config
-        from proxy.server import start
 
         self.app = create_app(parse_config(doc, "<chaos>"))
         # served the way `failover-proxy serve` serves it
@@ -439,7 +439,7 @@ class InprocProxy:
 
     def pool(self) -> Any:
         """The proxy's upstream aiohttp ClientSession."""
-        from proxy.state import STATE
+        from proxy.api.state import STATE
 
         return self.app[STATE].forwarder.upstream.client
 

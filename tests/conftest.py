@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.api.server import ProxyRunner, bound_port, start
 from proxy.app import create_app
 from proxy.config import DEFAULT_STORE_URL, Config, parse_config
-from proxy.server import ProxyRunner, bound_port, start
-from proxy.simulator import Simulator
+from proxy.sim.simulator import Simulator
 from tests.cluster import Cluster
 
 MakeSim = Callable[..., Awaitable[Simulator]]

@@ -10,9 +10,9 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.anthropic_sim import AnthropicSimulator
 from proxy.config import parse_config
-from proxy.simtext import answer_text
+from proxy.sim.anthropic import AnthropicSimulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim
 
 CLAUDE = "claude-sim-3"

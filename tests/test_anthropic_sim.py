@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.anthropic_sim import AnthropicSimulator, anthropic_prompt
-from proxy.simtext import answer_text, answer_words, prompt_of_messages, stream_pieces
+from proxy.sim.anthropic import AnthropicSimulator, anthropic_prompt
+from proxy.sim.text import answer_text, answer_words, prompt_of_messages, stream_pieces
 
 MODEL = "claude-sim"
 WORDS = 12

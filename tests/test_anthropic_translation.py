@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.anthropic import (
+from proxy.providers.anthropic import (
     HEADERS,
     AnthropicStreamError,
     StreamTranslator,

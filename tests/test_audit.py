@@ -18,9 +18,9 @@ import aiohttp
 import openai
 import pytest
 
+from proxy.audit.store import AuditStore, EventQuery, connect
 from proxy.config import parse_config
-from proxy.simulator import Simulator
-from proxy.store import AuditStore, EventQuery, connect
+from proxy.sim.simulator import Simulator
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ async def test_schema_is_versioned(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute("PRAGMA user_version = 999")
     conn.close()
-    from proxy.store import StoreError
+    from proxy.audit.store import StoreError
     with pytest.raises(StoreError, match="newer than this release"):
         connect(str(tmp_path / "v.db"))
 
@@ -271,7 +271,7 @@ async def test_requests_do_not_wait_on_a_slow_disk(make_sim: MakeSim, make_proxy
     """The writer's thread is blocked (a stand-in for a stalled disk); requests still flow."""
     a = await make_sim("coder")
     proxy = await make_proxy(seed_config([a], None, tmp_path))
-    from proxy.state import STATE
+    from proxy.api.state import STATE
 
     store = proxy.app[STATE].recorder.store
     assert store is not None and store.writer_pid is not None
@@ -286,7 +286,7 @@ async def test_requests_do_not_wait_on_a_slow_disk(make_sim: MakeSim, make_proxy
 def test_loop_metrics_render_as_prometheus_histograms_and_counters() -> None:
     """The lock-free request metrics come out in Prometheus' format: cumulative buckets
     (a value equal to a bound counts in that bucket), +Inf, sum and count; counters by label."""
-    from proxy.metrics import Metrics
+    from proxy.audit.metrics import Metrics
 
     m = Metrics()
     for value in (0.00005, 0.0003, 0.0003, 7.0):

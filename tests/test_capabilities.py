@@ -15,13 +15,13 @@ import orjson
 import pytest
 import yaml
 
+from proxy.api.inbound import CHAT, parse_request
 from proxy.config import CAPABILITIES, Config, ConfigError, load_config, parse_config
-from proxy.inbound import CHAT, parse_request
-from proxy.instances import READY, Registry
-from proxy.routing import Planner
-from proxy.scoring import capability_notes
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
+from proxy.health.registry import READY, Registry
+from proxy.routing.planner import Planner
+from proxy.routing.scoring import capability_notes
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,10 +26,10 @@ from typing import Any
 import openai
 import pytest
 
+from proxy.api.state import STATE
 from proxy.config import parse_config
-from proxy.instances import DOWN, READY
-from proxy.simtext import answer_text
-from proxy.state import STATE
+from proxy.health.registry import DOWN, READY
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.simtext import answer_text
+from proxy.sim.text import answer_text
 from tests.cluster import ROOT, Cluster, free_port
 
 pytestmark = pytest.mark.e2e

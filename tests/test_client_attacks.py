@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from proxy.simtext import answer_text
+from proxy.sim.text import answer_text
 from tests.cluster import Cluster
 from tests.rawhttp import Reply, assert_closed, build, chat, post_chat, read_reply
 

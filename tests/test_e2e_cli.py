@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from proxy.simtext import answer_text
+from proxy.sim.text import answer_text
 from tests.cluster import ROOT, Cluster
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.simtext import answer_text
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, chat_body, proxy_config
 
 PROMPT = "tell me about failover"

@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.api.state import STATE
 from proxy.config import Config, parse_config
-from proxy.fingerprints import Served, judge, learn
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
-from proxy.state import STATE
+from proxy.health.fingerprints import Served, judge, learn
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, wait_for
 from tests.test_health import admin_instances, ask
 

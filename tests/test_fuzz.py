@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.simtext import answer_text
+from proxy.sim.text import answer_text
 from tests.cluster import Cluster
 
 pytestmark = pytest.mark.e2e

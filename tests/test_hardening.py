@@ -17,11 +17,11 @@ import aiohttp
 import openai
 import yaml
 
+from proxy.api.state import STATE
 from proxy.app import reload_config
 from proxy.config import load_config
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
-from proxy.state import STATE
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.cluster import Cluster
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, wait_for
 

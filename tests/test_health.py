@@ -16,13 +16,13 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.circuit import BY_CONNECTION, BY_HTTP, CLOSED, HALF_OPEN, OPEN, Circuit
+from proxy.api.state import STATE
 from proxy.config import parse_config
 from proxy.failures import RateLimited
-from proxy.instances import Registry
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
-from proxy.state import STATE
+from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, HALF_OPEN, OPEN, Circuit
+from proxy.health.registry import Registry
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

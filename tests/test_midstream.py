@@ -14,9 +14,9 @@ import orjson
 import pytest
 
 from proxy.config import parse_config
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
-from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer
+from proxy.engine.splicing import PREFILL, REPLAY, Delivered, Diverged, Splicer
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, wait_for
 
 PROMPT = "tell me a long story"
@@ -250,7 +250,7 @@ async def test_client_disconnect_closes_the_upstream(make_sim: MakeSim, make_pro
         resp.close()  # the client goes away mid-answer
     await wait_for(lambda: a.stats.aborted == 1, timeout=5, what="the upstream to be closed")
     # Recorded as an outcome, not held against the instance.
-    from proxy.state import STATE
+    from proxy.api.state import STATE
     inst = proxy.app[STATE].registry.by_id["p:s0"]
     await asyncio.sleep(0.1)
     assert inst.failures == 0 and inst.circuit.state == "closed"

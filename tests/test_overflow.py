@@ -14,13 +14,13 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.anthropic import map_error
+from proxy.api.state import STATE
 from proxy.app import reload_config
 from proxy.config import load_config, parse_config
-from proxy.overflow import Overflow, classify, of_error
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
-from proxy.state import STATE
+from proxy.providers.anthropic import map_error
+from proxy.providers.overflow import Overflow, classify, of_error
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, chat_body
 
 # Twelve words: over a simulator's `context=10`.

@@ -9,12 +9,12 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.api.errors import NotFound
+from proxy.api.inbound import CHAT, ClientRequest, parse_request
 from proxy.config import Config, load_config, parse_config
-from proxy.errors import NotFound
-from proxy.inbound import CHAT, ClientRequest, parse_request
-from proxy.instances import DOWN, READY, Registry
-from proxy.requirements import classify
-from proxy.routing import Planner
+from proxy.health.registry import DOWN, READY, Registry
+from proxy.routing.planner import Planner
+from proxy.routing.requirements import classify
 
 #: The seed's providers.json, a real user's config (copied: a clone has no ../shared).
 SEED = Path(__file__).resolve().parent / "fixtures" / "providers.json"
@@ -225,7 +225,7 @@ def test_session_sticks_to_the_instance_that_served_it() -> None:
 
 
 def test_sticky_entries_expire() -> None:
-    from proxy.sessions import SessionTable
+    from proxy.routing.sessions import SessionTable
 
     table = SessionTable(ttl_s=10, max_entries=2)
     table.remember("a", "x", now=0)

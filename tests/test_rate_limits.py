@@ -20,10 +20,10 @@ import openai
 import pytest
 from multidict import CIMultiDict
 
-from proxy.anthropic_sim import AnthropicSimulator
+from proxy.api.state import STATE
 from proxy.config import parse_config
-from proxy.ratelimits import relay_headers, retry_after_s
-from proxy.state import STATE
+from proxy.providers.ratelimits import relay_headers, retry_after_s
+from proxy.sim.anthropic import AnthropicSimulator
 from tests.conftest import MakeProxy, MakeSim, chat_body, proxy_config, started
 
 CLAUDE = "claude-sim-3"

@@ -14,10 +14,10 @@ import orjson
 import pytest
 
 from proxy.config import parse_config
-from proxy.simtext import answer_text, reasoning_words, stream_pieces
-from proxy.simulator import REASONING_STEP_S, Simulator
-from proxy.sse import inspect_chunk
-from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer
+from proxy.engine.splicing import PREFILL, REPLAY, Delivered, Diverged, Splicer
+from proxy.engine.sse import inspect_chunk
+from proxy.sim.simulator import REASONING_STEP_S, Simulator
+from proxy.sim.text import answer_text, reasoning_words, stream_pieces
 from tests.conftest import MakeProxy, MakeSim, RunningProxy
 
 PROMPT = "think it over"

@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 import openai
 
+from proxy.api.state import STATE
 from proxy.config import parse_config
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
-from proxy.state import STATE
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, chat_body, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from proxy.config import parse_config
-from proxy.simtext import answer_text
+from proxy.sim.text import answer_text
 from tests.cluster import ROOT, Cluster, free_port
 from tests.conftest import MakeProxy, MakeSim, chat_body
 

@@ -1,4 +1,4 @@
-"""The proxy's HTTP server (aiohttp.web, proxy/server.py) at its edges, over raw sockets.
+"""The proxy's HTTP server (aiohttp.web, proxy/api/server.py) at its edges, over raw sockets.
 
 The proxy is served in this event loop in front of a simulator, the way `failover-proxy
 serve` serves it; request bytes are written with `asyncio.open_connection` wherever
@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
+from proxy.api.server import ProxyRunner, bound_port, start
+from proxy.api.state import STATE
 from proxy.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, create_app
 from proxy.config import Config
-from proxy.server import ProxyRunner, bound_port, start
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
-from proxy.state import STATE
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
 from tests.rawhttp import (
     GUARD_S,

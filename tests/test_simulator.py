@@ -23,14 +23,14 @@ import openai
 import orjson
 import pytest
 
-from proxy.simtext import (
+from proxy.sim.simulator import Simulator, parse_faults
+from proxy.sim.text import (
     answer_text,
     answer_words,
     embedding_vector,
     prompt_of_messages,
     stream_pieces,
 )
-from proxy.simulator import Simulator, parse_faults
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sim-a"
@@ -623,7 +623,7 @@ async def test_stop_aborts_open_streams_and_restart_keeps_port(http: aiohttp.Cli
 
 def test_cli_run() -> None:
     code = (
-        "import argparse, proxy.simulator as s; p = argparse.ArgumentParser(); s.add_arguments(p); "
+        "import argparse, proxy.sim.simulator as s; p = argparse.ArgumentParser(); s.add_arguments(p); "
         "raise SystemExit(s.run(p.parse_args()))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -24,8 +24,8 @@ import orjson
 import pytest
 import trustme
 
-from proxy.simtext import answer_text
-from proxy.simulator import Simulator
+from proxy.sim.simulator import Simulator
+from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, proxy_config
 
 PROMPT = "tell me about the upstream side"

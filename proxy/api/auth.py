@@ -9,8 +9,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 
+from proxy.api.errors import Forbidden, Unauthorized
 from proxy.config import ServerConfig
-from proxy.errors import Forbidden, Unauthorized
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:

@@ -18,17 +18,26 @@ from typing import Protocol
 import orjson
 import structlog
 
-from proxy import overflow
-from proxy.audit import Recorder
-from proxy.circuit import CLOSED
-from proxy.config import Config
-from proxy.errors import (
+from proxy.api.errors import (
     AllAttemptsFailed,
     AllAttemptsTimedOut,
     ProxyError,
     RateLimitedError,
     RouteBlocked,
     error_event,
+)
+from proxy.api.inbound import CHAT, UPSTREAM_PATH, ClientRequest
+from proxy.audit.recorder import Recorder
+from proxy.config import Config
+from proxy.engine.splicing import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
+from proxy.engine.sse import (
+    DONE,
+    DONE_EVENT,
+    Chunk,
+    EventSource,
+    MalformedEvent,
+    event_data,
+    inspect_chunk,
 )
 from proxy.failures import (
     CONTEXT_TOO_LONG,
@@ -49,25 +58,16 @@ from proxy.failures import (
     UpstreamFailure,
     UpstreamTimeout,
 )
-from proxy.fingerprints import Pin, models_match, response_model
-from proxy.inbound import CHAT, UPSTREAM_PATH, ClientRequest
-from proxy.instances import InstanceState, Registry
-from proxy.ratelimits import relay_headers
-from proxy.routing import RoutePlan, larger_window
-from proxy.scoring import RATE_LIMITED_REASON, hard_filter
-from proxy.sse import (
-    DONE,
-    DONE_EVENT,
-    Chunk,
-    EventSource,
-    MalformedEvent,
-    event_data,
-    inspect_chunk,
-)
-from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
-from proxy.upstream import PassThrough, Response, Upstream
+from proxy.health.circuit import CLOSED
+from proxy.health.fingerprints import Pin, models_match, response_model
+from proxy.health.registry import InstanceState, Registry
+from proxy.providers import overflow
+from proxy.providers.ratelimits import relay_headers
+from proxy.providers.transport import PassThrough, Response, Upstream
+from proxy.routing.planner import RoutePlan, larger_window
+from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter
 
-log = structlog.get_logger("proxy.forwarding")
+log = structlog.get_logger("proxy.engine.forwarder")
 
 _NO_HEADERS: dict[str, str] = {}  # shared, never written to
 _NO_PREFILL = "a text completion whose prompt is not one string cannot be continued by prefill"
@@ -549,7 +549,7 @@ class Forwarder:
             why_not = f"{failure.code} is not retried (retry.on)"
         if why_not is None:
             # Only reasoning delivered: a prefill is answer text and cannot carry on a
-            # reasoning; a twin's replay can (see proxy.streaming).
+            # reasoning; a twin's replay can (see proxy.engine.splicing).
             answer_started = bool(delivered.pieces) or not delivered.reasoning_pieces
             why_not = ("no instance left that can continue it" if answer_started else
                        "only reasoning had been delivered, and no twin is left to replay it")

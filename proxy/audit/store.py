@@ -2,7 +2,7 @@
 
 Requests hand rows to `AuditStore.submit`, which never blocks and never waits on disk: it
 appends to a list. Every `SEND_EVERY_S` the rows gathered so far go, as one JSON line, down
-a pipe to a writer *process* (`proxy.auditwriter`) that inserts them in one transaction.
+a pipe to a writer *process* (`proxy.audit.writer`) that inserts them in one transaction.
 A separate process, not a thread, because a writer thread binding rows for SQLite keeps
 taking the interpreter lock back from the event loop: on a busy proxy that cost the loop
 more CPU than the rows themselves. The writer acknowledges every batch, so the proxy knows
@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import structlog
 
-log = structlog.get_logger("proxy.store")
+log = structlog.get_logger("proxy.audit.store")
 
 #: Bump when the schema changes, and add a step to `_MIGRATIONS`.
 SCHEMA_VERSION = 1
@@ -263,7 +263,7 @@ class AuditStore:
 
     async def _spawn(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.auditwriter", self.path, repr(self.retention_s),
+            sys.executable, "-m", "proxy.audit.writer", self.path, repr(self.retention_s),
             str(self.max_rows), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             start_new_session=True)  # a signal to the proxy's group does not reach it
         self._broken = False

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from proxy import overflow
+from proxy.providers import overflow
 
 Json = dict[str, Any]
 

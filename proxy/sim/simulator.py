@@ -3,7 +3,7 @@
 Used by the tests, the demo and the benchmarks. It listens on a real TCP port,
 answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and
 ``/v1/models`` in the OpenAI wire format (plus llama.cpp's ``/health`` and
-``/props``), with text from :mod:`proxy.simtext` so a client can check what it
+``/props``), with text from :mod:`proxy.sim.text` so a client can check what it
 received word by word.
 
 Faults (``name`` or ``name=value``) are set at construction, with
@@ -91,7 +91,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .simtext import (
+from proxy.sim.text import (
     answer_words,
     embedding_vector,
     message_text,
@@ -404,7 +404,7 @@ class _Refused(Exception):
 
 def _context_error(style: str, n_ctx: int, tokens: int, param: str) -> tuple[int, Any]:
     """(status, body) of a context overflow as server `style` answers it (the wordings and
-    their sources are in proxy.overflow's docstring)."""
+    their sources are in proxy.providers.overflow's docstring)."""
     if style == "vllm":
         return 400, {"error": {
             "message": f"This model's maximum context length is {n_ctx} tokens. However, you "

@@ -3,7 +3,7 @@
 One task per instance asks the server, the way its implementation answers (llama.cpp's
 `/health` and `/props`, Ollama's `/api/tags`, otherwise `/v1/models`), every
 `health.interval_s` with jitter. Each probe updates the instance's state (READY, LOADING,
-DOWN, MISMATCH), learns or checks its fingerprint (proxy/fingerprints.py), notes a label
+DOWN, MISMATCH), learns or checks its fingerprint (proxy/health/fingerprints.py), notes a label
 the server does not list as a warning, and may close a circuit that connection failures
 opened. Requests never wait for a probe.
 """
@@ -20,11 +20,11 @@ import structlog
 
 from proxy.config import HealthConfig
 from proxy.failures import UpstreamFailure
-from proxy.fingerprints import LEARNED, Served, changes, judge, label_warning, learn
-from proxy.instances import DOWN, DRAINED, LOADING, MISMATCH, READY, InstanceState, Registry
-from proxy.upstream import Upstream
+from proxy.health.fingerprints import LEARNED, Served, changes, judge, label_warning, learn
+from proxy.health.registry import DOWN, DRAINED, LOADING, MISMATCH, READY, InstanceState, Registry
+from proxy.providers.transport import Upstream
 
-log = structlog.get_logger("proxy.health")
+log = structlog.get_logger("proxy.health.prober")
 
 
 @dataclass(slots=True)

@@ -18,9 +18,9 @@ import orjson
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from proxy import anthropic, overflow
+from proxy.api.errors import error_body
 from proxy.config import InstanceConfig, TimeoutsConfig, UpstreamConfig
-from proxy.errors import error_body
+from proxy.engine.sse import DONE_EVENT, EventReader, event_data
 from proxy.failures import (
     ContextTooLong,
     ProcessExited,
@@ -32,9 +32,9 @@ from proxy.failures import (
     UpstreamProtocolError,
     map_exceptions,
 )
-from proxy.ratelimits import relay_headers, retry_after_s
+from proxy.providers import anthropic, overflow
+from proxy.providers.ratelimits import relay_headers, retry_after_s
 from proxy.secrets import Redactor
-from proxy.sse import DONE_EVENT, EventReader, event_data
 
 #: What the forwarder holds while an answer is read: aiohttp's response (its `status`,
 #: `headers`, `release()` and `close()` are all the forwarder uses).
@@ -429,6 +429,6 @@ async def _read(content: aiohttp.StreamReader, limit: int, timeout_s: float | No
 
 def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The upstream headers worth relaying on a passed-through or 429 answer: its
-    rate-limit headers (see proxy.ratelimits)."""
+    rate-limit headers (see proxy.providers.ratelimits)."""
     return relay_headers(headers)
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from proxy.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
 from proxy.config import HealthConfig, InstanceConfig, instance_ids
 from proxy.failures import (
     CONN_REFUSED,
@@ -26,9 +25,10 @@ from proxy.failures import (
     RateLimited,
     UpstreamFailure,
 )
-from proxy.fingerprints import CONFIGURED, Pin, configured, request_model
+from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
+from proxy.health.fingerprints import CONFIGURED, Pin, configured, request_model
 
-log = structlog.get_logger("proxy.instances")
+log = structlog.get_logger("proxy.health.registry")
 
 # Instance states (SPEC section 6).
 UNKNOWN = "UNKNOWN"

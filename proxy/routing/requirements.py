@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.inbound import CHAT, COMPLETIONS, ClientRequest
+from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest
 
 TAGS_HEADER = "x-route-tags"
 PREFER_HEADER = "x-route-prefer"

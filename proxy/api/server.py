@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidHeader, LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
+from proxy.api.errors import error_body
 from proxy.app import (
     LINGER_S,
     MAX_FIELD_SIZE,
@@ -33,9 +34,8 @@ from proxy.app import (
     framework_error,
     http_error_response,
 )
-from proxy.errors import error_body
 
-log = structlog.get_logger("proxy.server")
+log = structlog.get_logger("proxy.api.server")
 
 #: Pending connections the kernel keeps for the listening socket (aiohttp's default is 128;
 #: a burst of new clients should queue, not be refused).

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from proxy.config import CAPABILITIES, InstanceConfig, Weights
-from proxy.instances import READY, InstanceState
-from proxy.requirements import Requirements
+from proxy.health.registry import READY, InstanceState
+from proxy.routing.requirements import Requirements
 
 #: Time to first byte that scores 0.5 on the latency term.
 LATENCY_HALF_MS = 500.0

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from proxy.audit.metrics import Metrics
+from proxy.audit.store import AuditStore
 from proxy.failures import INSTANCE_NOT_READY
-from proxy.instances import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN, InstanceState
-from proxy.metrics import Metrics
-from proxy.store import AuditStore
+from proxy.health.registry import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN, InstanceState
 
 if TYPE_CHECKING:
-    from proxy.routing import RoutePlan
+    from proxy.routing.planner import RoutePlan
 
 # Event types (SPEC section 7).
 ROUTE_PLANNED = "ROUTE_PLANNED"
@@ -34,7 +34,7 @@ EVENT_TYPES = (ROUTE_PLANNED, ROUTE_VERIFIED, REROUTED, ROUTE_BLOCKED, STREAM_RE
 
 STATES = (UNKNOWN, READY, LOADING, DOWN, MISMATCH, DRAINED)
 
-log = structlog.get_logger("proxy.audit")
+log = structlog.get_logger("proxy.audit.recorder")
 request_log = structlog.get_logger("proxy.request")
 
 

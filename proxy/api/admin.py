@@ -10,16 +10,16 @@ from datetime import UTC, datetime
 import orjson
 from aiohttp import web
 
-from proxy.audit import EVENT_TYPES
-from proxy.auth import check_admin
-from proxy.endpoints import expect_continue, read_body
-from proxy.errors import BadRequest, NotFound
-from proxy.health import reset_fingerprint
-from proxy.inbound import CHAT, parse_request
-from proxy.instances import DRAINED, MISMATCH, UNKNOWN, InstanceState
-from proxy.routing import new_id
-from proxy.state import RELOAD, STATE
-from proxy.store import EventQuery
+from proxy.api.auth import check_admin
+from proxy.api.endpoints import expect_continue, read_body
+from proxy.api.errors import BadRequest, NotFound
+from proxy.api.inbound import CHAT, parse_request
+from proxy.api.state import RELOAD, STATE
+from proxy.audit.recorder import EVENT_TYPES
+from proxy.audit.store import EventQuery
+from proxy.health.prober import reset_fingerprint
+from proxy.health.registry import DRAINED, MISMATCH, UNKNOWN, InstanceState
+from proxy.routing.planner import new_id
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 

@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.api.errors import NotFound
+from proxy.api.inbound import ClientRequest
 from proxy.config import Config
-from proxy.errors import NotFound
-from proxy.inbound import ClientRequest
-from proxy.instances import DRAINED, STALE_STATES, InstanceState, Registry
-from proxy.requirements import Requirements, extract
-from proxy.scoring import RATE_LIMITED_REASON, hard_filter, score
-from proxy.sessions import SessionTable
+from proxy.health.registry import DRAINED, STALE_STATES, InstanceState, Registry
+from proxy.routing.requirements import Requirements, extract
+from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter, score
+from proxy.routing.sessions import SessionTable
 
 AUTO = "auto"
 SCORED = "scored"

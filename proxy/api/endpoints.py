@@ -15,9 +15,8 @@ import orjson
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.auth import check_admin, check_client
-from proxy.config import Config
-from proxy.errors import (
+from proxy.api.auth import check_admin, check_client
+from proxy.api.errors import (
     BadRequest,
     PayloadTooLarge,
     ProxyError,
@@ -25,11 +24,12 @@ from proxy.errors import (
     RouteBlocked,
     UnsupportedEncoding,
 )
-from proxy.forwarding import CLIENT_GONE, ClientGone
-from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
-from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from proxy.routing import AUTO, RoutePlan, new_id
-from proxy.state import STATE, ProxyState
+from proxy.api.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
+from proxy.api.state import STATE, ProxyState
+from proxy.audit.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxy.config import Config
+from proxy.engine.forwarder import CLIENT_GONE, ClientGone
+from proxy.routing.planner import AUTO, RoutePlan, new_id
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"

@@ -1,7 +1,7 @@
 """A minimal simulated Anthropic Messages API backend on a real port.
 
 It answers the same deterministic words as the OpenAI-style simulator
-(:mod:`proxy.simulator`) for the same conversation and model, so tests of an
+(:mod:`proxy.sim.simulator`) for the same conversation and model, so tests of an
 OpenAI -> Anthropic failover can check the exact text a client received.
 
 Endpoints: ``GET /v1/models`` and ``POST /v1/messages`` (plain and streamed).
@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.simtext import answer_words, message_text, stream_pieces
+from proxy.sim.text import answer_words, message_text, stream_pieces
 
 __all__ = ["AnthropicSimulator", "anthropic_prompt"]
 

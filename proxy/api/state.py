@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 from aiohttp import ClientSession, web
 
-from proxy.audit import Recorder
+from proxy.audit.recorder import Recorder
 from proxy.config import Config
-from proxy.forwarding import Forwarder
-from proxy.health import Prober
-from proxy.instances import Registry
-from proxy.routing import Planner
+from proxy.engine.forwarder import Forwarder
+from proxy.health.prober import Prober
+from proxy.health.registry import Registry
+from proxy.routing.planner import Planner
 from proxy.secrets import Redactor
 
 

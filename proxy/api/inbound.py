@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest
+from proxy.api.errors import BadRequest
 
 CHAT = "chat"
 COMPLETIONS = "completions"

@@ -1,0 +1,1 @@
+"""Simulated model servers for the tests, the demo and the benchmarks (not product code)."""
