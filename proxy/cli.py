@@ -253,7 +253,7 @@ def format_events(rows: list[dict[str, object]]) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from proxy.sim import simulator
+    from proxy.sim import cli as simulator
 
     return simulator.run(args)
 
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--json", action="store_true", help="JSON for scripts")
     events.set_defaults(func=cmd_events)
 
-    from proxy.sim import simulator
+    from proxy.sim import cli as simulator
 
     simulate = sub.add_parser("simulate", help="run a simulated OpenAI-compatible backend")
     simulator.add_arguments(simulate)

@@ -16,7 +16,8 @@ import pytest
 from proxy.config import parse_config
 from proxy.engine.splicing import PREFILL, REPLAY, Delivered, Diverged, Splicer
 from proxy.engine.sse import inspect_chunk
-from proxy.sim.simulator import REASONING_STEP_S, Simulator
+from proxy.sim.faults import REASONING_STEP_S
+from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text, reasoning_words, stream_pieces
 from tests.conftest import MakeProxy, MakeSim, RunningProxy
 

@@ -23,7 +23,8 @@ import openai
 import orjson
 import pytest
 
-from proxy.sim.simulator import Simulator, parse_faults
+from proxy.sim.faults import parse_faults
+from proxy.sim.simulator import Simulator
 from proxy.sim.text import (
     answer_text,
     answer_words,
@@ -623,7 +624,7 @@ async def test_stop_aborts_open_streams_and_restart_keeps_port(http: aiohttp.Cli
 
 def test_cli_run() -> None:
     code = (
-        "import argparse, proxy.sim.simulator as s; p = argparse.ArgumentParser(); s.add_arguments(p); "
+        "import argparse, proxy.sim.cli as s; p = argparse.ArgumentParser(); s.add_arguments(p); "
         "raise SystemExit(s.run(p.parse_args()))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
