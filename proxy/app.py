@@ -1,17 +1,18 @@
-"""The proxy application: routes, shared state under typed keys, lifecycle, error shape."""
+"""The proxy application: the parts wired together (api -> routing -> engine -> providers,
+health and audit beside them), shared state under typed keys, start-up, shutdown and
+config reload."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import ClientSession, web
 
 from proxy.api.admin import add_admin_routes
-from proxy.api.endpoints import add_routes, error_response, models_body
-from proxy.api.errors import ProxyError, error_body
+from proxy.api.endpoints import add_routes, models_body
+from proxy.api.middleware import openai_errors
+from proxy.api.server import HANDLER_ARGS
 from proxy.api.state import CONFIG, RELOAD, STATE, ProxyState
 from proxy.audit.metrics import Metrics
 from proxy.audit.recorder import STATES, Recorder
@@ -129,82 +130,6 @@ async def reload_config(app: web.Application, path: str | None = None) -> tuple[
     log.warning("config_reloaded", source=source, instances=len(config.instances),
                 notes=notes)
     return True, message
-
-
-def http_error_response(status: int, message: str, headers: dict[str, str] | None = None,
-                        code: str | None = None) -> web.Response:
-    """An OpenAI-shaped error answer for a status the framework chose (404, 405, 413, or
-    400/414/431 for a request aiohttp's parser refused)."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return web.Response(status=status, body=error_body(message, kind, code),
-                        content_type="application/json", headers=headers)
-
-
-def framework_error(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
-    """An HTTPException aiohttp raised (404 unknown path, 405 with Allow, 413 over
-    `client_max_size`, 417...) as an OpenAI-shaped response with the same status."""
-    if isinstance(exc, web.HTTPNotFound):
-        return http_error_response(404, f"Unknown path: {request.path}")
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return http_error_response(
-            405, f"Method {request.method} is not allowed for {request.path}; allowed: "
-                 f"{allowed}.", {"Allow": allowed})
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        resp = http_error_response(413, f"The request body is larger than the limit of "
-                                        f"{request.client_max_size} bytes.",
-                                   code="request_too_large")
-        resp.force_close()  # the rest of the body is not worth reading
-        return resp
-    return http_error_response(exc.status, exc.text or exc.reason)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """OpenAI's error shape for the proxy's own errors raised by any handler, for the
-    framework's (unknown path, wrong method, body over `client_max_size`), and a logged
-    500 in the same shape for a bug of ours."""
-    try:
-        return await handler(request)
-    except ProxyError as exc:
-        return error_response(exc, {})
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return framework_error(request, exc)
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception:
-        log.exception("unhandled_error", path=request.path)
-        return http_error_response(500, "The proxy hit an internal error; it has been logged.")
-
-
-#: How aiohttp's server runs this app, wherever it is served (`serve`, tests, chaos):
-#: - a request line over MAX_LINE_SIZE bytes is refused (414), a header line (name and
-#:   value) over MAX_FIELD_SIZE or more than MAX_HEADERS headers too (431); each parsed
-#:   request waiting on a connection holds at most MAX_HEADERS * MAX_FIELD_SIZE bytes, and
-#:   aiohttp stops reading a connection that has 32 unanswered requests queued;
-#: - a handler is cancelled as soon as its client disconnects, so the upstream request is
-#:   closed at once rather than orphaned;
-#: - request bodies are never decompressed (compressed ones are refused with a 415 before
-#:   they are read); no access log (the proxy logs one line per request itself);
-#: - a keep-alive connection idle for KEEPALIVE_S is closed (also one that never completes
-#:   its first request head); after an answer sent before its request's body was read
-#:   (401, 413...), what is left of the body is read and dropped for up to LINGER_S, so
-#:   that closing does not reset the connection before the client has read the answer.
-MAX_LINE_SIZE = 8 * 1024
-MAX_FIELD_SIZE = 16 * 1024
-MAX_HEADERS = 100
-KEEPALIVE_S = 75.0
-LINGER_S = 2.0
-HANDLER_ARGS: dict[str, Any] = {
-    "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,
-    "max_headers": MAX_HEADERS, "keepalive_timeout": KEEPALIVE_S, "lingering_time": LINGER_S,
-    "handler_cancellation": True, "auto_decompress": False, "access_log": None,
-}
 
 
 def create_app(config: Config) -> web.Application:

@@ -205,7 +205,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     from proxy.api.admin import parse_event_query
     from proxy.api.errors import ProxyError
-    from proxy.audit.store import StoreError, connect, query_events, sqlite_path
+    from proxy.audit.schema import StoreError, connect, query_events, sqlite_path
 
     url = args.store
     if url is None:

@@ -18,7 +18,8 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.audit.store import AuditStore, EventQuery, connect
+from proxy.audit.schema import EventQuery, connect
+from proxy.audit.store import AuditStore
 from proxy.config import parse_config
 from proxy.sim.simulator import Simulator
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body
@@ -261,7 +262,7 @@ async def test_schema_is_versioned(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute("PRAGMA user_version = 999")
     conn.close()
-    from proxy.audit.store import StoreError
+    from proxy.audit.schema import StoreError
     with pytest.raises(StoreError, match="newer than this release"):
         connect(str(tmp_path / "v.db"))
 

@@ -12,7 +12,8 @@ import pytest
 from proxy.api.errors import NotFound
 from proxy.api.inbound import CHAT, ClientRequest, parse_request
 from proxy.config import Config, load_config, parse_config
-from proxy.health.registry import DOWN, READY, Registry
+from proxy.health.instance import DOWN, READY
+from proxy.health.registry import Registry
 from proxy.routing.planner import Planner
 from proxy.routing.requirements import classify
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from proxy.api.server import ProxyRunner, bound_port, start
+from proxy.api.server import MAX_FIELD_SIZE, MAX_LINE_SIZE, ProxyRunner, bound_port, start
 from proxy.api.state import STATE
-from proxy.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, create_app
+from proxy.app import create_app
 from proxy.config import Config
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text

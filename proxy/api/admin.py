@@ -16,9 +16,9 @@ from proxy.api.errors import BadRequest, NotFound
 from proxy.api.inbound import CHAT, parse_request
 from proxy.api.state import RELOAD, STATE
 from proxy.audit.recorder import EVENT_TYPES
-from proxy.audit.store import EventQuery
+from proxy.audit.schema import EventQuery
+from proxy.health.instance import DRAINED, MISMATCH, UNKNOWN, InstanceState
 from proxy.health.prober import reset_fingerprint
-from proxy.health.registry import DRAINED, MISMATCH, UNKNOWN, InstanceState
 from proxy.routing.planner import new_id
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]

@@ -25,17 +25,16 @@ from proxy.api.errors import (
     UnsupportedEncoding,
 )
 from proxy.api.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
+from proxy.api.middleware import error_response
 from proxy.api.state import STATE, ProxyState
 from proxy.audit.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.config import Config
-from proxy.engine.forwarder import CLIENT_GONE, ClientGone
+from proxy.engine.forwarder import CLIENT_GONE
+from proxy.engine.relay import ClientGone
 from proxy.routing.planner import AUTO, RoutePlan, new_id
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
-#: Errors answered before the body was read whole: the connection closes after them
-#: rather than read on through what is left of the body to find the next request.
-_CLOSING = frozenset({408, 413})
 
 
 class EventStream(web.StreamResponse):
@@ -139,16 +138,6 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     writer.output_size = 0  # the answer itself has not started (as aiohttp's handler does)
     return None
-
-
-def error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
-    """A ProxyError as an OpenAI-shaped response (with its own headers, e.g. Retry-After)."""
-    headers.update(exc.headers)
-    headers["Content-Type"] = _JSON
-    response = web.Response(status=exc.status, body=exc.body(), headers=headers)
-    if exc.status in _CLOSING:
-        response.force_close()
-    return response
 
 
 async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:

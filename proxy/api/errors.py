@@ -115,6 +115,16 @@ class AllAttemptsTimedOut(ProxyError):
     code = "all_attempts_timed_out"
 
 
+class ContextError(ProxyError):
+    """400: no instance could fit the prompt. In OpenAI's shape whatever server said it
+    (SDKs raise BadRequestError with code `context_length_exceeded`); the message quotes
+    the last upstream's own words, then every attempt."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "context_length_exceeded"
+
+
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
     """`{"error": {message, type, param, code}}` as JSON bytes."""
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})

@@ -6,7 +6,7 @@ SIGTERM/SIGINT: stop accepting, let in-flight requests and streams finish within
 
 The app's middleware gives every error raised while handling a request OpenAI's shape. A
 request that aiohttp's parser refuses (a malformed request line or header, a line over
-the limits set in `proxy.app.HANDLER_ARGS`, a missing or repeated `Host`) never reaches
+the limits set in `HANDLER_ARGS`, a missing or repeated `Host`) never reaches
 the app: aiohttp answers it itself through `RequestHandler.handle_error`. `ProxyRunner`
 serves the app with a RequestHandler subclass that answers those in the same shape, then
 reads no further into the connection (half-closed, the rest dropped, then closed).
@@ -27,15 +27,33 @@ from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidH
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.api.errors import error_body
-from proxy.app import (
-    LINGER_S,
-    MAX_FIELD_SIZE,
-    MAX_LINE_SIZE,
-    framework_error,
-    http_error_response,
-)
+from proxy.api.middleware import framework_error, http_error_response
 
 log = structlog.get_logger("proxy.api.server")
+
+#: How aiohttp's server runs this app, wherever it is served (`serve`, tests, chaos):
+#: - a request line over MAX_LINE_SIZE bytes is refused (414), a header line (name and
+#:   value) over MAX_FIELD_SIZE or more than MAX_HEADERS headers too (431); each parsed
+#:   request waiting on a connection holds at most MAX_HEADERS * MAX_FIELD_SIZE bytes, and
+#:   aiohttp stops reading a connection that has 32 unanswered requests queued;
+#: - a handler is cancelled as soon as its client disconnects, so the upstream request is
+#:   closed at once rather than orphaned;
+#: - request bodies are never decompressed (compressed ones are refused with a 415 before
+#:   they are read); no access log (the proxy logs one line per request itself);
+#: - a keep-alive connection idle for KEEPALIVE_S is closed (also one that never completes
+#:   its first request head); after an answer sent before its request's body was read
+#:   (401, 413...), what is left of the body is read and dropped for up to LINGER_S, so
+#:   that closing does not reset the connection before the client has read the answer.
+MAX_LINE_SIZE = 8 * 1024
+MAX_FIELD_SIZE = 16 * 1024
+MAX_HEADERS = 100
+KEEPALIVE_S = 75.0
+LINGER_S = 2.0
+HANDLER_ARGS: dict[str, Any] = {
+    "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,
+    "max_headers": MAX_HEADERS, "keepalive_timeout": KEEPALIVE_S, "lingering_time": LINGER_S,
+    "handler_cancellation": True, "auto_decompress": False, "access_log": None,
+}
 
 #: Pending connections the kernel keeps for the listening socket (aiohttp's default is 128;
 #: a burst of new clients should queue, not be refused).

@@ -16,7 +16,7 @@ import structlog
 from proxy.audit.metrics import Metrics
 from proxy.audit.store import AuditStore
 from proxy.failures import INSTANCE_NOT_READY
-from proxy.health.registry import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN, InstanceState
+from proxy.health.instance import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN, InstanceState
 
 if TYPE_CHECKING:
     from proxy.routing.planner import RoutePlan

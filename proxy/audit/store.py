@@ -12,6 +12,7 @@ the writer exits. SQLite runs in WAL mode so readers (the admin API, the `events
 never block the writer.
 """
 
+
 from __future__ import annotations
 
 import asyncio
@@ -21,199 +22,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
 
+from proxy.audit.schema import (
+    EVENT,
+    LINEAGE,
+    PLAN,
+    EventQuery,
+    apply_retention,
+    connect,
+    query_events,
+    sqlite_path,
+)
+
 log = structlog.get_logger("proxy.audit.store")
-
-#: Bump when the schema changes, and add a step to `_MIGRATIONS`.
-SCHEMA_VERSION = 1
-
-_MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE IF NOT EXISTS route_plans (
-        plan_id TEXT PRIMARY KEY,
-        request_id TEXT NOT NULL,
-        ts REAL NOT NULL,
-        model TEXT,
-        requirements TEXT,
-        plan TEXT,
-        selected TEXT,
-        final_instance TEXT,
-        outcome TEXT,
-        status INTEGER,
-        attempts INTEGER,
-        ttfb_ms REAL,
-        duration_ms REAL
-    );
-    CREATE INDEX IF NOT EXISTS route_plans_request ON route_plans (request_id);
-    CREATE INDEX IF NOT EXISTS route_plans_ts ON route_plans (ts);
-    CREATE TABLE IF NOT EXISTS events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        type TEXT NOT NULL,
-        request_id TEXT,
-        plan_id TEXT,
-        instance TEXT,
-        reason_code TEXT,
-        from_instance TEXT,
-        to_instance TEXT,
-        detail TEXT
-    );
-    CREATE INDEX IF NOT EXISTS events_request ON events (request_id);
-    CREATE INDEX IF NOT EXISTS events_type_ts ON events (type, ts);
-    CREATE INDEX IF NOT EXISTS events_instance_ts ON events (instance, ts);
-    CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
-    CREATE TABLE IF NOT EXISTS lineage (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        kind TEXT NOT NULL,
-        request_id TEXT,
-        plan_id TEXT,
-        from_instance TEXT,
-        to_instance TEXT,
-        reason_code TEXT
-    );
-    CREATE INDEX IF NOT EXISTS lineage_request ON lineage (request_id);
-    CREATE INDEX IF NOT EXISTS lineage_ts ON lineage (ts);
-    """,
-}
-
-EVENT_COLUMNS = ("id", "ts", "type", "request_id", "plan_id", "instance", "reason_code",
-                 "from_instance", "to_instance", "detail")
-
-# Row kinds on the queue.
-_EVENT = 0
-_PLAN = 1
-_LINEAGE = 2
-
-
-class StoreError(Exception):
-    """The store URL or file cannot be used."""
-
-
-def sqlite_path(url: str) -> str:
-    """The file path of a `sqlite:///PATH` URL (`sqlite:///:memory:` is in-memory)."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix):
-        raise StoreError(f"unsupported store url {url!r}: expected sqlite:///PATH")
-    return url[len(prefix):] or ":memory:"
-
-
-def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the database, creating or migrating the schema unless read-only."""
-    if readonly:
-        if path != ":memory:" and not Path(path).exists():
-            raise StoreError(f"no audit database at {path}")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 2000")
-        return conn
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA busy_timeout = 2000")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"{path} has schema version {version}, newer than this release "
-                         f"({SCHEMA_VERSION})")
-    for step in range(version + 1, SCHEMA_VERSION + 1):
-        conn.executescript("BEGIN;" + _MIGRATIONS[step] + f"PRAGMA user_version = {step}; COMMIT;")
-    return conn
-
-
-@dataclass(frozen=True, slots=True)
-class EventQuery:
-    """Filters for reading events; all optional."""
-
-    request_id: str | None = None
-    type: str | None = None
-    instance: str | None = None
-    since: float | None = None  # unix time
-    limit: int = 100
-
-
-def query_events(conn: sqlite3.Connection, q: EventQuery) -> list[dict[str, Any]]:
-    """Events matching `q`, newest first."""
-    where: list[str] = []
-    args: list[object] = []
-    if q.request_id:
-        where.append("request_id = ?")
-        args.append(q.request_id)
-    if q.type:
-        where.append("type = ?")
-        args.append(q.type)
-    if q.instance:
-        where.append("(instance = ? OR from_instance = ? OR to_instance = ?)")
-        args += [q.instance] * 3
-    if q.since is not None:
-        where.append("ts >= ?")
-        args.append(q.since)
-    sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC LIMIT ?"
-    args.append(max(1, min(q.limit, 10_000)))
-    rows = []
-    for row in conn.execute(sql, args):
-        item = dict(zip(EVENT_COLUMNS, row, strict=True))
-        item["detail"] = orjson.loads(item["detail"]) if item["detail"] else None
-        rows.append(item)
-    return rows
-
-
-def write_rows(conn: sqlite3.Connection, rows: list[list[Any]]) -> None:
-    """Insert a batch of queued rows (events, plans, lineage) in one transaction."""
-    events, plans, lineage = [], [], []
-    dumps = orjson.dumps
-    for row in rows:
-        kind = row[0]
-        if kind == _EVENT:
-            detail = row[9]
-            events.append((*row[1:9], dumps(detail).decode() if detail else None))
-        elif kind == _PLAN:
-            plan = row[1]
-            plan_id, request_id, ts, model, *rest = row[2:]
-            plans.append((plan_id, request_id, ts, model,
-                          dumps(plan["requirements"]).decode(), dumps(plan).decode(), *rest))
-        else:
-            lineage.append(row[1:])
-    conn.execute("BEGIN")
-    try:
-        if events:
-            conn.executemany(
-                "INSERT INTO events (ts, type, request_id, plan_id, instance, reason_code,"
-                " from_instance, to_instance, detail) VALUES (?,?,?,?,?,?,?,?,?)", events)
-        if plans:
-            conn.executemany(
-                "INSERT OR REPLACE INTO route_plans (plan_id, request_id, ts, model,"
-                " requirements, plan, selected, final_instance, outcome, status, attempts,"
-                " ttfb_ms, duration_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", plans)
-        if lineage:
-            conn.executemany(
-                "INSERT INTO lineage (ts, kind, request_id, plan_id, from_instance,"
-                " to_instance, reason_code) VALUES (?,?,?,?,?,?,?)", lineage)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def apply_retention(conn: sqlite3.Connection, retention_s: float, max_rows: int) -> None:
-    """Delete rows older than the retention period, and beyond the row cap."""
-    cutoff = time.time() - retention_s
-    for table in ("events", "lineage", "route_plans"):
-        conn.execute(f"DELETE FROM {table} WHERE ts < ?", (cutoff,))
-    for table in ("events", "lineage"):
-        conn.execute(f"DELETE FROM {table} WHERE id <= "
-                     f"(SELECT MAX(id) FROM {table}) - ?", (max_rows,))
-    conn.execute("DELETE FROM route_plans WHERE rowid IN (SELECT rowid FROM route_plans"
-                 " ORDER BY ts DESC LIMIT -1 OFFSET ?)", (max_rows,))
 
 
 class AuditStore:
@@ -297,19 +122,19 @@ class AuditStore:
               instance: str | None, reason_code: str | None = None,
               from_instance: str | None = None, to_instance: str | None = None,
               detail: dict[str, Any] | None = None) -> None:
-        self.submit([_EVENT, ts, type_, request_id, plan_id, instance, reason_code,
+        self.submit([EVENT, ts, type_, request_id, plan_id, instance, reason_code,
                      from_instance, to_instance, detail])
 
     def lineage(self, ts: float, request_id: str | None, plan_id: str | None,
                 from_instance: str | None, to_instance: str | None, reason_code: str) -> None:
-        self.submit([_LINEAGE, ts, "route_change", request_id, plan_id, from_instance,
+        self.submit([LINEAGE, ts, "route_change", request_id, plan_id, from_instance,
                      to_instance, reason_code])
 
     def plan(self, plan: Any, row: tuple[Any, ...]) -> None:
         """A route_plans row: `plan` (anything with `as_dict()`, turned into data when the
         batch is sent, off the request path) and (plan_id, request_id, ts, model, selected,
         final_instance, outcome, status, attempts, ttfb_ms, duration_ms)."""
-        self.submit([_PLAN, plan, *row])
+        self.submit([PLAN, plan, *row])
 
     def _send(self) -> None:
         """Send what has gathered to the writer as one line."""
@@ -322,7 +147,7 @@ class AuditStore:
             return
         try:
             for row in rows:
-                if row[0] == _PLAN:
+                if row[0] == PLAN:
                     row[1] = row[1].as_dict()
             line = orjson.dumps(["rows", rows]) + b"\n"
         except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
@@ -450,3 +275,4 @@ class AuditStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+

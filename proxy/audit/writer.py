@@ -19,7 +19,7 @@ import time
 
 import orjson
 
-from proxy.audit.store import apply_retention, connect, write_rows
+from proxy.audit.schema import apply_retention, connect, write_rows
 
 RETENTION_EVERY_S = 60.0
 

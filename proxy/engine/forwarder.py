@@ -9,11 +9,9 @@ returned `Reply` into a response; this module knows nothing about the server sid
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import orjson
 import structlog
@@ -21,6 +19,7 @@ import structlog
 from proxy.api.errors import (
     AllAttemptsFailed,
     AllAttemptsTimedOut,
+    ContextError,
     ProxyError,
     RateLimitedError,
     RouteBlocked,
@@ -29,16 +28,9 @@ from proxy.api.errors import (
 from proxy.api.inbound import CHAT, UPSTREAM_PATH, ClientRequest
 from proxy.audit.recorder import Recorder
 from proxy.config import Config
+from proxy.engine.chunks import Chunk
+from proxy.engine.relay import ClientGone, CommittedFailure, Relay, StreamSink
 from proxy.engine.splicing import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
-from proxy.engine.sse import (
-    DONE,
-    DONE_EVENT,
-    Chunk,
-    EventSource,
-    MalformedEvent,
-    event_data,
-    inspect_chunk,
-)
 from proxy.failures import (
     CONTEXT_TOO_LONG,
     INSTANCE_BUSY,
@@ -47,21 +39,15 @@ from proxy.failures import (
     UNSUPPORTED_REQUEST,
     ContextTooLong,
     FingerprintMismatch,
-    ProcessExited,
     RateLimited,
-    StreamCut,
-    StreamMalformed,
-    StreamStalled,
     UnsupportedByInstance,
     UnusableAnswer,
-    UpstreamErrorEvent,
     UpstreamFailure,
-    UpstreamTimeout,
 )
 from proxy.health.circuit import CLOSED
-from proxy.health.fingerprints import Pin, models_match, response_model
-from proxy.health.registry import InstanceState, Registry
-from proxy.providers import overflow
+from proxy.health.fingerprints import models_match, response_model
+from proxy.health.instance import InstanceState
+from proxy.health.registry import Registry
 from proxy.providers.ratelimits import relay_headers
 from proxy.providers.transport import PassThrough, Response, Upstream
 from proxy.routing.planner import RoutePlan, larger_window
@@ -78,18 +64,6 @@ OK = "ok"
 PASSED_THROUGH = "passthrough"
 STREAM_FAILED = "stream_failed"
 CLIENT_GONE = "client_gone"
-
-
-class StreamSink(Protocol):
-    """Where a committed stream goes: the HTTP layer's response to the client."""
-
-    async def start(self, instance_id: str, attempts: int, first: bytes,
-                    upstream_headers: dict[str, str]) -> None:
-        """Send the response head and the first events (one write). `upstream_headers`
-        are the upstream's headers relayed to the client (its rate-limit headers)."""
-        ...
-
-    async def write(self, data: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -119,20 +93,6 @@ class Reply:
     ttfb_s: float | None = None
 
 
-class ClientGone(Exception):
-    """The client went away while we were writing to it."""
-
-
-class CommittedFailure(Exception):
-    """A stream failed after the client had received part of the answer."""
-
-    def __init__(self, failure: UpstreamFailure, delivered: Delivered, ttfb_s: float) -> None:
-        super().__init__(failure.detail)
-        self.failure = failure
-        self.delivered = delivered
-        self.ttfb_s = ttfb_s
-
-
 class Forwarder:
     """Runs the attempt loop for one request at a time; holds no per-request state itself."""
 
@@ -142,6 +102,7 @@ class Forwarder:
         self.registry = registry
         self.upstream = upstream
         self.recorder = recorder
+        self.relay = Relay(config.timeouts, upstream.redactor)
 
     async def forward(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink | None,
                       client_auth: str | None = None) -> Reply:
@@ -375,7 +336,7 @@ class Forwarder:
                 return reply
             reader = self.upstream.events(cfg, resp, req.include_usage)
             pending: list[tuple[bytes, Chunk | None]] = []
-            await self._until_content(reader, pending, deadline, inst.pin)
+            await self.relay.until_content(reader, pending, deadline, inst.pin)
             ttfb = time.perf_counter() - t0
             self.registry.record_success(inst, ttfb)
 
@@ -390,7 +351,7 @@ class Forwarder:
                 if pending[-1][1] is None:  # [DONE] was among the pending events
                     done = True
                     return Reply(200, None, ttfb_s=ttfb)
-                await self._relay(reader, sink, delivered, None, deadline,
+                await self.relay.relay(reader, sink, delivered, None, deadline,
                                   t0 + timeouts.total_s)
             except ClientGone:
                 return Reply(200, None, outcome=CLIENT_GONE, ttfb_s=ttfb)
@@ -403,127 +364,6 @@ class Forwarder:
                 resp.release()
             else:
                 resp.close()
-
-    async def _until_content(self, reader: EventSource, pending: list[tuple[bytes, Chunk | None]],
-                             deadline: float, pinned: Pin | None) -> None:
-        """Read events before the commit point into `pending` (a `[DONE]` with chunk None).
-
-        Returns at the first chunk with model output (answer text, reasoning, a tool call
-        or a refusal: see sse.Chunk) or a finish reason, or at `[DONE]`; so `deadline`
-        (first_byte_s) bounds only the wait for the first output, however long the answer
-        then takes. Raises a failure (still invisible to the client) on any problem; an
-        in-band error that says the prompt does not fit is a ContextTooLong.
-        """
-        while True:
-            remaining = max(deadline - time.perf_counter(), 0.001)
-            event = await reader.next(remaining, "first_byte")
-            if event is None:
-                raise ProcessExited("stream ended before any content")
-            payload = event_data(event)
-            if payload is None:
-                continue  # comment or keep-alive
-            if payload == DONE:
-                if pending:
-                    pending.append((event, None))
-                    return
-                raise ProcessExited("stream ended before any content")
-            try:
-                chunk = inspect_chunk(payload)
-            except MalformedEvent as exc:
-                raise StreamMalformed(str(exc)) from None
-            if chunk.error is not None:
-                overflowed = overflow.of_error(chunk.error)
-                if overflowed is not None:  # e.g. llama.cpp builds that say it in-band
-                    raise ContextTooLong(dataclasses.replace(
-                        overflowed, message=self.upstream.redactor.text(overflowed.message)))
-                raise UpstreamErrorEvent(self.upstream.redactor.text(_error_message(chunk.error)))
-            if pinned is not None and chunk.model is not None:
-                if pinned.contradicted_by(chunk.model):
-                    raise FingerprintMismatch(
-                        f"answered as {chunk.model}, pinned {pinned.describe()}")
-                pinned = None  # checked once per stream (a chunk claiming nothing has None)
-            pending.append((event, chunk))
-            if chunk.has_content or chunk.finish_reason is not None:
-                return
-
-    async def _relay(self, reader: EventSource, sink: StreamSink, delivered: Delivered,
-                     splicer: Splicer | None, first_deadline: float, deadline: float) -> None:
-        """Relay events until `[DONE]` (or a clean end after a finish reason).
-
-        Without a splicer, events go out as the upstream framed them. With one (a
-        continuation or replay), each chunk is rewritten into the client's stream, and
-        until it has sent something new its failures are still invisible. Raises a stream
-        failure; `delivered` always says what the client has.
-        """
-        idle = self.config.timeouts.idle_s
-        next_event = reader.next
-        buffered = reader.buffered
-        committed = splicer is None or splicer.committed
-        # first_byte_s bounds the wait for a continuation's first output only; once it
-        # streams anything (reasoning not relayed, a replay of what the client has), the
-        # wait between events is idle_s.
-        producing = committed
-        out: list[bytes] = []  # what goes to the client in one write
-        try:
-            while True:
-                event = buffered() if out else None
-                if event is None:
-                    if out:  # nothing more at hand: send what we have before waiting
-                        await sink.write(b"".join(out))
-                        out.clear()
-                    try:
-                        if producing:
-                            event = await next_event(idle, "idle")
-                        else:
-                            wait = max(first_deadline - time.perf_counter(), 0.001)
-                            event = await next_event(wait, "first_byte")
-                    except UpstreamTimeout as exc:
-                        if committed:
-                            raise StreamStalled(f"no chunk within {idle:g}s") from exc
-                        raise
-                    except ProcessExited as exc:
-                        if committed:
-                            raise StreamCut(exc.detail) from exc
-                        raise
-                    if event is None:
-                        if delivered.finished:
-                            # Complete but unterminated: finish it properly for the client.
-                            out.append(DONE_EVENT)
-                            break
-                        if committed:
-                            raise StreamCut("stream ended without a finish reason")
-                        raise ProcessExited("continuation ended before anything new")
-                payload = event_data(event)
-                if payload is None:
-                    continue
-                if payload == DONE:
-                    out.append(DONE_EVENT if splicer is not None else event)
-                    break
-                try:
-                    chunk = inspect_chunk(payload)
-                except MalformedEvent as exc:
-                    raise StreamMalformed(str(exc)) from None  # never forwarded
-                if chunk.error is not None:
-                    raise UpstreamErrorEvent(
-                        self.upstream.redactor.text(_error_message(chunk.error)))
-                if splicer is None:
-                    delivered.note(chunk)
-                    out.append(event)
-                else:
-                    spliced = splicer.feed(chunk.obj)
-                    producing = splicer.producing
-                    if spliced is not None:
-                        out.append(spliced)
-                        committed = splicer.committed
-                if time.perf_counter() > deadline:
-                    raise UpstreamTimeout("total", self.config.timeouts.total_s)
-        except UpstreamFailure:
-            if out:
-                # What was accepted before the failure still reaches the client, so that
-                # `delivered` stays exactly what it has.
-                await sink.write(b"".join(out))
-            raise
-        await sink.write(b"".join(out))
 
     async def _continue(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink,
                         client_auth: str | None, origin: InstanceState, cut: CommittedFailure,
@@ -681,7 +521,7 @@ class Forwarder:
         try:
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
                 raise UnusableAnswer("it answered the continuation without streaming it")
-            await self._relay(self.upstream.events(cfg, resp, req.include_usage), sink,
+            await self.relay.relay(self.upstream.events(cfg, resp, req.include_usage), sink,
                               splicer.delivered, splicer,
                               t0 + timeouts.first_byte_s, t0 + timeouts.total_s)
             done = True
@@ -706,12 +546,6 @@ def _next_id(candidates: list[InstanceState], index: int) -> str | None:
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 1)
-
-
-def _error_message(error: object) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or "upstream reported an error")
-    return str(error)
 
 
 def _final_error(plan: RoutePlan, attempts: list[Attempt], skipped: dict[str, str] | None,
@@ -778,14 +612,3 @@ def _note(skipped: dict[str, str] | None, instance: str, why: str) -> dict[str, 
         skipped = {}
     skipped[instance] = why
     return skipped
-
-
-class ContextError(ProxyError):
-    """400: no instance could fit the prompt. In OpenAI's shape whatever server said it
-    (SDKs raise BadRequestError with code `context_length_exceeded`); the message quotes
-    the last upstream's own words, then every attempt."""
-
-    status = 400
-    type = "invalid_request_error"
-    code = "context_length_exceeded"
-

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from proxy.engine.sse import REASONING_FIELDS, Chunk, delta_reasoning
+from proxy.engine.chunks import REASONING_FIELDS, Chunk, delta_reasoning
 
 PREFILL = "prefill"
 REPLAY = "replay"

@@ -21,7 +21,8 @@ import structlog
 from proxy.config import HealthConfig
 from proxy.failures import UpstreamFailure
 from proxy.health.fingerprints import LEARNED, Served, changes, judge, label_warning, learn
-from proxy.health.registry import DOWN, DRAINED, LOADING, MISMATCH, READY, InstanceState, Registry
+from proxy.health.instance import DOWN, DRAINED, LOADING, MISMATCH, READY, InstanceState
+from proxy.health.registry import Registry
 from proxy.providers.transport import Upstream
 
 log = structlog.get_logger("proxy.health.prober")

@@ -10,9 +10,7 @@ upstream await.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import structlog
 
@@ -26,253 +24,15 @@ from proxy.failures import (
     UpstreamFailure,
 )
 from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
-from proxy.health.fingerprints import CONFIGURED, Pin, configured, request_model
+from proxy.health.instance import DRAINED, MISMATCH, READY, STALE_STATES, InstanceState
 
 log = structlog.get_logger("proxy.health.registry")
 
-# Instance states (SPEC section 6).
-UNKNOWN = "UNKNOWN"
-READY = "READY"
-LOADING = "LOADING"
-DOWN = "DOWN"
-MISMATCH = "MISMATCH"
-DRAINED = "DRAINED"
-
-#: States in which an instance may be sent traffic.
-ROUTABLE_STATES = frozenset({UNKNOWN, READY})
-#: States the prober saw last, which may be out of date by now: such an instance is still
-#: tried as a last resort (if its circuit allows), so a server that came back between two
-#: probes is never refused.
-STALE_STATES = frozenset({DOWN, LOADING})
-
 _EWMA_ALPHA = 0.2
-#: How many recent outcomes, and how far back, the error rate looks at. Old failures are
-#: forgotten even without new traffic, so an instance that failed once is not shunned forever.
-ERROR_WINDOW_N = 20
-ERROR_WINDOW_S = 60.0
-
 # Failures that say the connection itself is gone: the circuit opens at once.
 _CONNECTION_FAILURES = frozenset({CONN_REFUSED, PROCESS_EXITED, STREAM_CUT})
 
 StateListener = Callable[["InstanceState", str, str, str], None]
-
-
-@dataclass(slots=True)
-class InstanceState:
-    """Runtime figures of one instance. `config` is immutable; the rest changes."""
-
-    config: InstanceConfig
-    state: str = UNKNOWN
-    circuit: Circuit = field(default_factory=Circuit)
-    inflight: int = 0
-    ttfb_ewma_ms: float | None = None
-    successes: int = 0
-    failures: int = 0
-    last_error: str | None = None
-    last_error_at: float | None = None
-    #: (monotonic time, succeeded) of the latest attempts.
-    recent: deque[tuple[float, bool]] = field(
-        default_factory=lambda: deque(maxlen=ERROR_WINDOW_N))
-    error_window_s: float = ERROR_WINDOW_S
-    last_failure_mono: float = float("-inf")
-    #: What the server is known to serve: configured, or learned at the first good probe
-    #: and kept until it changes or an admin resets it. None: not known (not checked).
-    pin: Pin | None = None
-    #: Things a person should fix that do not stop routing (a label the server does not
-    #: list), from the latest probe.
-    warnings: tuple[str, ...] = ()
-    last_probe_at: float | None = None
-    last_probe_ms: float | None = None
-    last_probe_error: str | None = None
-    #: False once the instance refused an assistant prefill (mid-stream continuation).
-    prefill_ok: bool = True
-    #: The context window (tokens) the server stated in a context-overflow error, for an
-    #: instance whose config declares no `ctx`; None until one said it.
-    learned_ctx: int | None = None
-    #: Monotonic time until which the instance is sent nothing: it answered 429 and said
-    #: (or, saying nothing, was given) how long to stay away.
-    rate_limited_until: float = 0.0
-    #: 429s in a row that gave no wait: each doubles the default cooldown.
-    rate_limit_streak: int = 0
-    #: Set when a config reload dropped or replaced this instance: requests still in flight
-    #: on it finish, but what they report no longer reaches the registry's listeners.
-    retired: bool = False
-    # Copied from the config once, for the planner's inner loop.
-    id: str = field(init=False)
-    tags: frozenset[str] = field(init=False)
-    cost_per_mtok: float = field(init=False)
-    #: The latency reason string, formatted when the EWMA changes rather than per plan.
-    latency_reason: str = "latency=unknown"
-    #: The context reason of a window learned from the server, formatted once.
-    ctx_reason: str = "ctx=unknown"
-    #: Requested tags -> (matched share, reason): few distinct tag sets ever occur.
-    tag_match_cache: dict[tuple[str, ...], tuple[float, str]] = field(default_factory=dict)
-    # request_model's cache: the pin it was computed for, and the name.
-    _model_pin: Pin | None = field(default=None, init=False, repr=False)
-    _model_name: str | None = field(default=None, init=False, repr=False)
-    _model_known: bool = field(default=False, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._derive()
-        cfg = self.config
-        if cfg.fingerprint is not None and cfg.fingerprint != "auto":
-            self.pin = configured(cfg.fingerprint, cfg.model)
-        self.prefill_ok = "prefill" in cfg.capabilities
-
-    def _derive(self) -> None:
-        cfg = self.config
-        self.id = cfg.id
-        self.tags = frozenset(cfg.tags)
-        self.cost_per_mtok = cfg.cost_input_per_mtok + cfg.cost_output_per_mtok
-        self.tag_match_cache.clear()
-
-    @property
-    def fingerprint(self) -> str | None:
-        """The pinned model's name, or a learned set's names, or None when not known."""
-        pin = self.pin
-        return None if pin is None else pin.describe()
-
-    @property
-    def request_model(self) -> str | None:
-        """The `model` to send this instance (None: the client's own), recomputed only
-        when the pin changes (see fingerprints.request_model)."""
-        pin = self.pin
-        if pin is not self._model_pin or not self._model_known:
-            cfg = self.config
-            self._model_name = request_model(cfg.model, pin, cfg.server != "llamacpp")
-            self._model_pin = pin
-            self._model_known = True
-        return self._model_name
-
-    @property
-    def ctx(self) -> int | None:
-        """The context window in tokens: the configured one, else the one the server
-        stated in an overflow error, else None (unknown)."""
-        declared = self.config.ctx
-        return declared if declared is not None else self.learned_ctx
-
-    def reconfigure(self, config: InstanceConfig, health: HealthConfig) -> None:
-        """Take a reloaded config of the same server (same id, address, model and kind).
-
-        Every live figure stays (state, circuit, in-flight count, latency, error history,
-        rate-limit cooldown, a learned fingerprint or context window, a refused prefill)
-        and the object stays the same, so requests in flight during a reload report to
-        what new requests read.
-        """
-        old = self.config
-        self.config = config
-        self._derive()
-        self._model_known = False  # the label may have changed
-        circuit = self.circuit
-        circuit.base_cooldown_s = health.cooldown_s
-        circuit.max_cooldown_s = health.max_cooldown_s
-        circuit.threshold = health.failure_threshold
-        pin = self.pin
-        if config.fingerprint is not None and config.fingerprint != "auto":
-            if pin is None or pin.source != CONFIGURED or pin.name != config.fingerprint:
-                self.pin = configured(config.fingerprint, config.model)
-        elif config.fingerprint is None or (pin is not None and pin.source == CONFIGURED):
-            self.pin = None  # off, or back to auto: learn again at the next probe
-        if config.ctx is not None:
-            self.learned_ctx = None  # the user's word now
-            self.ctx_reason = "ctx=unknown"
-        # A refusal learned from traffic stands; a newly declared prefill is believed.
-        self.prefill_ok = "prefill" in config.capabilities and (
-            self.prefill_ok or "prefill" not in old.capabilities)
-        if not config.enabled:
-            self.state = DRAINED
-        elif self.state == DRAINED and not old.enabled:
-            self.state = UNKNOWN  # enabled in the new config
-
-    def routable(self, now: float | None = None) -> bool:
-        """Whether traffic may be sent now: a routable state, no rate-limit cooldown and a
-        circuit that is not open.
-
-        Disabled (config `enabled: false`) and drained instances are in state DRAINED.
-        """
-        if self.state not in ROUTABLE_STATES:
-            return False
-        now = time.monotonic() if now is None else now
-        return self.rate_limited_until <= now and self.circuit.available(now)
-
-    def rate_limit_reason(self, now: float) -> str | None:
-        """`rate_limited(retry_in=29.4s)` while a 429 cooldown runs (a hard filter), else None."""
-        left = self.rate_limited_until - now
-        return f"rate_limited(retry_in={left:.1f}s)" if left > 0 else None
-
-    def blocked_reason(self) -> str | None:
-        """Why the instance may not be sent any request now (a hard filter), or None.
-
-        DOWN and LOADING are not blocking: the planner keeps such an instance as a last
-        resort while its circuit is closed.
-        """
-        state = self.state
-        if state in ROUTABLE_STATES or state in STALE_STATES:
-            return None
-        if state == DRAINED:
-            return "drained" if self.config.enabled else "disabled"
-        return f"state={state}"
-
-    def error_rate(self, now: float | None = None) -> float:
-        """Share of failures among the recent attempts (0.0 with no recent history)."""
-        since = (time.monotonic() if now is None else now) - self.error_window_s
-        if self.last_failure_mono < since:
-            return 0.0  # no failure in the window: the common case, no scan
-        total = failed = 0
-        for at, ok in self.recent:
-            if at >= since:
-                total += 1
-                failed += not ok
-        return failed / total if total else 0.0
-
-    def _remember(self, ok: bool, now: float) -> None:
-        self.recent.append((now, ok))
-        if not ok:
-            self.last_failure_mono = now
-
-    def forget_errors(self) -> None:
-        """Drop the passive error history (the instance was seen healthy again)."""
-        self.recent.clear()
-        self.last_failure_mono = float("-inf")
-
-    def snapshot(self, now: float | None = None) -> dict[str, object]:
-        """A JSON-ready view for /admin/instances and `check` (no secrets)."""
-        now = time.monotonic() if now is None else now
-        cfg = self.config
-        circuit = self.circuit
-        return {
-            "id": self.id,
-            "base_url": cfg.base_url,
-            "model": cfg.model,
-            "local": cfg.local,
-            "enabled": self.state != DRAINED,
-            "state": self.state,
-            "routable": self.routable(now),
-            "circuit": circuit.state if circuit.state == CLOSED or now < circuit.open_until
-            else "half_open",
-            "circuit_opened_by": circuit.opened_by,
-            "circuit_retry_in_s": round(circuit.remaining(now), 2),
-            "rate_limited_retry_in_s": round(max(0.0, self.rate_limited_until - now), 2),
-            "fingerprint": self.fingerprint,
-            "fingerprint_source": "none" if self.pin is None else self.pin.source,
-            "fingerprint_models": [] if self.pin is None else list(self.pin.models),
-            "fingerprint_detail": None if self.pin is None else self.pin.detail,
-            "warnings": list(self.warnings),
-            "latency_ewma_ms": None if self.ttfb_ewma_ms is None else round(self.ttfb_ewma_ms, 2),
-            "error_rate": round(self.error_rate(now), 3),
-            "inflight": self.inflight,
-            "successes": self.successes,
-            "failures": self.failures,
-            "last_probe_at": self.last_probe_at,
-            "last_probe_ms": self.last_probe_ms,
-            "last_probe_error": self.last_probe_error,
-            "last_error": self.last_error,
-            "last_error_at": self.last_error_at,
-            "prefill": self.prefill_ok,
-            "ctx": self.ctx,
-            "ctx_source": "configured" if cfg.ctx is not None
-            else "learned" if self.learned_ctx is not None else "unknown",
-        }
 
 
 class Registry:
@@ -417,3 +177,4 @@ class Registry:
     def release_trial(self, inst: InstanceState) -> None:
         """An acquired half-open trial ended without a verdict (e.g. the client left)."""
         inst.circuit.trial_in_flight = False
+

@@ -20,7 +20,6 @@ from yarl import URL
 
 from proxy.api.errors import error_body
 from proxy.config import InstanceConfig, TimeoutsConfig, UpstreamConfig
-from proxy.engine.sse import DONE_EVENT, EventReader, event_data
 from proxy.failures import (
     ContextTooLong,
     ProcessExited,
@@ -34,6 +33,7 @@ from proxy.failures import (
 )
 from proxy.providers import anthropic, overflow
 from proxy.providers.ratelimits import relay_headers, retry_after_s
+from proxy.providers.sse import DONE_EVENT, EventReader, event_data
 from proxy.secrets import Redactor
 
 #: What the forwarder holds while an answer is read: aiohttp's response (its `status`,

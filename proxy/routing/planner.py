@@ -17,7 +17,8 @@ from typing import Any
 from proxy.api.errors import NotFound
 from proxy.api.inbound import ClientRequest
 from proxy.config import Config
-from proxy.health.registry import DRAINED, STALE_STATES, InstanceState, Registry
+from proxy.health.instance import DRAINED, STALE_STATES, InstanceState
+from proxy.health.registry import Registry
 from proxy.routing.requirements import Requirements, extract
 from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter, score
 from proxy.routing.sessions import SessionTable

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from proxy.config import CAPABILITIES, InstanceConfig, Weights
-from proxy.health.registry import READY, InstanceState
+from proxy.health.instance import READY, InstanceState
 from proxy.routing.requirements import Requirements
 
 #: Time to first byte that scores 0.5 on the latency term.

@@ -1,18 +1,17 @@
-"""Server-sent events: split an upstream byte stream into events and read what failover needs.
+"""Server-sent events off the wire: an upstream byte stream split into events, each event's
+`data:` payload, within a size limit and the waits the caller sets.
 
-The relay forwards events as the upstream framed them; it parses each payload once, only to
-learn what the failover logic must know (content present? finish reason? error? valid?).
+The relay forwards events as the upstream framed them; what a chunk carries is read in
+proxy.engine.chunks, once per event.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
-import orjson
 
 from proxy.failures import (
     UpstreamFailure,
@@ -195,98 +194,3 @@ def event_data(event: bytes) -> bytes | None:
             lines.append(payload[1:] if payload.startswith(b" ") else payload)
     return b"\n".join(lines) if lines else None
 
-
-#: Delta fields in which servers stream a reasoning model's thinking, apart from `content`:
-#: - `reasoning_content`: the DeepSeek API (its original convention), llama.cpp's
-#:   `llama-server --reasoning-format deepseek` (its default), SGLang's reasoning parsers,
-#:   LM Studio, and vLLM's reasoning parsers before vLLM PR #27752 (Oct 2025);
-#: - `reasoning`: OpenRouter (its `ChatStreamDelta`), vLLM since PR #27752 (the only name
-#:   after PR #33402, Jan 2026), and Ollama's OpenAI-compatible `/v1` layer;
-#: - `thinking`: what Ollama's native API calls it, and gateways that copy it.
-#: Looked up in that order; the first non-empty string is the chunk's reasoning.
-REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
-
-
-@dataclass(slots=True)
-class Chunk:
-    """What failover needs to know about one completion chunk.
-
-    `has_content` is true for every chunk that carries model output: answer text
-    (`delta.content`, or `text` of a text completion), reasoning (REASONING_FIELDS, or
-    OpenRouter's structured `reasoning_details`), a tool call (`delta.tool_calls`, or the
-    legacy `delta.function_call`) or a refusal (`delta.refusal`, OpenAI). `text` is the
-    answer text and `reasoning` the reasoning text of the chunk's choices.
-    """
-
-    has_content: bool
-    finish_reason: str | None
-    error: Any
-    model: str | None
-    text: str
-    tool_call: bool
-    obj: dict[str, Any]
-    reasoning: str = ""
-    refusal: bool = False
-
-
-class MalformedEvent(ValueError):
-    """An event whose payload is not a JSON object."""
-
-
-def delta_reasoning(delta: dict[str, Any]) -> tuple[str, str | None]:
-    """(reasoning text, the field it came in) of a chat delta; ("", None) if it has none."""
-    for name in REASONING_FIELDS:
-        piece = delta.get(name)
-        if piece and isinstance(piece, str):
-            return piece, name
-    return "", None
-
-
-def inspect_chunk(payload: bytes) -> Chunk:
-    """Parse a chat or text completion chunk; raises MalformedEvent on anything else."""
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise MalformedEvent("event is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise MalformedEvent("event is not a JSON object")
-    error = obj.get("error")
-    if error is not None:
-        return Chunk(False, None, error, None, "", False, obj)
-    choices = obj.get("choices")
-    if not isinstance(choices, list):
-        raise MalformedEvent("chunk has no choices list")
-    text = ""
-    reasoning = ""
-    finish = None
-    tool_call = False
-    refusal = False
-    other = False  # output with no text of its own (structured reasoning details)
-    for choice in choices:
-        if not isinstance(choice, dict):
-            raise MalformedEvent("choice is not an object")
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            content = delta.get("content")
-            if content:
-                text += content if isinstance(content, str) else ""
-            if len(delta) > 1 or not content:  # an answer-text-only delta has nothing else
-                reasoning += delta_reasoning(delta)[0]
-                if delta.get("tool_calls") or delta.get("function_call"):
-                    tool_call = True
-                if delta.get("refusal"):
-                    refusal = True
-                if delta.get("reasoning_details"):
-                    other = True
-        else:
-            completion = choice.get("text")
-            if isinstance(completion, str):
-                text += completion
-        if choice.get("finish_reason") is not None:
-            finish = choice["finish_reason"]
-    # A chunk without choices or with an empty model (Azure OpenAI's first event:
-    # `"model": "", "choices": [], "prompt_filter_results": [...]`) claims no model.
-    model = obj.get("model") if choices else None
-    return Chunk(bool(text or reasoning) or tool_call or refusal or other, finish, None,
-                 model if isinstance(model, str) and model else None, text, tool_call, obj,
-                 reasoning, refusal)
