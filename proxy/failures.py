@@ -1,17 +1,39 @@
-"""Every way an upstream attempt can fail, and the one place where aiohttp's errors become ours.
+"""Every way an instance can fail to serve a request, what each failure means, and the one
+place where aiohttp's errors become ours.
 
 Reason codes are the product's vocabulary (SPEC section 6): they appear in events, logs,
-metrics and the 502 message. Handlers never catch transport exceptions themselves: every
-wait on aiohttp's client goes through :func:`map_exceptions` (or, on the per-event hot
-path, :func:`failure_from`), which turns aiohttp's exceptions (aiohttp 3.14,
-`aiohttp/client_exceptions.py`), socket errors and timeouts into these failures.
+metrics and the 502 message. Each is a class here (httpx's `_exceptions.py` is the model),
+and each declares what it means, so that the attempt loop and the instance registry read
+attributes instead of keeping lists of codes:
+
+- `attempt`: something was written upstream (it counts against `retry.max_attempts`);
+  a *skip* (not ready, busy, a request the instance cannot take) is not an attempt;
+- `same_instance_retry`: a blip, worth one more try on the same instance
+  (`retry.same_instance_retries`) before moving on;
+- `circuit`: how it feeds the instance's circuit breaker: NO_CIRCUIT, STRIKE (one strike
+  toward `health.failure_threshold`, "by HTTP": only a successful trial closes it) or
+  OPENS (at once, "by connection": a good probe closes it too; a strike when the same
+  instance is tried again);
+- `instance_fault`: says something about the instance's health (its error rate and
+  `last_error`); False for a fact about this request only;
+- `retry_kind`: the `retry.on` kind under which it reroutes to another instance (None: it
+  always does); `RETRY_KINDS` is derived from these;
+- `cooldown` (a 429: the instance is sent nothing for a while) and `mismatch` (another
+  model answers: state MISMATCH), the two effects that are not the circuit's.
+
+Handlers never catch transport exceptions themselves: every wait on aiohttp's client goes
+through :func:`map_exceptions` (or, on the per-event hot path, :func:`failure_from`), which
+turns aiohttp's exceptions (aiohttp 3.14, `aiohttp/client_exceptions.py`), socket errors
+and timeouts into these failures. An error *answer* (a status and body) becomes one in its
+provider's `error_for` (proxy/providers/).
 """
 
 from __future__ import annotations
 
 import errno
-from types import TracebackType
-from typing import Literal
+from collections.abc import Mapping
+from types import MappingProxyType, TracebackType
+from typing import ClassVar, Literal
 
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError
@@ -21,11 +43,11 @@ from proxy.providers.overflow import Overflow
 # Reason codes, as strings so they serialise as they are.
 INSTANCE_NOT_READY = "INSTANCE_NOT_READY"
 INSTANCE_BUSY = "INSTANCE_BUSY"
-#: A skip, not a failure: the instance cannot take this particular request.
 UNSUPPORTED_REQUEST = "UNSUPPORTED_REQUEST"
 CONN_REFUSED = "CONN_REFUSED"
 TIMEOUT = "TIMEOUT"
 PROCESS_EXITED = "PROCESS_EXITED"
+EMPTY_STREAM = "EMPTY_STREAM"
 FINGERPRINT_MISMATCH = "FINGERPRINT_MISMATCH"
 UPSTREAM_5XX = "UPSTREAM_5XX"
 RATE_LIMITED = "RATE_LIMITED"
@@ -33,49 +55,98 @@ CONTEXT_TOO_LONG = "CONTEXT_TOO_LONG"
 STREAM_CUT = "STREAM_CUT"
 STREAM_STALLED = "STREAM_STALLED"
 STREAM_MALFORMED = "STREAM_MALFORMED"
+RESPONSE_MALFORMED = "RESPONSE_MALFORMED"
 UPSTREAM_ERROR = "UPSTREAM_ERROR"
 UPSTREAM_AUTH = "UPSTREAM_AUTH"
 UPSTREAM_PROTOCOL_ERROR = "UPSTREAM_PROTOCOL_ERROR"
+NOT_STREAMED = "NOT_STREAMED"
+PREFILL_REJECTED = "PREFILL_REJECTED"
+REPLAY_DIVERGED = "REPLAY_DIVERGED"
 
-# The names used in `retry.on` of the config, mapped to the reason codes they cover.
-RETRY_KINDS: dict[str, tuple[str, ...]] = {
-    "conn_refused": (CONN_REFUSED,),
-    "timeout": (TIMEOUT, STREAM_STALLED),
-    "process_exited": (PROCESS_EXITED, STREAM_CUT, STREAM_MALFORMED, UPSTREAM_ERROR),
-    "fingerprint_mismatch": (FINGERPRINT_MISMATCH,),
-    "upstream_5xx": (UPSTREAM_5XX,),
-    "upstream_auth": (UPSTREAM_AUTH,),
-    "rate_limited": (RATE_LIMITED,),
-    "context_too_long": (CONTEXT_TOO_LONG,),
-    "protocol_error": (UPSTREAM_PROTOCOL_ERROR,),
-}
+# How a failure feeds the instance's circuit breaker (proxy.health.circuit).
+CircuitEffect = Literal["none", "strike", "opens"]
+NO_CIRCUIT: CircuitEffect = "none"
+STRIKE: CircuitEffect = "strike"
+OPENS: CircuitEffect = "opens"
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
-class UpstreamFailure(Exception):
-    """An attempt on one instance failed; the request may still be served by another."""
+class Failure(Exception):
+    """Why an instance did not serve the request; `detail` says it for people."""
 
-    code: str = UPSTREAM_ERROR
-    #: Worth one more try on the same instance (a blip), before moving on.
-    transient: bool = False
-    #: Says something about the instance's health: feeds its error rate and circuit (or,
-    #: for a 429, its rate-limit cooldown). False for an answer about this request only.
-    instance_fault: bool = True
+    code: ClassVar[str] = UPSTREAM_ERROR
+    attempt: ClassVar[bool] = True
+    same_instance_retry: ClassVar[bool] = False
+    circuit: ClassVar[CircuitEffect] = STRIKE
+    instance_fault: ClassVar[bool] = True
+    retry_kind: ClassVar[str | None] = None
+    cooldown: ClassVar[bool] = False
+    mismatch: ClassVar[bool] = False
+    #: What a failed answer said, when it said it: the pause a 429 asked for (seconds),
+    #: its rate-limit headers (relayed to the client), a context overflow's figures.
+    retry_after: float | None = None
+    headers: Mapping[str, str] = _NO_HEADERS
+    overflow: Overflow | None = None
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.code)
         self.detail = detail or self.code
 
 
+# --------------------------------------------------------------------------- skips
+
+
+class Skip(Failure):
+    """The instance was passed over for this request: nothing was sent, it did nothing
+    wrong, and its circuit and error rate stay untouched."""
+
+    attempt = False
+    circuit = NO_CIRCUIT
+    instance_fault = False
+
+
+class InstanceNotReady(Skip):
+    """Not routable right now: drained, MISMATCH, its circuit open, or in a rate-limit
+    cooldown (`rate_limited(retry_in=...)`)."""
+
+    code = INSTANCE_NOT_READY
+
+
+class InstanceBusy(Skip):
+    """At its `max_concurrency`, and no slot freed within `retry.queue_wait_s`."""
+
+    code = INSTANCE_BUSY
+
+
+class UnsupportedRequest(Skip):
+    """The instance cannot take this particular request: a continuation it cannot
+    express, or a request its protocol cannot carry."""
+
+    code = UNSUPPORTED_REQUEST
+
+
+# --------------------------------------------------------------------------- attempts
+
+
+class UpstreamFailure(Failure):
+    """An attempt written to one instance failed; another may still serve the request."""
+
+
 class ConnRefused(UpstreamFailure):
-    """Nothing listens at the instance's address (or the host is unreachable)."""
+    """Nothing listens at the instance's address (or the host is unreachable, its name
+    does not resolve, its TLS handshake or forward proxy fails)."""
 
     code = CONN_REFUSED
+    circuit = OPENS
+    retry_kind = "conn_refused"
 
 
 class UpstreamTimeout(UpstreamFailure):
     """Connect, first byte or total deadline passed; `phase` says which."""
 
     code = TIMEOUT
+    retry_kind = "timeout"
 
     def __init__(self, phase: str, seconds: float | None = None) -> None:
         detail = f"{phase} timeout" + (f" after {seconds:g}s" if seconds is not None else "")
@@ -83,18 +154,60 @@ class UpstreamTimeout(UpstreamFailure):
         self.phase = phase
 
 
+class StreamStalled(UpstreamFailure):
+    """No event of a stream the client was already receiving arrived within `idle_s`."""
+
+    code = STREAM_STALLED
+    retry_kind = "timeout"
+
+
 class ProcessExited(UpstreamFailure):
     """The connection was reset or closed before the response was complete."""
 
     code = PROCESS_EXITED
-    transient = True
+    same_instance_retry = True
+    circuit = OPENS
+    retry_kind = "process_exited"
+
+
+class StreamCut(UpstreamFailure):
+    """A stream the client was already receiving ended (closed or reset) before its
+    finish reason."""
+
+    code = STREAM_CUT
+    circuit = OPENS
+    retry_kind = "process_exited"
+
+
+class StreamMalformed(UpstreamFailure):
+    """The upstream sent an event that is not valid JSON or not a completion chunk."""
+
+    code = STREAM_MALFORMED
+    retry_kind = "process_exited"
+
+
+class UpstreamErrorEvent(UpstreamFailure):
+    """The upstream reported an error inside an otherwise successful stream."""
+
+    code = UPSTREAM_ERROR
+    retry_kind = "process_exited"
+
+
+class FingerprintMismatch(UpstreamFailure):
+    """The server at the address answers as a different model than the one pinned."""
+
+    code = FINGERPRINT_MISMATCH
+    circuit = NO_CIRCUIT
+    mismatch = True
+    retry_kind = "fingerprint_mismatch"
 
 
 class Upstream5xx(UpstreamFailure):
     """The upstream answered with a server error status."""
 
     code = UPSTREAM_5XX
-    transient = True
+    same_instance_retry = True
+    retry_kind = "upstream_5xx"
 
     def __init__(self, status: int, body: bytes = b"") -> None:
         super().__init__(f"HTTP {status}")
@@ -107,6 +220,7 @@ class UpstreamAuth(UpstreamFailure):
     not the client's request wrong."""
 
     code = UPSTREAM_AUTH
+    retry_kind = "upstream_auth"
 
     def __init__(self, status: int) -> None:
         super().__init__(f"HTTP {status}: the upstream refused the configured credentials")
@@ -115,54 +229,38 @@ class UpstreamAuth(UpstreamFailure):
 
 class RateLimited(UpstreamFailure):
     """The upstream answered 429; `retry_after` is its requested pause in seconds (None when
-    it gave none), `headers` its rate-limit headers, relayed to the client."""
+    it gave none), `headers` its rate-limit headers, relayed to the client. No circuit
+    matter: the instance works and said when to come back."""
 
     code = RATE_LIMITED
+    circuit = NO_CIRCUIT
+    cooldown = True
+    retry_kind = "rate_limited"
 
     def __init__(self, retry_after: float | None, body: bytes = b"",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None) -> None:
         detail = "HTTP 429" + (f", retry after {retry_after:g}s" if retry_after is not None else "")
         super().__init__(detail)
         self.retry_after = retry_after
         self.body = body
-        self.headers = headers or {}
+        if headers:
+            self.headers = headers
 
 
 class ContextTooLong(UpstreamFailure):
     """The upstream said the prompt does not fit its context window (in any server's
-    wording: see proxy.providers.overflow); `overflow` holds the window and size it stated. A fact
-    about this request, not about the instance's health."""
+    wording: see proxy.providers.overflow); `overflow` holds the window and size it
+    stated. A fact about this request, not about the instance's health: only an instance
+    with a larger window is tried next."""
 
     code = CONTEXT_TOO_LONG
+    circuit = NO_CIRCUIT
     instance_fault = False
+    retry_kind = "context_too_long"
 
     def __init__(self, overflow: Overflow) -> None:
         super().__init__(overflow.describe())
         self.overflow = overflow
-
-
-class FingerprintMismatch(UpstreamFailure):
-    """The server at the address answers as a different model than the one configured."""
-
-    code = FINGERPRINT_MISMATCH
-
-
-class StreamMalformed(UpstreamFailure):
-    """The upstream sent an event that is not valid JSON or not a completion chunk."""
-
-    code = STREAM_MALFORMED
-
-
-class StreamCut(UpstreamFailure):
-    """A stream ended (closed or reset) before its finish reason."""
-
-    code = STREAM_CUT
-
-
-class StreamStalled(UpstreamFailure):
-    """No stream event arrived within the idle timeout."""
-
-    code = STREAM_STALLED
 
 
 class UpstreamProtocolError(UpstreamFailure):
@@ -171,67 +269,91 @@ class UpstreamProtocolError(UpstreamFailure):
     limits (`upstream.max_response_bytes`, `upstream.max_event_bytes`)."""
 
     code = UPSTREAM_PROTOCOL_ERROR
+    retry_kind = "protocol_error"
 
 
-class UpstreamErrorEvent(UpstreamFailure):
-    """The upstream reported an error inside an otherwise successful stream."""
+class EmptyStream(UpstreamFailure):
+    """A stream that ended (cleanly) before any model output, or a continuation that
+    ended before anything new."""
 
-    code = UPSTREAM_ERROR
+    code = EMPTY_STREAM
+    same_instance_retry = True
+    retry_kind = "empty_stream"
 
 
-class UnusableAnswer(UpstreamFailure):
-    """The instance answered, in a form this request cannot use (a continuation answered
-    without streaming): a failed attempt, but no mark against the instance's health."""
+class ResponseMalformed(UpstreamFailure):
+    """A whole answer that cannot be read as one (a Messages API body that is not one)."""
 
-    code = UPSTREAM_ERROR
+    code = RESPONSE_MALFORMED
+    retry_kind = "response_malformed"
+
+
+class NotStreamed(UpstreamFailure):
+    """A continuation was answered whole, not streamed: unusable for splicing, but no
+    mark against the instance's health."""
+
+    code = NOT_STREAMED
+    circuit = NO_CIRCUIT
+    instance_fault = False
+    retry_kind = "not_streamed"
+
+
+class PrefillRejected(UpstreamFailure):
+    """A continuation was answered with a 4xx: about the prefill, never the client's
+    request. An instance that refuses a prefill is not sent one again."""
+
+    code = PREFILL_REJECTED
+    circuit = NO_CIRCUIT
     instance_fault = False
 
 
-class UnsupportedByInstance(Exception):
-    """This instance cannot take this particular request (a continuation it cannot
-    express, a protocol that cannot carry it): it is skipped with `detail` as the reason.
+class ReplayDiverged(UpstreamFailure):
+    """A replay's answer does not begin with exactly what the client already has."""
 
-    Not an UpstreamFailure: nothing was sent, the instance did nothing wrong, and its
-    circuit and error rate stay untouched; a skip does not count as an attempt.
-    """
+    code = REPLAY_DIVERGED
+    circuit = NO_CIRCUIT
+    instance_fault = False
 
-    code = UNSUPPORTED_REQUEST
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
+def _retry_kinds() -> dict[str, tuple[str, ...]]:
+    kinds: dict[str, list[str]] = {}
+    pending: list[type[Failure]] = [UpstreamFailure]
+    while pending:
+        cls = pending.pop(0)
+        if cls.retry_kind is not None and cls.code not in kinds.get(cls.retry_kind, ()):
+            kinds.setdefault(cls.retry_kind, []).append(cls.code)
+        pending.extend(cls.__subclasses__())
+    return {kind: tuple(codes) for kind, codes in kinds.items()}
+
+
+#: The names used in `retry.on` of the config, mapped to the reason codes they cover (in
+#: the order the classes above are defined).
+RETRY_KINDS: dict[str, tuple[str, ...]] = _retry_kinds()
+
+
+# --------------------------------------------------------------------------- the mapping
 
 
 _REFUSAL_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
-def failure_from(exc: BaseException, phase: str,
-                 timeout_s: float | None = None) -> UpstreamFailure:
-    """Our failure for an exception raised while waiting on an upstream.
-
-    `phase` names the wait ("connect", "first_byte", "idle", "body", "probe") so that a
-    timeout says where it happened. Our own failures come back unchanged.
-    """
-    if isinstance(exc, UpstreamFailure):
-        return exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeout("connect", timeout_s if phase == "connect" else None)
+def _unreachable(exc: aiohttp.ClientConnectorError) -> ConnRefused:
+    """The instance could not be reached: refused, unresolvable, no TLS, no proxy."""
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
         return ConnRefused(f"cannot reach the forward proxy {exc.host}:{exc.port}")
-    if isinstance(exc, aiohttp.ClientHttpProxyError):
-        return ConnRefused(f"the forward proxy refused the tunnel: HTTP {exc.status}")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return ConnRefused(f"cannot resolve {exc.host}")
     if isinstance(exc, aiohttp.ClientSSLError):
         return ConnRefused(f"TLS handshake with {exc.host}:{exc.port} failed: "
                            f"{getattr(exc, 'certificate_error', None) or exc.os_error}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        if isinstance(os_error, ConnectionRefusedError) or os_error.errno in _REFUSAL_ERRNOS:
-            return ConnRefused(f"connection refused by {exc.host}:{exc.port}")
-        return ConnRefused(f"cannot connect to {exc.host}:{exc.port}: {os_error.strerror or os_error}")
-    if isinstance(exc, TimeoutError):  # asyncio's, and aiohttp's socket timeouts
-        return UpstreamTimeout(phase, timeout_s)
+    os_error = exc.os_error
+    if isinstance(os_error, ConnectionRefusedError) or os_error.errno in _REFUSAL_ERRNOS:
+        return ConnRefused(f"connection refused by {exc.host}:{exc.port}")
+    return ConnRefused(f"cannot connect to {exc.host}:{exc.port}: {os_error.strerror or os_error}")
+
+
+def _broken_answer(exc: aiohttp.ClientError) -> UpstreamFailure:
+    """A connection that went away mid-answer, or an answer that breaks HTTP."""
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return ProcessExited("server closed the connection")
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -241,14 +363,37 @@ def failure_from(exc: BaseException, phase: str,
         if isinstance(cause, (ContentEncodingError, DecompressSizeError)):
             return UpstreamProtocolError(f"undecodable response body: {cause.message}")
         return ProcessExited("response body cut short")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return ConnRefused(f"the forward proxy refused the tunnel: HTTP {exc.status}")
     if isinstance(exc, aiohttp.ClientResponseError):
         # aiohttp's parser refused the response head (too many or too long header lines,
         # not HTTP at all): the answer breaks HTTP.
         return UpstreamProtocolError(f"unparsable response: {exc.message}")
-    if isinstance(exc, (aiohttp.ClientOSError, ConnectionError)):
+    if isinstance(exc, aiohttp.ClientOSError):
         return ProcessExited("connection reset")
+    return UpstreamProtocolError(f"transport error: {type(exc).__name__}: {exc}")
+
+
+def failure_from(exc: BaseException, phase: str,
+                 timeout_s: float | None = None) -> UpstreamFailure:
+    """Our failure for an exception raised while waiting on an upstream.
+
+    `phase` names the wait ("connect", "first_byte", "idle", "body", "probe") so that a
+    timeout says where it happened. Our own failures come back unchanged; an exception
+    that is no upstream's doing (a bug of ours) is raised again.
+    """
+    if isinstance(exc, UpstreamFailure):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout("connect", timeout_s if phase == "connect" else None)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return _unreachable(exc)
+    if isinstance(exc, TimeoutError):  # asyncio's, and aiohttp's socket timeouts
+        return UpstreamTimeout(phase, timeout_s)
     if isinstance(exc, aiohttp.ClientError):
-        return UpstreamProtocolError(f"transport error: {type(exc).__name__}: {exc}")
+        return _broken_answer(exc)
+    if isinstance(exc, ConnectionError):
+        return ProcessExited("connection reset")
     if isinstance(exc, OSError):
         return ProcessExited(f"connection error: {exc.strerror or exc}")
     raise exc  # a bug of ours, not the upstream's failure: let it surface

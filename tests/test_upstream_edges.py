@@ -24,6 +24,7 @@ import orjson
 import pytest
 import trustme
 
+from proxy.config import parse_config
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, proxy_config
@@ -449,6 +450,79 @@ async def test_a_post_on_a_kept_alive_connection_that_dies_silent_is_not_resent_
     assert hostile.requests - 1 + good.stats.requests == int(attempts)
     assert await reroute_reasons(proxy, http, headers["x-request-id"]) == \
         (["PROCESS_EXITED"] if same_instance_retries == 0 else [])
+
+
+# --------------------------------------------------------------------------- answers that say nothing
+
+EMPTY_STREAMS = {
+    "only_done": b"data: [DONE]\n\n",
+    "a_role_chunk_then_the_end": chunk_event({"role": "assistant", "content": ""}),
+    "nothing_at_all": b"",
+}
+
+
+@pytest.mark.parametrize("shape", list(EMPTY_STREAMS))
+async def test_a_stream_that_ends_before_any_output_is_tried_once_more_then_fails_over_as_EMPTY_STREAM(
+        shape: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    events = EMPTY_STREAMS[shape]
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        while True:
+            await h.read_request(reader)
+            writer.write(SSE_HEAD + (b"%x\r\n%b\r\n" % (len(events), events) if events else b"")
+                         + b"0\r\n\r\n")
+            await writer.drain()
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(proxy_config(
+        [("h", hostile.base_url), await make_sim()], health={"enabled": False},
+        timeouts={"first_byte_s": 5, "idle_s": 5}, retry={"same_instance_retries": 1}))
+    status, headers, body = await post_chat(http, proxy, stream=True)
+    assert (status, headers["x-route-instance"], headers["x-route-attempts"]) == \
+        (200, "p1:s1", "3")
+    assert streamed_text(body) == (answer_text("sim-model", PROMPT, 20), True)
+    assert hostile.requests == 2  # the same-instance retry of a blip, then the next one
+    assert await reroute_reasons(proxy, http, headers["x-request-id"]) == ["EMPTY_STREAM"]
+    async with http.get(f"{proxy.url}/admin/instances") as resp:
+        rows = {row["id"]: row for row in (await resp.json())["instances"]}
+    # Two strikes, not a connection failure: the circuit is still closed.
+    assert (rows["p0:s0"]["circuit"], rows["p0:s0"]["failures"]) == ("closed", 2)
+
+
+UNREADABLE_MESSAGES = {"not_json": b"<html>oops</html>", "a_json_list": b"[1, 2]",
+                       "content_not_a_list": b'{"content": 7, "stop_reason": "end_turn"}'}
+
+
+@pytest.mark.parametrize("shape", list(UNREADABLE_MESSAGES))
+async def test_an_unreadable_messages_api_answer_fails_over_as_RESPONSE_MALFORMED(
+        shape: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    body = UNREADABLE_MESSAGES[shape]
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        while True:
+            await h.read_request(reader)
+            writer.write(OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+            await writer.drain()
+
+    hostile = await make_hostile(behave)
+    good = await make_sim()
+    proxy = await make_proxy(parse_config({
+        "health": {"enabled": False}, "timeouts": {"first_byte_s": 5},
+        "providers": [
+            {"provider_id": "claude", "kind": "anthropic", "instances": [
+                {"id": "h", "base_url": hostile.base_url + "/v1", "api_key": "k" * 20,
+                 "metadata": {"model": "claude-x"}}]},
+            {"provider_id": "p1", "instances": [
+                {"id": "s1", "base_url": good.base_url, "metadata": {"model": good.model}}]}]},
+        "<test>"))
+    status, headers, answer = await post_chat(http, proxy)
+    assert (status, headers["x-route-instance"], headers["x-route-attempts"]) == \
+        (200, "p1:s1", "2"), answer
+    assert await reroute_reasons(proxy, http, headers["x-request-id"]) == ["RESPONSE_MALFORMED"]
 
 
 # --------------------------------------------------------------------------- TLS and proxies

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -37,11 +38,11 @@ from proxy.failures import (
     INSTANCE_NOT_READY,
     TIMEOUT,
     UNSUPPORTED_REQUEST,
-    ContextTooLong,
     FingerprintMismatch,
-    RateLimited,
-    UnsupportedByInstance,
-    UnusableAnswer,
+    NotStreamed,
+    PrefillRejected,
+    ReplayDiverged,
+    UnsupportedRequest,
     UpstreamFailure,
 )
 from proxy.health.circuit import CLOSED
@@ -55,7 +56,7 @@ from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter
 
 log = structlog.get_logger("proxy.engine.forwarder")
 
-_NO_HEADERS: dict[str, str] = {}  # shared, never written to
+_NO_HEADERS: Mapping[str, str] = {}  # shared, never written to
 _NO_PREFILL = "a text completion whose prompt is not one string cannot be continued by prefill"
 _REASONING_ONLY = "only reasoning was delivered: a prefill (answer text) cannot continue a reasoning"
 
@@ -118,7 +119,7 @@ class Forwarder:
         attempts: list[Attempt] = []
         # Instances held back by a rate-limit cooldown -> the rate-limit headers of their
         # 429 in this request (empty when the cooldown predates it).
-        limited: dict[str, tuple[InstanceState, dict[str, str]]] = (
+        limited: dict[str, tuple[InstanceState, Mapping[str, str]]] = (
             {i.id: (i, _NO_HEADERS) for i in plan.cooling} if plan.cooling else {})
         skipped: dict[str, str] | None = None
         last_failure: UpstreamFailure | None = None
@@ -184,7 +185,7 @@ class Forwarder:
                 inst.circuit.on_success()  # it answered: the server works
                 return Reply(p.status, p.body, p.content_type, p.headers, inst.id, attempts,
                              PASSED_THROUGH)
-            except UnsupportedByInstance as skip:
+            except UnsupportedRequest as skip:
                 # Nothing was sent: not an attempt, and no mark against the instance.
                 skipped = _note(skipped, inst.id, skip.detail)
                 same_tries = 0
@@ -197,25 +198,27 @@ class Forwarder:
                 attempts.append(Attempt(inst.id, failure.code, failure.detail, _ms(started)))
                 # A blip gets one more try on the same instance, if the circuit is still
                 # closed once this failed attempt has been counted.
-                may_retry = (failure.transient and same_tries < retry.same_instance_retries
-                             and retry.retries(failure.code))
+                reroutes = failure.retry_kind is None or failure.retry_kind in retry.on
+                may_retry = (failure.same_instance_retry and reroutes
+                             and same_tries < retry.same_instance_retries)
                 self.registry.record_failure(inst, failure, retrying=may_retry)
                 last_failure = failure
-                if not retry.retries(failure.code):
+                if not reroutes:
                     break
                 if may_retry and inst.circuit.state == CLOSED:
                     same_tries += 1
                     log.warning("retry_same", request_id=req.request_id, instance=inst.id,
                                 reason=failure.code, detail=failure.detail)
                     continue
-                if isinstance(failure, RateLimited):
+                if failure.cooldown:
                     limited[inst.id] = (inst, failure.headers)
                 same_tries = 0
                 if index < len(candidates):
                     index += 1
-                if isinstance(failure, ContextTooLong):
-                    if failure.overflow.window is not None:
-                        self.registry.learn_window(inst, failure.overflow.window)
+                overflowed = failure.overflow
+                if overflowed is not None:
+                    if overflowed.window is not None:
+                        self.registry.learn_window(inst, overflowed.window)
                     # Only a larger window can help: skip the ones no larger than this
                     # (compared in the config's terms when it declares them).
                     window = inst.ctx
@@ -262,7 +265,7 @@ class Forwarder:
         return last or inst.inflight < cap
 
     async def _wait_out_rate_limit(
-            self, limited: dict[str, tuple[InstanceState, dict[str, str]]]
+            self, limited: dict[str, tuple[InstanceState, Mapping[str, str]]]
     ) -> InstanceState | None:
         """When only rate-limited instances are left, wait for the soonest end of a cooldown
         (up to retry.max_retry_after_s) and return that instance; None when it is further
@@ -385,7 +388,7 @@ class Forwarder:
             why_not = "a refusal was in flight"
         elif req.body.get("n") not in (None, 1):
             why_not = "several choices (n > 1) cannot be continued"
-        elif not retry.retries(failure.code):
+        elif failure.retry_kind is not None and failure.retry_kind not in retry.on:
             why_not = f"{failure.code} is not retried (retry.on)"
         if why_not is None:
             # Only reasoning delivered: a prefill is answer text and cannot carry on a
@@ -426,13 +429,13 @@ class Forwarder:
                 started = time.perf_counter()
                 try:
                     await self._attempt_splice(req, cand, sink, client_auth, splicer)
-                except UnsupportedByInstance as skip:
+                except UnsupportedRequest as skip:
                     skipped[cand.id] = skip.detail
                     self.recorder.rerouted(plan, skip.code, skip.detail, cand.id, None)
                     continue
                 except PassThrough as rejected:
                     # A 4xx to a continuation is about the prefill, never the client's error.
-                    attempts.append(Attempt(cand.id, "PREFILL_REJECTED",
+                    attempts.append(Attempt(cand.id, PrefillRejected.code,
                                             f"HTTP {rejected.status}", _ms(started)))
                     if mode == PREFILL:
                         cand.prefill_ok = False
@@ -440,7 +443,7 @@ class Forwarder:
                                     status=rejected.status)
                     continue
                 except Diverged as exc:
-                    attempts.append(Attempt(cand.id, "REPLAY_DIVERGED", str(exc), _ms(started)))
+                    attempts.append(Attempt(cand.id, ReplayDiverged.code, str(exc), _ms(started)))
                     continue
                 except ClientGone:
                     return Reply(200, None, instance=cand.id, attempts=attempts,
@@ -511,7 +514,7 @@ class Forwarder:
             body = continuation_body(req.body, req.endpoint == CHAT, splicer.delivered,
                                      inst.request_model, carried)
             if body is None:
-                raise UnsupportedByInstance(_NO_PREFILL)
+                raise UnsupportedRequest(_NO_PREFILL)
             data = orjson.dumps(body)
         else:
             data = req.body_for(inst.request_model)
@@ -520,7 +523,7 @@ class Forwarder:
         done = False
         try:
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                raise UnusableAnswer("it answered the continuation without streaming it")
+                raise NotStreamed("it answered the continuation without streaming it")
             await self.relay.relay(self.upstream.events(cfg, resp, req.include_usage), sink,
                               splicer.delivered, splicer,
                               t0 + timeouts.first_byte_s, t0 + timeouts.total_s)
@@ -550,7 +553,7 @@ def _ms(started: float) -> float:
 
 def _final_error(plan: RoutePlan, attempts: list[Attempt], skipped: dict[str, str] | None,
                  last: UpstreamFailure | None,
-                 limited: dict[str, tuple[InstanceState, dict[str, str]]]) -> ProxyError:
+                 limited: dict[str, tuple[InstanceState, Mapping[str, str]]]) -> ProxyError:
     """The error for a request no attempt could serve.
 
     While an instance that could serve it is in a rate-limit cooldown, that is the answer:
@@ -594,7 +597,7 @@ def _final_error(plan: RoutePlan, attempts: list[Attempt], skipped: dict[str, st
         summary += ". Not tried: " + "; ".join(f"{i} ({r})" for i, r in not_tried.items())
     if codes == {TIMEOUT}:
         return AllAttemptsTimedOut(summary)
-    if codes == {CONTEXT_TOO_LONG} and isinstance(last, ContextTooLong):
+    if codes == {CONTEXT_TOO_LONG} and last is not None and last.overflow is not None:
         return ContextError(f"{last.overflow.message or last.detail} ({summary})")
     return AllAttemptsFailed(summary)
 

@@ -17,6 +17,7 @@ from proxy.engine.chunks import Chunk, MalformedEvent, inspect_chunk
 from proxy.engine.splicing import Delivered, Splicer
 from proxy.failures import (
     ContextTooLong,
+    EmptyStream,
     FingerprintMismatch,
     ProcessExited,
     StreamCut,
@@ -81,7 +82,7 @@ class Relay:
             remaining = max(deadline - time.perf_counter(), 0.001)
             event = await reader.next(remaining, "first_byte")
             if event is None:
-                raise ProcessExited("stream ended before any content")
+                raise EmptyStream("stream ended before any content")
             payload = event_data(event)
             if payload is None:
                 continue  # comment or keep-alive
@@ -89,7 +90,7 @@ class Relay:
                 if pending:
                     pending.append((event, None))
                     return
-                raise ProcessExited("stream ended before any content")
+                raise EmptyStream("stream ended before any content")
             try:
                 chunk = inspect_chunk(payload)
             except MalformedEvent as exc:
@@ -155,7 +156,7 @@ class Relay:
                             break
                         if committed:
                             raise StreamCut("stream ended without a finish reason")
-                        raise ProcessExited("continuation ended before anything new")
+                        raise EmptyStream("continuation ended before anything new")
                 payload = event_data(event)
                 if payload is None:
                     continue

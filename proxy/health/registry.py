@@ -15,22 +15,13 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from proxy.config import HealthConfig, InstanceConfig, instance_ids
-from proxy.failures import (
-    CONN_REFUSED,
-    FINGERPRINT_MISMATCH,
-    PROCESS_EXITED,
-    STREAM_CUT,
-    RateLimited,
-    UpstreamFailure,
-)
+from proxy.failures import OPENS, STRIKE, Failure
 from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
 from proxy.health.instance import DRAINED, MISMATCH, READY, STALE_STATES, InstanceState
 
 log = structlog.get_logger("proxy.health.registry")
 
 _EWMA_ALPHA = 0.2
-# Failures that say the connection itself is gone: the circuit opens at once.
-_CONNECTION_FAILURES = frozenset({CONN_REFUSED, PROCESS_EXITED, STREAM_CUT})
 
 StateListener = Callable[["InstanceState", str, str, str], None]
 
@@ -117,17 +108,19 @@ class Registry:
             inst.circuit.on_success()
             log.info("circuit_closed", instance=inst.id, by="successful request")
 
-    def record_failure(self, inst: InstanceState, failure: UpstreamFailure,
+    def record_failure(self, inst: InstanceState, failure: Failure,
                        retrying: bool = False) -> None:
-        """An attempt written upstream failed: feed the error rate and the circuit.
+        """An attempt failed: feed the error rate and the circuit, as the failure's class
+        declares (proxy.failures).
 
-        Every failed attempt is one strike towards `failure_threshold`. A refused or reset
-        connection opens the circuit at once, unless `retrying` (the caller tries the same
-        instance once more): then it is a strike too, and the retry's failure decides.
-        A 429 starts a rate-limit cooldown instead (the circuit stays as it is): its
-        Retry-After, or with none, health.cooldown_s doubled for each such 429 in a row up
-        to health.max_cooldown_s. A failure that is no instance fault (a prompt too long
-        for its window) changes nothing.
+        A failure that is no instance fault (a skip, a prompt too long for its window)
+        changes nothing. A `mismatch` moves the instance to MISMATCH; a `cooldown` (a 429)
+        starts a rate-limit cooldown and leaves the circuit as it is: its Retry-After, or
+        with none, health.cooldown_s doubled for each such 429 in a row up to
+        health.max_cooldown_s. Otherwise a STRIKE counts toward `failure_threshold`
+        (every failed attempt counts), and OPENS opens the circuit at once, unless
+        `retrying` (the caller tries the same instance once more): then it is a strike
+        too, and the retry's failure decides.
         """
         if not failure.instance_fault:
             return
@@ -136,19 +129,21 @@ class Registry:
         inst.last_error = f"{failure.code}: {failure.detail}"
         inst.last_error_at = time.time()
         inst._remember(False, now)
-        code = failure.code
-        if code == FINGERPRINT_MISMATCH:
+        if failure.mismatch:
             self.set_state(inst, MISMATCH, failure.detail)
             return
-        if isinstance(failure, RateLimited):
+        if failure.cooldown:
             self._cool_down(inst, failure.retry_after, now)
             return
-        if code in _CONNECTION_FAILURES:
+        effect = failure.circuit
+        if effect == OPENS:
             opened = inst.circuit.on_failure(BY_CONNECTION, now, not retrying)
-        else:
+        elif effect == STRIKE:
             opened = inst.circuit.on_failure(BY_HTTP, now, False)
+        else:
+            return
         if opened:
-            log.warning("circuit_opened", instance=inst.id, reason=code,
+            log.warning("circuit_opened", instance=inst.id, reason=failure.code,
                         cooldown_s=round(inst.circuit.remaining(now), 2))
 
     def learn_window(self, inst: InstanceState, window: int) -> None:

@@ -22,9 +22,9 @@ from proxy.api.errors import error_body
 from proxy.config import InstanceConfig, TimeoutsConfig, UpstreamConfig
 from proxy.failures import (
     ContextTooLong,
-    ProcessExited,
     RateLimited,
-    UnsupportedByInstance,
+    ResponseMalformed,
+    UnsupportedRequest,
     Upstream5xx,
     UpstreamAuth,
     UpstreamFailure,
@@ -303,7 +303,7 @@ class Upstream:
             translated = anthropic.to_messages_request(orjson.loads(body), inst.model,
                                                        self.default_max_tokens)
         except (anthropic.TranslationError, orjson.JSONDecodeError) as exc:
-            raise UnsupportedByInstance(f"cannot be expressed for {inst.id}: {exc}") from None
+            raise UnsupportedRequest(f"cannot be expressed for {inst.id}: {exc}") from None
         return orjson.dumps(translated)
 
     def _anthropic_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
@@ -323,10 +323,12 @@ class Upstream:
         if inst.kind != ANTHROPIC:
             return body
         try:
-            return orjson.dumps(anthropic.from_messages_response(orjson.loads(body),
-                                                                 int(time.time())))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ProcessExited(f"unreadable Messages API response: {exc}") from None
+            doc = orjson.loads(body)
+            if not isinstance(doc, dict):
+                raise TypeError(f"a JSON {type(doc).__name__}, not an object")
+            return orjson.dumps(anthropic.from_messages_response(doc, int(time.time())))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ResponseMalformed(f"unreadable Messages API response: {exc}") from None
 
     def events(self, inst: InstanceConfig, resp: Response,
                include_usage: bool) -> EventReader | AnthropicEvents:
