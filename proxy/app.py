@@ -41,11 +41,12 @@ def _assemble(config: Config, registry: Registry, recorder: Recorder,
          *(i.id for i in config.instances)})
     for inst in registry.states:
         recorder.metrics.set_state(inst.id, inst.state, STATES)
+    planner = Planner(config, registry)
     return ProxyState(
         config=config,
         registry=registry,
-        planner=Planner(config, registry),
-        forwarder=Forwarder(config, registry, upstream, recorder),
+        planner=planner,
+        forwarder=Forwarder(config, registry, upstream, planner),
         prober=Prober(registry, upstream, config.health),
         recorder=recorder,
         client=client,

@@ -18,8 +18,9 @@ attributes instead of keeping lists of codes:
   `last_error`); False for a fact about this request only;
 - `retry_kind`: the `retry.on` kind under which it reroutes to another instance (None: it
   always does); `RETRY_KINDS` is derived from these;
-- `cooldown` (a 429: the instance is sent nothing for a while) and `mismatch` (another
-  model answers: state MISMATCH), the two effects that are not the circuit's.
+- `cooldown` (a 429: the instance is sent nothing for a while), `mismatch` (another model
+  answers: state MISMATCH) and `refuses_prefill` (no prefill is sent to it again), the
+  effects that are not the circuit's.
 
 Handlers never catch transport exceptions themselves: every wait on aiohttp's client goes
 through :func:`map_exceptions` (or, on the per-event hot path, :func:`failure_from`), which
@@ -83,6 +84,8 @@ class Failure(Exception):
     retry_kind: ClassVar[str | None] = None
     cooldown: ClassVar[bool] = False
     mismatch: ClassVar[bool] = False
+    #: A continuation's prefill was refused: the instance is not sent one again.
+    refuses_prefill: ClassVar[bool] = False
     #: What a failed answer said, when it said it: the pause a 429 asked for (seconds),
     #: its rate-limit headers (relayed to the client), a context overflow's figures.
     retry_after: float | None = None
@@ -305,6 +308,7 @@ class PrefillRejected(UpstreamFailure):
     code = PREFILL_REJECTED
     circuit = NO_CIRCUIT
     instance_fault = False
+    refuses_prefill = True
 
 
 class ReplayDiverged(UpstreamFailure):

@@ -441,7 +441,7 @@ class InprocProxy:
         """The proxy's upstream aiohttp ClientSession."""
         from proxy.api.state import STATE
 
-        return self.app[STATE].forwarder.upstream.client
+        return self.app[STATE].client
 
     def inbound_connections(self) -> int:
         server = self.runner.server if self.runner is not None else None

@@ -71,13 +71,13 @@ def test_circuit_opens_at_once_for_connection_failures_and_doubles_its_cooldown(
     c = Circuit(base_cooldown_s=1, max_cooldown_s=4, threshold=3)
     assert c.on_failure(BY_CONNECTION, now=0, immediate=True)
     assert c.state == OPEN and not c.available(0.5) and c.available(1.0)
-    assert c.acquire(1.0) and c.state == HALF_OPEN
-    assert not c.acquire(1.0)  # one trial at a time
+    assert c.acquire(1.0, "trial") and c.state == HALF_OPEN
+    assert not c.acquire(1.0, "another")  # one trial at a time
     c.on_failure(BY_CONNECTION, now=1.0, immediate=True)
     assert c.open_until == 3.0  # doubled
-    c.acquire(3.0)
+    c.acquire(3.0, "trial")
     c.on_failure(BY_CONNECTION, now=3.0, immediate=True)
-    c.acquire(7.0)
+    c.acquire(7.0, "trial")
     c.on_failure(BY_CONNECTION, now=7.0, immediate=True)
     assert c.open_until == 11.0  # capped at 4 s
     c.on_success()
@@ -91,7 +91,7 @@ def test_circuit_needs_n_timeouts_and_only_a_trial_closes_an_http_opening() -> N
     assert c.on_failure(BY_HTTP, now=0, immediate=False)
     assert c.state == OPEN and c.opened_by == BY_HTTP
     assert not c.on_probe_ok() and c.state == OPEN  # a /v1/models probe proves nothing here
-    assert c.acquire(1.0)
+    assert c.acquire(1.0, "trial")
     c.on_success()
     assert c.state == CLOSED
     conn = Circuit()

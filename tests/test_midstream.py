@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from proxy.config import parse_config
-from proxy.engine.splicing import PREFILL, REPLAY, Delivered, Diverged, Splicer
+from proxy.engine.record import PREFILL, REPLAY
+from proxy.engine.splicing import Delivered, Diverged, Splicer
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, wait_for
@@ -427,4 +428,6 @@ async def test_a_cut_with_only_a_dead_twin_left_blames_the_instance_that_was_cut
     reroutes = [(e["from_instance"], e["to_instance"], e["reason_code"])
                 for e in await events_of(proxy, raw.headers["x-request-id"])
                 if e["type"] == "REROUTED"]
-    assert reroutes == [("p:s0", "p:s1", "CONN_REFUSED")]  # none back to the dead twin
+    # The cut is recorded, and the dead twin passed over mid-answer: no attempt back to it.
+    assert reroutes == [("p:s0", "p:s1", "CONN_REFUSED"), ("p:s1", None, "STREAM_CUT"),
+                        ("p:s0", None, "INSTANCE_NOT_READY")]

@@ -12,7 +12,7 @@ import pytest
 from proxy.api.errors import NotFound
 from proxy.api.inbound import CHAT, ClientRequest, parse_request
 from proxy.config import Config, load_config, parse_config
-from proxy.health.instance import DOWN, READY
+from proxy.health.instance import DOWN, READY, InstanceState
 from proxy.health.registry import Registry
 from proxy.routing.planner import Planner
 from proxy.routing.requirements import classify
@@ -188,11 +188,19 @@ def test_fast_prefers_measured_low_latency() -> None:
     assert "latency=40ms" in plan.reasons["llamacpp:glm47flash-q8"]
 
 
+def outcome(inst: InstanceState, ok: bool) -> None:
+    """An attempt's outcome in the instance's recent history (what the registry keeps)."""
+    now = time.monotonic()
+    inst.recent.append((now, ok))
+    if not ok:
+        inst.last_failure_mono = now
+
+
 def test_error_rate_lowers_the_score() -> None:
     planner = ready_planner(seed_with_cloud())
     coder = planner.registry.by_id["llamacpp:qwen3-coder-30b"]
     for ok in [False] * 8 + [True] * 2:
-        coder._remember(ok, time.monotonic())
+        outcome(coder, ok)
     plan = planner.plan(chat("fix this python bug"), {})
     assert "error_rate=0.80" in plan.reasons["llamacpp:qwen3-coder-30b"]
     assert plan.selected == "llamacpp:glm47flash-q8"
@@ -201,7 +209,7 @@ def test_error_rate_lowers_the_score() -> None:
 def test_old_failures_are_forgotten() -> None:
     planner = ready_planner(seed_with_cloud())
     coder = planner.registry.by_id["llamacpp:qwen3-coder-30b"]
-    coder._remember(False, time.monotonic())
+    outcome(coder, False)
     assert coder.error_rate() == 1.0
     assert coder.error_rate(now=time.monotonic() + coder.error_window_s + 1) == 0.0
 

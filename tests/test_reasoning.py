@@ -15,7 +15,8 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.engine.chunks import inspect_chunk
-from proxy.engine.splicing import PREFILL, REPLAY, Delivered, Diverged, Splicer
+from proxy.engine.record import PREFILL, REPLAY
+from proxy.engine.splicing import Delivered, Diverged, Splicer
 from proxy.sim.faults import REASONING_STEP_S
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text, reasoning_words, stream_pieces

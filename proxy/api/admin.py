@@ -17,8 +17,7 @@ from proxy.api.inbound import CHAT, parse_request
 from proxy.api.state import RELOAD, STATE
 from proxy.audit.recorder import EVENT_TYPES
 from proxy.audit.schema import EventQuery
-from proxy.health.instance import DRAINED, MISMATCH, UNKNOWN, InstanceState
-from proxy.health.prober import reset_fingerprint
+from proxy.health.instance import InstanceState
 from proxy.routing.planner import new_id
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -70,7 +69,7 @@ async def list_instances(request: web.Request) -> web.Response:
 async def drain_instance(request: web.Request) -> web.Response:
     """POST /admin/instances/{id}/drain: no new requests; in-flight ones finish."""
     inst = _instance(request)
-    request.app[STATE].registry.set_state(inst, DRAINED, "drained by admin")
+    request.app[STATE].registry.drain(inst)
     return _json_response(inst.snapshot())
 
 
@@ -79,9 +78,7 @@ async def enable_instance(request: web.Request) -> web.Response:
     """POST /admin/instances/{id}/enable: back in rotation; probed again at once."""
     state = request.app[STATE]
     inst = _instance(request)
-    if inst.state == DRAINED or inst.state == MISMATCH:
-        state.registry.set_state(inst, UNKNOWN, "enabled by admin")
-    inst.circuit.on_success()
+    state.registry.enable(inst)
     if state.config.health.enabled:
         state.prober.apply(inst, await state.prober.probe(inst))
     return _json_response(inst.snapshot())
@@ -92,9 +89,7 @@ async def reset_instance_fingerprint(request: web.Request) -> web.Response:
     """POST /admin/instances/{id}/reset-fingerprint: learn the fingerprint anew."""
     state = request.app[STATE]
     inst = _instance(request)
-    reset_fingerprint(inst)
-    if inst.state == MISMATCH:
-        state.registry.set_state(inst, UNKNOWN, "fingerprint reset by admin")
+    state.registry.reset_fingerprint(inst)
     state.prober.apply(inst, await state.prober.probe(inst))
     return _json_response(inst.snapshot())
 

@@ -21,7 +21,6 @@ from proxy.api.errors import (
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
-    RouteBlocked,
     UnsupportedEncoding,
 )
 from proxy.api.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
@@ -29,9 +28,9 @@ from proxy.api.middleware import error_response
 from proxy.api.state import STATE, ProxyState
 from proxy.audit.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.config import Config
-from proxy.engine.forwarder import CLIENT_GONE
+from proxy.engine.record import CLIENT_GONE, RequestRecord
 from proxy.engine.relay import ClientGone
-from proxy.routing.planner import AUTO, RoutePlan, new_id
+from proxy.routing.planner import AUTO, new_id
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
@@ -146,58 +145,54 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     config, recorder, planner, forwarder = (state.config, state.recorder, state.planner,
                                             state.forwarder)
     started = time.perf_counter()
-    request_id = _request_id(request)
-    headers = {"x-request-id": request_id}
-    model: str | None = None
-    plan: RoutePlan | None = None
-    stream = False
+    record = RequestRecord(_request_id(request))
+    headers = {"x-request-id": record.request_id}
     counters = recorder.metrics
     counters.inflight += 1
     try:
         check_client(config.server, request.headers)
         raw = await read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
-        req = parse_request(endpoint, raw, request_id)
-        model, stream = req.model, req.stream
+        req = parse_request(endpoint, raw, record.request_id)
+        record.model, record.stream = req.model, req.stream
         plan = planner.plan(req, request.headers)
+        record.plan, record.planned_at = plan, time.time()
         headers["x-route-plan-id"] = plan.plan_id
-        recorder.planned(plan)
-        sink = HttpSink(request, headers) if stream else None
-        reply = await forwarder.forward(req, plan, sink, request.headers.get("Authorization"))
-        planner.served(plan, reply.instance)
+        sink = HttpSink(request, headers) if req.stream else None
+        reply = await forwarder.forward(req, plan, sink, request.headers.get("Authorization"),
+                                        record)
+        planner.served(plan, record.instance)
     except asyncio.CancelledError:
         # The client went away (the server cancels the handler); the upstream request was
         # closed on the way out. An outcome of the request, not a failure of the instance.
-        recorder.completed(plan, request_id, model, 499, CLIENT_GONE, None, 0, None,
-                           time.perf_counter() - started, 0.0, stream)
+        record.status, record.outcome, record.instance = 499, CLIENT_GONE, None
+        record.duration_s = time.perf_counter() - started
+        recorder.completed(record)
         raise
     except ProxyError as exc:
-        if isinstance(exc, RouteBlocked) and plan is not None:
-            recorder.blocked(plan, exc.message)
-        headers["x-route-attempts"] = str(exc.attempts)
-        recorder.completed(plan, request_id, model, exc.status, exc.code or exc.type, None,
-                           exc.attempts, None, time.perf_counter() - started, exc.upstream_s,
-                           stream)
+        headers["x-route-attempts"] = str(record.sent)
+        record.status, record.outcome = exc.status, exc.code or exc.type
+        record.duration_s = time.perf_counter() - started
+        recorder.completed(record)
         return error_response(exc, headers)
     finally:
         counters.inflight -= 1
 
-    upstream_s = sum(a.elapsed_ms for a in reply.attempts) / 1000.0
-    recorder.completed(plan, request_id, model, reply.status, reply.outcome, reply.instance,
-                       len(reply.attempts), reply.ttfb_s, time.perf_counter() - started,
-                       upstream_s, reply.body is None)
+    record.status, record.stream = reply.status, reply.body is None
+    record.duration_s = time.perf_counter() - started
+    recorder.completed(record)
     if reply.body is None:
         response = sink.response if sink is not None else None
         if response is None:  # the client left before the stream could start
             return web.Response(status=499, headers=headers)
-        if reply.outcome != CLIENT_GONE:
+        if record.outcome != CLIENT_GONE:
             try:
                 await response.write_eof()
             except (ConnectionError, RuntimeError):
                 pass
         return response
     headers.update(reply.headers)
-    headers["x-route-instance"] = reply.instance or ""
-    headers["x-route-attempts"] = str(len(reply.attempts))
+    headers["x-route-instance"] = record.instance or ""
+    headers["x-route-attempts"] = str(record.sent)
     headers["Content-Type"] = reply.content_type or _JSON  # the upstream's, as it was
     return web.Response(status=reply.status, body=reply.body, headers=headers)
 

@@ -20,10 +20,6 @@ class ProxyError(Exception):
             self.code = code
         self.param = param
         self.headers = headers or {}
-        #: How many upstream attempts were made before giving up (x-route-attempts), and
-        #: how long they took.
-        self.attempts = 0
-        self.upstream_s = 0.0
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)

@@ -1,25 +1,29 @@
-"""Recording decisions: the one place where a route decision becomes a log line, metrics and
-audit rows (events, lineage, route plans).
+"""Recording what happened: the one place where a request's record becomes a log line,
+metrics and audit rows (events, lineage, route plans), and an instance's change of state
+an event.
 
-The forwarder and the handlers call `Recorder` methods with plain data; the recorder never
-awaits anything (store writes are queued), so recording costs the request microseconds.
+The engine fills a `RequestRecord` (proxy.engine.record) and the HTTP layer hands it here
+once the request is over. The events are derived from it: the plan (ROUTE_PLANNED, and a
+REROUTED when the instance the plan would have chosen was not ready), the first attempt
+(ROUTE_VERIFIED), every failed attempt or instance passed over (REROUTED, to the instance
+tried next), every continuation that finished a cut stream (STREAM_RESUMED), nothing
+routable (ROUTE_BLOCKED), and the end (REQUEST_COMPLETED). The recorder never awaits
+anything (store writes are queued), so recording costs the request microseconds.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import structlog
 
 from proxy.audit.metrics import Metrics
 from proxy.audit.store import AuditStore
+from proxy.engine.record import FRESH, Attempt, RequestRecord
 from proxy.failures import INSTANCE_NOT_READY
 from proxy.health.instance import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN, InstanceState
-
-if TYPE_CHECKING:
-    from proxy.routing.planner import RoutePlan
+from proxy.routing.planner import RoutePlan
 
 # Event types (SPEC section 7).
 ROUTE_PLANNED = "ROUTE_PLANNED"
@@ -34,12 +38,12 @@ EVENT_TYPES = (ROUTE_PLANNED, ROUTE_VERIFIED, REROUTED, ROUTE_BLOCKED, STREAM_RE
 
 STATES = (UNKNOWN, READY, LOADING, DOWN, MISMATCH, DRAINED)
 
-log = structlog.get_logger("proxy.audit.recorder")
+log = structlog.get_logger("proxy.audit")
 request_log = structlog.get_logger("proxy.request")
 
 
 class Recorder:
-    """Turns decisions into logs, metrics and (when a store is configured) audit rows."""
+    """Turns records into logs, metrics and (when a store is configured) audit rows."""
 
     def __init__(self, metrics: Metrics, store: AuditStore | None = None) -> None:
         self.metrics = metrics
@@ -51,41 +55,107 @@ class Recorder:
         #: arguments are not even assembled.
         self.log_requests = bool(request_log.is_enabled_for(logging.INFO))
 
+    def completed(self, record: RequestRecord) -> None:
+        """The request is over: its events, one log line, the metrics, its audit rows."""
+        plan = record.plan
+        if plan is not None:
+            self._planned(record, plan)
+            self._attempts(record, plan)
+            if record.blocked is not None:
+                self._blocked(record, plan, record.blocked)
+        if record.stream_error is not None:
+            log.error("stream_failed_after_commit", request_id=record.request_id,
+                      instance=record.instance, detail=record.stream_error)
+        duration_s = record.duration_s
+        duration_ms = round(duration_s * 1000.0, 2)
+        instance, outcome, status = record.instance, record.outcome, record.status
+        if self.log_requests:
+            request_log.info("request", request_id=record.request_id, model=record.model,
+                             instance=instance, attempts=record.sent, status=status,
+                             outcome=outcome, stream=record.stream, latency_ms=duration_ms,
+                             **_tokens(record))
+        m = self.metrics
+        model = record.model
+        label = model if model in self.known_models else ("" if model is None else "other")
+        m.requests.labels(label, instance or "", outcome).inc()
+        m.duration.labels("true" if record.stream else "false").observe(duration_s)
+        m.overhead.observe(max(0.0, duration_s - record.upstream_s))
+        ttfb_s = record.ttfb_s
+        if ttfb_s is not None and instance is not None:
+            m.ttfb.labels(instance).observe(ttfb_s)
+        store = self.store
+        if store is None or plan is None:
+            return
+        now = time.time()
+        ttfb_ms = None if ttfb_s is None else round(ttfb_s * 1000.0, 2)
+        store.event(now, REQUEST_COMPLETED, record.request_id, plan.plan_id, instance, None,
+                    detail={"status": status, "outcome": outcome, "attempts": record.sent,
+                            "ttfb_ms": ttfb_ms, "duration_ms": duration_ms, **_tokens(record)})
+        store.plan(plan, (plan.plan_id, record.request_id, now, model, plan.selected,
+                          instance, outcome, status, record.sent, ttfb_ms, duration_ms))
+
     # ------------------------------------------------------------------ routing
 
-    def planned(self, plan: RoutePlan) -> None:
-        """A plan was made. If the instance it would have chosen is not ready, say so."""
+    def _planned(self, record: RequestRecord, plan: RoutePlan) -> None:
+        """ROUTE_PLANNED; a REROUTED when the instance the plan would have chosen was not
+        ready; ROUTE_VERIFIED when the selected instance was tried first, as planned."""
         store = self.store
-        now = time.time()
+        at = record.planned_at
         if store is not None:
             # The whole plan goes to route_plans (joined by plan_id); the event stays small.
-            store.event(now, ROUTE_PLANNED, plan.request_id, plan.plan_id, plan.selected,
+            store.event(at, ROUTE_PLANNED, plan.request_id, plan.plan_id, plan.selected,
                         detail={"fallback": plan.fallback})
         if plan.preferred is not None and plan.selected not in (None, plan.preferred):
             self.rerouted(plan, INSTANCE_NOT_READY, plan.preferred_why or "not ready",
-                          plan.preferred, plan.selected)
+                          plan.preferred, plan.selected, at)
+        first = record.attempts[0] if record.attempts else None
+        if store is not None and first is not None and first.sent and plan.healthy \
+                and first.instance == plan.selected and first.mode == FRESH:
+            store.event(at, ROUTE_VERIFIED, plan.request_id, plan.plan_id, first.instance)
 
-    def verified(self, plan: RoutePlan, instance: str) -> None:
-        """The selected instance was still routable right before sending."""
-        if self.store is not None:
-            self.store.event(time.time(), ROUTE_VERIFIED, plan.request_id, plan.plan_id,
-                             instance)
+    def _attempts(self, record: RequestRecord, plan: RoutePlan) -> None:
+        """A REROUTED for each failed attempt or instance passed over (to the instance
+        tried next; none when it was the last), except a same-instance retry; a
+        STREAM_RESUMED for a continuation that finished the answer."""
+        attempts = record.attempts
+        for n, attempt in enumerate(attempts):
+            if attempt.code is None:
+                if attempt.after is not None:
+                    self._resumed(plan, attempt)
+                continue
+            to = _tried_after(attempts, n)
+            if to == attempt.instance and attempt.sent and attempts[n + 1].sent:
+                log.warning("retry_same", request_id=plan.request_id,
+                            instance=attempt.instance, reason=attempt.code,
+                            detail=attempt.detail)
+                continue
+            self.rerouted(plan, attempt.code, attempt.detail, attempt.instance, to, attempt.at)
 
     def rerouted(self, plan: RoutePlan, reason: str, detail: str, from_instance: str | None,
-                 to_instance: str | None) -> None:
-        """The request moved (or will move) from one instance to the next."""
+                 to_instance: str | None, at: float) -> None:
+        """The request moved (or would have moved) from one instance to the next."""
         log.warning("rerouted", request_id=plan.request_id, plan_id=plan.plan_id,
                     reason=reason, detail=detail, from_instance=from_instance,
                     to_instance=to_instance)
         self.metrics.reroutes.labels(reason, from_instance or "", to_instance or "").inc()
         store = self.store
         if store is not None:
-            now = time.time()
-            store.event(now, REROUTED, plan.request_id, plan.plan_id, from_instance, reason,
+            store.event(at, REROUTED, plan.request_id, plan.plan_id, from_instance, reason,
                         from_instance, to_instance, {"detail": detail})
-            store.lineage(now, plan.request_id, plan.plan_id, from_instance, to_instance, reason)
+            store.lineage(at, plan.request_id, plan.plan_id, from_instance, to_instance, reason)
 
-    def blocked(self, plan: RoutePlan, message: str) -> None:
+    def _resumed(self, plan: RoutePlan, attempt: Attempt) -> None:
+        """A stream cut mid-answer was continued on another instance."""
+        log.warning("stream_resumed", request_id=plan.request_id, plan_id=plan.plan_id,
+                    from_instance=attempt.after, to_instance=attempt.instance,
+                    chars=attempt.carried, mode=attempt.mode)
+        self.metrics.stream_resumed.labels(attempt.after or "", attempt.instance).inc()
+        if self.store is not None:
+            self.store.event(attempt.at, STREAM_RESUMED, plan.request_id, plan.plan_id,
+                             attempt.instance, None, attempt.after, attempt.instance,
+                             {"chars_carried": attempt.carried, "mode": attempt.mode})
+
+    def _blocked(self, record: RequestRecord, plan: RoutePlan, message: str) -> None:
         """Nothing could serve the request."""
         log.warning("route_blocked", request_id=plan.request_id, plan_id=plan.plan_id,
                     model=plan.model, detail=message)
@@ -95,46 +165,6 @@ class Recorder:
                              "ROUTE_BLOCKED", detail={"message": message,
                                                       "rejected": plan.rejected})
 
-    def resumed(self, plan: RoutePlan, from_instance: str, to_instance: str, chars: int,
-                mode: str) -> None:
-        """A stream cut mid-answer was continued on another instance."""
-        log.warning("stream_resumed", request_id=plan.request_id, plan_id=plan.plan_id,
-                    from_instance=from_instance, to_instance=to_instance, chars=chars,
-                    mode=mode)
-        self.metrics.stream_resumed.labels(from_instance, to_instance).inc()
-        if self.store is not None:
-            self.store.event(time.time(), STREAM_RESUMED, plan.request_id, plan.plan_id,
-                             to_instance, None, from_instance, to_instance,
-                             {"chars_carried": chars, "mode": mode})
-
-    def completed(self, plan: RoutePlan | None, request_id: str, model: str | None,
-                  status: int, outcome: str, instance: str | None, attempts: int,
-                  ttfb_s: float | None, duration_s: float, upstream_s: float,
-                  stream: bool) -> None:
-        """The request is over: one log line, the metrics, its audit rows."""
-        duration_ms = round(duration_s * 1000.0, 2)
-        if self.log_requests:
-            request_log.info("request", request_id=request_id, model=model,
-                             instance=instance, attempts=attempts, status=status,
-                             outcome=outcome, stream=stream, latency_ms=duration_ms)
-        m = self.metrics
-        label = model if model in self.known_models else ("" if model is None else "other")
-        m.requests.labels(label, instance or "", outcome).inc()
-        m.duration.labels("true" if stream else "false").observe(duration_s)
-        m.overhead.observe(max(0.0, duration_s - upstream_s))
-        if ttfb_s is not None and instance is not None:
-            m.ttfb.labels(instance).observe(ttfb_s)
-        store = self.store
-        if store is None or plan is None:
-            return
-        now = time.time()
-        ttfb_ms = None if ttfb_s is None else round(ttfb_s * 1000.0, 2)
-        store.event(now, REQUEST_COMPLETED, request_id, plan.plan_id, instance, None,
-                    detail={"status": status, "outcome": outcome, "attempts": attempts,
-                            "ttfb_ms": ttfb_ms, "duration_ms": duration_ms})
-        store.plan(plan, (plan.plan_id, request_id, now, model, plan.selected, instance,
-                          outcome, status, attempts, ttfb_ms, duration_ms))
-
     # ------------------------------------------------------------------ instances
 
     def state_changed(self, inst: InstanceState, old: str, new: str, reason: str) -> None:
@@ -143,3 +173,17 @@ class Recorder:
         if self.store is not None:
             self.store.event(time.time(), INSTANCE_STATE_CHANGED, None, None, inst.id, new,
                              detail={"old": old, "new": new, "reason": reason})
+
+
+def _tried_after(attempts: list[Attempt], n: int) -> str | None:
+    """The instance of the next attempt sent after entry `n`, or None."""
+    for later in attempts[n + 1:]:
+        if later.sent:
+            return later.instance
+    return None
+
+
+def _tokens(record: RequestRecord) -> dict[str, int]:
+    if record.prompt_tokens is None or record.completion_tokens is None:
+        return {}
+    return {"prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens}

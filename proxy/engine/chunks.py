@@ -5,6 +5,7 @@ answer text, reasoning. Parsed once per event.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ class Chunk:
     obj: dict[str, Any]
     reasoning: str = ""
     refusal: bool = False
+    #: The upstream's `usage` object, on a chunk without choices or with a finish reason.
+    usage: Any = None
 
 
 class MalformedEvent(ValueError):
@@ -70,28 +73,22 @@ def inspect_chunk(payload: bytes) -> Chunk:
     choices = obj.get("choices")
     if not isinstance(choices, list):
         raise MalformedEvent("chunk has no choices list")
-    text = ""
-    reasoning = ""
+    text = reasoning = ""
     finish = None
-    tool_call = False
-    refusal = False
-    other = False  # output with no text of its own (structured reasoning details)
+    tool_call = refusal = other = False
     for choice in choices:
         if not isinstance(choice, dict):
             raise MalformedEvent("choice is not an object")
         delta = choice.get("delta")
         if isinstance(delta, dict):
             content = delta.get("content")
-            if content:
-                text += content if isinstance(content, str) else ""
+            if content and isinstance(content, str):
+                text += content
             if len(delta) > 1 or not content:  # an answer-text-only delta has nothing else
-                reasoning += delta_reasoning(delta)[0]
-                if delta.get("tool_calls") or delta.get("function_call"):
-                    tool_call = True
-                if delta.get("refusal"):
-                    refusal = True
-                if delta.get("reasoning_details"):
-                    other = True
+                thought, call, refused, details = _beyond_text(delta)
+                reasoning += thought
+                tool_call, refusal, other = tool_call or call, refusal or refused, \
+                    other or details
         else:
             completion = choice.get("text")
             if isinstance(completion, str):
@@ -99,9 +96,36 @@ def inspect_chunk(payload: bytes) -> Chunk:
         if choice.get("finish_reason") is not None:
             finish = choice["finish_reason"]
     # A chunk without choices or with an empty model (Azure OpenAI's first event:
-    # `"model": "", "choices": [], "prompt_filter_results": [...]`) claims no model.
+    # `"model": "", "choices": [], "prompt_filter_results": [...]`) claims no model. Usage
+    # comes in a last chunk without choices (OpenAI's `include_usage`), or beside the
+    # finish reason (some servers): only those are looked at.
     model = obj.get("model") if choices else None
     return Chunk(bool(text or reasoning) or tool_call or refusal or other, finish, None,
                  model if isinstance(model, str) and model else None, text, tool_call, obj,
-                 reasoning, refusal)
+                 reasoning, refusal,
+                 obj.get("usage") if finish is not None or not choices else None)
 
+
+def _beyond_text(delta: dict[str, Any]) -> tuple[str, bool, bool, bool]:
+    """(reasoning, a tool call?, a refusal?, structured reasoning details?) of a delta
+    that carries more than answer text."""
+    return (delta_reasoning(delta)[0],
+            bool(delta.get("tool_calls") or delta.get("function_call")),
+            bool(delta.get("refusal")), bool(delta.get("reasoning_details")))
+
+
+_USAGE_FIGURES = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+
+
+def answer_usage(body: bytes) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) of a whole answer's `usage`, read without
+    parsing the body (OpenAI's chat and text completions put it last); None when it has
+    none."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    figures = dict(_USAGE_FIGURES.findall(body, at, at + 400))
+    prompt, completion = figures.get(b"prompt_tokens"), figures.get(b"completion_tokens")
+    if prompt is None or completion is None:
+        return None
+    return int(prompt), int(completion)

@@ -1,9 +1,17 @@
-"""The attempt loop: try the plan's instances in order until one answers, relay its answer.
+"""The attempt loop: try the plan's instances until one answers, continue a stream cut
+mid-answer on another, and write what happened into the request's record.
 
 request -> plan -> attempts -> reply. Every failure before the streaming commit point is
-invisible to the client: nothing is sent until an upstream has produced its first content
-chunk. The HTTP layer gives a `StreamSink` to write to once committed, and turns the
-returned `Reply` into a response; this module knows nothing about the server side.
+invisible to the client: nothing is sent until an upstream has produced its first model
+output. After it, a failure is a cut: the loop goes on over the instances the planner
+says may continue the answer (by prefill or replay), or ends the stream with an error
+event. One loop does both, so every attempt, fresh or continuing, gets the same rules:
+admission (readiness, a half-open trial, a concurrency slot), same-instance retry of a
+blip, rerouting by the failure's kind, the retry budget, and its outcome in the registry.
+
+The HTTP layer gives a `StreamSink` to write to once committed, and turns the returned
+`Reply` (or a raised ProxyError) into a response; this module knows nothing about the
+server side, nor about the audit trail: the recorder reads the record afterwards.
 """
 
 from __future__ import annotations
@@ -14,9 +22,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import orjson
-import structlog
-
 from proxy.api.errors import (
     AllAttemptsFailed,
     AllAttemptsTimedOut,
@@ -26,247 +31,178 @@ from proxy.api.errors import (
     RouteBlocked,
     error_event,
 )
-from proxy.api.inbound import CHAT, UPSTREAM_PATH, ClientRequest
-from proxy.audit.recorder import Recorder
+from proxy.api.inbound import CHAT, ClientRequest
 from proxy.config import Config
-from proxy.engine.chunks import Chunk
-from proxy.engine.relay import ClientGone, CommittedFailure, Relay, StreamSink
-from proxy.engine.splicing import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
+from proxy.engine.attempts import NO_PREFILL, REASONING_ONLY, Exchange, Opened, Reply
+from proxy.engine.record import (
+    CLIENT_GONE,
+    FRESH,
+    PASSED_THROUGH,
+    PREFILL,
+    STREAM_FAILED,
+    Attempt,
+    RequestRecord,
+)
+from proxy.engine.relay import ClientGone, CommittedFailure, StreamSink
+from proxy.engine.splicing import Delivered, Splicer, continuation_body
 from proxy.failures import (
     CONTEXT_TOO_LONG,
-    INSTANCE_BUSY,
-    INSTANCE_NOT_READY,
     TIMEOUT,
-    UNSUPPORTED_REQUEST,
-    FingerprintMismatch,
-    NotStreamed,
-    PrefillRejected,
-    ReplayDiverged,
+    Failure,
+    InstanceBusy,
+    InstanceNotReady,
     UnsupportedRequest,
-    UpstreamFailure,
 )
 from proxy.health.circuit import CLOSED
-from proxy.health.fingerprints import models_match, response_model
 from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
-from proxy.providers.ratelimits import relay_headers
-from proxy.providers.transport import PassThrough, Response, Upstream
-from proxy.routing.planner import RoutePlan, larger_window
-from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter
-
-log = structlog.get_logger("proxy.engine.forwarder")
+from proxy.providers.transport import PassThrough, Upstream
+from proxy.routing.planner import Planner, RoutePlan, larger_window
+from proxy.routing.scoring import RATE_LIMITED_REASON
 
 _NO_HEADERS: Mapping[str, str] = {}  # shared, never written to
-_NO_PREFILL = "a text completion whose prompt is not one string cannot be continued by prefill"
-_REASONING_ONLY = "only reasoning was delivered: a prefill (answer text) cannot continue a reasoning"
 
-# Outcomes, as recorded per request.
-OK = "ok"
-PASSED_THROUGH = "passthrough"
-STREAM_FAILED = "stream_failed"
-CLIENT_GONE = "client_gone"
+#: Instances held back by a rate-limit cooldown -> the rate-limit headers of their 429 in
+#: this request (empty when the cooldown predates it).
+Limited = dict[str, tuple[InstanceState, Mapping[str, str]]]
 
 
 @dataclass(slots=True)
-class Attempt:
-    """One try on one instance; `code` is None for the one that answered."""
+class _Cut:
+    """A stream that failed after the client had part of the answer."""
 
-    instance: str
-    code: str | None
-    detail: str
-    elapsed_ms: float
-
-    def describe(self) -> str:
-        return f"{self.instance} {self.code}: {self.detail}" if self.code else f"{self.instance} ok"
+    origin: InstanceState
+    first: Failure
+    delivered: Delivered
+    ttfb_s: float
+    #: Where the continuation's entries begin in the record's attempts.
+    since: int
+    #: The last instance whose failure stands (a continuation that failed too), and its.
+    failed: InstanceState
+    failure: Failure
+    #: The last instance whose output the client has (a continuation that added some
+    #: before it failed too): what a continuation continues.
+    source: InstanceState
+    #: Why a prefill cannot continue this stream, or None.
+    no_prefill: str | None = None
+    rejected: dict[str, str] = field(default_factory=dict)
+    #: Set when it is settled that no continuation will be tried (or tried further).
+    why_not: str | None = None
 
 
 @dataclass(slots=True)
-class Reply:
-    """The result of forwarding. `body` is None when the answer was streamed to the sink."""
+class _Run:
+    """One request's way through the loop (per request; the Forwarder keeps none)."""
 
-    status: int
-    body: bytes | None
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-    instance: str | None = None
-    attempts: list[Attempt] = field(default_factory=list)
-    outcome: str = OK
-    ttfb_s: float | None = None
+    req: ClientRequest
+    plan: RoutePlan
+    sink: StreamSink | None
+    client_auth: str | None
+    record: RequestRecord
+    candidates: list[InstanceState]
+    modes: list[str | None] | None = None  # per candidate, once continuing a cut stream
+    index: int = 0
+    #: Tries on the current instance beyond its first (same-instance retries).
+    same: int = 0
+    last: Failure | None = None
+    limited: Limited = field(default_factory=dict)
+    cut: _Cut | None = None
+    stop: bool = False
 
 
 class Forwarder:
     """Runs the attempt loop for one request at a time; holds no per-request state itself."""
 
     def __init__(self, config: Config, registry: Registry, upstream: Upstream,
-                 recorder: Recorder) -> None:
+                 planner: Planner) -> None:
         self.config = config
         self.registry = registry
-        self.upstream = upstream
-        self.recorder = recorder
-        self.relay = Relay(config.timeouts, upstream.redactor)
+        self.planner = planner
+        self.exchange = Exchange(config, upstream)
 
     async def forward(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink | None,
-                      client_auth: str | None = None) -> Reply:
+                      client_auth: str | None, record: RequestRecord) -> Reply:
         """Try the plan's candidates within the retry budget; return the reply to send.
 
-        Raises a ProxyError when nothing served the request: 429 (with Retry-After) while
-        an instance that could serve it is in a rate-limit cooldown, else 503, 502 or 504.
-        An instance skipped (not ready, busy, or unable to take this request) is no
-        attempt: only what was written upstream counts against the retry budget.
+        Every attempt and skip goes into `record` (with the outcome, the instance that
+        answered, time to first output and usage). Raises a ProxyError when nothing served
+        the request: 429 (with Retry-After) while an instance that could serve it is in a
+        rate-limit cooldown, else 400 (no window large enough), 503, 502 or 504. A stream
+        cut mid-answer that no instance could continue ends with an error event (the
+        reply's outcome STREAM_FAILED).
         """
-        retry = self.config.retry
-        candidates = plan.candidates
-        attempts: list[Attempt] = []
-        # Instances held back by a rate-limit cooldown -> the rate-limit headers of their
-        # 429 in this request (empty when the cooldown predates it).
-        limited: dict[str, tuple[InstanceState, Mapping[str, str]]] = (
-            {i.id: (i, _NO_HEADERS) for i in plan.cooling} if plan.cooling else {})
-        skipped: dict[str, str] | None = None
-        last_failure: UpstreamFailure | None = None
-        index = 0
-        same_tries = 0
-        while len(attempts) < retry.max_attempts:
-            if index < len(candidates):
-                inst = candidates[index]
-                if same_tries == 0:
-                    # Verify before send: state may have changed since the plan was made.
-                    why = self._not_ready(inst, last_resort=index >= plan.healthy)
-                    if why is not None:
-                        index += 1
-                        if why.startswith(RATE_LIMITED_REASON):
-                            limited.setdefault(inst.id, (inst, _NO_HEADERS))
-                        else:
-                            skipped = _note(skipped, inst.id, why)
-                        self.recorder.rerouted(plan, INSTANCE_NOT_READY, why, inst.id,
-                                               _next_id(candidates, index))
-                        continue
-                    cap = inst.config.max_concurrency
-                    if cap is not None and inst.inflight >= cap and not await self._slot(
-                            inst, cap, last=index + 1 >= len(candidates)):
-                        index += 1
-                        busy = f"{inst.inflight} in flight (max {cap})"
-                        skipped = _note(skipped, inst.id, busy)
-                        self.recorder.rerouted(plan, INSTANCE_BUSY, busy, inst.id,
-                                               _next_id(candidates, index))
-                        continue
-                    if index == 0 and plan.healthy:
-                        self.recorder.verified(plan, inst.id)
-            else:
-                waited = await self._wait_out_rate_limit(limited)
-                if waited is None:
-                    break
-                inst = waited
-                why = inst.blocked_reason()
-                if why is not None:  # its state changed while we waited
-                    skipped = _note(skipped, inst.id, why)
-                    continue
-            started = time.perf_counter()
-            try:
-                inst.inflight += 1
-                try:
-                    if req.stream and sink is not None:
-                        reply = await self._attempt_stream(req, inst, sink, client_auth,
-                                                           len(attempts) + 1)
-                    else:
-                        reply = await self._attempt_whole(req, inst, client_auth)
-                finally:
-                    inst.inflight -= 1
-                    if inst.circuit.trial_in_flight:
-                        self.registry.release_trial(inst)  # no verdict (e.g. cancelled)
-            except CommittedFailure as cut:
-                attempts.append(Attempt(inst.id, cut.failure.code, cut.failure.detail,
-                                        _ms(started)))
-                self.registry.record_failure(inst, cut.failure)
-                assert sink is not None
-                return await self._continue(req, plan, sink, client_auth, inst, cut,
-                                            index + 1, attempts)
-            except PassThrough as p:
-                attempts.append(Attempt(inst.id, None, f"HTTP {p.status}", _ms(started)))
-                inst.circuit.on_success()  # it answered: the server works
-                return Reply(p.status, p.body, p.content_type, p.headers, inst.id, attempts,
-                             PASSED_THROUGH)
-            except UnsupportedRequest as skip:
-                # Nothing was sent: not an attempt, and no mark against the instance.
-                skipped = _note(skipped, inst.id, skip.detail)
-                same_tries = 0
-                if index < len(candidates):
-                    index += 1
-                self.recorder.rerouted(plan, skip.code, skip.detail, inst.id,
-                                       _next_id(candidates, index))
-                continue
-            except UpstreamFailure as failure:
-                attempts.append(Attempt(inst.id, failure.code, failure.detail, _ms(started)))
-                # A blip gets one more try on the same instance, if the circuit is still
-                # closed once this failed attempt has been counted.
-                reroutes = failure.retry_kind is None or failure.retry_kind in retry.on
-                may_retry = (failure.same_instance_retry and reroutes
-                             and same_tries < retry.same_instance_retries)
-                self.registry.record_failure(inst, failure, retrying=may_retry)
-                last_failure = failure
-                if not reroutes:
-                    break
-                if may_retry and inst.circuit.state == CLOSED:
-                    same_tries += 1
-                    log.warning("retry_same", request_id=req.request_id, instance=inst.id,
-                                reason=failure.code, detail=failure.detail)
-                    continue
-                if failure.cooldown:
-                    limited[inst.id] = (inst, failure.headers)
-                same_tries = 0
-                if index < len(candidates):
-                    index += 1
-                overflowed = failure.overflow
-                if overflowed is not None:
-                    if overflowed.window is not None:
-                        self.registry.learn_window(inst, overflowed.window)
-                    # Only a larger window can help: skip the ones no larger than this
-                    # (compared in the config's terms when it declares them).
-                    window = inst.ctx
-                    while index < len(candidates) and not larger_window(
-                            window, candidates[index].ctx):
-                        index += 1
-                self.recorder.rerouted(plan, failure.code, failure.detail, inst.id,
-                                       _next_id(candidates, index))
-                continue
-            attempts.append(Attempt(inst.id, None, "ok", _ms(started)))
-            reply.attempts = attempts
-            reply.instance = inst.id
-            return reply
-        error = _final_error(plan, attempts, skipped, last_failure, limited)
-        error.attempts = len(attempts)
-        error.upstream_s = sum(a.elapsed_ms for a in attempts) / 1000.0
-        raise error
+        run = _Run(req, plan, sink, client_auth, record, plan.candidates)
+        if plan.cooling:
+            run.limited = {i.id: (i, _NO_HEADERS) for i in plan.cooling}
+        max_attempts = self.config.retry.max_attempts
+        while not run.stop and record.sent < max_attempts:
+            target = await self._next(run)
+            if target is None:
+                break
+            inst, mode = target
+            attempt = Attempt(inst.id, mode or PREFILL)
+            if await self._admitted(run, inst, attempt, mode):
+                reply = await self._try(run, inst, attempt)
+                if reply is not None:
+                    return reply
+        if run.cut is not None:
+            return await self._fail_stream(run)
+        raise self._final_error(run)
 
-    def _not_ready(self, inst: InstanceState, last_resort: bool) -> str | None:
-        """Why `inst` must be skipped right now, or None (claiming a half-open trial).
+    # ------------------------------------------------------------------ choosing
 
-        A last-resort candidate (its circuit was open at planning time) is tried even if
-        its circuit is still open: every healthy instance has failed by then. An instance
-        in a rate-limit cooldown is never tried (`rate_limited(retry_in=...)`).
-        """
-        blocked = inst.blocked_reason()
-        if blocked is not None:
-            return blocked
-        now = time.monotonic()
-        if inst.rate_limited_until > now:  # never sent anything, not even as a last resort
-            return inst.rate_limit_reason(now)
-        if inst.circuit.acquire(now) or last_resort:
+    async def _next(self, run: _Run) -> tuple[InstanceState, str | None] | None:
+        """The instance to try next and its mode; once the candidates are spent, the
+        soonest end of a rate-limit cooldown may be waited out (not mid-answer)."""
+        if run.index < len(run.candidates):
+            modes = run.modes
+            return run.candidates[run.index], FRESH if modes is None else modes[run.index]
+        if run.cut is not None or not run.limited:
             return None
-        return f"circuit {inst.circuit.state}"
+        inst = await self._wait_out_rate_limit(run.limited)
+        return None if inst is None else (inst, FRESH)
 
-    async def _slot(self, inst: InstanceState, cap: int, last: bool) -> bool:
-        """Queue briefly for a free slot on a busy instance; False means move on.
+    async def _admitted(self, run: _Run, inst: InstanceState, attempt: Attempt,
+                        mode: str | None) -> bool:
+        """Whether `inst` may be tried now (and holds a slot); else the skip is recorded.
 
-        The last candidate is never given up: piling on beats losing the request.
+        Verified before send: its state may have changed since the plan was made. A last
+        resort (its circuit was open at planning time) is tried through an open circuit
+        once every healthy instance has failed; mid-answer there is no last resort. A
+        same-instance retry goes on with its turn.
         """
-        deadline = time.monotonic() + self.config.retry.queue_wait_s
-        while inst.inflight >= cap and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return last or inst.inflight < cap
+        registry = self.registry
+        if run.same:
+            if not registry.take_slot(inst):
+                await registry.wait_for_slot(inst, 0.0, True)
+            return True
+        if mode is None:
+            self._skip(run, attempt, UnsupportedRequest(run.cut.no_prefill or NO_PREFILL)
+                       if run.cut is not None else UnsupportedRequest(NO_PREFILL))
+            return False
+        last_resort = run.cut is None and run.index >= run.plan.healthy
+        why = registry.admit(inst, last_resort, attempt)
+        if why is not None:
+            if why.startswith(RATE_LIMITED_REASON) and run.cut is None:
+                run.limited.setdefault(inst.id, (inst, _NO_HEADERS))
+            self._skip(run, attempt, InstanceNotReady(why))
+            return False
+        if registry.take_slot(inst) or await registry.wait_for_slot(
+                inst, self.config.retry.queue_wait_s, run.index + 1 >= len(run.candidates)):
+            return True
+        registry.withdraw(inst, attempt)
+        self._skip(run, attempt, InstanceBusy(
+            f"{inst.inflight} in flight (max {inst.config.max_concurrency})"))
+        return False
 
-    async def _wait_out_rate_limit(
-            self, limited: dict[str, tuple[InstanceState, Mapping[str, str]]]
-    ) -> InstanceState | None:
+    def _skip(self, run: _Run, attempt: Attempt, skip: Failure) -> None:
+        attempt.code, attempt.detail, attempt.sent = skip.code, skip.detail, False
+        run.record.add(attempt)
+        run.same = 0
+        if run.index < len(run.candidates):
+            run.index += 1
+
+    async def _wait_out_rate_limit(self, limited: Limited) -> InstanceState | None:
         """When only rate-limited instances are left, wait for the soonest end of a cooldown
         (up to retry.max_retry_after_s) and return that instance; None when it is further
         off (the caller answers 429)."""
@@ -285,321 +221,271 @@ class Forwarder:
             return inst
         return None
 
-    async def _attempt_whole(self, req: ClientRequest, inst: InstanceState,
-                             client_auth: str | None) -> Reply:
-        """A non-streaming attempt: the whole body is read before anything is sent."""
-        cfg = inst.config
-        t0 = time.perf_counter()
-        resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
-                                        req.body_for(inst.request_model), client_auth)
+    # ------------------------------------------------------------------ trying
+
+    async def _try(self, run: _Run, inst: InstanceState, attempt: Attempt) -> Reply | None:
+        """One attempt with the slot `_admitted` took; the reply when it served the request,
+        None to go on."""
+        started = time.perf_counter()
         try:
-            return await self._whole_reply(inst, resp, time.perf_counter() - t0)
-        except BaseException:
-            resp.close()
-            raise
-
-    async def _whole_reply(self, inst: InstanceState, resp: Response,
-                           ttfb: float) -> Reply:
-        """Read a whole answer, in OpenAI's shape, checked against the pinned fingerprint.
-
-        Used for non-streaming requests and for an upstream that ignored `stream`.
-        """
-        cfg = inst.config
-        body = await self.upstream.read_body(resp, self.config.timeouts.idle_s)
-        resp.release()
-        body = self.upstream.translate_body(cfg, body)
-        pin = inst.pin
-        if pin is not None and resp.status == 200:
-            seen = response_model(body)
-            if pin.contradicted_by(seen):
-                raise FingerprintMismatch(f"answered as {seen}, pinned {pin.describe()}")
-        self.registry.record_success(inst, ttfb)
-        return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
-                     relay_headers(resp.headers), ttfb_s=ttfb)
-
-    async def _attempt_stream(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
-                              client_auth: str | None, attempt_no: int) -> Reply:
-        """A streaming attempt: buffer until the first content chunk, then commit and relay.
-
-        Raises an UpstreamFailure before the commit point (invisible to the client) and
-        CommittedFailure after it.
-        """
-        cfg = inst.config
-        timeouts = self.config.timeouts
-        t0 = time.perf_counter()
-        deadline = t0 + timeouts.first_byte_s
-        resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
-                                        req.body_for(inst.request_model), client_auth)
-        done = False
-        try:
-            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                # The upstream ignored `stream`; relay its whole answer.
-                reply = await self._whole_reply(inst, resp, time.perf_counter() - t0)
-                done = True
-                return reply
-            reader = self.upstream.events(cfg, resp, req.include_usage)
-            pending: list[tuple[bytes, Chunk | None]] = []
-            await self.relay.until_content(reader, pending, deadline, inst.pin)
-            ttfb = time.perf_counter() - t0
-            self.registry.record_success(inst, ttfb)
-
-            # Commit point: from here on the client has seen this instance's answer.
-            delivered = Delivered()
-            try:
-                for _, chunk in pending:
-                    if chunk is not None:
-                        delivered.note(chunk)
-                await sink.start(cfg.id, attempt_no, b"".join(event for event, _ in pending),
-                                 relay_headers(resp.headers))
-                if pending[-1][1] is None:  # [DONE] was among the pending events
-                    done = True
-                    return Reply(200, None, ttfb_s=ttfb)
-                await self.relay.relay(reader, sink, delivered, None, deadline,
-                                  t0 + timeouts.total_s)
-            except ClientGone:
-                return Reply(200, None, outcome=CLIENT_GONE, ttfb_s=ttfb)
-            except UpstreamFailure as failure:
-                raise CommittedFailure(failure, delivered, ttfb) from failure
-            done = True
-            return Reply(200, None, ttfb_s=ttfb)
+            if run.cut is not None:
+                return await self._continue(run, inst, attempt, started)
+            if run.req.stream and run.sink is not None:
+                return await self._stream(run, inst, attempt, started)
+            reply = await self.exchange.whole(run.req, inst, run.client_auth, run.record)
+            return self._served(run, inst, attempt, started, reply)
+        except PassThrough as answer:
+            # The upstream's own client error (its 4xx), relayed as it is: it answered.
+            attempt.detail, attempt.elapsed_ms = f"HTTP {answer.status}", _ms(started)
+            run.record.add(attempt)
+            self.registry.record_answer(inst)
+            self._answered(run, inst, None, PASSED_THROUGH)
+            return Reply(answer.status, answer.body, answer.content_type, answer.headers)
+        except Failure as failure:
+            attempt.elapsed_ms = _ms(started)
+            self._failed(run, inst, attempt, failure)
+            return None
         finally:
-            if done:
-                resp.release()
-            else:
-                resp.close()
+            self.registry.end_attempt(inst, attempt)
 
-    async def _continue(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink,
-                        client_auth: str | None, origin: InstanceState, cut: CommittedFailure,
-                        start: int, attempts: list[Attempt]) -> Reply:
-        """After a mid-stream failure: continue the answer elsewhere, or fail loudly.
+    def _served(self, run: _Run, inst: InstanceState, attempt: Attempt, started: float,
+                reply: Reply) -> Reply:
+        assert reply.ttfb_s is not None
+        self.registry.record_success(inst, reply.ttfb_s)
+        attempt.elapsed_ms = _ms(started)
+        run.record.add(attempt)
+        self._answered(run, inst, reply.ttfb_s)
+        return reply
 
-        An instance that cannot take the continuation (no prefill and another model, a
-        prefill this request cannot be expressed as, not ready now) is skipped with its
-        reason, which the error names; its circuit and error rate stay untouched, and the
-        failure stays with the instance that failed.
-        """
-        delivered = cut.delivered
-        failure, failed = cut.failure, origin
+    async def _stream(self, run: _Run, inst: InstanceState, attempt: Attempt,
+                      started: float) -> Reply | None:
+        """A fresh streamed attempt: to the commit point, then relayed to the client."""
+        assert run.sink is not None
+        opened = await self.exchange.open_stream(run.req, inst, run.client_auth, run.record)
+        if not isinstance(opened, Opened):  # the upstream ignored `stream`: a whole answer
+            return self._served(run, inst, attempt, started, opened)
+        self.registry.record_success(inst, opened.ttfb_s)
+        try:
+            await self.exchange.deliver(opened, inst, run.sink, run.record)
+        except ClientGone:
+            attempt.elapsed_ms = _ms(started)
+            run.record.add(attempt)
+            self._answered(run, inst, opened.ttfb_s, CLIENT_GONE)
+            return Reply(200, None, ttfb_s=opened.ttfb_s)
+        except CommittedFailure as cut:
+            attempt.elapsed_ms = _ms(started)
+            self._cut(run, inst, attempt, cut)
+            return None
+        attempt.elapsed_ms = _ms(started)
+        run.record.add(attempt)
+        self._answered(run, inst, opened.ttfb_s)
+        return Reply(200, None, ttfb_s=opened.ttfb_s)
+
+    async def _continue(self, run: _Run, inst: InstanceState, attempt: Attempt,
+                        started: float) -> Reply | None:
+        """A continuation of the cut stream on `inst` (prefill or replay)."""
+        cut = run.cut
+        assert cut is not None and run.sink is not None
+        splicer = Splicer(cut.delivered, attempt.mode)
+        try:
+            ttfb = await self.exchange.splice(run.req, inst, splicer, run.sink,
+                                              run.client_auth, run.record)
+        except Failure:
+            if splicer.committed:
+                cut.source = inst  # it added to the answer before it failed
+            raise
+        except ClientGone:
+            attempt.elapsed_ms = _ms(started)
+            run.record.add(attempt)
+            self._answered(run, inst, cut.ttfb_s, CLIENT_GONE)
+            return Reply(200, None, ttfb_s=cut.ttfb_s)
+        self.registry.record_success(inst, ttfb)
+        attempt.detail, attempt.after = f"resumed ({attempt.mode})", cut.source.id
+        attempt.elapsed_ms, attempt.carried = _ms(started), len(splicer.prefix)
+        run.record.add(attempt)
+        self._answered(run, inst, cut.ttfb_s)
+        return Reply(200, None, ttfb_s=cut.ttfb_s)
+
+    @staticmethod
+    def _answered(run: _Run, inst: InstanceState, ttfb_s: float | None,
+                  outcome: str | None = None) -> None:
+        record = run.record
+        record.instance, record.ttfb_s = inst.id, ttfb_s
+        if outcome is not None:
+            record.outcome = outcome
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _failed(self, run: _Run, inst: InstanceState, attempt: Attempt,
+                failure: Failure) -> None:
+        """Record a failed attempt (or a skip the attempt turned out to be), and decide:
+        the same instance once more (a blip, while its circuit stays closed), the next
+        one, or stop (a failure `retry.on` does not reroute)."""
         retry = self.config.retry
-        why_not = None
+        attempt.code, attempt.detail, attempt.sent = failure.code, failure.detail, \
+            failure.attempt
+        kind = failure.retry_kind
+        reroutes = kind is None or kind in retry.on
+        retrying = (failure.same_instance_retry and reroutes
+                    and run.same < retry.same_instance_retries)
+        self.registry.record_failure(inst, failure, retrying)
+        if failure.refuses_prefill and attempt.mode == PREFILL:
+            self.registry.refuse_prefill(inst, failure.detail)
+        run.record.add(attempt)
+        cut = run.cut
+        if cut is None:
+            run.last = failure
+        elif failure.instance_fault:
+            cut.failed, cut.failure = inst, failure  # `delivered` holds what it added
+        if not reroutes:
+            run.stop = True
+            if cut is not None:
+                cut.why_not = f"{failure.code} is not retried (retry.on)"
+            return
+        if retrying and inst.circuit.state == CLOSED:
+            run.same += 1
+            return
+        if failure.cooldown and cut is None:
+            run.limited[inst.id] = (inst, failure.headers)
+        run.same = 0
+        if run.index < len(run.candidates):
+            run.index += 1
+        overflowed = failure.overflow
+        if overflowed is not None:
+            if overflowed.window is not None:
+                self.registry.learn_window(inst, overflowed.window)
+            # Only a larger window can help: skip the ones no larger than this (compared
+            # in the config's terms when it declares them).
+            window, candidates = inst.ctx, run.candidates
+            while run.index < len(candidates) and not larger_window(
+                    window, candidates[run.index].ctx):
+                run.index += 1
+
+    def _cut(self, run: _Run, inst: InstanceState, attempt: Attempt,
+             committed: CommittedFailure) -> None:
+        """A stream failed after the commit point: from here on the loop tries to continue
+        it, over the instances the planner says may (or ends it, with why not)."""
+        failure = committed.failure
+        attempt.code, attempt.detail = failure.code, failure.detail
+        self.registry.record_failure(inst, failure)
+        run.record.add(attempt)
+        delivered = committed.delivered
+        cut = run.cut = _Cut(inst, failure, delivered, committed.ttfb_s,
+                             len(run.record.attempts), inst, failure, inst)
+        run.same, run.index, run.candidates = 0, 0, []
+        req = run.req
+        kind = failure.retry_kind
         if delivered.tool_call:
-            why_not = "a tool call was in flight"
+            cut.why_not = "a tool call was in flight"
         elif delivered.refusal:
-            why_not = "a refusal was in flight"
+            cut.why_not = "a refusal was in flight"
         elif req.body.get("n") not in (None, 1):
-            why_not = "several choices (n > 1) cannot be continued"
-        elif failure.retry_kind is not None and failure.retry_kind not in retry.on:
-            why_not = f"{failure.code} is not retried (retry.on)"
+            cut.why_not = "several choices (n > 1) cannot be continued"
+        elif kind is not None and kind not in self.config.retry.on:
+            cut.why_not = f"{failure.code} is not retried (retry.on)"
+        if cut.why_not is not None:
+            return
+        # A prefill is the same request for every instance: ask once whether it exists.
+        if delivered.reasoning_pieces and not delivered.pieces:
+            cut.no_prefill = REASONING_ONLY  # a twin's replay can carry on a reasoning
+        elif continuation_body(req.body, req.endpoint == CHAT, delivered, None) is None:
+            cut.no_prefill = NO_PREFILL
+        continuation = self.planner.continuation(run.plan, inst, cut.no_prefill is None)
+        run.candidates, run.modes = continuation.candidates, continuation.modes
+        cut.rejected = continuation.rejected
+
+    async def _fail_stream(self, run: _Run) -> Reply:
+        """No instance continued the cut stream: it ends with an OpenAI-style error event
+        and no `[DONE]`, so SDKs raise: a truncated answer is never presented as complete."""
+        cut, record = run.cut, run.record
+        assert cut is not None and run.sink is not None
+        why_not = cut.why_not
         if why_not is None:
-            # Only reasoning delivered: a prefill is answer text and cannot carry on a
-            # reasoning; a twin's replay can (see proxy.engine.splicing).
-            answer_started = bool(delivered.pieces) or not delivered.reasoning_pieces
-            why_not = ("no instance left that can continue it" if answer_started else
-                       "only reasoning had been delivered, and no twin is left to replay it")
-            skipped: dict[str, str] = {}
-            # A prefill is the same request for every instance: ask once whether it exists.
-            no_prefill = None if continuation_body(
-                req.body, req.endpoint == CHAT, delivered, None) is not None \
-                else _NO_PREFILL
-            if not answer_started:
-                no_prefill = no_prefill or _REASONING_ONLY
-            for cand in self._continuation_pool(plan, origin, start):
-                if len(attempts) >= retry.max_attempts:
-                    why_not = "the retry budget is spent"
-                    break
-                mode = PREFILL if cand.prefill_ok and no_prefill is None else \
-                    REPLAY if _twins(origin, cand) else None
-                if mode is None:
-                    if cand.prefill_ok and no_prefill:  # able in general, not for this one
-                        skipped[cand.id] = no_prefill
-                        self.recorder.rerouted(plan, UNSUPPORTED_REQUEST, no_prefill, cand.id,
-                                               None)
-                    else:
-                        skipped[cand.id] = "no prefill capability and another model"
-                    continue
-                # Mid-answer the client is waiting: an instance whose circuit is open is not
-                # worth a try (no last resort here). One the prober last saw down with a
-                # closed circuit is: it may be back, and a refusal costs little.
-                not_ready = self._not_ready(cand, last_resort=False)
-                if not_ready is not None:
-                    skipped[cand.id] = not_ready
-                    continue
-                self.recorder.rerouted(plan, failure.code, failure.detail, failed.id, cand.id)
-                splicer = Splicer(delivered, mode)
-                started = time.perf_counter()
-                try:
-                    await self._attempt_splice(req, cand, sink, client_auth, splicer)
-                except UnsupportedRequest as skip:
-                    skipped[cand.id] = skip.detail
-                    self.recorder.rerouted(plan, skip.code, skip.detail, cand.id, None)
-                    continue
-                except PassThrough as rejected:
-                    # A 4xx to a continuation is about the prefill, never the client's error.
-                    attempts.append(Attempt(cand.id, PrefillRejected.code,
-                                            f"HTTP {rejected.status}", _ms(started)))
-                    if mode == PREFILL:
-                        cand.prefill_ok = False
-                        log.warning("prefill_rejected", instance=cand.id,
-                                    status=rejected.status)
-                    continue
-                except Diverged as exc:
-                    attempts.append(Attempt(cand.id, ReplayDiverged.code, str(exc), _ms(started)))
-                    continue
-                except ClientGone:
-                    return Reply(200, None, instance=cand.id, attempts=attempts,
-                                 outcome=CLIENT_GONE, ttfb_s=cut.ttfb_s)
-                except UpstreamFailure as again:
-                    attempts.append(Attempt(cand.id, again.code, again.detail, _ms(started)))
-                    if not again.instance_fault:
-                        skipped[cand.id] = again.detail  # the failure stays where it was
-                        continue
-                    self.registry.record_failure(cand, again)
-                    failure, failed = again, cand  # `delivered` already holds what it added
-                    continue
-                finally:
-                    if cand.circuit.trial_in_flight:
-                        self.registry.release_trial(cand)
-                attempts.append(Attempt(cand.id, None, f"resumed ({mode})", _ms(started)))
-                self.recorder.resumed(plan, failed.id, cand.id, len(splicer.prefix), mode)
-                return Reply(200, None, instance=cand.id, attempts=attempts, ttfb_s=cut.ttfb_s)
-            if skipped:
-                why_not += " (" + "; ".join(f"{i}: {r}" for i, r in skipped.items()) \
-                    + ")"
-        first = cut.failure
-        log.error("stream_failed_after_commit", request_id=req.request_id, instance=origin.id,
-                  reason=first.code, detail=first.detail, why=why_not,
-                  last_failed=failed.id, last_reason=failure.code)
+            if record.sent >= self.config.retry.max_attempts and \
+                    run.index < len(run.candidates):
+                why_not = "the retry budget is spent"
+            elif cut.delivered.pieces or not cut.delivered.reasoning_pieces:
+                why_not = "no instance left that can continue it"
+            else:
+                why_not = "only reasoning had been delivered, and no twin is left to replay it"
+            passed = dict(cut.rejected)
+            passed.update((a.instance, a.detail) for a in record.attempts[cut.since:]
+                          if a.code is not None and (not a.sent or a.instance != cut.failed.id))
+            if passed:
+                why_not += " (" + "; ".join(f"{i}: {r}" for i, r in passed.items()) + ")"
+        first, origin = cut.first, cut.origin
         message = (f"The stream from {origin.id} failed after the answer had started "
                    f"({first.code}: {first.detail}) and could not be continued: {why_not}.")
-        if failed is not origin:
-            message += (f" The last try to continue it, on {failed.id}, failed too "
-                        f"({failure.code}: {failure.detail}).")
+        if cut.failed is not origin:
+            message += (f" The last try to continue it, on {cut.failed.id}, failed too "
+                        f"({cut.failure.code}: {cut.failure.detail}).")
+        record.stream_error = message
         try:
-            await sink.write(error_event(message + " The answer is incomplete.",
-                                         "upstream_error", first.code))
+            await run.sink.write(error_event(message + " The answer is incomplete.",
+                                             "upstream_error", first.code))
         except ClientGone:
             pass
-        return Reply(200, None, instance=origin.id, attempts=attempts, outcome=STREAM_FAILED,
-                     ttfb_s=cut.ttfb_s)
+        self._answered(run, origin, cut.ttfb_s, STREAM_FAILED)
+        return Reply(200, None, ttfb_s=cut.ttfb_s)
 
-    def _continuation_pool(self, plan: RoutePlan, origin: InstanceState,
-                           start: int) -> list[InstanceState]:
-        """Who may continue a cut stream, as things stand now: the plan's later candidates,
-        then its earlier ones, then instances the plan rejected that are fit again (a twin
-        that came back after planning)."""
-        pool = plan.candidates[start:] + [c for c in plan.candidates[:start] if c is not origin]
-        seen = {c.id for c in pool} | {origin.id}
-        now = time.monotonic()
-        for inst_id in plan.rejected:
-            inst = self.registry.by_id.get(inst_id)
-            if inst is not None and inst.id not in seen and inst.routable(now) \
-                    and hard_filter(inst, plan.requirements, now) is None:
-                pool.append(inst)
-        return pool
+    def _final_error(self, run: _Run) -> ProxyError:
+        """The error for a request no attempt could serve.
 
-    async def _attempt_splice(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
-                              client_auth: str | None, splicer: Splicer) -> None:
-        """One continuation (prefill) or replay attempt on `inst`, relayed through `splicer`."""
-        cfg = inst.config
-        timeouts = self.config.timeouts
-        if splicer.mode == PREFILL:
-            carried = None
-            if cfg.server == "llamacpp":
-                # Chunks are not tokens (a character of several tokens comes as one chunk):
-                # ask the server, so the continuation keeps the client's token budget.
-                carried = await self.upstream.count_tokens(cfg, splicer.prefix,
-                                                           timeouts.connect_s + 1.0)
-                if carried is not None:
-                    splicer.carried_chunks = carried
-            body = continuation_body(req.body, req.endpoint == CHAT, splicer.delivered,
-                                     inst.request_model, carried)
-            if body is None:
-                raise UnsupportedRequest(_NO_PREFILL)
-            data = orjson.dumps(body)
-        else:
-            data = req.body_for(inst.request_model)
-        t0 = time.perf_counter()
-        resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint], data, client_auth)
-        done = False
-        try:
-            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                raise NotStreamed("it answered the continuation without streaming it")
-            await self.relay.relay(self.upstream.events(cfg, resp, req.include_usage), sink,
-                              splicer.delivered, splicer,
-                              t0 + timeouts.first_byte_s, t0 + timeouts.total_s)
-            done = True
-            self.registry.record_success(inst, time.perf_counter() - t0)
-        finally:
-            if done:
-                resp.release()
-            else:
-                resp.close()
+        While an instance that could serve it is in a rate-limit cooldown, that is the
+        answer: 429 with `Retry-After` = the soonest end (whole seconds, rounded up, at
+        least 1), and the rate-limit headers of that instance's 429 when it answered one
+        in this request.
+        """
+        plan, record = run.plan, run.record
+        tried = [a for a in record.attempts if a.sent]
+        listing = "; ".join(a.describe() for a in tried)
+        not_tried = dict(plan.rejected)
+        not_tried.update((a.instance, a.detail) for a in record.attempts if not a.sent)
+        if run.limited:
+            return _rate_limited(plan, run.limited, listing)
+        if not tried and _only_too_small(not_tried):
+            # Every instance is too small for it (no outage): the client's request must
+            # change, so a 400 as OpenAI gives it, which SDKs do not retry (a 503 they would).
+            why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
+            return ContextError(
+                f"This request needs about {plan.requirements.ctx_needed} tokens of context "
+                f"(prompt estimate plus max_tokens), more than any instance for model "
+                f"'{plan.model}' has ({why}). Shorten the messages or lower max_tokens.")
+        if not plan.healthy or not tried:
+            # Nothing was ready (whatever was tried was a last resort), or nothing could be sent.
+            why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
+            if tried:
+                why = f"{why}; " * bool(why) + f"last-resort tries failed: {listing}"
+            error: ProxyError = RouteBlocked(
+                f"No available instances for model '{plan.model}'"
+                + (f" ({why})." if why else "."))
+            record.blocked = error.message
+            return error
+        codes = {a.code for a in tried}
+        n = len(tried)
+        summary = f"All {n} attempt{'s' if n > 1 else ''} failed: {listing}"
+        if not_tried:
+            summary += ". Not tried: " + "; ".join(f"{i} ({r})" for i, r in not_tried.items())
+        last = run.last
+        if codes == {TIMEOUT}:
+            return AllAttemptsTimedOut(summary)
+        if codes == {CONTEXT_TOO_LONG} and last is not None and last.overflow is not None:
+            return ContextError(f"{last.overflow.message or last.detail} ({summary})")
+        return AllAttemptsFailed(summary)
 
 
-def _twins(a: InstanceState, b: InstanceState) -> bool:
-    """Whether two instances serve the same model (so a greedy replay gives the same text)."""
-    ma = a.fingerprint or a.config.model
-    mb = b.fingerprint or b.config.model
-    return ma is not None and mb is not None and models_match(ma, mb)
-
-
-def _next_id(candidates: list[InstanceState], index: int) -> str | None:
-    return candidates[index].id if index < len(candidates) else None
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000.0, 1)
-
-
-def _final_error(plan: RoutePlan, attempts: list[Attempt], skipped: dict[str, str] | None,
-                 last: UpstreamFailure | None,
-                 limited: dict[str, tuple[InstanceState, Mapping[str, str]]]) -> ProxyError:
-    """The error for a request no attempt could serve.
-
-    While an instance that could serve it is in a rate-limit cooldown, that is the answer:
-    429 with `Retry-After` = the soonest end (whole seconds, rounded up, at least 1), and
-    the rate-limit headers of that instance's 429 when it answered one in this request.
-    """
-    listing = "; ".join(a.describe() for a in attempts)
-    not_tried = dict(plan.rejected)
-    if skipped:
-        not_tried.update(skipped)
-    if limited:
-        now = time.monotonic()
-        inst, headers = min(limited.values(), key=lambda entry: entry[0].rate_limited_until)
-        wait = max(1, math.ceil(inst.rate_limited_until - now))
-        cooling = ", ".join(f"{i.id} for {max(0.0, i.rate_limited_until - now):.1f}s"
-                            for i, _ in limited.values())
-        message = f"No instance can serve model '{plan.model}' now: rate limited " \
-                  f"({cooling}); retry after {wait}s."
-        if attempts:
-            message += f" Attempts: {listing}."
-        return RateLimitedError(message, headers={**headers, "retry-after": str(wait)})
-    if not attempts and _only_too_small(not_tried):
-        # Every instance is too small for it (no outage): the client's request must change,
-        # so a 400 as OpenAI gives it, which SDKs do not retry (a 503 they would).
-        why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
-        return ContextError(
-            f"This request needs about {plan.requirements.ctx_needed} tokens of context "
-            f"(prompt estimate plus max_tokens), more than any instance for model "
-            f"'{plan.model}' has ({why}). Shorten the messages or lower max_tokens.")
-    if not plan.healthy or not attempts:
-        # Nothing was ready (whatever was tried was a last resort), or nothing could be sent.
-        why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
-        if attempts:
-            why = f"{why}; " * bool(why) + f"last-resort tries failed: {listing}"
-        return RouteBlocked(f"No available instances for model '{plan.model}'"
-                            + (f" ({why})." if why else "."))
-    codes = {a.code for a in attempts}
-    n = len(attempts)
-    summary = f"All {n} attempt{'s' if n > 1 else ''} failed: {listing}"
-    if not_tried:
-        summary += ". Not tried: " + "; ".join(f"{i} ({r})" for i, r in not_tried.items())
-    if codes == {TIMEOUT}:
-        return AllAttemptsTimedOut(summary)
-    if codes == {CONTEXT_TOO_LONG} and last is not None and last.overflow is not None:
-        return ContextError(f"{last.overflow.message or last.detail} ({summary})")
-    return AllAttemptsFailed(summary)
+def _rate_limited(plan: RoutePlan, limited: Limited, listing: str) -> ProxyError:
+    """429: only instances in a rate-limit cooldown could serve it."""
+    now = time.monotonic()
+    inst, headers = min(limited.values(), key=lambda entry: entry[0].rate_limited_until)
+    wait = max(1, math.ceil(inst.rate_limited_until - now))
+    cooling = ", ".join(f"{i.id} for {max(0.0, i.rate_limited_until - now):.1f}s"
+                        for i, _ in limited.values())
+    message = f"No instance can serve model '{plan.model}' now: rate limited " \
+              f"({cooling}); retry after {wait}s."
+    if listing:
+        message += f" Attempts: {listing}."
+    return RateLimitedError(message, headers={**headers, "retry-after": str(wait)})
 
 
 def _only_too_small(rejected: dict[str, str]) -> bool:
@@ -609,9 +495,5 @@ def _only_too_small(rejected: dict[str, str]) -> bool:
     return bool(sizes) and all(r.startswith("ctx=") for r in sizes)
 
 
-def _note(skipped: dict[str, str] | None, instance: str, why: str) -> dict[str, str]:
-    """Remember why an instance was skipped (the dict is made on the first skip only)."""
-    if skipped is None:
-        skipped = {}
-    skipped[instance] = why
-    return skipped
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 1)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from proxy.config import TimeoutsConfig
 from proxy.engine.chunks import Chunk, MalformedEvent, inspect_chunk
+from proxy.engine.record import RequestRecord
 from proxy.engine.splicing import Delivered, Splicer
 from proxy.failures import (
     ContextTooLong,
@@ -75,8 +76,9 @@ class Relay:
         Returns at the first chunk with model output (answer text, reasoning, a tool call
         or a refusal: see sse.Chunk) or a finish reason, or at `[DONE]`; so `deadline`
         (first_byte_s) bounds only the wait for the first output, however long the answer
-        then takes. Raises a failure (still invisible to the client) on any problem; an
-        in-band error that says the prompt does not fit is a ContextTooLong.
+        then takes. Raises a failure (still invisible to the client) on any problem: a
+        stream that ends first is EMPTY_STREAM, an in-band error that says the prompt does
+        not fit is a ContextTooLong.
         """
         while True:
             remaining = max(deadline - time.perf_counter(), 0.001)
@@ -111,13 +113,15 @@ class Relay:
                 return
 
     async def relay(self, reader: EventSource, sink: StreamSink, delivered: Delivered,
-                     splicer: Splicer | None, first_deadline: float, deadline: float) -> None:
+                    splicer: Splicer | None, first_deadline: float, deadline: float,
+                    record: RequestRecord) -> None:
         """Relay events until `[DONE]` (or a clean end after a finish reason).
 
         Without a splicer, events go out as the upstream framed them. With one (a
         continuation or replay), each chunk is rewritten into the client's stream, and
         until it has sent something new its failures are still invisible. Raises a stream
-        failure; `delivered` always says what the client has.
+        failure; `delivered` always says what the client has. The upstream's usage, when
+        it states it, goes into `record`.
         """
         idle = self.timeouts.idle_s
         next_event = reader.next
@@ -135,31 +139,14 @@ class Relay:
                     if out:  # nothing more at hand: send what we have before waiting
                         await sink.write(b"".join(out))
                         out.clear()
-                    try:
-                        if producing:
-                            event = await next_event(idle, "idle")
-                        else:
-                            wait = max(first_deadline - time.perf_counter(), 0.001)
-                            event = await next_event(wait, "first_byte")
-                    except UpstreamTimeout as exc:
-                        if committed:
-                            raise StreamStalled(f"no chunk within {idle:g}s") from exc
-                        raise
-                    except ProcessExited as exc:
-                        if committed:
-                            raise StreamCut(exc.detail) from exc
-                        raise
+                    event = await (next_event(idle, "idle") if producing else next_event(
+                        max(first_deadline - time.perf_counter(), 0.001), "first_byte"))
                     if event is None:
-                        if delivered.finished:
-                            # Complete but unterminated: finish it properly for the client.
-                            out.append(DONE_EVENT)
-                            break
-                        if committed:
-                            raise StreamCut("stream ended without a finish reason")
-                        raise EmptyStream("continuation ended before anything new")
+                        out.append(_ended(delivered, committed))
+                        break
                 payload = event_data(event)
                 if payload is None:
-                    continue
+                    continue  # a comment or keep-alive
                 if payload == DONE:
                     out.append(DONE_EVENT if splicer is not None else event)
                     break
@@ -168,11 +155,12 @@ class Relay:
                 except MalformedEvent as exc:
                     raise StreamMalformed(str(exc)) from None  # never forwarded
                 if chunk.error is not None:
-                    raise UpstreamErrorEvent(
-                        self.redactor.text(_error_message(chunk.error)))
+                    raise UpstreamErrorEvent(self.redactor.text(_error_message(chunk.error)))
                 if splicer is None:
                     delivered.note(chunk)
                     out.append(event)
+                    if chunk.usage is not None:
+                        _keep_usage(record, chunk.usage)
                 else:
                     spliced = splicer.feed(chunk.obj)
                     producing = splicer.producing
@@ -181,13 +169,40 @@ class Relay:
                         committed = splicer.committed
                 if time.perf_counter() > deadline:
                     raise UpstreamTimeout("total", self.timeouts.total_s)
-        except UpstreamFailure:
+        except UpstreamFailure as failure:
             if out:
                 # What was accepted before the failure still reaches the client, so that
                 # `delivered` stays exactly what it has.
                 await sink.write(b"".join(out))
-            raise
+            raise _as_committed(failure, idle) if committed else failure from None
         await sink.write(b"".join(out))
+        if splicer is not None and splicer.usage is not None:
+            _keep_usage(record, splicer.usage)
+
+
+def _ended(delivered: Delivered, committed: bool) -> bytes:
+    """The last event of a stream whose connection closed cleanly: a `[DONE]` for an
+    answer that finished but was not terminated; otherwise it was cut short."""
+    if delivered.finished:
+        return DONE_EVENT  # complete but unterminated: finish it properly for the client
+    if committed:
+        raise StreamCut("stream ended without a finish reason")
+    raise EmptyStream("continuation ended before anything new")
+
+
+def _as_committed(failure: UpstreamFailure, idle_s: float) -> UpstreamFailure:
+    """A failure to wait for the next event of a stream the client is receiving: a reset
+    is a cut (STREAM_CUT), a wait past idle_s a stall (STREAM_STALLED)."""
+    if isinstance(failure, ProcessExited):
+        return StreamCut(failure.detail)
+    if isinstance(failure, UpstreamTimeout) and failure.phase != "total":
+        return StreamStalled(f"no chunk within {idle_s:g}s")
+    return failure
+
+
+def _keep_usage(record: RequestRecord, usage: object) -> None:
+    if isinstance(usage, dict):
+        record.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
 
 def _error_message(error: object) -> str:

@@ -26,15 +26,14 @@ Pure logic over parsed chunks; no I/O.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from proxy.engine.chunks import REASONING_FIELDS, Chunk, delta_reasoning
-
-PREFILL = "prefill"
-REPLAY = "replay"
+from proxy.engine.record import PREFILL, REPLAY
 
 #: Delta fields a spliced chunk does not pass on as they came: the role (the client has
 #: had it), the answer and the reasoning (what of them is new is decided here), and
@@ -152,8 +151,11 @@ class Splicer:
         #: True once the upstream has streamed any output (even output held back or not
         #: relayed): from then on the wait between events is the idle timeout.
         self.producing = False
-        #: True once this stream has sent the client something new.
+        #: True once this stream has sent the client something new, and when (perf_counter).
         self.committed = False
+        self.committed_at: float | None = None
+        #: The usage this stream reported, as the client sees it (see _usage).
+        self.usage: dict[str, Any] | None = None
 
     def feed(self, obj: dict[str, Any]) -> bytes | None:
         """The event to send the client for this upstream chunk, or None to send nothing.
@@ -165,7 +167,8 @@ class Splicer:
             usage = obj.get("usage")
             if not isinstance(usage, dict):
                 return None
-            return self._event({**obj, "usage": self._usage(usage)})
+            self.usage = self._usage(usage)
+            return self._event({**obj, "usage": self.usage})
         choice = choices[0]
         if not isinstance(choice, dict):
             return None
@@ -220,7 +223,9 @@ class Splicer:
             delivered.refusal = True
         if finish is not None:
             delivered.finished = True
-        self.committed = True
+        if not self.committed:
+            self.committed = True
+            self.committed_at = time.perf_counter()
         return self._event({**obj, "choices": [out_choice]})
 
     def _usage(self, usage: dict[str, Any]) -> dict[str, Any]:

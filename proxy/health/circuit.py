@@ -40,7 +40,12 @@ class Circuit:
     cooldown_s: float = 0.0
     #: Consecutive timeouts / 5xx not yet enough to open.
     strikes: int = 0
-    trial_in_flight: bool = False
+    #: Who holds the half-open trial (the attempt that claimed it), or None.
+    trial_owner: object | None = None
+
+    @property
+    def trial_in_flight(self) -> bool:
+        return self.trial_owner is not None
 
     def available(self, now: float) -> bool:
         """Whether a request may be sent now (without claiming a half-open trial)."""
@@ -48,19 +53,24 @@ class Circuit:
             return True
         if now < self.open_until:
             return False
-        return not self.trial_in_flight
+        return self.trial_owner is None
 
-    def acquire(self, now: float) -> bool:
-        """Claim the right to send one request now; a half-open circuit allows one at a time."""
+    def acquire(self, now: float, owner: object) -> bool:
+        """Claim the right to send one request now; a half-open circuit allows one at a time,
+        and `owner` holds that trial until a verdict or `release_trial(owner)`."""
         if self.state == CLOSED:
             return True
-        if now < self.open_until:
-            return False
-        if self.trial_in_flight:
+        if now < self.open_until or self.trial_owner is not None:
             return False
         self.state = HALF_OPEN
-        self.trial_in_flight = True
+        self.trial_owner = owner
         return True
+
+    def release_trial(self, owner: object) -> None:
+        """`owner`'s trial ended without a verdict (the client left, a skip): another may
+        be tried. A trial someone else holds, or none, is left alone."""
+        if self.trial_owner is owner:
+            self.trial_owner = None
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.open_until - now) if self.state != CLOSED else 0.0
@@ -75,7 +85,7 @@ class Circuit:
         `kind` is BY_CONNECTION or BY_HTTP. `immediate` opens at once (refused or reset
         connections); otherwise only after `threshold` failed attempts in a row.
         """
-        self.trial_in_flight = False
+        self.trial_owner = None
         if self.state == CLOSED and not immediate:
             self.strikes += 1
             if self.strikes < self.threshold:
@@ -106,4 +116,4 @@ class Circuit:
         self.open_until = 0.0
         self.cooldown_s = 0.0
         self.strikes = 0
-        self.trial_in_flight = False
+        self.trial_owner = None

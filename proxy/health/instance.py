@@ -9,9 +9,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from proxy.config import HealthConfig, InstanceConfig
+from proxy.config import InstanceConfig
 from proxy.health.circuit import CLOSED, Circuit
-from proxy.health.fingerprints import CONFIGURED, Pin, configured, request_model
+from proxy.health.fingerprints import Pin, configured, request_model
+from proxy.health.slots import Slots
 
 # Instance states (SPEC section 6).
 UNKNOWN = "UNKNOWN"
@@ -41,7 +42,8 @@ class InstanceState:
     config: InstanceConfig
     state: str = UNKNOWN
     circuit: Circuit = field(default_factory=Circuit)
-    inflight: int = 0
+    #: Requests in flight to it, and its `max_concurrency` (proxy.health.slots).
+    slots: Slots = field(init=False)
     ttfb_ewma_ms: float | None = None
     successes: int = 0
     failures: int = 0
@@ -87,21 +89,31 @@ class InstanceState:
     # request_model's cache: the pin it was computed for, and the name.
     _model_pin: Pin | None = field(default=None, init=False, repr=False)
     _model_name: str | None = field(default=None, init=False, repr=False)
-    _model_known: bool = field(default=False, init=False, repr=False)
+    model_known: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._derive()
         cfg = self.config
+        self.slots = Slots(cfg.max_concurrency)
+        self.derive()
         if cfg.fingerprint is not None and cfg.fingerprint != "auto":
             self.pin = configured(cfg.fingerprint, cfg.model)
         self.prefill_ok = "prefill" in cfg.capabilities
+        if not cfg.enabled:
+            self.state = DRAINED
 
-    def _derive(self) -> None:
+    def derive(self) -> None:
+        """Copy what the planner's inner loop reads from the config (again after a reload)."""
         cfg = self.config
         self.id = cfg.id
         self.tags = frozenset(cfg.tags)
         self.cost_per_mtok = cfg.cost_input_per_mtok + cfg.cost_output_per_mtok
         self.tag_match_cache.clear()
+        self.model_known = False  # the label may have changed
+
+    @property
+    def inflight(self) -> int:
+        """Requests in flight to this instance now."""
+        return self.slots.inflight
 
     @property
     def fingerprint(self) -> str | None:
@@ -114,11 +126,11 @@ class InstanceState:
         """The `model` to send this instance (None: the client's own), recomputed only
         when the pin changes (see fingerprints.request_model)."""
         pin = self.pin
-        if pin is not self._model_pin or not self._model_known:
+        if pin is not self._model_pin or not self.model_known:
             cfg = self.config
             self._model_name = request_model(cfg.model, pin, cfg.server != "llamacpp")
             self._model_pin = pin
-            self._model_known = True
+            self.model_known = True
         return self._model_name
 
     @property
@@ -127,39 +139,6 @@ class InstanceState:
         stated in an overflow error, else None (unknown)."""
         declared = self.config.ctx
         return declared if declared is not None else self.learned_ctx
-
-    def reconfigure(self, config: InstanceConfig, health: HealthConfig) -> None:
-        """Take a reloaded config of the same server (same id, address, model and kind).
-
-        Every live figure stays (state, circuit, in-flight count, latency, error history,
-        rate-limit cooldown, a learned fingerprint or context window, a refused prefill)
-        and the object stays the same, so requests in flight during a reload report to
-        what new requests read.
-        """
-        old = self.config
-        self.config = config
-        self._derive()
-        self._model_known = False  # the label may have changed
-        circuit = self.circuit
-        circuit.base_cooldown_s = health.cooldown_s
-        circuit.max_cooldown_s = health.max_cooldown_s
-        circuit.threshold = health.failure_threshold
-        pin = self.pin
-        if config.fingerprint is not None and config.fingerprint != "auto":
-            if pin is None or pin.source != CONFIGURED or pin.name != config.fingerprint:
-                self.pin = configured(config.fingerprint, config.model)
-        elif config.fingerprint is None or (pin is not None and pin.source == CONFIGURED):
-            self.pin = None  # off, or back to auto: learn again at the next probe
-        if config.ctx is not None:
-            self.learned_ctx = None  # the user's word now
-            self.ctx_reason = "ctx=unknown"
-        # A refusal learned from traffic stands; a newly declared prefill is believed.
-        self.prefill_ok = "prefill" in config.capabilities and (
-            self.prefill_ok or "prefill" not in old.capabilities)
-        if not config.enabled:
-            self.state = DRAINED
-        elif self.state == DRAINED and not old.enabled:
-            self.state = UNKNOWN  # enabled in the new config
 
     def routable(self, now: float | None = None) -> bool:
         """Whether traffic may be sent now: a routable state, no rate-limit cooldown and a
@@ -201,16 +180,6 @@ class InstanceState:
                 total += 1
                 failed += not ok
         return failed / total if total else 0.0
-
-    def _remember(self, ok: bool, now: float) -> None:
-        self.recent.append((now, ok))
-        if not ok:
-            self.last_failure_mono = now
-
-    def forget_errors(self) -> None:
-        """Drop the passive error history (the instance was seen healthy again)."""
-        self.recent.clear()
-        self.last_failure_mono = float("-inf")
 
     def snapshot(self, now: float | None = None) -> dict[str, object]:
         """A JSON-ready view for /admin/instances and `check` (no secrets)."""

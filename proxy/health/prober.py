@@ -20,8 +20,8 @@ import structlog
 
 from proxy.config import HealthConfig
 from proxy.failures import UpstreamFailure
-from proxy.health.fingerprints import LEARNED, Served, changes, judge, label_warning, learn
-from proxy.health.instance import DOWN, DRAINED, LOADING, MISMATCH, READY, InstanceState
+from proxy.health.fingerprints import Served, judge, label_warning, learn
+from proxy.health.instance import DOWN, LOADING, MISMATCH, READY, InstanceState
 from proxy.health.registry import Registry
 from proxy.providers.transport import Upstream
 
@@ -132,56 +132,35 @@ class Prober:
         return ProbeResult(DOWN, f"model listing answered HTTP {status}")
 
     def apply(self, inst: InstanceState, result: ProbeResult) -> None:
-        """Apply a probe's result: state, fingerprint, warnings, circuit."""
-        inst.last_probe_at = time.time()
-        inst.last_probe_ms = result.latency_ms
+        """Apply a probe's result through the registry: state, fingerprint, warnings,
+        circuit."""
         state, reason = result.state, result.reason
         served = result.served
+        warnings: tuple[str, ...] = inst.warnings
         if state == READY and served is not None and served.models:
             state, reason = self._check_fingerprint(inst, served)
             cfg = inst.config
             # llama.cpp ignores a request's `model`; every other server looks it up.
             warning = label_warning(cfg.model, served, cfg.server != "llamacpp")
-            self._set_warnings(inst, () if warning is None else (warning,))
-        inst.last_probe_error = None if state == READY else reason
-        if state == READY and inst.circuit.on_probe_ok():
-            # Back after a refused or reset connection: its old errors say nothing now.
-            inst.forget_errors()
-            log.info("circuit_closed", instance=inst.id, by="probe")
-        if inst.state == DRAINED:
-            return  # an admin took it out; probes only keep its figures fresh
-        self.registry.set_state(inst, state, reason)
+            warnings = () if warning is None else (warning,)
+        self.registry.probed(inst, state, reason, result.latency_ms, warnings)
 
-    @staticmethod
-    def _check_fingerprint(inst: InstanceState, served: Served) -> tuple[str, str]:
-        """(state, reason) for a server that answered its probe with what it serves."""
+    def _check_fingerprint(self, inst: InstanceState, served: Served) -> tuple[str, str]:
+        """(state, reason) for a server that answered its probe with what it serves; a
+        first good probe (`auto`) pins what it serves, a listing that changed around the
+        pinned model is taken in."""
         if inst.config.fingerprint is None:
             return READY, "healthy (fingerprint off)"
         pin = inst.pin
         if pin is None:  # `auto`: learn at the first good probe, then pin
-            inst.pin = pin = learn(served, inst.config.model)
-            log.info("fingerprint_pinned", instance=inst.id, fingerprint=pin.describe(),
-                     models=list(pin.models[:20]), detail=pin.detail)
+            self.registry.learn_fingerprint(inst, learn(served, inst.config.model))
             return READY, "healthy (fingerprint pinned)"
         kept, mismatch = judge(pin, served)
         if mismatch is not None:
             return MISMATCH, mismatch
         if kept is not pin:  # the same server; its listing changed around the pinned model
-            added, removed = changes(pin, kept)
-            inst.pin = kept
-            log.info("fingerprint_updated", instance=inst.id, fingerprint=kept.describe(),
-                     added=added[:20], removed=removed[:20])
+            self.registry.learn_fingerprint(inst, kept)
         return READY, "healthy"
-
-    @staticmethod
-    def _set_warnings(inst: InstanceState, warnings: tuple[str, ...]) -> None:
-        """Keep the latest warnings; log each one once, when it appears (not per probe)."""
-        if warnings == inst.warnings:
-            return
-        for warning in warnings:
-            if warning not in inst.warnings:
-                log.warning("instance_warning", instance=inst.id, warning=warning)
-        inst.warnings = warnings
 
     async def probe_all(self) -> None:
         """One probe of every instance, concurrently (start-up, `check`)."""
@@ -211,10 +190,3 @@ class Prober:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-
-
-def reset_fingerprint(inst: InstanceState) -> None:
-    """Forget a learned fingerprint; the next probe learns it again (admin action)."""
-    if inst.pin is not None and inst.pin.source == LEARNED:
-        inst.pin = None
-

@@ -1,10 +1,10 @@
-"""Live view of every configured instance: its static profile plus figures from real traffic
-and from the background prober.
+"""The instance registry: every configured instance's live state, and the one writer of it.
 
-The registry is the only mutable routing state. It is read by the planner and written by
-the forwarder after each attempt and by the prober after each probe; every method is
-synchronous and O(1), so the hot path never waits on it and never holds anything across an
-upstream await.
+The planner and the attempt loop read instances (proxy.health.instance); what changes them
+goes through a method here: an attempt's admission, slot and outcome (from the attempt
+loop), a probe's findings (from the prober), an admin's drain or enable, a config reload.
+Every method is synchronous and O(1) except the wait for a free slot, so the hot path
+never waits on the registry and nothing is held across an upstream await.
 """
 
 from __future__ import annotations
@@ -17,13 +17,21 @@ import structlog
 from proxy.config import HealthConfig, InstanceConfig, instance_ids
 from proxy.failures import OPENS, STRIKE, Failure
 from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
-from proxy.health.instance import DRAINED, MISMATCH, READY, STALE_STATES, InstanceState
+from proxy.health.fingerprints import CONFIGURED, LEARNED, Pin, changes, configured
+from proxy.health.instance import (
+    DRAINED,
+    MISMATCH,
+    READY,
+    STALE_STATES,
+    UNKNOWN,
+    InstanceState,
+)
 
 log = structlog.get_logger("proxy.health.registry")
 
 _EWMA_ALPHA = 0.2
 
-StateListener = Callable[["InstanceState", str, str, str], None]
+StateListener = Callable[[InstanceState, str, str, str], None]
 
 
 class Registry:
@@ -39,19 +47,23 @@ class Registry:
         self.by_id: dict[str, InstanceState] = {s.id: s for s in self.states}
         self._names = instance_ids(tuple(s.config for s in self.states))
         self.listeners: list[StateListener] = []
-        for inst in self.states:
-            if not inst.config.enabled:
-                inst.state = DRAINED
+
+    def get(self, instance_id: str) -> InstanceState | None:
+        """The instance with this full id, or a unique short id."""
+        full = self._names.get(instance_id)
+        return None if full is None else self.by_id[full]
+
+    # ------------------------------------------------------------------ reload
 
     def adopt(self, old: Registry, health: HealthConfig | None = None) -> None:
         """Take over the live instances of a previous registry (a config reload).
 
         An instance whose id, address, model and server kind are unchanged is the previous
-        object from now on, reconfigured in place (InstanceState.reconfigure): requests in
-        flight during the reload decrement the in-flight count, free the concurrency slot
-        and report their outcome on the object new requests read, so no counter or slot is
-        left behind on a copy. The old registry's listeners become this one's for the same
-        reason; instances the reload dropped or replaced are retired (silent).
+        object from now on, reconfigured in place (`_reconfigure`): requests in flight
+        during the reload release their slot and report their outcome on the object new
+        requests read, so no counter or slot is left behind on a copy. The old registry's
+        listeners become this one's for the same reason; instances the reload dropped or
+        replaced are retired (silent).
         """
         health = health or HealthConfig()
         states = list(self.states)
@@ -61,7 +73,7 @@ class Registry:
             if prev is None or (prev.config.base_url, prev.config.model, prev.config.server) != (
                     inst.config.base_url, inst.config.model, inst.config.server):
                 continue
-            prev.reconfigure(inst.config, health)
+            self._reconfigure(prev, inst.config, health)
             states[n] = prev
             kept.add(id(prev))
         for prev in old.states:
@@ -71,10 +83,38 @@ class Registry:
         self.by_id = {s.id: s for s in self.states}
         old.listeners = self.listeners
 
-    def get(self, instance_id: str) -> InstanceState | None:
-        """The instance with this full id, or a unique short id."""
-        full = self._names.get(instance_id)
-        return None if full is None else self.by_id[full]
+    @staticmethod
+    def _reconfigure(inst: InstanceState, config: InstanceConfig, health: HealthConfig) -> None:
+        """Give a kept instance its reloaded config. Every live figure stays (state,
+        circuit, in-flight count, latency, error history, rate-limit cooldown, a learned
+        fingerprint or context window, a refused prefill); `max_concurrency` takes effect
+        for waiting and new requests at once."""
+        old = inst.config
+        inst.config = config
+        inst.derive()
+        inst.slots.resize(config.max_concurrency)
+        circuit = inst.circuit
+        circuit.base_cooldown_s = health.cooldown_s
+        circuit.max_cooldown_s = health.max_cooldown_s
+        circuit.threshold = health.failure_threshold
+        pin = inst.pin
+        if config.fingerprint is not None and config.fingerprint != "auto":
+            if pin is None or pin.source != CONFIGURED or pin.name != config.fingerprint:
+                inst.pin = configured(config.fingerprint, config.model)
+        elif config.fingerprint is None or (pin is not None and pin.source == CONFIGURED):
+            inst.pin = None  # off, or back to auto: learn again at the next probe
+        if config.ctx is not None:
+            inst.learned_ctx = None  # the user's word now
+            inst.ctx_reason = "ctx=unknown"
+        # A refusal learned from traffic stands; a newly declared prefill is believed.
+        inst.prefill_ok = "prefill" in config.capabilities and (
+            inst.prefill_ok or "prefill" not in old.capabilities)
+        if not config.enabled:
+            inst.state = DRAINED
+        elif inst.state == DRAINED and not old.enabled:
+            inst.state = UNKNOWN  # enabled in the new config
+
+    # ------------------------------------------------------------------ state
 
     def set_state(self, inst: InstanceState, new: str, reason: str) -> bool:
         """Move an instance to a new state; logs and notifies listeners when it changes."""
@@ -83,7 +123,7 @@ class Registry:
             return False
         inst.state = new
         if new == READY:
-            inst.forget_errors()
+            self._forget_errors(inst)
         if inst.retired:
             return True
         log.warning("instance_state_changed", instance=inst.id, old=old, new=new,
@@ -92,8 +132,73 @@ class Registry:
             listener(inst, old, new, reason)
         return True
 
+    def drain(self, inst: InstanceState) -> None:
+        """No new requests (an admin's word); in-flight ones finish."""
+        self.set_state(inst, DRAINED, "drained by admin")
+
+    def enable(self, inst: InstanceState) -> None:
+        """Back in rotation (an admin's word): out of DRAINED or MISMATCH, circuit closed."""
+        if inst.state == DRAINED or inst.state == MISMATCH:
+            self.set_state(inst, UNKNOWN, "enabled by admin")
+        inst.circuit.on_success()
+
+    @staticmethod
+    def _forget_errors(inst: InstanceState) -> None:
+        """Drop the passive error history (the instance was seen healthy again)."""
+        inst.recent.clear()
+        inst.last_failure_mono = float("-inf")
+
+    # ------------------------------------------------------------------ attempts
+
+    def admit(self, inst: InstanceState, last_resort: bool, owner: object) -> str | None:
+        """Why `inst` may not be sent a request right now, or None.
+
+        A half-open circuit admits one trial at a time: `owner` (the attempt) holds it
+        until a verdict or `end_attempt`. A last resort (every healthy instance has
+        failed by then) is admitted even through an open circuit; an instance in a
+        rate-limit cooldown never is (`rate_limited(retry_in=...)`).
+        """
+        blocked = inst.blocked_reason()
+        if blocked is not None:
+            return blocked
+        now = time.monotonic()
+        if inst.rate_limited_until > now:
+            return inst.rate_limit_reason(now)
+        if inst.circuit.acquire(now, owner) or last_resort:
+            return None
+        return f"circuit {inst.circuit.state}"
+
+    @staticmethod
+    def take_slot(inst: InstanceState) -> bool:
+        """In flight from now, if the instance is below its `max_concurrency` (no wait)."""
+        return inst.slots.take()
+
+    @staticmethod
+    async def wait_for_slot(inst: InstanceState, wait_s: float, last: bool) -> bool:
+        """Queue up to `wait_s` for a slot; the last candidate (`last`) takes one anyway
+        when none frees: piling on beats losing the request. False: move on."""
+        if await inst.slots.wait(wait_s):
+            return True
+        if last:
+            inst.slots.force()
+            return True
+        return False
+
+    @staticmethod
+    def withdraw(inst: InstanceState, owner: object) -> None:
+        """An admitted attempt did not go ahead (no slot freed): a half-open trial it
+        claimed may be given to another."""
+        inst.circuit.release_trial(owner)
+
+    @staticmethod
+    def end_attempt(inst: InstanceState, owner: object) -> None:
+        """The attempt is over: its slot frees, and a half-open trial it claimed but got
+        no verdict for (the client left, a skip) may be given to another."""
+        inst.slots.release()
+        inst.circuit.release_trial(owner)
+
     def record_success(self, inst: InstanceState, ttfb_s: float) -> None:
-        """An attempt got a usable answer; `ttfb_s` is its time to first byte."""
+        """An attempt got a usable answer; `ttfb_s` is its time to first output."""
         ms = ttfb_s * 1000.0
         prev = inst.ttfb_ewma_ms
         ewma = ms if prev is None else prev + _EWMA_ALPHA * (ms - prev)
@@ -101,12 +206,18 @@ class Registry:
         inst.latency_reason = f"latency={ewma:.0f}ms"
         inst.successes += 1
         inst.rate_limit_streak = 0
-        inst._remember(True, time.monotonic())
+        inst.recent.append((time.monotonic(), True))
         if inst.state in STALE_STATES:
             self.set_state(inst, READY, "answered a request")
         if inst.circuit.state != CLOSED:
             inst.circuit.on_success()
             log.info("circuit_closed", instance=inst.id, by="successful request")
+
+    @staticmethod
+    def record_answer(inst: InstanceState) -> None:
+        """The instance answered with a client error of the upstream's own (passed
+        through): the server works, whatever the request's fault."""
+        inst.circuit.on_success()
 
     def record_failure(self, inst: InstanceState, failure: Failure,
                        retrying: bool = False) -> None:
@@ -115,12 +226,10 @@ class Registry:
 
         A failure that is no instance fault (a skip, a prompt too long for its window)
         changes nothing. A `mismatch` moves the instance to MISMATCH; a `cooldown` (a 429)
-        starts a rate-limit cooldown and leaves the circuit as it is: its Retry-After, or
-        with none, health.cooldown_s doubled for each such 429 in a row up to
-        health.max_cooldown_s. Otherwise a STRIKE counts toward `failure_threshold`
-        (every failed attempt counts), and OPENS opens the circuit at once, unless
-        `retrying` (the caller tries the same instance once more): then it is a strike
-        too, and the retry's failure decides.
+        starts a rate-limit cooldown and leaves the circuit as it is. Otherwise a STRIKE
+        counts toward `failure_threshold` (every failed attempt counts), and OPENS opens
+        the circuit at once, unless `retrying` (the caller tries the same instance once
+        more): then it is a strike too, and the retry's failure decides.
         """
         if not failure.instance_fault:
             return
@@ -128,7 +237,8 @@ class Registry:
         inst.failures += 1
         inst.last_error = f"{failure.code}: {failure.detail}"
         inst.last_error_at = time.time()
-        inst._remember(False, now)
+        inst.recent.append((now, False))
+        inst.last_failure_mono = now
         if failure.mismatch:
             self.set_state(inst, MISMATCH, failure.detail)
             return
@@ -146,17 +256,10 @@ class Registry:
             log.warning("circuit_opened", instance=inst.id, reason=failure.code,
                         cooldown_s=round(inst.circuit.remaining(now), 2))
 
-    def learn_window(self, inst: InstanceState, window: int) -> None:
-        """The server stated its context window (tokens) in an overflow error: kept for
-        later plans when the config declares none (a declared `ctx` is the user's word)."""
-        if inst.config.ctx is not None or inst.learned_ctx == window:
-            return
-        inst.learned_ctx = window
-        inst.ctx_reason = f"ctx=learned:{window}"
-        log.info("ctx_learned", instance=inst.id, ctx=window)
-
     @staticmethod
     def _cool_down(inst: InstanceState, retry_after_s: float | None, now: float) -> None:
+        """Send the instance nothing for `retry_after_s` (its 429's word), or with none,
+        health.cooldown_s doubled for each such 429 in a row up to health.max_cooldown_s."""
         if retry_after_s is None:
             circuit = inst.circuit
             wait = min(circuit.base_cooldown_s * (1 << min(inst.rate_limit_streak, 16)),
@@ -169,7 +272,62 @@ class Registry:
         log.warning("rate_limited", instance=inst.id, retry_in_s=round(wait, 2),
                     given=retry_after_s is not None)
 
-    def release_trial(self, inst: InstanceState) -> None:
-        """An acquired half-open trial ended without a verdict (e.g. the client left)."""
-        inst.circuit.trial_in_flight = False
+    @staticmethod
+    def learn_window(inst: InstanceState, window: int) -> None:
+        """The server stated its context window (tokens) in an overflow error: kept for
+        later plans when the config declares none (a declared `ctx` is the user's word)."""
+        if inst.config.ctx is not None or inst.learned_ctx == window:
+            return
+        inst.learned_ctx = window
+        inst.ctx_reason = f"ctx=learned:{window}"
+        log.info("ctx_learned", instance=inst.id, ctx=window)
 
+    @staticmethod
+    def refuse_prefill(inst: InstanceState, why: str) -> None:
+        """The instance refused an assistant prefill: it is not sent one again."""
+        if inst.prefill_ok:
+            inst.prefill_ok = False
+            log.warning("prefill_rejected", instance=inst.id, detail=why)
+
+    # ------------------------------------------------------------------ probes
+
+    def probed(self, inst: InstanceState, state: str, reason: str, latency_ms: float,
+               warnings: tuple[str, ...] = ()) -> None:
+        """What a probe saw: the state it found (READY, LOADING, DOWN, MISMATCH) and why,
+        and the warnings (each logged once, when it appears). A good probe closes a
+        circuit that connection failures opened; a drained instance stays drained."""
+        inst.last_probe_at = time.time()
+        inst.last_probe_ms = latency_ms
+        inst.last_probe_error = None if state == READY else reason
+        if warnings != inst.warnings:
+            for warning in warnings:
+                if warning not in inst.warnings:
+                    log.warning("instance_warning", instance=inst.id, warning=warning)
+            inst.warnings = warnings
+        if state == READY and inst.circuit.on_probe_ok():
+            # Back after a refused or reset connection: its old errors say nothing now.
+            self._forget_errors(inst)
+            log.info("circuit_closed", instance=inst.id, by="probe")
+        if inst.state != DRAINED:  # an admin took it out; probes only keep figures fresh
+            self.set_state(inst, state, reason)
+
+    @staticmethod
+    def learn_fingerprint(inst: InstanceState, pin: Pin) -> None:
+        """What the server serves, learned (`fingerprint: auto`) or its listing changed
+        around the pinned model: pinned from now on."""
+        old = inst.pin
+        inst.pin = pin
+        if old is None:
+            log.info("fingerprint_pinned", instance=inst.id, fingerprint=pin.describe(),
+                     models=list(pin.models[:20]), detail=pin.detail)
+        else:
+            added, removed = changes(old, pin)
+            log.info("fingerprint_updated", instance=inst.id, fingerprint=pin.describe(),
+                     added=added[:20], removed=removed[:20])
+
+    def reset_fingerprint(self, inst: InstanceState) -> None:
+        """Forget a learned fingerprint (an admin's word); the next probe learns it again."""
+        if inst.pin is not None and inst.pin.source == LEARNED:
+            inst.pin = None
+        if inst.state == MISMATCH:
+            self.set_state(inst, UNKNOWN, "fingerprint reset by admin")

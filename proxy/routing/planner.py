@@ -17,6 +17,8 @@ from typing import Any
 from proxy.api.errors import NotFound
 from proxy.api.inbound import ClientRequest
 from proxy.config import Config
+from proxy.engine.record import PREFILL, REPLAY
+from proxy.health.fingerprints import models_match
 from proxy.health.instance import DRAINED, STALE_STATES, InstanceState
 from proxy.health.registry import Registry
 from proxy.routing.requirements import Requirements, extract
@@ -66,6 +68,17 @@ class RoutePlan:
             "reasons": self.reasons,
             "scores": {k: round(v, 3) for k, v in self.scores.items()},
         }
+
+
+@dataclass(slots=True)
+class Continuation:
+    """The instances that may continue a cut stream, in order, each with its mode (PREFILL,
+    REPLAY, or None: it could prefill, but not this request), and those left out (id ->
+    why)."""
+
+    candidates: list[InstanceState]
+    modes: list[str | None]
+    rejected: dict[str, str]
 
 
 @dataclass(slots=True)
@@ -259,6 +272,46 @@ class Planner:
         """Feed back who answered: the session sticks to it from now on."""
         if instance_id is not None and plan.requirements.session is not None:
             self.sessions.remember(plan.requirements.session, instance_id)
+
+
+    def continuation(self, plan: RoutePlan, origin: InstanceState,
+                     prefill: bool) -> Continuation:
+        """Who may continue a stream `origin` was cut in, and how, as things stand now.
+
+        In order: the plan's candidates after `origin`, then those before it, then
+        instances the plan rejected that are fit again (a twin that came back after
+        planning). Each continues by prefill when it declares it and `prefill` is True (the
+        request can be continued so), else by replay when it serves the same model (a
+        greedy replay gives the same text); one that declares prefill but can do neither
+        here has mode None (a skip: UNSUPPORTED_REQUEST). The rest are left out, with why.
+        """
+        candidates = plan.candidates
+        start = next((n + 1 for n, c in enumerate(candidates) if c is origin), 0)
+        pool = candidates[start:] + [c for c in candidates[:start] if c is not origin]
+        seen = {c.id for c in pool} | {origin.id}
+        now = time.monotonic()
+        for inst_id in plan.rejected:
+            inst = self.registry.by_id.get(inst_id)
+            if inst is not None and inst.id not in seen and inst.routable(now) \
+                    and hard_filter(inst, plan.requirements, now) is None:
+                pool.append(inst)
+        chosen = Continuation([], [], {})
+        for inst in pool:
+            mode = PREFILL if inst.prefill_ok and prefill else \
+                REPLAY if _twins(origin, inst) else None
+            if mode is None and not inst.prefill_ok:
+                chosen.rejected[inst.id] = "no prefill capability and another model"
+                continue
+            chosen.candidates.append(inst)
+            chosen.modes.append(mode)
+        return chosen
+
+
+def _twins(a: InstanceState, b: InstanceState) -> bool:
+    """Whether two instances serve the same model (so a greedy replay gives the same text)."""
+    ma = a.fingerprint or a.config.model
+    mb = b.fingerprint or b.config.model
+    return ma is not None and mb is not None and models_match(ma, mb)
 
 
 def larger_window(failed: int | None, candidate: int | None) -> bool:
