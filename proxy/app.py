@@ -135,7 +135,7 @@ async def reload_config(app: web.Application, path: str | None = None) -> tuple[
 
 def create_app(config: Config) -> web.Application:
     """Build the proxy application for a validated config (serve it with
-    `proxy.server.ProxyRunner`, which also gives aiohttp's protocol errors our shape)."""
+    `proxy.api.server.ProxyRunner`, which also gives aiohttp's protocol errors our shape)."""
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           middlewares=[openai_errors], handler_args=HANDLER_ARGS)
     app[CONFIG] = config

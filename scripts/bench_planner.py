@@ -10,8 +10,8 @@ import orjson
 
 from proxy.api.inbound import CHAT, parse_request
 from proxy.config import parse_config
-from proxy.health.instance import READY
 from proxy.health.registry import Registry
+from proxy.health.states import READY
 from proxy.routing.planner import Planner
 
 

@@ -7,15 +7,15 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.providers.anthropic import (
-    HEADERS,
+from proxy.config import parse_config
+from proxy.providers.anthropic import Anthropic
+from proxy.providers.anthropic_requests import TranslationError, to_messages_request
+from proxy.providers.anthropic_responses import (
     AnthropicStreamError,
     StreamTranslator,
-    TranslationError,
     from_messages_response,
-    map_error,
-    to_messages_request,
 )
+from proxy.providers.base import PassThrough
 
 Json = dict[str, Any]
 
@@ -46,10 +46,13 @@ def translate(body: Json, model: str | None = "claude-test", default: int = 1024
 
 
 def test_headers() -> None:
-    assert HEADERS("sk-ant-1") == {
+    config = parse_config({"providers": [{"provider_id": "a", "kind": "anthropic", "instances": [
+        {"id": "d", "base_url": "https://api.anthropic.com/v1", "api_key": "sk-ant-1"}]}]})
+    assert Anthropic().headers(config.instances[0], "Bearer client-key") == {
         "x-api-key": "sk-ant-1",
         "anthropic-version": "2023-06-01",
-        "content-type": "application/json",
+        "Content-Type": "application/json",
+        "Accept-Encoding": "identity",
     }
 
 
@@ -478,5 +481,12 @@ def err(kind: str, message: str) -> bytes:
         (422, b"", ("CLIENT_ERROR", "HTTP 422")),
     ],
 )
-def test_map_error(status: int, body: bytes, expected: tuple[str, str]) -> None:
-    assert map_error(status, body) == expected
+def test_error_answers_map_to_reason_codes(status: int, body: bytes,
+                                           expected: tuple[str, str]) -> None:
+    code, message = expected
+    outcome = Anthropic().error_for(status, body, {})
+    if code == "CLIENT_ERROR":  # the client's own error, passed through in OpenAI's shape
+        assert isinstance(outcome, PassThrough) and outcome.status == status
+        assert orjson.loads(outcome.body)["error"]["message"] == message
+    else:
+        assert not isinstance(outcome, PassThrough) and outcome.code == code

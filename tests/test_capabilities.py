@@ -17,8 +17,8 @@ import yaml
 
 from proxy.api.inbound import CHAT, parse_request
 from proxy.config import CAPABILITIES, Config, ConfigError, load_config, parse_config
-from proxy.health.instance import READY
 from proxy.health.registry import Registry
+from proxy.health.states import READY
 from proxy.routing.planner import Planner
 from proxy.routing.scoring import capability_notes
 from proxy.sim.simulator import Simulator

@@ -28,7 +28,7 @@ import pytest
 
 from proxy.api.state import STATE
 from proxy.config import parse_config
-from proxy.health.instance import DOWN, READY
+from proxy.health.states import DOWN, READY
 from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, wait_for
 

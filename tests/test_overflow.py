@@ -17,7 +17,8 @@ from aiohttp import web
 from proxy.api.state import STATE
 from proxy.app import reload_config
 from proxy.config import load_config, parse_config
-from proxy.providers.anthropic import map_error
+from proxy.failures import ContextTooLong
+from proxy.providers.anthropic import Anthropic
 from proxy.providers.overflow import Overflow, classify, of_error
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
@@ -306,7 +307,7 @@ def test_the_anthropic_mapping_uses_the_same_classifier() -> None:
         "type": "invalid_request_error", "message": "input length and `max_tokens` exceed "
         "context limit: 188240 + 21333 > 200000, decrease input length or `max_tokens` and "
         "try again"}})
-    assert map_error(400, body)[0] == "CONTEXT_TOO_LONG"
+    assert isinstance(Anthropic().error_for(400, body, {}), ContextTooLong)
 
 
 def test_the_simulator_refuses_an_unknown_wording() -> None:

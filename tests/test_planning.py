@@ -12,8 +12,9 @@ import pytest
 from proxy.api.errors import NotFound
 from proxy.api.inbound import CHAT, ClientRequest, parse_request
 from proxy.config import Config, load_config, parse_config
-from proxy.health.instance import DOWN, READY, InstanceState
+from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
+from proxy.health.states import DOWN, READY
 from proxy.routing.planner import Planner
 from proxy.routing.requirements import classify
 

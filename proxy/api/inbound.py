@@ -13,13 +13,6 @@ CHAT = "chat"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
 
-#: Upstream path (relative to the instance's api_base) for each endpoint.
-UPSTREAM_PATH = {
-    CHAT: "/chat/completions",
-    COMPLETIONS: "/completions",
-    EMBEDDINGS: "/embeddings",
-}
-
 #: Deepest JSON nesting accepted (real requests: under 10; tool schemas a little more).
 MAX_DEPTH = 64
 #: Largest token count or choice count accepted (what any server could mean by it).

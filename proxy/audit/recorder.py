@@ -22,7 +22,8 @@ from proxy.audit.metrics import Metrics
 from proxy.audit.store import AuditStore
 from proxy.engine.record import FRESH, Attempt, RequestRecord
 from proxy.failures import INSTANCE_NOT_READY
-from proxy.health.instance import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN, InstanceState
+from proxy.health.instance import InstanceState
+from proxy.health.states import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN
 from proxy.routing.planner import RoutePlan
 
 # Event types (SPEC section 7).

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from proxy.api.inbound import CHAT, UPSTREAM_PATH, ClientRequest
+from proxy.api.inbound import CHAT, ClientRequest
 from proxy.config import Config
 from proxy.engine.chunks import Chunk, answer_usage
 from proxy.engine.record import PREFILL, RequestRecord
@@ -33,9 +33,10 @@ from proxy.failures import (
 )
 from proxy.health.fingerprints import response_model
 from proxy.health.instance import InstanceState
+from proxy.providers.base import PassThrough
 from proxy.providers.ratelimits import relay_headers
 from proxy.providers.sse import EventSource
-from proxy.providers.transport import PassThrough, Response, Upstream
+from proxy.providers.transport import Response, Upstream
 
 #: Why a prefill cannot continue a particular stream (a skip's detail).
 NO_PREFILL = "a text completion whose prompt is not one string cannot be continued by prefill"
@@ -79,7 +80,7 @@ class Exchange:
                     client_auth: str | None, record: RequestRecord) -> Reply:
         """A non-streaming attempt: the whole body is read before anything is sent."""
         t0 = time.perf_counter()
-        resp = await self.upstream.open(inst.config, UPSTREAM_PATH[req.endpoint],
+        resp = await self.upstream.open(inst.config, inst.provider, req.endpoint,
                                         req.body_for(inst.request_model), client_auth)
         try:
             return await self._read_whole(inst, resp, time.perf_counter() - t0, record)
@@ -93,7 +94,7 @@ class Exchange:
         non-streaming request, or an upstream that ignored `stream`)."""
         body = await self.upstream.read_body(resp, self.timeouts.idle_s)
         resp.release()
-        body = self.upstream.translate_body(inst.config, body)
+        body = inst.provider.body(body)
         pin = inst.pin
         if pin is not None and resp.status == 200:
             seen = response_model(body)
@@ -110,12 +111,12 @@ class Exchange:
         """A streaming attempt up to its commit point (its failures are still invisible),
         or the whole answer of an upstream that ignored `stream`."""
         t0 = time.perf_counter()
-        resp = await self.upstream.open(inst.config, UPSTREAM_PATH[req.endpoint],
+        resp = await self.upstream.open(inst.config, inst.provider, req.endpoint,
                                         req.body_for(inst.request_model), client_auth)
         try:
             if _EVENT_STREAM not in resp.headers.get("Content-Type", ""):
                 return await self._read_whole(inst, resp, time.perf_counter() - t0, record)
-            reader = self.upstream.events(inst.config, resp, req.include_usage)
+            reader = self.upstream.events(inst.provider, resp, req.include_usage)
             pending: list[tuple[bytes, Chunk | None]] = []
             await self.relay.until_content(reader, pending, t0 + self.timeouts.first_byte_s,
                                            inst.pin)
@@ -164,7 +165,7 @@ class Exchange:
             data = req.body_for(inst.request_model)
         t0 = time.perf_counter()
         try:
-            resp = await self.upstream.open(inst.config, UPSTREAM_PATH[req.endpoint], data,
+            resp = await self.upstream.open(inst.config, inst.provider, req.endpoint, data,
                                             client_auth)
         except PassThrough as rejected:
             raise PrefillRejected(f"HTTP {rejected.status}") from None
@@ -172,7 +173,7 @@ class Exchange:
         try:
             if _EVENT_STREAM not in resp.headers.get("Content-Type", ""):
                 raise NotStreamed("it answered the continuation without streaming it")
-            await self.relay.relay(self.upstream.events(inst.config, resp, req.include_usage),
+            await self.relay.relay(self.upstream.events(inst.provider, resp, req.include_usage),
                                    sink, splicer.delivered, splicer,
                                    t0 + self.timeouts.first_byte_s, t0 + self.timeouts.total_s,
                                    record)
@@ -192,15 +193,13 @@ class Exchange:
         delivered = splicer.delivered
         if not delivered.pieces and delivered.reasoning_pieces:
             raise UnsupportedRequest(REASONING_ONLY)
-        carried = None
-        cfg = inst.config
-        if cfg.server == "llamacpp":
-            # Chunks are not tokens (a character of several tokens comes as one chunk):
-            # ask the server, so the continuation keeps the client's token budget.
-            carried = await self.upstream.count_tokens(cfg, splicer.prefix,
-                                                       self.timeouts.connect_s + 1.0)
-            if carried is not None:
-                splicer.carried_chunks = carried
+        # Chunks are not tokens (a character of several tokens comes as one chunk): a
+        # server that can count them is asked, so the continuation keeps the client's
+        # token budget.
+        carried = await inst.provider.count_tokens(self.upstream, inst.config, splicer.prefix,
+                                                   self.timeouts.connect_s + 1.0)
+        if carried is not None:
+            splicer.carried_chunks = carried
         body = continuation_body(req.body, req.endpoint == CHAT, delivered,
                                  inst.request_model, carried)
         if body is None:

@@ -56,7 +56,8 @@ from proxy.failures import (
 from proxy.health.circuit import CLOSED
 from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
-from proxy.providers.transport import PassThrough, Upstream
+from proxy.providers.base import PassThrough
+from proxy.providers.transport import Upstream
 from proxy.routing.planner import Planner, RoutePlan, larger_window
 from proxy.routing.scoring import RATE_LIMITED_REASON
 

@@ -74,7 +74,7 @@ class Relay:
         """Read events before the commit point into `pending` (a `[DONE]` with chunk None).
 
         Returns at the first chunk with model output (answer text, reasoning, a tool call
-        or a refusal: see sse.Chunk) or a finish reason, or at `[DONE]`; so `deadline`
+        or a refusal: see proxy.engine.chunks) or a finish reason, or at `[DONE]`; so `deadline`
         (first_byte_s) bounds only the wait for the first output, however long the answer
         then takes. Raises a failure (still invisible to the client) on any problem: a
         stream that ends first is EMPTY_STREAM, an in-band error that says the prompt does

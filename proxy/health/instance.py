@@ -13,21 +13,14 @@ from proxy.config import InstanceConfig
 from proxy.health.circuit import CLOSED, Circuit
 from proxy.health.fingerprints import Pin, configured, request_model
 from proxy.health.slots import Slots
-
-# Instance states (SPEC section 6).
-UNKNOWN = "UNKNOWN"
-READY = "READY"
-LOADING = "LOADING"
-DOWN = "DOWN"
-MISMATCH = "MISMATCH"
-DRAINED = "DRAINED"
-
-#: States in which an instance may be sent traffic.
-ROUTABLE_STATES = frozenset({UNKNOWN, READY})
-#: States the prober saw last, which may be out of date by now: such an instance is still
-#: tried as a last resort (if its circuit allows), so a server that came back between two
-#: probes is never refused.
-STALE_STATES = frozenset({DOWN, LOADING})
+from proxy.health.states import (
+    DRAINED,
+    ROUTABLE_STATES,
+    STALE_STATES,
+    UNKNOWN,
+)
+from proxy.providers.base import Provider
+from proxy.providers.kinds import provider_for
 
 #: How many recent outcomes, and how far back, the error rate looks at. Old failures are
 #: forgotten even without new traffic, so an instance that failed once is not shunned forever.
@@ -78,6 +71,8 @@ class InstanceState:
     retired: bool = False
     # Copied from the config once, for the planner's inner loop.
     id: str = field(init=False)
+    #: What its kind of server does its own way (proxy.providers).
+    provider: Provider = field(init=False)
     tags: frozenset[str] = field(init=False)
     cost_per_mtok: float = field(init=False)
     #: The latency reason string, formatted when the EWMA changes rather than per plan.
@@ -105,6 +100,7 @@ class InstanceState:
         """Copy what the planner's inner loop reads from the config (again after a reload)."""
         cfg = self.config
         self.id = cfg.id
+        self.provider = provider_for(cfg)
         self.tags = frozenset(cfg.tags)
         self.cost_per_mtok = cfg.cost_input_per_mtok + cfg.cost_output_per_mtok
         self.tag_match_cache.clear()
@@ -128,7 +124,7 @@ class InstanceState:
         pin = self.pin
         if pin is not self._model_pin or not self.model_known:
             cfg = self.config
-            self._model_name = request_model(cfg.model, pin, cfg.server != "llamacpp")
+            self._model_name = request_model(cfg.model, pin, self.provider.checks_names)
             self._model_pin = pin
             self.model_known = True
         return self._model_name

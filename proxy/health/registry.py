@@ -18,14 +18,8 @@ from proxy.config import HealthConfig, InstanceConfig, instance_ids
 from proxy.failures import OPENS, STRIKE, Failure
 from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
 from proxy.health.fingerprints import CONFIGURED, LEARNED, Pin, changes, configured
-from proxy.health.instance import (
-    DRAINED,
-    MISMATCH,
-    READY,
-    STALE_STATES,
-    UNKNOWN,
-    InstanceState,
-)
+from proxy.health.instance import InstanceState
+from proxy.health.states import DRAINED, MISMATCH, READY, STALE_STATES, UNKNOWN
 
 log = structlog.get_logger("proxy.health.registry")
 

@@ -1,5 +1,7 @@
-"""Talking to one instance over the process's one aiohttp client session: open a request,
-classify its status, read bodies and events within the configured timeouts and limits.
+"""The upstream transport: talking to one instance over the process's one aiohttp client
+session. It sends what the instance's provider builds, hands an error answer to the
+provider to classify, and reads bodies and events within the configured timeouts and
+limits.
 
 Every wait on aiohttp goes through `proxy.failures.map_exceptions` (or its `failure_from`),
 so what leaves this module is our failure vocabulary, never an aiohttp exception.
@@ -9,31 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import aiohttp
-import orjson
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from proxy.api.errors import error_body
 from proxy.config import InstanceConfig, TimeoutsConfig, UpstreamConfig
 from proxy.failures import (
-    ContextTooLong,
-    RateLimited,
-    ResponseMalformed,
-    UnsupportedRequest,
-    Upstream5xx,
-    UpstreamAuth,
     UpstreamFailure,
     UpstreamProtocolError,
     map_exceptions,
 )
-from proxy.providers import anthropic, overflow
-from proxy.providers.ratelimits import relay_headers, retry_after_s
-from proxy.providers.sse import DONE_EVENT, EventReader, event_data
+from proxy.providers.base import Provider
+from proxy.providers.kinds import provider_for
+from proxy.providers.sse import EventReader, EventSource
 from proxy.secrets import Redactor
 
 #: What the forwarder holds while an answer is read: aiohttp's response (its `status`,
@@ -52,21 +44,6 @@ KEEPALIVE_S = 15.0
 MAX_LINE_BYTES = 8190
 MAX_FIELD_BYTES = 8190
 MAX_HEADERS = 128
-
-
-class PassThrough(Exception):
-    """The upstream's own client error (400/404/422...), relayed unchanged and not retried.
-
-    Not an UpstreamFailure: the instance worked, the request was wrong.
-    """
-
-    def __init__(self, status: int, body: bytes, content_type: str,
-                 headers: dict[str, str]) -> None:
-        super().__init__(f"HTTP {status}")
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers
 
 
 def make_client(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
@@ -102,77 +79,6 @@ def make_client(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
         skip_auto_headers=("User-Agent",),
         max_line_size=MAX_LINE_BYTES, max_field_size=MAX_FIELD_BYTES, max_headers=MAX_HEADERS,
     )
-
-
-def instance_headers(inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
-    """Headers for a request to `inst`: its own credentials, never the client's unless allowed."""
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-    if inst.kind == ANTHROPIC:
-        headers.update(anthropic.HEADERS(inst.api_key or ""))
-    elif inst.api_key:
-        headers["Authorization"] = f"Bearer {inst.api_key}"
-    elif inst.forward_client_auth and client_auth:
-        headers["Authorization"] = client_auth
-    for name, value in inst.headers:
-        headers[name] = value
-    return headers
-
-
-ANTHROPIC = "anthropic"
-
-
-class AnthropicEvents:
-    """Reads a Messages API event stream and yields OpenAI chunk events in its place.
-
-    The rest of the relay sees what any OpenAI-compatible server would send: chunks,
-    `[DONE]` at message_stop, an in-band `{"error": ...}` for an error event.
-    """
-
-    __slots__ = ("_events", "_translator", "_queue")
-
-    def __init__(self, events: EventReader, translator: anthropic.StreamTranslator) -> None:
-        self._events = events
-        self._translator = translator
-        self._queue: list[bytes] = []
-
-    def buffered(self) -> bytes | None:
-        """A translated event already at hand, else None (no waiting)."""
-        return self._queue.pop(0) if self._queue else None
-
-    async def next(self, timeout_s: float | None = None, phase: str = "idle") -> bytes | None:
-        deadline = None
-        while not self._queue:
-            if timeout_s is not None:  # pings do not extend the wait for content
-                deadline = deadline or time.monotonic() + timeout_s
-                timeout_s = max(deadline - time.monotonic(), 0.0)
-            raw = await self._events.next(timeout_s, phase)
-            if raw is None:
-                return None
-            name, payload = _event_name(raw), event_data(raw)
-            if payload is None:
-                continue
-            try:
-                data = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                return b"data: " + payload + b"\n\n"  # malformed: let the relay judge it
-            if not isinstance(data, dict):
-                continue
-            try:
-                chunks = self._translator.feed(name or str(data.get("type", "")), data)
-            except anthropic.AnthropicStreamError as exc:
-                return b"data: " + orjson.dumps({"error": {"message": exc.message,
-                                                           "type": exc.error_type}}) + b"\n\n"
-            self._queue.extend(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
-            if self._translator.done:
-                self._queue.append(DONE_EVENT)
-        return self._queue.pop(0)
-
-
-def _event_name(raw: bytes) -> str | None:
-    for line in raw.split(b"\n"):
-        if line.startswith(b"event:"):
-            return line[6:].strip().decode("utf-8", "replace")
-    return None
 
 
 class Route(NamedTuple):
@@ -232,57 +138,47 @@ class Upstream:
             route = self._routes[inst.id] = Route(context, proxy, headers)
         return route
 
-    def headers_for(self, inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
+    def headers_for(self, inst: InstanceConfig, provider: Provider,
+                    client_auth: str | None) -> dict[str, str]:
+        """The instance's request headers (worked out once, unless the client's
+        credentials are forwarded)."""
         if inst.forward_client_auth:
-            return instance_headers(inst, client_auth)
+            return provider.headers(inst, client_auth)
         cached = self._headers.get(inst.id)
         if cached is None:
-            cached = self._headers[inst.id] = instance_headers(inst, None)
+            cached = self._headers[inst.id] = provider.headers(inst, None)
         return cached
 
-    async def open(self, inst: InstanceConfig, path: str, body: bytes,
-                   client_auth: str | None = None) -> Response:
-        """POST `body` to the instance and wait for the status line and headers.
+    async def open(self, inst: InstanceConfig, provider: Provider, endpoint: str,
+                   body: bytes, client_auth: str | None = None) -> Response:
+        """Send the client's request (to `endpoint`, its body naming the instance's model)
+        as the provider builds it, and wait for the status line and headers.
 
         Returns a 2xx response with its body unread (the caller releases or closes it).
-        Raises PassThrough for a 4xx the client should see unchanged, and an
-        UpstreamFailure for refusals, timeouts, resets, 5xx, 429, context overflow, and
-        (UpstreamProtocolError) an answer that breaks HTTP, a 101 or a redirect.
-        The wait for headers is bounded by `first_byte_s`, connecting included; the
-        caller bounds the rest.
+        Raises what the provider makes of an error answer (an UpstreamFailure, or
+        PassThrough for a 4xx the client should see unchanged), UnsupportedRequest for a
+        request its protocol cannot carry (nothing sent), and an UpstreamFailure for
+        refusals, timeouts, resets and (UpstreamProtocolError) an answer that breaks
+        HTTP, a 101 or a redirect. The wait for headers is bounded by `first_byte_s`,
+        connecting included; the caller bounds the rest.
         """
-        if inst.kind == ANTHROPIC:
-            path, body = "/messages", self._to_anthropic(inst, body)
+        outgoing = provider.request(inst, endpoint, body, self.default_max_tokens)
         first_byte_s = self.timeouts.first_byte_s
         with map_exceptions("first_byte", first_byte_s):
             route = self.route(inst)
             async with asyncio.timeout(first_byte_s):  # connecting included
                 resp = await self.client.post(
-                    self._url(inst.api_base + path), data=body,
-                    headers=self.headers_for(inst, client_auth), allow_redirects=False,
-                    ssl=route.ssl, proxy=route.proxy, proxy_headers=route.proxy_headers)
+                    self._url(inst.api_base + outgoing.path), data=outgoing.body,
+                    headers=self.headers_for(inst, provider, client_auth),
+                    allow_redirects=False, ssl=route.ssl, proxy=route.proxy,
+                    proxy_headers=route.proxy_headers)
         status = resp.status
         if 200 <= status < 300:
             return resp
         if status < 400:
             resp.close()
             raise self._not_an_answer(resp)
-        if status == 429:
-            body_bytes = await self.read_error_body(resp)
-            raise RateLimited(retry_after_s(resp.headers), body_bytes,
-                              passthrough_headers(resp.headers))
-        if status >= 500:
-            raise Upstream5xx(status, await self.read_error_body(resp))
-        body_bytes = await self.read_error_body(resp)
-        overflowed = overflow.classify(status, body_bytes)  # every server's wording
-        if overflowed is not None:
-            raise ContextTooLong(overflowed)
-        if inst.kind == ANTHROPIC:
-            self._anthropic_error(status, body_bytes, resp.headers)
-        if status in (401, 403):
-            raise UpstreamAuth(status)
-        raise PassThrough(status, body_bytes, resp.headers.get("Content-Type", "application/json"),
-                          passthrough_headers(resp.headers))
+        raise provider.error_for(status, await self.read_error_body(resp), resp.headers)
 
     def _not_an_answer(self, resp: Response) -> UpstreamProtocolError:
         """A final status that is neither an answer nor an error: an unasked-for protocol
@@ -296,49 +192,11 @@ class Upstream:
             f"HTTP {status}" + (f" redirect to {self.redactor.text(where)}" if where else "")
             + " (redirects are not followed)")
 
-    def _to_anthropic(self, inst: InstanceConfig, body: bytes) -> bytes:
-        """An OpenAI chat request as a Messages API request (the planner sends nothing else:
-        see scoring.UNSUPPORTED)."""
-        try:
-            translated = anthropic.to_messages_request(orjson.loads(body), inst.model,
-                                                       self.default_max_tokens)
-        except (anthropic.TranslationError, orjson.JSONDecodeError) as exc:
-            raise UnsupportedRequest(f"cannot be expressed for {inst.id}: {exc}") from None
-        return orjson.dumps(translated)
-
-    def _anthropic_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
-        """Raise the failure (or pass-through) an Anthropic error status stands for."""
-        code, message = anthropic.map_error(status, body)
-        if code == "RATE_LIMITED":
-            raise RateLimited(retry_after_s(headers), body, passthrough_headers(headers))
-        if code == "UPSTREAM_5XX":
-            raise Upstream5xx(status, body)
-        if code == "UPSTREAM_AUTH":
-            raise UpstreamAuth(status)
-        raise PassThrough(status, error_body(message, "invalid_request_error"),
-                          "application/json", passthrough_headers(headers))
-
-    def translate_body(self, inst: InstanceConfig, body: bytes) -> bytes:
-        """A whole response in OpenAI's chat.completion shape (Messages API translated)."""
-        if inst.kind != ANTHROPIC:
-            return body
-        try:
-            doc = orjson.loads(body)
-            if not isinstance(doc, dict):
-                raise TypeError(f"a JSON {type(doc).__name__}, not an object")
-            return orjson.dumps(anthropic.from_messages_response(doc, int(time.time())))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ResponseMalformed(f"unreadable Messages API response: {exc}") from None
-
-    def events(self, inst: InstanceConfig, resp: Response,
-               include_usage: bool) -> EventReader | AnthropicEvents:
+    def events(self, provider: Provider, resp: Response, include_usage: bool) -> EventSource:
         """The response's server-sent events, as OpenAI chat completion chunks; an event
         over `upstream.max_event_bytes` fails with UpstreamProtocolError."""
-        reader = EventReader(resp.content, self.limits.max_event_bytes)
-        if inst.kind == ANTHROPIC:
-            return AnthropicEvents(reader,
-                                   anthropic.StreamTranslator(int(time.time()), include_usage))
-        return reader
+        return provider.events(EventReader(resp.content, self.limits.max_event_bytes),
+                               include_usage)
 
     async def read_error_body(self, resp: Response, limit: int = 65536) -> bytes:
         """Read (at most `limit` bytes of) an error response's body within `idle_s`, and
@@ -364,39 +222,24 @@ class Upstream:
             raise _too_large(limit)
         return await _read(resp.content, limit, deadline_s, "body", True)
 
-    async def probe(self, inst: InstanceConfig, url: str, timeout_s: float,
-                    body: bytes | None = None) -> tuple[int, bytes]:
-        """GET (or, with a body, POST) a side endpoint of the server: health, props,
-        tokenize. Returns (status, first MiB of the body) within `timeout_s`; raises
-        UpstreamFailure when unreachable (UpstreamTimeout("probe") when too slow)."""
+    async def get(self, inst: InstanceConfig, url: str, timeout_s: float,
+                  body: bytes | None = None) -> tuple[int, bytes]:
+        """GET (or, with a body, POST) a side endpoint of the server: model listings,
+        health, props, tokenize. Returns (status, first MiB of the body) within
+        `timeout_s`; raises UpstreamFailure when unreachable (UpstreamTimeout("probe")
+        when too slow)."""
         route = self.route(inst)
         with map_exceptions("probe", timeout_s):
             async with asyncio.timeout(timeout_s):
                 resp = await self.client.request(
                     "POST" if body is not None else "GET", self._url(url), data=body,
-                    headers=self.headers_for(inst, None), allow_redirects=False,
+                    headers=self.headers_for(inst, provider_for(inst), None),
+                    allow_redirects=False,
                     ssl=route.ssl, proxy=route.proxy, proxy_headers=route.proxy_headers)
                 try:
                     return resp.status, await _read(resp.content, 1 << 20, None, "probe", False)
                 finally:
                     resp.release()
-
-    async def count_tokens(self, inst: InstanceConfig, text: str,
-                           timeout_s: float) -> int | None:
-        """How many tokens `text` is for this instance's model, by llama.cpp's /tokenize;
-        None when it cannot tell."""
-        body = orjson.dumps({"content": text, "add_special": False})
-        try:
-            status, data = await self.probe(inst, inst.root_url + "/tokenize", timeout_s, body)
-        except UpstreamFailure:
-            return None
-        if status != 200:
-            return None
-        try:
-            tokens = orjson.loads(data).get("tokens")
-        except (orjson.JSONDecodeError, AttributeError):
-            return None
-        return len(tokens) if isinstance(tokens, list) else None
 
 
 def _too_large(limit: int) -> UpstreamProtocolError:
@@ -427,10 +270,3 @@ async def _read(content: aiohttp.StreamReader, limit: int, timeout_s: float | No
             raise _too_large(limit)
         return b"".join(parts)[:limit]
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The upstream headers worth relaying on a passed-through or 429 answer: its
-    rate-limit headers (see proxy.providers.ratelimits)."""
-    return relay_headers(headers)
-

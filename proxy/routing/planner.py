@@ -19,8 +19,9 @@ from proxy.api.inbound import ClientRequest
 from proxy.config import Config
 from proxy.engine.record import PREFILL, REPLAY
 from proxy.health.fingerprints import models_match
-from proxy.health.instance import DRAINED, STALE_STATES, InstanceState
+from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
+from proxy.health.states import DRAINED, STALE_STATES
 from proxy.routing.requirements import Requirements, extract
 from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter, score
 from proxy.routing.sessions import SessionTable

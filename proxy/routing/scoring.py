@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from proxy.config import CAPABILITIES, InstanceConfig, Weights
-from proxy.health.instance import READY, InstanceState
+from proxy.health.instance import InstanceState
+from proxy.health.states import READY
 from proxy.routing.requirements import Requirements
 
 #: Time to first byte that scores 0.5 on the latency term.
@@ -22,9 +23,6 @@ LATENCY_STEP_MS = 25.0
 #: needs (unknown, not missing): it is still tried, after one that declares it when all
 #: else is equal; a local one still beats a paid cloud one when local is preferred.
 UNKNOWN_CAPABILITIES_FACTOR = 0.8
-#: What each upstream protocol cannot express (see Requirements.protocol): such an
-#: instance is never tried, rather than tried and failed (or answering with less).
-UNSUPPORTED = {"anthropic": frozenset({"completions", "embeddings", "n>1"})}
 #: How a rejection for a rate-limit cooldown begins (see InstanceState.rate_limit_reason).
 RATE_LIMITED_REASON = "rate_limited("
 
@@ -49,9 +47,12 @@ def hard_filter(inst: InstanceState, req: Requirements, now: float) -> str | Non
         if denied:  # only an explicit statement filters: unmentioned is unknown
             return "capability_unsupported=" + ",".join(sorted(denied))
     if req.protocol:
-        unsupported = req.protocol & UNSUPPORTED.get(cfg.kind, frozenset())
+        # What its protocol cannot express is never tried (rather than tried and failed,
+        # or answered with less).
+        provider = inst.provider
+        unsupported = req.protocol & provider.unsupported
         if unsupported:
-            return f"unsupported_by_{cfg.kind}=" + ",".join(sorted(unsupported))
+            return f"unsupported_by_{provider.name}=" + ",".join(sorted(unsupported))
     if inst.rate_limited_until > now:
         return inst.rate_limit_reason(now)
     return None

@@ -1,0 +1,111 @@
+"""What every kind of model server is asked for: one narrow interface, `Provider`.
+
+The engine, the prober and the planner talk to every instance through its provider
+(TensorZero's shape): how to build the upstream request, how to read an error answer, its
+stream events and a whole body into OpenAI's shapes, how to probe it, how to count
+tokens, and what of the OpenAI protocol it cannot express. Nothing outside
+proxy/providers/ asks which kind of server an instance is.
+
+Implementations: `openai` (OpenAI and every OpenAI-compatible server: vLLM and LM Studio
+differ in nothing the proxy does), `llamacpp`, `ollama`, `anthropic`; `provider_for`
+(proxy.providers.kinds) picks one from an instance's `kind` and `server`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.config import InstanceConfig
+from proxy.failures import UpstreamFailure
+from proxy.health.fingerprints import Served
+from proxy.providers.sse import EventSource
+
+if TYPE_CHECKING:
+    from proxy.providers.transport import Upstream
+
+class PassThrough(Exception):
+    """The upstream's own client error (400/404/422...), relayed unchanged and not retried.
+
+    Not a failure: the instance worked, the request was wrong.
+    """
+
+    def __init__(self, status: int, body: bytes, content_type: str,
+                 headers: dict[str, str]) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A request to send upstream: the path under the instance's `api_base`, and the body."""
+
+    path: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    """What one probe saw: an instance state (proxy.health.states: READY, LOADING, DOWN),
+    why, and what the server says it serves (None when it did not say)."""
+
+    state: str
+    reason: str
+    served: Served | None = None
+    latency_ms: float = 0.0
+
+
+class Provider(Protocol):
+    """What the proxy does differently for each kind of model server."""
+
+    #: The kind, for people (`unsupported_by_anthropic=n>1`).
+    name: str
+    #: What of the OpenAI protocol it cannot express (`completions`, `embeddings`,
+    #: `n>1`: see routing.requirements): a request that needs one never goes to it.
+    unsupported: frozenset[str]
+    #: Whether the server looks a request's `model` up (every server but llama.cpp,
+    #: which answers with its loaded model whatever is asked): see fingerprints.
+    checks_names: bool
+
+    def request(self, inst: InstanceConfig, endpoint: str, body: bytes,
+                default_max_tokens: int) -> Outgoing:
+        """The upstream request for a client request to `endpoint` (proxy.api.inbound's
+        CHAT, COMPLETIONS, EMBEDDINGS) with this body (already naming the instance's
+        model); raises UnsupportedRequest when the protocol cannot express it.
+        `default_max_tokens` for a protocol that requires one."""
+        ...
+
+    def headers(self, inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
+        """The request headers: the instance's own credentials, never the client's unless
+        `forward_client_auth`."""
+        ...
+
+    def error_for(self, status: int, body: bytes,
+                  headers: Mapping[str, str]) -> UpstreamFailure | PassThrough:
+        """What an error answer (a status >= 400, its body and headers) means: a failure
+        (proxy.failures), or the upstream's own client error to pass through. The one
+        mapping point of its answers."""
+        ...
+
+    def events(self, reader: EventSource, include_usage: bool) -> EventSource:
+        """The stream's events as OpenAI chat or text completion chunks."""
+        ...
+
+    def body(self, body: bytes) -> bytes:
+        """A whole answer as OpenAI's JSON; raises ResponseMalformed when it is unreadable."""
+        ...
+
+    async def probe(self, upstream: Upstream, inst: InstanceConfig,
+                    timeout_s: float) -> ProbeResult:
+        """Ask the server whether it is up and what it serves; raises UpstreamFailure when
+        it cannot be reached."""
+        ...
+
+    async def count_tokens(self, upstream: Upstream, inst: InstanceConfig, text: str,
+                           timeout_s: float) -> int | None:
+        """How many of its tokens `text` is, when the server can tell (else None)."""
+        ...

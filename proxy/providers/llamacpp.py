@@ -1,0 +1,70 @@
+"""llama.cpp's `llama-server`: OpenAI's protocol, plus what it does its own way.
+
+- It answers with its one loaded model whatever a request's `model` says, so an instance's
+  label is sent as it is (`checks_names` False).
+- A probe asks `/health` (503 while the model loads) and `/props`, whose `model_alias` is
+  the `--alias`, else the `-m` path or `-hf` repo, and `model_path` the loaded file
+  (llama.cpp tools/server/server-context.cpp `get_res_props`, as vendored in
+  llama-cpp-python 0.3.36); an older server without them is read from `/v1/models`.
+- `/tokenize` counts tokens, so a continuation keeps the client's token budget (chunks
+  are not tokens: a character of several tokens comes as one chunk).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+
+from proxy.config import InstanceConfig
+from proxy.failures import UpstreamFailure
+from proxy.health.fingerprints import Served
+from proxy.health.states import DOWN, LOADING, READY
+from proxy.providers.base import ProbeResult
+from proxy.providers.openai import OpenAICompatible, from_listing, json_of
+
+if TYPE_CHECKING:
+    from proxy.providers.transport import Upstream
+
+
+class LlamaCpp(OpenAICompatible):
+    """llama.cpp's server (see the module doc)."""
+
+    checks_names = False
+
+    def __init__(self) -> None:
+        super().__init__("llamacpp")
+
+    async def probe(self, upstream: Upstream, inst: InstanceConfig,
+                    timeout_s: float) -> ProbeResult:
+        status, body = await upstream.get(inst, inst.root_url + "/health", timeout_s)
+        if status == 503:
+            return ProbeResult(LOADING, "loading model (/health 503)")
+        if status == 404:  # an older server, or not llama.cpp after all
+            return await super().probe(upstream, inst, timeout_s)
+        if status != 200:
+            return ProbeResult(DOWN, f"/health answered HTTP {status}")
+        status, body = await upstream.get(inst, inst.root_url + "/props", timeout_s)
+        doc = json_of(body) if status == 200 else None
+        if not isinstance(doc, dict):
+            return await super().probe(upstream, inst, timeout_s)
+        alias, path = doc.get("model_alias"), doc.get("model_path")
+        names = tuple(dict.fromkeys(n for n in (alias, path) if isinstance(n, str) and n))
+        if not names:  # an older server whose /props does not say
+            status, body = await upstream.get(inst, inst.api_base + "/models", timeout_s)
+            return from_listing(status, body)
+        return ProbeResult(READY, "healthy", Served(
+            names, names[0], path if isinstance(path, str) and path else None))
+
+    async def count_tokens(self, upstream: Upstream, inst: InstanceConfig, text: str,
+                           timeout_s: float) -> int | None:
+        """By `/tokenize` (`{"content", "add_special": false}` -> `{"tokens": [...]}`)."""
+        body = orjson.dumps({"content": text, "add_special": False})
+        try:
+            status, data = await upstream.get(inst, inst.root_url + "/tokenize", timeout_s,
+                                              body)
+        except UpstreamFailure:
+            return None
+        doc = json_of(data) if status == 200 else None
+        tokens = doc.get("tokens") if isinstance(doc, dict) else None
+        return len(tokens) if isinstance(tokens, list) else None
