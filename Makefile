@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check proxy tests scripts
 
 typecheck: $(STAMP)
-	$(BIN)/mypy proxy
+	$(BIN)/mypy --strict proxy tests
 
 # `make bench` (a few minutes) or `make bench BENCH_ARGS="--quick --json out.json"`;
 # BENCH_PEERS=litellm also measures LiteLLM (installed into its own venv under ~/.cache).

@@ -543,32 +543,42 @@ class Bench:
                          RATIO, "pass-through process vs proxy process")
         self.row("baseline", "latency p50, 1 conn, proxy with audit and request log off",
                  best["pass", 1].p50_ms, best["lean", 1].p50_ms, "ms", DELTA)
-        # Streaming: the same concurrent streaming client as section 2.
+        rates = self.baseline_streaming(base)
+        workers = self.baseline_workers(base, script_proxy)
+        self.raw["baseline"] = {f"{k[0]}@c{k[1]}": v.as_dict() for k, v in best.items()} | {
+            "stream": rates, "workers": {k: v.as_dict() for k, v in workers.items()}}
+
+    def baseline_streaming(self, base: dict[str, Child]) -> dict[str, Any]:
+        """Streaming through the bare pass-through and the lean proxy: the same concurrent
+        streaming client as section 2."""
         s = self.s
         rates = {}
         for name, child, model in (("pass", base["pass-stream"], STREAM_MODEL),
                                    ("lean", base["lean"], "stream")):
-            rates[name] = self.client("rate", {"url": url(child), "model": model,
-                                               "concurrency": s.rate_conc, "duration": s.rate_s,
-                                               "warmup": 1.0}, timeout=s.rate_s + 60)
+            rates[name] = self.client("rate", {"url": f"http://{LOCALHOST}:{child.port}{CHAT}",
+                                               "model": model, "concurrency": s.rate_conc,
+                                               "duration": s.rate_s, "warmup": 1.0},
+                                      timeout=s.rate_s + 60)
             if rates[name]["errors"]:
                 self.note(f"pass-through streaming {name}: errors {rates[name]['errors']}")
         self.row("baseline", f"content chunks/s, {s.rate_conc} concurrent streams",
                  rates["pass"]["chunks_per_s"], rates["lean"]["chunks_per_s"], "chunks/s", RATIO,
                  "target >= 0.75")
-        # --workers 2 against 1, same lean config, alternating.
+        return rates
+
+    def baseline_workers(self, base: dict[str, Child], script: Path) -> dict[str, WrkResult]:
+        """--workers 2 against 1, same lean config, alternating."""
         workers: dict[str, WrkResult] = {}
         for round_no in range(2):
             for name in ("w1", "w2"):
-                res = self.wrk_run(f"workers-{name}-{round_no + 1}", url(base[name]),
-                                   script_proxy, 64)
+                res = self.wrk_run(f"workers-{name}-{round_no + 1}",
+                                   f"http://{LOCALHOST}:{base[name].port}{CHAT}", script, 64)
                 if name not in workers or res.rps > workers[name].rps:
                     workers[name] = res
         self.row("baseline", "requests/s, 64 conns: --workers 2 (proxied) vs 1 (direct column)",
                  workers["w1"].rps, workers["w2"].rps, "req/s", RATIO,
                  f"{os.cpu_count()} cores shared with wrk and the simulator")
-        self.raw["baseline"] = {f"{k[0]}@c{k[1]}": v.as_dict() for k, v in best.items()} | {
-            "stream": rates, "workers": {k: v.as_dict() for k, v in workers.items()}}
+        return workers
 
     def bench_dead(self, primary: Child, proxy: Child) -> None:
         url = f"http://{LOCALHOST}:{proxy.port}{CHAT}"

@@ -1,4 +1,6 @@
-"""Real processes for end-to-end tests: simulators and the proxy started through the CLI."""
+"""Real processes for end-to-end tests: simulators and the proxy started through the CLI,
+and the test helpers for them (a free port, waiting for a listener or for a condition);
+tests/conftest.py has their in-process, asyncio counterparts."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.05) -> None:
+    """Poll (blocking) until `predicate()` is true; fails after `timeout` seconds saying
+    `what` it waited for (a callable: worked out only then, e.g. with a log's tail)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0,
                    log: Path | None = None) -> None:
     """Wait until `port` accepts connections; fail with the process's output if it exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         if proc.poll() is not None:
             if log is not None:
                 out = log.read_text(errors="replace")[-3000:]
@@ -35,10 +49,11 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
             raise AssertionError(f"process exited with {proc.returncode}:\n{out}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
+            return False
+
+    wait_until(listening, timeout, f"something listening on {port}")
 
 
 class Cluster:

@@ -16,6 +16,8 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import pytest
 from aiohttp import web
+from openai import AsyncStream
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from proxy.api.server import ProxyRunner, bound_port, start
 from proxy.app import create_app
@@ -171,3 +173,10 @@ def chat_body(prompt: str = "hello", *, model: str = "auto", stream: bool = Fals
               **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": prompt}],
             "stream": stream, **extra}
+
+
+async def sdk_text(parsed: ChatCompletion | AsyncStream[ChatCompletionChunk]) -> str:
+    """The answer text of what the openai SDK returned, streamed or not."""
+    if isinstance(parsed, AsyncStream):
+        return "".join([c.choices[0].delta.content or "" async for c in parsed if c.choices])
+    return parsed.choices[0].message.content or ""

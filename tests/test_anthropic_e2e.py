@@ -9,6 +9,10 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import (
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
+)
 
 from proxy.config import parse_config
 from proxy.sim.anthropic import AnthropicSimulator
@@ -58,13 +62,14 @@ async def test_every_local_down_the_anthropic_instance_answers(
     raw = await sdk(proxy.base_url).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "system", "content": "be brief"},
                                 {"role": "user", "content": PROMPT}],
-        stream=stream, max_tokens=12, **({"stream_options": {"include_usage": True}}
-                                          if stream else {}))
+        stream=stream, max_tokens=12,
+        stream_options={"include_usage": True} if stream else None)
     assert raw.headers["x-route-instance"] == "anthropic:default"
     expected = answer_text(CLAUDE, "be brief\n" + PROMPT, 12)
-    if stream:
+    parsed = raw.parse()
+    if isinstance(parsed, openai.AsyncStream):
         text, finishes, usage, ids = "", [], [], set()
-        async for chunk in raw.parse():
+        async for chunk in parsed:
             ids.add(chunk.id)
             if chunk.usage:
                 usage.append(chunk.usage)
@@ -76,10 +81,10 @@ async def test_every_local_down_the_anthropic_instance_answers(
         assert finishes == ["length"] and len(ids) == 1 and len(usage) == 1
         assert usage[0].completion_tokens == 12
     else:
-        completion = raw.parse()
-        assert completion.choices[0].message.content == expected
-        assert completion.choices[0].finish_reason == "length"
-        assert completion.model == CLAUDE and completion.usage.completion_tokens == 12
+        assert parsed.choices[0].message.content == expected
+        assert parsed.choices[0].finish_reason == "length"
+        assert parsed.model == CLAUDE and parsed.usage is not None
+        assert parsed.usage.completion_tokens == 12
     sent = {k.lower(): v for k, v in claude.last_headers.items()}
     assert sent["x-api-key"] == KEY and "anthropic-version" in sent
     assert "client-key" not in str(sent)
@@ -110,13 +115,15 @@ async def test_a_tool_call_round_trip_through_anthropic(make_proxy: MakeProxy,
                                                        tmp_path: Path) -> None:
     proxy = await make_proxy(config_for([], claude, tmp_path))
     client = sdk(proxy.base_url)
-    tools = [{"type": "function", "function": {
+    tools: list[ChatCompletionFunctionToolParam] = [{"type": "function", "function": {
         "name": "get_weather", "description": "weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
     messages: list[Any] = [{"role": "user", "content": "what is the weather in Paris?"}]
     first = await client.chat.completions.create(model="auto", messages=messages, tools=tools,
                                                  max_tokens=50)
-    call = first.choices[0].message.tool_calls[0]
+    calls = first.choices[0].message.tool_calls or []
+    call = calls[0]
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
     assert first.choices[0].finish_reason == "tool_calls"
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
@@ -134,7 +141,8 @@ async def test_a_streamed_tool_call_through_anthropic(make_proxy: MakeProxy,
                                                       claude: AnthropicSimulator,
                                                       tmp_path: Path) -> None:
     proxy = await make_proxy(config_for([], claude, tmp_path))
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    tools: list[ChatCompletionFunctionToolParam] = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     arguments, names = "", []
     async for chunk in await sdk(proxy.base_url).chat.completions.create(
             model="auto", messages=[{"role": "user", "content": "weather please"}],

@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionFunctionToolParam
 
 from proxy.api.inbound import CHAT, parse_request
 from proxy.config import CAPABILITIES, Config, ConfigError, load_config, parse_config
@@ -23,10 +24,11 @@ from proxy.routing.planner import Planner
 from proxy.routing.scoring import capability_notes
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
-from tests.conftest import MakeProxy, MakeSim
+from tests.conftest import MakeProxy, MakeSim, sdk_text
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+TOOLS: list[ChatCompletionFunctionToolParam] = [
+    {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 
 
@@ -59,10 +61,7 @@ async def test_demo_config_with_tools_answers_from_a_local_simulator(
         assert raw.status_code == 200
         assert raw.headers["x-route-instance"] == "local:primary"
         assert raw.headers["x-route-attempts"] == "1"
-        parsed = raw.parse()
-        text = ("".join([c.choices[0].delta.content or "" async for c in parsed if c.choices])
-                if stream else parsed.choices[0].message.content)
-        assert text == answer_text("demo-model", "what time is it", 20)
+        assert await sdk_text(raw.parse()) == answer_text("demo-model", "what time is it", 20)
     assert cloud.stats.requests == 0
 
 

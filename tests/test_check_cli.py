@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from proxy.sim.text import answer_text
-from tests.cluster import ROOT, Cluster, free_port
+from tests.cluster import ROOT, Cluster, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 SEED = Path(__file__).resolve().parent / "fixtures" / "providers.json"
@@ -104,10 +103,8 @@ def test_serve_logs_a_label_warning_once_per_instance_and_what_only_the_cloud_ca
                       "metadata": {"model": "gpt-4o-mini", "capabilities": ["tools", "vision"]}}},
         health={"interval_s": 0.1, "timeout_s": 1})
     port = cluster.sims["coder"][0]
-    deadline = time.monotonic() + 20
-    while sim_probes(port, "/props") < 8:  # many probes, each seeing the same label
-        assert time.monotonic() < deadline, "the prober did not run"
-        time.sleep(0.1)
+    # Many probes, each seeing the same label.
+    wait_until(lambda: sim_probes(port, "/props") >= 8, 20, "eight probes", 0.1)
     client = cluster.client()
     raw = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "hello"}],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from proxy.sim.text import answer_text
 from tests.cluster import ROOT, Cluster
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.e2e
 PROMPT = "what happens when the primary dies"
 
 
-def stream_text(stream: openai.Stream) -> str:  # type: ignore[type-arg]
+def stream_text(stream: openai.Stream[ChatCompletionChunk]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
 
@@ -31,7 +32,8 @@ def ask(client: openai.OpenAI, prompt: str = PROMPT, stream: bool = False) -> tu
     raw = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": prompt}], stream=stream)
     parsed = raw.parse()
-    text = stream_text(parsed) if stream else parsed.choices[0].message.content
+    text = stream_text(parsed) if isinstance(parsed, openai.Stream) \
+        else parsed.choices[0].message.content
     return text or "", raw.headers["x-route-instance"]
 
 

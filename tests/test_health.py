@@ -23,7 +23,7 @@ from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, HALF_OPEN, OPEN
 from proxy.health.registry import Registry
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
-from tests.conftest import MakeProxy, MakeSim, RunningProxy, wait_for
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, sdk_text, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "are you still there"
@@ -51,10 +51,7 @@ async def ask(proxy: RunningProxy, prompt: str = PROMPT, stream: bool = False,
     client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0, timeout=20)
     raw = await client.chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": prompt}], stream=stream)
-    if stream:
-        text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
-    else:
-        text = raw.parse().choices[0].message.content or ""
+    text = await sdk_text(raw.parse())
     return text, raw.headers["x-route-instance"], raw.headers["x-route-attempts"]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import openai
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from tests.conftest import MakeProxy, MakeSim, chat_body, proxy_config
 
 
-def assert_openai_error(body: dict, status: int) -> None:
+def assert_openai_error(body: dict[str, Any], status: int) -> None:
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) >= {"message", "type", "param", "code"}, error

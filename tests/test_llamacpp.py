@@ -31,7 +31,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.cluster import ROOT, Cluster, free_port
+from tests.cluster import ROOT, Cluster, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -112,17 +112,17 @@ class LlamaServer:
             return None
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"llama-server {self.name} exited with "
                                      f"{self.proc.returncode}:\n{self.log()[-3000:]}")
-            if self.health() == 200:
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"llama-server {self.name} not ready in {timeout:g}s:\n"
-                             f"{self.log()[-3000:]}")
+            return self.health() == 200
+
+        try:
+            wait_until(ready, timeout, f"llama-server {self.name} to be ready", 0.02)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()[-3000:]}") from None
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -196,15 +196,18 @@ class Bench:
 
     def wait_instance(self, name: str, predicate: Any, what: str,
                       timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        inst = self.instance(name)
-        while not predicate(inst):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"local:{name}: timed out waiting for {what}; last "
-                                     f"seen {json.dumps(inst)}\n{self.cluster.log()[-3000:]}")
-            time.sleep(0.02)
-            inst = self.instance(name)
-        return inst
+        seen = [self.instance(name)]
+
+        def matches() -> bool:
+            seen[0] = self.instance(name)
+            return bool(predicate(seen[0]))
+
+        try:
+            wait_until(matches, timeout, f"local:{name}: {what}", 0.02)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last seen {json.dumps(seen[0])}\n"
+                                 f"{self.cluster.log()[-3000:]}") from None
+        return seen[0]
 
     def close(self) -> None:
         self.cluster.close()
@@ -233,7 +236,7 @@ def ask(client: openai.OpenAI, stream: bool, **kw: Any) -> tuple[str, str | None
     """(answer text, x-route-instance) of one chat request."""
     raw = client.chat.completions.with_raw_response.create(**chat_args(**kw), stream=stream)
     parsed = raw.parse()
-    if stream:
+    if isinstance(parsed, openai.Stream):
         text = "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
     else:
         text = parsed.choices[0].message.content or ""

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import openai
+from openai.types.chat import ChatCompletionFunctionToolParam
 
 from proxy.api.state import STATE
 from proxy.config import parse_config
@@ -53,7 +54,8 @@ async def test_tools_request_goes_first_to_the_instance_that_declares_tools(make
     plain, capable = await make_sim("plain"), await make_sim("capable")
     proxy = await make_proxy(config_for([(plain, {"capabilities": ["json"]}),
                                          (capable, {"capabilities": ["tools", "json"]})]))
-    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    tools: list[ChatCompletionFunctionToolParam] = [
+        {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
     raw = await sdk(proxy.base_url).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "what time is it"}], tools=tools)
     assert raw.headers["x-route-instance"] == "p:s1"

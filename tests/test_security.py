@@ -154,7 +154,7 @@ def test_no_secret_reaches_logs_events_admin_errors_or_check(keyed_cluster: Clus
                      **({"Authorization": f"Bearer {key}"} if key else {})})
         try:
             with urllib.request.urlopen(request, timeout=20) as resp:
-                text = resp.read().decode()
+                text = str(resp.read().decode())
         except urllib.error.HTTPError as err:
             text = err.read().decode()
         seen.append(text)

@@ -454,6 +454,19 @@ async def test_a_post_on_a_kept_alive_connection_that_dies_silent_is_not_resent_
 
 # --------------------------------------------------------------------------- answers that say nothing
 
+def answering(answer: bytes) -> Behaviour:
+    """An upstream that answers every request on a connection with these bytes."""
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        while True:
+            await h.read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+
+    return behave
+
+
 EMPTY_STREAMS = {
     "only_done": b"data: [DONE]\n\n",
     "a_role_chunk_then_the_end": chunk_event({"role": "assistant", "content": ""}),
@@ -466,16 +479,9 @@ async def test_a_stream_that_ends_before_any_output_is_tried_once_more_then_fail
         shape: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
         http: aiohttp.ClientSession) -> None:
     events = EMPTY_STREAMS[shape]
-
-    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     h: Hostile) -> None:
-        while True:
-            await h.read_request(reader)
-            writer.write(SSE_HEAD + (b"%x\r\n%b\r\n" % (len(events), events) if events else b"")
-                         + b"0\r\n\r\n")
-            await writer.drain()
-
-    hostile = await make_hostile(behave)
+    hostile = await make_hostile(answering(
+        SSE_HEAD + (b"%x\r\n%b\r\n" % (len(events), events) if events else b"")
+        + b"0\r\n\r\n"))
     proxy = await make_proxy(proxy_config(
         [("h", hostile.base_url), await make_sim()], health={"enabled": False},
         timeouts={"first_byte_s": 5, "idle_s": 5}, retry={"same_instance_retries": 1}))
@@ -500,15 +506,8 @@ async def test_an_unreadable_messages_api_answer_fails_over_as_RESPONSE_MALFORME
         shape: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
         http: aiohttp.ClientSession) -> None:
     body = UNREADABLE_MESSAGES[shape]
-
-    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     h: Hostile) -> None:
-        while True:
-            await h.read_request(reader)
-            writer.write(OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
-            await writer.drain()
-
-    hostile = await make_hostile(behave)
+    hostile = await make_hostile(answering(
+        OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(body), body)))
     good = await make_sim()
     proxy = await make_proxy(parse_config({
         "health": {"enabled": False}, "timeouts": {"first_byte_s": 5},
@@ -698,8 +697,9 @@ async def test_an_https_instance_with_its_own_ca(
     plain, secure = await make_sim("plain-model"), await make_sim("cloud-model")
     front = await tls_front(secure.port)
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    settings = {"ca_file": {"ca_file": str(tmp_path / "ca.pem")},
-                "verify_off": {"verify": False}}.get(tls or "")
+    choices: dict[str, dict[str, Any]] = {"ca_file": {"ca_file": str(tmp_path / "ca.pem")},
+                                           "verify_off": {"verify": False}}
+    settings = choices.get(tls or "")
     proxy = await make_proxy(proxy_config_with_tls(
         plain, f"https://localhost:{front.port}/v1", settings))
     async with http.post(f"{proxy.base_url}/chat/completions",

@@ -17,7 +17,7 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     try:
         c.start_sim("a", "m")
         c.start_proxy([("a", "m")], "--workers", "2")
-        prefixes = set()
+        prefixes: set[str] = set()
         # A new connection each time: the kernel spreads them over the workers listening.
         # The port answers as soon as the first worker listens; the second may take a
         # moment longer to start (a busy machine), so ask until both have answered.

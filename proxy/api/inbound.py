@@ -57,6 +57,42 @@ def _type_error(param: str, expected: str) -> BadRequest:
 def parse_request(endpoint: str, raw: bytes, request_id: str,
                   headers: dict[str, str] | None = None) -> ClientRequest:
     """Decode and check a client's body; raises BadRequest with an OpenAI-style message."""
+    body = _decode(raw)
+    model = body.get("model")
+    if model is None:
+        raise BadRequest("You must provide a model parameter.", param="model",
+                         code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise _type_error("model", "a string")
+    _check_input(endpoint, body)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _type_error("stream", "a boolean")
+    if stream and endpoint == EMBEDDINGS:
+        raise BadRequest("Embeddings cannot be streamed.", param="stream")
+    _check_counts(body)
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _type_error("stream_options", "an object")
+        include_usage = options.get("include_usage") is True
+    return ClientRequest(
+        request_id=request_id,
+        endpoint=endpoint,
+        body=body,
+        raw=raw,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        headers=headers or {},
+    )
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, not nested deeper than MAX_DEPTH."""
     if not raw:
         raise BadRequest("The request body is empty; expected a JSON object.")
     try:
@@ -70,14 +106,11 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(body, MAX_DEPTH):
         raise BadRequest(f"The request body is nested more than {MAX_DEPTH} levels deep.",
                          code="too_deep")
+    return body
 
-    model = body.get("model")
-    if model is None:
-        raise BadRequest("You must provide a model parameter.", param="model",
-                         code="missing_required_parameter")
-    if not isinstance(model, str):
-        raise _type_error("model", "a string")
 
+def _check_input(endpoint: str, body: dict[str, Any]) -> None:
+    """The field the endpoint cannot do without: `messages`, `prompt` or `input`."""
     required = _REQUIRED[endpoint]
     value = body.get(required)
     if value is None:
@@ -88,14 +121,9 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
     elif not isinstance(value, (str, list)):
         raise _type_error(required, "a string or an array")
 
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _type_error("stream", "a boolean")
-    if stream and endpoint == EMBEDDINGS:
-        raise BadRequest("Embeddings cannot be streamed.", param="stream")
 
+def _check_counts(body: dict[str, Any]) -> None:
+    """Token and choice counts are integers any server could mean."""
     for name in ("max_tokens", "max_completion_tokens", "n"):
         number = body.get(name)
         if number is None:
@@ -105,24 +133,6 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
         if not 0 <= number <= MAX_INT:
             raise BadRequest(f"Invalid value for '{name}': expected an integer from 0 to "
                              f"{MAX_INT}.", param=name, code="invalid_value")
-
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise _type_error("stream_options", "an object")
-        include_usage = options.get("include_usage") is True
-
-    return ClientRequest(
-        request_id=request_id,
-        endpoint=endpoint,
-        body=body,
-        raw=raw,
-        model=model,
-        stream=stream,
-        include_usage=include_usage,
-        headers=headers or {},
-    )
 
 
 def _too_deep(value: Any, limit: int) -> bool:

@@ -143,8 +143,9 @@ class Exchange:
             if pending[-1][1] is not None:  # else [DONE] was among the pending events
                 await self.relay.relay(opened.reader, sink, delivered, None,
                                        opened.started + self.timeouts.first_byte_s,
-                                       opened.started + self.timeouts.total_s, record)
+                                       opened.started + self.timeouts.total_s)
             done = True
+            _keep_usage(record, delivered)
         except UpstreamFailure as failure:
             raise CommittedFailure(failure, delivered, opened.ttfb_s) from failure
         finally:
@@ -175,9 +176,9 @@ class Exchange:
                 raise NotStreamed("it answered the continuation without streaming it")
             await self.relay.relay(self.upstream.events(inst.provider, resp, req.include_usage),
                                    sink, splicer.delivered, splicer,
-                                   t0 + self.timeouts.first_byte_s, t0 + self.timeouts.total_s,
-                                   record)
+                                   t0 + self.timeouts.first_byte_s, t0 + self.timeouts.total_s)
             done = True
+            _keep_usage(record, splicer.delivered)
         except Diverged as exc:
             raise ReplayDiverged(str(exc)) from None
         finally:
@@ -205,3 +206,10 @@ class Exchange:
         if body is None:
             raise UnsupportedRequest(NO_PREFILL)
         return body
+
+
+def _keep_usage(record: RequestRecord, delivered: Delivered) -> None:
+    """The usage the client was sent, into the record."""
+    usage = delivered.usage
+    if usage is not None:
+        record.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))

@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from proxy.failures import StreamMalformed
+
 #: Delta fields in which servers stream a reasoning model's thinking, apart from `content`:
 #: - `reasoning_content`: the DeepSeek API (its original convention), llama.cpp's
 #:   `llama-server --reasoning-format deepseek` (its default), SGLang's reasoning parsers,
@@ -46,8 +48,9 @@ class Chunk:
     usage: Any = None
 
 
-class MalformedEvent(ValueError):
-    """An event whose payload is not a JSON object."""
+class MalformedEvent(StreamMalformed):
+    """An event whose payload is not a completion chunk: STREAM_MALFORMED, never
+    forwarded."""
 
 
 def delta_reasoning(delta: dict[str, Any]) -> tuple[str, str | None]:

@@ -17,23 +17,17 @@ server side, nor about the audit trail: the recorder reads the record afterwards
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.api.errors import (
-    AllAttemptsFailed,
-    AllAttemptsTimedOut,
-    ContextError,
-    ProxyError,
-    RateLimitedError,
-    RouteBlocked,
     error_event,
 )
 from proxy.api.inbound import CHAT, ClientRequest
 from proxy.config import Config
 from proxy.engine.attempts import NO_PREFILL, REASONING_ONLY, Exchange, Opened, Reply
+from proxy.engine.errors import Limited, final_error, stream_failed
 from proxy.engine.record import (
     CLIENT_GONE,
     FRESH,
@@ -46,8 +40,6 @@ from proxy.engine.record import (
 from proxy.engine.relay import ClientGone, CommittedFailure, StreamSink
 from proxy.engine.splicing import Delivered, Splicer, continuation_body
 from proxy.failures import (
-    CONTEXT_TOO_LONG,
-    TIMEOUT,
     Failure,
     InstanceBusy,
     InstanceNotReady,
@@ -63,9 +55,6 @@ from proxy.routing.scoring import RATE_LIMITED_REASON
 
 _NO_HEADERS: Mapping[str, str] = {}  # shared, never written to
 
-#: Instances held back by a rate-limit cooldown -> the rate-limit headers of their 429 in
-#: this request (empty when the cooldown predates it).
-Limited = dict[str, tuple[InstanceState, Mapping[str, str]]]
 
 
 @dataclass(slots=True)
@@ -148,7 +137,7 @@ class Forwarder:
                     return reply
         if run.cut is not None:
             return await self._fail_stream(run)
-        raise self._final_error(run)
+        raise final_error(plan, record, run.limited, run.last)
 
     # ------------------------------------------------------------------ choosing
 
@@ -415,11 +404,7 @@ class Forwarder:
             if passed:
                 why_not += " (" + "; ".join(f"{i}: {r}" for i, r in passed.items()) + ")"
         first, origin = cut.first, cut.origin
-        message = (f"The stream from {origin.id} failed after the answer had started "
-                   f"({first.code}: {first.detail}) and could not be continued: {why_not}.")
-        if cut.failed is not origin:
-            message += (f" The last try to continue it, on {cut.failed.id}, failed too "
-                        f"({cut.failure.code}: {cut.failure.detail}).")
+        message = stream_failed(origin.id, first, why_not, cut.failed.id, cut.failure)
         record.stream_error = message
         try:
             await run.sink.write(error_event(message + " The answer is incomplete.",
@@ -428,72 +413,6 @@ class Forwarder:
             pass
         self._answered(run, origin, cut.ttfb_s, STREAM_FAILED)
         return Reply(200, None, ttfb_s=cut.ttfb_s)
-
-    def _final_error(self, run: _Run) -> ProxyError:
-        """The error for a request no attempt could serve.
-
-        While an instance that could serve it is in a rate-limit cooldown, that is the
-        answer: 429 with `Retry-After` = the soonest end (whole seconds, rounded up, at
-        least 1), and the rate-limit headers of that instance's 429 when it answered one
-        in this request.
-        """
-        plan, record = run.plan, run.record
-        tried = [a for a in record.attempts if a.sent]
-        listing = "; ".join(a.describe() for a in tried)
-        not_tried = dict(plan.rejected)
-        not_tried.update((a.instance, a.detail) for a in record.attempts if not a.sent)
-        if run.limited:
-            return _rate_limited(plan, run.limited, listing)
-        if not tried and _only_too_small(not_tried):
-            # Every instance is too small for it (no outage): the client's request must
-            # change, so a 400 as OpenAI gives it, which SDKs do not retry (a 503 they would).
-            why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
-            return ContextError(
-                f"This request needs about {plan.requirements.ctx_needed} tokens of context "
-                f"(prompt estimate plus max_tokens), more than any instance for model "
-                f"'{plan.model}' has ({why}). Shorten the messages or lower max_tokens.")
-        if not plan.healthy or not tried:
-            # Nothing was ready (whatever was tried was a last resort), or nothing could be sent.
-            why = "; ".join(f"{i}: {r}" for i, r in not_tried.items())
-            if tried:
-                why = f"{why}; " * bool(why) + f"last-resort tries failed: {listing}"
-            error: ProxyError = RouteBlocked(
-                f"No available instances for model '{plan.model}'"
-                + (f" ({why})." if why else "."))
-            record.blocked = error.message
-            return error
-        codes = {a.code for a in tried}
-        n = len(tried)
-        summary = f"All {n} attempt{'s' if n > 1 else ''} failed: {listing}"
-        if not_tried:
-            summary += ". Not tried: " + "; ".join(f"{i} ({r})" for i, r in not_tried.items())
-        last = run.last
-        if codes == {TIMEOUT}:
-            return AllAttemptsTimedOut(summary)
-        if codes == {CONTEXT_TOO_LONG} and last is not None and last.overflow is not None:
-            return ContextError(f"{last.overflow.message or last.detail} ({summary})")
-        return AllAttemptsFailed(summary)
-
-
-def _rate_limited(plan: RoutePlan, limited: Limited, listing: str) -> ProxyError:
-    """429: only instances in a rate-limit cooldown could serve it."""
-    now = time.monotonic()
-    inst, headers = min(limited.values(), key=lambda entry: entry[0].rate_limited_until)
-    wait = max(1, math.ceil(inst.rate_limited_until - now))
-    cooling = ", ".join(f"{i.id} for {max(0.0, i.rate_limited_until - now):.1f}s"
-                        for i, _ in limited.values())
-    message = f"No instance can serve model '{plan.model}' now: rate limited " \
-              f"({cooling}); retry after {wait}s."
-    if listing:
-        message += f" Attempts: {listing}."
-    return RateLimitedError(message, headers={**headers, "retry-after": str(wait)})
-
-
-def _only_too_small(rejected: dict[str, str]) -> bool:
-    """Whether every instance left out was left out for its context window (those an
-    admin took out aside), so waiting would not help."""
-    sizes = [r for r in rejected.values() if r not in ("drained", "disabled")]
-    return bool(sizes) and all(r.startswith("ctx=") for r in sizes)
 
 
 def _ms(started: float) -> float:

@@ -13,8 +13,7 @@ import time
 from typing import Protocol
 
 from proxy.config import TimeoutsConfig
-from proxy.engine.chunks import Chunk, MalformedEvent, inspect_chunk
-from proxy.engine.record import RequestRecord
+from proxy.engine.chunks import Chunk, inspect_chunk
 from proxy.engine.splicing import Delivered, Splicer
 from proxy.failures import (
     ContextTooLong,
@@ -22,7 +21,6 @@ from proxy.failures import (
     FingerprintMismatch,
     ProcessExited,
     StreamCut,
-    StreamMalformed,
     StreamStalled,
     UpstreamErrorEvent,
     UpstreamFailure,
@@ -93,10 +91,7 @@ class Relay:
                     pending.append((event, None))
                     return
                 raise EmptyStream("stream ended before any content")
-            try:
-                chunk = inspect_chunk(payload)
-            except MalformedEvent as exc:
-                raise StreamMalformed(str(exc)) from None
+            chunk = inspect_chunk(payload)  # a MalformedEvent is STREAM_MALFORMED
             if chunk.error is not None:
                 overflowed = overflow.of_error(chunk.error)
                 if overflowed is not None:  # e.g. llama.cpp builds that say it in-band
@@ -113,15 +108,13 @@ class Relay:
                 return
 
     async def relay(self, reader: EventSource, sink: StreamSink, delivered: Delivered,
-                    splicer: Splicer | None, first_deadline: float, deadline: float,
-                    record: RequestRecord) -> None:
+                    splicer: Splicer | None, first_deadline: float, deadline: float) -> None:
         """Relay events until `[DONE]` (or a clean end after a finish reason).
 
         Without a splicer, events go out as the upstream framed them. With one (a
         continuation or replay), each chunk is rewritten into the client's stream, and
         until it has sent something new its failures are still invisible. Raises a stream
-        failure; `delivered` always says what the client has. The upstream's usage, when
-        it states it, goes into `record`.
+        failure; `delivered` always says what the client has (its usage too).
         """
         idle = self.timeouts.idle_s
         next_event = reader.next
@@ -150,17 +143,12 @@ class Relay:
                 if payload == DONE:
                     out.append(DONE_EVENT if splicer is not None else event)
                     break
-                try:
-                    chunk = inspect_chunk(payload)
-                except MalformedEvent as exc:
-                    raise StreamMalformed(str(exc)) from None  # never forwarded
+                chunk = inspect_chunk(payload)  # a MalformedEvent is STREAM_MALFORMED
                 if chunk.error is not None:
                     raise UpstreamErrorEvent(self.redactor.text(_error_message(chunk.error)))
                 if splicer is None:
                     delivered.note(chunk)
                     out.append(event)
-                    if chunk.usage is not None:
-                        _keep_usage(record, chunk.usage)
                 else:
                     spliced = splicer.feed(chunk.obj)
                     producing = splicer.producing
@@ -170,14 +158,16 @@ class Relay:
                 if time.perf_counter() > deadline:
                     raise UpstreamTimeout("total", self.timeouts.total_s)
         except UpstreamFailure as failure:
-            if out:
-                # What was accepted before the failure still reaches the client, so that
-                # `delivered` stays exactly what it has.
-                await sink.write(b"".join(out))
-            raise _as_committed(failure, idle) if committed else failure from None
+            # What was accepted before the failure still reaches the client, so that
+            # `delivered` stays exactly what it has.
+            await _send_rest(sink, out)
+            raise _as_committed(failure, committed, idle) from None
         await sink.write(b"".join(out))
-        if splicer is not None and splicer.usage is not None:
-            _keep_usage(record, splicer.usage)
+
+
+async def _send_rest(sink: StreamSink, out: list[bytes]) -> None:
+    if out:
+        await sink.write(b"".join(out))
 
 
 def _ended(delivered: Delivered, committed: bool) -> bytes:
@@ -190,19 +180,17 @@ def _ended(delivered: Delivered, committed: bool) -> bytes:
     raise EmptyStream("continuation ended before anything new")
 
 
-def _as_committed(failure: UpstreamFailure, idle_s: float) -> UpstreamFailure:
+def _as_committed(failure: UpstreamFailure, committed: bool, idle_s: float) -> UpstreamFailure:
     """A failure to wait for the next event of a stream the client is receiving: a reset
-    is a cut (STREAM_CUT), a wait past idle_s a stall (STREAM_STALLED)."""
+    is a cut (STREAM_CUT), a wait past idle_s a stall (STREAM_STALLED). Before the commit
+    point, a failure stays what it was (invisible to the client)."""
+    if not committed:
+        return failure
     if isinstance(failure, ProcessExited):
         return StreamCut(failure.detail)
     if isinstance(failure, UpstreamTimeout) and failure.phase != "total":
         return StreamStalled(f"no chunk within {idle_s:g}s")
     return failure
-
-
-def _keep_usage(record: RequestRecord, usage: object) -> None:
-    if isinstance(usage, dict):
-        record.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
 
 def _error_message(error: object) -> str:

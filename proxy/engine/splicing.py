@@ -60,6 +60,8 @@ class Delivered:
     refusal: bool = False
     finished: bool = False
     role_sent: bool = False
+    #: The usage the stream reported to the client (a spliced one's as rewritten).
+    usage: dict[str, Any] | None = None
 
     @property
     def text(self) -> str:
@@ -89,6 +91,8 @@ class Delivered:
             self.refusal = True
         if chunk.finish_reason is not None:
             self.finished = True
+        if chunk.usage is not None and isinstance(chunk.usage, dict):
+            self.usage = chunk.usage
         self.role_sent = True
 
 
@@ -154,8 +158,6 @@ class Splicer:
         #: True once this stream has sent the client something new, and when (perf_counter).
         self.committed = False
         self.committed_at: float | None = None
-        #: The usage this stream reported, as the client sees it (see _usage).
-        self.usage: dict[str, Any] | None = None
 
     def feed(self, obj: dict[str, Any]) -> bytes | None:
         """The event to send the client for this upstream chunk, or None to send nothing.
@@ -164,52 +166,46 @@ class Splicer:
         """
         choices = obj.get("choices")
         if not isinstance(choices, list) or not choices:
-            usage = obj.get("usage")
-            if not isinstance(usage, dict):
-                return None
-            self.usage = self._usage(usage)
-            return self._event({**obj, "usage": self.usage})
+            return self._usage_event(obj)
         choice = choices[0]
         if not isinstance(choice, dict):
             return None
         delta = choice.get("delta")
-        thought, thought_field, other = "", None, False
-        if isinstance(delta, dict):
-            content = delta.get("content")
-            thought, thought_field = delta_reasoning(delta)
-            other = bool(delta.get("tool_calls") or delta.get("function_call")
-                         or delta.get("refusal"))
-        else:
-            content = choice.get("text")  # a text completion
-        text = content if isinstance(content, str) else ""
+        text, thought, thought_field, other = _parts(choice, delta)
         finish = choice.get("finish_reason")
         if text or thought or other:
             self.producing = True
-        new_thought = ""
-        if thought and self._reasoning is not None:
-            taken = self._reasoning.take(thought, False)
-            if taken is None:
-                return None  # still replaying the delivered reasoning
-            new_thought = taken
-        if (text or other or finish is not None) and self._reasoning is not None:
-            # The answer begins: the replay's reasoning must have covered the delivered
-            # one (raises Diverged if it fell short).
-            self._reasoning.take("", True)
+        new_thought = self._new_reasoning(thought, bool(text or other) or finish is not None)
+        if new_thought is None:
+            return None  # still replaying the delivered reasoning
         new = self._answer.take(text, finish is not None)
         if new is None:
             return None  # still deciding whether this is an echo or a faithful replay
         if not new and not new_thought and finish is None and not other:
             return None  # a role-only or empty chunk, or reasoning that is not relayed
-        out_choice = dict(choice)
-        if isinstance(delta, dict):
-            out_delta = {k: v for k, v in delta.items() if k not in _REWRITTEN}
-            if new or "content" in delta:
-                out_delta["content"] = new
-            if new_thought and thought_field is not None:
-                out_delta[thought_field] = new_thought
-            out_choice["delta"] = out_delta
-        else:
-            out_choice["text"] = new
+        self._account(new, new_thought, delta, finish)
+        out_choice = _rewritten(choice, delta, new, new_thought, thought_field)
+        return self._event({**obj, "choices": [out_choice]})
+
+    def _new_reasoning(self, thought: str, answering: bool) -> str | None:
+        """What of a chunk's reasoning is new and relayed ("" when none is; None while a
+        replay is still repeating the delivered reasoning). Once the answer begins, the
+        replay's reasoning must have covered the delivered one (raises Diverged)."""
+        reasoning = self._reasoning
+        if reasoning is None:
+            return ""  # the continuation's own reasoning is not relayed
+        new = ""
+        if thought:
+            taken = reasoning.take(thought, False)
+            if taken is None:
+                return None
+            new = taken
+        if answering:
+            reasoning.take("", True)
+        return new
+
+    def _account(self, new: str, new_thought: str, delta: Any, finish: Any) -> None:
+        """Note what the client is about to be sent."""
         delivered = self.delivered
         if new:
             delivered.pieces.append(new)
@@ -217,16 +213,24 @@ class Splicer:
         if new_thought:
             delivered.reasoning_pieces.append(new_thought)
             delivered.reasoning_chunks += 1
-        if isinstance(delta, dict) and (delta.get("tool_calls") or delta.get("function_call")):
-            delivered.tool_call = True
-        if isinstance(delta, dict) and delta.get("refusal"):
-            delivered.refusal = True
+        if isinstance(delta, dict):
+            if delta.get("tool_calls") or delta.get("function_call"):
+                delivered.tool_call = True
+            if delta.get("refusal"):
+                delivered.refusal = True
         if finish is not None:
             delivered.finished = True
         if not self.committed:
             self.committed = True
             self.committed_at = time.perf_counter()
-        return self._event({**obj, "choices": [out_choice]})
+
+    def _usage_event(self, obj: dict[str, Any]) -> bytes | None:
+        """A chunk without choices: its usage (for the whole answer), else nothing."""
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            return None
+        self.delivered.usage = self._usage(usage)
+        return self._event({**obj, "usage": self.delivered.usage})
 
     def _usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         """Usage for the whole answer: a prefill's prompt included the carried text, and
@@ -246,6 +250,36 @@ class Splicer:
         if self.delivered.created is not None:
             obj["created"] = self.delivered.created
         return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _parts(choice: dict[str, Any], delta: Any) -> tuple[str, str, str | None, bool]:
+    """(answer text, reasoning, the reasoning's field, other output: a tool call or a
+    refusal) of a chat delta or a text completion's choice."""
+    if isinstance(delta, dict):
+        content = delta.get("content")
+        thought, thought_field = delta_reasoning(delta)
+        other = bool(delta.get("tool_calls") or delta.get("function_call")
+                     or delta.get("refusal"))
+    else:
+        content = choice.get("text")  # a text completion
+        thought, thought_field, other = "", None, False
+    return (content if isinstance(content, str) else ""), thought, thought_field, other
+
+
+def _rewritten(choice: dict[str, Any], delta: Any, new: str, new_thought: str,
+               thought_field: str | None) -> dict[str, Any]:
+    """The choice as the client gets it: only the new text and reasoning, no role."""
+    out_choice = dict(choice)
+    if isinstance(delta, dict):
+        out_delta = {k: v for k, v in delta.items() if k not in _REWRITTEN}
+        if new or "content" in delta:
+            out_delta["content"] = new
+        if new_thought and thought_field is not None:
+            out_delta[thought_field] = new_thought
+        out_choice["delta"] = out_delta
+    else:
+        out_choice["text"] = new
+    return out_choice
 
 
 def _common(a: str, b: str) -> int:

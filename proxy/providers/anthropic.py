@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import orjson
 
@@ -40,23 +39,18 @@ from proxy.providers.anthropic_responses import (
     StreamTranslator,
     from_messages_response,
 )
-from proxy.providers.base import Outgoing, PassThrough, ProbeResult
-from proxy.providers.openai import from_listing
+from proxy.providers.base import Outgoing, PassThrough, ProviderBase
 from proxy.providers.ratelimits import relay_headers, retry_after_s
 from proxy.providers.sse import DONE_EVENT, EventSource, event_data
-
-if TYPE_CHECKING:
-    from proxy.providers.transport import Upstream
 
 ANTHROPIC_VERSION = "2023-06-01"
 
 
-class Anthropic:
+class Anthropic(ProviderBase):
     """The Messages API (see the module doc)."""
 
     name = "anthropic"
     unsupported = frozenset({"completions", "embeddings", "n>1"})
-    checks_names = True
 
     def request(self, inst: InstanceConfig, endpoint: str, body: bytes,
                 default_max_tokens: int) -> Outgoing:
@@ -104,15 +98,6 @@ class Anthropic:
             return orjson.dumps(from_messages_response(doc, int(time.time())))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ResponseMalformed(f"unreadable Messages API response: {exc}") from None
-
-    async def probe(self, upstream: Upstream, inst: InstanceConfig,
-                    timeout_s: float) -> ProbeResult:
-        status, body = await upstream.get(inst, inst.api_base + "/models", timeout_s)
-        return from_listing(status, body)
-
-    async def count_tokens(self, upstream: Upstream, inst: InstanceConfig, text: str,
-                           timeout_s: float) -> int | None:
-        return None
 
 
 def _error_of(body: bytes) -> tuple[str, str]:

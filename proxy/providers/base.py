@@ -17,9 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import orjson
+
 from proxy.config import InstanceConfig
 from proxy.failures import UpstreamFailure
 from proxy.health.fingerprints import Served
+from proxy.health.states import DOWN, LOADING, READY
 from proxy.providers.sse import EventSource
 
 if TYPE_CHECKING:
@@ -109,3 +112,69 @@ class Provider(Protocol):
                            timeout_s: float) -> int | None:
         """How many of its tokens `text` is, when the server can tell (else None)."""
         ...
+
+
+class ProviderBase:
+    """What most providers do alike: a server that looks a request's `model` up, nothing
+    of the OpenAI protocol it cannot express, events and bodies already in OpenAI's shape,
+    a probe of `/v1/models`, no way to count tokens. Implementations override the rest."""
+
+    name = "openai"
+    unsupported: frozenset[str] = frozenset()
+    checks_names = True
+
+    def events(self, reader: EventSource, include_usage: bool) -> EventSource:
+        return reader
+
+    def body(self, body: bytes) -> bytes:
+        return body
+
+    async def probe(self, upstream: Upstream, inst: InstanceConfig,
+                    timeout_s: float) -> ProbeResult:
+        status, body = await upstream.get(inst, inst.api_base + "/models", timeout_s)
+        return from_listing(status, body)
+
+    async def count_tokens(self, upstream: Upstream, inst: InstanceConfig, text: str,
+                           timeout_s: float) -> int | None:
+        return None
+
+
+def from_listing(status: int, body: bytes) -> ProbeResult:
+    """A probe's result from a model listing: OpenAI's `/v1/models` or Ollama's
+    `/api/tags`. A 404 is a server without a listing (reachable); 503 one still loading."""
+    if status == 200:
+        names = tuple(listed_ids(json_of(body)))
+        return ProbeResult(READY, "healthy", Served(names, names[0] if len(names) == 1 else None))
+    if status == 404:
+        return ProbeResult(READY, "reachable (no model listing)")
+    if status == 503:
+        return ProbeResult(LOADING, "model listing answered 503")
+    return ProbeResult(DOWN, f"model listing answered HTTP {status}")
+
+
+def listed_ids(doc: object) -> list[str]:
+    """Model names from an OpenAI `/v1/models` list (with llama.cpp's `aliases` of each)
+    or Ollama's `/api/tags` (`name`, `model`)."""
+    if not isinstance(doc, dict):
+        return []
+    items = doc.get("data")
+    if not isinstance(items, list):
+        items = doc.get("models")
+    names: list[str] = []
+    if isinstance(items, list):
+        for item in items:
+            if isinstance(item, dict):
+                aliases = item.get("aliases")
+                extra = aliases if isinstance(aliases, list) else []
+                for value in (item.get("id"), item.get("name"), item.get("model"), *extra):
+                    if isinstance(value, str) and value and value not in names:
+                        names.append(value)
+    return names
+
+
+def json_of(body: bytes) -> object:
+    """A JSON body, or None when it is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None

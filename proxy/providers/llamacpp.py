@@ -20,8 +20,8 @@ from proxy.config import InstanceConfig
 from proxy.failures import UpstreamFailure
 from proxy.health.fingerprints import Served
 from proxy.health.states import DOWN, LOADING, READY
-from proxy.providers.base import ProbeResult
-from proxy.providers.openai import OpenAICompatible, from_listing, json_of
+from proxy.providers.base import ProbeResult, from_listing, json_of
+from proxy.providers.openai import OpenAICompatible
 
 if TYPE_CHECKING:
     from proxy.providers.transport import Upstream

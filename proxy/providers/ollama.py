@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy.config import InstanceConfig
-from proxy.providers.base import ProbeResult
-from proxy.providers.openai import OpenAICompatible, from_listing
+from proxy.providers.base import ProbeResult, from_listing
+from proxy.providers.openai import OpenAICompatible
 
 if TYPE_CHECKING:
     from proxy.providers.transport import Upstream

@@ -16,7 +16,7 @@ from typing import Any
 
 from proxy.api.errors import NotFound
 from proxy.api.inbound import ClientRequest
-from proxy.config import Config
+from proxy.config import Config, Weights
 from proxy.engine.record import PREFILL, REPLAY
 from proxy.health.fingerprints import models_match
 from proxy.health.instance import InstanceState
@@ -178,21 +178,15 @@ class Planner:
     def build(self, request_id: str, model: str, reqs: Requirements,
               resolution: Resolution) -> RoutePlan:
         """Filter, score and order the resolved instances."""
-        weights = self.config.routing.weights
-        prefer_local = self.config.routing.prefer_local
+        routing = self.config.routing
         sticky_id = self.sessions.get(reqs.session)
         now = time.monotonic()
-        rejected: dict[str, str] = {}
-        reasons: dict[str, list[str]] = {}
-        scores: dict[str, float] = {}
+        strategy = resolution.strategy
+        built = _Build(reqs, routing.weights, routing.prefer_local, now, strategy)
+        scores, reasons = built.scores, built.reasons
         ordered: list[InstanceState] = []
-        last_resort: list[InstanceState] = []
-        desperate: list[InstanceState] = []
-        cooling: list[InstanceState] | None = None
         seen: set[str] = set()
-        ctx_reason = f"ctx>={reqs.ctx_needed}"
-        # The best instance that is not ready now, for the audit: (rank, id, why).
-        unready: tuple[tuple[int, float, int], str, str] | None = None
+        ctx_reason = built.ctx_reason
         first_rank: tuple[int, float, int] | None = None
         position = 0
         for tier_no, tier in enumerate(resolution.tiers):
@@ -205,69 +199,24 @@ class Planner:
                 sticky = None if sticky_id is None else inst.id == sticky_id
                 why = hard_filter(inst, reqs, now)
                 if why is not None:
-                    rejected[inst.id] = why
-                    limited = why.startswith(RATE_LIMITED_REASON)
-                    if limited:
-                        if cooling is None:
-                            cooling = []
-                        cooling.append(inst)
-                    if inst.state != DRAINED and (limited or why.startswith("state=")):
-                        value, _ = score(inst, reqs, weights, prefer_local, sticky, now,
-                                         ctx_reason, assume_ready=True)
-                        rank = (tier_no, _key(resolution.strategy, value, position), position)
-                        if unready is None or rank < unready[0]:
-                            unready = (rank, inst.id, why)
+                    built.reject(inst, why, sticky, tier_no, position)
                     continue
                 stale = inst.state in STALE_STATES
-                open_circuit = not inst.circuit.available(now)
-                value, why_list = score(inst, reqs, weights, prefer_local, sticky, now,
-                                        ctx_reason, assume_ready=stale)
+                value, why_list = score(inst, reqs, built.weights, built.prefer_local, sticky,
+                                        now, ctx_reason, assume_ready=stale)
                 scores[inst.id] = value
                 reasons[inst.id] = why_list
-                rank = (tier_no, _key(resolution.strategy, value, position), position)
-                if stale or open_circuit:
-                    # Still tried, after every healthy instance: never refuse a request
-                    # some instance might serve (a server may be back before the prober
-                    # or its cooldown has noticed). Down by both probe and traffic: last.
-                    why_list[0] = f"state={inst.state}" if stale else why_list[0]
-                    if open_circuit:
-                        why_list.append(f"circuit_open={inst.circuit.remaining(now):.1f}s")
-                    why_list.append("last_resort")
-                    (desperate if stale and open_circuit else last_resort).append(inst)
-                    if unready is None or rank < unready[0]:
-                        unready = (rank, inst.id, f"state={inst.state}" if stale
-                                   else f"circuit {inst.circuit.state}")
+                rank = (tier_no, _key(strategy, value, position), position)
+                if stale or not inst.circuit.available(now):
+                    built.hold_back(inst, stale, why_list, rank)
                 else:
                     ranked.append((value, inst))
                     if first_rank is None or rank < first_rank:
                         first_rank = rank
-            if resolution.strategy == SCORED:
+            if strategy == SCORED:
                 ranked.sort(key=_by_score)  # stable: ties keep config order
             ordered.extend(inst for _, inst in ranked)
-        healthy = len(ordered)
-        ordered.extend(last_resort)
-        ordered.extend(desperate)
-        ids = [s.id for s in ordered]
-        preferred = preferred_why = None
-        if unready is not None and (first_rank is None or unready[0] < first_rank):
-            preferred, preferred_why = unready[1], unready[2]
-        return RoutePlan(
-            plan_id=new_id(),
-            request_id=request_id,
-            model=model,
-            requirements=reqs,
-            strategy=resolution.strategy,
-            selected=ids[0] if ids else None,
-            fallback=ids[1:],
-            rejected=rejected,
-            reasons=reasons,
-            scores=scores,
-            candidates=ordered,
-            healthy=healthy,
-            preferred=preferred,
-            preferred_why=preferred_why,
-            cooling=() if cooling is None else tuple(cooling),
-        )
+        return built.plan(request_id, model, ordered, first_rank)
 
     def served(self, plan: RoutePlan, instance_id: str | None) -> None:
         """Feed back who answered: the session sticks to it from now on."""
@@ -313,6 +262,97 @@ def _twins(a: InstanceState, b: InstanceState) -> bool:
     ma = a.fingerprint or a.config.model
     mb = b.fingerprint or b.config.model
     return ma is not None and mb is not None and models_match(ma, mb)
+
+
+_Rank = tuple[int, float, int]  # (tier, score or position key, position): lower first
+
+
+class _Build:
+    """One plan being built: the instances left out and held back so far, and why."""
+
+    __slots__ = ("reqs", "weights", "prefer_local", "now", "strategy", "ctx_reason",
+                 "rejected", "reasons", "scores", "last_resort", "desperate", "cooling",
+                 "unready")
+
+    def __init__(self, reqs: Requirements, weights: Weights, prefer_local: bool, now: float,
+                 strategy: str) -> None:
+        self.reqs = reqs
+        self.weights = weights
+        self.prefer_local = prefer_local
+        self.now = now
+        self.strategy = strategy
+        self.ctx_reason = f"ctx>={reqs.ctx_needed}"
+        self.rejected: dict[str, str] = {}
+        self.reasons: dict[str, list[str]] = {}
+        self.scores: dict[str, float] = {}
+        self.last_resort: list[InstanceState] = []
+        self.desperate: list[InstanceState] = []
+        self.cooling: list[InstanceState] = []
+        #: The best instance that is not ready now, for the audit: (rank, id, why).
+        self.unready: tuple[_Rank, str, str] | None = None
+
+    def reject(self, inst: InstanceState, why: str, sticky: bool | None, tier_no: int,
+               position: int) -> None:
+        """A hard filter left `inst` out. One that could serve once its state or
+        rate-limit cooldown changes is ranked as if it were ready, for the audit."""
+        self.rejected[inst.id] = why
+        limited = why.startswith(RATE_LIMITED_REASON)
+        if limited:
+            self.cooling.append(inst)
+        if inst.state != DRAINED and (limited or why.startswith("state=")):
+            value, _ = score(inst, self.reqs, self.weights, self.prefer_local, sticky,
+                             self.now, self.ctx_reason, assume_ready=True)
+            self._unready((tier_no, _key(self.strategy, value, position), position),
+                          inst.id, why)
+
+    def hold_back(self, inst: InstanceState, stale: bool, why_list: list[str],
+                  rank: _Rank) -> None:
+        """`inst` is still tried, after every healthy instance: never refuse a request some
+        instance might serve (a server may be back before the prober or its cooldown has
+        noticed). Down by both probe and traffic: last."""
+        circuit = inst.circuit
+        open_circuit = not circuit.available(self.now)
+        if stale:
+            why_list[0] = f"state={inst.state}"
+        if open_circuit:
+            why_list.append(f"circuit_open={circuit.remaining(self.now):.1f}s")
+        why_list.append("last_resort")
+        (self.desperate if stale and open_circuit else self.last_resort).append(inst)
+        self._unready(rank, inst.id, f"state={inst.state}" if stale
+                      else f"circuit {circuit.state}")
+
+    def _unready(self, rank: _Rank, inst_id: str, why: str) -> None:
+        if self.unready is None or rank < self.unready[0]:
+            self.unready = (rank, inst_id, why)
+
+    def plan(self, request_id: str, model: str, ordered: list[InstanceState],
+             first_rank: _Rank | None) -> RoutePlan:
+        """The plan: the healthy instances in order, then the held back ones."""
+        healthy = len(ordered)
+        ordered.extend(self.last_resort)
+        ordered.extend(self.desperate)
+        ids = [s.id for s in ordered]
+        preferred = preferred_why = None
+        unready = self.unready
+        if unready is not None and (first_rank is None or unready[0] < first_rank):
+            preferred, preferred_why = unready[1], unready[2]
+        return RoutePlan(
+            plan_id=new_id(),
+            request_id=request_id,
+            model=model,
+            requirements=self.reqs,
+            strategy=self.strategy,
+            selected=ids[0] if ids else None,
+            fallback=ids[1:],
+            rejected=self.rejected,
+            reasons=self.reasons,
+            scores=self.scores,
+            candidates=ordered,
+            healthy=healthy,
+            preferred=preferred,
+            preferred_why=preferred_why,
+            cooling=tuple(self.cooling),
+        )
 
 
 def larger_window(failed: int | None, candidate: int | None) -> bool:

@@ -23,6 +23,15 @@ LATENCY_STEP_MS = 25.0
 #: needs (unknown, not missing): it is still tried, after one that declares it when all
 #: else is equal; a local one still beats a paid cloud one when local is preferred.
 UNKNOWN_CAPABILITIES_FACTOR = 0.8
+#: The local/cloud term: (weight factor, (share, reason) for a local instance, (share,
+#: reason) for a cloud one), by the request's `x-route-prefer`, else `prefer_local`.
+_LocalTerm = tuple[float, tuple[float, str], tuple[float, str]]
+_LOCAL_TERMS: dict[str | None, _LocalTerm] = {
+    "cloud": (3.0, (0.0, "local"), (1.0, "cloud_preferred")),
+    "local": (3.0, (1.0, "local_preferred"), (0.0, "cloud")),
+}
+_LOCAL_PREFERRED: _LocalTerm = (1.0, (1.0, "local_preferred"), (0.0, "cloud"))
+_NEUTRAL: _LocalTerm = (1.0, (0.5, "local"), (0.5, "cloud"))
 #: How a rejection for a rate-limit cooldown begins (see InstanceState.rate_limit_reason).
 RATE_LIMITED_REASON = "rate_limited("
 
@@ -111,21 +120,13 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
     reasons.append(inst.latency_reason)
     weight_sum += latency_w
 
-    # Local or cloud, as the config and the request prefer.
-    local = inst.config.local
-    if prefer == "local" or prefer == "cloud":
-        local_w = weights.local * 3.0
-    else:
-        local_w = weights.local
-    if prefer == "cloud":
-        total += 0.0 if local else local_w
-        reasons.append("local" if local else "cloud_preferred")
-    elif prefer_local or prefer == "local":
-        total += local_w if local else 0.0
-        reasons.append("local_preferred" if local else "cloud")
-    else:
-        total += local_w * 0.5
-        reasons.append("local" if local else "cloud")
+    # Local or cloud, as the request and else the config prefer.
+    factor, if_local, if_cloud = _LOCAL_TERMS.get(prefer) or (
+        _LOCAL_PREFERRED if prefer_local else _NEUTRAL)
+    local_w = weights.local * factor
+    share, why = if_local if inst.config.local else if_cloud
+    total += local_w * share
+    reasons.append(why)
     weight_sum += local_w
 
     # Cost per million tokens (input + output): free scores 1.

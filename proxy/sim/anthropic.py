@@ -94,6 +94,25 @@ def _tool_result_text(content: Any) -> str | None:
     return None
 
 
+def _malformed(data: dict[str, Any]) -> web.Response | None:
+    """A 400 for a Messages request missing what the API requires, else None."""
+    max_tokens = data.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        return _error(400, "max_tokens: field required (a positive integer)")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") for m in messages):
+        return _error(400, "messages: a non-empty list of {role, content} is required")
+    system = data.get("system")
+    if system is not None and not isinstance(system, (str, list)):
+        return _error(400, "system: must be a string or a list of text blocks")
+    tools = data.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools)):
+        return _error(400, "tools: must be a list of tools with a name")
+    return None
+
+
 def _remainder(pieces: Sequence[str], k: int) -> list[str]:
     """Pieces of ``"".join(pieces)[k:]``; the first may be the tail of a word."""
     out: list[str] = []
@@ -187,6 +206,44 @@ class AnthropicSimulator:
         except ValueError:
             data = None
         self.last_body = data if isinstance(data, dict) else None
+        refused = self._refusal(request, data)
+        if refused is not None:
+            return refused
+        assert isinstance(data, dict)
+        max_tokens: int = data["max_tokens"]
+        messages: list[dict[str, Any]] = data["messages"]
+        tools = data.get("tools")
+        prompt = anthropic_prompt(data.get("system"), messages)
+        input_tokens = len(prompt.split())
+        last = messages[-1]
+        msg_id = f"msg_sim{next(self._ids):06x}"
+        stream = data.get("stream") is True
+        tool_text = _tool_result_text(last.get("content")) if last.get("role") == "user" else None
+        if tools and tool_text is None and last.get("role") == "user" \
+                and "weather" in message_text(last.get("content")).lower().split():
+            return await self._tool_use(request, msg_id, tools[0]["name"], input_tokens, stream)
+        if tool_text is not None:
+            pieces: list[str] = stream_pieces(("The tool said: " + tool_text).split(" "))
+            stop_reason = "end_turn" if len(pieces) <= max_tokens else "max_tokens"
+            pieces = pieces[:max_tokens]
+        else:
+            pieces, stop_reason = self._plan(prompt, last, max_tokens)
+        if stream:
+            return await self._stream_text(request, msg_id, pieces, stop_reason, input_tokens)
+        return web.json_response({
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [{"type": "text", "text": "".join(pieces)}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": len(pieces)},
+        })
+
+    def _refusal(self, request: web.Request, data: Any) -> web.Response | None:
+        """The error answer for a request it refuses (credentials, the `status` fault, a
+        malformed body), as the Messages API words it; None to answer it."""
         err = self._auth_error(request)
         if err is not None:
             return err
@@ -202,54 +259,7 @@ class AnthropicSimulator:
             return _error(self.status, f"simulated HTTP {self.status} failure", headers=headers)
         if not isinstance(data, dict):
             return _error(400, "request body must be a JSON object")
-        max_tokens = data.get("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            return _error(400, "max_tokens: field required (a positive integer)")
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ("user", "assistant") for m in messages):
-            return _error(400, "messages: a non-empty list of {role, content} is required")
-        system = data.get("system")
-        if system is not None and not isinstance(system, (str, list)):
-            return _error(400, "system: must be a string or a list of text blocks")
-        tools = data.get("tools")
-        if tools is not None and not (isinstance(tools, list) and all(
-                isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools)):
-            return _error(400, "tools: must be a list of tools with a name")
-
-        prompt = anthropic_prompt(system, messages)
-        input_tokens = len(prompt.split())
-        last = messages[-1]
-        msg_id = f"msg_sim{next(self._ids):06x}"
-        stream = data.get("stream") is True
-
-        if last.get("role") == "user" and tools:
-            tool_text = _tool_result_text(last.get("content"))
-            if tool_text is None and "weather" in message_text(last.get("content")).lower().split():
-                return await self._tool_use(request, msg_id, tools[0]["name"], input_tokens, stream)
-        else:
-            tool_text = _tool_result_text(last.get("content")) if last.get("role") == "user" else None
-
-        if tool_text is not None:
-            text = "The tool said: " + tool_text
-            pieces: list[str] = stream_pieces(text.split(" "))
-            stop_reason = "end_turn"
-            if len(pieces) > max_tokens:
-                pieces, stop_reason = pieces[:max_tokens], "max_tokens"
-        else:
-            pieces, stop_reason = self._plan(prompt, last, max_tokens)
-        if stream:
-            return await self._stream_text(request, msg_id, pieces, stop_reason, input_tokens)
-        return web.json_response({
-            "id": msg_id,
-            "type": "message",
-            "role": "assistant",
-            "model": self.model,
-            "content": [{"type": "text", "text": "".join(pieces)}],
-            "stop_reason": stop_reason,
-            "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": len(pieces)},
-        })
+        return _malformed(data)
 
     def _plan(self, prompt: str, last: Mapping[str, Any], max_tokens: int) -> tuple[list[str], str]:
         """Pieces to send and the stop_reason, honouring a prefill and max_tokens."""

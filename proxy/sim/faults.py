@@ -167,29 +167,7 @@ def parse_faults(specs: Sequence[str]) -> Faults:
             continue
         if not value:
             raise ValueError(f"fault {name!r} needs a value: {name}=VALUE")
-        if name in _STRINGS:
-            values[name] = value
-        elif name == "models":
-            ids = tuple(m.strip() for m in value.split(",") if m.strip())
-            if not ids:
-                raise ValueError("fault 'models' needs model ids: models=A,B")
-            values[name] = ids
-        elif name in _CHOICES:
-            if value not in _CHOICES[name]:
-                raise ValueError(f"fault {name!r} needs one of {', '.join(_CHOICES[name])}, "
-                                 f"got {value!r}")
-            values[name] = value
-        elif name in _SECONDS:
-            secs = _number(name, value)
-            # Keep an integral Retry-After integral ("5", not "5.0"): clients parse it as int.
-            values[name] = fmt_seconds(secs) if name == "rate_limit" else secs
-        else:
-            n = _integer(name, value)
-            if name == "status" and not 400 <= n <= 599:
-                raise ValueError(f"fault 'status' needs an HTTP error code 400-599, got {n}")
-            if name == "times" and n < 1:
-                raise ValueError("fault 'times' needs a count >= 1")
-            values[name] = n
+        values[name] = _value(name, value)
     if values.get("refuse") and "times" in values:
         # refuse receives no requests, so nothing would ever count the times down.
         raise ValueError("fault 'times' cannot be combined with 'refuse'")
@@ -198,6 +176,32 @@ def parse_faults(specs: Sequence[str]) -> Faults:
         for k, v in sorted(values.items())
     )
     return Faults(spec=spec, **values)
+
+
+def _value(name: str, value: str) -> Any:
+    """The value of fault `name` given as `value`; ValueError when it is not one."""
+    if name in _STRINGS:
+        return value
+    if name == "models":
+        ids = tuple(m.strip() for m in value.split(",") if m.strip())
+        if not ids:
+            raise ValueError("fault 'models' needs model ids: models=A,B")
+        return ids
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise ValueError(f"fault {name!r} needs one of {', '.join(_CHOICES[name])}, "
+                             f"got {value!r}")
+        return value
+    if name in _SECONDS:
+        secs = _number(name, value)
+        # Keep an integral Retry-After integral ("5", not "5.0"): clients parse it as int.
+        return fmt_seconds(secs) if name == "rate_limit" else secs
+    n = _integer(name, value)
+    if name == "status" and not 400 <= n <= 599:
+        raise ValueError(f"fault 'status' needs an HTTP error code 400-599, got {n}")
+    if name == "times" and n < 1:
+        raise ValueError("fault 'times' needs a count >= 1")
+    return n
 
 
 def _integer(name: str, value: str) -> int:

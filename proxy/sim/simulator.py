@@ -399,22 +399,11 @@ class Simulator(SimServer):
         resp = web.StreamResponse(headers=self._headers(faults, SSE_HEADERS))
         try:
             await resp.prepare(request)
-            delay = self.chunk_delay
-            if delay > 0 or thoughts:
+            if self.chunk_delay > 0 or thoughts:
                 # The first reasoning event at once, the next ones (and the answer after the
                 # last) REASONING_STEP_S apart: the answer begins `reasoning` seconds in.
                 step = faults.reasoning / len(thoughts) if thoughts else 0.0
-                ready: list[bytes] = []
-                for i, ev in enumerate(events):
-                    pause = max(delay if i else 0.0, step if i in paced else 0.0)
-                    if pause > 0:
-                        if ready:
-                            await resp.write(b"".join(ready))
-                            ready.clear()
-                        await asyncio.sleep(pause)
-                    ready.append(ev)
-                if ready:
-                    await resp.write(b"".join(ready))
+                await self._paced(resp, events, paced, step)
             elif events:
                 # No delay: one write (one syscall) for the whole stream.
                 await resp.write(b"".join(events))
@@ -433,3 +422,20 @@ class Simulator(SimServer):
             return resp
         self.stats.completed_streams += 1
         return resp
+
+    async def _paced(self, resp: web.StreamResponse, events: list[bytes], paced: range,
+                     step: float) -> None:
+        """Write `events` `chunk_delay` apart, and the `paced` ones (reasoning) `step` apart;
+        what has no pause before it goes out with the events before it, in one write."""
+        delay = self.chunk_delay
+        ready: list[bytes] = []
+        for i, ev in enumerate(events):
+            pause = max(delay if i else 0.0, step if i in paced else 0.0)
+            if pause > 0:
+                if ready:
+                    await resp.write(b"".join(ready))
+                    ready.clear()
+                await asyncio.sleep(pause)
+            ready.append(ev)
+        if ready:
+            await resp.write(b"".join(ready))

@@ -188,42 +188,50 @@ async def mode_latency(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def mode_hold(args: dict[str, Any]) -> None:
-    n, url, timeout = args["n"], args["url"], args.get("timeout", 60.0)
-    payload = body(args["model"], True)
-    state = {"first": 0, "chunks": 0}
-    failed: dict[str, int] = {}
-    settled = asyncio.Event()  # every stream has either its first chunk or failed
+class _Holder:
+    """The streams `hold` keeps open: how many have their first content chunk, how many
+    failed (by why), and the chunks read; `settled` once every stream is one or the other."""
 
-    def check() -> None:
-        if state["first"] + sum(failed.values()) >= n:
-            settled.set()
+    def __init__(self, n: int, url: str, payload: bytes) -> None:
+        self.n, self.url, self.payload = n, url, payload
+        self.first = 0
+        self.chunks = 0
+        self.failed: dict[str, int] = {}
+        self.settled = asyncio.Event()
 
-    def fail(key: str) -> None:
-        failed[key] = failed.get(key, 0) + 1
-        check()
+    def _check(self) -> None:
+        if self.first + sum(self.failed.values()) >= self.n:
+            self.settled.set()
 
-    async def hold_one(sess: aiohttp.ClientSession) -> None:
+    def _fail(self, key: str) -> None:
+        self.failed[key] = self.failed.get(key, 0) + 1
+        self._check()
+
+    async def hold_one(self, sess: aiohttp.ClientSession) -> None:
         got = False
         try:
-            async with sess.post(url, data=payload) as resp:
+            async with sess.post(self.url, data=self.payload) as resp:
                 if resp.status != 200:
-                    fail(f"HTTP {resp.status}")
+                    self._fail(f"HTTP {resp.status}")
                     return
                 async for line in resp.content:
                     if content_of(line) is None:
                         continue
-                    state["chunks"] += 1
+                    self.chunks += 1
                     if not got:
                         got = True
-                        state["first"] += 1
-                        check()
+                        self.first += 1
+                        self._check()
             if not got:
-                fail("no content")
+                self._fail("no content")
         except (aiohttp.ClientError, TimeoutError) as exc:
             if not got:
-                fail(type(exc).__name__)
+                self._fail(type(exc).__name__)
 
+
+async def mode_hold(args: dict[str, Any]) -> None:
+    n, timeout = args["n"], args.get("timeout", 60.0)
+    holder = _Holder(n, args["url"], body(args["model"], True))
     t0 = time.perf_counter()
     async with session(limit=0, total=None) as sess:
         # Ramp up in small batches: a burst of 1000 connects overflows accept queues, and
@@ -231,14 +239,15 @@ async def mode_hold(args: dict[str, Any]) -> None:
         batch, pause = args.get("batch", 50), args.get("pause", 0.1)
         tasks = []
         for i in range(n):
-            tasks.append(asyncio.create_task(hold_one(sess)))
+            tasks.append(asyncio.create_task(holder.hold_one(sess)))
             if (i + 1) % batch == 0:
                 await asyncio.sleep(pause)
         try:
-            await asyncio.wait_for(settled.wait(), timeout)
+            await asyncio.wait_for(holder.settled.wait(), timeout)
         except TimeoutError:
             pass
-        ready = {"ready": state["first"], "failed": failed, "open_s": time.perf_counter() - t0,
+        ready = {"ready": holder.first, "failed": holder.failed,
+                 "open_s": time.perf_counter() - t0,
                  "still_open": sum(1 for t in tasks if not t.done())}
         sys.stdout.write(orjson.dumps(ready).decode() + "\n")
         sys.stdout.flush()
@@ -247,7 +256,7 @@ async def mode_hold(args: dict[str, Any]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    sys.stdout.write(orjson.dumps({"closed": n, "chunks": state["chunks"]}).decode() + "\n")
+    sys.stdout.write(orjson.dumps({"closed": n, "chunks": holder.chunks}).decode() + "\n")
     sys.stdout.flush()
 
 
@@ -268,6 +277,69 @@ def complete_answer(text: str, words: int) -> bool:
 
 def _count(d: dict[str, int], key: str) -> None:
     d[key] = d.get(key, 0) + 1
+
+
+async def _streamed(sess: aiohttp.ClientSession, url: str,
+                    payload: bytes) -> tuple[int, str, list[float], list[str]]:
+    """One streamed answer: (status, x-route-instance, arrival time and text of each content
+    chunk)."""
+    times: list[float] = []
+    pieces: list[str] = []
+    async with sess.post(url, data=payload) as resp:
+        status = resp.status
+        inst = resp.headers.get("x-route-instance", "-")
+        async for line in resp.content:
+            text = content_of(line)
+            if text is not None:
+                times.append(time.perf_counter())
+                pieces.append(text)
+    return status, inst, times, pieces
+
+
+async def _first_content_s(sess: aiohttp.ClientSession, url: str,
+                           doc: dict[str, Any]) -> tuple[int, float | None]:
+    """(status, seconds to the first content chunk or None) of one streamed request."""
+    t0 = time.perf_counter()
+    first = None
+    async with sess.post(url, data=orjson.dumps(doc)) as resp:
+        status = resp.status
+        async for line in resp.content:
+            if first is None and content_of(line) is not None:
+                first = time.perf_counter() - t0
+    return status, first
+
+
+async def _direct_baseline(sess: aiohttp.ClientSession, args: dict[str, Any], prefix: str,
+                           errors: dict[str, int], measured: bool) -> float | None:
+    """The baseline: what the fallback itself takes to start continuing the answer (the
+    prefill request the proxy sends it, sent directly); None when it failed (counted in
+    `errors` when `measured`)."""
+    doc = {"model": args["direct_model"], "stream": True,
+           "messages": [{"role": "user", "content": PROMPT},
+                        {"role": "assistant", "content": prefix}]}
+    try:
+        status, first = await _first_content_s(sess, args["direct_url"], doc)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if measured:
+            _count(errors, type(exc).__name__)
+        return None
+    if (status != 200 or first is None) and measured:
+        _count(errors, f"HTTP {status}" if status != 200 else "no content")
+    return first if status == 200 else None
+
+
+def _note_answer(out: dict[str, Any], status: int, pieces: list[str], words: int) -> bool:
+    """Count one measured answer; True when it was a 200 (whole or not)."""
+    _count(out["chunks"], str(len(pieces)))
+    if status != 200:
+        _count(out["errors"], f"HTTP {status}")
+        return False
+    whole = "".join(pieces)
+    if complete_answer(whole, words):
+        out["complete"] += 1
+    elif len(out["incomplete"]) < 3:
+        out["incomplete"].append(whole[-160:])
+    return True
 
 
 async def mode_midstream(args: dict[str, Any]) -> dict[str, Any]:
@@ -294,18 +366,9 @@ async def mode_midstream(args: dict[str, Any]) -> dict[str, Any]:
                 await r.read()
                 if r.status != 200 and measured:
                     _count(out["reset_errors"], f"HTTP {r.status}")
-            times: list[float] = []
-            pieces: list[str] = []
             t0 = time.perf_counter()
             try:
-                async with sess.post(args["url"], data=payload) as resp:
-                    status = resp.status
-                    inst = resp.headers.get("x-route-instance", "-")
-                    async for line in resp.content:
-                        text = content_of(line)
-                        if text is not None:
-                            times.append(time.perf_counter())
-                            pieces.append(text)
+                status, inst, times, pieces = await _streamed(sess, args["url"], payload)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if measured:
                     _count(out["errors"], type(exc).__name__)
@@ -315,42 +378,14 @@ async def mode_midstream(args: dict[str, Any]) -> dict[str, Any]:
                 prefix = "".join(pieces[:cut])
             if measured:
                 _count(out["instances"], inst)
-                _count(out["chunks"], str(len(pieces)))
-                if status != 200:
-                    _count(out["errors"], f"HTTP {status}")
-                else:
-                    whole = "".join(pieces)
-                    if complete_answer(whole, words):
-                        out["complete"] += 1
-                    elif len(out["incomplete"]) < 3:
-                        out["incomplete"].append(whole[-160:])
+                if _note_answer(out, status, pieces, words):
                     if len(times) > cut:
                         gaps.append(times[cut] - times[cut - 1])
                     totals.append(total)
-            if prefix is None:
-                continue
-            # The baseline: what the fallback itself takes to start continuing the answer.
-            doc = {"model": args["direct_model"], "stream": True,
-                   "messages": [{"role": "user", "content": PROMPT},
-                                {"role": "assistant", "content": prefix}]}
-            t0 = time.perf_counter()
-            first = None
-            try:
-                async with sess.post(args["direct_url"], data=orjson.dumps(doc)) as resp:
-                    dstatus = resp.status
-                    async for line in resp.content:
-                        if first is None and content_of(line) is not None:
-                            first = time.perf_counter() - t0
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                if measured:
-                    _count(out["direct_errors"], type(exc).__name__)
-                continue
-            if not measured:
-                continue
-            if dstatus != 200 or first is None:
-                _count(out["direct_errors"], f"HTTP {dstatus}" if dstatus != 200 else "no content")
-            else:
-                ttft_direct.append(first)
+            if prefix is not None:
+                first = await _direct_baseline(sess, args, prefix, out["direct_errors"], measured)
+                if first is not None and measured:
+                    ttft_direct.append(first)
     out |= {"gap_s": gaps, "direct_ttft_s": ttft_direct, "total_s": totals, "prefix": prefix}
     return out
 

@@ -127,26 +127,31 @@ def parse_wrk(text: str, result: WrkResult) -> WrkResult:
                     setattr(result, f"p{m.group(1)}_ms", _seconds(m.group(2)) * 1e3)
                 continue
             in_dist = False
-        if s.startswith("Latency") and not s.startswith("Latency Distribution"):
+        if s.startswith("Latency"):
             parts = s.split()
             if len(parts) >= 4:
                 result.max_ms = _seconds(parts[3]) * 1e3
-        m = re.match(r"^(\d+) requests in ([\d.]+\w+),", s)
-        if m:
-            result.requests = int(m.group(1))
-            result.elapsed_s = _seconds(m.group(2))
-        m = re.match(r"^Socket errors: (.*)$", s)
-        if m:
-            for item in m.group(1).split(","):
-                name, _, count = item.strip().partition(" ")
-                result.socket_errors[name] = int(count)
-        m = re.match(r"^Non-2xx or 3xx responses: (\d+)$", s)
-        if m:
-            result.non_2xx = int(m.group(1))
-        m = re.match(r"^Requests/sec:\s+([\d.]+)$", s)
-        if m:
-            result.rps = float(m.group(1))
+        _summary_line(s, result)
     return result
+
+
+def _summary_line(s: str, result: WrkResult) -> None:
+    """Fill `result` from one of the report's summary lines (any other line is left)."""
+    m = re.match(r"^(\d+) requests in ([\d.]+\w+),", s)
+    if m:
+        result.requests = int(m.group(1))
+        result.elapsed_s = _seconds(m.group(2))
+    m = re.match(r"^Socket errors: (.*)$", s)
+    if m:
+        for item in m.group(1).split(","):
+            name, _, count = item.strip().partition(" ")
+            result.socket_errors[name] = int(count)
+    m = re.match(r"^Non-2xx or 3xx responses: (\d+)$", s)
+    if m:
+        result.non_2xx = int(m.group(1))
+    m = re.match(r"^Requests/sec:\s+([\d.]+)$", s)
+    if m:
+        result.rps = float(m.group(1))
 
 
 def run_wrk(sup: Supervisor, wrk: str, url: str, script: Path, connections: int,
