@@ -43,10 +43,6 @@ class Circuit:
     #: Who holds the half-open trial (the attempt that claimed it), or None.
     trial_owner: object | None = None
 
-    @property
-    def trial_in_flight(self) -> bool:
-        return self.trial_owner is not None
-
     def available(self, now: float) -> bool:
         """Whether a request may be sent now (without claiming a half-open trial)."""
         if self.state == CLOSED:
