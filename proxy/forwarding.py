@@ -52,7 +52,6 @@ from proxy.failures import (
 from proxy.fingerprints import Pin, models_match, response_model
 from proxy.inbound import CHAT, UPSTREAM_PATH, ClientRequest
 from proxy.instances import InstanceState, Registry
-from proxy.ratelimits import relay_headers
 from proxy.routing import RoutePlan, larger_window
 from proxy.scoring import RATE_LIMITED_REASON, hard_filter
 from proxy.sse import (
@@ -351,7 +350,7 @@ class Forwarder:
                 raise FingerprintMismatch(f"answered as {seen}, pinned {pin.describe()}")
         self.registry.record_success(inst, ttfb)
         return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
-                     relay_headers(resp.headers), ttfb_s=ttfb)
+                     self.upstream.relayed(resp.headers), ttfb_s=ttfb)
 
     async def _attempt_stream(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
                               client_auth: str | None, attempt_no: int) -> Reply:
@@ -386,7 +385,7 @@ class Forwarder:
                     if chunk is not None:
                         delivered.note(chunk)
                 await sink.start(cfg.id, attempt_no, b"".join(event for event, _ in pending),
-                                 relay_headers(resp.headers))
+                                 self.upstream.relayed(resp.headers))
                 if pending[-1][1] is None:  # [DONE] was among the pending events
                     done = True
                     return Reply(200, None, ttfb_s=ttfb)
