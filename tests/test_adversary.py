@@ -16,18 +16,20 @@ import yaml
 
 from proxy.config import load_config, parse_config
 from proxy.simtext import answer_text
+from tests import test_upstream_edges
 from tests.conftest import MakeProxy, MakeSim, chat_body
-from tests.test_upstream_edges import (  # noqa: F401 - make_hostile is a fixture
+from tests.test_upstream_edges import (
     PROMPT,
     Hostile,
     MakeHostile,
     completion,
     config_for,
-    make_hostile,
     post_chat,
     reroute_reasons,
     streamed_text,
 )
+
+make_hostile = test_upstream_edges.make_hostile  # the raw-socket upstream fixture
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 
