@@ -76,12 +76,15 @@ async def drain_instance(request: web.Request) -> web.Response:
 
 @admin
 async def enable_instance(request: web.Request) -> web.Response:
-    """POST /admin/instances/{id}/enable: back in rotation; probed again at once."""
+    """POST /admin/instances/{id}/enable: back in rotation (circuit closed, rate-limit
+    cooldown ended); probed again at once."""
     state = request.app[STATE]
     inst = _instance(request)
     if inst.state == DRAINED or inst.state == MISMATCH:
         state.registry.set_state(inst, UNKNOWN, "enabled by admin")
     inst.circuit.on_success()
+    inst.rate_limited_until = 0.0  # the admin's word beats an upstream's Retry-After
+    inst.rate_limit_streak = 0
     if state.config.health.enabled:
         state.prober.apply(inst, await state.prober.probe(inst))
     return _json_response(inst.snapshot())

@@ -27,6 +27,11 @@ from proxy.upstream import Upstream, make_client
 
 log = structlog.get_logger("proxy.app")
 
+#: One reload at a time: each stops the running prober and starts its own, so two that
+#: overlap (a burst of SIGHUPs, admin reloads sent together) would leave one running
+#: for a config no longer in use, probing every instance for the process's life.
+RELOAD_LOCK = web.AppKey("reload_lock", asyncio.Lock)
+
 
 def _assemble(config: Config, registry: Registry, recorder: Recorder,
               client: ClientSession) -> ProxyState:
@@ -99,6 +104,11 @@ async def reload_config(app: web.Application, path: str | None = None) -> tuple[
     figures, and in-flight requests release their count and slot on it.
     An invalid file is rejected and the running config stays. Returns (ok, message).
     """
+    async with app[RELOAD_LOCK]:  # overlapping reloads would each start a prober
+        return await _reload(app, path)
+
+
+async def _reload(app: web.Application, path: str | None) -> tuple[bool, str]:
     state = app[STATE]
     source = path or state.config.source
     try:
@@ -214,6 +224,7 @@ def create_app(config: Config) -> web.Application:
                           middlewares=[openai_errors], handler_args=HANDLER_ARGS)
     app[CONFIG] = config
     app[RELOAD] = reload_config
+    app[RELOAD_LOCK] = asyncio.Lock()
     app.cleanup_ctx.append(_lifecycle)
     add_routes(app)
     add_admin_routes(app)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,12 +48,12 @@ from proxy.failures import (
     UnusableAnswer,
     UpstreamErrorEvent,
     UpstreamFailure,
+    UpstreamProtocolError,
     UpstreamTimeout,
 )
 from proxy.fingerprints import Pin, models_match, response_model
 from proxy.inbound import CHAT, UPSTREAM_PATH, ClientRequest
 from proxy.instances import InstanceState, Registry
-from proxy.ratelimits import relay_headers
 from proxy.routing import RoutePlan, larger_window
 from proxy.scoring import RATE_LIMITED_REASON, hard_filter
 from proxy.sse import (
@@ -63,6 +64,7 @@ from proxy.sse import (
     MalformedEvent,
     event_data,
     inspect_chunk,
+    whole_as_events,
 )
 from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
 from proxy.upstream import PassThrough, Response, Upstream
@@ -70,6 +72,8 @@ from proxy.upstream import PassThrough, Response, Upstream
 log = structlog.get_logger("proxy.forwarding")
 
 _NO_HEADERS: dict[str, str] = {}  # shared, never written to
+#: What every 2xx answer of the OpenAI endpoints starts with (a cheap look, no parse).
+_JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
 _NO_PREFILL = "a text completion whose prompt is not one string cannot be continued by prefill"
 _REASONING_ONLY = "only reasoning was delivered: a prefill (answer text) cannot continue a reasoning"
 
@@ -344,6 +348,11 @@ class Forwarder:
         body = await self.upstream.read_body(resp, self.config.timeouts.idle_s)
         resp.release()
         body = self.upstream.translate_body(cfg, body)
+        if _JSON_OBJECT.match(body) is None:
+            # A 204, an empty body, a captive portal's HTML page: no answer at all.
+            raise UpstreamProtocolError(
+                f"HTTP {resp.status} answer is not a JSON object "
+                f"({resp.headers.get('Content-Type', 'no Content-Type')}, {len(body)} bytes)")
         pin = inst.pin
         if pin is not None and resp.status == 200:
             seen = response_model(body)
@@ -351,7 +360,7 @@ class Forwarder:
                 raise FingerprintMismatch(f"answered as {seen}, pinned {pin.describe()}")
         self.registry.record_success(inst, ttfb)
         return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
-                     relay_headers(resp.headers), ttfb_s=ttfb)
+                     self.upstream.relayed(resp.headers), ttfb_s=ttfb)
 
     async def _attempt_stream(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
                               client_auth: str | None, attempt_no: int) -> Reply:
@@ -369,10 +378,19 @@ class Forwarder:
         done = False
         try:
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                # The upstream ignored `stream`; relay its whole answer.
+                # The upstream ignored `stream`: its whole answer, as the stream asked for.
                 reply = await self._whole_reply(inst, resp, time.perf_counter() - t0)
                 done = True
-                return reply
+                assert reply.body is not None
+                events = whole_as_events(reply.body, req.include_usage)
+                if events is None:
+                    raise StreamMalformed("answered a stream with a JSON body that is not "
+                                          "a completion")
+                try:
+                    await sink.start(cfg.id, attempt_no, events, reply.headers)
+                except ClientGone:
+                    return Reply(200, None, outcome=CLIENT_GONE, ttfb_s=reply.ttfb_s)
+                return Reply(200, None, ttfb_s=reply.ttfb_s)
             reader = self.upstream.events(cfg, resp, req.include_usage)
             pending: list[tuple[bytes, Chunk | None]] = []
             await self._until_content(reader, pending, deadline, inst.pin)
@@ -386,7 +404,7 @@ class Forwarder:
                     if chunk is not None:
                         delivered.note(chunk)
                 await sink.start(cfg.id, attempt_no, b"".join(event for event, _ in pending),
-                                 relay_headers(resp.headers))
+                                 self.upstream.relayed(resp.headers))
                 if pending[-1][1] is None:  # [DONE] was among the pending events
                     done = True
                     return Reply(200, None, ttfb_s=ttfb)

@@ -275,6 +275,10 @@ class InstanceState:
         }
 
 
+#: Longest rate-limit cooldown taken from an upstream's headers (Retry-After, resets).
+MAX_RATE_LIMIT_COOLDOWN_S = 3600.0
+
+
 class Registry:
     """All instances in config order, addressable by full id."""
 
@@ -408,7 +412,10 @@ class Registry:
                        circuit.max_cooldown_s)
             inst.rate_limit_streak += 1
         else:
-            wait = retry_after_s
+            # Bounded: a buggy or hostile `Retry-After: 1000000000` must not take the
+            # instance out until a restart (a real limit still in force costs one more
+            # 429 an hour).
+            wait = min(retry_after_s, MAX_RATE_LIMIT_COOLDOWN_S)
         if now + wait > inst.rate_limited_until:
             inst.rate_limited_until = now + wait
         log.warning("rate_limited", instance=inst.id, retry_in_s=round(wait, 2),

@@ -290,3 +290,50 @@ def inspect_chunk(payload: bytes) -> Chunk:
     return Chunk(bool(text or reasoning) or tool_call or refusal or other, finish, None,
                  model if isinstance(model, str) and model else None, text, tool_call, obj,
                  reasoning, refusal)
+
+
+def whole_as_events(body: bytes, include_usage: bool) -> bytes | None:
+    """A whole (non-streamed) chat or text completion as the events of a stream that says
+    the same: one chunk with every choice's message as its delta and its finish reason,
+    a usage chunk when the client asked for one, then `[DONE]`. For an upstream that
+    ignored `stream: true`: relayed as it came, an SDK iterating the stream finds no event
+    and returns an empty answer without raising. None when `body` is not a completion."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return None
+    chat = obj.get("object") != "text_completion"
+    base = {"id": obj.get("id") or "", "created": obj.get("created") or 0,
+            "model": obj.get("model") or "",
+            "object": "chat.completion.chunk" if chat else "text_completion"}
+    out = []
+    for n, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            return None
+        index = choice.get("index", n)
+        if not chat:
+            if not isinstance(choice.get("text"), str):
+                return None
+            out.append({**choice, "index": index})
+            continue
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            return None
+        delta = {k: v for k, v in message.items() if v is not None}
+        delta.setdefault("role", "assistant")
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):  # a streamed tool call says which one it extends
+            delta["tool_calls"] = [{**call, "index": i} if isinstance(call, dict) else call
+                                   for i, call in enumerate(calls)]
+        out.append({"index": index, "delta": delta,
+                    "finish_reason": choice.get("finish_reason")})
+    events = [b"data: " + orjson.dumps({**base, "choices": out}) + b"\n\n"]
+    usage = obj.get("usage")
+    if include_usage and usage is not None:
+        events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage})
+                      + b"\n\n")
+    events.append(DONE_EVENT)
+    return b"".join(events)

@@ -270,7 +270,7 @@ class Upstream:
         if status == 429:
             body_bytes = await self.read_error_body(resp)
             raise RateLimited(retry_after_s(resp.headers), body_bytes,
-                              passthrough_headers(resp.headers))
+                              self.relayed(resp.headers))
         if status >= 500:
             raise Upstream5xx(status, await self.read_error_body(resp))
         body_bytes = await self.read_error_body(resp)
@@ -282,7 +282,18 @@ class Upstream:
         if status in (401, 403):
             raise UpstreamAuth(status)
         raise PassThrough(status, body_bytes, resp.headers.get("Content-Type", "application/json"),
-                          passthrough_headers(resp.headers))
+                          self.relayed(resp.headers))
+
+    def relayed(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The upstream's rate-limit headers for the client (see proxy.ratelimits), with
+        any configured secret scrubbed from their values: a server may quote the key it
+        was sent in them, as in an error body."""
+        out = relay_headers(headers)
+        if out and self.redactor:
+            text = self.redactor.text
+            for name, value in out.items():
+                out[name] = text(value)
+        return out
 
     def _not_an_answer(self, resp: Response) -> UpstreamProtocolError:
         """A final status that is neither an answer nor an error: an unasked-for protocol
@@ -310,13 +321,13 @@ class Upstream:
         """Raise the failure (or pass-through) an Anthropic error status stands for."""
         code, message = anthropic.map_error(status, body)
         if code == "RATE_LIMITED":
-            raise RateLimited(retry_after_s(headers), body, passthrough_headers(headers))
+            raise RateLimited(retry_after_s(headers), body, self.relayed(headers))
         if code == "UPSTREAM_5XX":
             raise Upstream5xx(status, body)
         if code == "UPSTREAM_AUTH":
             raise UpstreamAuth(status)
         raise PassThrough(status, error_body(message, "invalid_request_error"),
-                          "application/json", passthrough_headers(headers))
+                          "application/json", self.relayed(headers))
 
     def translate_body(self, inst: InstanceConfig, body: bytes) -> bytes:
         """A whole response in OpenAI's chat.completion shape (Messages API translated)."""
@@ -425,10 +436,4 @@ async def _read(content: aiohttp.StreamReader, limit: int, timeout_s: float | No
             raise _too_large(limit)
         return b"".join(parts)[:limit]
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def passthrough_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The upstream headers worth relaying on a passed-through or 429 answer: its
-    rate-limit headers (see proxy.ratelimits)."""
-    return relay_headers(headers)
 
