@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -284,7 +286,12 @@ def _table_keys(cell: str) -> dict[str, str | None]:
     return keys
 
 
-_REQUIRED = object()
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+_REQUIRED = _Required()
 
 
 def _readme_value(text: str) -> Any:
@@ -314,10 +321,8 @@ def _same_default(readme: Any, default: Any) -> bool:
     if isinstance(default, bool) or isinstance(readme, bool):
         return readme is default
     if isinstance(default, (tuple, frozenset)):
-        return readme == set(default)
-    if isinstance(default, (int, float)) and isinstance(readme, float):
-        return readme == default
-    return bool(readme == default)
+        return bool(readme == set(default))
+    return bool(readme == default)  # a number as written (8 MiB, 1e6) is read as a float
 
 
 def _readme_table() -> dict[str, dict[str, str | None]]:
@@ -461,3 +466,42 @@ def test_a_bad_value_under_a_secret_key_is_described_not_quoted(
     message = str(err.value)
     assert f".{key}" in message or message.startswith(f"c.yaml: {key}"), message
     assert message.endswith("expected a string, got a boolean"), message
+
+
+def _all_models(model: type[BaseModel]) -> list[type[BaseModel]]:
+    found = [model]
+    for info in model.model_fields.values():
+        nested = _annotation_model(info.annotation)
+        if nested is not None:
+            found += _all_models(nested)
+    return found
+
+
+_KEYS = sorted({key for model in _all_models(DocumentSpec) for key in model.model_fields})
+_ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    | st.sampled_from(["", "auto", "off", "TOOLS", "yes", "1e3", "http://h:1", "https://h",
+                       "sqlite:///x.db", "${HOME}", "${UNSET_IN_THIS_TEST}", "${X:-7}"]),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=4), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(_mapping_paths(DocumentSpec)), key=st.sampled_from(_KEYS),
+       value=_ANY_VALUE)
+def test_any_value_under_any_key_gives_a_config_or_a_config_error(
+        path: tuple[str | int, ...], key: str, value: Any) -> None:
+    try:
+        parse_config(_set(_VALID, path, key, value), "c.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("c.yaml: ") and "Traceback" not in str(exc)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(document=_ANY_VALUE)
+def test_any_document_gives_a_config_or_a_config_error(document: Any) -> None:
+    try:
+        parse_config(document, "c.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("c.yaml: ")
