@@ -375,15 +375,15 @@ def _set(doc: dict[str, Any], path: tuple[str | int, ...], key: str, value: Any)
     return doc
 
 
-def _mapping_paths(model: type[BaseModel], path: tuple[int | str, ...] = ()
-                   ) -> list[tuple[int | str, ...]]:
-    """The path of every mapping the schema describes, from the document down."""
-    paths = [path]
+def _mappings(model: type[BaseModel], path: tuple[int | str, ...] = ()
+              ) -> list[tuple[tuple[int | str, ...], type[BaseModel]]]:
+    """Every mapping the schema describes, from the document down: (path, its model)."""
+    found = [(path, model)]
     for name, info in model.model_fields.items():
         nested = _annotation_model(info.annotation)
         if nested is not None:
-            paths += _mapping_paths(nested, (*path, name, *_inside(info.annotation)[1]))
-    return paths
+            found += _mappings(nested, (*path, name, *_inside(info.annotation)[1]))
+    return found
 
 
 _VALID = {"providers": [{"provider_id": "p", "instances": [
@@ -391,7 +391,8 @@ _VALID = {"providers": [{"provider_id": "p", "instances": [
 _INSTANCE = ("providers", 0, "instances", 0)
 
 
-@pytest.mark.parametrize("path", _mapping_paths(DocumentSpec), ids=lambda p: ".".join(map(str, p)) or "top")
+@pytest.mark.parametrize("path", [path for path, _ in _mappings(DocumentSpec)],
+                         ids=lambda p: ".".join(map(str, p)) or "top")
 def test_an_unknown_key_anywhere_names_its_path_and_the_known_keys(path: tuple[str | int, ...]) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(_set(_VALID, path, "bogus", 1), "c.yaml")
@@ -468,16 +469,7 @@ def test_a_bad_value_under_a_secret_key_is_described_not_quoted(
     assert message.endswith("expected a string, got a boolean"), message
 
 
-def _all_models(model: type[BaseModel]) -> list[type[BaseModel]]:
-    found = [model]
-    for info in model.model_fields.values():
-        nested = _annotation_model(info.annotation)
-        if nested is not None:
-            found += _all_models(nested)
-    return found
-
-
-_KEYS = sorted({key for model in _all_models(DocumentSpec) for key in model.model_fields})
+_KEYS = sorted({key for _, model in _mappings(DocumentSpec) for key in model.model_fields})
 _ANY_VALUE = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
     | st.sampled_from(["", "auto", "off", "TOOLS", "yes", "1e3", "http://h:1", "https://h",
@@ -487,11 +479,13 @@ _ANY_VALUE = st.recursive(
     max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(path=st.sampled_from(_mapping_paths(DocumentSpec)), key=st.sampled_from(_KEYS),
-       value=_ANY_VALUE)
-def test_any_value_under_any_key_gives_a_config_or_a_config_error(
-        path: tuple[str | int, ...], key: str, value: Any) -> None:
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), value=_ANY_VALUE)
+def test_any_value_under_any_key_gives_a_config_or_a_config_error(data: st.DataObject,
+                                                                  value: Any) -> None:
+    path, model = data.draw(st.sampled_from(_mappings(DocumentSpec)))
+    # mostly a key this mapping has, so that the value itself is judged
+    key = data.draw(st.sampled_from(sorted(model.model_fields)) | st.sampled_from(_KEYS))
     try:
         parse_config(_set(_VALID, path, key, value), "c.yaml")
     except ConfigError as exc:

@@ -54,7 +54,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class InstanceConfig:
-    """One model server, flattened from its InstanceSpec and provider (defaults: there)."""
+    """One model server, flattened from its InstanceSpec and provider (the defaults are
+    theirs, in proxy/config/schema.py)."""
 
     id: str  # the full `provider_id:instance_id`
     provider_id: str

@@ -141,6 +141,8 @@ class Weights(_Schema):
 
 
 class RoutingConfig(_Schema):
+    """`routing:`: how plans are made (proxy/routing.py, proxy/scoring.py); times in seconds."""
+
     prefer_local: bool = True
     session_header: Annotated[str, AfterValidator(str.lower)] = "x-session-id"
     sticky_ttl_s: Number = Field(1800.0, ge=0)
@@ -152,6 +154,8 @@ class RoutingConfig(_Schema):
 
 
 class HealthConfig(_Schema):
+    """`health:`: background probes and the circuit breaker; times in seconds."""
+
     interval_s: Number = Field(5.0, ge=0.05)
     timeout_s: Number = Field(2.0, ge=0.01)
     #: First circuit cooldown; doubles on each failed half-open trial up to the cap.
@@ -205,6 +209,8 @@ class TlsConfig(_Schema):
 
 
 class RetryConfig(_Schema):
+    """`retry:`: which failures move a request on, and how far."""
+
     max_attempts: Whole = Field(4, ge=1)
     #: Failure kinds (proxy/failures.py RETRY_KINDS) that move a request to another instance.
     on: Annotated[frozenset[Annotated[str, _one_of(tuple(RETRY_KINDS))]],
@@ -223,6 +229,8 @@ class RetryConfig(_Schema):
 
 
 class StoreConfig(_Schema):
+    """`store:`: the SQLite audit store (proxy/store.py)."""
+
     url: Annotated[str, AfterValidator(_sqlite_file)] = DEFAULT_STORE_URL
     #: Off: no audit rows are written (logs and metrics remain).
     enabled: bool = True
@@ -233,6 +241,8 @@ class StoreConfig(_Schema):
 
 
 class LoggingConfig(_Schema):
+    """`logging:`: structlog's output (proxy/logs.py)."""
+
     format: Annotated[str, _one_of(("json", "console"))] = "json"
     level: Annotated[str, _one_of(("debug", "info", "warning", "error"))] = "info"
 
@@ -241,11 +251,16 @@ class LoggingConfig(_Schema):
 
 
 class CostSpec(_Schema):
+    """`metadata.cost`: price per million tokens (the examples use US dollars); scoring
+    counts 1 / (1 + input + output)."""
+
     input_per_mtok: Number = Field(0.0, ge=0)
     output_per_mtok: Number = Field(0.0, ge=0)
 
 
 class MetadataSpec(_Schema):
+    """An instance's `metadata:`: what it serves and can do, for planning."""
+
     #: A label: the name clients may use, and the `model` sent upstream (see README).
     model: str | None = None
     tags: Strings = ()
@@ -285,6 +300,8 @@ class InstanceSpec(_Schema):
 
 
 class ProviderSpec(_Schema):
+    """One entry of `providers:`: settings its instances inherit."""
+
     provider_id: str
     kind: Annotated[str, _one_of(KINDS)] = "openai"
     #: None: guessed from provider_id (`llama-cpp` -> llamacpp), else openai.
