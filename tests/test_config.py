@@ -470,13 +470,17 @@ def test_a_bad_value_under_a_secret_key_is_described_not_quoted(
 
 
 _KEYS = sorted({key for _, model in _mappings(DocumentSpec) for key in model.model_fields})
-_ANY_VALUE = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
-    | st.sampled_from(["", "auto", "off", "TOOLS", "yes", "1e3", "http://h:1", "https://h",
-                       "sqlite:///x.db", "${HOME}", "${UNSET_IN_THIS_TEST}", "${X:-7}"]),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=4), inner, max_size=4),
-    max_leaves=12)
+_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+            | st.sampled_from(["", "auto", "off", "TOOLS", "yes", "1e3", "http://h:1", "https://h",
+                               "sqlite:///x.db", "${HOME}", "${UNSET_IN_THIS_TEST}", "${X:-7}"]))
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(_KEYS) | st.text(max_size=4), inner, max_size=4)
+
+
+_ANY_VALUE = st.recursive(_SCALARS, _containers, max_leaves=12)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
