@@ -274,6 +274,7 @@ class Forwarder:
             return reply
         error = _final_error(plan, attempts, skipped, last_failure, limited)
         error.attempts = len(attempts)
+        error.tried = attempts
         error.upstream_s = sum(a.elapsed_ms for a in attempts) / 1000.0
         raise error
 
