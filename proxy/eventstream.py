@@ -6,8 +6,8 @@ each to every subscriber of `GET /admin/events/stream` (server-sent events, WHAT
 "Server-sent events": `id:`, `event:`, `data:` lines, a blank line between events).
 
 Each subscriber has a bounded queue: a client that reads slower than events arrive loses
-the events that do not fit (counted, and announced to it as an `event: missed` with the
-count once it catches up), so a slow or stalled reader never grows the proxy's memory.
+the oldest events that do not fit (counted, and announced to it as an `event: missed`
+with the count once it catches up), so a slow or stalled reader never grows the proxy's memory.
 On shutdown every stream gets `event: shutdown` and ends cleanly, so the server's graceful
 shutdown never waits on an open stream. Per process: with `--workers N` a stream sees the
 events of the worker that serves it.
@@ -33,7 +33,7 @@ LIVE_TYPES = frozenset({"REROUTED", "ROUTE_BLOCKED", "STREAM_RESUMED",
                         "INSTANCE_STATE_CHANGED"})
 #: Events kept for a new subscriber, `status` and the status page's first view.
 RECENT = 200
-#: Events a subscriber may have waiting before new ones are dropped for it.
+#: Events a subscriber may have waiting before the oldest are dropped for it.
 QUEUE_SIZE = 256
 #: A comment line sent on an idle stream this often: it shows a dead client (the write
 #: fails) and keeps intermediaries from closing the connection.
@@ -62,10 +62,11 @@ class Subscriber:
         self.closed = False
 
     def offer(self, data: bytes) -> None:
-        try:
-            self.queue.put_nowait(data)
-        except asyncio.QueueFull:
+        queue = self.queue
+        if queue.full():  # the oldest goes: a live view wants the latest
+            queue.get_nowait()
             self.missed += 1
+        queue.put_nowait(data)
 
     def close(self) -> None:
         self.closed = True

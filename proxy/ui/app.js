@@ -89,6 +89,7 @@ async function poll() {
     if (e instanceof NeedsKey) return showLogin(e.message);
     $("uptime").textContent = `status unavailable: ${e.message}`;
   }
+  clearTimeout(pollTimer);  // (an early refresh may have overlapped this one: one chain)
   pollTimer = setTimeout(poll, POLL_MS);
 }
 
@@ -181,7 +182,11 @@ async function streamEvents() {
       const headers = authHeaders();
       if (lastEventId !== null) headers["Last-Event-ID"] = lastEventId;
       const resp = await fetch("/admin/events/stream", {headers, signal: abort.signal});
-      if (resp.status === 401 || resp.status === 403) return showLogin(await errorText(resp));
+      if (resp.status === 401 || resp.status === 403) {
+        const message = await errorText(resp);
+        if (!abort.signal.aborted) showLogin(message);  // (else the status poll already did)
+        return;
+      }
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
       setLive(true);
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -213,6 +218,13 @@ function onMessage(message) {
     return addEntry(el("li", {class: "missed"}, `${data.missed} events missed (this page fell behind)`));
   }
   addEntry(timelineEntry(data));
+  pollSoon();  // the tallies and instance table follow the event, not the next poll
+}
+
+let soon = null;
+function pollSoon() {
+  if (soon !== null) return;  // at most one early refresh pending, however many events
+  soon = setTimeout(() => { soon = null; poll(); }, 250);
 }
 
 function addEntry(node) {
@@ -243,7 +255,8 @@ function timelineEntry(e) {
   return el("li", {"data-type": e.type, "data-reason": e.reason_code || "", "data-request": e.request_id || ""},
     el("time", {}, fmtTime(e.ts)),
     el("span", {class: `badge type-${e.type}`}, e.type),
-    e.reason_code && e.type !== "INSTANCE_STATE_CHANGED" ? el("span", {class: "reason-code"}, e.reason_code) : null,
+    e.reason_code && e.reason_code !== e.type && e.type !== "INSTANCE_STATE_CHANGED"
+      ? el("span", {class: "reason-code"}, e.reason_code) : null,
     el("span", {class: "what"}, what),
     request);
 }
