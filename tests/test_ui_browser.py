@@ -118,6 +118,18 @@ async def test_status_page_shows_instances_a_live_failover_and_its_attempts(
     await page.locator("#c-requests", has_text="1").wait_for(timeout=WAIT_MS)
     await page.locator("#c-reasons", has_text="UPSTREAM_5XX 1").wait_for(timeout=WAIT_MS)
 
+    # A stream cut mid-answer, replayed on the twin: a resumed stream on the timeline.
+    # (The secondary answers now: the primary's recent errors cost it score.)
+    primary.set_faults([])
+    secondary.set_faults(["die_after=3"])
+    resp = await chat(proxy, stream=True)
+    assert resp.status == 200 and resp.headers["x-route-instance"] == "p1:s1"
+    resumed = page.locator(f'#timeline li[data-type="STREAM_RESUMED"]'
+                           f'[data-request="{resp.headers["x-request-id"]}"]')
+    await resumed.wait_for(timeout=WAIT_MS)
+    assert "p1:s1 → p0:s0 (replay" in await resumed.inner_text()
+    await page.locator("#c-resumed", has_text="1").wait_for(timeout=WAIT_MS)
+
     # Drain from the page: the instance is DRAINED, the change is on the timeline; then
     # enable it again.
     await page.locator('#instances tr[data-id="p2:s2"] button.drain').click()
@@ -126,6 +138,8 @@ async def test_status_page_shows_instances_a_live_failover_and_its_attempts(
                        has_text="drained by admin").wait_for(timeout=WAIT_MS)
     assert (await chat(proxy, model="cloud-only")).status == 503  # its one instance drained
     await page.locator('#timeline li[data-type="ROUTE_BLOCKED"]').wait_for(timeout=WAIT_MS)
+    await page.locator("#c-blocked", has_text="1").wait_for(timeout=WAIT_MS)
+    await page.locator("#c-requests", has_text="3").wait_for(timeout=WAIT_MS)
     await page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
     await page.locator('#instances tr[data-id="p2:s2"] button.enable').click()
     await page.locator('#instances tr[data-id="p2:s2"] .state-READY').wait_for(timeout=WAIT_MS)
