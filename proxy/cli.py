@@ -252,6 +252,24 @@ def format_events(rows: list[dict[str, object]]) -> str:
     return text_table(table) + ("\n(no events)" if len(table) == 1 else "")
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The running proxy's own view (GET /admin/status) as a table; --watch redraws it."""
+    import os
+
+    from proxy import status
+
+    if not args.interval > 0:
+        print("status: --interval must be a positive number of seconds", file=sys.stderr)
+        return 2
+    url, key = args.url, args.admin_key or os.environ.get("PROXY_ADMIN_KEY") or None
+    if args.config:
+        server = _load(args.config).server
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+        url = url or f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
+        key = key or server.admin_key
+    return status.run(url or "http://127.0.0.1:8080", key, args.watch, args.interval)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy import simulator
 
@@ -304,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, default=50, help="newest N (default 50)")
     events.add_argument("--json", action="store_true", help="JSON for scripts")
     events.set_defaults(func=cmd_events)
+
+    status = sub.add_parser("status", help="the running proxy: instances, circuits, load, "
+                                           "recent reroutes")
+    status.add_argument("--url", help="the proxy (default: from --config, else "
+                                      "http://127.0.0.1:8080)")
+    status.add_argument("--admin-key", help="server.admin_key (default: $PROXY_ADMIN_KEY, or "
+                                            "the one in --config)")
+    status.add_argument("--config", "-c", help="take the address and admin key from this config")
+    status.add_argument("--watch", "-w", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0,
+                        help="seconds between redraws with --watch (default 2)")
+    status.set_defaults(func=cmd_status)
 
     from proxy import simulator
 

@@ -259,6 +259,10 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
@@ -285,11 +289,11 @@ def format_status(doc: dict[str, Any], url: str) -> str:
     span = "last hour" if hour["window_s"] >= WINDOW_S - SAMPLE_EVERY_S \
         else f"since start ({_age(hour['window_s'])})"
     reroutes = sum(hour["reroutes"].values())
-    lines += ["", f"{span}: {hour['requests']} requests"
+    lines += ["", f"{span}: {_n(hour['requests'], 'request')}"
               + (f" ({_counts(hour['outcomes'])})" if hour["outcomes"] else "")
-              + f"; {reroutes} reroutes"
+              + f"; {_n(reroutes, 'reroute')}"
               + (f" ({_counts(hour['reroutes'])})" if reroutes else "")
-              + f"; {hour['blocked']} blocked; {hour['resumed']} streams resumed"]
+              + f"; {hour['blocked']} blocked; {_n(hour['resumed'], 'stream')} resumed"]
     recent = doc.get("recent") or []
     lines += ["", "recent reroutes:" if recent else "recent reroutes: none"]
     if recent:
