@@ -4,9 +4,8 @@ document, the request view, and the page's own files, through the proxy on a rea
 from __future__ import annotations
 
 import asyncio
-from typing import Any
-
 from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import orjson
