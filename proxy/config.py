@@ -262,9 +262,11 @@ _YamlLoader.add_implicit_resolver(
 class _Reader:
     """Typed access to one mapping of the raw document, tracking the key path for errors."""
 
-    def __init__(self, source: str, path: str, data: Any) -> None:
+    def __init__(self, source: str, path: str, data: Any, base: Path | None = None) -> None:
         self.source = source
         self.path = path
+        #: The config file's directory: relative file paths in it are relative to it.
+        self.base = base
         if not isinstance(data, dict):
             raise self.error(path, "a mapping", data)
         self.data: dict[str, Any] = data
@@ -292,7 +294,13 @@ class _Reader:
             if required:
                 raise self.error(self.sub(key), "a mapping (required)")
             return None
-        return _Reader(self.source, self.sub(key), self.data[key])
+        return _Reader(self.source, self.sub(key), self.data[key], self.base)
+
+    def file_path(self, key: str) -> str | None:
+        """A file path: one relative to the config file's directory is made absolute (so
+        the proxy and its commands find the file whatever their working directory)."""
+        value = self.string(key)
+        return None if value is None else _beside(self.base, value)
 
     def string(self, key: str, default: str | None = None, required: bool = False) -> str | None:
         value = self.data.get(key)
@@ -490,8 +498,8 @@ def _tls(r: _Reader | None, scheme: str) -> TlsConfig | None:
     r.check_keys({"ca_file", "verify", "client_cert", "client_key"})
     if scheme != "https":
         raise r.error(r.path, "an https:// base_url for tls settings")
-    tls = TlsConfig(r.string("ca_file"), r.boolean("verify", True), r.string("client_cert"),
-                    r.string("client_key"))
+    tls = TlsConfig(r.file_path("ca_file"), r.boolean("verify", True),
+                    r.file_path("client_cert"), r.file_path("client_key"))
     if tls.client_key is not None and tls.client_cert is None:
         raise r.error(r.sub("client_cert"), "a certificate for client_key (required)")
     for key in ("ca_file", "client_cert", "client_key"):
@@ -523,21 +531,34 @@ def _retry(r: _Reader | None) -> RetryConfig:
     )
 
 
-def _store(r: _Reader | None) -> StoreConfig:
+def _store(r: _Reader | None, base: Path | None) -> StoreConfig:
     if r is None:
-        return StoreConfig()
+        return StoreConfig(url=_store_beside(base, DEFAULT_STORE_URL))
     r.check_keys({"url", "enabled", "retention_days", "max_rows", "queue_size"})
     url = r.string("url", DEFAULT_STORE_URL) or DEFAULT_STORE_URL
     if not url.startswith("sqlite:///") or url[len("sqlite:///"):] in ("", ":memory:"):
         # (not in memory: the audit writer is a separate process with its own memory)
         raise r.error(r.sub("url"), "a sqlite:///PATH url with a file path", url)
     return StoreConfig(
-        url=url,
+        url=_store_beside(base, url),
         enabled=r.boolean("enabled", True),
         retention_days=r.number("retention_days", 7.0, minimum=0.001),
         max_rows=r.integer("max_rows", 1_000_000, minimum=100),
         queue_size=r.integer("queue_size", 50_000, minimum=1),
     )
+
+
+def _beside(base: Path | None, path: str) -> str:
+    """`path` as written, or, when it is relative and the config came from a file, the
+    same path under that file's directory."""
+    if base is None or os.path.isabs(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    return os.path.normpath(base / path)
+
+
+def _store_beside(base: Path | None, url: str) -> str:
+    """A `sqlite:///PATH` url whose relative PATH is taken from the config's directory."""
+    return "sqlite:///" + _beside(base, url[len("sqlite:///"):])
 
 
 def _logging(r: _Reader | None) -> LoggingConfig:
@@ -662,7 +683,7 @@ def _providers(root: _Reader) -> tuple[InstanceConfig, ...]:
     instances: list[InstanceConfig] = []
     seen: set[str] = set()
     for i, item in enumerate(raw):
-        p = _Reader(root.source, f"providers[{i}]", item)
+        p = _Reader(root.source, f"providers[{i}]", item, root.base)
         p.check_keys({"provider_id", "kind", "local", "api_key", "instances", "server"})
         provider_id = p.string("provider_id", required=True)
         assert provider_id is not None
@@ -676,7 +697,7 @@ def _providers(root: _Reader) -> tuple[InstanceConfig, ...]:
             raise p.error(p.sub("instances"), "a non-empty list of instances",
                           raw_instances if raw_instances is not None else ...)
         for j, raw_inst in enumerate(raw_instances):
-            inst = _instance(_Reader(root.source, f"{p.sub('instances')}[{j}]", raw_inst),
+            inst = _instance(_Reader(root.source, f"{p.sub('instances')}[{j}]", raw_inst, p.base),
                              provider_id, kind, local, key, server)
             if inst.id in seen:
                 raise ConfigError(f"{root.source}: {p.sub('instances')}[{j}].id: "
@@ -710,9 +731,11 @@ def _models(r: _Reader | None, instances: tuple[InstanceConfig, ...]) -> dict[st
     return groups
 
 
-def parse_config(data: Any, source: str = "<config>") -> Config:
-    """Build a Config from an already-decoded document; raises ConfigError."""
-    root = _Reader(source, "", data)
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Build a Config from an already-decoded document; raises ConfigError. Relative file
+    paths (`store.url`'s, an instance's `tls` files) are taken from `base_dir` when given
+    (load_config gives the file's directory), else from the working directory."""
+    root = _Reader(source, "", data, base_dir)
     root.check_keys({"server", "routing", "health", "timeouts", "upstream", "retry", "store",
                      "models", "providers", "logging"})
     instances = _providers(root)
@@ -724,7 +747,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         timeouts=_timeouts(root.child("timeouts")),
         upstream=_upstream(root.child("upstream")),
         retry=_retry(root.child("retry")),
-        store=_store(root.child("store")),
+        store=_store(root.child("store"), base_dir),
         logging=_logging(root.child("logging")),
         models=_models(root.child("models"), instances),
         instances=instances,
@@ -753,4 +776,4 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
     if data is None:
         raise ConfigError(f"{source}: (top level): expected a mapping, the file is empty")
-    return parse_config(data, source)
+    return parse_config(data, source, Path(path).absolute().parent)

@@ -185,7 +185,10 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
         if isinstance(exc, RouteBlocked) and plan is not None:
             recorder.blocked(plan, exc.message)
         headers["x-route-attempts"] = str(exc.attempts)
-        recorder.completed(plan, request_id, model, exc.status, exc.code or exc.type, None,
+        # Outcomes are lower-case words (`ok`, `all_attempts_failed`), in the metrics'
+        # labels too; an error code in capitals (ROUTE_BLOCKED) is no exception there.
+        outcome = (exc.code or exc.type).lower()
+        recorder.completed(plan, request_id, model, exc.status, outcome, None,
                            exc.attempts, None, time.perf_counter() - started, exc.upstream_s,
                            stream, exc.tried)
         return error_response(exc, headers)

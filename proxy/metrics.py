@@ -11,7 +11,13 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -20,6 +26,11 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# prometheus-client adds a `*_created` series (the creation time) to every counter and
+# histogram of its own classes; Prometheus has no use for it in the text format and it
+# doubles the series. (A process-wide setting of the library.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class _CounterCell:
