@@ -194,7 +194,8 @@ def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
         return socket.create_server(address, family=family, backlog=BACKLOG,
                                     reuse_port=reuse_port)
     except OSError as exc:
-        why = exc.strerror or str(exc)
+        # (socket.create_server words its errors "... (while attempting to bind on ...)")
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = " (is another proxy, or `make run`, using it?)" \
             if exc.errno == errno.EADDRINUSE else ""
         raise BindError(f"cannot listen on {host}:{port}: {why.lower()}{hint}") from None
