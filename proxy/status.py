@@ -127,9 +127,12 @@ def instance_reason(row: dict[str, Any]) -> str:
         return why or ("disabled in the config" if not row.get("enabled") else "drained")
     if state in ("DOWN", "LOADING", "MISMATCH"):
         return str(row.get("last_probe_error") or why or state.lower())
-    if row.get("circuit") not in (None, "closed"):
-        return (f"circuit {row['circuit']} after {row.get('circuit_opened_by')} errors"
-                f" (trial in {row.get('circuit_retry_in_s', 0):g}s): {row.get('last_error')}")
+    circuit = row.get("circuit")
+    if circuit == "open":
+        return (f"circuit open for {row.get('circuit_retry_in_s', 0):g}s more after "
+                f"{row.get('last_error')}")
+    if circuit == "half_open":
+        return f"circuit half-open (the next request is a trial) after {row.get('last_error')}"
     cooling = row.get("rate_limited_retry_in_s") or 0
     if cooling:
         return f"rate limited (retry in {cooling:g}s)"
