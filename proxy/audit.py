@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from proxy.eventstream import EventHub
     from proxy.forwarding import Attempt
     from proxy.routing import RoutePlan
+    from proxy.usage import Usage
 
 # Event types (SPEC section 7).
 ROUTE_PLANNED = "ROUTE_PLANNED"
@@ -112,17 +113,35 @@ class Recorder:
     def completed(self, plan: RoutePlan | None, request_id: str, model: str | None,
                   status: int, outcome: str, instance: str | None, attempts: int,
                   ttfb_s: float | None, duration_s: float, upstream_s: float,
-                  stream: bool, tried: Sequence[Attempt] = ()) -> None:
+                  stream: bool, tried: Sequence[Attempt] = (),
+                  usage: Usage | None = None) -> None:
         """The request is over: one log line, the metrics, its audit rows (`tried`: every
-        attempt, in order, kept in the REQUEST_COMPLETED event for the request view)."""
+        attempt, in order, kept in the REQUEST_COMPLETED event for the request view;
+        `usage`: the answer's tokens and cost, when the upstream reported them)."""
         duration_ms = round(duration_s * 1000.0, 2)
         if self.log_requests:
-            request_log.info("request", request_id=request_id, model=model,
-                             instance=instance, attempts=attempts, status=status,
-                             outcome=outcome, stream=stream, latency_ms=duration_ms)
+            if usage is None:
+                request_log.info("request", request_id=request_id, model=model,
+                                 instance=instance, attempts=attempts, status=status,
+                                 outcome=outcome, stream=stream, latency_ms=duration_ms)
+            else:
+                request_log.info("request", request_id=request_id, model=model,
+                                 instance=instance, attempts=attempts, status=status,
+                                 outcome=outcome, stream=stream, latency_ms=duration_ms,
+                                 prompt_tokens=usage.prompt,
+                                 completion_tokens=usage.completion,
+                                 cached_tokens=usage.cached, cost=round(usage.cost, 8))
         m = self.metrics
         label = model if model in self.known_models else ("" if model is None else "other")
         m.requests.labels(label, instance or "", outcome).inc()
+        if usage is not None:
+            where = (label, instance or "")
+            m.tokens.labels(*where, "prompt").inc(usage.prompt)
+            m.tokens.labels(*where, "completion").inc(usage.completion)
+            if usage.cached:
+                m.tokens.labels(*where, "cached").inc(usage.cached)
+            if usage.cost:
+                m.cost.labels(*where).inc(usage.cost)
         m.duration.labels("true" if stream else "false").observe(duration_s)
         m.overhead.observe(max(0.0, duration_s - upstream_s))
         if ttfb_s is not None and instance is not None:
@@ -137,7 +156,8 @@ class Recorder:
                             "ttfb_ms": ttfb_ms, "duration_ms": duration_ms,
                             # Attempt dataclasses: orjson writes them as objects when
                             # the batch is sent, off the request path
-                            "tried": tried})
+                            "tried": tried,
+                            "usage": None if usage is None else usage.as_dict()})
         store.plan(plan, (plan.plan_id, request_id, now, model, plan.selected, instance,
                           outcome, status, attempts, ttfb_ms, duration_ms))
 

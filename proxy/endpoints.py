@@ -198,7 +198,7 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     upstream_s = sum(a.elapsed_ms for a in reply.attempts) / 1000.0
     recorder.completed(plan, request_id, model, reply.status, reply.outcome, reply.instance,
                        len(reply.attempts), reply.ttfb_s, time.perf_counter() - started,
-                       upstream_s, reply.body is None, reply.attempts)
+                       upstream_s, reply.body is None, reply.attempts, reply.usage)
     if reply.body is None:
         response = sink.response if sink is not None else None
         if response is None:  # the client left before the stream could start

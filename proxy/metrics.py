@@ -150,8 +150,16 @@ class Metrics:
         self.overhead = LoopHistogram(
             "failover_proxy_overhead_seconds", "Time spent in the proxy itself, excluding "
             "waiting on upstreams", buckets=_OVERHEAD_BUCKETS)
+        self.tokens = LoopCounter(
+            "failover_proxy_tokens", "Tokens of answers as their upstream reported them "
+            "(usage), by model asked for, instance, and kind: prompt, completion, cached (the "
+            "part of the prompt the server had cached)", ["model", "instance", "kind"])
+        self.cost = LoopCounter(
+            "failover_proxy_cost", "Cost of answers from their tokens and the instance's "
+            "metadata.cost (in its currency), by model asked for and instance",
+            ["model", "instance"])
         r.register(_LoopCollector([self.requests, self.ttfb, self.duration,
-                                   self.overhead]))
+                                   self.overhead, self.tokens, self.cost]))
         #: Requests being served now: a plain counter on the hot path, read at scrape time.
         self.inflight = 0
         Gauge("failover_proxy_inflight_requests", "Requests being served now",

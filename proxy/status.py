@@ -63,6 +63,10 @@ class Tally:
             key = f"outcome:{outcome}"
             out[key] = out.get(key, 0.0) + cell.value
         out["requests"] = total
+        for (_model, _instance, kind), cell in self.metrics.tokens.cells.items():
+            key = f"tokens:{kind}"
+            out[key] = out.get(key, 0.0) + cell.value
+        out["cost"] = sum(cell.value for cell in self.metrics.cost.cells.values())
         for (type_, reason), n in self.hub.counts.items():
             if type_ == "REROUTED":
                 out[f"reroute:{reason}"] = float(n)
@@ -76,8 +80,9 @@ class Tally:
         self.samples.append((time.monotonic() if now is None else now, self.figures()))
 
     def last_hour(self, now: float | None = None) -> dict[str, Any]:
-        """`{window_s, requests, outcomes{}, reroutes{}, blocked, resumed}` over the last
-        hour, or since start when that is shorter (`window_s` says which)."""
+        """`{window_s, requests, outcomes{}, reroutes{}, blocked, resumed, tokens{prompt,
+        completion, cached}, cost}` over the last hour, or since start when that is shorter
+        (`window_s` says which). Tokens count answers whose upstream reported usage."""
         now = time.monotonic() if now is None else now
         since, base = self.samples[0]
         for at, figures in self.samples:
@@ -95,6 +100,9 @@ class Tally:
                          if k.startswith("reroute:") and v},
             "blocked": int(delta.get("blocked", 0)),
             "resumed": int(delta.get("resumed", 0)),
+            "tokens": {kind: int(delta.get(f"tokens:{kind}", 0))
+                       for kind in ("prompt", "completion", "cached")},
+            "cost": round(delta.get("cost", 0.0), 6),
         }
 
 
@@ -205,10 +213,11 @@ def request_story(plans: list[dict[str, Any]],
         own = by_plan.pop(row["plan_id"], [])
         completed = next((e for e in own if e["type"] == "REQUEST_COMPLETED"), None)
         detail = (completed or {}).get("detail") or {}
-        stories.append({**row, "tried": detail.get("tried") or [], "events": own})
+        stories.append({**row, "tried": detail.get("tried") or [], "usage": detail.get("usage"),
+                        "events": own})
     for plan_id, own in by_plan.items():  # events of a plan whose row is not written yet
         stories.append({"plan_id": plan_id, "request_id": own[0]["request_id"], "plan": None,
-                        "ts": own[0]["ts"], "tried": [], "events": own})
+                        "ts": own[0]["ts"], "tried": [], "usage": None, "events": own})
     return stories
 
 
@@ -292,11 +301,14 @@ def format_status(doc: dict[str, Any], url: str) -> str:
     span = "last hour" if hour["window_s"] >= WINDOW_S - SAMPLE_EVERY_S \
         else f"since start ({_age(hour['window_s'])})"
     reroutes = sum(hour["reroutes"].values())
+    tokens = hour["tokens"]
     lines += ["", f"{span}: {_n(hour['requests'], 'request')}"
               + (f" ({_counts(hour['outcomes'])})" if hour["outcomes"] else "")
               + f"; {_n(reroutes, 'reroute')}"
               + (f" ({_counts(hour['reroutes'])})" if reroutes else "")
-              + f"; {hour['blocked']} blocked; {_n(hour['resumed'], 'stream')} resumed"]
+              + f"; {hour['blocked']} blocked; {_n(hour['resumed'], 'stream')} resumed",
+              f"tokens: {tokens['prompt']} prompt ({tokens['cached']} cached), "
+              f"{tokens['completion']} completion; cost {hour['cost']:g}"]
     recent = doc.get("recent") or []
     lines += ["", "recent reroutes:" if recent else "recent reroutes: none"]
     if recent:

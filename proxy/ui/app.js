@@ -117,6 +117,11 @@ function renderStatus(doc) {
   $("c-resumed").textContent = hour.resumed;
   $("c-outcomes").textContent = counts(hour.outcomes);
   $("c-reasons").textContent = counts(hour.reroutes);
+  const tokens = hour.tokens;
+  $("c-tokens").textContent = tokens.prompt + tokens.completion;
+  $("c-cost").textContent = hour.cost;
+  $("c-token-kinds").textContent =
+    `${tokens.prompt} prompt (${tokens.cached} cached), ${tokens.completion} completion`;
   const body = $("instances").tBodies[0];
   body.replaceChildren(...doc.instances.map(instanceRow));
 }
@@ -293,11 +298,15 @@ function requestStory(r) {
     el("td", {}, el("span", {class: a.code ? "badge bad" : "badge good"}, a.code || "answered")),
     el("td", {class: "num"}, ms(a.elapsed_ms)), el("td", {class: "reason"}, a.detail)));
   const answered = r.final_instance ? el("b", {}, r.final_instance) : el("span", {class: "error"}, "nobody");
+  const usage = r.usage;
   return el("article", {class: "story", "data-plan": r.plan_id},
     el("p", {}, "model ", el("b", {}, r.model || plan.model || "-"), " · ",
       r.outcome ? `${r.outcome} (HTTP ${r.status})` : "still running", " · answered by ", answered,
       r.duration_ms !== undefined && r.duration_ms !== null ? ` · ${ms(r.duration_ms)} total` : "",
-      typeof r.ttfb_ms === "number" ? `, first byte ${ms(r.ttfb_ms)}` : ""),
+      typeof r.ttfb_ms === "number" ? `, first byte ${ms(r.ttfb_ms)}` : "",
+      usage ? ` · ${usage.prompt_tokens} + ${usage.completion_tokens} tokens` +
+        (usage.cached_tokens ? ` (${usage.cached_tokens} cached)` : "") +
+        (usage.cost ? `, cost ${usage.cost}` : "") : ""),
     el("h3", {}, "Plan ", el("span", {class: "muted small"}, plan.strategy || "")),
     el("table", {class: "plan"},
       el("thead", {}, el("tr", {}, el("th", {}, "#"), el("th", {}, "candidate"), el("th", {}, "score"),
