@@ -301,14 +301,15 @@ def format_status(doc: dict[str, Any], url: str) -> str:
     span = "last hour" if hour["window_s"] >= WINDOW_S - SAMPLE_EVERY_S \
         else f"since start ({_age(hour['window_s'])})"
     reroutes = sum(hour["reroutes"].values())
-    tokens = hour["tokens"]
+    tokens = hour.get("tokens")
     lines += ["", f"{span}: {_n(hour['requests'], 'request')}"
               + (f" ({_counts(hour['outcomes'])})" if hour["outcomes"] else "")
               + f"; {_n(reroutes, 'reroute')}"
               + (f" ({_counts(hour['reroutes'])})" if reroutes else "")
-              + f"; {hour['blocked']} blocked; {_n(hour['resumed'], 'stream')} resumed",
-              f"tokens: {tokens['prompt']} prompt ({tokens['cached']} cached), "
-              f"{tokens['completion']} completion; cost {hour['cost']:g}"]
+              + f"; {hour['blocked']} blocked; {_n(hour['resumed'], 'stream')} resumed"]
+    if tokens is not None:  # (a proxy older than this command has no token figures)
+        lines.append(f"tokens: {tokens['prompt']} prompt ({tokens['cached']} cached), "
+                     f"{tokens['completion']} completion; cost {hour.get('cost', 0):g}")
     recent = doc.get("recent") or []
     lines += ["", "recent reroutes:" if recent else "recent reroutes: none"]
     if recent:
