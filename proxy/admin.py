@@ -14,6 +14,7 @@ from proxy.audit import EVENT_TYPES
 from proxy.auth import check_admin
 from proxy.endpoints import expect_continue, read_body
 from proxy.errors import BadRequest, NotFound
+from proxy.eventstream import stream_events
 from proxy.health import reset_fingerprint
 from proxy.inbound import CHAT, parse_request
 from proxy.instances import DRAINED, MISMATCH, UNKNOWN, InstanceState
@@ -176,4 +177,5 @@ def add_admin_routes(app: web.Application) -> None:
                           ("/admin/instances/{id}/reset-fingerprint", reset_instance_fingerprint)):
         router.add_post(path, handler, expect_handler=expect_continue)
     router.add_get("/admin/events", list_events, expect_handler=expect_continue)
+    router.add_get("/admin/events/stream", stream_events, expect_handler=expect_continue)
     router.add_get("/admin/instances", list_instances, expect_handler=expect_continue)

@@ -14,6 +14,7 @@ from proxy.audit import STATES, Recorder
 from proxy.config import Config, ConfigError, load_config
 from proxy.endpoints import add_routes, error_response, models_body
 from proxy.errors import ProxyError, error_body
+from proxy.eventstream import EventHub, close_feed
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
 from proxy.instances import Registry
@@ -22,7 +23,9 @@ from proxy.routing import Planner
 from proxy.scoring import capability_notes
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
 from proxy.state import CONFIG, RELOAD, STATE, ProxyState
+from proxy.status import add_status_routes
 from proxy.store import AuditStore
+from proxy.ui import add_ui_routes
 from proxy.upstream import Upstream, make_client
 
 log = structlog.get_logger("proxy.app")
@@ -77,7 +80,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                            max_rows=config.store.max_rows,
                            on_drop=lambda n: metrics.events_dropped.inc(n))
         await store.start()
-    recorder = Recorder(metrics, store)
+    recorder = Recorder(metrics, store, EventHub())
     client = make_client(config.timeouts)  # one pooled client for the app's life
     state = _assemble(config, Registry(config.instances, config.health), recorder, client)
     set_log_redactor(state.redactor)
@@ -226,6 +229,9 @@ def create_app(config: Config) -> web.Application:
     app[RELOAD] = reload_config
     app[RELOAD_LOCK] = asyncio.Lock()
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(close_feed)  # open event streams end before the grace period
     add_routes(app)
     add_admin_routes(app)
+    add_status_routes(app)
+    add_ui_routes(app)
     return app

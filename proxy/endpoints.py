@@ -185,9 +185,12 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
         if isinstance(exc, RouteBlocked) and plan is not None:
             recorder.blocked(plan, exc.message)
         headers["x-route-attempts"] = str(exc.attempts)
-        recorder.completed(plan, request_id, model, exc.status, exc.code or exc.type, None,
+        # Outcomes are lower-case words (`ok`, `all_attempts_failed`), in the metrics'
+        # labels too; an error code in capitals (ROUTE_BLOCKED) is no exception there.
+        outcome = (exc.code or exc.type).lower()
+        recorder.completed(plan, request_id, model, exc.status, outcome, None,
                            exc.attempts, None, time.perf_counter() - started, exc.upstream_s,
-                           stream)
+                           stream, exc.tried)
         return error_response(exc, headers)
     finally:
         counters.inflight -= 1
@@ -195,7 +198,7 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     upstream_s = sum(a.elapsed_ms for a in reply.attempts) / 1000.0
     recorder.completed(plan, request_id, model, reply.status, reply.outcome, reply.instance,
                        len(reply.attempts), reply.ttfb_s, time.perf_counter() - started,
-                       upstream_s, reply.body is None)
+                       upstream_s, reply.body is None, reply.attempts, reply.usage)
     if reply.body is None:
         response = sink.response if sink is not None else None
         if response is None:  # the client left before the stream could start

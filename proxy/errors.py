@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import orjson
 
 
@@ -24,6 +27,8 @@ class ProxyError(Exception):
         #: how long they took.
         self.attempts = 0
         self.upstream_s = 0.0
+        #: Those attempts (proxy.forwarding.Attempt), for the audit record.
+        self.tried: Sequence[Any] = ()
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)

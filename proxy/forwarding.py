@@ -68,6 +68,9 @@ from proxy.sse import (
 )
 from proxy.streaming import PREFILL, REPLAY, Delivered, Diverged, Splicer, continuation_body
 from proxy.upstream import PassThrough, Response, Upstream
+from proxy.usage import Usage
+from proxy.usage import of_body as usage_of_body
+from proxy.usage import of_object as usage_of_object
 
 log = structlog.get_logger("proxy.forwarding")
 
@@ -121,6 +124,8 @@ class Reply:
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str = OK
     ttfb_s: float | None = None
+    #: Tokens and cost of the answer, when the upstream reported `usage`.
+    usage: Usage | None = None
 
 
 class ClientGone(Exception):
@@ -274,6 +279,7 @@ class Forwarder:
             return reply
         error = _final_error(plan, attempts, skipped, last_failure, limited)
         error.attempts = len(attempts)
+        error.tried = attempts
         error.upstream_s = sum(a.elapsed_ms for a in attempts) / 1000.0
         raise error
 
@@ -360,7 +366,8 @@ class Forwarder:
                 raise FingerprintMismatch(f"answered as {seen}, pinned {pin.describe()}")
         self.registry.record_success(inst, ttfb)
         return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
-                     self.upstream.relayed(resp.headers), ttfb_s=ttfb)
+                     self.upstream.relayed(resp.headers), ttfb_s=ttfb,
+                     usage=usage_of_body(body, cfg))
 
     async def _attempt_stream(self, req: ClientRequest, inst: InstanceState, sink: StreamSink,
                               client_auth: str | None, attempt_no: int) -> Reply:
@@ -390,7 +397,7 @@ class Forwarder:
                     await sink.start(cfg.id, attempt_no, events, reply.headers)
                 except ClientGone:
                     return Reply(200, None, outcome=CLIENT_GONE, ttfb_s=reply.ttfb_s)
-                return Reply(200, None, ttfb_s=reply.ttfb_s)
+                return Reply(200, None, ttfb_s=reply.ttfb_s, usage=reply.usage)
             reader = self.upstream.events(cfg, resp, req.include_usage)
             pending: list[tuple[bytes, Chunk | None]] = []
             await self._until_content(reader, pending, deadline, inst.pin)
@@ -407,7 +414,8 @@ class Forwarder:
                                  self.upstream.relayed(resp.headers))
                 if pending[-1][1] is None:  # [DONE] was among the pending events
                     done = True
-                    return Reply(200, None, ttfb_s=ttfb)
+                    return Reply(200, None, ttfb_s=ttfb,
+                                 usage=usage_of_object(delivered.usage, cfg))
                 await self._relay(reader, sink, delivered, None, deadline,
                                   t0 + timeouts.total_s)
             except ClientGone:
@@ -415,7 +423,7 @@ class Forwarder:
             except UpstreamFailure as failure:
                 raise CommittedFailure(failure, delivered, ttfb) from failure
             done = True
-            return Reply(200, None, ttfb_s=ttfb)
+            return Reply(200, None, ttfb_s=ttfb, usage=usage_of_object(delivered.usage, cfg))
         finally:
             if done:
                 resp.release()
@@ -636,7 +644,8 @@ class Forwarder:
                         self.registry.release_trial(cand)
                 attempts.append(Attempt(cand.id, None, f"resumed ({mode})", _ms(started)))
                 self.recorder.resumed(plan, failed.id, cand.id, len(splicer.prefix), mode)
-                return Reply(200, None, instance=cand.id, attempts=attempts, ttfb_s=cut.ttfb_s)
+                return Reply(200, None, instance=cand.id, attempts=attempts, ttfb_s=cut.ttfb_s,
+                             usage=usage_of_object(delivered.usage, cand.config))
             if skipped:
                 why_not += " (" + "; ".join(f"{i}: {r}" for i, r in skipped.items()) \
                     + ")"

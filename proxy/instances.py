@@ -38,6 +38,8 @@ DOWN = "DOWN"
 MISMATCH = "MISMATCH"
 DRAINED = "DRAINED"
 
+DISABLED_REASON = "disabled in the config"
+
 #: States in which an instance may be sent traffic.
 ROUTABLE_STATES = frozenset({UNKNOWN, READY})
 #: States the prober saw last, which may be out of date by now: such an instance is still
@@ -63,6 +65,8 @@ class InstanceState:
 
     config: InstanceConfig
     state: str = UNKNOWN
+    #: Why the instance is in its state, for people (the reason of its last change).
+    state_reason: str = ""
     circuit: Circuit = field(default_factory=Circuit)
     inflight: int = 0
     ttfb_ewma_ms: float | None = None
@@ -180,9 +184,9 @@ class InstanceState:
         self.prefill_ok = "prefill" in config.capabilities and (
             self.prefill_ok or "prefill" not in old.capabilities)
         if not config.enabled:
-            self.state = DRAINED
+            self.state, self.state_reason = DRAINED, DISABLED_REASON
         elif self.state == DRAINED and not old.enabled:
-            self.state = UNKNOWN  # enabled in the new config
+            self.state, self.state_reason = UNKNOWN, "enabled in the config"
 
     def routable(self, now: float | None = None) -> bool:
         """Whether traffic may be sent now: a routable state, no rate-limit cooldown and a
@@ -247,6 +251,7 @@ class InstanceState:
             "local": cfg.local,
             "enabled": self.state != DRAINED,
             "state": self.state,
+            "state_reason": self.state_reason,
             "routable": self.routable(now),
             "circuit": circuit.state if circuit.state == CLOSED or now < circuit.open_until
             else "half_open",
@@ -294,7 +299,7 @@ class Registry:
         self.listeners: list[StateListener] = []
         for inst in self.states:
             if not inst.config.enabled:
-                inst.state = DRAINED
+                inst.state, inst.state_reason = DRAINED, DISABLED_REASON
 
     def adopt(self, old: Registry, health: HealthConfig | None = None) -> None:
         """Take over the live instances of a previous registry (a config reload).
@@ -332,6 +337,7 @@ class Registry:
     def set_state(self, inst: InstanceState, new: str, reason: str) -> bool:
         """Move an instance to a new state; logs and notifies listeners when it changes."""
         old = inst.state
+        inst.state_reason = reason  # the latest word, even when the state stays
         if old == new:
             return False
         inst.state = new

@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
 
 log = structlog.get_logger("proxy.store")
+T = TypeVar("T")
 
 #: Bump when the schema changes, and add a step to `_MIGRATIONS`.
 SCHEMA_VERSION = 1
@@ -163,6 +164,23 @@ def query_events(conn: sqlite3.Connection, q: EventQuery) -> list[dict[str, Any]
     for row in conn.execute(sql, args):
         item = dict(zip(EVENT_COLUMNS, row, strict=True))
         item["detail"] = orjson.loads(item["detail"]) if item["detail"] else None
+        rows.append(item)
+    return rows
+
+
+PLAN_COLUMNS = ("plan_id", "request_id", "ts", "model", "plan", "selected", "final_instance",
+                "outcome", "status", "attempts", "ttfb_ms", "duration_ms")
+
+
+def query_plans(conn: sqlite3.Connection, request_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The route_plans rows of a request id (newest first; a client may reuse its
+    x-request-id), `plan` decoded (RoutePlan.as_dict)."""
+    sql = (f"SELECT {', '.join(PLAN_COLUMNS)} FROM route_plans WHERE request_id = ?"
+           " ORDER BY ts DESC LIMIT ?")
+    rows = []
+    for row in conn.execute(sql, (request_id, limit)):
+        item = dict(zip(PLAN_COLUMNS, row, strict=True))
+        item["plan"] = orjson.loads(item["plan"]) if item["plan"] else None
         rows.append(item)
     return rows
 
@@ -413,12 +431,17 @@ class AuditStore:
 
     async def query(self, q: EventQuery) -> list[dict[str, Any]]:
         """Read events (after writing what is queued, so a reader sees its own request)."""
+        return await self.read(lambda conn: query_events(conn, q))
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read (`query_events`, `query_plans`...) on the store's connection in a
+        worker thread, after writing what is queued."""
         await self.flush()
 
-        def run() -> list[dict[str, Any]]:
+        def run() -> T:
             with self._lock:
                 assert self._conn is not None
-                return query_events(self._conn, q)
+                return fn(self._conn)
 
         return await asyncio.to_thread(run)
 

@@ -61,6 +61,8 @@ class Delivered:
     refusal: bool = False
     finished: bool = False
     role_sent: bool = False
+    #: The `usage` object of the stream (its last chunk carries it), as the client got it.
+    usage: dict[str, Any] | None = None
 
     @property
     def text(self) -> str:
@@ -91,6 +93,9 @@ class Delivered:
         if chunk.finish_reason is not None:
             self.finished = True
         self.role_sent = True
+        usage = chunk.obj.get("usage")
+        if usage is not None:  # (most chunks have none, or `"usage": null`)
+            self.usage = usage if isinstance(usage, dict) else None
 
 
 class _Prefix:
@@ -165,7 +170,8 @@ class Splicer:
             usage = obj.get("usage")
             if not isinstance(usage, dict):
                 return None
-            return self._event({**obj, "usage": self._usage(usage)})
+            self.delivered.usage = whole = self._usage(usage)
+            return self._event({**obj, "usage": whole})
         choice = choices[0]
         if not isinstance(choice, dict):
             return None
@@ -220,6 +226,9 @@ class Splicer:
             delivered.refusal = True
         if finish is not None:
             delivered.finished = True
+        usage = obj.get("usage")
+        if isinstance(usage, dict):  # (llama.cpp puts it in the finishing chunk)
+            delivered.usage = self._usage(usage)
         self.committed = True
         return self._event({**obj, "choices": [out_choice]})
 

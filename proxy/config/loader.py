@@ -269,10 +269,32 @@ def _interpolate(value: Any, source: str, path: str = "") -> Any:
     return _VAR.sub(replace, value)
 
 
-def _checked_tls(tls: TlsConfig | None, scheme: str, path: str, source: str) -> TlsConfig | None:
-    """An instance's `tls:` once its files load (at load time, not at the first request)."""
+def _beside(base: Path | None, path: str) -> str:
+    """`path` as written, or, when it is relative and the config came from a file, the
+    same path under that file's directory (so the proxy and its commands find it whatever
+    their working directory)."""
+    path = os.path.expanduser(path)
+    if base is None or os.path.isabs(path):
+        return path
+    return os.path.normpath(base / path)
+
+
+def _store_beside(store: StoreConfig, base: Path | None) -> StoreConfig:
+    """The store with its `sqlite:///PATH` taken from the config's directory."""
+    path = store.url[len("sqlite:///"):]
+    url = "sqlite:///" + _beside(base, path)
+    return store if url == store.url else store.model_copy(update={"url": url})
+
+
+def _checked_tls(tls: TlsConfig | None, scheme: str, path: str, source: str,
+                 base: Path | None) -> TlsConfig | None:
+    """An instance's `tls:` once its files load (at load time, not at the first request);
+    relative file paths are taken from the config file's directory."""
     if tls is None:
         return None
+    tls = tls.model_copy(update={key: _beside(base, getattr(tls, key))
+                                 for key in ("ca_file", "client_cert", "client_key")
+                                 if getattr(tls, key) is not None})
     if scheme != "https":
         raise _error(source, path, "an https:// base_url for tls settings")
     if tls.client_key is not None and tls.client_cert is None:
@@ -290,7 +312,7 @@ def _checked_tls(tls: TlsConfig | None, scheme: str, path: str, source: str) -> 
 
 
 def _instance(spec: InstanceSpec, provider: ProviderSpec, server: str, path: str,
-              source: str) -> InstanceConfig:
+              source: str, base: Path | None) -> InstanceConfig:
     meta = spec.metadata
     both = meta.capabilities & meta.unsupported
     if both:
@@ -311,17 +333,18 @@ def _instance(spec: InstanceSpec, provider: ProviderSpec, server: str, path: str
         fingerprint=None if spec.fingerprint is None else spec.fingerprint.model,
         api_key=spec.api_key or provider.api_key, headers=tuple(spec.headers.items()),
         forward_client_auth=spec.forward_client_auth, max_concurrency=spec.max_concurrency,
-        tls=_checked_tls(spec.tls, parts.scheme, f"{path}.tls", source))
+        tls=_checked_tls(spec.tls, parts.scheme, f"{path}.tls", source, base))
 
 
-def _instances(providers: list[ProviderSpec], source: str) -> tuple[InstanceConfig, ...]:
+def _instances(providers: list[ProviderSpec], source: str,
+               base: Path | None) -> tuple[InstanceConfig, ...]:
     out: dict[str, InstanceConfig] = {}
     for i, provider in enumerate(providers):
         guess = re.sub(r"[-_.]", "", provider.provider_id.lower())
         server = provider.server or (guess if guess in SERVER_KINDS else "openai")
         for j, spec in enumerate(provider.instances):
             path = f"providers[{i}].instances[{j}]"
-            inst = _instance(spec, provider, server, path, source)
+            inst = _instance(spec, provider, server, path, source, base)
             if inst.id in out:
                 raise ConfigError(f"{source}: {path}.id: expected a unique id, "
                                   f"{inst.id} appears twice")
@@ -343,17 +366,19 @@ def _models(groups: dict[str, GroupSpec], instances: tuple[InstanceConfig, ...],
     return out
 
 
-def parse_config(data: Any, source: str = "<config>") -> Config:
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
     """Build a Config from an already-decoded document (a dict, as YAML or JSON gives it);
-    raises ConfigError naming `source`, the key path and what was expected."""
+    raises ConfigError naming `source`, the key path and what was expected. Relative file
+    paths (`store.url`'s, an instance's `tls` files) are taken from `base_dir` when given
+    (load_config gives the file's directory), else from the working directory."""
     try:
         doc = DocumentSpec.model_validate(_interpolate(data, source))
     except ValidationError as exc:
         raise _schema_error(exc, source) from None
-    instances = _instances(doc.providers, source)
+    instances = _instances(doc.providers, source, base_dir)
     return Config(source=source, server=doc.server, routing=doc.routing, health=doc.health,
                   timeouts=doc.timeouts, upstream=doc.upstream, retry=doc.retry,
-                  store=doc.store, logging=doc.logging,
+                  store=_store_beside(doc.store, base_dir), logging=doc.logging,
                   models=_models(doc.models, instances, source), instances=instances,
                   ids=instance_ids(instances))
 
@@ -392,4 +417,4 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
     if data is None:
         raise ConfigError(f"{source}: (top level): expected a mapping, the file is empty")
-    return parse_config(data, source)
+    return parse_config(data, source, Path(path).absolute().parent)
