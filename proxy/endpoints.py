@@ -31,7 +31,13 @@ from proxy.errors import (
 from proxy.forwarding import CLIENT_GONE, ClientGone, StreamSink
 from proxy.fronts import Exchange, Front
 from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
-from proxy.messages_api import MESSAGES, count_request, count_tokens, estimate_input
+from proxy.messages_api import (
+    MESSAGES,
+    MESSAGES_PATH,
+    count_request,
+    count_tokens,
+    estimate_input,
+)
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.responses_api import RESPONSES
 from proxy.routing import AUTO, RoutePlan, new_id
@@ -140,7 +146,8 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     length = request.content_length
     if length is not None and length > request.client_max_size:
         return error_response(PayloadTooLarge(
-            f"The request body is {length} bytes; the limit is {request.client_max_size}."), {})
+            f"The request body is {length} bytes; the limit is {request.client_max_size}."), {},
+            MESSAGES if request.path.startswith(MESSAGES_PATH) else None)
     writer = request.writer
     await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     writer.output_size = 0  # the answer itself has not started (as aiohttp's handler does)

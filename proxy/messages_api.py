@@ -41,6 +41,8 @@ from proxy.requirements import CHARS_PER_TOKEN
 from proxy.sse import delta_reasoning
 from proxy.upstream import Upstream
 
+#: Where the Messages API is served: errors under it take Anthropic's shape.
+MESSAGES_PATH = "/v1/messages"
 _USER_BLOCKS = ("text", "image", "tool_result")
 _ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
 
