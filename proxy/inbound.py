@@ -43,6 +43,11 @@ class ClientRequest:
     stream: bool
     include_usage: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    #: The client's request in an upstream protocol's own shape (the Messages front sets
+    #: its Messages API request): an instance speaking that protocol is sent it as it
+    #: came, not a translation of `body`, so what chat cannot carry (cache_control,
+    #: thinking blocks, documents) reaches it. None for requests in OpenAI's shape.
+    native: dict[str, Any] | None = None
     _bodies: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def body_for(self, upstream_model: str | None) -> bytes:

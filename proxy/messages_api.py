@@ -39,7 +39,7 @@ from proxy.inbound import CHAT, MAX_MESSAGES, ClientRequest, load_object
 from proxy.instances import InstanceState
 from proxy.requirements import CHARS_PER_TOKEN
 from proxy.sse import delta_reasoning
-from proxy.upstream import Upstream
+from proxy.upstream import NATIVE_EVENTS, Upstream
 
 #: Where the Messages API is served: errors under it take Anthropic's shape.
 MESSAGES_PATH = "/v1/messages"
@@ -325,6 +325,8 @@ class MessagesExchange:
         if status >= 300:
             return status, error_body(status, error_message(body))
         completion = orjson.loads(body)
+        if completion.get("type") == "message":
+            return status, body  # an Anthropic instance's own answer (request.native)
         choices = completion.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices else {}
         message = choice.get("message") if isinstance(choice, dict) else None
@@ -377,8 +379,12 @@ class MessagesSink(TranslatingSink):
         self.calls: dict[int, int] = {}  # chat tool-call index -> block index
         self.finish: str | None = None
         self.usage: Json | None = None
+        self.ended = False
 
     def chunk(self, obj: Json) -> list[bytes]:
+        native = obj.get(NATIVE_EVENTS)
+        if native is not None:
+            return self._relay(native)
         out: list[bytes] = []
         if not self.started:
             self.started = True
@@ -410,6 +416,27 @@ class MessagesSink(TranslatingSink):
                         self._call(out, call)
             if choice.get("finish_reason") is not None:
                 self.finish = str(choice["finish_reason"])
+        return out
+
+    def _relay(self, events: list[Json]) -> list[bytes]:
+        """An Anthropic instance's own events, as they came (thinking blocks and their
+        signatures, citations, cache usage...), noting the blocks they open and close so
+        that a continuation from another instance carries on in the right block."""
+        out = []
+        for data in events:
+            kind = str(data.get("type"))
+            if kind == "message_start":
+                self.started = True
+            elif kind == "content_block_start":
+                block = data.get("content_block")
+                self.open = int(data.get("index") or 0)
+                self.open_type = str(block.get("type")) if isinstance(block, dict) else None
+                self.blocks = self.open + 1
+            elif kind == "content_block_stop":
+                self.open = self.open_type = None
+            elif kind == "message_stop":
+                self.ended = True
+            out.append(sse(kind, data))
         return out
 
     def _start(self, out: list[bytes], kind: str, block: Json) -> int:
@@ -450,6 +477,8 @@ class MessagesSink(TranslatingSink):
                 "delta": {"type": "input_json_delta", "partial_json": piece}}))
 
     def done(self) -> list[bytes]:
+        if self.ended:
+            return []  # the Anthropic instance's own message_stop went out
         out: list[bytes] = []
         if not self.started:  # an answer with no chunk at all: still a whole message
             out.extend(self.chunk({}))
@@ -488,7 +517,7 @@ class MessagesFront:
         stream = chat.get("stream") is True
         request = ClientRequest(request_id=request_id, endpoint=CHAT, body=chat,
                                 raw=orjson.dumps(chat), model=chat["model"], stream=stream,
-                                include_usage=stream)
+                                include_usage=stream, native=body)
         return MessagesExchange(body, request)
 
     def error_body(self, exc: ProxyError) -> bytes:

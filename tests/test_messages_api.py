@@ -12,6 +12,8 @@ import aiohttp
 import anthropic
 import pytest
 
+from proxy.anthropic_sim import AnthropicSimulator
+from proxy.config import parse_config
 from proxy.simtext import answer_text, prompt_of_messages
 from tests.conftest import MakeProxy, MakeSim, proxy_config
 
@@ -296,3 +298,117 @@ async def test_models_retrieve_in_anthropics_shape(make_sim: MakeSim,
     with pytest.raises(anthropic.NotFoundError) as caught:
         await sdk(proxy.url).models.retrieve("nothing-like-it")
     assert caught.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
+# --- an Anthropic instance behind the Messages front: no double translation ----------------
+
+CLAUDE = "claude-sim-3"
+CLAUDE_KEY = "sk-ant-upstream-key-000000"
+
+
+def with_claude(claude: Any, *sims: Any) -> Any:
+    return parse_config({
+        "server": {"api_keys": [KEY]},
+        "health": {"interval_s": 30},
+        "timeouts": {"connect_s": 1, "first_byte_s": 3, "idle_s": 3},
+        "providers": [
+            *([{"provider_id": "local", "instances": [
+                {"id": f"l{n}", "base_url": sim.base_url, "metadata": {"model": sim.model}}
+                for n, sim in enumerate(sims)]}] if sims else []),
+            {"provider_id": "anthropic", "kind": "anthropic", "local": False, "instances": [
+                {"id": "default", "base_url": claude.base_url + "/v1", "api_key": CLAUDE_KEY,
+                 "metadata": {"model": CLAUDE, "capabilities": ["tools", "prefill"]}}]}]},
+        "<test>")
+
+
+@pytest.fixture
+async def claude() -> Any:
+    sim = AnthropicSimulator(CLAUDE, api_key=CLAUDE_KEY)
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+CACHED_REQUEST: dict[str, Any] = {
+    "model": "auto", "max_tokens": 50,
+    "system": [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}],
+    "thinking": {"type": "enabled", "budget_tokens": 1024},
+    "messages": [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "let me think", "signature": "sig-abc"},
+            {"type": "text", "text": "first answer"}]},
+        {"role": "user", "content": [{"type": "text", "text": PROMPT,
+                                      "cache_control": {"type": "ephemeral"}}]}],
+}
+
+
+async def test_an_anthropic_instance_gets_the_request_as_it_came(
+        make_proxy: MakeProxy, claude: AnthropicSimulator) -> None:
+    """cache_control, thinking blocks with their signatures and the thinking setting reach
+    the Anthropic instance untouched (only the model is the instance's), and its answer
+    comes back as it sent it."""
+    proxy = await make_proxy(with_claude(claude))
+    raw = await sdk(proxy.url).messages.with_raw_response.create(**CACHED_REQUEST)
+    message = await raw.parse()
+    assert raw.headers["x-route-instance"] == "anthropic:default"
+    assert claude.last_body == {**CACHED_REQUEST, "model": CLAUDE}
+    assert message.id.startswith("msg_sim")  # the instance's own message, not a rebuilt one
+    assert message.usage.input_tokens == len(
+        f"{SYSTEM}\nfirst question\nfirst answer\n{PROMPT}".split())
+    assert message.content[0].text == answer_text(
+        CLAUDE, f"{SYSTEM}\nfirst question\nfirst answer\n{PROMPT}", 20)
+
+
+async def test_an_anthropic_instances_stream_is_relayed_as_it_came(
+        make_proxy: MakeProxy, claude: AnthropicSimulator) -> None:
+    proxy = await make_proxy(with_claude(claude))
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{proxy.url}/v1/messages", headers={"x-api-key": KEY},
+            json={**CACHED_REQUEST, "stream": True, "max_tokens": 3}) as resp:
+        body = await resp.text()
+    assert claude.last_body == {**CACHED_REQUEST, "model": CLAUDE, "stream": True,
+                                "max_tokens": 3}
+    events = [(lines[0][7:], json.loads(lines[1][6:])) for lines in
+              (e.split("\n") for e in body.strip().split("\n\n"))]
+    assert [name for name, _ in events] == [
+        "message_start", "ping", "content_block_start", "content_block_delta",
+        "content_block_delta", "content_block_delta", "content_block_stop", "message_delta",
+        "message_stop"]
+    assert all(data["type"] == name for name, data in events)
+    assert events[0][1]["message"]["id"].startswith("msg_sim")
+    assert events[7][1]["usage"] == {"output_tokens": 3}  # as the instance sent it
+
+
+async def test_a_local_stream_cut_is_continued_on_the_anthropic_instance(
+        make_sim: MakeSim, make_proxy: MakeProxy, claude: AnthropicSimulator) -> None:
+    """A local server of the same model dies mid-answer; the Anthropic instance continues
+    the assistant turn (a translated prefill), and the Messages client sees one message."""
+    local = await make_sim(CLAUDE, faults=["die_after=5"])
+    proxy = await make_proxy(with_claude(claude, local))
+    async with sdk(proxy.url).messages.stream(
+            model="auto", max_tokens=20,
+            messages=[{"role": "user", "content": PROMPT}]) as stream:
+        final = await stream.get_final_message()
+    assert [b.type for b in final.content] == ["text"]
+    assert final.content[0].text == answer_text(CLAUDE, PROMPT, 20)
+    assert claude.last_body is not None
+    assert claude.last_body["messages"][-1]["role"] == "assistant"  # continued
+
+
+async def test_a_local_instance_gets_the_translation_and_the_anthropic_one_the_original(
+        make_sim: MakeSim, make_proxy: MakeProxy, claude: AnthropicSimulator) -> None:
+    local = await make_sim("local-model")
+    proxy = await make_proxy(with_claude(claude, local))
+    first = await sdk(proxy.url).messages.create(**CACHED_REQUEST)
+    assert first.id.startswith("msg_") and not first.id.startswith("msg_sim")
+    assert local.stats.last_body is not None and local.stats.last_body["messages"] == [
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"}, {"role": "user", "content": PROMPT}]
+    assert claude.requests == 0
+
+    await local.stop()  # the same request fails over to the Anthropic instance: as it came
+    raw = await sdk(proxy.url).messages.with_raw_response.create(**CACHED_REQUEST)
+    assert raw.headers["x-route-instance"] == "anthropic:default"
+    assert (await raw.parse()).id.startswith("msg_sim")
+    assert claude.last_body == {**CACHED_REQUEST, "model": CLAUDE}
