@@ -17,8 +17,18 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) llama
+test: $(STAMP) llama node
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# `make node`: the Node openai SDK for tests/test_node_sdk.py, from the npm registry into
+# tests/node/node_modules (needs node 18+ and npm; `make test` runs it first).
+NODE_STAMP := tests/node/node_modules/.installed
+.PHONY: node
+node: $(NODE_STAMP)
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund
+	touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests scripts

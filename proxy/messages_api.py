@@ -508,6 +508,24 @@ def error_body(status: int, message: str) -> bytes:
                                                     "message": message}})
 
 
+def _unsigned(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "thinking" \
+        and not block.get("signature")
+
+
+def _signed_only(body: Json) -> Json:
+    """The request for an Anthropic instance: as it came, less the thinking blocks this
+    proxy made from another server's reasoning (they have no signature, and Anthropic
+    refuses a thinking block whose signature it cannot verify)."""
+    messages = body["messages"]
+    if not any(isinstance(m.get("content"), list) and any(map(_unsigned, m["content"]))
+               for m in messages):
+        return body
+    return {**body, "messages": [
+        {**m, "content": [b for b in m["content"] if not _unsigned(b)]}
+        if isinstance(m.get("content"), list) else m for m in messages]}
+
+
 class MessagesFront:
     """`POST /v1/messages`: the Front for Anthropic's Messages API."""
 
@@ -517,7 +535,7 @@ class MessagesFront:
         stream = chat.get("stream") is True
         request = ClientRequest(request_id=request_id, endpoint=CHAT, body=chat,
                                 raw=orjson.dumps(chat), model=chat["model"], stream=stream,
-                                include_usage=stream, native=body)
+                                include_usage=stream, native=_signed_only(body))
         return MessagesExchange(body, request)
 
     def error_body(self, exc: ProxyError) -> bytes:

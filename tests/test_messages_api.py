@@ -412,3 +412,31 @@ async def test_a_local_instance_gets_the_translation_and_the_anthropic_one_the_o
     assert raw.headers["x-route-instance"] == "anthropic:default"
     assert (await raw.parse()).id.startswith("msg_sim")
     assert claude.last_body == {**CACHED_REQUEST, "model": CLAUDE}
+
+
+async def test_reasoning_comes_back_as_thinking_and_unsigned_thinking_never_reaches_anthropic(
+        make_sim: MakeSim, make_proxy: MakeProxy, claude: AnthropicSimulator) -> None:
+    """A local reasoning server's thinking is shown as a thinking block (no signature); sent
+    back in the next turn, it is dropped for the Anthropic instance, which would refuse a
+    signature it cannot verify, while its own signed blocks pass."""
+    local = await make_sim("local-model", words=3, faults=["reasoning=0.2"])
+    proxy = await make_proxy(with_claude(claude, local))
+    client = sdk(proxy.url)
+    ask: dict[str, Any] = {"model": "auto", "max_tokens": 50,
+                           "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    async with client.messages.stream(
+            **ask, messages=[{"role": "user", "content": PROMPT}]) as stream:
+        first = await stream.get_final_message()
+    assert [b.type for b in first.content] == ["thinking", "text"]
+    assert first.content[0].thinking and first.content[0].signature == ""
+    assert first.content[1].text == answer_text("local-model", PROMPT, 3)
+
+    await local.stop()
+    await client.messages.create(**ask, messages=[
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True)
+                                          for b in first.content]},
+        {"role": "user", "content": "go on"}])
+    assert claude.last_body is not None
+    assert claude.last_body["messages"][1]["content"] == [
+        {"type": "text", "text": first.content[1].text}]
