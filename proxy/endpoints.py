@@ -284,7 +284,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def count_message_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: `{"input_tokens": N}` for a Messages request, by the
-    tokenizer of the llama.cpp server the request would go to, else estimated."""
+    tokenizer of a llama.cpp or Anthropic instance it could go to, else estimated."""
     state = request.app[STATE]
     config = state.config
     headers = {"x-request-id": _request_id(request)}
@@ -293,7 +293,7 @@ async def count_message_tokens(request: web.Request) -> web.Response:
         raw = await read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
         req = count_request(raw, headers["x-request-id"])
         plan = state.planner.plan(req, request.headers)
-        tokens = await count_tokens(state.forwarder.upstream, plan.candidates, req.body,
+        tokens = await count_tokens(state.forwarder.upstream, plan.candidates, req,
                                     estimate_input(req.body, plan.requirements.prompt_tokens),
                                     config.timeouts.connect_s + 1.0)
     except ProxyError as exc:

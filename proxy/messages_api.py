@@ -551,9 +551,11 @@ MESSAGES = MessagesFront()
 def count_request(raw: bytes, request_id: str) -> ClientRequest:
     """The chat request a count_tokens body stands for (it has no max_tokens); raises
     BadRequest like /v1/messages."""
-    chat = to_chat(load_object(raw), counting=True)
+    body = load_object(raw)
+    chat = to_chat(body, counting=True)
     return ClientRequest(request_id=request_id, endpoint=CHAT, body=chat,
-                         raw=orjson.dumps(chat), model=chat["model"], stream=False)
+                         raw=orjson.dumps(chat), model=chat["model"], stream=False,
+                         native=_signed_only(body))
 
 
 def estimate_input(chat: Json, prompt_tokens: int) -> int:
@@ -563,24 +565,44 @@ def estimate_input(chat: Json, prompt_tokens: int) -> int:
     return prompt_tokens + (len(orjson.dumps(tools)) // CHARS_PER_TOKEN if tools else 0)
 
 
-async def count_tokens(upstream: Upstream, candidates: list[InstanceState], chat: Json,
-                       estimate: int, timeout_s: float) -> int:
-    """Input tokens of a chat request: counted by the first of the plan's candidates that
-    is a llama.cpp server, through its `/apply-template` (the prompt its chat template
-    makes of the messages and tools) and `/tokenize` (llama.cpp tools/server README, "API
-    Endpoints"); else, or when that server cannot say, `estimate`."""
+async def count_tokens(upstream: Upstream, candidates: list[InstanceState],
+                       request: ClientRequest, estimate: int, timeout_s: float) -> int:
+    """Input tokens of a count_tokens request (`count_request`), counted by the first of
+    the plan's candidates with a tokenizer to ask: a llama.cpp server, through its
+    `/apply-template` (the prompt its chat template makes of the messages and tools) and
+    `/tokenize` (llama.cpp tools/server README, "API Endpoints"); an Anthropic instance,
+    through its own `/v1/messages/count_tokens` (sent the client's request); else, or when
+    that one cannot say, `estimate`."""
     for inst in candidates:
         cfg = inst.config
-        if cfg.server != "llamacpp" or not inst.routable():
+        if not inst.routable():
             continue
-        prompt = await _apply_template(upstream, inst, chat, timeout_s)
-        if prompt is None:
-            break
-        count = await upstream.count_tokens(cfg, prompt, timeout_s)
-        if count is not None:
-            return count
-        break
+        if cfg.kind == "anthropic" and request.native is not None:
+            count = await _anthropic_count(upstream, inst, request.native, timeout_s)
+        elif cfg.server == "llamacpp":
+            prompt = await _apply_template(upstream, inst, request.body, timeout_s)
+            count = None if prompt is None else await upstream.count_tokens(cfg, prompt,
+                                                                            timeout_s)
+        else:
+            continue
+        return estimate if count is None else count
     return estimate
+
+
+async def _anthropic_count(upstream: Upstream, inst: InstanceState, native: Json,
+                           timeout_s: float) -> int | None:
+    cfg = inst.config
+    body = orjson.dumps({**native, "model": cfg.model or native.get("model")})
+    try:
+        status, data = await upstream.probe(cfg, cfg.api_base + "/messages/count_tokens",
+                                            timeout_s, body)
+    except UpstreamFailure:
+        return None
+    try:
+        counted = orjson.loads(data).get("input_tokens") if status == 200 else None
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return counted if positive_int(counted) else None
 
 
 async def _apply_template(upstream: Upstream, inst: InstanceState, chat: Json,

@@ -440,3 +440,14 @@ async def test_reasoning_comes_back_as_thinking_and_unsigned_thinking_never_reac
     assert claude.last_body is not None
     assert claude.last_body["messages"][1]["content"] == [
         {"type": "text", "text": first.content[1].text}]
+
+
+async def test_count_tokens_asks_the_anthropic_instance(make_proxy: MakeProxy,
+                                                        claude: AnthropicSimulator) -> None:
+    proxy = await make_proxy(with_claude(claude))
+    counted = await sdk(proxy.url).messages.count_tokens(
+        model="auto", system=SYSTEM, messages=[{"role": "user", "content": PROMPT}])
+    assert counted.input_tokens == len(f"{SYSTEM}\n{PROMPT}".split())
+    assert claude.last_count_body == {"model": CLAUDE, "system": SYSTEM,
+                                      "messages": [{"role": "user", "content": PROMPT}]}
+    assert claude.requests == 0  # counting is no model request
