@@ -257,11 +257,18 @@ async def test_bad_input_and_a_wrong_key_raise_the_sdks_own_errors(
             model="auto", max_tokens=10, messages=[{"role": "user", "content": PROMPT}])
     assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
     assert "wrong-key" not in str(denied.value.body)
-    async with aiohttp.ClientSession() as http, http.post(
-            f"{proxy.url}/v1/messages", data=b"{not json",
-            headers={"x-api-key": KEY}) as resp:
-        assert resp.status == 400
-        assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{proxy.url}/v1/messages", data=b"{not json",
+                             headers={"x-api-key": KEY}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+        async with http.post(f"{proxy.url}/v1/messages", json={}) as resp:  # no key at all
+            assert resp.status == 401
+            error = (await resp.json())["error"]
+            assert error["type"] == "authentication_error" and "x-api-key" in error["message"]
+        async with http.get(f"{proxy.url}/v1/messages", headers={"x-api-key": KEY}) as resp:
+            assert resp.status == 405 and resp.headers["Allow"] == "POST"
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
 
 
 async def test_an_upstream_client_error_is_relayed_in_anthropics_shape(
