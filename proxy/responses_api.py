@@ -136,7 +136,8 @@ def _messages(items: Any) -> list[Json]:
                        "invalid_type")
         kind = item.get("type") or ("message" if "role" in item else None)
         if kind == "message":
-            role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            role = item.get("role")
+            role = _ROLES.get(role) if isinstance(role, str) else None  # any JSON may come
             if role is None:
                 raise _bad(f"Invalid value for '{where}.role': expected one of user, assistant, "
                            "system, developer.", where + ".role")

@@ -510,6 +510,17 @@ def test_wrong_types_in_completions_and_embeddings_never_get_a_5xx(
        response_changes=mutations(RESPONSES_PATHS), message_changes=mutations(MESSAGES_PATHS),
        stream=st.booleans(), model=MODELS, shaped=st.booleans(), tools=st.booleans(),
        ascii_only=st.booleans())
+# Found by this test: a role that is a list or an object was looked up in a dict (unhashable):
+# a 500 from responses_api._messages.
+@example(front="/v1/responses", response_changes=[(("input", 0, "role"), [])],
+         message_changes=[], stream=False, model="auto", shaped=True, tools=False,
+         ascii_only=True)
+@example(front="/v1/messages", response_changes=[],
+         message_changes=[(("messages", 0, "role"), {})], stream=False, model="auto",
+         shaped=True, tools=True, ascii_only=True)
+@example(front="/v1/messages", response_changes=[],
+         message_changes=[(("tool_choice", "type"), [])], stream=True, model="auto",
+         shaped=True, tools=True, ascii_only=True)
 def test_wrong_types_in_responses_and_messages_requests_never_get_a_5xx(
         target: Target, front: str, response_changes: list[tuple[Any, Any]],
         message_changes: list[tuple[Any, Any]], stream: bool, model: str, shaped: bool,
