@@ -124,6 +124,17 @@ def error_message(body: bytes) -> str:
     return body.decode("utf-8", "replace").strip()[:2000] or "the upstream refused the request"
 
 
+def count(value: Any) -> int:
+    """A count a server reported (a token count, an index): a non-negative integer, else 0.
+    Servers' answers are not validated field by field, so a wrong type must not raise."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def listed(value: Any) -> list[Any]:
+    """A list a server reported (tool calls), or an empty one for anything else."""
+    return value if isinstance(value, list) else []
+
+
 def positive_int(value: Any) -> bool:
     """Whether `value` is an integer from 1 to MAX_INT (not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_INT

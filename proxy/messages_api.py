@@ -34,7 +34,16 @@ from proxy.config import Config
 from proxy.errors import BadRequest, ProxyError
 from proxy.failures import UpstreamFailure
 from proxy.forwarding import StreamSink
-from proxy.fronts import Json, TranslatingSink, error_message, number, positive_int, sse
+from proxy.fronts import (
+    Json,
+    TranslatingSink,
+    count,
+    error_message,
+    listed,
+    number,
+    positive_int,
+    sse,
+)
 from proxy.inbound import CHAT, MAX_MESSAGES, ClientRequest, load_object
 from proxy.instances import InstanceState
 from proxy.requirements import CHARS_PER_TOKEN
@@ -286,9 +295,9 @@ def _usage(usage: Any) -> Json:
     tokens read from the cache (the inverse of proxy.anthropic's reading)."""
     usage = usage if isinstance(usage, dict) else {}
     details = usage.get("prompt_tokens_details")
-    cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
-    return {"input_tokens": max(0, int(usage.get("prompt_tokens") or 0) - cached),
-            "output_tokens": int(usage.get("completion_tokens") or 0),
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return {"input_tokens": max(0, count(usage.get("prompt_tokens")) - cached),
+            "output_tokens": count(usage.get("completion_tokens")),
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
@@ -341,7 +350,7 @@ class MessagesExchange:
         refusal = message.get("refusal")
         if isinstance(refusal, str) and refusal:
             content.append({"type": "text", "text": refusal})
-        for call in message.get("tool_calls") or ():
+        for call in listed(message.get("tool_calls")):
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
                 content.append({"type": "tool_use", "id": str(call.get("id") or ""),
@@ -411,7 +420,7 @@ class MessagesSink(TranslatingSink):
                     text = delta.get(key)
                     if isinstance(text, str) and text:
                         self._delta(out, "text", {"type": "text_delta", "text": text})
-                for call in delta.get("tool_calls") or ():
+                for call in listed(delta.get("tool_calls")):
                     if isinstance(call, dict):
                         self._call(out, call)
             if choice.get("finish_reason") is not None:
@@ -429,7 +438,7 @@ class MessagesSink(TranslatingSink):
                 self.started = True
             elif kind == "content_block_start":
                 block = data.get("content_block")
-                self.open = int(data.get("index") or 0)
+                self.open = count(data.get("index"))
                 self.open_type = str(block.get("type")) if isinstance(block, dict) else None
                 self.blocks = self.open + 1
             elif kind == "content_block_stop":
@@ -462,7 +471,7 @@ class MessagesSink(TranslatingSink):
                                                "index": self.open, "delta": delta}))
 
     def _call(self, out: list[bytes], call: Json) -> None:
-        number_ = call.get("index", 0)
+        number_ = count(call.get("index"))
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         assert isinstance(function, dict)
         index = self.calls.get(number_)

@@ -28,7 +28,15 @@ import orjson
 from proxy.config import Config
 from proxy.errors import BadRequest, ProxyError
 from proxy.forwarding import StreamSink
-from proxy.fronts import Json, TranslatingSink, number, positive_int, sse
+from proxy.fronts import (
+    Json,
+    TranslatingSink,
+    count,
+    listed,
+    number,
+    positive_int,
+    sse,
+)
 from proxy.inbound import CHAT, MAX_MESSAGES, ClientRequest, load_object
 from proxy.sse import delta_reasoning
 
@@ -294,17 +302,17 @@ def _usage(usage: Any) -> Json | None:
     """A Responses usage object from a chat one (None when the server sent none)."""
     if not isinstance(usage, dict):
         return None
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
+    prompt = count(usage.get("prompt_tokens"))
+    completion = count(usage.get("completion_tokens"))
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
     cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0
     thought = (completion_details.get("reasoning_tokens")
                if isinstance(completion_details, dict) else 0)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached or 0},
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": count(cached)},
             "output_tokens": completion,
-            "output_tokens_details": {"reasoning_tokens": thought or 0},
-            "total_tokens": int(usage.get("total_tokens") or prompt + completion)}
+            "output_tokens_details": {"reasoning_tokens": count(thought)},
+            "total_tokens": count(usage.get("total_tokens")) or prompt + completion}
 
 
 def _text_part(text: str) -> Json:
@@ -383,7 +391,7 @@ class ResponsesExchange:
             parts.append(_refusal_part(message["refusal"]))
         if parts:
             output.append(_message_item(self.item_id("msg", len(output)), parts, "completed"))
-        for call in message.get("tool_calls") or []:
+        for call in listed(message.get("tool_calls")):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict):
                 continue
@@ -454,7 +462,7 @@ class ResponsesSink(TranslatingSink):
                 refusal = delta.get("refusal")
                 if isinstance(refusal, str) and refusal:
                     self._add_text(out, "refusal", refusal)
-                for call in delta.get("tool_calls") or ():
+                for call in listed(delta.get("tool_calls")):
                     if isinstance(call, dict):
                         self._add_call(out, call)
             if choice.get("finish_reason") is not None:
@@ -522,7 +530,7 @@ class ResponsesSink(TranslatingSink):
                                item=dict(item)))
 
     def _add_call(self, out: list[bytes], call: Json) -> None:
-        number_ = call.get("index", 0)
+        number_ = count(call.get("index"))
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         assert isinstance(function, dict)
         index = self.calls.get(number_)

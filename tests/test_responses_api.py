@@ -334,3 +334,67 @@ async def test_models_retrieve_names_groups_instances_and_labels(
     with pytest.raises(openai.NotFoundError) as caught:
         await client.models.retrieve("no-such-model")
     assert caught.value.code == "model_not_found"
+
+
+@pytest.fixture
+async def odd_server() -> Any:
+    """A chat server whose answers carry wrong types where counts and lists belong (token
+    counts as text, `tool_calls` a number, a tool call index an object)."""
+    from aiohttp import web
+
+    odd_usage = {"prompt_tokens": "lots", "completion_tokens": None, "total_tokens": [1]}
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response({
+                "id": "c1", "object": "chat.completion", "created": 1, "model": "odd",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": "hi there", "tool_calls": 7}}],
+                "usage": odd_usage})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "odd"}
+        for delta, finish in (({"role": "assistant", "content": "hi"}, None),
+                              ({"content": " there", "tool_calls": 5}, None),
+                              ({"tool_calls": [{"index": {}, "id": "t", "function": {
+                                  "name": "f", "arguments": "{}"}}]}, None),
+                              ({}, "stop")):
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps({**base, "choices": [], "usage": odd_usage})
+                         .encode() + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_odd_types_in_an_answer_never_break_the_translation(
+        make_proxy: MakeProxy, odd_server: str, stream: bool) -> None:
+    proxy = await make_proxy(proxy_config([("odd", odd_server)], health={"enabled": False}))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{proxy.base_url}/responses", json={
+                "model": "auto", "input": PROMPT, "stream": stream}) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        async with http.post(f"{proxy.url}/v1/messages", json={
+                "model": "auto", "max_tokens": 9, "stream": stream,
+                "messages": [{"role": "user", "content": PROMPT}]}) as resp:
+            assert resp.status == 200
+            message = await resp.text()
+    if stream:
+        assert "response.completed" in text and '"delta":" there"' in text
+        assert "message_stop" in message and '"text":" there"' in message
+    else:
+        assert json.loads(text)["output"][0]["content"][0]["text"] == "hi there"
+        assert json.loads(text)["usage"]["input_tokens"] == 0
+        assert json.loads(message)["content"] == [{"type": "text", "text": "hi there"}]
