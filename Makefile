@@ -23,7 +23,7 @@ install: $(TEST_STAMP)
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(TEST_STAMP) llama chromium
+test: $(TEST_STAMP) llama chromium node
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's chromium for the status page tests (tests/test_ui_browser.py drives it with
@@ -31,6 +31,16 @@ test: $(TEST_STAMP) llama chromium
 chromium:
 	@test -x /usr/bin/chromium || DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# `make node`: the Node openai SDK for tests/test_node_sdk.py, from the npm registry into
+# tests/node/node_modules (needs node 18+ and npm; `make test` runs it first).
+NODE_STAMP := tests/node/node_modules/.installed
+.PHONY: node chromium
+node: $(NODE_STAMP)
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund
+	touch $@
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check proxy tests scripts

@@ -26,7 +26,10 @@ CONTEXT_TOO_LONG = "CONTEXT_TOO_LONG"
 CLIENT_ERROR = "CLIENT_ERROR"
 UPSTREAM_ERROR = "UPSTREAM_ERROR"
 
-_FINISH_REASONS: dict[str, str] = {
+#: Anthropic stop_reason -> OpenAI finish_reason (Anthropic docs, "Handling stop reasons").
+#: Read both ways: `STOP_REASONS` is its inverse, for the Messages API front
+#: (proxy.messages_api), the first Anthropic reason listed for a finish reason winning.
+FINISH_REASONS: dict[str, str] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "max_tokens": "length",
@@ -34,12 +37,42 @@ _FINISH_REASONS: dict[str, str] = {
     "pause_turn": "stop",
     "refusal": "content_filter",
 }
+STOP_REASONS: dict[str, str] = {}
+for _stop, _finish in FINISH_REASONS.items():
+    STOP_REASONS.setdefault(_finish, _stop)
 
-_TOOL_CHOICES: dict[str, Json] = {
+#: OpenAI tool_choice string -> Anthropic tool_choice; `TOOL_CHOICE_NAMES` is its inverse
+#: (Anthropic's `{"type": "tool", "name": ...}` is OpenAI's `{"type": "function", ...}`).
+TOOL_CHOICES: dict[str, Json] = {
     "auto": {"type": "auto"},
     "required": {"type": "any"},
     "none": {"type": "none"},
 }
+TOOL_CHOICE_NAMES: dict[str, str] = {v["type"]: k for k, v in TOOL_CHOICES.items()}
+
+#: HTTP status -> Anthropic error type (Anthropic docs, "Errors"; the `anthropic` SDK raises
+#: by status: 400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError,
+#: 404 NotFoundError, 413 RequestTooLargeError, 429 RateLimitError, >= 500
+#: InternalServerError).
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def error_type(status: int) -> str:
+    """The Anthropic error type for an HTTP status (`api_error` for other 5xx,
+    `invalid_request_error` for other 4xx)."""
+    return ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+
 
 class TranslationError(ValueError):
     """The OpenAI request cannot be expressed as a Messages API request (a client error)."""
@@ -228,8 +261,8 @@ def _tool(tool: Any) -> Json:
 
 def _tool_choice(choice: Any) -> Json:
     """An Anthropic tool_choice from an OpenAI one."""
-    if isinstance(choice, str) and choice in _TOOL_CHOICES:
-        return dict(_TOOL_CHOICES[choice])
+    if isinstance(choice, str) and choice in TOOL_CHOICES:
+        return dict(TOOL_CHOICES[choice])
     if isinstance(choice, dict) and choice.get("type") == "function":
         function = choice.get("function")
         if isinstance(function, dict) and isinstance(function.get("name"), str):
@@ -304,7 +337,7 @@ def finish_reason(stop_reason: str | None) -> str | None:
     """The OpenAI finish_reason for an Anthropic stop_reason (unknown ones become "stop")."""
     if stop_reason is None:
         return None
-    return _FINISH_REASONS.get(stop_reason, "stop")
+    return FINISH_REASONS.get(stop_reason, "stop")
 
 
 def _usage(input_tokens: int, output_tokens: int, cached: int = 0) -> Json:

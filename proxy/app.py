@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import structlog
 from aiohttp import ClientSession, web
 
@@ -18,6 +19,8 @@ from proxy.eventstream import EventHub, close_feed
 from proxy.forwarding import Forwarder
 from proxy.health import Prober
 from proxy.instances import Registry
+from proxy.messages_api import MESSAGES_PATH
+from proxy.messages_api import error_body as messages_error_body
 from proxy.metrics import Metrics
 from proxy.routing import Planner
 from proxy.scoring import capability_notes
@@ -155,7 +158,16 @@ def http_error_response(status: int, message: str, headers: dict[str, str] | Non
 
 def framework_error(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
     """An HTTPException aiohttp raised (404 unknown path, 405 with Allow, 413 over
-    `client_max_size`, 417...) as an OpenAI-shaped response with the same status."""
+    `client_max_size`, 417...) as an OpenAI-shaped response with the same status; in
+    Anthropic's shape under /v1/messages, whose clients read that one."""
+    response = _framework_error(request, exc)
+    if request.path.startswith(MESSAGES_PATH) and isinstance(response.body, bytes):
+        message = orjson.loads(response.body)["error"]["message"]
+        response.body = messages_error_body(response.status, message)
+    return response
+
+
+def _framework_error(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
     if isinstance(exc, web.HTTPNotFound):
         return http_error_response(404, f"Unknown path: {request.path}")
     if isinstance(exc, web.HTTPMethodNotAllowed):

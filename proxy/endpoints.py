@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
@@ -18,16 +19,27 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.auth import check_admin, check_client
 from proxy.config import Config
 from proxy.errors import (
+    AllAttemptsFailed,
     BadRequest,
+    NotFound,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
     RouteBlocked,
     UnsupportedEncoding,
 )
-from proxy.forwarding import CLIENT_GONE, ClientGone
+from proxy.forwarding import CLIENT_GONE, ClientGone, StreamSink
+from proxy.fronts import Exchange, Front
 from proxy.inbound import CHAT, COMPLETIONS, EMBEDDINGS, parse_request
+from proxy.messages_api import (
+    MESSAGES,
+    MESSAGES_PATH,
+    count_request,
+    count_tokens,
+    estimate_input,
+)
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxy.responses_api import RESPONSES
 from proxy.routing import AUTO, RoutePlan, new_id
 from proxy.state import STATE, ProxyState
 
@@ -134,24 +146,31 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     length = request.content_length
     if length is not None and length > request.client_max_size:
         return error_response(PayloadTooLarge(
-            f"The request body is {length} bytes; the limit is {request.client_max_size}."), {})
+            f"The request body is {length} bytes; the limit is {request.client_max_size}."), {},
+            MESSAGES if request.path.startswith(MESSAGES_PATH) else None)
     writer = request.writer
     await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     writer.output_size = 0  # the answer itself has not started (as aiohttp's handler does)
     return None
 
 
-def error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
-    """A ProxyError as an OpenAI-shaped response (with its own headers, e.g. Retry-After)."""
+def error_response(exc: ProxyError, headers: dict[str, str],
+                   front: Front | None = None) -> web.Response:
+    """A ProxyError as an OpenAI-shaped response (with its own headers, e.g. Retry-After),
+    or in the shape of the API a front serves."""
     headers.update(exc.headers)
     headers["Content-Type"] = _JSON
-    response = web.Response(status=exc.status, body=exc.body(), headers=headers)
+    body = exc.body() if front is None else front.error_body(exc)
+    response = web.Response(status=exc.status, body=body, headers=headers)
     if exc.status in _CLOSING:
         response.force_close()
     return response
 
 
-async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
+async def _proxy(request: web.Request, endpoint: str,
+                 front: Front | None = None) -> web.StreamResponse:
+    """Serve one model request; with a `front` (the Responses or Messages API) the body is
+    translated into a chat request on the way in and the answer back on the way out."""
     state: ProxyState = request.app[STATE]
     # Taken once: a config reload during this request does not change what it uses.
     config, recorder, planner, forwarder = (state.config, state.recorder, state.planner,
@@ -161,18 +180,26 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     headers = {"x-request-id": request_id}
     model: str | None = None
     plan: RoutePlan | None = None
+    exchange: Exchange | None = None
     stream = False
     counters = recorder.metrics
     counters.inflight += 1
     try:
         check_client(config.server, request.headers)
         raw = await read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
-        req = parse_request(endpoint, raw, request_id)
+        if front is None:
+            req = parse_request(endpoint, raw, request_id)
+        else:
+            exchange = front.exchange(raw, request_id, config)
+            req = exchange.request
         model, stream = req.model, req.stream
         plan = planner.plan(req, request.headers)
         headers["x-route-plan-id"] = plan.plan_id
         recorder.planned(plan)
-        sink = HttpSink(request, headers) if stream else None
+        http_sink = HttpSink(request, headers) if stream else None
+        sink: StreamSink | None = http_sink
+        if exchange is not None and http_sink is not None:
+            sink = exchange.stream(http_sink)
         reply = await forwarder.forward(req, plan, sink, request.headers.get("Authorization"))
         planner.served(plan, reply.instance)
     except asyncio.CancelledError:
@@ -191,7 +218,7 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
         recorder.completed(plan, request_id, model, exc.status, outcome, None,
                            exc.attempts, None, time.perf_counter() - started, exc.upstream_s,
                            stream, exc.tried)
-        return error_response(exc, headers)
+        return error_response(exc, headers, front)
     finally:
         counters.inflight -= 1
 
@@ -200,7 +227,7 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
                        len(reply.attempts), reply.ttfb_s, time.perf_counter() - started,
                        upstream_s, reply.body is None, reply.attempts, reply.usage)
     if reply.body is None:
-        response = sink.response if sink is not None else None
+        response = http_sink.response if http_sink is not None else None
         if response is None:  # the client left before the stream could start
             return web.Response(status=499, headers=headers)
         if reply.outcome != CLIENT_GONE:
@@ -212,8 +239,25 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     headers.update(reply.headers)
     headers["x-route-instance"] = reply.instance or ""
     headers["x-route-attempts"] = str(len(reply.attempts))
+    if exchange is not None:
+        assert front is not None
+        return _translated(exchange, front, reply.status, reply.body, headers)
     headers["Content-Type"] = reply.content_type or _JSON  # the upstream's, as it was
     return web.Response(status=reply.status, body=reply.body, headers=headers)
+
+
+def _translated(exchange: Exchange, front: Front, status: int, body: bytes,
+                headers: dict[str, str]) -> web.Response:
+    """A whole answer (or an upstream's error) in the shape of the front's API."""
+    try:
+        status, body = exchange.answer(status, body)
+    except (ValueError, TypeError, AttributeError):  # a 2xx JSON object that is no completion
+        status = 502
+        body = front.error_body(AllAttemptsFailed(
+            f"The answer from {headers.get('x-route-instance')} is not a chat completion "
+            "and could not be translated."))
+    headers["Content-Type"] = _JSON
+    return web.Response(status=status, body=body, headers=headers)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -229,6 +273,76 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def embeddings(request: web.Request) -> web.StreamResponse:
     """POST /v1/embeddings"""
     return await _proxy(request, EMBEDDINGS)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses: OpenAI's Responses API, translated (proxy.responses_api)."""
+    return await _proxy(request, CHAT, RESPONSES)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages: Anthropic's Messages API, translated (proxy.messages_api)."""
+    return await _proxy(request, CHAT, MESSAGES)
+
+
+async def count_message_tokens(request: web.Request) -> web.Response:
+    """POST /v1/messages/count_tokens: `{"input_tokens": N}` for a Messages request, by the
+    tokenizer of a llama.cpp or Anthropic instance it could go to, else estimated."""
+    state = request.app[STATE]
+    config = state.config
+    headers = {"x-request-id": _request_id(request)}
+    try:
+        check_client(config.server, request.headers)
+        raw = await read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
+        req = count_request(raw, headers["x-request-id"])
+        plan = state.planner.plan(req, request.headers)
+        tokens = await count_tokens(state.forwarder.upstream, plan.candidates, req,
+                                    estimate_input(req.body, plan.requirements.prompt_tokens),
+                                    config.timeouts.connect_s + 1.0)
+    except ProxyError as exc:
+        return error_response(exc, headers, MESSAGES)
+    return web.Response(body=orjson.dumps({"input_tokens": tokens}), headers=headers,
+                        content_type=_JSON)
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: the model object of `auto`, a model group, an instance id or a
+    model name (a label, or a name a server lists); 404 otherwise. In Anthropic's shape
+    when the request carries `anthropic-version` (the `anthropic` SDK sends it)."""
+    state = request.app[STATE]
+    anthropic_client = "anthropic-version" in request.headers
+    front = MESSAGES if anthropic_client else None
+    name = request.match_info["id"]
+    try:
+        check_client(state.config.server, request.headers)
+        found = model_object(state, name)
+        if found is None:
+            raise NotFound(f"The model '{name}' does not exist on this proxy.", param="model")
+    except ProxyError as exc:
+        return error_response(exc, {}, front)
+    if anthropic_client:
+        found = {"type": "model", "id": found["id"], "display_name": found["id"],
+                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                             time.gmtime(found["created"]))}
+    return web.Response(body=orjson.dumps(found), content_type=_JSON)
+
+
+def model_object(state: ProxyState, name: str) -> dict[str, Any] | None:
+    """The OpenAI model object for `name`, as /v1/models lists it, or for an instance id or
+    a name a server lists; None when the proxy knows no such model."""
+    listed = orjson.loads(state.models_body)["data"]
+    for entry in listed:
+        if entry["id"] == name:
+            return dict(entry)
+    created = listed[0]["created"]
+    inst = state.config.instance(name)
+    if inst is not None:
+        return {"id": name, "object": "model", "created": created, "owned_by": inst.provider_id}
+    for live in state.registry.states:
+        if live.pin is not None and name in live.pin.models:
+            return {"id": name, "object": "model", "created": created,
+                    "owned_by": live.config.provider_id}
+    return None
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -279,8 +393,10 @@ def add_routes(app: web.Application) -> None:
     """Register the public endpoints (a GET route answers HEAD too)."""
     router = app.router
     for path, handler in (("/v1/chat/completions", chat_completions),
-                          ("/v1/completions", completions), ("/v1/embeddings", embeddings)):
+                          ("/v1/completions", completions), ("/v1/embeddings", embeddings),
+                          ("/v1/responses", responses), ("/v1/messages", messages),
+                          ("/v1/messages/count_tokens", count_message_tokens)):
         router.add_post(path, handler, expect_handler=expect_continue)
-    for path, get in (("/v1/models", list_models), ("/healthz", healthz), ("/readyz", readyz),
-                      ("/metrics", metrics)):
+    for path, get in (("/v1/models", list_models), ("/v1/models/{id:.+}", retrieve_model),
+                      ("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
         router.add_get(path, get, expect_handler=expect_continue)

@@ -337,23 +337,26 @@ class Forwarder:
         cfg = inst.config
         t0 = time.perf_counter()
         resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
-                                        req.body_for(inst.request_model), client_auth)
+                                        req.body_for(inst.request_model), client_auth,
+                                        req.native)
         try:
-            return await self._whole_reply(inst, resp, time.perf_counter() - t0)
+            return await self._whole_reply(inst, resp, time.perf_counter() - t0,
+                                           req.native is not None)
         except BaseException:
             resp.close()
             raise
 
     async def _whole_reply(self, inst: InstanceState, resp: Response,
-                           ttfb: float) -> Reply:
-        """Read a whole answer, in OpenAI's shape, checked against the pinned fingerprint.
+                           ttfb: float, native: bool = False) -> Reply:
+        """Read a whole answer, in OpenAI's shape (or, for a `native` request, in the
+        instance's own), checked against the pinned fingerprint.
 
         Used for non-streaming requests and for an upstream that ignored `stream`.
         """
         cfg = inst.config
         body = await self.upstream.read_body(resp, self.config.timeouts.idle_s)
         resp.release()
-        body = self.upstream.translate_body(cfg, body)
+        body = self.upstream.translate_body(cfg, body, native)
         if _JSON_OBJECT.match(body) is None:
             # A 204, an empty body, a captive portal's HTML page: no answer at all.
             raise UpstreamProtocolError(
@@ -381,7 +384,8 @@ class Forwarder:
         t0 = time.perf_counter()
         deadline = t0 + timeouts.first_byte_s
         resp = await self.upstream.open(cfg, UPSTREAM_PATH[req.endpoint],
-                                        req.body_for(inst.request_model), client_auth)
+                                        req.body_for(inst.request_model), client_auth,
+                                        req.native)
         done = False
         try:
             if "text/event-stream" not in resp.headers.get("Content-Type", ""):
@@ -398,7 +402,7 @@ class Forwarder:
                 except ClientGone:
                     return Reply(200, None, outcome=CLIENT_GONE, ttfb_s=reply.ttfb_s)
                 return Reply(200, None, ttfb_s=reply.ttfb_s, usage=reply.usage)
-            reader = self.upstream.events(cfg, resp, req.include_usage)
+            reader = self.upstream.events(cfg, resp, req.include_usage, req.native is not None)
             pending: list[tuple[bytes, Chunk | None]] = []
             await self._until_content(reader, pending, deadline, inst.pin)
             ttfb = time.perf_counter() - t0

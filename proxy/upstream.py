@@ -11,7 +11,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -119,21 +119,30 @@ def instance_headers(inst: InstanceConfig, client_auth: str | None) -> dict[str,
 
 
 ANTHROPIC = "anthropic"
+#: The key under which a translated chunk carries its Messages API events (see
+#: AnthropicEvents); only for requests that came in as Messages API requests.
+NATIVE_EVENTS = "anthropic_events"
 
 
 class AnthropicEvents:
     """Reads a Messages API event stream and yields OpenAI chunk events in its place.
 
     The rest of the relay sees what any OpenAI-compatible server would send: chunks,
-    `[DONE]` at message_stop, an in-band `{"error": ...}` for an error event.
+    `[DONE]` at message_stop, an in-band `{"error": ...}` for an error event. With
+    `keep` (a request that came in as a Messages API request), each chunk also carries,
+    under NATIVE_EVENTS, the Messages events it was made of (and those that made no chunk
+    since the last one: pings, block stops, signature deltas), for the Messages front to
+    relay as they came.
     """
 
-    __slots__ = ("_events", "_translator", "_queue")
+    __slots__ = ("_events", "_translator", "_queue", "_kept")
 
-    def __init__(self, events: EventReader, translator: anthropic.StreamTranslator) -> None:
+    def __init__(self, events: EventReader, translator: anthropic.StreamTranslator,
+                 keep: bool = False) -> None:
         self._events = events
         self._translator = translator
         self._queue: list[bytes] = []
+        self._kept: list[Any] | None = [] if keep else None
 
     def buffered(self) -> bytes | None:
         """A translated event already at hand, else None (no waiting)."""
@@ -162,10 +171,22 @@ class AnthropicEvents:
             except anthropic.AnthropicStreamError as exc:
                 return b"data: " + orjson.dumps({"error": {"message": exc.message,
                                                            "type": exc.error_type}}) + b"\n\n"
+            kept = self._kept
+            if kept is not None:
+                kept.append(data)
+                if chunks:
+                    chunks[0][NATIVE_EVENTS] = kept[:]
+                    kept.clear()
             self._queue.extend(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
             if self._translator.done:
                 self._queue.append(DONE_EVENT)
         return self._queue.pop(0)
+
+
+def _as_sent(native: dict[str, Any], model: str) -> bytes:
+    """A client's own Messages API request as sent to an Anthropic instance: as it came,
+    with the instance's model."""
+    return orjson.dumps({**native, "model": model})
 
 
 def _event_name(raw: bytes) -> str | None:
@@ -241,8 +262,11 @@ class Upstream:
         return cached
 
     async def open(self, inst: InstanceConfig, path: str, body: bytes,
-                   client_auth: str | None = None) -> Response:
-        """POST `body` to the instance and wait for the status line and headers.
+                   client_auth: str | None = None,
+                   native: dict[str, Any] | None = None) -> Response:
+        """POST `body` to the instance and wait for the status line and headers. An
+        Anthropic instance is sent `native` (the client's own Messages API request) when
+        given, else `body` translated.
 
         Returns a 2xx response with its body unread (the caller releases or closes it).
         Raises PassThrough for a 4xx the client should see unchanged, and an
@@ -252,7 +276,9 @@ class Upstream:
         caller bounds the rest.
         """
         if inst.kind == ANTHROPIC:
-            path, body = "/messages", self._to_anthropic(inst, body)
+            path = "/messages"
+            body = (self._to_anthropic(inst, body) if native is None
+                    else _as_sent(native, inst.model or orjson.loads(body)["model"]))
         first_byte_s = self.timeouts.first_byte_s
         with map_exceptions("first_byte", first_byte_s):
             route = self.route(inst)
@@ -329,9 +355,10 @@ class Upstream:
         raise PassThrough(status, error_body(message, "invalid_request_error"),
                           "application/json", self.relayed(headers))
 
-    def translate_body(self, inst: InstanceConfig, body: bytes) -> bytes:
-        """A whole response in OpenAI's chat.completion shape (Messages API translated)."""
-        if inst.kind != ANTHROPIC:
+    def translate_body(self, inst: InstanceConfig, body: bytes, native: bool = False) -> bytes:
+        """A whole response in OpenAI's chat.completion shape (Messages API translated,
+        unless the request was `native`: then it stays the instance's own)."""
+        if inst.kind != ANTHROPIC or native:
             return body
         try:
             return orjson.dumps(anthropic.from_messages_response(orjson.loads(body),
@@ -339,14 +366,16 @@ class Upstream:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ProcessExited(f"unreadable Messages API response: {exc}") from None
 
-    def events(self, inst: InstanceConfig, resp: Response,
-               include_usage: bool) -> EventReader | AnthropicEvents:
-        """The response's server-sent events, as OpenAI chat completion chunks; an event
+    def events(self, inst: InstanceConfig, resp: Response, include_usage: bool,
+               native: bool = False) -> EventReader | AnthropicEvents:
+        """The response's server-sent events, as OpenAI chat completion chunks (for a
+        `native` request carrying the Messages events: see AnthropicEvents); an event
         over `upstream.max_event_bytes` fails with UpstreamProtocolError."""
         reader = EventReader(resp.content, self.limits.max_event_bytes)
         if inst.kind == ANTHROPIC:
             return AnthropicEvents(reader,
-                                   anthropic.StreamTranslator(int(time.time()), include_usage))
+                                   anthropic.StreamTranslator(int(time.time()), include_usage),
+                                   native)
         return reader
 
     async def read_error_body(self, resp: Response, limit: int = 65536) -> bytes:
