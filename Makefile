@@ -1,29 +1,51 @@
 # Two commands: `make run` (demo proxy in front of simulated backends) and `make test`.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
+# What running needs (`make run`), then the test and dev tools on top (`make test`).
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install clean lint typecheck bench chaos
+.PHONY: run test install clean lint typecheck bench chaos chromium
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) llama
+test: $(TEST_STAMP) llama chromium node
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+# Debian's chromium for the status page tests (tests/test_ui_browser.py drives it with
+# Playwright; Playwright's own browser downloads are never used).
+chromium:
+	@test -x /usr/bin/chromium || DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# `make node`: the Node openai SDK for tests/test_node_sdk.py, from the npm registry into
+# tests/node/node_modules (needs node 18+ and npm; `make test` runs it first).
+NODE_STAMP := tests/node/node_modules/.installed
+.PHONY: node chromium
+node: $(NODE_STAMP)
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund
+	touch $@
+
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check proxy tests scripts
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy --strict proxy tests
 
 # `make bench` (a few minutes) or `make bench BENCH_ARGS="--quick --json out.json"`;
@@ -51,22 +73,22 @@ LLAMA_GGUF   := $(addprefix $(LLAMA_MODELS)/,tiny-a.gguf tiny-b.gguf tiny-slow.g
 .PHONY: llama llama-server
 llama: llama-server $(LLAMA_GGUF)
 
-llama-server: $(STAMP)
+llama-server: $(TEST_STAMP)
 	PYTHON="$(CURDIR)/$(BIN)/python" bash scripts/build_llama_server.sh
 
-$(LLAMA_MODELS)/tiny-a.gguf: scripts/make_tiny_gguf.py $(STAMP)
+$(LLAMA_MODELS)/tiny-a.gguf: scripts/make_tiny_gguf.py $(TEST_STAMP)
 	$(BIN)/python scripts/make_tiny_gguf.py --out $@ --name tiny-a --seed 1
 
-$(LLAMA_MODELS)/tiny-b.gguf: scripts/make_tiny_gguf.py $(STAMP)
+$(LLAMA_MODELS)/tiny-b.gguf: scripts/make_tiny_gguf.py $(TEST_STAMP)
 	$(BIN)/python scripts/make_tiny_gguf.py --out $@ --name tiny-b --seed 2
 
 # 300,000 unreachable filler tokens: loading the vocabulary keeps /health at 503 for about a
 # second, and the output layer makes a token take about 6 ms, so a stream can be cut mid-answer.
-$(LLAMA_MODELS)/tiny-slow.gguf: scripts/make_tiny_gguf.py $(STAMP)
+$(LLAMA_MODELS)/tiny-slow.gguf: scripts/make_tiny_gguf.py $(TEST_STAMP)
 	$(BIN)/python scripts/make_tiny_gguf.py --out $@ --name tiny-slow --seed 3 --pad-vocab 300000
 
 # The same, with é, 世 and 🙂 written as byte tokens: the server sends such a character in
 # one chunk once all its bytes are out, so a chunk can be several tokens.
-$(LLAMA_MODELS)/tiny-slow-utf8.gguf: scripts/make_tiny_gguf.py $(STAMP)
+$(LLAMA_MODELS)/tiny-slow-utf8.gguf: scripts/make_tiny_gguf.py $(TEST_STAMP)
 	$(BIN)/python scripts/make_tiny_gguf.py --out $@ --name tiny-slow-utf8 --seed 4 \
 		--pad-vocab 300000 --utf8-chains

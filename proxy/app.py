@@ -4,6 +4,7 @@ config reload."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import structlog
@@ -14,6 +15,8 @@ from proxy.api.endpoints import add_routes, models_body
 from proxy.api.middleware import openai_errors
 from proxy.api.server import HANDLER_ARGS
 from proxy.api.state import CONFIG, RELOAD, STATE, ProxyState
+from proxy.api.status import add_status_routes
+from proxy.audit.eventstream import EventHub
 from proxy.audit.metrics import Metrics
 from proxy.audit.recorder import STATES, Recorder
 from proxy.audit.store import AuditStore
@@ -25,8 +28,14 @@ from proxy.providers.transport import Upstream, make_client
 from proxy.routing.planner import Planner
 from proxy.routing.scoring import capability_notes
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
+from proxy.ui import add_ui_routes
 
 log = structlog.get_logger("proxy.app")
+
+#: One reload at a time: each stops the running prober and starts its own, so two that
+#: overlap (a burst of SIGHUPs, admin reloads sent together) would leave one running
+#: for a config no longer in use, probing every instance for the process's life.
+RELOAD_LOCK = web.AppKey("reload_lock", asyncio.Lock)
 
 
 def _assemble(config: Config, registry: Registry, recorder: Recorder,
@@ -47,6 +56,7 @@ def _assemble(config: Config, registry: Registry, recorder: Recorder,
         registry=registry,
         planner=planner,
         forwarder=Forwarder(config, registry, upstream, planner),
+        upstream=upstream,
         prober=Prober(registry, upstream, config.health),
         recorder=recorder,
         client=client,
@@ -74,7 +84,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                            max_rows=config.store.max_rows,
                            on_drop=lambda n: metrics.events_dropped.inc(n))
         await store.start()
-    recorder = Recorder(metrics, store)
+    recorder = Recorder(metrics, store, EventHub())
     client = make_client(config.timeouts)  # one pooled client for the app's life
     state = _assemble(config, Registry(config.instances, config.health), recorder, client)
     set_log_redactor(state.redactor)
@@ -101,6 +111,11 @@ async def reload_config(app: web.Application, path: str | None = None) -> tuple[
     figures, and in-flight requests release their count and slot on it.
     An invalid file is rejected and the running config stays. Returns (ok, message).
     """
+    async with app[RELOAD_LOCK]:  # overlapping reloads would each start a prober
+        return await _reload(app, path)
+
+
+async def _reload(app: web.Application, path: str | None) -> tuple[bool, str]:
     state = app[STATE]
     source = path or state.config.source
     try:
@@ -140,7 +155,10 @@ def create_app(config: Config) -> web.Application:
                           middlewares=[openai_errors], handler_args=HANDLER_ARGS)
     app[CONFIG] = config
     app[RELOAD] = reload_config
+    app[RELOAD_LOCK] = asyncio.Lock()
     app.cleanup_ctx.append(_lifecycle)
     add_routes(app)
     add_admin_routes(app)
+    add_status_routes(app)  # (after the lifecycle: its sampler reads the recorder)
+    add_ui_routes(app)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
@@ -41,7 +41,7 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.api.server import serve, supervise
+    from proxy.api.server import BindError, listen, serve, supervise
     from proxy.app import create_app, reload_config
     from proxy.logs import configure_logging
 
@@ -55,24 +55,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "server.admin_key), bind to 127.0.0.1, or pass --insecure.", file=sys.stderr)
         return 1
     workers = max(1, args.workers)
-    print(f"failover-proxy {__version__} serving on http://{host}:{port}/v1 "
-          f"({len(config.instances)} instances, config {config.source}"
-          + (f", {workers} workers" if workers > 1 else "") + ")", flush=True)
 
-    def run_one() -> int:
+    def announce(bound: int) -> None:
+        # Only once the address is taken: a busy port is one line on stderr, never this.
+        print(f"failover-proxy {__version__} serving on http://{host}:{bound}/v1 "
+              f"({len(config.instances)} instances, config {config.source}"
+              + (f", {workers} workers" if workers > 1 else "") + ")", flush=True)
+
+    def run_one(on_ready: Callable[[int], None] | None) -> int:
         use_uvloop()
         app = create_app(config)
 
         async def reload() -> None:
             await reload_config(app)
 
-        asyncio.run(serve(app, host, port, config.server.shutdown_grace_s, reload,
-                          reuse_port=workers > 1))
+        try:
+            asyncio.run(serve(app, host, port, config.server.shutdown_grace_s, reload,
+                              reuse_port=workers > 1, on_ready=on_ready))
+        except BindError as exc:
+            print(f"serve: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     if workers == 1:
-        return run_one()
-    return supervise(workers, run_one)
+        return run_one(announce)
+    try:  # the workers each bind the port (SO_REUSEPORT): see that they can, first
+        listen(host, port, reuse_port=True).close()
+    except BindError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 1
+    announce(port)
+    return supervise(workers, lambda: run_one(None))
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -252,6 +265,24 @@ def format_events(rows: list[dict[str, object]]) -> str:
     return text_table(table) + ("\n(no events)" if len(table) == 1 else "")
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The running proxy's own view (GET /admin/status) as a table; --watch redraws it."""
+    import os
+
+    from proxy import cli_status as status
+
+    if not args.interval > 0:
+        print("status: --interval must be a positive number of seconds", file=sys.stderr)
+        return 2
+    url, key = args.url, args.admin_key or os.environ.get("PROXY_ADMIN_KEY") or None
+    if args.config:
+        server = _load(args.config).server
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+        url = url or f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
+        key = key or server.admin_key
+    return status.run(url or "http://127.0.0.1:8080", key, args.watch, args.interval)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy.sim import cli as simulator
 
@@ -304,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=int, default=50, help="newest N (default 50)")
     events.add_argument("--json", action="store_true", help="JSON for scripts")
     events.set_defaults(func=cmd_events)
+
+    status = sub.add_parser("status", help="the running proxy: instances, circuits, load, "
+                                           "recent reroutes")
+    status.add_argument("--url", help="the proxy (default: from --config, else "
+                                      "http://127.0.0.1:8080)")
+    status.add_argument("--admin-key", help="server.admin_key (default: $PROXY_ADMIN_KEY, or "
+                                            "the one in --config)")
+    status.add_argument("--config", "-c", help="take the address and admin key from this config")
+    status.add_argument("--watch", "-w", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0,
+                        help="seconds between redraws with --watch (default 2)")
+    status.set_defaults(func=cmd_status)
 
     from proxy.sim import cli as simulator
 

@@ -138,8 +138,8 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
 
     async def make(config: Config) -> RunningProxy:
         if config.store.url == DEFAULT_STORE_URL:
-            config = dataclasses.replace(config, store=dataclasses.replace(
-                config.store, url=f"sqlite:///{tmp_path}/audit.db"))
+            config = dataclasses.replace(config, store=config.store.model_copy(
+                update={"url": f"sqlite:///{tmp_path}/audit.db"}))
         app = create_app(config)
         runner = await start(app, "127.0.0.1", 0, shutdown_timeout=1.0)
         proxy = RunningProxy(runner, bound_port(runner), app)

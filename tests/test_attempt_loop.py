@@ -142,7 +142,9 @@ def test_the_last_candidate_forces_a_slot_past_the_cap_and_gives_it_back() -> No
 def half_open_registry() -> Registry:
     config = parse_config({"providers": [{"provider_id": "p", "instances": [
         {"id": "s0", "base_url": "http://127.0.0.1:9"}]}]})
-    registry = Registry(config.instances, HealthConfig(cooldown_s=0.0, failure_threshold=1))
+    registry = Registry(config.instances, HealthConfig(failure_threshold=1))
+    # Open, and half-open at once: no cooldown (the config's least is 10 ms, a wait).
+    registry.states[0].circuit.base_cooldown_s = 0.0
     registry.record_failure(registry.states[0], StreamMalformed("garbled"))
     return registry
 

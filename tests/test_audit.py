@@ -294,7 +294,7 @@ def test_loop_metrics_render_as_prometheus_histograms_and_counters() -> None:
         m.overhead.observe(value)
     m.requests.labels("auto", "p:s0", "ok").inc()
     m.requests.labels("auto", "p:s0", "ok").inc()
-    m.requests.labels("auto", "", "ROUTE_BLOCKED").inc()
+    m.requests.labels("auto", "", "route_blocked").inc()
     text = m.render().decode()
     assert 'failover_proxy_overhead_seconds_bucket{le="5e-05"} 1.0' in text
     assert 'failover_proxy_overhead_seconds_bucket{le="0.00025"} 1.0' in text
@@ -305,7 +305,7 @@ def test_loop_metrics_render_as_prometheus_histograms_and_counters() -> None:
     assert "failover_proxy_overhead_seconds_sum 7.00065" in text
     assert ('failover_proxy_requests_total{instance="p:s0",model="auto",outcome="ok"} 2.0'
             in text)
-    assert ('failover_proxy_requests_total{instance="",model="auto",outcome="ROUTE_BLOCKED"} 1.0'
+    assert ('failover_proxy_requests_total{instance="",model="auto",outcome="route_blocked"} 1.0'
             in text)
 
 

@@ -165,8 +165,25 @@ def check(t: Target, sent: Sent, *, valid: bool = False, timeout: float = 15.0,
     if valid:
         assert got.status == 200, "a valid request was not answered" + where
     if 400 <= got.status < 500:
-        assert_openai_error(got, where)
+        if sent.target.startswith("/v1/messages"):
+            assert_anthropic_error(got, where)
+        else:
+            assert_openai_error(got, where)
     return got
+
+
+def assert_anthropic_error(got: Got, where: str = "") -> None:
+    """`{"type": "error", "error": {"type": ..., "message": ...}}` (Anthropic's shape)."""
+    assert got.headers.get("content-type", "").startswith("application/json"), \
+        "a 4xx that is not JSON" + where
+    try:
+        doc = json.loads(got.body)
+    except ValueError:
+        raise AssertionError("a 4xx whose body does not parse as JSON" + where) from None
+    assert isinstance(doc, dict) and doc.get("type") == "error", "not an error" + where
+    error = doc.get("error")
+    assert isinstance(error, dict) and isinstance(error.get("type"), str) and \
+        isinstance(error.get("message"), str) and error["message"], "error keys missing" + where
 
 
 def assert_openai_error(got: Got, where: str = "") -> None:
@@ -321,8 +338,67 @@ def mutations(paths: list[tuple[str | int, ...]]) -> st.SearchStrategy[list[tupl
                     min_size=1, max_size=3)
 
 
+def responses_base(stream: bool, model: str, items: bool, tools: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "stream": stream, "instructions": "be brief",
+                            "input": [{"role": "user", "content": [
+                                {"type": "input_text", "text": PROMPT}]},
+                                {"type": "function_call", "call_id": "c1", "name": "f",
+                                 "arguments": "{}"},
+                                {"type": "function_call_output", "call_id": "c1",
+                                 "output": "ok"}] if items else PROMPT}
+    if tools:
+        body["tools"] = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+        body["tool_choice"] = "auto"
+    return body
+
+
+def messages_base(stream: bool, model: str, blocks: bool, tools: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "stream": stream, "max_tokens": 20,
+                            "system": [{"type": "text", "text": "be brief"}],
+                            "messages": [{"role": "user", "content": PROMPT}]}
+    if blocks:
+        body["messages"] = [
+            {"role": "user", "content": [{"type": "text", "text": PROMPT}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f",
+                                               "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": "ok"}]}]
+    if tools:
+        body["tools"] = [{"name": "f", "input_schema": {"type": "object"}}]
+        body["tool_choice"] = {"type": "auto"}
+    return body
+
+
+RESPONSES_PATHS: list[tuple[str | int, ...]] = [
+    ("model",), ("input",), ("input", 0), ("input", 0, "role"), ("input", 0, "content"),
+    ("input", 0, "content", 0), ("input", 0, "content", 0, "type"),
+    ("input", 0, "content", 0, "text"), ("input", 1, "type"), ("input", 1, "call_id"),
+    ("input", 1, "arguments"), ("input", 2, "output"), ("instructions",), ("tools",),
+    ("tools", 0), ("tools", 0, "type"), ("tools", 0, "name"), ("tool_choice",),
+    ("max_output_tokens",), ("temperature",), ("top_p",), ("text",), ("text", "format"),
+    ("text", "format", "type"), ("text", "format", "schema"), ("stream",), ("store",),
+    ("previous_response_id",), ("parallel_tool_calls",), ("user",), ("metadata",),
+    ("x-unknown-field",),
+]
+MESSAGES_PATHS: list[tuple[str | int, ...]] = [
+    ("model",), ("max_tokens",), ("messages",), ("messages", 0), ("messages", 0, "role"),
+    ("messages", 0, "content"), ("messages", 0, "content", 0),
+    ("messages", 0, "content", 0, "type"), ("messages", 1, "content", 0, "input"),
+    ("messages", 1, "content", 0, "id"), ("messages", 2, "content", 0, "content"),
+    ("messages", 2, "content", 0, "tool_use_id"), ("system",), ("system", 0),
+    ("tools",), ("tools", 0), ("tools", 0, "input_schema"), ("tool_choice",),
+    ("tool_choice", "type"), ("stop_sequences",), ("temperature",), ("top_p",),
+    ("metadata",), ("stream",), ("thinking",), ("x-unknown-field",),
+]
+
+
 def valid_body(path: str, model: str = "auto", stream: bool = False) -> dict[str, Any]:
     """A valid request for the endpoint at `path` (/admin/route takes a chat body)."""
+    if path == "/v1/responses":
+        return responses_base(stream, model, items=False, tools=False)
+    if path.startswith("/v1/messages"):
+        return messages_base(stream and path == "/v1/messages", model, blocks=False,
+                             tools=False)
     if path == "/v1/completions":
         return {"model": model, "prompt": PROMPT, "stream": stream}
     if path == "/v1/embeddings":
@@ -336,7 +412,8 @@ def post(path: str, body: bytes, *headers: tuple[str, bytes]) -> Sent:
 
 # --------------------------------------------------------------------------- the tests
 
-POST_PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/admin/route"]
+POST_PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/admin/route",
+              "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"]
 
 
 def invalid_utf8_json(junk: bytes) -> bytes:
@@ -428,9 +505,50 @@ def test_wrong_types_in_completions_and_embeddings_never_get_a_5xx(
     check(target, post(f"/v1/{endpoint}", to_bytes(body, ascii_only)))
 
 
+@fuzz(500)
+@given(front=st.sampled_from(["/v1/responses", "/v1/messages", "/v1/messages/count_tokens"]),
+       response_changes=mutations(RESPONSES_PATHS), message_changes=mutations(MESSAGES_PATHS),
+       stream=st.booleans(), model=MODELS, shaped=st.booleans(), tools=st.booleans(),
+       ascii_only=st.booleans())
+# Found by this test: a role that is a list or an object was looked up in a dict (unhashable):
+# a 500 from responses_api._messages.
+@example(front="/v1/responses", response_changes=[(("input", 0, "role"), [])],
+         message_changes=[], stream=False, model="auto", shaped=True, tools=False,
+         ascii_only=True)
+@example(front="/v1/messages", response_changes=[],
+         message_changes=[(("messages", 0, "role"), {})], stream=False, model="auto",
+         shaped=True, tools=True, ascii_only=True)
+@example(front="/v1/messages", response_changes=[],
+         message_changes=[(("tool_choice", "type"), [])], stream=True, model="auto",
+         shaped=True, tools=True, ascii_only=True)
+def test_wrong_types_in_responses_and_messages_requests_never_get_a_5xx(
+        target: Target, front: str, response_changes: list[tuple[Any, Any]],
+        message_changes: list[tuple[Any, Any]], stream: bool, model: str, shaped: bool,
+        tools: bool, ascii_only: bool) -> None:
+    body: Any
+    if front == "/v1/responses":
+        body, changes = responses_base(stream, model, shaped, tools), response_changes
+    else:
+        body, changes = messages_base(stream, model, shaped, tools), message_changes
+    for path, value in changes:
+        body = set_path(body, path, value)
+    check(target, post(front, to_bytes(body, ascii_only)))
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("shaped", [False, True])
+def test_valid_responses_and_messages_requests_are_served(target: Target, path: str,
+                                                          stream: bool, shaped: bool) -> None:
+    body = (responses_base if path == "/v1/responses" else messages_base)(
+        stream, "auto", shaped, shaped)
+    check(target, post(path, to_bytes(body)), valid=True)
+
+
 @fuzz(250)
 @given(path=st.sampled_from(POST_PATHS),
-       field_path=st.sampled_from(CHAT_PATHS + COMPLETION_PATHS + EMBEDDING_PATHS),
+       field_path=st.sampled_from(CHAT_PATHS + COMPLETION_PATHS + EMBEDDING_PATHS
+                                  + RESPONSES_PATHS + MESSAGES_PATHS),
        depth=st.sampled_from(DEPTHS), kind=st.sampled_from(["[", "{"]), model=MODELS,
        stream=st.booleans())
 def test_deep_nesting_anywhere_never_gets_a_5xx(target: Target, path: str,
@@ -553,7 +671,8 @@ def test_content_encoding_never_gets_a_5xx(target: Target, encoding: bytes, payl
         assert got.status == 415
 
 
-GET_PATHS = ["/v1/models", "/healthz", "/readyz", "/metrics", "/admin/events"]
+GET_PATHS = ["/v1/models", "/v1/models/auto", "/v1/models/no-such", "/healthz", "/readyz",
+             "/metrics", "/admin/events"]
 EVENT_KEYS = ["request_id", "type", "instance", "since", "limit"]
 query_values = st.one_of(
     st.text(max_size=30),

@@ -547,3 +547,67 @@ def test_context_overflow_reroutes_to_a_larger_context_and_the_window_is_learned
         **chat_args(prompt, max_tokens=budget))
     assert (raw.headers["x-route-instance"], raw.headers["x-route-attempts"]) == \
         ("local:large", "1")
+
+
+# --- 6. the Responses and Messages APIs in front of real llama.cpp servers -------------------
+
+def test_responses_and_messages_clients_get_the_servers_answer_and_fail_over(
+        bench: Bench) -> None:
+    """`client.responses` and the `anthropic` SDK, through the proxy, get exactly what the
+    server writes for the same chat request (greedy decoding), whole and streamed; its
+    `/v1/messages/count_tokens` counts with the server's tokenizer; and with the primary
+    killed, both are served by the second server."""
+    import anthropic
+
+    primary, secondary = bench.server("primary"), bench.server("secondary")
+    primary.start("tiny-a", "tiny-a")
+    secondary.start("tiny-b", "tiny-b")
+    bench.start_proxy(["primary", "secondary"], models={"primary": "tiny-a",
+                                                         "secondary": "tiny-b"})
+    proxy = bench.client()
+    claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{bench.cluster.proxy_port}",
+                                 api_key="unused", max_retries=0, timeout=30)
+    server_text = ask(primary.client(), False, max_tokens=16)[0]
+    assert server_text
+
+    raw = proxy.responses.with_raw_response.create(model="auto", input=PROMPT,
+                                                   max_output_tokens=16, temperature=0)
+    assert raw.headers["x-route-instance"] == "local:primary"
+    assert raw.parse().output_text == server_text
+    events = list(proxy.responses.create(model="auto", input=PROMPT, max_output_tokens=16,
+                                         temperature=0, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    # 16 tokens are not the whole answer: incomplete (the SDK's stream helper wants a
+    # response.completed, as with OpenAI's own API).
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.output_text == deltas == server_text
+
+    ask_claude = {"model": "auto", "max_tokens": 16, "extra_body": {"temperature": 0},
+                  "messages": [{"role": "user", "content": PROMPT}]}
+    message = claude.messages.create(**ask_claude)  # type: ignore[call-overload]
+    assert message.content[0].text == server_text and message.stop_reason == "max_tokens"
+    with claude.messages.stream(**ask_claude) as stream:  # type: ignore[arg-type]
+        assert "".join(stream.text_stream) == server_text
+
+    counted = claude.messages.count_tokens(model="auto", system="be brief",
+                                           messages=[{"role": "user", "content": PROMPT}])
+    chat = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": PROMPT}]}
+    prompt = _post_json(primary.url + "/apply-template", chat)["prompt"]
+    tokens = _post_json(primary.url + "/tokenize", {"content": prompt})["tokens"]
+    assert counted.input_tokens == len(tokens) > 0
+
+    primary.kill()
+    raw = proxy.responses.with_raw_response.create(model="auto", input=PROMPT,
+                                                   max_output_tokens=16, temperature=0)
+    assert raw.headers["x-route-instance"] == "local:secondary"
+    assert raw.parse().output_text == ask(secondary.client(), False, max_tokens=16)[0]
+    message = claude.messages.with_raw_response.create(**ask_claude)  # type: ignore[call-overload]
+    assert message.headers["x-route-instance"] == "local:secondary"
+
+
+def _post_json(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return json.loads(resp.read())

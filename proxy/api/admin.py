@@ -75,7 +75,8 @@ async def drain_instance(request: web.Request) -> web.Response:
 
 @admin
 async def enable_instance(request: web.Request) -> web.Response:
-    """POST /admin/instances/{id}/enable: back in rotation; probed again at once."""
+    """POST /admin/instances/{id}/enable: back in rotation (circuit closed, rate-limit
+    cooldown ended); probed again at once."""
     state = request.app[STATE]
     inst = _instance(request)
     state.registry.enable(inst)

@@ -1,4 +1,5 @@
-"""Who may call the proxy: client keys for the OpenAI surface, the admin key for /admin.
+"""Who may call the proxy: client keys for the OpenAI and Anthropic surfaces, the admin key
+for /admin.
 
 Keys are compared in constant time, and every configured key is compared, so timing says
 nothing about which key (or how much of one) matched.
@@ -42,7 +43,8 @@ def check_client(server: ServerConfig, headers: Mapping[str, str]) -> None:
     token = presented_key(headers)
     if token is None:
         raise Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer "
-                           "KEY' (the OpenAI SDKs do this with api_key=...).")
+                           "KEY' (the OpenAI SDKs do this with api_key=...) or as "
+                           "'x-api-key: KEY' (the Anthropic SDKs do).")
     admin = (server.admin_key,) if server.admin_key else ()
     if not _matches(token, server.api_keys + admin):
         raise Unauthorized("Incorrect API key provided.")

@@ -1,4 +1,5 @@
-"""HTTP endpoints: the OpenAI surface and the health checks.
+"""HTTP endpoints: the OpenAI surface (and the Responses and Messages APIs in front of it:
+proxy.fronts) and the health checks.
 
 Handlers turn HTTP into plain data (ClientRequest), ask the planner for a plan, hand both
 to the forwarder, and turn its Reply (or a ProxyError) back into HTTP. They know nothing
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
@@ -17,7 +19,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.api.auth import check_admin, check_client
 from proxy.api.errors import (
+    AllAttemptsFailed,
     BadRequest,
+    NotFound,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -29,7 +33,16 @@ from proxy.api.state import STATE, ProxyState
 from proxy.audit.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.config import Config
 from proxy.engine.record import CLIENT_GONE, RequestRecord
-from proxy.engine.relay import ClientGone
+from proxy.engine.relay import ClientGone, StreamSink
+from proxy.fronts.base import Exchange, Front
+from proxy.fronts.messages import (
+    MESSAGES,
+    MESSAGES_PATH,
+    count_request,
+    count_tokens,
+    estimate_input,
+)
+from proxy.fronts.responses import RESPONSES
 from proxy.routing.planner import AUTO, new_id
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -132,14 +145,18 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     length = request.content_length
     if length is not None and length > request.client_max_size:
         return error_response(PayloadTooLarge(
-            f"The request body is {length} bytes; the limit is {request.client_max_size}."), {})
+            f"The request body is {length} bytes; the limit is {request.client_max_size}."), {},
+            MESSAGES if request.path.startswith(MESSAGES_PATH) else None)
     writer = request.writer
     await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     writer.output_size = 0  # the answer itself has not started (as aiohttp's handler does)
     return None
 
 
-async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
+async def _proxy(request: web.Request, endpoint: str,
+                 front: Front | None = None) -> web.StreamResponse:
+    """Serve one model request; with a `front` (the Responses or Messages API) the body is
+    translated into a chat request on the way in and the answer back on the way out."""
     state: ProxyState = request.app[STATE]
     # Taken once: a config reload during this request does not change what it uses.
     config, recorder, planner, forwarder = (state.config, state.recorder, state.planner,
@@ -147,17 +164,25 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     started = time.perf_counter()
     record = RequestRecord(_request_id(request))
     headers = {"x-request-id": record.request_id}
+    exchange: Exchange | None = None
     counters = recorder.metrics
     counters.inflight += 1
     try:
         check_client(config.server, request.headers)
         raw = await read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
-        req = parse_request(endpoint, raw, record.request_id)
+        if front is None:
+            req = parse_request(endpoint, raw, record.request_id)
+        else:
+            exchange = front.exchange(raw, record.request_id, config)
+            req = exchange.request
         record.model, record.stream = req.model, req.stream
         plan = planner.plan(req, request.headers)
         record.plan, record.planned_at = plan, time.time()
         headers["x-route-plan-id"] = plan.plan_id
-        sink = HttpSink(request, headers) if req.stream else None
+        http_sink = HttpSink(request, headers) if req.stream else None
+        sink: StreamSink | None = http_sink
+        if exchange is not None and http_sink is not None:
+            sink = exchange.stream(http_sink)
         reply = await forwarder.forward(req, plan, sink, request.headers.get("Authorization"),
                                         record)
         planner.served(plan, record.instance)
@@ -170,10 +195,12 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
         raise
     except ProxyError as exc:
         headers["x-route-attempts"] = str(record.sent)
-        record.status, record.outcome = exc.status, exc.code or exc.type
+        # Outcomes are lower-case words (`ok`, `all_attempts_failed`), in the metrics'
+        # labels too; an error code in capitals (ROUTE_BLOCKED) is no exception there.
+        record.status, record.outcome = exc.status, (exc.code or exc.type).lower()
         record.duration_s = time.perf_counter() - started
         recorder.completed(record)
-        return error_response(exc, headers)
+        return error_response(exc, headers, front)
     finally:
         counters.inflight -= 1
 
@@ -181,7 +208,7 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     record.duration_s = time.perf_counter() - started
     recorder.completed(record)
     if reply.body is None:
-        response = sink.response if sink is not None else None
+        response = http_sink.response if http_sink is not None else None
         if response is None:  # the client left before the stream could start
             return web.Response(status=499, headers=headers)
         if record.outcome != CLIENT_GONE:
@@ -193,8 +220,24 @@ async def _proxy(request: web.Request, endpoint: str) -> web.StreamResponse:
     headers.update(reply.headers)
     headers["x-route-instance"] = record.instance or ""
     headers["x-route-attempts"] = str(record.sent)
+    if exchange is not None and front is not None:
+        return _translated(exchange, front, reply.status, reply.body, headers)
     headers["Content-Type"] = reply.content_type or _JSON  # the upstream's, as it was
     return web.Response(status=reply.status, body=reply.body, headers=headers)
+
+
+def _translated(exchange: Exchange, front: Front, status: int, body: bytes,
+                headers: dict[str, str]) -> web.Response:
+    """A whole answer (or an upstream's error) in the shape of the front's API."""
+    try:
+        status, body = exchange.answer(status, body)
+    except (ValueError, TypeError, AttributeError):  # a 2xx JSON object that is no completion
+        status = 502
+        body = front.error_body(AllAttemptsFailed(
+            f"The answer from {headers.get('x-route-instance')} is not a chat completion "
+            "and could not be translated."))
+    headers["Content-Type"] = _JSON
+    return web.Response(status=status, body=body, headers=headers)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -212,11 +255,81 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _proxy(request, EMBEDDINGS)
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses: OpenAI's Responses API, translated (proxy.fronts.responses)."""
+    return await _proxy(request, CHAT, RESPONSES)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages: Anthropic's Messages API, translated (proxy.fronts.messages)."""
+    return await _proxy(request, CHAT, MESSAGES)
+
+
+async def count_message_tokens(request: web.Request) -> web.Response:
+    """POST /v1/messages/count_tokens: `{"input_tokens": N}` for a Messages request, by the
+    tokenizer of an instance it could go to that has one, else estimated."""
+    state = request.app[STATE]
+    config = state.config
+    headers = {"x-request-id": _request_id(request)}
+    try:
+        check_client(config.server, request.headers)
+        raw = await read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
+        req = count_request(raw, headers["x-request-id"])
+        plan = state.planner.plan(req, request.headers)
+        tokens = await count_tokens(state.upstream, plan.candidates, req,
+                                    estimate_input(req.body, plan.requirements.prompt_tokens),
+                                    config.timeouts.connect_s + 1.0)
+    except ProxyError as exc:
+        return error_response(exc, headers, MESSAGES)
+    return web.Response(body=orjson.dumps({"input_tokens": tokens}), headers=headers,
+                        content_type=_JSON)
+
+
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: `auto`, the model groups and every upstream model, OpenAI list format."""
     state = request.app[STATE]
     check_client(state.config.server, request.headers)
     return web.Response(body=state.models_body, content_type=_JSON)
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: the model object of `auto`, a model group, an instance id or a
+    model name (a label, or a name a server lists); 404 otherwise. In Anthropic's shape
+    when the request carries `anthropic-version` (the `anthropic` SDK sends it)."""
+    state = request.app[STATE]
+    anthropic_client = "anthropic-version" in request.headers
+    front = MESSAGES if anthropic_client else None
+    name = request.match_info["id"]
+    try:
+        check_client(state.config.server, request.headers)
+        found = model_object(state, name)
+        if found is None:
+            raise NotFound(f"The model '{name}' does not exist on this proxy.", param="model")
+    except ProxyError as exc:
+        return error_response(exc, {}, front)
+    if anthropic_client:
+        found = {"type": "model", "id": found["id"], "display_name": found["id"],
+                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                             time.gmtime(found["created"]))}
+    return web.Response(body=orjson.dumps(found), content_type=_JSON)
+
+
+def model_object(state: ProxyState, name: str) -> dict[str, Any] | None:
+    """The OpenAI model object for `name`, as /v1/models lists it, or for an instance id or
+    a name a server lists; None when the proxy knows no such model."""
+    listed = orjson.loads(state.models_body)["data"]
+    for entry in listed:
+        if entry["id"] == name:
+            return dict(entry)
+    created = listed[0]["created"]
+    inst = state.config.instance(name)
+    if inst is not None:
+        return {"id": name, "object": "model", "created": created, "owned_by": inst.provider_id}
+    for live in state.registry.states:
+        if live.pin is not None and name in live.pin.models:
+            return {"id": name, "object": "model", "created": created,
+                    "owned_by": live.config.provider_id}
+    return None
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -260,8 +373,10 @@ def add_routes(app: web.Application) -> None:
     """Register the public endpoints (a GET route answers HEAD too)."""
     router = app.router
     for path, handler in (("/v1/chat/completions", chat_completions),
-                          ("/v1/completions", completions), ("/v1/embeddings", embeddings)):
+                          ("/v1/completions", completions), ("/v1/embeddings", embeddings),
+                          ("/v1/responses", responses), ("/v1/messages", messages),
+                          ("/v1/messages/count_tokens", count_message_tokens)):
         router.add_post(path, handler, expect_handler=expect_continue)
-    for path, get in (("/v1/models", list_models), ("/healthz", healthz), ("/readyz", readyz),
-                      ("/metrics", metrics)):
+    for path, get in (("/v1/models", list_models), ("/v1/models/{id:.+}", retrieve_model),
+                      ("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
         router.add_get(path, get, expect_handler=expect_continue)

@@ -36,6 +36,11 @@ class ClientRequest:
     stream: bool
     include_usage: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    #: The client's request in an upstream protocol's own shape (the Messages front sets
+    #: its Messages API request): an instance speaking that protocol is sent it as it
+    #: came, not a translation of `body`, so what chat cannot carry (cache_control,
+    #: thinking blocks, documents) reaches it. None for requests in OpenAI's shape.
+    native: dict[str, Any] | None = None
     _bodies: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def body_for(self, upstream_model: str | None) -> bytes:
@@ -57,7 +62,7 @@ def _type_error(param: str, expected: str) -> BadRequest:
 def parse_request(endpoint: str, raw: bytes, request_id: str,
                   headers: dict[str, str] | None = None) -> ClientRequest:
     """Decode and check a client's body; raises BadRequest with an OpenAI-style message."""
-    body = _decode(raw)
+    body = load_object(raw)
     model = body.get("model")
     if model is None:
         raise BadRequest("You must provide a model parameter.", param="model",
@@ -91,8 +96,9 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
     )
 
 
-def _decode(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, not nested deeper than MAX_DEPTH."""
+def load_object(raw: bytes) -> dict[str, Any]:
+    """A request body decoded as a JSON object, nested at most MAX_DEPTH deep; raises
+    BadRequest (empty, not JSON, not an object, too deep). Every endpoint's first step."""
     if not raw:
         raise BadRequest("The request body is empty; expected a JSON object.")
     try:

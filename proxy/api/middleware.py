@@ -1,6 +1,7 @@
 """The proxy's errors as HTTP answers, in OpenAI's shape: its own (ProxyError), the
 framework's (unknown path, wrong method, body too large), and a logged 500 for a bug of ours,
-through one middleware.
+through one middleware; in Anthropic's shape under /v1/messages (proxy.fronts.messages),
+whose clients read that one.
 """
 
 from __future__ import annotations
@@ -8,10 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import orjson
 import structlog
 from aiohttp import web
 
 from proxy.api.errors import ProxyError, error_body
+from proxy.fronts.base import Front
+from proxy.fronts.messages import MESSAGES_PATH
+from proxy.fronts.messages import error_body as messages_error_body
 
 log = structlog.get_logger("proxy.api.middleware")
 
@@ -20,11 +25,14 @@ log = structlog.get_logger("proxy.api.middleware")
 _CLOSING = frozenset({408, 413})
 
 
-def error_response(exc: ProxyError, headers: dict[str, str]) -> web.Response:
-    """A ProxyError as an OpenAI-shaped response (with its own headers, e.g. Retry-After)."""
+def error_response(exc: ProxyError, headers: dict[str, str],
+                   front: Front | None = None) -> web.Response:
+    """A ProxyError as an OpenAI-shaped response (with its own headers, e.g. Retry-After),
+    or in the shape of the API a front serves."""
     headers.update(exc.headers)
     headers["Content-Type"] = "application/json"
-    response = web.Response(status=exc.status, body=exc.body(), headers=headers)
+    body = exc.body() if front is None else front.error_body(exc)
+    response = web.Response(status=exc.status, body=body, headers=headers)
     if exc.status in _CLOSING:
         response.force_close()
     return response
@@ -41,7 +49,16 @@ def http_error_response(status: int, message: str, headers: dict[str, str] | Non
 
 def framework_error(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
     """An HTTPException aiohttp raised (404 unknown path, 405 with Allow, 413 over
-    `client_max_size`, 417...) as an OpenAI-shaped response with the same status."""
+    `client_max_size`, 417...) as an OpenAI-shaped response with the same status; in
+    Anthropic's shape under /v1/messages, whose clients read that one."""
+    response = _framework_error(request, exc)
+    if request.path.startswith(MESSAGES_PATH) and isinstance(response.body, bytes):
+        message = orjson.loads(response.body)["error"]["message"]
+        response.body = messages_error_body(response.status, message)
+    return response
+
+
+def _framework_error(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
     if isinstance(exc, web.HTTPNotFound):
         return http_error_response(404, f"Unknown path: {request.path}")
     if isinstance(exc, web.HTTPMethodNotAllowed):

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -196,16 +198,40 @@ class ProxyRunner(web.AppRunner):
         return server
 
 
+class BindError(Exception):
+    """The address cannot be listened on (in use, not this machine's, not permitted); the
+    message is one sentence for people."""
+
+
+def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A socket bound to host:port and listening (the first address `host` resolves to;
+    SO_REUSEADDR as aiohttp sets it, SO_REUSEPORT when asked). Raises BindError."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        return socket.create_server(address, family=family, backlog=BACKLOG,
+                                    reuse_port=reuse_port)
+    except OSError as exc:
+        # (socket.create_server words its errors "... (while attempting to bind on ...)")
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (is another proxy, or `make run`, using it?)" \
+            if exc.errno == errno.EADDRINUSE else ""
+        raise BindError(f"cannot listen on {host}:{port}: {why.lower()}{hint}") from None
+
+
 async def start(app: web.Application, host: str, port: int, *, reuse_port: bool = False,
                 shutdown_timeout: float = 10.0) -> ProxyRunner:
-    """Run the app's start-up and listen on host:port (port 0: any free port; see
-    `bound_port`). `reuse_port` lets several processes share the port (SO_REUSEPORT)."""
+    """Listen on host:port (port 0: any free port; see `bound_port`), then run the app's
+    start-up and serve. The address is taken first, so a busy port fails at once
+    (BindError) rather than after the start-up; connections made during the start-up wait
+    in the backlog. `reuse_port` lets several processes share the port (SO_REUSEPORT)."""
+    sock = listen(host, port, reuse_port)
     runner = ProxyRunner(app, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=BACKLOG)
-        await site.start()
+        await runner.setup()
+        await web.SockSite(runner, sock, backlog=BACKLOG).start()
     except BaseException:
+        sock.close()
         await runner.cleanup()
         raise
     return runner
@@ -218,9 +244,14 @@ def bound_port(runner: web.BaseRunner) -> int:
 
 async def serve(app: web.Application, host: str, port: int, grace_s: float,
                 on_reload: Callable[[], Coroutine[Any, Any, None]] | None = None,
-                reuse_port: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT; then shut down gracefully within `grace_s`."""
+                reuse_port: bool = False,
+                on_ready: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; then shut down gracefully within `grace_s`.
+    `on_ready(port)` is called once the port is listening and the app has started.
+    Raises BindError when the address cannot be listened on."""
     runner = await start(app, host, port, reuse_port=reuse_port, shutdown_timeout=grace_s)
+    if on_ready is not None:
+        on_ready(bound_port(runner))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[Any]] = set()

@@ -12,6 +12,7 @@ from proxy.config import Config
 from proxy.engine.forwarder import Forwarder
 from proxy.health.prober import Prober
 from proxy.health.registry import Registry
+from proxy.providers.transport import Upstream
 from proxy.routing.planner import Planner
 from proxy.secrets import Redactor
 
@@ -25,6 +26,8 @@ class ProxyState:
     registry: Registry
     planner: Planner
     forwarder: Forwarder
+    #: The transport to the instances (for side requests: count_tokens).
+    upstream: Upstream
     prober: Prober
     recorder: Recorder
     client: ClientSession

@@ -11,7 +11,13 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -20,6 +26,11 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# prometheus-client adds a `*_created` series (the creation time) to every counter and
+# histogram of its own classes; Prometheus has no use for it in the text format and it
+# doubles the series. (A process-wide setting of the library.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class _CounterCell:
@@ -139,8 +150,16 @@ class Metrics:
         self.overhead = LoopHistogram(
             "failover_proxy_overhead_seconds", "Time spent in the proxy itself, excluding "
             "waiting on upstreams", buckets=_OVERHEAD_BUCKETS)
+        self.tokens = LoopCounter(
+            "failover_proxy_tokens", "Tokens of answers as their upstream reported them "
+            "(usage), by model asked for, instance, and kind: prompt, completion, cached (the "
+            "part of the prompt the server had cached)", ["model", "instance", "kind"])
+        self.cost = LoopCounter(
+            "failover_proxy_cost", "Cost of answers from their tokens and the instance's "
+            "metadata.cost (in its currency), by model asked for and instance",
+            ["model", "instance"])
         r.register(_LoopCollector([self.requests, self.ttfb, self.duration,
-                                   self.overhead]))
+                                   self.overhead, self.tokens, self.cost]))
         #: Requests being served now: a plain counter on the hot path, read at scrape time.
         self.inflight = 0
         Gauge("failover_proxy_inflight_requests", "Requests being served now",

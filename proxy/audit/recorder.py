@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,6 +26,9 @@ from proxy.failures import INSTANCE_NOT_READY
 from proxy.health.instance import InstanceState
 from proxy.health.states import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN
 from proxy.routing.planner import RoutePlan
+
+if TYPE_CHECKING:
+    from proxy.audit.eventstream import EventHub
 
 # Event types (SPEC section 7).
 ROUTE_PLANNED = "ROUTE_PLANNED"
@@ -46,9 +50,12 @@ request_log = structlog.get_logger("proxy.request")
 class Recorder:
     """Turns records into logs, metrics and (when a store is configured) audit rows."""
 
-    def __init__(self, metrics: Metrics, store: AuditStore | None = None) -> None:
+    def __init__(self, metrics: Metrics, store: AuditStore | None = None,
+                 hub: EventHub | None = None) -> None:
         self.metrics = metrics
         self.store = store
+        #: The live feed (/admin/events/stream, the status page), when there is one.
+        self.hub = hub
         #: Model names worth a metrics label; anything else a client sends is "other", so
         #: clients cannot grow the number of series without bound.
         self.known_models: frozenset[str] = frozenset()
@@ -70,15 +77,24 @@ class Recorder:
         duration_s = record.duration_s
         duration_ms = round(duration_s * 1000.0, 2)
         instance, outcome, status = record.instance, record.outcome, record.status
+        usage = record.usage
         if self.log_requests:
             request_log.info("request", request_id=record.request_id, model=record.model,
                              instance=instance, attempts=record.sent, status=status,
                              outcome=outcome, stream=record.stream, latency_ms=duration_ms,
-                             **_tokens(record))
+                             **({} if usage is None else usage.as_dict()))
         m = self.metrics
         model = record.model
         label = model if model in self.known_models else ("" if model is None else "other")
         m.requests.labels(label, instance or "", outcome).inc()
+        if usage is not None:
+            where = (label, instance or "")
+            m.tokens.labels(*where, "prompt").inc(usage.prompt)
+            m.tokens.labels(*where, "completion").inc(usage.completion)
+            if usage.cached:
+                m.tokens.labels(*where, "cached").inc(usage.cached)
+            if usage.cost:
+                m.cost.labels(*where).inc(usage.cost)
         m.duration.labels("true" if record.stream else "false").observe(duration_s)
         m.overhead.observe(max(0.0, duration_s - record.upstream_s))
         ttfb_s = record.ttfb_s
@@ -91,7 +107,11 @@ class Recorder:
         ttfb_ms = None if ttfb_s is None else round(ttfb_s * 1000.0, 2)
         store.event(now, REQUEST_COMPLETED, record.request_id, plan.plan_id, instance, None,
                     detail={"status": status, "outcome": outcome, "attempts": record.sent,
-                            "ttfb_ms": ttfb_ms, "duration_ms": duration_ms, **_tokens(record)})
+                            "ttfb_ms": ttfb_ms, "duration_ms": duration_ms,
+                            # Attempt dataclasses: orjson writes them as objects when the
+                            # batch is sent, off the request path (for the request view)
+                            "tried": record.tried,
+                            "usage": None if usage is None else usage.as_dict()})
         store.plan(plan, (plan.plan_id, record.request_id, now, model, plan.selected,
                           instance, outcome, status, record.sent, ttfb_ms, duration_ms))
 
@@ -139,11 +159,11 @@ class Recorder:
                     reason=reason, detail=detail, from_instance=from_instance,
                     to_instance=to_instance)
         self.metrics.reroutes.labels(reason, from_instance or "", to_instance or "").inc()
-        store = self.store
-        if store is not None:
-            store.event(at, REROUTED, plan.request_id, plan.plan_id, from_instance, reason,
-                        from_instance, to_instance, {"detail": detail})
-            store.lineage(at, plan.request_id, plan.plan_id, from_instance, to_instance, reason)
+        self._event(at, REROUTED, plan.request_id, plan.plan_id, from_instance, reason,
+                    from_instance, to_instance, {"detail": detail})
+        if self.store is not None:
+            self.store.lineage(at, plan.request_id, plan.plan_id, from_instance, to_instance,
+                               reason)
 
     def _resumed(self, plan: RoutePlan, attempt: Attempt) -> None:
         """A stream cut mid-answer was continued on another instance."""
@@ -151,29 +171,37 @@ class Recorder:
                     from_instance=attempt.after, to_instance=attempt.instance,
                     chars=attempt.carried, mode=attempt.mode)
         self.metrics.stream_resumed.labels(attempt.after or "", attempt.instance).inc()
-        if self.store is not None:
-            self.store.event(attempt.at, STREAM_RESUMED, plan.request_id, plan.plan_id,
-                             attempt.instance, None, attempt.after, attempt.instance,
-                             {"chars_carried": attempt.carried, "mode": attempt.mode})
+        self._event(attempt.at, STREAM_RESUMED, plan.request_id, plan.plan_id,
+                    attempt.instance, None, attempt.after, attempt.instance,
+                    {"chars_carried": attempt.carried, "mode": attempt.mode})
 
     def _blocked(self, record: RequestRecord, plan: RoutePlan, message: str) -> None:
         """Nothing could serve the request."""
         log.warning("route_blocked", request_id=plan.request_id, plan_id=plan.plan_id,
                     model=plan.model, detail=message)
         self.metrics.blocked.inc()
-        if self.store is not None:
-            self.store.event(time.time(), ROUTE_BLOCKED, plan.request_id, plan.plan_id, None,
-                             "ROUTE_BLOCKED", detail={"message": message,
-                                                      "rejected": plan.rejected})
+        self._event(time.time(), ROUTE_BLOCKED, plan.request_id, plan.plan_id, None,
+                    "ROUTE_BLOCKED", detail={"message": message, "rejected": plan.rejected})
 
     # ------------------------------------------------------------------ instances
 
     def state_changed(self, inst: InstanceState, old: str, new: str, reason: str) -> None:
         """Registry listener: an instance changed state."""
         self.metrics.set_state(inst.id, new, STATES)
+        self._event(time.time(), INSTANCE_STATE_CHANGED, None, None, inst.id, new,
+                    detail={"old": old, "new": new, "reason": reason})
+
+    def _event(self, ts: float, type_: str, request_id: str | None, plan_id: str | None,
+               instance: str | None, reason_code: str | None = None,
+               from_instance: str | None = None, to_instance: str | None = None,
+               detail: dict[str, Any] | None = None) -> None:
+        """An event people watch: to the audit trail and to the live feed."""
         if self.store is not None:
-            self.store.event(time.time(), INSTANCE_STATE_CHANGED, None, None, inst.id, new,
-                             detail={"old": old, "new": new, "reason": reason})
+            self.store.event(ts, type_, request_id, plan_id, instance, reason_code,
+                             from_instance, to_instance, detail)
+        if self.hub is not None:
+            self.hub.publish(ts, type_, request_id, plan_id, instance, reason_code,
+                             from_instance, to_instance, detail)
 
 
 def _tried_after(attempts: list[Attempt], n: int) -> str | None:
@@ -183,8 +211,3 @@ def _tried_after(attempts: list[Attempt], n: int) -> str | None:
             return later.instance
     return None
 
-
-def _tokens(record: RequestRecord) -> dict[str, int]:
-    if record.prompt_tokens is None or record.completion_tokens is None:
-        return {}
-    return {"prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens}

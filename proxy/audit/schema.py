@@ -151,6 +151,23 @@ def query_events(conn: sqlite3.Connection, q: EventQuery) -> list[dict[str, Any]
     return rows
 
 
+PLAN_COLUMNS = ("plan_id", "request_id", "ts", "model", "plan", "selected", "final_instance",
+                "outcome", "status", "attempts", "ttfb_ms", "duration_ms")
+
+
+def query_plans(conn: sqlite3.Connection, request_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The route_plans rows of a request id (newest first; a client may reuse its
+    x-request-id), `plan` decoded (RoutePlan.as_dict)."""
+    sql = (f"SELECT {', '.join(PLAN_COLUMNS)} FROM route_plans WHERE request_id = ?"
+           " ORDER BY ts DESC LIMIT ?")
+    rows = []
+    for row in conn.execute(sql, (request_id, limit)):
+        item = dict(zip(PLAN_COLUMNS, row, strict=True))
+        item["plan"] = orjson.loads(item["plan"]) if item["plan"] else None
+        rows.append(item)
+    return rows
+
+
 def write_rows(conn: sqlite3.Connection, rows: list[list[Any]]) -> None:
     """Insert a batch of queued rows (events, plans, lineage) in one transaction."""
     events, plans, lineage = [], [], []

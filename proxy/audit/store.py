@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -39,6 +39,7 @@ from proxy.audit.schema import (
 )
 
 log = structlog.get_logger("proxy.audit.store")
+T = TypeVar("T")
 
 
 class AuditStore:
@@ -238,12 +239,17 @@ class AuditStore:
 
     async def query(self, q: EventQuery) -> list[dict[str, Any]]:
         """Read events (after writing what is queued, so a reader sees its own request)."""
+        return await self.read(lambda conn: query_events(conn, q))
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read (`query_events`, `query_plans`...) on the store's connection in a
+        worker thread, after writing what is queued."""
         await self.flush()
 
-        def run() -> list[dict[str, Any]]:
+        def run() -> T:
             with self._lock:
                 assert self._conn is not None
-                return query_events(self._conn, q)
+                return fn(self._conn)
 
         return await asyncio.to_thread(run)
 

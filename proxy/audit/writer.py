@@ -1,6 +1,6 @@
 """The audit writer process: reads batches of rows from stdin, writes them to SQLite.
 
-Started by `proxy.store.AuditStore` as `python -m proxy.audit.writer PATH RETENTION_S
+Started by `proxy.audit.store.AuditStore` as `python -m proxy.audit.writer PATH RETENTION_S
 MAX_ROWS`. Each stdin line is a JSON command: `["rows", [...]]` (answered `w N` once
 written, `x N` when the batch could not be written), `["flush", TOKEN]` (answered
 `ok TOKEN`: everything before it is done). Only the end of stdin ends it (the proxy closed

@@ -11,6 +11,7 @@ outcome means; this module only carries one try out, in one of three modes:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,8 +19,11 @@ from dataclasses import dataclass, field
 import orjson
 
 from proxy.api.inbound import CHAT, ClientRequest
+from proxy.audit.usage import Usage
+from proxy.audit.usage import of_body as usage_of_body
+from proxy.audit.usage import of_object as usage_of_object
 from proxy.config import Config
-from proxy.engine.chunks import Chunk, answer_usage
+from proxy.engine.chunks import Chunk, whole_as_events
 from proxy.engine.record import PREFILL, RequestRecord
 from proxy.engine.relay import CommittedFailure, Relay, StreamSink
 from proxy.engine.splicing import Delivered, Diverged, Splicer, continuation_body
@@ -28,13 +32,14 @@ from proxy.failures import (
     NotStreamed,
     PrefillRejected,
     ReplayDiverged,
+    StreamMalformed,
     UnsupportedRequest,
     UpstreamFailure,
+    UpstreamProtocolError,
 )
 from proxy.health.fingerprints import response_model
 from proxy.health.instance import InstanceState
 from proxy.providers.base import PassThrough
-from proxy.providers.ratelimits import relay_headers
 from proxy.providers.sse import EventSource
 from proxy.providers.transport import Response, Upstream
 
@@ -43,6 +48,8 @@ NO_PREFILL = "a text completion whose prompt is not one string cannot be continu
 REASONING_ONLY = "only reasoning was delivered: a prefill (answer text) cannot continue a reasoning"
 
 _EVENT_STREAM = "text/event-stream"
+#: What every 2xx answer of the OpenAI endpoints starts with (a cheap look, no parse).
+_JSON_OBJECT = re.compile(rb"[ \t\r\n]*\{")
 
 
 @dataclass(slots=True)
@@ -54,6 +61,8 @@ class Reply:
     content_type: str = "application/json"
     headers: Mapping[str, str] = field(default_factory=dict)
     ttfb_s: float | None = None
+    #: Tokens and cost of a whole answer, when the upstream reported `usage`.
+    usage: Usage | None = None
 
 
 @dataclass(slots=True)
@@ -77,46 +86,54 @@ class Exchange:
         self.relay = Relay(config.timeouts, upstream.redactor)
 
     async def whole(self, req: ClientRequest, inst: InstanceState,
-                    client_auth: str | None, record: RequestRecord) -> Reply:
+                    client_auth: str | None) -> Reply:
         """A non-streaming attempt: the whole body is read before anything is sent."""
         t0 = time.perf_counter()
         resp = await self.upstream.open(inst.config, inst.provider, req.endpoint,
-                                        req.body_for(inst.request_model), client_auth)
+                                        req.body_for(inst.request_model), client_auth,
+                                        req.native)
         try:
-            return await self._read_whole(inst, resp, time.perf_counter() - t0, record)
+            return await self._read_whole(inst, resp, time.perf_counter() - t0,
+                                          req.native is not None)
         except BaseException:
             resp.close()
             raise
 
     async def _read_whole(self, inst: InstanceState, resp: Response, ttfb: float,
-                          record: RequestRecord) -> Reply:
-        """A whole answer in OpenAI's shape, checked against the pinned fingerprint (a
-        non-streaming request, or an upstream that ignored `stream`)."""
+                          native: bool = False) -> Reply:
+        """A whole answer in OpenAI's shape (for a `native` request, in the instance's
+        own), checked against the pinned fingerprint (a non-streaming request, or an
+        upstream that ignored `stream`). A 2xx that is not a JSON object (a 204, an empty
+        body, a captive portal's HTML page) is no answer: UpstreamProtocolError."""
         body = await self.upstream.read_body(resp, self.timeouts.idle_s)
         resp.release()
-        body = inst.provider.body(body)
+        body = inst.provider.body(body, native)
+        if _JSON_OBJECT.match(body) is None:
+            raise UpstreamProtocolError(
+                f"HTTP {resp.status} answer is not a JSON object "
+                f"({resp.headers.get('Content-Type', 'no Content-Type')}, {len(body)} bytes)")
         pin = inst.pin
         if pin is not None and resp.status == 200:
             seen = response_model(body)
             if pin.contradicted_by(seen):
                 raise FingerprintMismatch(f"answered as {seen}, pinned {pin.describe()}")
-        usage = answer_usage(body)
-        if usage is not None:
-            record.prompt_tokens, record.completion_tokens = usage
         return Reply(resp.status, body, resp.headers.get("Content-Type", "application/json"),
-                     relay_headers(resp.headers), ttfb)
+                     self.upstream.relayed(resp.headers), ttfb,
+                     usage_of_body(body, inst.config))
 
     async def open_stream(self, req: ClientRequest, inst: InstanceState,
-                          client_auth: str | None, record: RequestRecord) -> Opened | Reply:
+                          client_auth: str | None) -> Opened | Reply:
         """A streaming attempt up to its commit point (its failures are still invisible),
         or the whole answer of an upstream that ignored `stream`."""
         t0 = time.perf_counter()
         resp = await self.upstream.open(inst.config, inst.provider, req.endpoint,
-                                        req.body_for(inst.request_model), client_auth)
+                                        req.body_for(inst.request_model), client_auth,
+                                        req.native)
         try:
             if _EVENT_STREAM not in resp.headers.get("Content-Type", ""):
-                return await self._read_whole(inst, resp, time.perf_counter() - t0, record)
-            reader = self.upstream.events(inst.provider, resp, req.include_usage)
+                return await self._read_whole(inst, resp, time.perf_counter() - t0)
+            reader = self.upstream.events(inst.provider, resp, req.include_usage,
+                                          req.native is not None)
             pending: list[tuple[bytes, Chunk | None]] = []
             await self.relay.until_content(reader, pending, t0 + self.timeouts.first_byte_s,
                                            inst.pin)
@@ -124,6 +141,19 @@ class Exchange:
             resp.close()
             raise
         return Opened(resp, reader, pending, t0, time.perf_counter() - t0)
+
+    async def deliver_whole(self, reply: Reply, inst: InstanceState, sink: StreamSink,
+                            req: ClientRequest, attempts: int) -> None:
+        """A stream request the upstream answered with its whole answer (it ignored
+        `stream`): sent as the stream the client asked for (relayed as it came, an SDK
+        iterating the stream would find no event and return an empty answer without
+        raising). Raises StreamMalformed when the body is no completion (nothing sent),
+        ClientGone when the client went away."""
+        assert reply.body is not None
+        events = whole_as_events(reply.body, req.include_usage)
+        if events is None:
+            raise StreamMalformed("answered a stream with a JSON body that is not a completion")
+        await sink.start(inst.id, attempts, events, dict(reply.headers))
 
     async def deliver(self, opened: Opened, inst: InstanceState, sink: StreamSink,
                       record: RequestRecord) -> None:
@@ -139,13 +169,13 @@ class Exchange:
                 if chunk is not None:
                     delivered.note(chunk)
             await sink.start(inst.id, record.sent + 1, b"".join(e for e, _ in pending),
-                             relay_headers(resp.headers))
+                             self.upstream.relayed(resp.headers))
             if pending[-1][1] is not None:  # else [DONE] was among the pending events
                 await self.relay.relay(opened.reader, sink, delivered, None,
                                        opened.started + self.timeouts.first_byte_s,
                                        opened.started + self.timeouts.total_s)
             done = True
-            _keep_usage(record, delivered)
+            record.usage = usage_of_object(delivered.usage, inst.config)
         except UpstreamFailure as failure:
             raise CommittedFailure(failure, delivered, opened.ttfb_s) from failure
         finally:
@@ -178,7 +208,7 @@ class Exchange:
                                    sink, splicer.delivered, splicer,
                                    t0 + self.timeouts.first_byte_s, t0 + self.timeouts.total_s)
             done = True
-            _keep_usage(record, splicer.delivered)
+            record.usage = usage_of_object(splicer.delivered.usage, inst.config)
         except Diverged as exc:
             raise ReplayDiverged(str(exc)) from None
         finally:
@@ -207,9 +237,3 @@ class Exchange:
             raise UnsupportedRequest(NO_PREFILL)
         return body
 
-
-def _keep_usage(record: RequestRecord, delivered: Delivered) -> None:
-    """The usage the client was sent, into the record."""
-    usage = delivered.usage
-    if usage is not None:
-        record.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))

@@ -5,13 +5,13 @@ answer text, reasoning. Parsed once per event.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from proxy.failures import StreamMalformed
+from proxy.providers.sse import DONE_EVENT
 
 #: Delta fields in which servers stream a reasoning model's thinking, apart from `content`:
 #: - `reasoning_content`: the DeepSeek API (its original convention), llama.cpp's
@@ -117,18 +117,52 @@ def _beyond_text(delta: dict[str, Any]) -> tuple[str, bool, bool, bool]:
             bool(delta.get("refusal")), bool(delta.get("reasoning_details")))
 
 
-_USAGE_FIGURES = re.compile(rb'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+def whole_as_events(body: bytes, include_usage: bool) -> bytes | None:
+    """A whole (non-streamed) chat or text completion as the events of a stream that says
+    the same: one chunk with every choice's message as its delta and its finish reason,
+    a usage chunk when the client asked for one, then `[DONE]`. For an upstream that
+    ignored `stream: true`: relayed as it came, an SDK iterating the stream finds no event
+    and returns an empty answer without raising. None when `body` is not a completion."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return None
+    chat = obj.get("object") != "text_completion"
+    base = {"id": obj.get("id") or "", "created": obj.get("created") or 0,
+            "model": obj.get("model") or "",
+            "object": "chat.completion.chunk" if chat else "text_completion"}
+    out = []
+    for n, choice in enumerate(choices):
+        delta = _as_delta(choice, n, chat)
+        if delta is None:
+            return None
+        out.append(delta)
+    events = [b"data: " + orjson.dumps({**base, "choices": out}) + b"\n\n"]
+    usage = obj.get("usage")
+    if include_usage and usage is not None:
+        events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage})
+                      + b"\n\n")
+    events.append(DONE_EVENT)
+    return b"".join(events)
 
 
-def answer_usage(body: bytes) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) of a whole answer's `usage`, read without
-    parsing the body (OpenAI's chat and text completions put it last); None when it has
-    none."""
-    at = body.rfind(b'"usage"')
-    if at < 0:
+def _as_delta(choice: Any, n: int, chat: bool) -> dict[str, Any] | None:
+    """A whole answer's choice as a chunk's choice (None: it is not a completion's)."""
+    if not isinstance(choice, dict):
         return None
-    figures = dict(_USAGE_FIGURES.findall(body, at, at + 400))
-    prompt, completion = figures.get(b"prompt_tokens"), figures.get(b"completion_tokens")
-    if prompt is None or completion is None:
+    index = choice.get("index", n)
+    if not chat:
+        return {**choice, "index": index} if isinstance(choice.get("text"), str) else None
+    message = choice.get("message")
+    if not isinstance(message, dict):
         return None
-    return int(prompt), int(completion)
+    delta = {k: v for k, v in message.items() if v is not None}
+    delta.setdefault("role", "assistant")
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):  # a streamed tool call says which one it extends
+        delta["tool_calls"] = [{**call, "index": i} if isinstance(call, dict) else call
+                               for i, call in enumerate(calls)]
+    return {"index": index, "delta": delta, "finish_reason": choice.get("finish_reason")}

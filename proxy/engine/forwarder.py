@@ -222,7 +222,7 @@ class Forwarder:
                 return await self._continue(run, inst, attempt, started)
             if run.req.stream and run.sink is not None:
                 return await self._stream(run, inst, attempt, started)
-            reply = await self.exchange.whole(run.req, inst, run.client_auth, run.record)
+            reply = await self.exchange.whole(run.req, inst, run.client_auth)
             return self._served(run, inst, attempt, started, reply)
         except PassThrough as answer:
             # The upstream's own client error (its 4xx), relayed as it is: it answered.
@@ -244,6 +244,7 @@ class Forwarder:
         self.registry.record_success(inst, reply.ttfb_s)
         attempt.elapsed_ms = _ms(started)
         run.record.add(attempt)
+        run.record.usage = reply.usage
         self._answered(run, inst, reply.ttfb_s)
         return reply
 
@@ -251,9 +252,9 @@ class Forwarder:
                       started: float) -> Reply | None:
         """A fresh streamed attempt: to the commit point, then relayed to the client."""
         assert run.sink is not None
-        opened = await self.exchange.open_stream(run.req, inst, run.client_auth, run.record)
+        opened = await self.exchange.open_stream(run.req, inst, run.client_auth)
         if not isinstance(opened, Opened):  # the upstream ignored `stream`: a whole answer
-            return self._served(run, inst, attempt, started, opened)
+            return await self._whole_as_stream(run, inst, attempt, started, opened)
         self.registry.record_success(inst, opened.ttfb_s)
         try:
             await self.exchange.deliver(opened, inst, run.sink, run.record)
@@ -270,6 +271,21 @@ class Forwarder:
         run.record.add(attempt)
         self._answered(run, inst, opened.ttfb_s)
         return Reply(200, None, ttfb_s=opened.ttfb_s)
+
+    async def _whole_as_stream(self, run: _Run, inst: InstanceState, attempt: Attempt,
+                               started: float, whole: Reply) -> Reply:
+        """A streamed attempt answered whole: the client gets it as the stream it asked for
+        (proxy.engine.attempts.Exchange.deliver_whole)."""
+        assert run.sink is not None
+        try:
+            await self.exchange.deliver_whole(whole, inst, run.sink, run.req,
+                                              run.record.sent + 1)
+        except ClientGone:
+            self._served(run, inst, attempt, started, whole)
+            run.record.outcome = CLIENT_GONE
+            return Reply(200, None, ttfb_s=whole.ttfb_s)
+        self._served(run, inst, attempt, started, whole)
+        return Reply(200, None, ttfb_s=whole.ttfb_s)
 
     async def _continue(self, run: _Run, inst: InstanceState, attempt: Attempt,
                         started: float) -> Reply | None:

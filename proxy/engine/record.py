@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from proxy.audit.usage import Usage
     from proxy.routing.planner import RoutePlan
 
 # Attempt modes.
@@ -61,8 +62,8 @@ class RequestRecord:
     `instance` is the instance that answered (for a continued stream, the one that
     finished it); `status` the HTTP status sent; `outcome` one of the outcomes above or
     the error's code. `ttfb_s` is the upstream's time to first output of the instance
-    that committed, `duration_s` the whole request in the proxy. `prompt_tokens` and
-    `completion_tokens` are the upstream's usage figures when it stated them.
+    that committed, `duration_s` the whole request in the proxy. `usage` holds the
+    answer's tokens and cost when the upstream stated its usage.
     """
 
     request_id: str
@@ -82,8 +83,7 @@ class RequestRecord:
     blocked: str | None = None
     #: Why a stream cut mid-answer could not be continued (the client's error event).
     stream_error: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    usage: Usage | None = None
 
     def add(self, attempt: Attempt) -> None:
         """Append an entry that has ended (its `at` is now)."""
@@ -97,7 +97,7 @@ class RequestRecord:
         """Seconds spent in attempts (waiting on upstreams), for the overhead metric."""
         return sum(a.elapsed_ms for a in self.attempts) / 1000.0
 
-    def usage(self, prompt: object, completion: object) -> None:
-        """Keep the upstream's token counts when they are numbers."""
-        if isinstance(prompt, int) and isinstance(completion, int):
-            self.prompt_tokens, self.completion_tokens = prompt, completion
+    @property
+    def tried(self) -> list[Attempt]:
+        """The attempts sent upstream, in order (the skips left out)."""
+        return [a for a in self.attempts if a.sent]

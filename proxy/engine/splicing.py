@@ -184,8 +184,11 @@ class Splicer:
         if not new and not new_thought and finish is None and not other:
             return None  # a role-only or empty chunk, or reasoning that is not relayed
         self._account(new, new_thought, delta, finish)
-        out_choice = _rewritten(choice, delta, new, new_thought, thought_field)
-        return self._event({**obj, "choices": [out_choice]})
+        out = {**obj, "choices": [_rewritten(choice, delta, new, new_thought, thought_field)]}
+        usage = obj.get("usage")
+        if isinstance(usage, dict):  # (llama.cpp puts it in the finishing chunk)
+            out["usage"] = self.delivered.usage = self._usage(usage)
+        return self._event(out)
 
     def _new_reasoning(self, thought: str, answering: bool) -> str | None:
         """What of a chunk's reasoning is new and relayed ("" when none is; None while a

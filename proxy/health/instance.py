@@ -14,6 +14,7 @@ from proxy.health.circuit import CLOSED, Circuit
 from proxy.health.fingerprints import Pin, configured, request_model
 from proxy.health.slots import Slots
 from proxy.health.states import (
+    DISABLED_REASON,
     DRAINED,
     ROUTABLE_STATES,
     STALE_STATES,
@@ -34,6 +35,8 @@ class InstanceState:
 
     config: InstanceConfig
     state: str = UNKNOWN
+    #: Why the instance is in its state, for people (the reason of its last change).
+    state_reason: str = ""
     circuit: Circuit = field(default_factory=Circuit)
     #: Requests in flight to it, and its `max_concurrency` (proxy.health.slots).
     slots: Slots = field(init=False)
@@ -94,7 +97,7 @@ class InstanceState:
             self.pin = configured(cfg.fingerprint, cfg.model)
         self.prefill_ok = "prefill" in cfg.capabilities
         if not cfg.enabled:
-            self.state = DRAINED
+            self.state, self.state_reason = DRAINED, DISABLED_REASON
 
     def derive(self) -> None:
         """Copy what the planner's inner loop reads from the config (again after a reload)."""
@@ -189,6 +192,7 @@ class InstanceState:
             "local": cfg.local,
             "enabled": self.state != DRAINED,
             "state": self.state,
+            "state_reason": self.state_reason,
             "routable": self.routable(now),
             "circuit": circuit.state if circuit.state == CLOSED or now < circuit.open_until
             else "half_open",

@@ -19,11 +19,20 @@ from proxy.failures import OPENS, STRIKE, Failure
 from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
 from proxy.health.fingerprints import CONFIGURED, LEARNED, Pin, changes, configured
 from proxy.health.instance import InstanceState
-from proxy.health.states import DRAINED, MISMATCH, READY, STALE_STATES, UNKNOWN
+from proxy.health.states import (
+    DISABLED_REASON,
+    DRAINED,
+    MISMATCH,
+    READY,
+    STALE_STATES,
+    UNKNOWN,
+)
 
 log = structlog.get_logger("proxy.health.registry")
 
 _EWMA_ALPHA = 0.2
+#: Longest rate-limit cooldown taken from an upstream's headers (Retry-After, resets).
+MAX_RATE_LIMIT_COOLDOWN_S = 3600.0
 
 StateListener = Callable[[InstanceState, str, str, str], None]
 
@@ -104,15 +113,16 @@ class Registry:
         inst.prefill_ok = "prefill" in config.capabilities and (
             inst.prefill_ok or "prefill" not in old.capabilities)
         if not config.enabled:
-            inst.state = DRAINED
+            inst.state, inst.state_reason = DRAINED, DISABLED_REASON
         elif inst.state == DRAINED and not old.enabled:
-            inst.state = UNKNOWN  # enabled in the new config
+            inst.state, inst.state_reason = UNKNOWN, "enabled in the config"
 
     # ------------------------------------------------------------------ state
 
     def set_state(self, inst: InstanceState, new: str, reason: str) -> bool:
         """Move an instance to a new state; logs and notifies listeners when it changes."""
         old = inst.state
+        inst.state_reason = reason  # the latest word, even when the state stays
         if old == new:
             return False
         inst.state = new
@@ -131,10 +141,13 @@ class Registry:
         self.set_state(inst, DRAINED, "drained by admin")
 
     def enable(self, inst: InstanceState) -> None:
-        """Back in rotation (an admin's word): out of DRAINED or MISMATCH, circuit closed."""
+        """Back in rotation (an admin's word): out of DRAINED or MISMATCH, circuit closed,
+        a rate-limit cooldown ended (the admin's word beats an upstream's Retry-After)."""
         if inst.state == DRAINED or inst.state == MISMATCH:
             self.set_state(inst, UNKNOWN, "enabled by admin")
         inst.circuit.on_success()
+        inst.rate_limited_until = 0.0
+        inst.rate_limit_streak = 0
 
     @staticmethod
     def _forget_errors(inst: InstanceState) -> None:
@@ -260,7 +273,10 @@ class Registry:
                        circuit.max_cooldown_s)
             inst.rate_limit_streak += 1
         else:
-            wait = retry_after_s
+            # Bounded: a buggy or hostile `Retry-After: 1000000000` must not take the
+            # instance out until a restart (a real limit still in force costs one more
+            # 429 an hour).
+            wait = min(retry_after_s, MAX_RATE_LIMIT_COOLDOWN_S)
         if now + wait > inst.rate_limited_until:
             inst.rate_limited_until = now + wait
         log.warning("rate_limited", instance=inst.id, retry_in_s=round(wait, 2),

@@ -16,3 +16,6 @@ ROUTABLE_STATES = frozenset({UNKNOWN, READY})
 #: tried as a last resort (if its circuit allows), so a server that came back between two
 #: probes is never refused.
 STALE_STATES = frozenset({DOWN, LOADING})
+
+#: The state reason of an instance the config disables (`enabled: false`).
+DISABLED_REASON = "disabled in the config"

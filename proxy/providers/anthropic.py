@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -39,11 +40,15 @@ from proxy.providers.anthropic_responses import (
     StreamTranslator,
     from_messages_response,
 )
-from proxy.providers.base import Outgoing, PassThrough, ProviderBase
+from proxy.providers.base import NATIVE_EVENTS, Outgoing, PassThrough, ProviderBase, json_of
 from proxy.providers.ratelimits import relay_headers, retry_after_s
 from proxy.providers.sse import DONE_EVENT, EventSource, event_data
 
+if TYPE_CHECKING:
+    from proxy.providers.transport import Upstream
+
 ANTHROPIC_VERSION = "2023-06-01"
+Json = dict[str, Any]
 
 
 class Anthropic(ProviderBase):
@@ -52,11 +57,18 @@ class Anthropic(ProviderBase):
     name = "anthropic"
     unsupported = frozenset({"completions", "embeddings", "n>1"})
 
+    counts_input = True
+
     def request(self, inst: InstanceConfig, endpoint: str, body: bytes,
-                default_max_tokens: int) -> Outgoing:
+                default_max_tokens: int, native: Json | None = None) -> Outgoing:
         """A chat request as a Messages request (the planner sends nothing else: see
         `unsupported`); the Messages API requires `max_tokens`, so `default_max_tokens`
-        when the client sent none. Raises UnsupportedRequest for what it cannot express."""
+        when the client sent none. Raises UnsupportedRequest for what it cannot express.
+        A client's own Messages request (`native`) goes as it came, with the instance's
+        model."""
+        if native is not None:
+            model = inst.model or orjson.loads(body)["model"]
+            return Outgoing("/messages", orjson.dumps({**native, "model": model}))
         try:
             if endpoint != CHAT:
                 raise TranslationError(f"the Messages API has no {endpoint} endpoint")
@@ -87,10 +99,14 @@ class Anthropic(ProviderBase):
                                               "invalid_request_error"),
                            "application/json", relay_headers(headers))
 
-    def events(self, reader: EventSource, include_usage: bool) -> EventSource:
-        return MessagesEvents(reader, StreamTranslator(int(time.time()), include_usage))
+    def events(self, reader: EventSource, include_usage: bool,
+               native: bool = False) -> EventSource:
+        return MessagesEvents(reader, StreamTranslator(int(time.time()), include_usage),
+                              native)
 
-    def body(self, body: bytes) -> bytes:
+    def body(self, body: bytes, native: bool = False) -> bytes:
+        if native:
+            return body  # a Message, as the client's own request asked for
         try:
             doc = orjson.loads(body)
             if not isinstance(doc, dict):
@@ -98,6 +114,24 @@ class Anthropic(ProviderBase):
             return orjson.dumps(from_messages_response(doc, int(time.time())))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ResponseMalformed(f"unreadable Messages API response: {exc}") from None
+
+
+    async def count_input(self, upstream: Upstream, inst: InstanceConfig, chat: Json,
+                          native: Json | None, timeout_s: float) -> int | None:
+        """By the instance's own `/v1/messages/count_tokens` (`{"input_tokens": N}`),
+        sent the client's Messages request (`native`; None: not counted)."""
+        if native is None:
+            return None
+        body = orjson.dumps({**native, "model": inst.model or native.get("model")})
+        try:
+            status, data = await upstream.get(inst, inst.api_base + "/messages/count_tokens",
+                                              timeout_s, body)
+        except UpstreamFailure:
+            return None
+        doc = json_of(data) if status == 200 else None
+        counted = doc.get("input_tokens") if isinstance(doc, dict) else None
+        return counted if isinstance(counted, int) and not isinstance(counted, bool) \
+            and counted > 0 else None
 
 
 def _error_of(body: bytes) -> tuple[str, str]:
@@ -117,15 +151,21 @@ class MessagesEvents:
     """Reads a Messages API event stream and yields OpenAI chunk events in its place.
 
     The rest of the relay sees what any OpenAI-compatible server would send: chunks,
-    `[DONE]` at message_stop, an in-band `{"error": ...}` for an error event.
+    `[DONE]` at message_stop, an in-band `{"error": ...}` for an error event. With
+    `keep` (a request that came in as a Messages API request), each chunk also carries,
+    under NATIVE_EVENTS, the Messages events it was made of (and those that made no chunk
+    since the last one: pings, block stops, signature deltas), for the Messages front to
+    relay as they came.
     """
 
-    __slots__ = ("_events", "_translator", "_queue")
+    __slots__ = ("_events", "_translator", "_queue", "_kept")
 
-    def __init__(self, events: EventSource, translator: StreamTranslator) -> None:
+    def __init__(self, events: EventSource, translator: StreamTranslator,
+                 keep: bool = False) -> None:
         self._events = events
         self._translator = translator
         self._queue: deque[bytes] = deque()
+        self._kept: list[Json] | None = [] if keep else None
 
     def buffered(self) -> bytes | None:
         """A translated event already at hand, else None (no waiting)."""
@@ -161,6 +201,12 @@ class MessagesEvents:
             self._queue.append(b"data: " + orjson.dumps(
                 {"error": {"message": exc.message, "type": exc.error_type}}) + b"\n\n")
             return
+        kept = self._kept
+        if kept is not None:
+            kept.append(data)
+            if chunks:
+                chunks[0][NATIVE_EVENTS] = kept[:]
+                kept.clear()
         self._queue.extend(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
         if self._translator.done:
             self._queue.append(DONE_EVENT)

@@ -12,11 +12,15 @@ import orjson
 
 Json = dict[str, Any]
 
-_TOOL_CHOICES: dict[str, Json] = {
+#: OpenAI tool_choice string -> Anthropic tool_choice; `TOOL_CHOICE_NAMES` is its inverse
+#: (Anthropic's `{"type": "tool", "name": ...}` is OpenAI's `{"type": "function", ...}`).
+TOOL_CHOICES: dict[str, Json] = {
     "auto": {"type": "auto"},
     "required": {"type": "any"},
     "none": {"type": "none"},
 }
+TOOL_CHOICE_NAMES: dict[str, str] = {v["type"]: k for k, v in TOOL_CHOICES.items()}
+
 
 class TranslationError(ValueError):
     """The OpenAI request cannot be expressed as a Messages API request (a client error)."""
@@ -184,8 +188,8 @@ def _tool(tool: Any) -> Json:
 
 def _tool_choice(choice: Any) -> Json:
     """An Anthropic tool_choice from an OpenAI one."""
-    if isinstance(choice, str) and choice in _TOOL_CHOICES:
-        return dict(_TOOL_CHOICES[choice])
+    if isinstance(choice, str) and choice in TOOL_CHOICES:
+        return dict(TOOL_CHOICES[choice])
     if isinstance(choice, dict) and choice.get("type") == "function":
         function = choice.get("function")
         if isinstance(function, dict) and isinstance(function.get("name"), str):

@@ -11,7 +11,10 @@ import orjson
 
 Json = dict[str, Any]
 
-_FINISH_REASONS: dict[str, str] = {
+#: Anthropic stop_reason -> OpenAI finish_reason (Anthropic docs, "Handling stop reasons").
+#: Read both ways: `STOP_REASONS` is its inverse, for the Messages API front
+#: (proxy.fronts), the first Anthropic reason listed for a finish reason winning.
+FINISH_REASONS: dict[str, str] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "max_tokens": "length",
@@ -19,6 +22,10 @@ _FINISH_REASONS: dict[str, str] = {
     "pause_turn": "stop",
     "refusal": "content_filter",
 }
+STOP_REASONS: dict[str, str] = {}
+for _stop, _finish in FINISH_REASONS.items():
+    STOP_REASONS.setdefault(_finish, _stop)
+
 
 class AnthropicStreamError(Exception):
     """An `error` event arrived in the middle of a streamed Messages API answer."""
@@ -33,7 +40,7 @@ def finish_reason(stop_reason: str | None) -> str | None:
     """The OpenAI finish_reason for an Anthropic stop_reason (unknown ones become "stop")."""
     if stop_reason is None:
         return None
-    return _FINISH_REASONS.get(stop_reason, "stop")
+    return FINISH_REASONS.get(stop_reason, "stop")
 
 
 def _usage(input_tokens: int, output_tokens: int, cached: int = 0) -> Json:

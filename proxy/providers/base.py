@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -27,6 +27,12 @@ from proxy.providers.sse import EventSource
 
 if TYPE_CHECKING:
     from proxy.providers.transport import Upstream
+
+#: The key under which a translated chunk carries the provider's own events it was made of,
+#: for a request that came in in that provider's protocol (`native`: the Messages front
+#: relays an Anthropic instance's events as they came).
+NATIVE_EVENTS = "native_events"
+
 
 class PassThrough(Exception):
     """The upstream's own client error (400/404/422...), relayed unchanged and not retried.
@@ -75,11 +81,13 @@ class Provider(Protocol):
     checks_names: bool
 
     def request(self, inst: InstanceConfig, endpoint: str, body: bytes,
-                default_max_tokens: int) -> Outgoing:
+                default_max_tokens: int, native: dict[str, Any] | None = None) -> Outgoing:
         """The upstream request for a client request to `endpoint` (proxy.api.inbound's
         CHAT, COMPLETIONS, EMBEDDINGS) with this body (already naming the instance's
         model); raises UnsupportedRequest when the protocol cannot express it.
-        `default_max_tokens` for a protocol that requires one."""
+        `default_max_tokens` for a protocol that requires one. `native`: the client's
+        request in a provider's own protocol (ClientRequest.native), sent as it came by
+        the provider that speaks it (its answer then stays in that protocol too)."""
         ...
 
     def headers(self, inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:
@@ -94,12 +102,16 @@ class Provider(Protocol):
         mapping point of its answers."""
         ...
 
-    def events(self, reader: EventSource, include_usage: bool) -> EventSource:
-        """The stream's events as OpenAI chat or text completion chunks."""
+    def events(self, reader: EventSource, include_usage: bool,
+               native: bool = False) -> EventSource:
+        """The stream's events as OpenAI chat or text completion chunks; for a `native`
+        request each chunk also carries, under NATIVE_EVENTS, the provider's own events
+        it was made of."""
         ...
 
-    def body(self, body: bytes) -> bytes:
-        """A whole answer as OpenAI's JSON; raises ResponseMalformed when it is unreadable."""
+    def body(self, body: bytes, native: bool = False) -> bytes:
+        """A whole answer as OpenAI's JSON (for a `native` request, as the provider sent
+        it); raises ResponseMalformed when it is unreadable."""
         ...
 
     async def probe(self, upstream: Upstream, inst: InstanceConfig,
@@ -113,6 +125,17 @@ class Provider(Protocol):
         """How many of its tokens `text` is, when the server can tell (else None)."""
         ...
 
+    #: Whether the server can count a chat request's input tokens (`count_input`).
+    counts_input: bool
+
+    async def count_input(self, upstream: Upstream, inst: InstanceConfig,
+                          chat: dict[str, Any], native: dict[str, Any] | None,
+                          timeout_s: float) -> int | None:
+        """The input tokens of a chat request (`native`: the client's own request, when it
+        came in the provider's protocol) by the server's tokenizer, or None when it
+        cannot say."""
+        ...
+
 
 class ProviderBase:
     """What most providers do alike: a server that looks a request's `model` up, nothing
@@ -122,11 +145,13 @@ class ProviderBase:
     name = "openai"
     unsupported: frozenset[str] = frozenset()
     checks_names = True
+    counts_input = False
 
-    def events(self, reader: EventSource, include_usage: bool) -> EventSource:
+    def events(self, reader: EventSource, include_usage: bool,
+               native: bool = False) -> EventSource:
         return reader
 
-    def body(self, body: bytes) -> bytes:
+    def body(self, body: bytes, native: bool = False) -> bytes:
         return body
 
     async def probe(self, upstream: Upstream, inst: InstanceConfig,
@@ -136,6 +161,11 @@ class ProviderBase:
 
     async def count_tokens(self, upstream: Upstream, inst: InstanceConfig, text: str,
                            timeout_s: float) -> int | None:
+        return None
+
+    async def count_input(self, upstream: Upstream, inst: InstanceConfig,
+                          chat: dict[str, Any], native: dict[str, Any] | None,
+                          timeout_s: float) -> int | None:
         return None
 
 

@@ -7,12 +7,13 @@
   (llama.cpp tools/server/server-context.cpp `get_res_props`, as vendored in
   llama-cpp-python 0.3.36); an older server without them is read from `/v1/models`.
 - `/tokenize` counts tokens, so a continuation keeps the client's token budget (chunks
-  are not tokens: a character of several tokens comes as one chunk).
+  are not tokens: a character of several tokens comes as one chunk); with
+  `/apply-template` it counts a chat request's input (the Messages API's count_tokens).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,6 +32,7 @@ class LlamaCpp(OpenAICompatible):
     """llama.cpp's server (see the module doc)."""
 
     checks_names = False
+    counts_input = True
 
     def __init__(self) -> None:
         super().__init__("llamacpp")
@@ -68,3 +70,22 @@ class LlamaCpp(OpenAICompatible):
         doc = json_of(data) if status == 200 else None
         tokens = doc.get("tokens") if isinstance(doc, dict) else None
         return len(tokens) if isinstance(tokens, list) else None
+
+    async def count_input(self, upstream: Upstream, inst: InstanceConfig,
+                          chat: dict[str, Any], native: dict[str, Any] | None,
+                          timeout_s: float) -> int | None:
+        """By `/apply-template` (the prompt its chat template makes of the messages and
+        tools: `{"prompt": ...}`), then `/tokenize` (llama.cpp tools/server README, "API
+        Endpoints")."""
+        body = orjson.dumps({"messages": chat["messages"], **(
+            {"tools": chat["tools"]} if chat.get("tools") else {})})
+        try:
+            status, data = await upstream.get(inst, inst.root_url + "/apply-template",
+                                              timeout_s, body)
+        except UpstreamFailure:  # no count from this server: the caller estimates
+            return None
+        doc = json_of(data) if status == 200 else None
+        prompt = doc.get("prompt") if isinstance(doc, dict) else None
+        if not isinstance(prompt, str):
+            return None
+        return await self.count_tokens(upstream, inst, prompt, timeout_s)

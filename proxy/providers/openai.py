@@ -10,6 +10,7 @@ look a request's `model` up).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from proxy.api.inbound import CHAT, COMPLETIONS, EMBEDDINGS
 from proxy.config import InstanceConfig
@@ -29,7 +30,7 @@ class OpenAICompatible(ProviderBase):
         self.name = name
 
     def request(self, inst: InstanceConfig, endpoint: str, body: bytes,
-                default_max_tokens: int) -> Outgoing:
+                default_max_tokens: int, native: dict[str, Any] | None = None) -> Outgoing:
         return Outgoing(PATHS[endpoint], body)
 
     def headers(self, inst: InstanceConfig, client_auth: str | None) -> dict[str, str]:

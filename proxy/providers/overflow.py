@@ -36,7 +36,9 @@ How servers word and shape it (status; body; message):
 - LM Studio (its llama.cpp engine): 400 `{"error": "The number of tokens to keep from the
   initial prompt is greater than the context length (n_keep: M >= n_ctx: N). Try to load
   the model with a larger context length, or provide a shorter input."}` (a string error;
-  the numbers are not always there).
+  the numbers are not always there); and "Trying to keep the first M tokens when context
+  the overflows. However, the model is loaded with context length of only N tokens, which
+  is not enough. ..." (a string error too).
 - TGI (`router/src/validation.rs`, `ValidationError`): 422 `{"error": "Input validation
   error: `inputs` tokens + `max_new_tokens` must be <= N. Given: P `inputs` tokens and C
   `max_new_tokens`", "error_type": "validation"}` (older releases without the backticks);
@@ -132,6 +134,12 @@ _WORDINGS: tuple[tuple[re.Pattern[str], _Numbers], ...] = (
     # LM Studio: "tokens to keep from the initial prompt is greater than the context
     # length (n_keep: M >= n_ctx: N)".
     (re.compile(r"greater than the context length(?: \(n_keep: ?(\d+) ?>= ?n_ctx: ?(\d+)\))?"),
+     lambda m: (_i(m[2]), _i(m[1]))),
+    # LM Studio, its other wording (lmstudio-bug-tracker #237, #546): "Trying to keep the
+    # first M tokens when context the overflows. However, the model is loaded with context
+    # length of only N tokens, which is not enough." (newer builds: "when context overflows").
+    (re.compile(r"trying to keep the first (\d+) tokens when context (?:the )?overflows\. "
+                r"however, the model is loaded with (?:a )?context length of only (\d+) tokens"),
      lambda m: (_i(m[2]), _i(m[1]))),
     # Anthropic: "prompt is too long: M tokens > N maximum"; "input length and
     # `max_tokens` exceed context limit: P + C > N".

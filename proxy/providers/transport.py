@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
@@ -25,6 +26,7 @@ from proxy.failures import (
 )
 from proxy.providers.base import Provider
 from proxy.providers.kinds import provider_for
+from proxy.providers.ratelimits import relay_headers
 from proxy.providers.sse import EventReader, EventSource
 from proxy.secrets import Redactor
 
@@ -150,9 +152,12 @@ class Upstream:
         return cached
 
     async def open(self, inst: InstanceConfig, provider: Provider, endpoint: str,
-                   body: bytes, client_auth: str | None = None) -> Response:
+                   body: bytes, client_auth: str | None = None,
+                   native: dict[str, Any] | None = None) -> Response:
         """Send the client's request (to `endpoint`, its body naming the instance's model)
-        as the provider builds it, and wait for the status line and headers.
+        as the provider builds it, and wait for the status line and headers. `native` is
+        the client's request in a provider's own protocol (see ClientRequest.native): a
+        provider that speaks it sends it as it came.
 
         Returns a 2xx response with its body unread (the caller releases or closes it).
         Raises what the provider makes of an error answer (an UpstreamFailure, or
@@ -162,7 +167,7 @@ class Upstream:
         HTTP, a 101 or a redirect. The wait for headers is bounded by `first_byte_s`,
         connecting included; the caller bounds the rest.
         """
-        outgoing = provider.request(inst, endpoint, body, self.default_max_tokens)
+        outgoing = provider.request(inst, endpoint, body, self.default_max_tokens, native)
         first_byte_s = self.timeouts.first_byte_s
         with map_exceptions("first_byte", first_byte_s):
             route = self.route(inst)
@@ -178,7 +183,23 @@ class Upstream:
         if status < 400:
             resp.close()
             raise self._not_an_answer(resp)
-        raise provider.error_for(status, await self.read_error_body(resp), resp.headers)
+        error = provider.error_for(status, await self.read_error_body(resp), resp.headers)
+        if error.headers and self.redactor:  # a server may quote the key it was sent in
+            error.headers = self.scrubbed(error.headers)  # them, as in an error body
+        raise error
+
+    def relayed(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The upstream's rate-limit headers of an answer, for the client (see
+        proxy.providers.ratelimits), with any configured secret scrubbed from them."""
+        out = relay_headers(headers)
+        return self.scrubbed(out) if out and self.redactor else out
+
+    def scrubbed(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """Relayed headers with any configured secret scrubbed from their values."""
+        if not self.redactor:
+            return dict(headers)
+        text = self.redactor.text
+        return {name: text(value) for name, value in headers.items()}
 
     def _not_an_answer(self, resp: Response) -> UpstreamProtocolError:
         """A final status that is neither an answer nor an error: an unasked-for protocol
@@ -192,11 +213,13 @@ class Upstream:
             f"HTTP {status}" + (f" redirect to {self.redactor.text(where)}" if where else "")
             + " (redirects are not followed)")
 
-    def events(self, provider: Provider, resp: Response, include_usage: bool) -> EventSource:
-        """The response's server-sent events, as OpenAI chat completion chunks; an event
-        over `upstream.max_event_bytes` fails with UpstreamProtocolError."""
+    def events(self, provider: Provider, resp: Response, include_usage: bool,
+               native: bool = False) -> EventSource:
+        """The response's server-sent events, as OpenAI chat completion chunks (for a
+        `native` request, carrying the provider's own events: see Provider.events); an
+        event over `upstream.max_event_bytes` fails with UpstreamProtocolError."""
         return provider.events(EventReader(resp.content, self.limits.max_event_bytes),
-                               include_usage)
+                               include_usage, native)
 
     async def read_error_body(self, resp: Response, limit: int = 65536) -> bytes:
         """Read (at most `limit` bytes of) an error response's body within `idle_s`, and

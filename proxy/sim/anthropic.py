@@ -4,7 +4,8 @@ It answers the same deterministic words as the OpenAI-style simulator
 (:mod:`proxy.sim.simulator`) for the same conversation and model, so tests of an
 OpenAI -> Anthropic failover can check the exact text a client received.
 
-Endpoints: ``GET /v1/models`` and ``POST /v1/messages`` (plain and streamed).
+Endpoints: ``GET /v1/models``, ``POST /v1/messages`` (plain and streamed) and
+``POST /v1/messages/count_tokens``.
 
 Rate limits as Anthropic reports them (Anthropic docs, "Rate limits"): with ``status=429``
 the answer carries ``retry-after`` (``retry_after``; None leaves it out) and
@@ -34,7 +35,7 @@ _TOOL_INPUT: dict[str, Any] = {"city": "Paris"}
 def anthropic_prompt(system: Any, messages: Sequence[Any]) -> str:
     """Return the prompt key of a Messages request.
 
-    Same key as :func:`proxy.simtext.prompt_of_messages` gives the equivalent
+    Same key as :func:`proxy.sim.text.prompt_of_messages` gives the equivalent
     OpenAI conversation (system message first): the system text, then every
     message's text, except a trailing assistant message (a prefill).
     """
@@ -140,6 +141,7 @@ class AnthropicSimulator:
         self.status = status
         self.requests = 0
         self.last_body: dict[str, Any] | None = None
+        self.last_count_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -158,6 +160,7 @@ class AnthropicSimulator:
         app.on_response_prepare.append(self._add_ratelimit_headers)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
@@ -260,6 +263,16 @@ class AnthropicSimulator:
         if not isinstance(data, dict):
             return _error(400, "request body must be a JSON object")
         return _malformed(data)
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """Input tokens: the words of the prompt key (as `usage.input_tokens` counts)."""
+        err = self._auth_error(request)
+        if err is not None:
+            return err
+        data = await request.json()
+        self.last_count_body = data
+        return web.json_response({"input_tokens": len(anthropic_prompt(
+            data.get("system"), data.get("messages") or []).split())})
 
     def _plan(self, prompt: str, last: Mapping[str, Any], max_tokens: int) -> tuple[list[str], str]:
         """Pieces to send and the stop_reason, honouring a prefill and max_tokens."""

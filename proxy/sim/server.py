@@ -9,6 +9,7 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -36,6 +37,8 @@ class SimStats:
     last_headers: dict[str, str] = field(default_factory=dict)
     #: The `model` of the latest model request.
     last_model: str | None = None
+    #: The JSON body of the latest model request (to check what a proxy translated).
+    last_body: dict[str, Any] | None = None
     by_path: dict[str, int] = field(default_factory=dict)
     open_connections: int = 0
     inflight: int = 0

@@ -155,6 +155,7 @@ class Simulator(SimServer):
                 raise BadRequest("The request body must be a JSON object.")
             asked = data.get("model")
             self.stats.last_model = asked if isinstance(asked, str) else None
+            self.stats.last_body = data
             if faults.strict_models and asked not in self._listed():
                 # Ollama's OpenAI layer (openai.go): 404 with this message for a model it
                 # has not pulled; vLLM and LM Studio also answer 404.
@@ -256,10 +257,15 @@ class Simulator(SimServer):
         cid, created = self._new_id("chatcmpl"), int(time.time())
 
         if data.get("stream") is not True:
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
+            if faults.tool_call:  # the same call as streamed below, whole
+                message = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_sim", "type": "function", "function": {
+                        "name": "lookup", "arguments": '{"q": "' + "".join(pieces) + '"}'}}]}
+                finish = "tool_calls"
             body = orjson.dumps({
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                             "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": usage(prompt_tokens, len(pieces)),
             })
             return await self._send_json(request, faults, body)

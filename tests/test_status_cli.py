@@ -1,0 +1,110 @@
+"""`failover-proxy status`: the running proxy's view as a terminal table, run as a real
+process against a proxy on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from tests.cluster import ROOT, free_port
+from tests.conftest import MakeProxy, MakeSim, chat_body, proxy_config
+
+ADMIN = "adm-key-for-the-status-cli"
+
+
+async def status(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "status", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PROXY_ADMIN_KEY": "", **(env or {})})
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_status_shows_instances_circuits_load_and_the_latest_reroutes(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    a, b = await make_sim("demo-model"), await make_sim("demo-model")
+    proxy = await make_proxy(proxy_config([a, b], server={"admin_key": ADMIN},
+                                          health={"enabled": False}))
+    a.set_faults(["refuse"])
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{proxy.base_url}/chat/completions", json=chat_body()) as resp:
+        assert resp.headers["x-route-instance"] == "p1:s1"
+        request_id = resp.headers["x-request-id"]
+    code, out, err = await status("--url", proxy.url, "--admin-key", ADMIN)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith(f"failover-proxy 0.1.0 at {proxy.url}")
+    header = next(line for line in lines if line.startswith("INSTANCE"))
+    assert header.split() == ["INSTANCE", "STATE", "CIRCUIT", "LOAD", "LATENCY", "FINGERPRINT",
+                              "REASON"]
+    p0 = next(line for line in lines if line.startswith("p0:s0")).split()
+    assert p0[1:4] == ["UNKNOWN", "open", "0"]
+    assert "CONN_REFUSED" in " ".join(p0)
+    p1 = next(line for line in lines if line.startswith("p1:s1")).split()
+    assert p1[1:4] == ["UNKNOWN", "closed", "0"] and "ms" in p1
+    assert any(line.startswith("since start") and "1 request (ok 1)" in line
+               and "1 reroute (CONN_REFUSED 1)" in line for line in lines)
+    reroute = next(line for line in lines if " REROUTED " in line)
+    assert "CONN_REFUSED" in reroute and "p0:s0 -> p1:s1" in reroute and request_id in reroute
+    assert ADMIN not in out
+
+
+async def test_status_takes_the_address_and_key_from_the_config(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    a = await make_sim()
+    proxy = await make_proxy(proxy_config([a], server={"admin_key": ADMIN}))
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump({
+        "server": {"host": "0.0.0.0", "port": proxy.port, "admin_key": "${MY_ADMIN_KEY}",
+                   "api_keys": ["client-key-1"]},
+        "providers": [{"provider_id": "p0", "instances": [{"id": "s0", "base_url": a.base_url}]}]}))
+    code, out, err = await status("--config", str(path), env={"MY_ADMIN_KEY": ADMIN})
+    assert (code, err) == (0, "")
+    assert f"at http://127.0.0.1:{proxy.port}" in out and "p0:s0" in out
+    code, out, err = await status("--url", proxy.url, env={"PROXY_ADMIN_KEY": ADMIN})
+    assert code == 0 and "p0:s0" in out
+
+
+async def test_status_explains_a_missing_key_or_proxy_in_one_line(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    a = await make_sim()
+    proxy = await make_proxy(proxy_config([a], server={"admin_key": ADMIN}))
+    code, out, err = await status("--url", proxy.url)
+    assert (code, out) == (1, "")
+    assert err == (f"status: {proxy.url} refused the admin key (HTTP 401): give --admin-key "
+                   "or set PROXY_ADMIN_KEY\n")
+    nobody = f"http://127.0.0.1:{free_port()}"
+    code, out, err = await status("--url", nobody, "--admin-key", ADMIN)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"status: no proxy answers at {nobody}") and err.count("\n") == 1
+    code, out, err = await status("--url", f"{a.base_url}")  # a simulator is no proxy
+    assert code == 1 and "is this a failover-proxy?" in err and err.count("\n") == 1
+    code, _, err = await status("--url", proxy.url, "--interval", "0")
+    assert code == 2 and "--interval" in err
+
+
+async def test_status_watch_redraws_until_interrupted(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    a = await make_sim()
+    proxy = await make_proxy(proxy_config([a]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "status", "--url", proxy.url, "--watch",
+        "--interval", "0.1", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    pages = 0
+    while pages < 3:
+        line = await proc.stdout.readline()
+        assert line, "status --watch exited early"
+        pages += line.startswith(b"failover-proxy ")
+    proc.send_signal(signal.SIGINT)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0 and b"Traceback" not in err
