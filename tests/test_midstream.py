@@ -324,6 +324,17 @@ def test_splicer_usage_accounts_for_the_carried_part() -> None:
     assert usage == {"prompt_tokens": 5, "completion_tokens": 60, "total_tokens": 65}
 
 
+def test_splicer_usage_in_the_finishing_chunk_accounts_for_the_carried_part() -> None:
+    """llama.cpp puts `usage` beside the finish reason: the client and the audit record get
+    the whole answer's figures there too."""
+    s = Splicer(_delivered("abc", chunks=25), PREFILL)
+    finishing = _chunk(" done", finish="stop")
+    finishing["usage"] = {"prompt_tokens": 30, "completion_tokens": 35, "total_tokens": 65}
+    whole = {"prompt_tokens": 5, "completion_tokens": 60, "total_tokens": 65}
+    assert _sent(s.feed(finishing))["usage"] == whole
+    assert s.delivered.usage == whole
+
+
 async def test_client_leaving_before_the_first_byte_closes_the_upstream(
         make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
     slow = await make_sim("twin", faults=["slow_first_byte=20"])

@@ -56,7 +56,6 @@ from proxy.routing.scoring import RATE_LIMITED_REASON
 _NO_HEADERS: Mapping[str, str] = {}  # shared, never written to
 
 
-
 @dataclass(slots=True)
 class _Cut:
     """A stream that failed after the client had part of the answer."""
@@ -239,13 +238,16 @@ class Forwarder:
             self.registry.end_attempt(inst, attempt)
 
     def _served(self, run: _Run, inst: InstanceState, attempt: Attempt, started: float,
-                reply: Reply) -> Reply:
+                reply: Reply, outcome: str | None = None) -> Reply:
+        """A whole answer: the reply to send (for a stream, already sent: body None)."""
         assert reply.ttfb_s is not None
         self.registry.record_success(inst, reply.ttfb_s)
         attempt.elapsed_ms = _ms(started)
         run.record.add(attempt)
         run.record.usage = reply.usage
-        self._answered(run, inst, reply.ttfb_s)
+        self._answered(run, inst, reply.ttfb_s, outcome)
+        if run.req.stream and run.sink is not None:
+            return Reply(200, None, ttfb_s=reply.ttfb_s)
         return reply
 
     async def _stream(self, run: _Run, inst: InstanceState, attempt: Attempt,
@@ -253,8 +255,13 @@ class Forwarder:
         """A fresh streamed attempt: to the commit point, then relayed to the client."""
         assert run.sink is not None
         opened = await self.exchange.open_stream(run.req, inst, run.client_auth)
-        if not isinstance(opened, Opened):  # the upstream ignored `stream`: a whole answer
-            return await self._whole_as_stream(run, inst, attempt, started, opened)
+        if not isinstance(opened, Opened):  # the upstream ignored `stream`: a whole answer,
+            try:  # sent as the stream the client asked for
+                await self.exchange.deliver_whole(opened, inst, run.sink, run.req,
+                                                  run.record.sent + 1)
+            except ClientGone:
+                return self._served(run, inst, attempt, started, opened, CLIENT_GONE)
+            return self._served(run, inst, attempt, started, opened)
         self.registry.record_success(inst, opened.ttfb_s)
         try:
             await self.exchange.deliver(opened, inst, run.sink, run.record)
@@ -271,21 +278,6 @@ class Forwarder:
         run.record.add(attempt)
         self._answered(run, inst, opened.ttfb_s)
         return Reply(200, None, ttfb_s=opened.ttfb_s)
-
-    async def _whole_as_stream(self, run: _Run, inst: InstanceState, attempt: Attempt,
-                               started: float, whole: Reply) -> Reply:
-        """A streamed attempt answered whole: the client gets it as the stream it asked for
-        (proxy.engine.attempts.Exchange.deliver_whole)."""
-        assert run.sink is not None
-        try:
-            await self.exchange.deliver_whole(whole, inst, run.sink, run.req,
-                                              run.record.sent + 1)
-        except ClientGone:
-            self._served(run, inst, attempt, started, whole)
-            run.record.outcome = CLIENT_GONE
-            return Reply(200, None, ttfb_s=whole.ttfb_s)
-        self._served(run, inst, attempt, started, whole)
-        return Reply(200, None, ttfb_s=whole.ttfb_s)
 
     async def _continue(self, run: _Run, inst: InstanceState, attempt: Attempt,
                         started: float) -> Reply | None:
