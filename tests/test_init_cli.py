@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from proxy.config import load_config
+from proxy.config import load_config, parse_config
 from tests.cluster import ROOT, Cluster, free_port
 
 pytestmark = pytest.mark.e2e
@@ -97,3 +98,17 @@ def test_init_rejects_a_malformed_port_list_with_a_usage_error(tmp_path: Path) -
     assert result.returncode == 2
     assert "expected KIND=PORT" in result.stderr
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_readme_quickstart_configs_load_alone_and_with_the_cloud_fallback() -> None:
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = [part.split("```", 1)[0] for part in quickstart.split("```yaml\n")[1:]]
+    assert len(blocks) == 2
+    local = parse_config(yaml.safe_load(blocks[0]), "README local")
+    assert [(i.id, i.server, i.local) for i in local.instances] == [
+        ("llamacpp:local", "llamacpp", True)]
+    assert local.server.port == 8081
+    both = parse_config(yaml.safe_load(blocks[0] + blocks[1]), "README local + cloud")
+    assert [(i.id, i.local) for i in both.instances] == [
+        ("llamacpp:local", True), ("openai:default", False)]
