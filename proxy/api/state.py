@@ -14,6 +14,7 @@ from proxy.health.prober import Prober
 from proxy.health.registry import Registry
 from proxy.routing.planner import Planner
 from proxy.secrets import Redactor
+from proxy.tracing import Tracing
 
 
 @dataclass(slots=True)
@@ -30,7 +31,8 @@ class ProxyState:
     client: ClientSession
     redactor: Redactor
     models_body: bytes
-
+    #: OpenTelemetry traces, when the environment asks for them (proxy.tracing).
+    tracing: Tracing | None = None
 
     def replace_with(self, other: ProxyState) -> None:
         """Take over every field of `other` (used by reload)."""
