@@ -29,6 +29,8 @@ from proxy.routing.planner import Planner
 from proxy.routing.scoring import capability_notes
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
 from proxy.ui import add_ui_routes
+from proxy.tracing import Tracing
+from proxy.tracing import setup as setup_tracing
 
 log = structlog.get_logger("proxy.app")
 
@@ -39,29 +41,34 @@ RELOAD_LOCK = web.AppKey("reload_lock", asyncio.Lock)
 
 
 def _assemble(config: Config, registry: Registry, recorder: Recorder,
-              client: ClientSession) -> ProxyState:
-    """Everything that depends on the config, around the long-lived client and recorder."""
+              client: ClientSession, tracing: Tracing | None) -> ProxyState:
+    """Everything that depends on the config, around the long-lived client, recorder and
+    tracing."""
     redactor = Redactor(config_secrets(config))
     upstream = Upstream(client, config.timeouts, redactor, config.routing.default_max_tokens,
                         config.upstream)
+    upstream.tracing = tracing
+    planner = Planner(config, registry)
+    forwarder = Forwarder(config, registry, upstream, planner)
+    forwarder.tracing = tracing
     registry.listeners.append(recorder.state_changed)
     recorder.known_models = frozenset(
         {"auto", *config.models, *(i.model for i in config.instances if i.model),
          *(i.id for i in config.instances)})
     for inst in registry.states:
         recorder.metrics.set_state(inst.id, inst.state, STATES)
-    planner = Planner(config, registry)
     return ProxyState(
         config=config,
         registry=registry,
         planner=planner,
-        forwarder=Forwarder(config, registry, upstream, planner),
+        forwarder=forwarder,
         upstream=upstream,
         prober=Prober(registry, upstream, config.health),
         recorder=recorder,
         client=client,
         redactor=redactor,
         models_body=models_body(config),
+        tracing=tracing,
     )
 
 
@@ -86,7 +93,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.start()
     recorder = Recorder(metrics, store, EventHub())
     client = make_client(config.timeouts)  # one pooled client for the app's life
-    state = _assemble(config, Registry(config.instances, config.health), recorder, client)
+    tracing = setup_tracing()
+    state = _assemble(config, Registry(config.instances, config.health), recorder, client,
+                      tracing)
     set_log_redactor(state.redactor)
     app[STATE] = state
     await _start_probing(state)
@@ -100,6 +109,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await client.close()
     if store is not None:
         await store.close()  # flushes what is queued
+    if tracing is not None:  # exports what is queued (a blocking HTTP post, at exit only)
+        await asyncio.to_thread(tracing.shutdown)
 
 
 async def reload_config(app: web.Application, path: str | None = None) -> tuple[bool, str]:
@@ -131,7 +142,7 @@ async def _reload(app: web.Application, path: str | None) -> tuple[bool, str]:
         notes.append("store settings take effect at the next restart")
     registry = Registry(config.instances, config.health)
     registry.adopt(state.registry, config.health)
-    fresh = _assemble(config, registry, state.recorder, state.client)
+    fresh = _assemble(config, registry, state.recorder, state.client, state.tracing)
     fresh.planner.sessions = state.planner.sessions
     fresh.planner.sessions.ttl_s = config.routing.sticky_ttl_s
     await state.prober.stop()

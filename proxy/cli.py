@@ -283,6 +283,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.run(url or "http://127.0.0.1:8080", key, args.watch, args.interval)
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from proxy import starter
+
+    return starter.run(args.out, args.host, args.force, args.ports)
+
+
+def _ports(text: str) -> tuple[tuple[str, int], ...]:
+    from proxy.starter import parse_ports
+
+    try:
+        return parse_ports(text)
+    except ValueError as exc:  # argparse words a ValueError as "invalid value" only
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy.sim import cli as simulator
 
@@ -347,6 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=2.0,
                         help="seconds between redraws with --watch (default 2)")
     status.set_defaults(func=cmd_status)
+
+
+    from proxy.starter import DEFAULT_PORTS
+
+    init = sub.add_parser("init", help="find local model servers and write a starter config")
+    init.add_argument("--out", "-o", default="failover-proxy.yaml",
+                      help="config file to write (default: failover-proxy.yaml)")
+    init.add_argument("--host", default="127.0.0.1",
+                      help="where the model servers run (default: 127.0.0.1)")
+    init.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    # KIND=PORT,...: other ports than the usual ones (the tests' simulators)
+    init.add_argument("--ports", type=_ports, default=DEFAULT_PORTS, help=argparse.SUPPRESS)
+    init.set_defaults(func=cmd_init)
 
     from proxy.sim import cli as simulator
 

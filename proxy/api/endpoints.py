@@ -163,6 +163,8 @@ async def _proxy(request: web.Request, endpoint: str,
                                             state.forwarder)
     started = time.perf_counter()
     record = RequestRecord(_request_id(request))
+    if state.tracing is not None:
+        state.tracing.start_request(request.headers, endpoint, record)
     headers = {"x-request-id": record.request_id}
     exchange: Exchange | None = None
     counters = recorder.metrics

@@ -15,6 +15,7 @@ from proxy.health.registry import Registry
 from proxy.providers.transport import Upstream
 from proxy.routing.planner import Planner
 from proxy.secrets import Redactor
+from proxy.tracing import Tracing
 
 
 @dataclass(slots=True)
@@ -33,7 +34,8 @@ class ProxyState:
     client: ClientSession
     redactor: Redactor
     models_body: bytes
-
+    #: OpenTelemetry traces, when the environment asks for them (proxy.tracing).
+    tracing: Tracing | None = None
 
     def replace_with(self, other: ProxyState) -> None:
         """Take over every field of `other` (used by reload)."""

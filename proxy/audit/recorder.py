@@ -64,7 +64,10 @@ class Recorder:
         self.log_requests = bool(request_log.is_enabled_for(logging.INFO))
 
     def completed(self, record: RequestRecord) -> None:
-        """The request is over: its events, one log line, the metrics, its audit rows."""
+        """The request is over: its events, one log line, the metrics, its audit rows
+        (and the end of its trace span, when tracing is on)."""
+        if record.trace is not None:
+            record.trace.end(record)
         plan = record.plan
         if plan is not None:
             self._planned(record, plan)

@@ -52,6 +52,7 @@ from proxy.providers.base import PassThrough
 from proxy.providers.transport import Upstream
 from proxy.routing.planner import Planner, RoutePlan, larger_window
 from proxy.routing.scoring import RATE_LIMITED_REASON
+from proxy.tracing import Tracing
 
 _NO_HEADERS: Mapping[str, str] = {}  # shared, never written to
 
@@ -108,6 +109,8 @@ class Forwarder:
         self.registry = registry
         self.planner = planner
         self.exchange = Exchange(config, upstream)
+        #: OpenTelemetry traces (proxy.tracing), set by the app when on.
+        self.tracing: Tracing | None = None
 
     async def forward(self, req: ClientRequest, plan: RoutePlan, sink: StreamSink | None,
                       client_auth: str | None, record: RequestRecord) -> Reply:
@@ -216,6 +219,9 @@ class Forwarder:
         """One attempt with the slot `_admitted` took; the reply when it served the request,
         None to go on."""
         started = time.perf_counter()
+        tracing = self.tracing
+        span = None if tracing is None else tracing.start_attempt(run.record, run.req.endpoint,
+                                                                  inst, attempt)
         try:
             if run.cut is not None:
                 return await self._continue(run, inst, attempt, started)
@@ -236,6 +242,9 @@ class Forwarder:
             return None
         finally:
             self.registry.end_attempt(inst, attempt)
+            if span is not None:
+                assert tracing is not None
+                tracing.end_attempt(span, run.record, inst, attempt)
 
     def _served(self, run: _Run, inst: InstanceState, attempt: Attempt, started: float,
                 reply: Reply, outcome: str | None = None) -> Reply:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from proxy.audit.usage import Usage
     from proxy.routing.planner import RoutePlan
+    from proxy.tracing import RequestTrace
 
 # Attempt modes.
 FRESH = "fresh"
@@ -84,6 +85,8 @@ class RequestRecord:
     #: Why a stream cut mid-answer could not be continued (the client's error event).
     stream_error: str | None = None
     usage: Usage | None = None
+    #: Its live span when tracing is on (proxy.tracing), ended by the recorder.
+    trace: RequestTrace | None = None
 
     def add(self, attempt: Attempt) -> None:
         """Append an entry that has ended (its `at` is now)."""

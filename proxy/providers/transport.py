@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
@@ -29,6 +29,9 @@ from proxy.providers.kinds import provider_for
 from proxy.providers.ratelimits import relay_headers
 from proxy.providers.sse import EventReader, EventSource
 from proxy.secrets import Redactor
+
+if TYPE_CHECKING:
+    from proxy.tracing import Tracing
 
 #: What the forwarder holds while an answer is read: aiohttp's response (its `status`,
 #: `headers`, `release()` and `close()` are all the forwarder uses).
@@ -108,6 +111,9 @@ class Upstream:
         self._headers: dict[str, dict[str, str]] = {}
         self._urls: dict[str, URL] = {}
         self._routes: dict[str, Route] = {}
+        #: OpenTelemetry traces (proxy.tracing), set by the app when on: requests then
+        #: carry the current attempt span's `traceparent`.
+        self.tracing: Tracing | None = None
 
     def _url(self, url: str) -> URL:
         """The parsed URL (parsed once: yarl's parsing is a cost per request otherwise)."""
@@ -171,10 +177,13 @@ class Upstream:
         first_byte_s = self.timeouts.first_byte_s
         with map_exceptions("first_byte", first_byte_s):
             route = self.route(inst)
+            headers = self.headers_for(inst, provider, client_auth)
+            if self.tracing is not None:
+                headers = self.tracing.inject(headers)
             async with asyncio.timeout(first_byte_s):  # connecting included
                 resp = await self.client.post(
                     self._url(inst.api_base + outgoing.path), data=outgoing.body,
-                    headers=self.headers_for(inst, provider, client_auth),
+                    headers=headers,
                     allow_redirects=False, ssl=route.ssl, proxy=route.proxy,
                     proxy_headers=route.proxy_headers)
         status = resp.status
