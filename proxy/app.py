@@ -28,9 +28,9 @@ from proxy.providers.transport import Upstream, make_client
 from proxy.routing.planner import Planner
 from proxy.routing.scoring import capability_notes
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
-from proxy.ui import add_ui_routes
 from proxy.tracing import Tracing
 from proxy.tracing import setup as setup_tracing
+from proxy.ui import add_ui_routes
 
 log = structlog.get_logger("proxy.app")
 
