@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -265,6 +266,35 @@ async def test_schema_is_versioned(tmp_path: Path) -> None:
     from proxy.audit.schema import StoreError
     with pytest.raises(StoreError, match="newer than this release"):
         connect(str(tmp_path / "v.db"))
+
+
+def _open_at_once(path: str, barrier: Any, results: Any) -> None:
+    """One worker's start: open the store when every other one does."""
+    barrier.wait()
+    try:
+        connect(path).close()
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        results.put(repr(exc))
+
+
+def test_workers_opening_one_new_store_at_once_all_start(tmp_path: Path) -> None:
+    """`--workers N`: every worker and its writer open (and create, and migrate) the one
+    file at the same moment; each must wait its turn, none may fail to start with
+    "database is locked" (SQLite answers a concurrent switch to WAL without waiting).
+    Several rounds of four processes, as a race shows only sometimes."""
+    ctx = multiprocessing.get_context("fork")
+    for n in range(20):
+        path = str(tmp_path / f"audit{n}.db")
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(path, barrier, results))
+                 for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join()
+        assert outcomes == ["ok"] * 4, (n, outcomes)
 
 
 async def test_requests_do_not_wait_on_a_slow_disk(make_sim: MakeSim, make_proxy: MakeProxy,

@@ -20,6 +20,8 @@ import errno
 import os
 import signal
 import socket
+import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -291,7 +293,10 @@ def supervise(workers: int, run_one: Callable[[], int]) -> int:
             code = 1
             try:
                 code = run_one()
+            except BaseException:  # said, or the worker would end without a word
+                traceback.print_exc()
             finally:
+                sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
 

@@ -99,16 +99,39 @@ def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
+    # With `--workers N` several processes (each with its writer) open and migrate the same
+    # file at once: switching to WAL and migrating take locks the others must wait for
+    # rather than fail on ("database is locked"). A migration is written to run again
+    # harmlessly (IF NOT EXISTS), as two processes may both have read version 0; BEGIN
+    # IMMEDIATE has the second wait for the first rather than fail on its stale read.
+    conn.execute("PRAGMA busy_timeout = 10000")
+    _wal(conn)
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA busy_timeout = 2000")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
+        conn.close()
         raise StoreError(f"{path} has schema version {version}, newer than this release "
                          f"({SCHEMA_VERSION})")
     for step in range(version + 1, SCHEMA_VERSION + 1):
-        conn.executescript("BEGIN;" + _MIGRATIONS[step] + f"PRAGMA user_version = {step}; COMMIT;")
+        conn.executescript("BEGIN IMMEDIATE;" + _MIGRATIONS[step]
+                           + f"PRAGMA user_version = {step}; COMMIT;")
+    conn.execute("PRAGMA busy_timeout = 2000")
     return conn
+
+
+def _wal(conn: sqlite3.Connection, tries: int = 200) -> None:
+    """Put the file in WAL mode (it stays so). Switching takes an exclusive lock that SQLite
+    does not wait for when another connection is switching too (SQLITE_BUSY without the
+    busy handler: waiting could deadlock), so it is tried again every 50 ms, 10 s at most."""
+    for attempt in range(tries):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                conn.close()
+                raise
+            time.sleep(0.05)
 
 
 @dataclass(frozen=True, slots=True)
