@@ -363,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between redraws with --watch (default 2)")
     status.set_defaults(func=cmd_status)
 
-
     from proxy.starter import DEFAULT_PORTS
 
     init = sub.add_parser("init", help="find local model servers and write a starter config")

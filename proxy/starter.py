@@ -94,7 +94,7 @@ async def discover(host: str, ports: Sequence[tuple[str, int]],
         served = result.served
         if served is None or not served.models:
             return Probed(kind, host, port, (), f"{result.state}: {result.reason}, lists no model")
-        if kind == "llamacpp" and served.identity:  # alias and file are one model
+        if served.identity:  # (llama.cpp: its alias and its file are one model)
             return Probed(kind, host, port, (served.identity,), served.detail or "")
         return Probed(kind, host, port, served.models)
 
