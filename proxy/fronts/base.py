@@ -12,7 +12,6 @@ a whole answer or an upstream's error (`Exchange.answer`), the events of a strea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import orjson
@@ -61,11 +60,15 @@ class TranslatingSink:
     The forwarder writes whole events only (one or several per write), each ending in a
     blank line, already validated as chunk objects; `[DONE]` ends a complete answer, and
     an event `{"error": {...}}` without a `[DONE]` after it ends a failed one.
-    Subclasses implement `chunk`, `done` and `failed`, each returning encoded events.
+    Subclasses implement `chunk`, `done` and `failed`, each returning encoded events, and
+    `usage_of` and `deltas` for `answer`, which reads a chunk's answer for them.
     """
 
     def __init__(self, sink: StreamSink) -> None:
         self.sink = sink
+        #: The answer's usage in this API's shape, and its chat finish reason, once seen.
+        self.usage: Json | None = None
+        self.finish: str | None = None
 
     async def start(self, instance_id: str, attempts: int, first: bytes,
                     upstream_headers: dict[str, str]) -> None:
@@ -97,6 +100,28 @@ class TranslatingSink:
     def chunk(self, obj: Json) -> list[bytes]:
         raise NotImplementedError
 
+    def answer(self, out: list[bytes], obj: Json) -> list[bytes]:
+        """`out` with what a chunk says of the answer, once the subclass has opened it:
+        its usage (kept, as `usage_of` words it) and choice 0's delta (`deltas`) and finish
+        reason (kept)."""
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = self.usage_of(usage)
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:  # the one answer
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    self.deltas(out, delta)
+                if choice.get("finish_reason") is not None:
+                    self.finish = str(choice["finish_reason"])
+        return out
+
+    def usage_of(self, usage: Json) -> Json | None:
+        raise NotImplementedError
+
+    def deltas(self, out: list[bytes], delta: Json) -> None:
+        raise NotImplementedError
+
     def done(self) -> list[bytes]:
         raise NotImplementedError
 
@@ -104,13 +129,13 @@ class TranslatingSink:
         raise NotImplementedError
 
 
-def first_choice(obj: Json) -> Iterator[tuple[Json | None, Any]]:
-    """(delta, finish_reason) of a chunk's choice 0 (its delta None when it is not an
-    object): the one answer a front translates (its requests never ask for `n` > 1)."""
-    for choice in obj.get("choices") or ():
-        if isinstance(choice, dict) and choice.get("index", 0) == 0:
-            delta = choice.get("delta")
-            yield (delta if isinstance(delta, dict) else None), choice.get("finish_reason")
+def first_message(completion: Json) -> tuple[Json, Any]:
+    """(message, choice) of a whole chat.completion's first choice; empty objects for what
+    a server left out or sent wrong."""
+    choices = completion.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else {}
+    message = choice.get("message") if isinstance(choice, dict) else None
+    return (message if isinstance(message, dict) else {}), choice
 
 
 def sse(event: str, data: Json) -> bytes:

@@ -39,7 +39,7 @@ from proxy.fronts.base import (
     TranslatingSink,
     count,
     error_message,
-    first_choice,
+    first_message,
     listed,
     sse,
 )
@@ -123,10 +123,7 @@ class MessagesExchange:
         completion = orjson.loads(body)
         if completion.get("type") == "message":
             return status, body  # an Anthropic instance's own answer (request.native)
-        choices = completion.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else {}
-        message = choice.get("message") if isinstance(choice, dict) else None
-        message = message if isinstance(message, dict) else {}
+        message, choice = first_message(completion)
         content: list[Json] = []
         thought = delta_reasoning(message)[0]
         if thought and self.thinking:
@@ -173,8 +170,6 @@ class MessagesSink(TranslatingSink):
         self.open: int | None = None  # the block being written
         self.open_type: str | None = None
         self.calls: dict[int, int] = {}  # chat tool-call index -> block index
-        self.finish: str | None = None
-        self.usage: Json | None = None
         self.ended = False
 
     def chunk(self, obj: Json) -> list[bytes]:
@@ -192,16 +187,12 @@ class MessagesSink(TranslatingSink):
                 "content": [], "stop_reason": None, "stop_sequence": None,
                 "usage": {"input_tokens": 0, "output_tokens": 0}}}))
             out.append(sse("ping", {"type": "ping"}))
-        if isinstance(obj.get("usage"), dict):
-            self.usage = _usage(obj["usage"])
-        for delta, finish in first_choice(obj):
-            if delta is not None:
-                self._deltas(out, delta)
-            if finish is not None:
-                self.finish = str(finish)
-        return out
+        return self.answer(out, obj)
 
-    def _deltas(self, out: list[bytes], delta: Json) -> None:
+    def usage_of(self, usage: Json) -> Json | None:
+        return _usage(usage)
+
+    def deltas(self, out: list[bytes], delta: Json) -> None:
         """A chat delta's thinking, text and tool calls as block deltas."""
         thought = delta_reasoning(delta)[0]
         if thought and self.x.thinking:

@@ -31,7 +31,7 @@ from proxy.api.inbound import CHAT, ClientRequest, load_object
 from proxy.config import Config
 from proxy.engine.chunks import delta_reasoning
 from proxy.engine.relay import StreamSink
-from proxy.fronts.base import Json, TranslatingSink, count, first_choice, listed, sse
+from proxy.fronts.base import Json, TranslatingSink, count, first_message, listed, sse
 from proxy.fronts.responses_requests import to_chat
 
 #: finish_reason -> (status, incomplete_details.reason)
@@ -118,10 +118,7 @@ class ResponsesExchange:
         if status >= 300:
             return status, body
         completion = orjson.loads(body)
-        choices = completion.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else {}
-        message = choice.get("message") if isinstance(choice, dict) else None
-        message = message if isinstance(message, dict) else {}
+        message, choice = first_message(completion)
         output: list[Json] = []
         thought = delta_reasoning(message)[0]
         if thought:
@@ -173,8 +170,6 @@ class ResponsesSink(TranslatingSink):
         self.output: list[Json] = []  # items as they stand (text and arguments so far)
         self.current: int | None = None  # the open message or reasoning item
         self.calls: dict[int, int] = {}  # chat tool-call index -> output index
-        self.finish: str | None = None
-        self.usage: Json | None = None
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, **fields, "sequence_number": self.seq}
@@ -189,16 +184,12 @@ class ResponsesSink(TranslatingSink):
             opening = self.x.response("in_progress", [], None, self.model)
             out.append(self._event("response.created", response=opening))
             out.append(self._event("response.in_progress", response=opening))
-        if isinstance(obj.get("usage"), dict):
-            self.usage = _usage(obj["usage"])
-        for delta, finish in first_choice(obj):
-            if delta is not None:
-                self._deltas(out, delta)
-            if finish is not None:
-                self.finish = str(finish)
-        return out
+        return self.answer(out, obj)
 
-    def _deltas(self, out: list[bytes], delta: Json) -> None:
+    def usage_of(self, usage: Json) -> Json | None:
+        return _usage(usage)
+
+    def deltas(self, out: list[bytes], delta: Json) -> None:
         """A chat delta's reasoning, text, refusal and tool calls as output items."""
         thought = delta_reasoning(delta)[0]
         if thought:
