@@ -27,7 +27,7 @@ import trustme
 from proxy.config import parse_config
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
-from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, proxy_config
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, proxy_config, started
 
 PROMPT = "tell me about the upstream side"
 TEXT = "an answer from the hostile upstream"
@@ -97,17 +97,8 @@ MakeHostile = Callable[[Behaviour], Awaitable[Hostile]]
 
 @pytest.fixture
 async def make_hostile() -> AsyncIterator[MakeHostile]:
-    started: list[Hostile] = []
-
-    async def make(behave: Behaviour) -> Hostile:
-        hostile = Hostile(behave)
-        await hostile.start()
-        started.append(hostile)
-        return hostile
-
-    yield make
-    for hostile in started:
-        await hostile.stop()
+    async with started(Hostile) as make:
+        yield make
 
 
 @pytest.fixture
