@@ -145,6 +145,7 @@ async def _reload(app: web.Application, path: str | None) -> tuple[bool, str]:
     fresh = _assemble(config, registry, state.recorder, state.client, state.tracing)
     fresh.planner.sessions = state.planner.sessions
     fresh.planner.sessions.ttl_s = config.routing.sticky_ttl_s
+    fresh.planner.affinity.keep(state.planner.affinity)
     await state.prober.stop()
     await _start_probing(fresh)
     # The switch: one synchronous step, so a request sees the old state or the new one.

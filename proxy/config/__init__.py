@@ -19,11 +19,13 @@ from proxy.config.loader import (
     split_base_url,
 )
 from proxy.config.schema import (
+    BALANCES,
     CAPABILITIES,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_STORE_URL,
     KINDS,
     SERVER_KINDS,
+    AffinityConfig,
     CostSpec,
     DocumentSpec,
     GroupSpec,
@@ -44,7 +46,8 @@ from proxy.config.schema import (
 )
 
 __all__ = [
-    "CAPABILITIES", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_STORE_URL", "KINDS", "SECRET_KEYS",
+    "AffinityConfig", "BALANCES", "CAPABILITIES", "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_STORE_URL", "KINDS", "SECRET_KEYS",
     "SERVER_KINDS", "Config", "ConfigError", "CostSpec", "DocumentSpec", "GroupSpec",
     "HealthConfig", "InstanceConfig", "InstanceSpec", "LoggingConfig", "MetadataSpec",
     "ModelGroup", "PinSpec", "ProviderSpec", "RetryConfig", "RoutingConfig", "ServerConfig",

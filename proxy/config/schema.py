@@ -138,6 +138,32 @@ class Weights(_Schema):
     cost: Number = Field(0.10, ge=0)
     error_rate: Number = Field(0.20, ge=0)
     sticky: Number = Field(0.50, ge=0)
+    #: How idle an instance is (`routing.balance: least_loaded`). Below `local`, so a busy
+    #: local server still comes before an idle paid cloud one.
+    load: Number = Field(0.15, ge=0)
+    #: Times the share of the prompt whose prefix the instance served last (its KV cache).
+    affinity: Number = Field(0.50, ge=0)
+
+
+#: `routing.balance`: `least_loaded` scores how busy each instance is (proxy/routing/
+#: scoring.py); `config_order` leaves equal instances in config order.
+BALANCES = ("least_loaded", "config_order")
+
+
+class AffinityConfig(_Schema):
+    """`routing.affinity`: send a prompt back to the instance that served its prefix
+    (proxy/routing/affinity.py)."""
+
+    enabled: bool = True
+    #: How long a prefix is remembered after it was last served (seconds). llama.cpp keeps
+    #: a slot's cache until another prompt needs the slot, so this is a hint, not a promise.
+    ttl_s: Number = Field(1800.0, ge=0)
+    #: Most prefixes remembered at once (oldest forgotten first); each request adds one per
+    #: message (or per prompt chunk) it has.
+    max_entries: Whole = Field(100_000, ge=1)
+    #: A known prefix shorter than this (characters of the request's JSON) earns no bonus:
+    #: re-reading it costs less than waiting behind a busier server.
+    min_prefix_chars: Whole = Field(512, ge=0)
 
 
 class RoutingConfig(_Schema):
@@ -152,6 +178,8 @@ class RoutingConfig(_Schema):
     weights: Weights = Weights()
     #: Most sessions remembered at once (oldest forgotten first).
     max_sessions: Whole = Field(100_000, ge=1)
+    balance: Annotated[str, _one_of(BALANCES, fold_case=True)] = "least_loaded"
+    affinity: AffinityConfig = AffinityConfig()
 
 
 class HealthConfig(_Schema):

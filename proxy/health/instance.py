@@ -69,6 +69,14 @@ class InstanceState:
     rate_limited_until: float = 0.0
     #: 429s in a row that gave no wait: each doubles the default cooldown.
     rate_limit_streak: int = 0
+    #: How busy the server itself says it is, from the latest probe (proxy.providers.load):
+    #: its slots (None: not said), requests it serves and requests it queues (0: not said).
+    server_slots: int | None = None
+    server_busy: int = 0
+    server_queued: int = 0
+    #: Requests it serves at once: the fewer of `max_concurrency` and the server's slots;
+    #: None when neither is known (kept by `derive` and the registry).
+    capacity: int | None = field(default=None, init=False)
     #: Set when a config reload dropped or replaced this instance: requests still in flight
     #: on it finish, but what they report no longer reaches the registry's listeners.
     retired: bool = False
@@ -108,6 +116,20 @@ class InstanceState:
         self.cost_per_mtok = cfg.cost_input_per_mtok + cfg.cost_output_per_mtok
         self.tag_match_cache.clear()
         self.model_known = False  # the label may have changed
+        self.size_capacity()
+
+    def size_capacity(self) -> None:
+        """Work out `capacity` again (a reload, or a probe that read the server's slots)."""
+        known = [n for n in (self.config.max_concurrency, self.server_slots) if n is not None]
+        self.capacity = min(known) if known else None
+
+    def load(self) -> tuple[int, int]:
+        """(requests in flight, requests queued): this proxy's own in-flight count or the
+        server's, whichever is larger (other clients may use the server too; its figures
+        are as old as the latest probe), and the server's queue."""
+        inflight = self.slots.inflight
+        busy = self.server_busy
+        return (inflight if inflight >= busy else busy), self.server_queued
 
     @property
     def inflight(self) -> int:
@@ -207,6 +229,9 @@ class InstanceState:
             "latency_ewma_ms": None if self.ttfb_ewma_ms is None else round(self.ttfb_ewma_ms, 2),
             "error_rate": round(self.error_rate(now), 3),
             "inflight": self.inflight,
+            "capacity": self.capacity,
+            "server_busy": self.server_busy,
+            "server_queued": self.server_queued,
             "successes": self.successes,
             "failures": self.failures,
             "last_probe_at": self.last_probe_at,

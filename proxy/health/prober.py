@@ -57,7 +57,7 @@ class Prober:
             state, reason = self._check_fingerprint(inst, served)
             warning = label_warning(inst.config.model, served, inst.provider.checks_names)
             warnings = () if warning is None else (warning,)
-        self.registry.probed(inst, state, reason, result.latency_ms, warnings)
+        self.registry.probed(inst, state, reason, result.latency_ms, warnings, result.load)
 
     def _check_fingerprint(self, inst: InstanceState, served: Served) -> tuple[str, str]:
         """(state, reason) for a server that answered its probe with what it serves; a

@@ -27,8 +27,10 @@ from proxy.health.states import (
     STALE_STATES,
     UNKNOWN,
 )
+from proxy.providers.load import ServerLoad
 
 log = structlog.get_logger("proxy.health.registry")
+_NO_LOAD = ServerLoad()
 
 _EWMA_ALPHA = 0.2
 #: Longest rate-limit cooldown taken from an upstream's headers (Retry-After, resets).
@@ -302,10 +304,17 @@ class Registry:
     # ------------------------------------------------------------------ probes
 
     def probed(self, inst: InstanceState, state: str, reason: str, latency_ms: float,
-               warnings: tuple[str, ...] = ()) -> None:
+               warnings: tuple[str, ...] = (), load: ServerLoad | None = None) -> None:
         """What a probe saw: the state it found (READY, LOADING, DOWN, MISMATCH) and why,
-        and the warnings (each logged once, when it appears). A good probe closes a
-        circuit that connection failures opened; a drained instance stays drained."""
+        the warnings (each logged once, when it appears) and how busy the server said it
+        is (None: not said; its busy and queued figures are then 0, its slots kept). A
+        good probe closes a circuit that connection failures opened; a drained instance
+        stays drained."""
+        load = load or _NO_LOAD
+        inst.server_busy, inst.server_queued = load.busy or 0, load.queued or 0
+        if load.slots is not None and load.slots != inst.server_slots:  # kept while down
+            inst.server_slots = load.slots
+            inst.size_capacity()
         inst.last_probe_at = time.time()
         inst.last_probe_ms = latency_ms
         inst.last_probe_error = None if state == READY else reason

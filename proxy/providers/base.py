@@ -23,6 +23,7 @@ from proxy.config import InstanceConfig
 from proxy.failures import UpstreamFailure
 from proxy.health.fingerprints import Served
 from proxy.health.states import DOWN, LOADING, READY
+from proxy.providers.load import ServerLoad
 from proxy.providers.sse import EventSource
 
 if TYPE_CHECKING:
@@ -60,12 +61,14 @@ class Outgoing:
 @dataclass(slots=True)
 class ProbeResult:
     """What one probe saw: an instance state (proxy.health.states: READY, LOADING, DOWN),
-    why, and what the server says it serves (None when it did not say)."""
+    why, what the server says it serves (None when it did not say) and how busy it says
+    it is (proxy.providers.load; None when it did not say)."""
 
     state: str
     reason: str
     served: Served | None = None
     latency_ms: float = 0.0
+    load: ServerLoad | None = None
 
 
 class Provider(Protocol):

@@ -9,12 +9,13 @@ from proxy.providers.base import Provider
 from proxy.providers.llamacpp import LlamaCpp
 from proxy.providers.ollama import Ollama
 from proxy.providers.openai import OpenAICompatible
+from proxy.providers.vllm import VLLM
 
 _ANTHROPIC = Anthropic()
 #: By `server` (config.SERVER_KINDS); stateless, so one of each serves every instance.
 _BY_SERVER: dict[str, Provider] = {
     "openai": OpenAICompatible("openai"),
-    "vllm": OpenAICompatible("vllm"),
+    "vllm": VLLM(),
     "lmstudio": OpenAICompatible("lmstudio"),
     "llamacpp": LlamaCpp(),
     "ollama": Ollama(),

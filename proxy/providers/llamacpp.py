@@ -6,6 +6,8 @@
   the `--alias`, else the `-m` path or `-hf` repo, and `model_path` the loaded file
   (llama.cpp tools/server/server-context.cpp `get_res_props`, as vendored in
   llama-cpp-python 0.3.36); an older server without them is read from `/v1/models`.
+  The same probe reads how busy it is (`total_slots`, then `/metrics` or `/slots`: see
+  proxy.providers.load).
 - `/tokenize` counts tokens, so a continuation keeps the client's token budget (chunks
   are not tokens: a character of several tokens comes as one chunk); with
   `/apply-template` it counts a chat request's input (the Messages API's count_tokens).
@@ -22,6 +24,14 @@ from proxy.failures import UpstreamFailure
 from proxy.health.fingerprints import Served
 from proxy.health.states import DOWN, LOADING, READY
 from proxy.providers.base import ProbeResult, from_listing, json_of
+from proxy.providers.load import (
+    LLAMACPP_RUNNING,
+    LLAMACPP_WAITING,
+    ServerLoad,
+    from_metrics,
+    from_slots,
+    total_slots,
+)
 from proxy.providers.openai import OpenAICompatible
 
 if TYPE_CHECKING:
@@ -54,9 +64,34 @@ class LlamaCpp(OpenAICompatible):
         names = tuple(dict.fromkeys(n for n in (alias, path) if isinstance(n, str) and n))
         if not names:  # an older server whose /props does not say
             status, body = await upstream.get(inst, inst.api_base + "/models", timeout_s)
-            return from_listing(status, body)
-        return ProbeResult(READY, "healthy", Served(
-            names, names[0], path if isinstance(path, str) and path else None))
+            result = from_listing(status, body)
+        else:
+            result = ProbeResult(READY, "healthy", Served(
+                names, names[0], path if isinstance(path, str) and path else None))
+        result.load = await self._load(upstream, inst, doc, timeout_s)
+        return result
+
+    @staticmethod
+    async def _load(upstream: Upstream, inst: InstanceConfig, props: dict[str, Any],
+                    timeout_s: float) -> ServerLoad:
+        """Its slots (`/props` `total_slots`) and how many are busy and queued: `/metrics`
+        when on (it counts the queue too), else `/slots` (see proxy.providers.load)."""
+        slots = total_slots(props)
+        busy: int | None = None
+        queued: int | None = None
+        if props.get("endpoint_metrics") is True:
+            status, body = await upstream.get(inst, inst.root_url + "/metrics", timeout_s)
+            figures = from_metrics(body.decode("utf-8", "replace"), LLAMACPP_RUNNING,
+                                   LLAMACPP_WAITING) if status == 200 else None
+            if figures is not None:
+                busy, queued = figures
+        if busy is None and props.get("endpoint_slots", True) is not False:
+            status, body = await upstream.get(inst, inst.root_url + "/slots", timeout_s)
+            listed = from_slots(json_of(body)) if status == 200 else None
+            if listed is not None:
+                slots = slots or listed[0] or None
+                busy = listed[1]
+        return ServerLoad(slots, busy, queued)
 
     async def count_tokens(self, upstream: Upstream, inst: InstanceConfig, text: str,
                            timeout_s: float) -> int | None:

@@ -3,8 +3,8 @@ layer, gateways, clouds): requests go as the client sent them, answers come back
 are, and a probe reads `/v1/models`.
 
 vLLM (`--served-model-name`) and LM Studio are this provider under their own names: they
-differ from OpenAI in nothing the proxy does (both list their models at `/v1/models` and
-look a request's `model` up).
+list their models at `/v1/models` and look a request's `model` up (vLLM's probe also reads
+its load: proxy/providers/vllm.py).
 """
 
 from __future__ import annotations

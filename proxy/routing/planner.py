@@ -22,12 +22,14 @@ from proxy.health.fingerprints import models_match
 from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
 from proxy.health.states import DRAINED, STALE_STATES
+from proxy.routing.affinity import Affinity, Prefix, prefix_of
 from proxy.routing.requirements import Requirements, extract
 from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter, score
 from proxy.routing.sessions import SessionTable
 
 AUTO = "auto"
 SCORED = "scored"
+LEAST_LOADED = "least_loaded"
 
 
 @dataclass(slots=True)
@@ -55,6 +57,8 @@ class RoutePlan:
     #: Instances left out only because of a rate-limit cooldown: they could serve once it
     #: ends (the forwarder may wait for the soonest, or answer 429 with its Retry-After).
     cooling: tuple[InstanceState, ...] = ()
+    #: The prompt's hash chain (proxy.routing.affinity), remembered for whoever serves it.
+    prefix: Prefix | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +157,8 @@ class Planner:
         self.config = config
         self.registry = registry
         self.sessions = SessionTable(config.routing.sticky_ttl_s, config.routing.max_sessions)
+        aff = config.routing.affinity
+        self.affinity = Affinity(aff.enabled, aff.ttl_s, aff.max_entries, aff.min_prefix_chars)
 
     def requirements(self, req: ClientRequest, headers: Mapping[str, str]) -> Requirements:
         routing = self.config.routing
@@ -173,16 +179,22 @@ class Planner:
         reqs = self.requirements(req, headers)
         if resolution.tags and reqs.tags_source != "header":
             reqs = _with_tags(reqs, resolution.tags)
-        return self.build(req.request_id, req.model, reqs, resolution)
+        prefix = prefix_of(req) if self.affinity.enabled else None
+        return self.build(req.request_id, req.model, reqs, resolution, prefix)
 
     def build(self, request_id: str, model: str, reqs: Requirements,
-              resolution: Resolution) -> RoutePlan:
-        """Filter, score and order the resolved instances."""
+              resolution: Resolution, prefix: Prefix | None = None) -> RoutePlan:
+        """Filter, score and order the resolved instances. A request's session wins over
+        its prompt's prefix: affinity is looked up only when the session has no instance."""
         routing = self.config.routing
         sticky_id = self.sessions.get(reqs.session)
         now = time.monotonic()
         strategy = resolution.strategy
-        built = _Build(reqs, routing.weights, routing.prefer_local, now, strategy)
+        built = _Build(reqs, routing.weights, routing.prefer_local, now, strategy,
+                       routing.balance == LEAST_LOADED)
+        hit = self.affinity.hit(prefix, now) if sticky_id is None and strategy == SCORED \
+            else None
+        hit_id, hit_share = hit if hit is not None else (None, 0.0)
         scores, reasons = built.scores, built.reasons
         ordered: list[InstanceState] = []
         seen: set[str] = set()
@@ -202,8 +214,10 @@ class Planner:
                     built.reject(inst, why, sticky, tier_no, position)
                     continue
                 stale = inst.state in STALE_STATES
-                value, why_list = score(inst, reqs, built.weights, built.prefer_local, sticky,
-                                        now, ctx_reason, assume_ready=stale)
+                value, why_list = score(
+                    inst, reqs, built.weights, built.prefer_local, sticky, now, ctx_reason,
+                    stale, built.balance,
+                    None if hit_id is None else hit_share if inst.id == hit_id else 0.0)
                 scores[inst.id] = value
                 reasons[inst.id] = why_list
                 rank = (tier_no, _key(strategy, value, position), position)
@@ -216,12 +230,18 @@ class Planner:
             if strategy == SCORED:
                 ranked.sort(key=_by_score)  # stable: ties keep config order
             ordered.extend(inst for _, inst in ranked)
-        return built.plan(request_id, model, ordered, first_rank)
+        plan = built.plan(request_id, model, ordered, first_rank)
+        plan.prefix = prefix
+        return plan
 
     def served(self, plan: RoutePlan, instance_id: str | None) -> None:
-        """Feed back who answered: the session sticks to it from now on."""
-        if instance_id is not None and plan.requirements.session is not None:
-            self.sessions.remember(plan.requirements.session, instance_id)
+        """Feed back who answered: the session sticks to it from now on, and it has the
+        prompt's prefix cached."""
+        if instance_id is not None:
+            if plan.requirements.session is not None:
+                self.sessions.remember(plan.requirements.session, instance_id)
+            if plan.prefix is not None:
+                self.affinity.served(plan.prefix, instance_id)
 
 
     def continuation(self, plan: RoutePlan, origin: InstanceState,
@@ -272,11 +292,12 @@ class _Build:
 
     __slots__ = ("reqs", "weights", "prefer_local", "now", "strategy", "ctx_reason",
                  "rejected", "reasons", "scores", "last_resort", "desperate", "cooling",
-                 "unready")
+                 "unready", "balance")
 
     def __init__(self, reqs: Requirements, weights: Weights, prefer_local: bool, now: float,
-                 strategy: str) -> None:
+                 strategy: str, balance: bool = True) -> None:
         self.reqs = reqs
+        self.balance = balance
         self.weights = weights
         self.prefer_local = prefer_local
         self.now = now
@@ -301,7 +322,7 @@ class _Build:
             self.cooling.append(inst)
         if inst.state != DRAINED and (limited or why.startswith("state=")):
             value, _ = score(inst, self.reqs, self.weights, self.prefer_local, sticky,
-                             self.now, self.ctx_reason, assume_ready=True)
+                             self.now, self.ctx_reason, True, self.balance)
             self._unready((tier_no, _key(self.strategy, value, position), position),
                           inst.id, why)
 

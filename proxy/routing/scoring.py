@@ -2,7 +2,8 @@
 
 Pure functions over plain data: no I/O, no clock reads beyond what the caller passes in,
 no framework. Every term leaves a reason string so a plan explains itself, in the seed's
-vocabulary (`READY`, `tags_match=coding`, `ctx>=4096`, `latency=38ms`, `local_preferred`).
+vocabulary (`READY`, `tags_match=coding`, `ctx>=4096`, `latency=38ms`, `local_preferred`),
+and this proxy's own (`load=3/4`, `queue=2`, `prefix_hit=0.93`).
 """
 
 from __future__ import annotations
@@ -78,14 +79,18 @@ def tag_match(have: frozenset[str], wanted: tuple[str, ...]) -> tuple[float, str
 
 def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local: bool,
           sticky: bool | None, now: float, ctx_reason: str,
-          assume_ready: bool = False) -> tuple[float, list[str]]:
+          assume_ready: bool = False, balance: bool = True,
+          prefix: float | None = None) -> tuple[float, list[str]]:
     """(score in 0..1, reasons) for an instance that passed the hard filters.
 
     `sticky` is None when the request's session has no instance yet; otherwise it says
     whether this instance is the session's, and the term counts for every candidate.
     `ctx_reason` is the request's `ctx>=N`, formatted once per plan. This runs once per
     instance per request, so it avoids needless allocations. `assume_ready` scores an
-    instance as if it were READY (what would the plan be, were it up?).
+    instance as if it were READY (what would the plan be, were it up?). `balance` adds
+    the load term (`routing.balance: least_loaded`). `prefix` is None when no instance is
+    known to have the request's prompt prefix cached; otherwise the share of the prompt
+    this instance has (0.0: another one has it), and the term counts for every candidate.
     """
     prefer = req.prefer
     # Readiness: a probed, healthy instance beats one nobody has checked yet.
@@ -144,6 +149,11 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
     if rate:
         reasons.append(f"error_rate={rate:.2f}")
 
+    if balance or prefix is not None:
+        added, added_weight = _load_and_prefix(inst, weights, balance, prefix, reasons)
+        total += added
+        weight_sum += added_weight
+
     if sticky is not None:
         weight_sum += weights.sticky
         if sticky:
@@ -157,6 +167,40 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
             value *= UNKNOWN_CAPABILITIES_FACTOR
             reasons.append("capability_unknown=" + ",".join(sorted(unknown)))
     return value, reasons
+
+
+def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
+                     prefix: float | None, reasons: list[str]) -> tuple[float, float]:
+    """(score, weight) of the load term (with `balance`) and the prefix-cache term (with a
+    `prefix` share: see `score`), their reasons appended to `reasons`."""
+    # Load: requests in flight (the proxy's own count, or the server's if larger) and
+    # queued, against what the instance serves at once (unknown: each one counts less).
+    busy, queued = inst.load()
+    capacity = inst.capacity
+    total = weight = 0.0
+    if balance:
+        waiting = busy + queued
+        if capacity is None:
+            share_busy = waiting / (waiting + 1.0)
+            if busy:
+                reasons.append(f"load={busy}")
+        else:
+            share_busy = waiting / capacity if waiting < capacity else 1.0
+            reasons.append(f"load={busy}/{capacity}")
+        total = weights.load * (1.0 - share_busy)
+        weight = weights.load
+    if queued:
+        reasons.append(f"queue={queued}")
+    if prefix is not None:
+        weight += weights.affinity
+        if prefix:
+            # The load guard: a cached prefix never earns a place in a queue.
+            if queued or (capacity is not None and busy >= capacity):
+                reasons.append(f"prefix_hit={prefix:.2f}(busy)")
+            else:
+                total += weights.affinity * prefix
+                reasons.append(f"prefix_hit={prefix:.2f}")
+    return total, weight
 
 
 def capability_notes(instances: Iterable[InstanceConfig]) -> list[str]:

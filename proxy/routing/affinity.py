@@ -1,0 +1,193 @@
+"""Prefix-cache affinity: send a prompt back to the instance that served its beginning.
+
+A local server keeps the KV cache of the prompts it served (llama.cpp per slot, with
+`cache_prompt` on by default; vLLM and SGLang with prefix caching): a request whose
+beginning it has seen skips re-reading that part, which for a re-sent 20-50k-token agent
+history is tens of seconds of prefill on local hardware. So each request's prompt is cut
+into parts (a chat request's tools, then each message; a text completion's prompt in
+chunks of `CHUNK_BYTES`), hashed as a chain (key i stands for parts 0..i), and the
+instance that answered is remembered under every key. A later request's longest known key
+says which instance has the most of it cached, and what share of the prompt that is
+(`prefix_hit=0.93`, scored in proxy/routing/scoring.py).
+
+The map is one `PrefixStore` (plain data: 16-byte keys -> (instance id, expiry)), owned by
+the planner and kept across config reloads; another backing (a shared one) only has to
+implement `longest` and `remember`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest
+
+#: A text prompt is cut into parts of this many bytes (UTF-8): a prompt that grows keeps
+#: the keys of its whole chunks.
+CHUNK_BYTES = 1024
+#: At most this many parts (messages or chunks) and bytes are hashed per request; the rest
+#: of a longer prompt is never matched (it costs time on every request, and a prefix that
+#: long is still found by its first parts).
+MAX_PARTS = 256
+MAX_BYTES = 4 << 20
+_DIGEST = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """A prompt as a hash chain: `keys[i]` names parts 0..i, `ends[i]` is how many bytes
+    (of the request's JSON) those parts are, `total` the bytes of every hashed part."""
+
+    keys: tuple[bytes, ...]
+    ends: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return self.ends[-1]
+
+
+class PrefixStore(Protocol):
+    """Where prefixes are remembered (one per process; a shared backing may replace it)."""
+
+    def longest(self, keys: Sequence[bytes], shortest: int, now: float) -> tuple[int, str] | None:
+        """(index into `keys`, instance id) of the longest key known and not expired,
+        looking no shorter than index `shortest`; None when none is known."""
+        ...
+
+    def remember(self, keys: Sequence[bytes], instance_id: str, now: float) -> None:
+        """`instance_id` served a prompt with these keys: each of them maps to it now."""
+        ...
+
+
+class LocalPrefixStore:
+    """A bounded in-process map from key to (instance id, monotonic expiry); the least
+    recently served keys are dropped first beyond `max_entries`."""
+
+    def __init__(self, ttl_s: float, max_entries: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+
+    def longest(self, keys: Sequence[bytes], shortest: int, now: float) -> tuple[int, str] | None:
+        entries = self._entries
+        for n in range(len(keys) - 1, shortest - 1, -1):
+            entry = entries.get(keys[n])
+            if entry is not None:
+                if entry[1] > now:
+                    return n, entry[0]
+                del entries[keys[n]]
+        return None
+
+    def remember(self, keys: Sequence[bytes], instance_id: str, now: float) -> None:
+        if self.ttl_s <= 0:
+            return
+        entries = self._entries
+        entry = (instance_id, now + self.ttl_s)
+        move = entries.move_to_end
+        for key in keys:
+            entries[key] = entry
+            move(key)
+        excess = len(entries) - self.max_entries
+        for _ in range(excess if excess > 0 else 0):
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def prefix_of(req: ClientRequest) -> Prefix | None:
+    """The hash chain of a chat or text completion request's prompt (None for other
+    endpoints, or an empty prompt). Costs one hash update per part and a serialisation of
+    each message (orjson, with sorted keys so that a client's key order does not matter)."""
+    body = req.body
+    hasher = hashlib.blake2b(digest_size=_DIGEST)
+    keys: list[bytes] = []
+    ends: list[int] = []
+    size = 0
+    if req.endpoint == CHAT:
+        tools = body.get("tools") or body.get("functions")
+        if tools:  # rendered before the messages by chat templates
+            hasher.update(_dump(tools))
+        for message in body["messages"][:MAX_PARTS]:
+            part = _dump(message)
+            size += len(part)
+            if size > MAX_BYTES:
+                break
+            hasher.update(part)
+            keys.append(hasher.copy().digest())
+            ends.append(size)
+    elif req.endpoint == COMPLETIONS:
+        prompt = body.get("prompt")
+        data = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) \
+            else _dump(prompt)
+        hasher.update(b"completions")
+        for start in range(0, min(len(data), MAX_BYTES, CHUNK_BYTES * MAX_PARTS), CHUNK_BYTES):
+            chunk = data[start:start + CHUNK_BYTES]
+            hasher.update(chunk)
+            keys.append(hasher.copy().digest())
+            ends.append(start + len(chunk))
+    if not keys or not ends[-1]:
+        return None
+    return Prefix(tuple(keys), tuple(ends))
+
+
+def _dump(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # not JSON-serialisable as parsed (cannot happen for parsed JSON)
+        return repr(value).encode()
+
+
+class Affinity:
+    """The planner's prefix memory and its settings (`routing.affinity`)."""
+
+    def __init__(self, enabled: bool, ttl_s: float, max_entries: int,
+                 min_prefix_chars: int, store: PrefixStore | None = None) -> None:
+        self.enabled = enabled
+        self.min_prefix_chars = min_prefix_chars
+        self.store: PrefixStore = store or LocalPrefixStore(ttl_s, max_entries)
+
+    def keep(self, old: Affinity) -> None:
+        """A config reload: keep what the previous planner remembered, under the new
+        `ttl_s` and `max_entries` (applied as entries are next served)."""
+        store, mine = old.store, self.store
+        if isinstance(store, LocalPrefixStore) and isinstance(mine, LocalPrefixStore):
+            store.ttl_s, store.max_entries = mine.ttl_s, mine.max_entries
+        self.store = store
+
+    def hit(self, prefix: Prefix | None, now: float) -> tuple[str, float] | None:
+        """(instance id, share of the prompt it has cached) of the longest known prefix
+        of at least `min_prefix_chars` bytes, or None."""
+        if prefix is None:
+            return None
+        ends = prefix.ends
+        shortest = _first_at_least(ends, self.min_prefix_chars)
+        if shortest is None:
+            return None
+        found = self.store.longest(prefix.keys, shortest, now)
+        if found is None:
+            return None
+        n, instance_id = found
+        return instance_id, ends[n] / ends[-1]
+
+    def served(self, prefix: Prefix | None, instance_id: str, now: float | None = None) -> None:
+        """`instance_id` answered a request with this prompt: it has it cached now."""
+        if prefix is not None:
+            self.store.remember(prefix.keys, instance_id,
+                                time.monotonic() if now is None else now)
+
+
+def _first_at_least(ends: tuple[int, ...], least: int) -> int | None:
+    """The first index whose end is at least `least` (ends rise), or None."""
+    if ends[-1] < least:
+        return None
+    for n, end in enumerate(ends):
+        if end >= least:
+            return n
+    return None  # unreachable: the last one is
