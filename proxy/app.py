@@ -107,6 +107,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]  # the latest, after any reloads
     await state.prober.stop()
     await client.close()
+    await state.upstream.pools.close()
     if store is not None:
         await store.close()  # flushes what is queued
     if tracing is not None:  # exports what is queued (a blocking HTTP post, at exit only)
@@ -146,6 +147,7 @@ async def _reload(app: web.Application, path: str | None) -> tuple[bool, str]:
     fresh.planner.sessions = state.planner.sessions
     fresh.planner.sessions.ttl_s = config.routing.sticky_ttl_s
     fresh.planner.affinity.keep(state.planner.affinity)
+    fresh.upstream.pools = state.upstream.pools
     await state.prober.stop()
     await _start_probing(fresh)
     # The switch: one synchronous step, so a request sees the old state or the new one.

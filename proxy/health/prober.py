@@ -58,6 +58,8 @@ class Prober:
             warning = label_warning(inst.config.model, served, inst.provider.checks_names)
             warnings = () if warning is None else (warning,)
         self.registry.probed(inst, state, reason, result.latency_ms, warnings, result.load)
+        if inst.provider.sized_pool:
+            self.upstream.pools.resize(inst.id, inst.capacity)
 
     def _check_fingerprint(self, inst: InstanceState, served: Served) -> tuple[str, str]:
         """(state, reason) for a server that answered its probe with what it serves; a

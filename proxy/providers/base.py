@@ -130,6 +130,10 @@ class Provider(Protocol):
 
     #: Whether the server can count a chat request's input tokens (`count_input`).
     counts_input: bool
+    #: Whether the server answers HTTP on a few threads that an idle keep-alive connection
+    #: holds (llama.cpp's): its requests then get a pool of no more connections than its
+    #: slots, closed soon when idle (proxy.providers.pools), and its probes close theirs.
+    sized_pool: bool
 
     async def count_input(self, upstream: Upstream, inst: InstanceConfig,
                           chat: dict[str, Any], native: dict[str, Any] | None,
@@ -149,6 +153,7 @@ class ProviderBase:
     unsupported: frozenset[str] = frozenset()
     checks_names = True
     counts_input = False
+    sized_pool = False
 
     def events(self, reader: EventSource, include_usage: bool,
                native: bool = False) -> EventSource:

@@ -43,6 +43,7 @@ class LlamaCpp(OpenAICompatible):
 
     checks_names = False
     counts_input = True
+    sized_pool = True
 
     def __init__(self) -> None:
         super().__init__("llamacpp")

@@ -26,6 +26,7 @@ from proxy.failures import (
 )
 from proxy.providers.base import Provider
 from proxy.providers.kinds import provider_for
+from proxy.providers.pools import SizedPools
 from proxy.providers.ratelimits import relay_headers
 from proxy.providers.sse import EventReader, EventSource
 from proxy.secrets import Redactor
@@ -58,7 +59,8 @@ def make_client(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
       instance's `max_concurrency` is enforced by the forwarder, visibly (it waits
       `queue_wait_s`, then reroutes with INSTANCE_BUSY); a connector cap would queue
       requests inside aiohttp instead, unseen, and make health probes wait behind long
-      streams, so that a busy instance looked dead.
+      streams, so that a busy instance looked dead. (A server that answers HTTP on a
+      few threads, llama.cpp's, gets a pool of its own: proxy.providers.pools.)
     - HTTP_PROXY, HTTPS_PROXY and NO_PROXY apply (see `Upstream.route`), read once per
       instance rather than by `trust_env=True`, which has aiohttp read the environment
       and ~/.netrc in a worker thread on every request (aiohttp 3.14 client.py
@@ -72,8 +74,13 @@ def make_client(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
     - Timeouts: `connect_s` for the TCP (and TLS) connect; the rest are the caller's
       (first byte, idle, body), each on the wait it bounds.
     """
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S,
-                                     ttl_dns_cache=300)
+    return client_session(timeouts, aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300))
+
+
+def client_session(timeouts: TimeoutsConfig,
+                   connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+    """A client session with the settings `make_client` describes, over `connector`."""
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect_s,
@@ -101,8 +108,10 @@ class Upstream:
 
     def __init__(self, client: aiohttp.ClientSession, timeouts: TimeoutsConfig,
                  redactor: Redactor | None = None, default_max_tokens: int = 1024,
-                 limits: UpstreamConfig | None = None) -> None:
+                 limits: UpstreamConfig | None = None, pools: SizedPools | None = None) -> None:
         self.client = client
+        #: Connections to servers with few HTTP threads (kept across config reloads).
+        self.pools = pools or SizedPools(lambda connector: client_session(timeouts, connector))
         self.timeouts = timeouts
         self.redactor = redactor or Redactor()
         #: The Messages API requires max_tokens; used when the client sent none.
@@ -180,8 +189,9 @@ class Upstream:
             headers = self.headers_for(inst, provider, client_auth)
             if self.tracing is not None:
                 headers = self.tracing.inject(headers)
+            client = self.pools.session(inst.id) if provider.sized_pool else self.client
             async with asyncio.timeout(first_byte_s):  # connecting included
-                resp = await self.client.post(
+                resp = await client.post(
                     self._url(inst.api_base + outgoing.path), data=outgoing.body,
                     headers=headers,
                     allow_redirects=False, ssl=route.ssl, proxy=route.proxy,
@@ -259,13 +269,18 @@ class Upstream:
         """GET (or, with a body, POST) a side endpoint of the server: model listings,
         health, props, tokenize. Returns (status, first MiB of the body) within
         `timeout_s`; raises UpstreamFailure when unreachable (UpstreamTimeout("probe")
-        when too slow)."""
+        when too slow). To a server with few HTTP threads (`Provider.sized_pool`) the
+        connection is closed after the answer: an idle one would hold one of its threads."""
         route = self.route(inst)
+        provider = provider_for(inst)
+        headers = self.headers_for(inst, provider, None)
+        if provider.sized_pool:
+            headers = {**headers, "Connection": "close"}
         with map_exceptions("probe", timeout_s):
             async with asyncio.timeout(timeout_s):
                 resp = await self.client.request(
                     "POST" if body is not None else "GET", self._url(url), data=body,
-                    headers=self.headers_for(inst, provider_for(inst), None),
+                    headers=headers,
                     allow_redirects=False,
                     ssl=route.ssl, proxy=route.proxy, proxy_headers=route.proxy_headers)
                 try:

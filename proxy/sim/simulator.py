@@ -76,6 +76,7 @@ class Simulator(SimServer):
         faults: Sequence[str] = (),
         control_port: int | None = None,
         prefill: bool = True,
+        slots: int | None = None,
     ) -> None:
         """Configure (but do not start) a simulator serving ``model``.
 
@@ -89,6 +90,9 @@ class Simulator(SimServer):
         self.words = words
         self.chunk_delay = chunk_delay
         self.prefill = prefill
+        #: llama.cpp's slots: `/props` says `total_slots` and `/slots` which are busy (one
+        #: per request in flight); None: neither is said (a server that does not tell).
+        self.slots = slots
         self._created = int(time.time())
         self._id_prefix = os.urandom(3).hex()
         self._ids = itertools.count(1)
@@ -100,6 +104,7 @@ class Simulator(SimServer):
             routes[prefix + "/models"] = ("GET", self._models)
         routes["/health"] = ("GET", self._health)
         routes["/props"] = ("GET", self._props)
+        routes["/slots"] = ("GET", self._slots)
         routes["/api/tags"] = ("GET", self._ollama_tags)
 
     # ------------------------------------------------------------------ info endpoints
@@ -127,7 +132,19 @@ class Simulator(SimServer):
 
     async def _props(self, request: web.BaseRequest) -> web.StreamResponse:
         model = self._listed()[0]
-        body = {"model_alias": model, "model_path": self._faults.model_file or f"/models/{model}.gguf"}
+        body: dict[str, Any] = {"model_alias": model,
+                                "model_path": self._faults.model_file or f"/models/{model}.gguf"}
+        if self.slots is not None:
+            body |= {"total_slots": self.slots, "endpoint_slots": True}
+        return web.Response(body=orjson.dumps(body), headers=JSON_HEADERS)
+
+    async def _slots(self, request: web.BaseRequest) -> web.StreamResponse:
+        """llama.cpp's `/slots`: each slot's `is_processing` (501 when not enabled, as
+        llama.cpp answers with `--no-slots`)."""
+        if self.slots is None:
+            return error(501, "This server does not support slots endpoint.", "not_supported_error")
+        busy = self.stats.inflight
+        body = [{"id": n, "is_processing": n < busy} for n in range(self.slots)]
         return web.Response(body=orjson.dumps(body), headers=JSON_HEADERS)
 
     # ------------------------------------------------------------------ model endpoints
