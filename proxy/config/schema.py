@@ -138,9 +138,9 @@ class Weights(_Schema):
     cost: Number = Field(0.10, ge=0)
     error_rate: Number = Field(0.20, ge=0)
     sticky: Number = Field(0.50, ge=0)
-    #: How idle an instance is (`routing.balance: least_loaded`). Below `local`, so a busy
-    #: local server still comes before an idle paid cloud one.
-    load: Number = Field(0.15, ge=0)
+    #: How idle an instance is (`routing.balance: least_loaded`). At most `local`, so a
+    #: busy local server still comes before an idle cloud one.
+    load: Number = Field(0.20, ge=0)
     #: Times the share of the prompt whose prefix the instance served last (its KV cache).
     affinity: Number = Field(0.50, ge=0)
 

@@ -174,20 +174,23 @@ def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
     """(score, weight) of the load term (with `balance`) and the prefix-cache term (with a
     `prefix` share: see `score`), their reasons appended to `reasons`."""
     # Load: requests in flight (the proxy's own count, or the server's if larger) and
-    # queued, against what the instance serves at once (unknown: each one counts less).
+    # queued, against what the instance serves at once. Scored 1 idle, falling to 0.25 at
+    # capacity (below that, a server with a free slot beats a full one by more than a
+    # known latency beats an unknown one), then capacity / (4 x load): full instances
+    # keep taking turns rather than the first taking all. Unknown capacity: 1 / (1 + load).
     busy, queued = inst.load()
     capacity = inst.capacity
     total = weight = 0.0
     if balance:
         waiting = busy + queued
         if capacity is None:
-            share_busy = waiting / (waiting + 1.0)
+            total = weights.load / (1.0 + waiting)
             if busy:
                 reasons.append(f"load={busy}")
         else:
-            share_busy = waiting / capacity if waiting < capacity else 1.0
+            total = weights.load * (1.0 - 0.75 * waiting / capacity if waiting <= capacity
+                                    else 0.25 * capacity / waiting)
             reasons.append(f"load={busy}/{capacity}")
-        total = weights.load * (1.0 - share_busy)
         weight = weights.load
     if queued:
         reasons.append(f"queue={queued}")
