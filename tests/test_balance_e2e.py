@@ -79,7 +79,7 @@ async def turn(client: openai.AsyncOpenAI, history: list[ChatCompletionMessagePa
     raw = await client.chat.completions.with_raw_response.create(
         model="auto", messages=history, max_tokens=16, **extra)
     history.append({"role": "assistant", "content": raw.parse().choices[0].message.content or ""})
-    return raw.headers["x-route-instance"]
+    return str(raw.headers["x-route-instance"])
 
 
 async def dry_run(proxy: RunningProxy, history: list[ChatCompletionMessageParam],
