@@ -14,16 +14,27 @@ import json
 import os
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from tests import test_llamacpp
 from tests.cluster import wait_until
-from tests.test_llamacpp import Bench, bench, llama  # noqa: F401 (fixtures)
+from tests.test_llamacpp import Bench, Llama
 
 pytestmark = pytest.mark.e2e
+llama = test_llamacpp.llama  # the fixture: the binary and models, or a clear failure
+
+
+@pytest.fixture
+def bench(llama: Llama, tmp_path: Path) -> Iterator[Bench]:
+    b = Bench(llama, tmp_path)
+    yield b
+    b.close()
+
 
 SYSTEM = "You review diffs of a proxy. "
 
