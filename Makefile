@@ -49,8 +49,9 @@ typecheck: $(TEST_STAMP)
 	$(BIN)/mypy --strict proxy tests
 
 # `make bench` (a few minutes) or `make bench BENCH_ARGS="--quick --json out.json"`;
+# one section: `make bench BENCH_ARGS="--only affinity"` (section 10 runs real llama-servers);
 # BENCH_PEERS=litellm also measures LiteLLM (installed into its own venv under ~/.cache).
-bench: $(STAMP)
+bench: $(STAMP) llama
 	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y wrk \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; }
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)

@@ -11,8 +11,11 @@ Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
 added latency, 4 one of two instances dead, 5 proxy memory, 6 planning cost, 7 audit store,
-8 peers, 9 the proxy against a bare aiohttp pass-through (and --workers 2 against 1).
+8 peers, 9 the proxy against a bare aiohttp pass-through (and --workers 2 against 1), 10
+prefix-cache affinity and load on three real llama-servers (scripts/bench_lib/affinity.py).
 Rows for features the proxy lacks print as n/a (see FAILOVER_CASES).
+
+    .venv/bin/python scripts/bench.py --only affinity      # one section (or a few: a,b)
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_lib import peers
+from bench_lib import affinity, peers
 from bench_lib.procs import (
     LOCALHOST,
     ROOT,
@@ -79,7 +82,12 @@ SECTIONS = {
     "baseline": "9. against a bare aiohttp pass-through (scripts/bench_lib/passthrough.py: one "
                 "ClientSession, uvloop, no routing), wrk -t1, same simulators (direct column = "
                 "pass-through)",
+    affinity.SECTION: affinity.TITLE,
 }
+#: What `--only` runs for each section: the groups measure several sections at once.
+GROUPS = {"planning": ("planning",), "main": ("nonstream", "stream", "dead", "audit", "peers",
+                                              "baseline"),
+          "failover": ("failover",), "memory": ("memory",), "affinity": ("affinity",)}
 
 
 @dataclass(frozen=True)
@@ -351,7 +359,7 @@ class Bench:
             "kernel": platform.release(),
             "python": platform.python_version(),
             "versions": versions,
-            "wrk": wrk_version(self.wrk),
+            "wrk": wrk_version(self.wrk) if self.wrk else "not used",
             "git": git[:72],
             "proxy_tree": "uncommitted changes under proxy/" if dirty else "clean",
             "nofile": raise_nofile(),
@@ -1082,20 +1090,37 @@ class Bench:
 
     # ------------------------------------------------------------------ whole run
 
-    def run(self, peer: str | None) -> None:
-        self.wrk = ensure_wrk()
+    def run(self, peer: str | None, only: set[str] | None = None) -> None:
+        def wanted(group: str) -> bool:
+            return only is None or not only.isdisjoint(GROUPS[group])
+
         self.machine_facts()
-        with self.timed("6 planning"):
-            self.log("[6] planning cost")
-            self.bench_planning()
-        peer_exe = self.prepare_peer(peer)
-        self.main_group(peer, peer_exe)
-        with self.timed("3 failover"):
-            self.log("[3] failover added latency")
-            self.failover_group()
-        with self.timed("5 memory"):
-            self.log(f"[5] memory with {self.s.streams} open streams")
-            self.memory_group()
+        if wanted("planning"):
+            with self.timed("6 planning"):
+                self.log("[6] planning cost")
+                self.bench_planning()
+        if wanted("main") or wanted("failover") or wanted("memory"):
+            self.wrk = ensure_wrk()
+        if wanted("main"):
+            self.main_group(peer, self.prepare_peer(peer))
+        if wanted("failover"):
+            with self.timed("3 failover"):
+                self.log("[3] failover added latency")
+                self.failover_group()
+        if wanted("memory"):
+            with self.timed("5 memory"):
+                self.log(f"[5] memory with {self.s.streams} open streams")
+                self.memory_group()
+        if wanted("affinity"):
+            with self.timed("10 affinity"):
+                self.log("[10] prefix-cache affinity and load, three llama-servers")
+                affinity.run(self, self.affinity_planning)
+
+    def affinity_planning(self) -> float:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_planner import measure
+
+        return measure(instances=10, rounds=self.s.planner_rounds, history=20)
 
     def report(self, total_s: float) -> str:
         order = list(SECTIONS)
@@ -1130,7 +1155,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the child processes' logs (their folder is printed)")
+    parser.add_argument("--only", metavar="SECTIONS",
+                        help="run only these sections (comma-separated: " + ", ".join(SECTIONS)
+                        + "); the others are measured by the same group of runs")
     args = parser.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()} if args.only else None
+    if only is not None and not only <= set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(only - set(SECTIONS)))} "
+                     f"(known: {', '.join(SECTIONS)})")
     peer = os.environ.get("BENCH_PEERS", "").strip() or None
 
     # Also when started with SIGINT ignored (a background job of a script): Ctrl-C, kill
@@ -1143,7 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     code = 0
     try:
-        bench.run(peer)
+        bench.run(peer, only)
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping every child process", file=sys.stderr)
         code = 130

@@ -15,8 +15,11 @@ from proxy.health.states import READY
 from proxy.routing.planner import Planner
 
 
-def measure(instances: int = 10, rounds: int = 20000) -> float:
-    """Microseconds per plan (best of 5 runs of `rounds` plans)."""
+def measure(instances: int = 10, rounds: int = 20000, history: int = 0) -> float:
+    """Microseconds per plan (best of 5 runs of `rounds` plans). With `history`, the
+    request is a conversation of that many messages whose prefix (all but its last two
+    messages) an instance served before: a prefix-cache affinity hit (routing.affinity is
+    on by default either way)."""
     config = parse_config({"providers": [{"provider_id": "p", "instances": [
         {"id": f"i{n}", "base_url": f"http://127.0.0.1:{20000 + n}",
          "metadata": {"model": f"m{n % 3}", "tags": ["coding"] if n % 2 else ["general"],
@@ -27,10 +30,18 @@ def measure(instances: int = 10, rounds: int = 20000) -> float:
         state.state = READY
         state.ttfb_ewma_ms = 20.0 + n
     planner = Planner(config, registry)
-    body = orjson.dumps({"model": "auto", "max_tokens": 256, "user": "bench", "messages": [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "fix this python bug: the loop never ends " * 5}]})
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "fix this python bug: the loop never ends " * 5}]
+    for n in range(history - len(messages)):
+        messages.append({"role": "assistant" if n % 2 == 0 else "user",
+                         "content": f"turn {n}: the loop ends when the counter wraps " * 4})
+    body = orjson.dumps({"model": "auto", "max_tokens": 256, "user": "bench",
+                         "messages": messages})
     req = parse_request(CHAT, body, "r")
+    if history:
+        before = parse_request(CHAT, orjson.dumps({"model": "auto",
+                                                   "messages": messages[:-2]}), "r0")
+        planner.served(planner.plan(before, {}), registry.states[5].id)
     headers: dict[str, str] = {}
     best = float("inf")
     for _ in range(5):
@@ -45,6 +56,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--instances", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20000)
+    parser.add_argument("--history", type=int, default=0,
+                        help="messages of a conversation whose prefix is cached (0: two)")
     args = parser.parse_args()
     print(f"planning cost, {args.instances} instances: "
-          f"{measure(args.instances, args.rounds):.1f} us per request")
+          f"{measure(args.instances, args.rounds, args.history):.1f} us per request")
