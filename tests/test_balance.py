@@ -22,7 +22,13 @@ from proxy.providers.load import (
     from_slots,
     total_slots,
 )
-from proxy.routing.affinity import CHUNK_BYTES, MAX_PARTS, LocalPrefixStore, prefix_of
+from proxy.routing.affinity import (
+    CHUNK_BYTES,
+    MAX_PARTS,
+    SAMPLE_CHARS,
+    LocalPrefixStore,
+    prefix_of,
+)
 from proxy.routing.planner import Planner
 
 SYSTEM = "You are a careful assistant for a team that runs model servers. " * 12
@@ -190,10 +196,23 @@ def test_a_growing_conversation_keeps_the_keys_of_its_history() -> None:
     assert other.keys[1] != two.keys[1]
 
 
-def test_key_order_within_a_message_does_not_change_the_chain() -> None:
-    a = prefix_of(chat([{"role": "user", "content": "x" * 600}]))
-    b = prefix_of(chat([{"content": "x" * 600, "role": "user"}]))
-    assert a is not None and b is not None and a.keys == b.keys
+def test_an_edited_earlier_message_breaks_the_chain_from_there() -> None:
+    history = conversation(3)
+    edited = [dict(m) for m in history]
+    edited[1]["content"] += "!"
+    a, b = prefix_of(chat(history)), prefix_of(chat(edited))
+    assert a is not None and b is not None
+    assert a.keys[0] == b.keys[0] and not set(a.keys[1:]) & set(b.keys[1:])
+
+
+def test_a_long_message_is_hashed_by_length_head_and_tail() -> None:
+    long = "x" * (SAMPLE_CHARS * 4)
+    base = prefix_of(chat([{"role": "user", "content": long}]))
+    longer = prefix_of(chat([{"role": "user", "content": long + "y"}]))
+    tail = prefix_of(chat([{"role": "user", "content": long[:-1] + "y"}]))
+    assert base is not None and longer is not None and tail is not None
+    assert len({base.keys[0], longer.keys[0], tail.keys[0]}) == 3
+    assert base.ends[-1] > SAMPLE_CHARS * 4  # it stands for the whole text
 
 
 def test_tools_change_every_key_of_the_chain() -> None:
@@ -220,13 +239,15 @@ def test_a_text_prompt_is_chained_in_chunks_and_a_long_one_is_bounded() -> None:
 
 def test_the_store_forgets_expired_and_oldest_prefixes() -> None:
     store = LocalPrefixStore(ttl_s=10, max_entries=3)
-    store.remember([b"a", b"b"], "x", now=0.0)
-    assert store.longest([b"a", b"b", b"c"], 0, now=5.0) == (1, "x")
-    assert store.longest([b"a", b"b", b"c"], 0, now=10.0) is None  # expired
-    store.remember([b"1", b"2", b"3", b"4"], "y", now=20.0)
+    store.remember([1, 2], "x", now=0.0)
+    assert store.longest([1, 2, 3], 0, now=5.0) == (1, "x")
+    assert store.longest([1, 2, 3], 1, now=5.0) == (1, "x")
+    assert store.longest([1, 2, 3], 2, now=5.0) is None  # shorter than asked for
+    assert store.longest([1, 2, 3], 0, now=10.0) is None  # expired
+    store.remember([11, 12, 13, 14], "y", now=20.0)
     assert len(store) == 3
-    assert store.longest([b"1"], 0, now=21.0) is None  # the oldest went first
-    assert store.longest([b"1", b"2"], 0, now=21.0) == (1, "y")
+    assert store.longest([11], 0, now=21.0) is None  # the oldest went first
+    assert store.longest([11, 12], 0, now=21.0) == (1, "y")
 
 
 # --------------------------------------------------------------------------- affinity in plans

@@ -5,20 +5,23 @@ A local server keeps the KV cache of the prompts it served (llama.cpp per slot, 
 beginning it has seen skips re-reading that part, which for a re-sent 20-50k-token agent
 history is tens of seconds of prefill on local hardware. So each request's prompt is cut
 into parts (a chat request's tools, then each message; a text completion's prompt in
-chunks of `CHUNK_BYTES`), hashed as a chain (key i stands for parts 0..i), and the
-instance that answered is remembered under every key. A later request's longest known key
+chunks of `CHUNK_BYTES`), hashed as a chain (key i stands for parts 0..i: CRC-32 of
+those bytes with their length, stable across processes), and the instance that answered
+is remembered under every key. CRC-32 rather than a cryptographic hash: it is chained in C
+without a copy per part, and a collision (the same CRC and length) only costs a cache
+miss. A later request's longest known key
 says which instance has the most of it cached, and what share of the prompt that is
 (`prefix_hit=0.93`, scored in proxy/routing/scoring.py).
 
-The map is one `PrefixStore` (plain data: 16-byte keys -> (instance id, expiry)), owned by
+The map is one `PrefixStore` (plain data: int keys -> (instance id, expiry)), owned by
 the planner and kept across config reloads; another backing (a shared one) only has to
 implement `longest` and `remember`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +39,11 @@ CHUNK_BYTES = 1024
 #: long is still found by its first parts).
 MAX_PARTS = 256
 MAX_BYTES = 4 << 20
-_DIGEST = 16
+#: A message text longer than twice this many characters is hashed by its length, its
+#: head and its tail: a history of 50k tokens costs as much as a short one. (An edit in
+#: the middle of a long message that keeps its length is then not seen: at worst a
+#: request goes where its prefix is not cached.)
+SAMPLE_CHARS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +51,7 @@ class Prefix:
     """A prompt as a hash chain: `keys[i]` names parts 0..i, `ends[i]` is how many bytes
     (of the request's JSON) those parts are, `total` the bytes of every hashed part."""
 
-    keys: tuple[bytes, ...]
+    keys: tuple[int, ...]
     ends: tuple[int, ...]
 
     @property
@@ -55,12 +62,12 @@ class Prefix:
 class PrefixStore(Protocol):
     """Where prefixes are remembered (one per process; a shared backing may replace it)."""
 
-    def longest(self, keys: Sequence[bytes], shortest: int, now: float) -> tuple[int, str] | None:
+    def longest(self, keys: Sequence[int], shortest: int, now: float) -> tuple[int, str] | None:
         """(index into `keys`, instance id) of the longest key known and not expired,
         looking no shorter than index `shortest`; None when none is known."""
         ...
 
-    def remember(self, keys: Sequence[bytes], instance_id: str, now: float) -> None:
+    def remember(self, keys: Sequence[int], instance_id: str, now: float) -> None:
         """`instance_id` served a prompt with these keys: each of them maps to it now."""
         ...
 
@@ -72,9 +79,9 @@ class LocalPrefixStore:
     def __init__(self, ttl_s: float, max_entries: int) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._entries: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[str, float]] = OrderedDict()
 
-    def longest(self, keys: Sequence[bytes], shortest: int, now: float) -> tuple[int, str] | None:
+    def longest(self, keys: Sequence[int], shortest: int, now: float) -> tuple[int, str] | None:
         entries = self._entries
         for n in range(len(keys) - 1, shortest - 1, -1):
             entry = entries.get(keys[n])
@@ -84,7 +91,7 @@ class LocalPrefixStore:
                 del entries[keys[n]]
         return None
 
-    def remember(self, keys: Sequence[bytes], instance_id: str, now: float) -> None:
+    def remember(self, keys: Sequence[int], instance_id: str, now: float) -> None:
         if self.ttl_s <= 0:
             return
         entries = self._entries
@@ -103,45 +110,53 @@ class LocalPrefixStore:
 
 def prefix_of(req: ClientRequest) -> Prefix | None:
     """The hash chain of a chat or text completion request's prompt (None for other
-    endpoints, or an empty prompt). Costs one hash update per part and a serialisation of
-    each message (orjson, with sorted keys so that a client's key order does not matter)."""
+    endpoints, or an empty prompt). Costs a serialisation (orjson) and a CRC update per
+    message, of at most about 2 x SAMPLE_CHARS of its text. A client that re-sends a
+    message with its keys in another order starts a new chain there (none of the SDKs
+    or fronts does)."""
     body = req.body
-    hasher = hashlib.blake2b(digest_size=_DIGEST)
-    keys: list[bytes] = []
+    keys: list[int] = []
     ends: list[int] = []
-    size = 0
+    crc = size = 0
     if req.endpoint == CHAT:
         tools = body.get("tools") or body.get("functions")
         if tools:  # rendered before the messages by chat templates
-            hasher.update(_dump(tools))
+            crc = zlib.crc32(orjson.dumps(tools))
+        crc32 = zlib.crc32
         for message in body["messages"][:MAX_PARTS]:
-            part = _dump(message)
-            size += len(part)
+            part, length = _material(message)
+            size += length
             if size > MAX_BYTES:
                 break
-            hasher.update(part)
-            keys.append(hasher.copy().digest())
+            crc = crc32(part, crc)
+            keys.append(crc << 32 | size)
             ends.append(size)
     elif req.endpoint == COMPLETIONS:
         prompt = body.get("prompt")
         data = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) \
-            else _dump(prompt)
-        hasher.update(b"completions")
+            else orjson.dumps(prompt)
+        crc = zlib.crc32(b"completions")
         for start in range(0, min(len(data), MAX_BYTES, CHUNK_BYTES * MAX_PARTS), CHUNK_BYTES):
             chunk = data[start:start + CHUNK_BYTES]
-            hasher.update(chunk)
-            keys.append(hasher.copy().digest())
-            ends.append(start + len(chunk))
+            crc = zlib.crc32(chunk, crc)
+            size = start + len(chunk)
+            keys.append(crc << 32 | size)
+            ends.append(size)
     if not keys or not ends[-1]:
         return None
     return Prefix(tuple(keys), tuple(ends))
 
 
-def _dump(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # not JSON-serialisable as parsed (cannot happen for parsed JSON)
-        return repr(value).encode()
+def _material(message: Any) -> tuple[bytes, int]:
+    """(what is hashed of a chat message, how many bytes of the prompt it stands for)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str) and len(content) > 2 * SAMPLE_CHARS:
+        n = len(content)
+        sampled = {**message, "content": f"{n}:{content[:SAMPLE_CHARS]}{content[-SAMPLE_CHARS:]}"}
+        part = orjson.dumps(sampled)
+        return part, len(part) + n - len(sampled["content"])
+    part = orjson.dumps(message)
+    return part, len(part)
 
 
 class Affinity:
