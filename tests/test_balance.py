@@ -10,6 +10,8 @@ import pytest
 
 from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest, parse_request
 from proxy.config import Config, ConfigError, parse_config
+from proxy.fronts.messages import MessagesFront
+from proxy.fronts.responses import ResponsesFront
 from proxy.health.registry import Registry
 from proxy.health.states import READY
 from proxy.providers.load import (
@@ -222,6 +224,23 @@ def test_tools_change_every_key_of_the_chain() -> None:
     tooled = prefix_of(parse_request(CHAT, orjson.dumps(body), "r"))
     assert plain is not None and tooled is not None
     assert not set(plain.keys) & set(tooled.keys)
+
+
+def test_the_responses_and_messages_fronts_chain_their_history_like_chat() -> None:
+    cfg = config()
+    system = "You review diffs. " * 40
+    turns: list[dict[str, Any]] = [{"role": "user", "content": "first question"}]
+    grown = [*turns, {"role": "assistant", "content": "first answer"},
+             {"role": "user", "content": "second question"}]
+    for front, shape in ((MessagesFront(), lambda ms: {"model": "auto", "max_tokens": 16,
+                                                         "system": system, "messages": ms}),
+                         (ResponsesFront(), lambda ms: {"model": "auto", "instructions": system,
+                                                          "input": ms})):
+        one = prefix_of(front.exchange(orjson.dumps(shape(turns)), "r", cfg).request)
+        two = prefix_of(front.exchange(orjson.dumps(shape(grown)), "r", cfg).request)
+        assert one is not None and two is not None
+        assert two.keys[:len(one.keys)] == one.keys, type(front).__name__
+        assert len(two.keys) > len(one.keys)
 
 
 def test_a_text_prompt_is_chained_in_chunks_and_a_long_one_is_bounded() -> None:
