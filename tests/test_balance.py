@@ -3,6 +3,7 @@ the prefix chain and its memory, and what the prober reads from servers' own fig
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -10,6 +11,7 @@ import pytest
 
 from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest, parse_request
 from proxy.config import Config, ConfigError, parse_config
+from proxy.fronts.base import Front
 from proxy.fronts.messages import MessagesFront
 from proxy.fronts.responses import ResponsesFront
 from proxy.health.registry import Registry
@@ -232,10 +234,15 @@ def test_the_responses_and_messages_fronts_chain_their_history_like_chat() -> No
     turns: list[dict[str, Any]] = [{"role": "user", "content": "first question"}]
     grown = [*turns, {"role": "assistant", "content": "first answer"},
              {"role": "user", "content": "second question"}]
-    for front, shape in ((MessagesFront(), lambda ms: {"model": "auto", "max_tokens": 16,
-                                                         "system": system, "messages": ms}),
-                         (ResponsesFront(), lambda ms: {"model": "auto", "instructions": system,
-                                                          "input": ms})):
+    def messages(ms: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"model": "auto", "max_tokens": 16, "system": system, "messages": ms}
+
+    def responses(ms: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"model": "auto", "instructions": system, "input": ms}
+
+    fronts: list[tuple[Front, Callable[[list[dict[str, Any]]], dict[str, Any]]]] = [
+        (MessagesFront(), messages), (ResponsesFront(), responses)]
+    for front, shape in fronts:
         one = prefix_of(front.exchange(orjson.dumps(shape(turns)), "r", cfg).request)
         two = prefix_of(front.exchange(orjson.dumps(shape(grown)), "r", cfg).request)
         assert one is not None and two is not None
