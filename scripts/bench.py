@@ -1116,11 +1116,11 @@ class Bench:
                 self.log("[10] prefix-cache affinity and load, three llama-servers")
                 affinity.run(self, self.affinity_planning)
 
-    def affinity_planning(self) -> float:
+    def affinity_planning(self, on: bool) -> float:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_planner import measure
 
-        return measure(instances=10, rounds=self.s.planner_rounds, history=20)
+        return measure(instances=10, rounds=self.s.planner_rounds, history=20, affinity=on)
 
     def report(self, total_s: float) -> str:
         order = list(SECTIONS)

@@ -15,12 +15,14 @@ from proxy.health.states import READY
 from proxy.routing.planner import Planner
 
 
-def measure(instances: int = 10, rounds: int = 20000, history: int = 0) -> float:
+def measure(instances: int = 10, rounds: int = 20000, history: int = 0,
+            affinity: bool = True) -> float:
     """Microseconds per plan (best of 5 runs of `rounds` plans). With `history`, the
     request is a conversation of that many messages whose prefix (all but its last two
     messages) an instance served before: a prefix-cache affinity hit (routing.affinity is
-    on by default either way)."""
-    config = parse_config({"providers": [{"provider_id": "p", "instances": [
+    on by default; `affinity=False` turns it off)."""
+    config = parse_config({"routing": {"affinity": {"enabled": affinity}},
+                           "providers": [{"provider_id": "p", "instances": [
         {"id": f"i{n}", "base_url": f"http://127.0.0.1:{20000 + n}",
          "metadata": {"model": f"m{n % 3}", "tags": ["coding"] if n % 2 else ["general"],
                       "ctx": 8192 * (1 + n % 4), "capabilities": ["tools", "json"]}}

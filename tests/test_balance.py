@@ -266,14 +266,28 @@ def test_a_text_prompt_is_chained_in_chunks_and_a_long_one_is_bounded() -> None:
 def test_the_store_forgets_expired_and_oldest_prefixes() -> None:
     store = LocalPrefixStore(ttl_s=10, max_entries=3)
     store.remember([1, 2], "x", now=0.0)
-    assert store.longest([1, 2, 3], 0, now=5.0) == (1, "x")
-    assert store.longest([1, 2, 3], 1, now=5.0) == (1, "x")
+    assert store.longest([1, 2, 3], 0, now=5.0) == (1, ("x",))
+    assert store.longest([1, 2, 3], 1, now=5.0) == (1, ("x",))
     assert store.longest([1, 2, 3], 2, now=5.0) is None  # shorter than asked for
     assert store.longest([1, 2, 3], 0, now=10.0) is None  # expired
     store.remember([11, 12, 13, 14], "y", now=20.0)
     assert len(store) == 3
     assert store.longest([11], 0, now=21.0) is None  # the oldest went first
-    assert store.longest([11, 12], 0, now=21.0) == (1, "y")
+    assert store.longest([11, 12], 0, now=21.0) == (1, ("y",))
+
+
+def test_the_store_knows_every_instance_that_has_a_prefix_and_each_ones_conversations() -> None:
+    store = LocalPrefixStore(ttl_s=10, max_entries=100)
+    store.remember([1, 2], "x", now=0.0)  # a system prompt, then conversation 2
+    assert store.longest([1, 4], 0, now=0.5) == (0, ("x",))
+    store.remember([1, 3], "y", now=1.0)  # the same system prompt, conversation 3
+    assert store.longest([1, 4], 0, now=2.0) is None  # shared: says nothing of where to go
+    assert store.longest([1, 2, 9], 0, now=2.0) == (1, ("x",))
+    assert store.resident("x") == store.resident("y") == 1
+    store.remember([1, 2, 5, 6], "x", now=2.0)  # conversation 2 grew on x
+    assert store.resident("x") == 1
+    store.remember([1, 3, 7, 8], "x", now=3.0)  # conversation 3 moved to x
+    assert (store.resident("x"), store.resident("y")) == (2, 0)
 
 
 # --------------------------------------------------------------------------- affinity in plans
@@ -289,6 +303,23 @@ def test_the_next_turn_goes_back_to_the_instance_that_served_its_prefix() -> Non
     hit = [r for r in second.reasons["llamacpp:gpu2"] if r.startswith("prefix_hit=")]
     assert len(hit) == 1 and 0.5 < float(hit[0].split("=")[1]) < 1.0
     assert not any(r.startswith("prefix_hit") for r in second.reasons["llamacpp:gpu0"])
+
+
+def test_a_shared_system_prompt_favours_no_one_and_new_conversations_spread() -> None:
+    p = planner()
+    chosen = []
+    for tag in "abcdef":  # one at a time: nothing is ever in flight when planning
+        plan = p.plan(chat(conversation(1, tag)), {})
+        assert plan.selected is not None
+        chosen.append(plan.selected)
+        p.served(plan, plan.selected)
+    # The second goes where the system prompt is; from the third on, that prompt is known
+    # to be shared, and conversations go where fewer are kept.
+    assert chosen == ["llamacpp:gpu0", "llamacpp:gpu0", "llamacpp:gpu1", "llamacpp:gpu2",
+                      "llamacpp:gpu1", "llamacpp:gpu2"]
+    plan = p.plan(chat(conversation(1, "g")), {})
+    assert not any(r.startswith("prefix_hit=") for rs in plan.reasons.values() for r in rs)
+    assert all("resident=2" in plan.reasons[f"llamacpp:gpu{n}"] for n in range(3))
 
 
 def test_affinity_beats_a_lighter_load_but_not_a_full_server() -> None:

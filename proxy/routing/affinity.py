@@ -59,50 +59,91 @@ class Prefix:
         return self.ends[-1]
 
 
+#: Marks a key that different conversations went on from (see LocalPrefixStore._next).
+_SHARED = -1
+
+
 class PrefixStore(Protocol):
     """Where prefixes are remembered (one per process; a shared backing may replace it)."""
 
-    def longest(self, keys: Sequence[int], shortest: int, now: float) -> tuple[int, str] | None:
-        """(index into `keys`, instance id) of the longest key known and not expired,
-        looking no shorter than index `shortest`; None when none is known."""
+    def longest(self, keys: Sequence[int], shortest: int,
+                now: float) -> tuple[int, tuple[str, ...]] | None:
+        """(index into `keys`, the instances that have it) of the longest key some
+        instance has (not expired), looking no shorter than index `shortest`; None when
+        none is known, or when that key is shared: several conversations went on from
+        it (a common system prompt), so that it says nothing of where this one lives."""
         ...
 
     def remember(self, keys: Sequence[int], instance_id: str, now: float) -> None:
-        """`instance_id` served a prompt with these keys: each of them maps to it now."""
+        """`instance_id` served a prompt with these keys: it has each of them now."""
+        ...
+
+    def resident(self, instance_id: str) -> int:
+        """How many conversations (distinct longest prompts) the instance served within
+        the TTL and none of them has grown since elsewhere."""
         ...
 
 
 class LocalPrefixStore:
-    """A bounded in-process map from key to (instance id, monotonic expiry); the least
-    recently served keys are dropped first beyond `max_entries`."""
+    """A bounded in-process map from key to {instance id: monotonic expiry} (several
+    instances have a shared system prompt cached); the least recently served keys are
+    dropped first beyond `max_entries`. Per instance, the tips of the conversations it
+    served (the longest key of each request), which `resident` counts."""
 
     def __init__(self, ttl_s: float, max_entries: int) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._entries: OrderedDict[int, tuple[str, float]] = OrderedDict()
+        self._entries: OrderedDict[int, dict[str, float]] = OrderedDict()
+        self._tips: dict[str, OrderedDict[int, float]] = {}
+        #: The key that followed each key, or _SHARED once two different ones have.
+        self._next: dict[int, int] = {}
 
-    def longest(self, keys: Sequence[int], shortest: int, now: float) -> tuple[int, str] | None:
+    def longest(self, keys: Sequence[int], shortest: int,
+                now: float) -> tuple[int, tuple[str, ...]] | None:
         entries = self._entries
         for n in range(len(keys) - 1, shortest - 1, -1):
-            entry = entries.get(keys[n])
-            if entry is not None:
-                if entry[1] > now:
-                    return n, entry[0]
-                del entries[keys[n]]
+            holders = entries.get(keys[n])
+            if holders is not None:
+                live = tuple(i for i, expiry in holders.items() if expiry > now)
+                if live:
+                    return None if self._next.get(keys[n]) == _SHARED else (n, live)
         return None
 
     def remember(self, keys: Sequence[int], instance_id: str, now: float) -> None:
-        if self.ttl_s <= 0:
+        if self.ttl_s <= 0 or not keys:
             return
         entries = self._entries
-        entry = (instance_id, now + self.ttl_s)
+        expiry = now + self.ttl_s
         move = entries.move_to_end
         for key in keys:
-            entries[key] = entry
-            move(key)
+            holders = entries.get(key)
+            if holders is None:
+                entries[key] = {instance_id: expiry}
+            else:
+                holders[instance_id] = expiry
+                move(key)
+        successors = self._next
+        for key, after in zip(keys, keys[1:]):  # noqa: B905 (one shorter on purpose)
+            seen = successors.setdefault(key, after)
+            if seen != after:
+                successors[key] = _SHARED
         excess = len(entries) - self.max_entries
         for _ in range(excess if excess > 0 else 0):
-            entries.popitem(last=False)
+            successors.pop(entries.popitem(last=False)[0], None)
+        # The conversation's tip moves to its new end, here; its old tip, wherever it
+        # was, is one of this prompt's shorter keys.
+        for tips in self._tips.values():
+            for key in keys[:-1]:
+                tips.pop(key, None)
+        tips = self._tips.setdefault(instance_id, OrderedDict())
+        tips[keys[-1]] = expiry
+        tips.move_to_end(keys[-1])
+        while tips and (next(iter(tips.values())) <= now or len(tips) > self.max_entries):
+            tips.popitem(last=False)
+
+    def resident(self, instance_id: str) -> int:
+        tips = self._tips.get(instance_id)
+        return 0 if tips is None else len(tips)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -176,9 +217,9 @@ class Affinity:
             store.ttl_s, store.max_entries = mine.ttl_s, mine.max_entries
         self.store = store
 
-    def hit(self, prefix: Prefix | None, now: float) -> tuple[str, float] | None:
-        """(instance id, share of the prompt it has cached) of the longest known prefix
-        of at least `min_prefix_chars` bytes, or None."""
+    def hit(self, prefix: Prefix | None, now: float) -> tuple[tuple[str, ...], float] | None:
+        """(the instances that have it, share of the prompt it is) of the longest known
+        prefix of at least `min_prefix_chars` bytes, or None."""
         if prefix is None:
             return None
         ends = prefix.ends
@@ -188,8 +229,8 @@ class Affinity:
         found = self.store.longest(prefix.keys, shortest, now)
         if found is None:
             return None
-        n, instance_id = found
-        return instance_id, ends[n] / ends[-1]
+        n, holders = found
+        return holders, ends[n] / ends[-1]
 
     def served(self, prefix: Prefix | None, instance_id: str, now: float | None = None) -> None:
         """`instance_id` answered a request with this prompt: it has it cached now."""

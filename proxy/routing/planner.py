@@ -194,7 +194,8 @@ class Planner:
                        routing.balance == LEAST_LOADED)
         hit = self.affinity.hit(prefix, now) if sticky_id is None and strategy == SCORED \
             else None
-        hit_id, hit_share = hit if hit is not None else (None, 0.0)
+        holders, hit_share = hit if hit is not None else (None, 0.0)
+        resident = self.affinity.store.resident if self.affinity.enabled else None
         scores, reasons = built.scores, built.reasons
         ordered: list[InstanceState] = []
         seen: set[str] = set()
@@ -217,7 +218,8 @@ class Planner:
                 value, why_list = score(
                     inst, reqs, built.weights, built.prefer_local, sticky, now, ctx_reason,
                     stale, built.balance,
-                    None if hit_id is None else hit_share if inst.id == hit_id else 0.0)
+                    None if holders is None else hit_share if inst.id in holders else 0.0,
+                    0 if resident is None else resident(inst.id))
                 scores[inst.id] = value
                 reasons[inst.id] = why_list
                 rank = (tier_no, _key(strategy, value, position), position)

@@ -33,6 +33,9 @@ _LOCAL_TERMS: dict[str | None, _LocalTerm] = {
 }
 _LOCAL_PREFERRED: _LocalTerm = (1.0, (1.0, "local_preferred"), (0.0, "cloud"))
 _NEUTRAL: _LocalTerm = (1.0, (0.5, "local"), (0.5, "cloud"))
+#: The share of the load term that conversations an instance keeps cached can take away
+#: (new conversations spread by it; one more request in flight still counts for more).
+RESIDENT_SHARE = 0.2
 #: How a rejection for a rate-limit cooldown begins (see InstanceState.rate_limit_reason).
 RATE_LIMITED_REASON = "rate_limited("
 
@@ -80,7 +83,7 @@ def tag_match(have: frozenset[str], wanted: tuple[str, ...]) -> tuple[float, str
 def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local: bool,
           sticky: bool | None, now: float, ctx_reason: str,
           assume_ready: bool = False, balance: bool = True,
-          prefix: float | None = None) -> tuple[float, list[str]]:
+          prefix: float | None = None, resident: int = 0) -> tuple[float, list[str]]:
     """(score in 0..1, reasons) for an instance that passed the hard filters.
 
     `sticky` is None when the request's session has no instance yet; otherwise it says
@@ -91,6 +94,8 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
     the load term (`routing.balance: least_loaded`). `prefix` is None when no instance is
     known to have the request's prompt prefix cached; otherwise the share of the prompt
     this instance has (0.0: another one has it), and the term counts for every candidate.
+    `resident`: conversations the instance holds in its cache (proxy.routing.affinity), a
+    part of the load term that spreads new conversations over the slots of all instances.
     """
     prefer = req.prefer
     # Readiness: a probed, healthy instance beats one nobody has checked yet.
@@ -150,7 +155,8 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
         reasons.append(f"error_rate={rate:.2f}")
 
     if balance or prefix is not None:
-        added, added_weight = _load_and_prefix(inst, weights, balance, prefix, reasons)
+        added, added_weight = _load_and_prefix(inst, weights, balance, prefix, resident,
+                                               reasons)
         total += added
         weight_sum += added_weight
 
@@ -170,7 +176,8 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
 
 
 def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
-                     prefix: float | None, reasons: list[str]) -> tuple[float, float]:
+                     prefix: float | None, resident: int,
+                     reasons: list[str]) -> tuple[float, float]:
     """(score, weight) of the load term (with `balance`) and the prefix-cache term (with a
     `prefix` share: see `score`), their reasons appended to `reasons`."""
     # Load: requests in flight (the proxy's own count, or the server's if larger) and
@@ -192,6 +199,11 @@ def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
                                     else 0.25 * capacity / waiting)
             reasons.append(f"load={busy}/{capacity}")
         weight = weights.load
+        if resident:
+            # Conversations it keeps cached count a little: a new conversation goes where
+            # fewer are kept, so that each fits a slot (llama.cpp keeps one per slot).
+            total -= weights.load * RESIDENT_SHARE * resident / (resident + (capacity or 1))
+            reasons.append(f"resident={resident}")
     if queued:
         reasons.append(f"queue={queued}")
     if prefix is not None:
