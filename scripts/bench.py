@@ -1116,11 +1116,12 @@ class Bench:
                 self.log("[10] prefix-cache affinity and load, three llama-servers")
                 affinity.run(self, self.affinity_planning)
 
-    def affinity_planning(self, on: bool) -> float:
+    def affinity_planning(self, on: bool, history: int) -> float:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_planner import measure
 
-        return measure(instances=10, rounds=self.s.planner_rounds, history=20, affinity=on)
+        return measure(instances=10, rounds=self.s.planner_rounds, history=history,
+                       affinity=on)
 
     def report(self, total_s: float) -> str:
         order = list(SECTIONS)

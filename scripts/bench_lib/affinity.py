@@ -86,11 +86,11 @@ def affinity_run(target: Target, tag: str, lanes: int) -> tuple[float, Counter[s
     rng = random.Random(7)
     order = [k for k in range(CONVERSATIONS) for _ in range(TURNS)]
     rng.shuffle(order)  # each conversation's turns stay in order; conversations interleave
-    # One agent's system prompt (shared), then each conversation's own task.
-    histories = [[{"role": "system", "content": f"[{tag}] You review a proxy. " + FILLER * 4},
-                  {"role": "user", "content": f"You are reviewer {k}; your task is part {k}."},
-                  {"role": "assistant", "content": f"Understood, part {k}."}]
-                 for k in range(CONVERSATIONS)]
+    # Each conversation its own task from its first words on. (With one system prompt
+    # shared by all, llama-server's default --slot-prompt-similarity 0.10 puts interleaved
+    # conversations in the one slot that has it, whatever the proxy does: see the README.)
+    histories = [[{"role": "system", "content": f"[{tag}] You are reviewer {k} of a proxy. "
+                   + FILLER * 4}] for k in range(CONVERSATIONS)]
     turn_of = [0] * CONVERSATIONS
     cached = prompt = 0
     served: Counter[str] = Counter()
@@ -172,7 +172,7 @@ def start_proxy(bench: BenchLike, servers: list[Child], tag: str) -> Child:
     return proxy
 
 
-def run(bench: BenchLike, planning_us: Callable[[bool], float]) -> None:
+def run(bench: BenchLike, planning_us: Callable[[bool, int], float]) -> None:
     """Measure section 10 and add its rows."""
     servers = start_servers(bench, "tiny-a", "aff")
     proxy = start_proxy(bench, servers, "aff")
@@ -204,6 +204,7 @@ def run(bench: BenchLike, planning_us: Callable[[bool], float]) -> None:
     bench.row(SECTION, f"latency p95, {LOAD_REQUESTS} concurrent",
               round(_pct(rr_ms, 95), 1), round(_pct(px_ms, 95), 1), "ms", DELTA)
     bench.sup.stop_tagged("llama-load")
-    bench.row(SECTION, "route plan per request, 10 instances, 20-message history",
-              round(planning_us(False), 2), round(planning_us(True), 2), "us", DELTA,
-              "direct = affinity off; in-process, best of 5")
+    for history, what in ((0, "2-message request"), (20, "20-message history, a prefix hit")):
+        bench.row(SECTION, f"route plan per request, 10 instances, {what}",
+                  round(planning_us(False, history), 2), round(planning_us(True, history), 2),
+                  "us", DELTA, "direct = affinity off; in-process, best of 5")
