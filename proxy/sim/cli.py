@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra always-on port for the /_sim/ control endpoints")
     parser.add_argument("--no-prefill", action="store_true",
                         help="reject requests whose last message is from the assistant (HTTP 400)")
+    parser.add_argument("--slots", type=int, default=None, metavar="N",
+                        help="report N llama.cpp slots (/props total_slots, /slots busy ones)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
             faults=args.fault or (),
             control_port=args.control_port,
             prefill=not args.no_prefill,
+            slots=args.slots,
         )
     except ValueError as exc:
         print(f"failover-proxy simulate: error: {exc}", file=sys.stderr)

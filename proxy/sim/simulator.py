@@ -84,6 +84,8 @@ class Simulator(SimServer):
         """
         if words < 0:
             raise ValueError(f"words must be >= 0, got {words}")
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
         if not chunk_delay >= 0:
             raise ValueError(f"chunk_delay must be >= 0, got {chunk_delay}")
         super().__init__(model, host=host, port=port, faults=faults, control_port=control_port)
