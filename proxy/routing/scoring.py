@@ -34,8 +34,9 @@ _LOCAL_TERMS: dict[str | None, _LocalTerm] = {
 _LOCAL_PREFERRED: _LocalTerm = (1.0, (1.0, "local_preferred"), (0.0, "cloud"))
 _NEUTRAL: _LocalTerm = (1.0, (0.5, "local"), (0.5, "cloud"))
 #: The share of the load term that conversations an instance keeps cached take away, all
-#: of it once they fill its slots: more than a known latency gains over an unknown one, so
-#: that a new conversation goes to another instance rather than evict one from a slot.
+#: of it once they fill its slots: for an idle instance more than a known latency gains
+#: over an unknown one, so that a new conversation goes to another instance rather than
+#: evict one from a slot.
 RESIDENT_SHARE = 0.5
 #: How a rejection for a rate-limit cooldown begins (see InstanceState.rate_limit_reason).
 RATE_LIMITED_REASON = "rate_limited("
@@ -201,10 +202,10 @@ def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
             reasons.append(f"load={busy}/{capacity}")
         weight = weights.load
         if resident:
-            # Conversations it keeps cached count a little: a new conversation goes where
-            # fewer are kept, so that each fits a slot (llama.cpp keeps one per slot).
+            # Conversations it keeps cached count too: a new conversation goes where fewer
+            # are kept, so that each fits a slot (llama.cpp keeps one per slot).
             cap = capacity or 1
-            total -= weights.load * RESIDENT_SHARE * (resident / cap if resident < cap else 1.0)
+            total *= 1.0 - RESIDENT_SHARE * (resident / cap if resident < cap else 1.0)
             reasons.append(f"resident={resident}")
     if queued:
         reasons.append(f"queue={queued}")
