@@ -233,8 +233,9 @@ class Affinity:
         return holders, ends[n] / ends[-1]
 
     def served(self, prefix: Prefix | None, instance_id: str, now: float | None = None) -> None:
-        """`instance_id` answered a request with this prompt: it has it cached now."""
-        if prefix is not None:
+        """`instance_id` answered a request with this prompt: it has it cached now (a
+        prompt shorter than `min_prefix_chars` is not worth remembering)."""
+        if prefix is not None and prefix.ends[-1] >= self.min_prefix_chars:
             self.store.remember(prefix.keys, instance_id,
                                 time.monotonic() if now is None else now)
 

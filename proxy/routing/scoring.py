@@ -97,7 +97,8 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
     known to have the request's prompt prefix cached; otherwise the share of the prompt
     this instance has (0.0: another one has it), and the term counts for every candidate.
     `resident`: conversations the instance holds in its cache (proxy.routing.affinity), a
-    part of the load term that spreads new conversations over the slots of all instances.
+    part of the load term of an instance of known capacity (slots) that spreads new
+    conversations over the slots of all instances.
     """
     prefer = req.prefer
     # Readiness: a probed, healthy instance beats one nobody has checked yet.
@@ -201,11 +202,11 @@ def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
                                     else 0.25 * capacity / waiting)
             reasons.append(f"load={busy}/{capacity}")
         weight = weights.load
-        if resident:
+        if resident and capacity is not None:
             # Conversations it keeps cached count too: a new conversation goes where fewer
             # are kept, so that each fits a slot (llama.cpp keeps one per slot).
-            cap = capacity or 1
-            total *= 1.0 - RESIDENT_SHARE * (resident / cap if resident < cap else 1.0)
+            total *= 1.0 - RESIDENT_SHARE * (resident / capacity if resident < capacity
+                                             else 1.0)
             reasons.append(f"resident={resident}")
     if queued:
         reasons.append(f"queue={queued}")
