@@ -12,6 +12,8 @@ from typing import Any
 
 import aiohttp
 import openai
+import pytest
+from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.api.state import STATE
@@ -161,3 +163,60 @@ async def test_a_session_header_wins_over_affinity(make_sim: MakeSim,
     assert "sticky_session" in plan["reasons"]["llamacpp:s0"]
     assert not any(r.startswith("prefix_hit") for rs in plan["reasons"].values() for r in rs)
     assert await turn(client, history, "And the tests?", extra_headers=bob) == "llamacpp:s0"
+
+
+LLAMACPP_METRICS = (b"# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 3\n"
+                    b"# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 2\n")
+VLLM_METRICS = (b'# TYPE vllm:num_requests_running gauge\n'
+                b'vllm:num_requests_running{model_name="m"} 3.0\n'
+                b'# TYPE vllm:num_requests_waiting gauge\n'
+                b'vllm:num_requests_waiting{model_name="m"} 2.0\n')
+
+
+@pytest.mark.parametrize("server", ["llamacpp", "vllm"])
+async def test_the_prober_reads_a_servers_own_load_from_its_metrics(
+        server: str, make_proxy: MakeProxy) -> None:
+    """A server answering as llama.cpp (`/health`, `/props` with `endpoint_metrics`,
+    `/metrics`) or vLLM (`/v1/models`, `/metrics`) on a real port: its running and
+    waiting requests reach the plan's reasons, and it is planned after an idle twin."""
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=LLAMACPP_METRICS if server == "llamacpp" else VLLM_METRICS,
+                            content_type="text/plain")
+
+    app = web.Application()
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def props(request: web.Request) -> web.Response:
+        return web.json_response({"model_alias": "m", "total_slots": 4, "endpoint_metrics": True})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    app.router.add_get("/props", props)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        busy = f"http://127.0.0.1:{port}/v1"
+        idle = f"http://127.0.0.1:{port}/idle/v1"  # 404s: reachable, and says no load
+        proxy = await make_proxy(parse_config({
+            "health": {"interval_s": 0.3, "timeout_s": 2},
+            "providers": [{"provider_id": "p", "server": server, "instances": [
+                {"id": "busy", "base_url": busy, "metadata": {"model": "m"}},
+                {"id": "other", "base_url": idle, "metadata": {"model": "m"}}]}]}, "<t>"))
+        inst = proxy.app[STATE].registry.by_id["p:busy"]
+        await wait_for(lambda: (inst.server_busy, inst.server_queued) == (3, 2), 10,
+                       "the probe to read the server's metrics")
+        plan = await dry_run(proxy, [], "hello")
+        reasons = plan["reasons"]["p:busy"]
+        assert "queue=2" in reasons
+        assert ("load=3/4" if server == "llamacpp" else "load=3") in reasons
+        assert plan["selected"] == "p:other"
+    finally:
+        await runner.cleanup()
