@@ -1094,13 +1094,13 @@ class Bench:
         def wanted(group: str) -> bool:
             return only is None or not only.isdisjoint(GROUPS[group])
 
+        if wanted("main") or wanted("failover") or wanted("memory"):
+            self.wrk = ensure_wrk()
         self.machine_facts()
         if wanted("planning"):
             with self.timed("6 planning"):
                 self.log("[6] planning cost")
                 self.bench_planning()
-        if wanted("main") or wanted("failover") or wanted("memory"):
-            self.wrk = ensure_wrk()
         if wanted("main"):
             self.main_group(peer, self.prepare_peer(peer))
         if wanted("failover"):
