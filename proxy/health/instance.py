@@ -70,7 +70,8 @@ class InstanceState:
     #: 429s in a row that gave no wait: each doubles the default cooldown.
     rate_limit_streak: int = 0
     #: How busy the server itself says it is, from the latest probe (proxy.providers.load):
-    #: its slots (None: not said), requests it serves and requests it queues (0: not said).
+    #: its slots (None: not said), requests it serves for other clients (its figure less
+    #: this proxy's in flight then) and requests it queues (0: not said).
     server_slots: int | None = None
     server_busy: int = 0
     server_queued: int = 0
@@ -124,12 +125,9 @@ class InstanceState:
         self.capacity = min(known) if known else None
 
     def load(self) -> tuple[int, int]:
-        """(requests in flight, requests queued): this proxy's own in-flight count or the
-        server's, whichever is larger (other clients may use the server too; its figures
-        are as old as the latest probe), and the server's queue."""
-        inflight = self.slots.inflight
-        busy = self.server_busy
-        return (inflight if inflight >= busy else busy), self.server_queued
+        """(requests in flight, requests queued): this proxy's own, counted live, plus
+        what the server served for other clients at the latest probe; and its queue."""
+        return self.slots.inflight + self.server_busy, self.server_queued
 
     @property
     def inflight(self) -> int:

@@ -311,7 +311,10 @@ class Registry:
         good probe closes a circuit that connection failures opened; a drained instance
         stays drained."""
         load = load or _NO_LOAD
-        inst.server_busy, inst.server_queued = load.busy or 0, load.queued or 0
+        # What the server serves besides this proxy's own requests (those are counted
+        # live): a figure of the probe's moment would otherwise count ours that are done.
+        inst.server_busy = max(0, (load.busy or 0) - inst.slots.inflight)
+        inst.server_queued = load.queued or 0
         if load.slots is not None and load.slots != inst.server_slots:  # kept while down
             inst.server_slots = load.slots
             inst.size_capacity()

@@ -181,33 +181,35 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
 def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
                      prefix: float | None, resident: int,
                      reasons: list[str]) -> tuple[float, float]:
-    """(score, weight) of the load term (with `balance`) and the prefix-cache term (with a
-    `prefix` share: see `score`), their reasons appended to `reasons`."""
-    # Load: requests in flight (the proxy's own count, or the server's if larger) and
-    # queued, against what the instance serves at once. Scored 1 idle, falling to 0.25 at
-    # capacity (below that, a server with a free slot beats a full one by more than a
-    # known latency beats an unknown one), then capacity / (4 x load): full instances
-    # keep taking turns rather than the first taking all. Unknown capacity: 1 / (1 + load).
+    """(score, weight) of the load term (with `balance`: a penalty, weighing nothing) and
+    the prefix-cache term (with a `prefix` share: see `score`), their reasons appended to
+    `reasons`."""
+    # Load: requests in flight (the proxy's own, and the server's for other clients) and
+    # queued, against what the instance serves at once. A penalty, nothing when idle (so
+    # that plans among idle instances are what they were without it): 0.75 of the weight
+    # at capacity (a server with a free slot beats a full one by more than a known latency
+    # beats an unknown one), then towards all of it, so full instances keep taking turns
+    # rather than the first taking all. Unknown capacity: load / (1 + load).
     busy, queued = inst.load()
     capacity = inst.capacity
     total = weight = 0.0
     if balance:
         waiting = busy + queued
         if capacity is None:
-            total = weights.load / (1.0 + waiting)
+            idle = 1.0 / (1.0 + waiting)
             if busy:
                 reasons.append(f"load={busy}")
         else:
-            total = weights.load * (1.0 - 0.75 * waiting / capacity if waiting <= capacity
-                                    else 0.25 * capacity / waiting)
+            idle = (1.0 - 0.75 * waiting / capacity if waiting <= capacity
+                    else 0.25 * capacity / waiting)
             reasons.append(f"load={busy}/{capacity}")
-        weight = weights.load
-        if resident and capacity is not None:
-            # Conversations it keeps cached count too: a new conversation goes where fewer
-            # are kept, so that each fits a slot (llama.cpp keeps one per slot).
-            total *= 1.0 - RESIDENT_SHARE * (resident / capacity if resident < capacity
-                                             else 1.0)
-            reasons.append(f"resident={resident}")
+            if resident:
+                # Conversations it keeps cached count too: a new conversation goes where
+                # fewer are kept, so that each fits a slot (llama.cpp keeps one per slot).
+                idle *= 1.0 - RESIDENT_SHARE * (resident / capacity if resident < capacity
+                                                else 1.0)
+                reasons.append(f"resident={resident}")
+        total = -weights.load * (1.0 - idle)
     if queued:
         reasons.append(f"queue={queued}")
     if prefix is not None:
