@@ -33,6 +33,8 @@ _LOCAL_TERMS: dict[str | None, _LocalTerm] = {
 }
 _LOCAL_PREFERRED: _LocalTerm = (1.0, (1.0, "local_preferred"), (0.0, "cloud"))
 _NEUTRAL: _LocalTerm = (1.0, (0.5, "local"), (0.5, "cloud"))
+#: The most of `weights.load` an instance's load takes away (reached at 1.8 x capacity).
+LOAD_CAP = 0.9
 #: The share of the load term that conversations an instance keeps cached take away, all
 #: of it once they fill its slots: for an idle instance more than a known latency gains
 #: over an unknown one, so that a new conversation goes to another instance rather than
@@ -186,10 +188,12 @@ def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
     `reasons`."""
     # Load: requests in flight (the proxy's own, and the server's for other clients) and
     # queued, against what the instance serves at once. A penalty, nothing when idle (so
-    # that plans among idle instances are what they were without it): 0.75 of the weight
-    # at capacity (a server with a free slot beats a full one by more than a known latency
-    # beats an unknown one), then towards all of it, so full instances keep taking turns
-    # rather than the first taking all. Unknown capacity: load / (1 + load).
+    # that plans among idle instances are what they were without it), half the weight at
+    # capacity (an idle server beats a full one by more than a known latency beats an
+    # unknown one), rising as steeply beyond it up to LOAD_CAP of the weight (below
+    # `local`: a busy local server still beats an idle cloud one), so full instances keep
+    # taking turns rather than the one with the best latency taking all. Unknown
+    # capacity: load / (1 + load).
     busy, queued = inst.load()
     capacity = inst.capacity
     total = weight = 0.0
@@ -200,8 +204,8 @@ def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
             if busy:
                 reasons.append(f"load={busy}")
         else:
-            idle = (1.0 - 0.75 * waiting / capacity if waiting <= capacity
-                    else 0.25 * capacity / waiting)
+            busy_share = 0.5 * waiting / capacity
+            idle = 1.0 - (busy_share if busy_share < LOAD_CAP else LOAD_CAP)
             reasons.append(f"load={busy}/{capacity}")
             if resident:
                 # Conversations it keeps cached count too: a new conversation goes where
