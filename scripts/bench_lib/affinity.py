@@ -135,6 +135,18 @@ def load_run(target: Target, tag: str) -> tuple[list[float], Counter[str]]:
     return [ms for ms, _ in results], Counter(who for _, who in results)
 
 
+def _wait_probed_idle(proxy: Child, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    url = f"http://{LOCALHOST}:{proxy.port}/admin/instances"
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            instances = json.loads(resp.read())["instances"]
+        if all(i["server_busy"] == 0 and i["server_queued"] == 0 for i in instances):
+            return
+        time.sleep(0.2)
+    raise RuntimeError("the proxy's probes still see the servers busy")
+
+
 def _pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -200,6 +212,9 @@ def run(bench: BenchLike, planning_us: Callable[[bool, int], float]) -> None:
     served: Counter[str] = Counter()
     for n in range(LOAD_ROUNDS):  # alternated: the machine's other work hits both alike
         rr_ms += load_run(direct, f"rr{n}")[0]
+        # The round-robin's requests are other clients' load to the proxy, read by its
+        # probes (every second): wait until they have seen the servers idle again.
+        _wait_probed_idle(proxy)
         ms, served = load_run(proxied, f"px{n}")
         px_ms += ms
         largest = max(largest, max(served.values()) / LOAD_REQUESTS)
