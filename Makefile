@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install clean lint typecheck bench chaos chromium
+.PHONY: run test install clean lint typecheck bench chaos chromium redis
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(TEST_STAMP)
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(TEST_STAMP) llama chromium node
+test: $(TEST_STAMP) llama chromium node redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's chromium for the status page tests (tests/test_ui_browser.py drives it with
@@ -31,6 +31,12 @@ test: $(TEST_STAMP) llama chromium node
 chromium:
 	@test -x /usr/bin/chromium || DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# Debian's redis-server for the shared-state tests (tests/redis_server.py starts it per test
+# session on a free port), the replicas demo and `make bench`.
+redis:
+	@test -x /usr/bin/redis-server || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
 
 # `make node`: the Node openai SDK for tests/test_node_sdk.py, from the npm registry into
 # tests/node/node_modules (needs node 18+ and npm; `make test` runs it first).
@@ -50,7 +56,7 @@ typecheck: $(TEST_STAMP)
 
 # `make bench` (a few minutes) or `make bench BENCH_ARGS="--quick --json out.json"`;
 # BENCH_PEERS=litellm also measures LiteLLM (installed into its own venv under ~/.cache).
-bench: $(STAMP)
+bench: $(STAMP) redis
 	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y wrk \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; }
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)

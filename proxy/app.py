@@ -109,6 +109,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if shared is not None:  # before the first probes: plans start from what others know
         state.planner.sessions.on_remember = shared.share_map(
             "sessions", state.planner.sessions.adopt)
+        shared.ledger.on_back = lambda inst: app[STATE].prober.probe_soon(inst)
         await shared.start()
     await _start_probing(state)
     log.info("proxy_started", instances=[s.id for s in state.registry.states],

@@ -38,13 +38,14 @@ The rules, per instance and field (circuit, cooldown, state, pin):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import orjson
 import structlog
 
-from proxy.health.changes import CIRCUIT, COOLDOWN, FAILURE, PIN, STATE
+from proxy.health.changes import CIRCUIT, COOLDOWN, FAILURE, PIN, SHARED_STATES, STATE
 from proxy.health.circuit import CLOSED
 from proxy.health.fingerprints import Pin
 from proxy.health.instance import InstanceState
@@ -90,6 +91,9 @@ class Ledger:
         #: True while a remote message is being applied: the registry's change
         #: notifications it causes are not news to send back.
         self.applying = False
+        #: Told of an instance another replica brought back (out of DRAINED or MISMATCH):
+        #: the app probes it at once, as an enable here does.
+        self.on_back: Callable[[InstanceState], None] | None = None
 
     # ------------------------------------------------------------------ local changes
 
@@ -187,7 +191,10 @@ class Ledger:
                 elif (until := to_mono(float(end))) > time.monotonic():
                     registry.adopt_cooldown(inst, until)
             elif field == STATE:
+                was = inst.state
                 registry.adopt_state(inst, str(msg["state"]), str(msg["reason"]))
+                if was in SHARED_STATES and inst.state not in SHARED_STATES and self.on_back:
+                    self.on_back(inst)
             elif field == PIN:
                 registry.adopt_pin(inst, _pin_of(msg["pin"]))
             else:
