@@ -242,8 +242,18 @@ class StoreConfig(_Schema):
 
 
 def _redis_url(url: str | None) -> str | None:
-    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
-        raise _expected("a redis://HOST:PORT/DB url (or rediss://, unix://)")
+    if url is None:
+        return None
+    split = urlsplit(url)
+    try:
+        port, path = split.port, split.path.strip("/")
+    except ValueError:
+        port, path = None, "?"
+    if (split.scheme not in ("redis", "rediss", "unix")
+            or (split.scheme != "unix" and (not split.hostname or (split.netloc.endswith(":")
+                                                                    and port is None)))
+            or (split.scheme != "unix" and path and not path.isdigit())):
+        raise _expected("a redis://HOST:PORT/DB url (or rediss://, unix://PATH)")
     return url
 
 
