@@ -215,3 +215,30 @@ def _redis_killed_mid_run(cluster: Cluster, reps: Replicas, redis: RedisServer) 
         # One line when it went, one when it came back: not one per call.
         assert len(re.findall(r"shared_state_down", log)) == 1, log[-3000:]
         assert len(re.findall(r"shared_state_up", log)) == 2, log[-3000:]  # start, return
+
+
+def test_a_redis_that_hangs_costs_no_request_and_the_replicas_say_so_until_it_answers(
+        cluster: Cluster, tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    reps = Replicas(cluster, redis.url, "hang:", n=2)
+    try:
+        cluster.start_sim("first", "m")
+        cluster.start_sim("second", "m")
+        reps.start(["first", "second"])
+        redis.pause()
+        wait_each((0, 1), lambda n: not _shared_up(reps, n), "to find Redis too slow")
+        status, body = reps.call(0, "GET", "/readyz")
+        assert body["shared_state"]["error"].startswith("TimeoutError"), body
+        assert "local state" in body["shared_state"]["detail"]
+        # Requests and admin calls go on from local state, each as fast as usual: every
+        # Redis call is bounded by state.timeout_s and none is on the request path.
+        assert round_robin(reps, 6, (0, 1)) == ["local:first"] * 6
+        assert reps.call(1, "POST", "/admin/instances/first/drain")[0] == 200
+        assert round_robin(reps, 2, (1,)) == ["local:second"] * 2
+        redis.resume()
+        wait_each((0, 1), lambda n: _shared_up(reps, n), "to be back", 15)
+        wait_each((0,), lambda n: reps.instance(n, "first")["state"] == "DRAINED",
+                  "to get the drain made while Redis hung")
+    finally:
+        redis.stop()
