@@ -11,7 +11,8 @@ Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
 added latency, 4 one of two instances dead, 5 proxy memory, 6 planning cost, 7 audit store,
-8 peers, 9 the proxy against a bare aiohttp pass-through (and --workers 2 against 1).
+8 peers, 9 the proxy against a bare aiohttp pass-through (and --workers 2 against 1), 10
+replicas sharing state on Redis (bench_lib/shared.py).
 Rows for features the proxy lacks print as n/a (see FAILOVER_CASES).
 """
 
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_lib import peers
+from bench_lib import shared as shared_state
 from bench_lib.procs import (
     LOCALHOST,
     ROOT,
@@ -79,6 +81,7 @@ SECTIONS = {
     "baseline": "9. against a bare aiohttp pass-through (scripts/bench_lib/passthrough.py: one "
                 "ClientSession, uvloop, no routing), wrk -t1, same simulators (direct column = "
                 "pass-through)",
+    shared_state.SECTION: shared_state.TITLE,
 }
 
 
@@ -1096,6 +1099,9 @@ class Bench:
         with self.timed("5 memory"):
             self.log(f"[5] memory with {self.s.streams} open streams")
             self.memory_group()
+        with self.timed("10 shared state"):
+            self.log("[10] replicas sharing state on Redis")
+            shared_state.run(self, sys.modules[__name__])
 
     def report(self, total_s: float) -> str:
         order = list(SECTIONS)
