@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install clean lint typecheck bench chaos chromium redis
+.PHONY: run test install clean lint typecheck bench chaos chromium redis nginx replicas
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(TEST_STAMP)
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(TEST_STAMP) llama chromium node redis
+test: $(TEST_STAMP) llama chromium node redis nginx
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's chromium for the status page tests (tests/test_ui_browser.py drives it with
@@ -37,6 +37,18 @@ chromium:
 redis:
 	@test -x /usr/bin/redis-server || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
+
+# Debian's nginx for the replicas demo (scripts/replicas_demo.py, run by tests/test_replicas.py):
+# only the binary is used, with a config of the demo's own (the package's service is not
+# needed; where the system starts it, it listens on :80).
+nginx:
+	@test -x /usr/sbin/nginx || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
+
+# `make replicas`: three replicas behind nginx sharing state on Redis, checked, then up
+# until Ctrl-C (README: "Several replicas").
+replicas: $(STAMP) redis nginx
+	$(BIN)/python scripts/replicas_demo.py
 
 # `make node`: the Node openai SDK for tests/test_node_sdk.py, from the npm registry into
 # tests/node/node_modules (needs node 18+ and npm; `make test` runs it first).

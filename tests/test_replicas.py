@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import ROOT, Cluster, wait_until
 from tests.redis_server import RedisServer
 from tests.replicas import Replicas
 
@@ -242,3 +245,15 @@ def test_a_redis_that_hangs_costs_no_request_and_the_replicas_say_so_until_it_an
                   "to get the drain made while Redis hung")
     finally:
         redis.stop()
+
+
+def test_the_replicas_demo_script_starts_three_replicas_behind_nginx_and_checks_them(
+        tmp_path: Path) -> None:
+    """scripts/replicas_demo.py, as the README tells users to run it (on free ports)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "replicas_demo.py"),
+                           "--check", "--free-ports"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DEMO_RUN_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "answered by 3 replicas" in done.stdout
+    assert "went to local:secondary" in done.stdout
+    assert done.stdout.rstrip().endswith("OK")
