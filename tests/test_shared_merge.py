@@ -19,6 +19,7 @@ from proxy.health.fingerprints import Pin
 from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
 from proxy.health.states import DRAINED, MISMATCH, READY, UNKNOWN
+from proxy.routing.sessions import SessionTable
 from proxy.state.merge import Ledger
 
 
@@ -211,3 +212,17 @@ def test_an_open_circuit_whose_end_has_passed_is_not_taken_in() -> None:
     b.receive(a.take())
     assert b.a.circuit.state == CLOSED
     assert (a.a.id, CIRCUIT) in b.ledger.seen
+
+
+def test_a_session_is_told_to_the_other_replicas_when_new_changed_or_half_expired() -> None:
+    told: list[tuple[str, str, float]] = []
+    table = SessionTable(ttl_s=100.0)
+    table.on_remember = lambda key, inst, ttl: told.append((key, inst, ttl))
+    table.remember("s1", "p:a", now=0.0)
+    table.remember("s1", "p:a", now=10.0)  # the same, fresh: nothing to tell
+    table.remember("s1", "p:b", now=20.0)  # moved: told
+    table.remember("s1", "p:b", now=75.0)  # past half its TTL: refreshed everywhere
+    assert told == [("s1", "p:a", 100.0), ("s1", "p:b", 100.0), ("s1", "p:b", 100.0)]
+    other = SessionTable(ttl_s=100.0)
+    other.adopt("s1", "p:b", expires=50.0)
+    assert other.get("s1", now=49.0) == "p:b" and other.get("s1", now=50.0) is None
