@@ -208,9 +208,12 @@ class SharedState:
                     await self._listen(pubsub)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._set_up(False, exc)
-                self._ready.set()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_S[1])
+            except Exception as exc:  # a bug must not end sharing for the process's life
+                log.exception("shared_state_failed")
+                self._set_up(False, exc)
+            self._ready.set()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_S[1])
 
     async def _listen(self, pubsub: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -280,6 +283,9 @@ class SharedState:
             try:
                 await asyncio.wait_for(pipe.execute(), self.config.timeout_s)
             except (RedisError, OSError, TimeoutError) as exc:
+                self._set_up(False, exc)
+            except Exception as exc:  # a bug must not end the writer
+                log.exception("shared_state_failed")
                 self._set_up(False, exc)
 
     async def _resync(self) -> None:
