@@ -9,7 +9,7 @@ caller. Neither does I/O.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -52,8 +52,8 @@ class ChangeSink(Protocol):
 class SharedWrites:
     """The registry's writers for another replica's findings (times on the monotonic clock)."""
 
-    def set_state(self, inst: InstanceState, new: str, reason: str) -> bool:
-        raise NotImplementedError  # the registry's
+    if TYPE_CHECKING:  # the registry's own
+        def set_state(self, inst: InstanceState, new: str, reason: str) -> bool: ...
 
     @staticmethod
     def adopt_open_circuit(inst: InstanceState, until: float, by: str | None,

@@ -3,7 +3,9 @@
 - Throughput: two proxies in front of the same simulator, one with its state in process,
   one with `state.url` on a redis-server of this run (Debian's, started here); wrk runs
   alternate between them (in process, Redis, in process, Redis ...), and the row is the
-  ratio of the medians (target: at least 0.85).
+  ratio of the medians (target: at least 0.85). Twice: plain requests, then a new session
+  key on every request (each a session entry to share: the most the request path hands
+  the shared layer).
 - Propagation: two replicas A and B on that Redis, in front of an ordered group whose
   first member's port refuses connections. Each trial sends one request to A (which opens
   that instance's circuit at its refusal, then moves on) and polls B's
@@ -96,27 +98,46 @@ def run(bench: Bench, bench_mod: Any) -> None:
         sup.stop_tagged("shared")
 
 
+#: A new session key on every request (unique per run): each one is a session entry the
+#: Redis replica shares, the most the request path ever hands the shared layer.
+_NEW_SESSIONS = """
+math.randomseed(os.time())
+local run = tostring(math.random(1, 1000000000))
+local n = 0
+request = function()
+  n = n + 1
+  wrk.headers["x-session-id"] = "bench-" .. run .. "-" .. n
+  return wrk.format()
+end
+"""
+
+
 def _throughput(bench: Bench, proxies: dict[str, Child]) -> None:
-    script = bench.script_for("main")
-    rps: dict[str, list[float]] = {"local": [], "redis": []}
-    p99: dict[str, list[float]] = {"local": [], "redis": []}
-    pairs = max(1, bench.s.audit_pairs)
-    for i in range(pairs):
-        for mode in ("local", "redis"):
-            proxy = proxies[mode]
-            res = bench.wrk_run(f"state-{mode}-{i + 1}", f"http://{LOCALHOST}:{proxy.port}{CHAT}",
-                                script, 64, watch=proxy)
-            rps[mode].append(res.rps or 0.0)
-            if res.p99_ms is not None:
-                p99[mode].append(res.p99_ms)
-    local, redis = statistics.median(rps["local"]), statistics.median(rps["redis"])
-    bench.raw["shared_throughput"] = {"rps": rps, "p99_ms": p99}
-    bench.row(SECTION, "requests/s, 64 conns", local, redis, "req/s", RATIO,
-              f"median of {pairs} alternating runs each; ratio = Redis/in process "
-              "(target >= 0.85)")
-    if p99["local"] and p99["redis"]:
-        bench.row(SECTION, "latency p99, 64 conns", statistics.median(p99["local"]),
-                  statistics.median(p99["redis"]), "ms", RATIO)
+    plain = bench.script_for("main")
+    sessions = bench.script_for("main", name="main-sessions")
+    sessions.write_text(sessions.read_text() + _NEW_SESSIONS)
+    for label, script, what in (("state", plain, ""),
+                                ("state-sessions", sessions, ", a new session each")):
+        rps: dict[str, list[float]] = {"local": [], "redis": []}
+        p99: dict[str, list[float]] = {"local": [], "redis": []}
+        pairs = max(1, bench.s.audit_pairs)
+        for i in range(pairs):
+            for mode in ("local", "redis"):
+                proxy = proxies[mode]
+                res = bench.wrk_run(f"{label}-{mode}-{i + 1}",
+                                    f"http://{LOCALHOST}:{proxy.port}{CHAT}", script, 64,
+                                    watch=proxy)
+                rps[mode].append(res.rps or 0.0)
+                if res.p99_ms is not None:
+                    p99[mode].append(res.p99_ms)
+        local, redis = statistics.median(rps["local"]), statistics.median(rps["redis"])
+        bench.raw[f"shared_throughput{what and '_sessions'}"] = {"rps": rps, "p99_ms": p99}
+        bench.row(SECTION, f"requests/s, 64 conns{what}", local, redis, "req/s", RATIO,
+                  f"median of {pairs} alternating runs each; ratio = Redis/in process "
+                  "(target >= 0.85)")
+        if p99["local"] and p99["redis"]:
+            bench.row(SECTION, f"latency p99, 64 conns{what}", statistics.median(p99["local"]),
+                      statistics.median(p99["redis"]), "ms", RATIO)
 
 
 def _get(conn: http.client.HTTPConnection, method: str, path: str,
