@@ -7,8 +7,9 @@
   pipelines. The request path never waits on Redis: plans read only local state.
 - Per instance, Redis keeps a hash `PREFIX i:ID` (field -> newest message) written by a
   compare-and-set script that publishes on `PREFIX events` only what is newer. Keyed
-  maps with a TTL (session stickiness; later prefix affinity) are plain keys
-  `PREFIX m:NAME:KEY` with the entry's TTL, published the same way.
+  maps with a TTL (session stickiness; later prefix affinity) are published alone, the
+  entries of a writer's batch in one message, each with its expiry: a session costs the
+  request path one queue put and Redis a share of one PUBLISH.
 - One task listens on the channel and applies what other replicas send through the
   registry (`Ledger.remote`), and every `resync_s` offers Redis what this replica holds
   and reads back every instance's hash: anything missed (a message lost while Redis was
@@ -18,7 +19,8 @@
   line when it goes down and one when it is back, and reconnects with back-off. A change
   made while Redis was away (a drain) is in the ledger and offered at the resync that
   follows the reconnect: the latest evidence wins there as anywhere. Map entries and
-  figures made while it was away are not replayed (a session re-sticks at its next turn).
+  figures made while it was away are not replayed, nor known to a replica started later
+  (a session re-sticks at its next turn).
 
 Redis: the `redis` package's asyncio client (redis-py, https://redis.readthedocs.io),
 against Redis 7 (Debian 12's redis-server 7.0): EVALSHA with a Lua script, PUBLISH,
@@ -79,7 +81,8 @@ return 1
 MapApply = Callable[[str, str, float], None]
 #: A map's writer: (key, value, TTL in seconds).
 MapWrite = Callable[[str, str, float], None]
-_Item = tuple[str, str, str, bytes, float]  # (kind, name, key/field, message, t or ttl)
+#: ("i", instance id, field, message, 0.0) or ("m", map name, key, value, expiry wall-clock)
+_Item = tuple[str, str, str, bytes | str, float]
 
 
 class SharedState:
@@ -125,10 +128,7 @@ class SharedState:
         self.maps[name] = apply
 
         def write(key: str, value: str, ttl_s: float) -> None:
-            now = time.time()
-            raw = orjson.dumps({"r": self.replica, "t": now, "m": name, "k": key, "v": value,
-                                "x": now + ttl_s})
-            self._put(("m", name, key, raw, ttl_s))
+            self._put(("m", name, key, value, time.time() + ttl_s))
 
         return write
 
@@ -238,7 +238,8 @@ class SharedState:
             msg: Message = orjson.loads(raw)
             if "m" in msg:
                 if msg["r"] != self.replica and (apply := self.maps.get(msg["m"])):
-                    apply(str(msg["k"]), str(msg["v"]), to_mono(float(msg["x"])))
+                    for key, value, expires in msg["e"]:
+                        apply(str(key), str(value), to_mono(float(expires)))
             else:
                 self.ledger.remote(msg, raw)
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
@@ -256,16 +257,23 @@ class SharedState:
     def _key(self, instance_id: str) -> str:
         return f"{self.config.prefix}i:{instance_id}"
 
-    async def _stage(self, pipe: Pipeline, item: _Item) -> None:
-        """Add the item's commands to `pipe` (nothing is sent before `execute`)."""
-        kind, name, key, raw, extra = item
-        if kind == "i":
-            t = orjson.loads(raw)["t"]
-            await self._put_newer(keys=[self._key(name), self.channel],
-                            args=[key, raw, repr(t), KEY_TTL_S * 1000], client=pipe)
-        else:
-            pipe.set(f"{self.config.prefix}m:{name}:{key}", raw, px=max(1, int(extra * 1000)))
-            pipe.publish(self.channel, raw)
+    async def _stage(self, pipe: Pipeline, items: list[_Item]) -> None:
+        """Add the items' commands to `pipe` (nothing is sent before `execute`): a
+        compare-and-set per instance field, and one message per map for all its entries
+        (map entries travel by pub/sub alone: nothing reads them back from Redis)."""
+        entries: dict[str, list[tuple[str, bytes | str, float]]] = {}
+        for kind, name, key, payload, extra in items:
+            if kind == "i":
+                assert isinstance(payload, bytes)
+                t = orjson.loads(payload)["t"]
+                await self._put_newer(keys=[self._key(name), self.channel],
+                                      args=[key, payload, repr(t), KEY_TTL_S * 1000],
+                                      client=pipe)
+            else:
+                entries.setdefault(name, []).append((key, payload, extra))
+        for name, batch in entries.items():
+            pipe.publish(self.channel, orjson.dumps(
+                {"r": self.replica, "t": time.time(), "m": name, "e": batch}))
 
     async def _write(self) -> None:
         """Drain the queue into Redis, a pipeline per batch."""
@@ -278,8 +286,7 @@ class SharedState:
                 self._dropped.inc(sum(item[0] != "i" for item in batch))
                 continue
             pipe = self._client.pipeline(transaction=False)
-            for item in batch:
-                await self._stage(pipe, item)
+            await self._stage(pipe, batch)
             try:
                 await asyncio.wait_for(pipe.execute(), self.config.timeout_s)
             except (RedisError, OSError, TimeoutError) as exc:
@@ -293,8 +300,8 @@ class SharedState:
         read every instance's hash back and take in what is newer here."""
         ledger = self.ledger
         pipe = self._client.pipeline(transaction=False)
-        for (instance_id, field), raw in list(ledger.latest.items()):
-            await self._stage(pipe, ("i", instance_id, field, raw, 0.0))
+        await self._stage(pipe, [("i", instance_id, field, raw, 0.0)
+                                 for (instance_id, field), raw in list(ledger.latest.items())])
         ids = [inst.id for inst in ledger.registry.states]
         for instance_id in ids:
             pipe.hgetall(self._key(instance_id))
