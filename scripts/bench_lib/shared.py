@@ -120,6 +120,7 @@ def _throughput(bench: Bench, proxies: dict[str, Child]) -> None:
                                 ("state-sessions", sessions, ", a new session each")):
         rps: dict[str, list[float]] = {"local": [], "redis": []}
         p99: dict[str, list[float]] = {"local": [], "redis": []}
+        cpu_us: dict[str, list[float]] = {"local": [], "redis": []}
         pairs = max(1, bench.s.audit_pairs)
         for i in range(pairs):
             for mode in ("local", "redis"):
@@ -130,14 +131,22 @@ def _throughput(bench: Bench, proxies: dict[str, Child]) -> None:
                 rps[mode].append(res.rps or 0.0)
                 if res.p99_ms is not None:
                     p99[mode].append(res.p99_ms)
+                if res.requests:
+                    cpu_us[mode].append(res.cpu_s / res.requests * 1e6)
         local, redis = statistics.median(rps["local"]), statistics.median(rps["redis"])
-        bench.raw[f"shared_throughput{what and '_sessions'}"] = {"rps": rps, "p99_ms": p99}
+        bench.raw[f"shared_throughput{what and '_sessions'}"] = {"rps": rps, "p99_ms": p99,
+                                                                 "cpu_us": cpu_us}
         bench.row(SECTION, f"requests/s, 64 conns{what}", local, redis, "req/s", RATIO,
                   f"median of {pairs} alternating runs each; ratio = Redis/in process "
                   "(target >= 0.85)")
         if p99["local"] and p99["redis"]:
             bench.row(SECTION, f"latency p99, 64 conns{what}", statistics.median(p99["local"]),
                       statistics.median(p99["redis"]), "ms", RATIO)
+        if cpu_us["local"] and cpu_us["redis"]:
+            # Less sensitive to other work on the machine than requests/s.
+            bench.row(SECTION, f"proxy CPU per request{what}", statistics.median(cpu_us["local"]),
+                      statistics.median(cpu_us["redis"]), "us", RATIO,
+                      "the proxy process's own (Redis's is not counted)")
 
 
 def _get(conn: http.client.HTTPConnection, method: str, path: str,
