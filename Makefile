@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install clean lint typecheck bench chaos chromium
+.PHONY: run test install clean lint typecheck bench chaos chromium redis nginx replicas
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(TEST_STAMP)
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(TEST_STAMP) llama chromium node
+test: $(TEST_STAMP) llama chromium node redis nginx
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's chromium for the status page tests (tests/test_ui_browser.py drives it with
@@ -31,6 +31,24 @@ test: $(TEST_STAMP) llama chromium node
 chromium:
 	@test -x /usr/bin/chromium || DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# Debian's redis-server for the shared-state tests (tests/redis_server.py starts it per test
+# session on a free port), the replicas demo and `make bench`.
+redis:
+	@test -x /usr/bin/redis-server || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
+
+# Debian's nginx for the replicas demo (scripts/replicas_demo.py, run by tests/test_replicas.py):
+# only the binary is used, with a config of the demo's own (the package's service is not
+# needed; where the system starts it, it listens on :80).
+nginx:
+	@test -x /usr/sbin/nginx || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
+
+# `make replicas`: three replicas behind nginx sharing state on Redis, checked, then up
+# until Ctrl-C (README: "Several replicas").
+replicas: $(STAMP) redis nginx
+	$(BIN)/python scripts/replicas_demo.py
 
 # `make node`: the Node openai SDK for tests/test_node_sdk.py, from the npm registry into
 # tests/node/node_modules (needs node 18+ and npm; `make test` runs it first).
@@ -49,9 +67,10 @@ typecheck: $(TEST_STAMP)
 	$(BIN)/mypy --strict proxy tests
 
 # `make bench` (a few minutes) or `make bench BENCH_ARGS="--quick --json out.json"`;
-# one section: `make bench BENCH_ARGS="--only affinity"` (section 10 runs real llama-servers);
+# one section: `make bench BENCH_ARGS="--only affinity"` (section 10 runs real llama-servers;
+# 11, `--only shared`, real Redis);
 # BENCH_PEERS=litellm also measures LiteLLM (installed into its own venv under ~/.cache).
-bench: $(STAMP) llama
+bench: $(STAMP) llama redis
 	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y wrk \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; }
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)

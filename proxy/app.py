@@ -28,6 +28,7 @@ from proxy.providers.transport import Upstream, make_client
 from proxy.routing.planner import Planner
 from proxy.routing.scoring import capability_notes
 from proxy.secrets import Redactor, config_secrets, set_log_redactor
+from proxy.state import SharedState
 from proxy.tracing import Tracing
 from proxy.tracing import setup as setup_tracing
 from proxy.ui import add_ui_routes
@@ -41,7 +42,8 @@ RELOAD_LOCK = web.AppKey("reload_lock", asyncio.Lock)
 
 
 def _assemble(config: Config, registry: Registry, recorder: Recorder,
-              client: ClientSession, tracing: Tracing | None) -> ProxyState:
+              client: ClientSession, tracing: Tracing | None,
+              shared: SharedState | None = None) -> ProxyState:
     """Everything that depends on the config, around the long-lived client, recorder and
     tracing."""
     redactor = Redactor(config_secrets(config))
@@ -51,6 +53,8 @@ def _assemble(config: Config, registry: Registry, recorder: Recorder,
     planner = Planner(config, registry)
     forwarder = Forwarder(config, registry, upstream, planner)
     forwarder.tracing = tracing
+    if shared is not None:
+        shared.attach(registry)
     registry.listeners.append(recorder.state_changed)
     recorder.known_models = frozenset(
         {"auto", *config.models, *(i.model for i in config.instances if i.model),
@@ -69,6 +73,7 @@ def _assemble(config: Config, registry: Registry, recorder: Recorder,
         redactor=redactor,
         models_body=models_body(config),
         tracing=tracing,
+        shared=shared,
     )
 
 
@@ -94,18 +99,29 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     recorder = Recorder(metrics, store, EventHub())
     client = make_client(config.timeouts)  # one pooled client for the app's life
     tracing = setup_tracing()
-    state = _assemble(config, Registry(config.instances, config.health), recorder, client,
-                      tracing)
+    registry = Registry(config.instances, config.health)
+    shared = None
+    if config.state.url is not None:
+        shared = SharedState(config.state, registry, metrics.registry)
+    state = _assemble(config, registry, recorder, client, tracing, shared)
     set_log_redactor(state.redactor)
     app[STATE] = state
+    if shared is not None:  # before the first probes: plans start from what others know
+        state.planner.sessions.on_remember = shared.share_map(
+            "sessions", state.planner.sessions.adopt)
+        shared.ledger.on_back = lambda inst: app[STATE].prober.probe_soon(inst)
+        await shared.start()
     await _start_probing(state)
     log.info("proxy_started", instances=[s.id for s in state.registry.states],
-             config=config.source, audit=config.store.url if store else "off")
+             config=config.source, audit=config.store.url if store else "off",
+             shared_state="redis" if shared else "off")
     if notes := capability_notes(config.instances):
         log.warning("capability_coverage", notes=notes)
     yield
     state = app[STATE]  # the latest, after any reloads
     await state.prober.stop()
+    if state.shared is not None:
+        await state.shared.stop()
     await client.close()
     await state.upstream.pools.close()
     if store is not None:
@@ -141,9 +157,12 @@ async def _reload(app: web.Application, path: str | None) -> tuple[bool, str]:
         notes.append("server.host/port take effect at the next restart")
     if config.store != old.store:
         notes.append("store settings take effect at the next restart")
+    if config.state != old.state:
+        notes.append("state settings take effect at the next restart")
     registry = Registry(config.instances, config.health)
     registry.adopt(state.registry, config.health)
-    fresh = _assemble(config, registry, state.recorder, state.client, state.tracing)
+    fresh = _assemble(config, registry, state.recorder, state.client, state.tracing,
+                      state.shared)
     fresh.planner.sessions = state.planner.sessions
     fresh.planner.sessions.ttl_s = config.routing.sticky_ttl_s
     fresh.planner.affinity.keep(state.planner.affinity)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from proxy.config import Config
 
@@ -50,6 +51,10 @@ def config_secrets(config: Config) -> list[str]:
         if inst.api_key:
             out.append(inst.api_key)
         out.extend(value for _, value in inst.headers)
+    if config.state.url:
+        password = urlsplit(config.state.url).password
+        if password:
+            out.append(password)
     return out
 
 

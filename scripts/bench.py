@@ -12,7 +12,8 @@ Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
 added latency, 4 one of two instances dead, 5 proxy memory, 6 planning cost, 7 audit store,
 8 peers, 9 the proxy against a bare aiohttp pass-through (and --workers 2 against 1), 10
-prefix-cache affinity and load on three real llama-servers (scripts/bench_lib/affinity.py).
+prefix-cache affinity and load on three real llama-servers (scripts/bench_lib/affinity.py), 11
+replicas sharing state on Redis (scripts/bench_lib/shared.py).
 Rows for features the proxy lacks print as n/a (see FAILOVER_CASES).
 
     .venv/bin/python scripts/bench.py --only affinity      # one section (or a few: a,b)
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_lib import affinity, peers
+from bench_lib import shared as shared_state
 from bench_lib.procs import (
     LOCALHOST,
     ROOT,
@@ -83,11 +85,13 @@ SECTIONS = {
                 "ClientSession, uvloop, no routing), wrk -t1, same simulators (direct column = "
                 "pass-through)",
     affinity.SECTION: affinity.TITLE,
+    shared_state.SECTION: shared_state.TITLE,
 }
 #: What `--only` runs for each section: the groups measure several sections at once.
 GROUPS = {"planning": ("planning",), "main": ("nonstream", "stream", "dead", "audit", "peers",
                                               "baseline"),
-          "failover": ("failover",), "memory": ("memory",), "affinity": ("affinity",)}
+          "failover": ("failover",), "memory": ("memory",), "affinity": ("affinity",),
+          "shared": ("shared",)}
 
 
 @dataclass(frozen=True)
@@ -1115,6 +1119,10 @@ class Bench:
             with self.timed("10 affinity"):
                 self.log("[10] prefix-cache affinity and load, three llama-servers")
                 affinity.run(self, self.affinity_planning)
+        if wanted("shared"):
+            with self.timed("11 shared state"):
+                self.log("[11] replicas sharing state on Redis")
+                shared_state.run(self, sys.modules[__name__])
 
     def affinity_planning(self, on: bool, history: int) -> float:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -24,6 +24,7 @@ from proxy.app import create_app
 from proxy.config import DEFAULT_STORE_URL, Config, parse_config
 from proxy.sim.simulator import Simulator
 from tests.cluster import Cluster
+from tests.redis_server import RedisServer
 
 MakeSim = Callable[..., Awaitable[Simulator]]
 
@@ -63,6 +64,15 @@ async def make_sim() -> AsyncIterator[MakeSim]:
 
     async with started(simulator) as make:
         yield make
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the whole session (tests keep apart by key prefix)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from proxy.config import ConfigError, DocumentSpec, load_config, parse_config, split_base_url
+from proxy.secrets import config_secrets
 
 #: The seed's providers.json, a real user's config (copied: a clone has no ../shared).
 SEED_PROVIDERS = Path(__file__).resolve().parent / "fixtures" / "providers.json"
@@ -503,3 +504,22 @@ def test_any_document_gives_a_config_or_a_config_error(document: Any) -> None:
         parse_config(document, "c.yaml")
     except ConfigError as exc:
         assert str(exc).startswith("c.yaml: ")
+
+
+@pytest.mark.parametrize("url", ["http://user:hunter2-secret@redis.example:6379/0",
+                                 "redis://:hunter2-secret@h:port/0",
+                                 "redis://:hunter2-secret@h:6379/zero", "redis://"])
+def test_a_state_url_that_is_not_redis_is_refused_without_quoting_its_password(url: str) -> None:
+    doc = {**_VALID, "state": {"url": url}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc, "c.yaml")
+    message = str(err.value)
+    assert message.startswith("c.yaml: state.url: expected a redis://HOST:PORT/DB url"), message
+    assert "hunter2-secret" not in message
+
+
+def test_the_password_of_a_state_url_is_a_secret_to_scrub() -> None:
+    config = parse_config({**_VALID, "state": {"url": "redis://:hunter2-secret@h:6379/0"}},
+                          "c.yaml")
+    assert "hunter2-secret" in config_secrets(config)
+    assert "hunter2-secret" not in repr(config.state)

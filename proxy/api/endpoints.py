@@ -340,10 +340,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: 200 when at least one instance is routable, else 503."""
-    registry = request.app[STATE].registry
-    routable = [s.id for s in registry.states if s.routable()]
-    body = orjson.dumps({"status": "ready" if routable else "unavailable", "routable": routable})
+    """GET /readyz: 200 when at least one instance is routable, else 503; with a shared
+    state (`state.url`), whether it is reachable (`shared_state`: up, since, and while
+    down the error: the replica serves from its local state then, so it stays ready)."""
+    state = request.app[STATE]
+    routable = [s.id for s in state.registry.states if s.routable()]
+    doc: dict[str, object] = {"status": "ready" if routable else "unavailable",
+                              "routable": routable}
+    if state.shared is not None:
+        doc["shared_state"] = state.shared.status()
+    body = orjson.dumps(doc)
     return web.Response(status=200 if routable else 503, body=body, content_type=_JSON)
 
 

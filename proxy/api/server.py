@@ -283,7 +283,8 @@ def supervise(workers: int, run_one: Callable[[], int]) -> int:
     """Run `run_one` in `workers` forked processes sharing one port (SO_REUSEPORT).
 
     Each worker is a whole proxy with its own instance states, prober, sessions, metrics
-    and audit writer (they share the SQLite file). Signals are passed on to every worker;
+    and audit writer (they share the SQLite file; with `state.url` they share instance
+    states and sessions through Redis, as replicas do). Signals are passed on to every worker;
     the supervisor exits when all have, with the worst exit code.
     """
     children: list[int] = []

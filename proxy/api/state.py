@@ -15,6 +15,7 @@ from proxy.health.registry import Registry
 from proxy.providers.transport import Upstream
 from proxy.routing.planner import Planner
 from proxy.secrets import Redactor
+from proxy.state import SharedState
 from proxy.tracing import Tracing
 
 
@@ -36,6 +37,8 @@ class ProxyState:
     models_body: bytes
     #: OpenTelemetry traces, when the environment asks for them (proxy.tracing).
     tracing: Tracing | None = None
+    #: The link to the other replicas (`state.url`), or None: this process's state alone.
+    shared: SharedState | None = None
 
     def replace_with(self, other: ProxyState) -> None:
         """Take over every field of `other` (used by reload)."""

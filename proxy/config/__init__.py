@@ -38,6 +38,7 @@ from proxy.config.schema import (
     RetryConfig,
     RoutingConfig,
     ServerConfig,
+    StateConfig,
     StoreConfig,
     TimeoutsConfig,
     TlsConfig,
@@ -51,6 +52,6 @@ __all__ = [
     "SERVER_KINDS", "Config", "ConfigError", "CostSpec", "DocumentSpec", "GroupSpec",
     "HealthConfig", "InstanceConfig", "InstanceSpec", "LoggingConfig", "MetadataSpec",
     "ModelGroup", "PinSpec", "ProviderSpec", "RetryConfig", "RoutingConfig", "ServerConfig",
-    "StoreConfig", "TimeoutsConfig", "TlsConfig", "UpstreamConfig", "Weights", "instance_ids",
+    "StateConfig", "StoreConfig", "TimeoutsConfig", "TlsConfig", "UpstreamConfig", "Weights", "instance_ids",
     "is_local_host", "load_config", "parse_config", "split_base_url",
 ]

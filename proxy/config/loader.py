@@ -37,6 +37,7 @@ from proxy.config.schema import (
     RetryConfig,
     RoutingConfig,
     ServerConfig,
+    StateConfig,
     StoreConfig,
     TimeoutsConfig,
     TlsConfig,
@@ -101,6 +102,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     models: Mapping[str, ModelGroup] = field(default_factory=dict)
     instances: tuple[InstanceConfig, ...] = ()
@@ -163,8 +165,12 @@ def _error(source: str, path: str, expected: str, got: Any = _NOTHING) -> Config
     return ConfigError(msg)
 
 
+#: Whole values that may hold a password (a URL's user info).
+SECRET_PATHS = frozenset({"state.url"})
+
+
 def _is_secret_path(path: str) -> bool:
-    return any(part.split("[")[0] in SECRET_KEYS for part in path.split("."))
+    return path in SECRET_PATHS or any(part.split("[")[0] in SECRET_KEYS for part in path.split("."))
 
 
 def _describe(value: Any, secret: bool) -> str:
@@ -378,7 +384,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     instances = _instances(doc.providers, source, base_dir)
     return Config(source=source, server=doc.server, routing=doc.routing, health=doc.health,
                   timeouts=doc.timeouts, upstream=doc.upstream, retry=doc.retry,
-                  store=_store_beside(doc.store, base_dir), logging=doc.logging,
+                  store=_store_beside(doc.store, base_dir), state=doc.state, logging=doc.logging,
                   models=_models(doc.models, instances, source), instances=instances,
                   ids=instance_ids(instances))
 

@@ -269,6 +269,37 @@ class StoreConfig(_Schema):
     queue_size: Whole = Field(50_000, ge=1)
 
 
+def _redis_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    split = urlsplit(url)
+    try:
+        port, path = split.port, split.path.strip("/")
+    except ValueError:
+        port, path = None, "?"
+    if (split.scheme not in ("redis", "rediss", "unix")
+            or (split.scheme != "unix" and (not split.hostname or (split.netloc.endswith(":")
+                                                                    and port is None)))
+            or (split.scheme != "unix" and path and not path.isdigit())):
+        raise _expected("a redis://HOST:PORT/DB url (or rediss://, unix://PATH)")
+    return url
+
+
+class StateConfig(_Schema):
+    """`state:`: where replicas share what they learn (proxy/state); no `url`: in process."""
+
+    #: redis://[:PASSWORD@]HOST:PORT/DB; a password in it is a secret (never echoed).
+    url: Annotated[str | None, AfterValidator(_redis_url)] = Field(None, repr=False)
+    #: Namespace of every key and of the channel: replicas of one fleet share it.
+    prefix: str = Field("failover-proxy:", min_length=1, max_length=100)
+    #: Every so often each replica compares its state with Redis and repairs both (seconds).
+    resync_s: Number = Field(5.0, ge=0.1)
+    #: Longest wait for one Redis call; past it Redis counts as down (seconds).
+    timeout_s: Number = Field(0.25, ge=0.01)
+    #: Changes waiting to be written; beyond this they are dropped (the resync repairs them).
+    queue_size: Whole = Field(10_000, ge=1)
+
+
 class LoggingConfig(_Schema):
     """`logging:`: structlog's output (proxy/logs.py)."""
 
@@ -360,6 +391,7 @@ class DocumentSpec(_Schema):
     upstream: UpstreamConfig = UpstreamConfig()
     retry: RetryConfig = RetryConfig()
     store: StoreConfig = StoreConfig()
+    state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
     models: dict[str, GroupSpec] = Field(default_factory=dict)
     providers: list[ProviderSpec] = Field(min_length=1,

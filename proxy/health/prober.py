@@ -96,10 +96,28 @@ class Prober:
             except Exception:  # a probe bug must not kill the loop
                 log.exception("probe_failed", instance=inst.id)
 
+    def probe_soon(self, inst: InstanceState) -> None:
+        """Probe `inst` once now, in the background (another replica enabled it: its
+        state is UNKNOWN here until a probe says more)."""
+        if self.health.enabled:
+            task = asyncio.create_task(self._once(inst), name=f"probe-now:{inst.id}")
+            self._tasks.append(task)
+            task.add_done_callback(self._forget)
+
+    async def _once(self, inst: InstanceState) -> None:
+        try:
+            self.apply(inst, await self.probe(inst))
+        except Exception:  # a probe bug must not go unsaid
+            log.exception("probe_failed", instance=inst.id)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
+
     def start(self) -> None:
         """Start one background task per instance."""
-        self._tasks = [asyncio.create_task(self._loop(s), name=f"probe:{s.id}")
-                       for s in self.registry.states]
+        self._tasks += [asyncio.create_task(self._loop(s), name=f"probe:{s.id}")
+                        for s in self.registry.states]
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -16,6 +16,20 @@ import structlog
 
 from proxy.config import HealthConfig, InstanceConfig, instance_ids
 from proxy.failures import OPENS, STRIKE, Failure
+from proxy.health.changes import (
+    BY_ADMIN,
+    BY_PROBE,
+    BY_REQUEST,
+    CIRCUIT,
+    COOLDOWN,
+    EWMA_ALPHA,
+    FAILURE,
+    PIN,
+    SHARED_STATES,
+    STATE,
+    ChangeSink,
+    SharedWrites,
+)
 from proxy.health.circuit import BY_CONNECTION, BY_HTTP, CLOSED, Circuit
 from proxy.health.fingerprints import CONFIGURED, LEARNED, Pin, changes, configured
 from proxy.health.instance import InstanceState
@@ -32,15 +46,17 @@ from proxy.providers.load import ServerLoad
 log = structlog.get_logger("proxy.health.registry")
 _NO_LOAD = ServerLoad()
 
-_EWMA_ALPHA = 0.2
 #: Longest rate-limit cooldown taken from an upstream's headers (Retry-After, resets).
 MAX_RATE_LIMIT_COOLDOWN_S = 3600.0
 
 StateListener = Callable[[InstanceState, str, str, str], None]
 
 
-class Registry:
-    """All instances in config order, addressable by full id."""
+class Registry(SharedWrites):
+    """All instances in config order, addressable by full id.
+
+    `changes`, when set (proxy.state: replicas sharing state), hears of every change
+    other replicas should know of; `SharedWrites` takes in theirs."""
 
     def __init__(self, instances: Iterable[InstanceConfig],
                  health: HealthConfig | None = None) -> None:
@@ -52,6 +68,7 @@ class Registry:
         self.by_id: dict[str, InstanceState] = {s.id: s for s in self.states}
         self._names = instance_ids(tuple(s.config for s in self.states))
         self.listeners: list[StateListener] = []
+        self.changes: ChangeSink | None = None
 
     def get(self, instance_id: str) -> InstanceState | None:
         """The instance with this full id, or a unique short id."""
@@ -87,6 +104,7 @@ class Registry:
         self.states = tuple(states)
         self.by_id = {s.id: s for s in self.states}
         old.listeners = self.listeners
+        self.changes = old.changes
 
     @staticmethod
     def _reconfigure(inst: InstanceState, config: InstanceConfig, health: HealthConfig) -> None:
@@ -132,6 +150,8 @@ class Registry:
             self._forget_errors(inst)
         if inst.retired:
             return True
+        if self.changes is not None and (new in SHARED_STATES or old in SHARED_STATES):
+            self.changes.changed(inst, STATE)
         log.warning("instance_state_changed", instance=inst.id, old=old, new=new,
                     reason=reason)
         for listener in self.listeners:
@@ -150,6 +170,9 @@ class Registry:
         inst.circuit.on_success()
         inst.rate_limited_until = 0.0
         inst.rate_limit_streak = 0
+        if self.changes is not None:
+            self.changes.changed(inst, CIRCUIT, BY_ADMIN)
+            self.changes.changed(inst, COOLDOWN)
 
     @staticmethod
     def _forget_errors(inst: InstanceState) -> None:
@@ -210,7 +233,7 @@ class Registry:
         """An attempt got a usable answer; `ttfb_s` is its time to first output."""
         ms = ttfb_s * 1000.0
         prev = inst.ttfb_ewma_ms
-        ewma = ms if prev is None else prev + _EWMA_ALPHA * (ms - prev)
+        ewma = ms if prev is None else prev + EWMA_ALPHA * (ms - prev)
         inst.ttfb_ewma_ms = ewma
         inst.latency_reason = f"latency={ewma:.0f}ms"
         inst.successes += 1
@@ -221,12 +244,16 @@ class Registry:
         if inst.circuit.state != CLOSED:
             inst.circuit.on_success()
             log.info("circuit_closed", instance=inst.id, by="successful request")
+            if self.changes is not None:
+                self.changes.changed(inst, CIRCUIT, BY_REQUEST)
 
-    @staticmethod
-    def record_answer(inst: InstanceState) -> None:
+    def record_answer(self, inst: InstanceState) -> None:
         """The instance answered with a client error of the upstream's own (passed
         through): the server works, whatever the request's fault."""
+        was = inst.circuit.state
         inst.circuit.on_success()
+        if was != CLOSED and self.changes is not None:
+            self.changes.changed(inst, CIRCUIT, BY_REQUEST)
 
     def record_failure(self, inst: InstanceState, failure: Failure,
                        retrying: bool = False) -> None:
@@ -248,11 +275,16 @@ class Registry:
         inst.last_error_at = time.time()
         inst.recent.append((now, False))
         inst.last_failure_mono = now
+        changes = self.changes
+        if changes is not None:
+            changes.changed(inst, FAILURE)
         if failure.mismatch:
             self.set_state(inst, MISMATCH, failure.detail)
             return
         if failure.cooldown:
             self._cool_down(inst, failure.retry_after, now)
+            if changes is not None:
+                changes.changed(inst, COOLDOWN)
             return
         effect = failure.circuit
         if effect == OPENS:
@@ -264,6 +296,8 @@ class Registry:
         if opened:
             log.warning("circuit_opened", instance=inst.id, reason=failure.code,
                         cooldown_s=round(inst.circuit.remaining(now), 2))
+            if changes is not None:
+                changes.changed(inst, CIRCUIT)
 
     @staticmethod
     def _cool_down(inst: InstanceState, retry_after_s: float | None, now: float) -> None:
@@ -330,15 +364,19 @@ class Registry:
             # Back after a refused or reset connection: its old errors say nothing now.
             self._forget_errors(inst)
             log.info("circuit_closed", instance=inst.id, by="probe")
+            if self.changes is not None:  # the evidence is as old as the probe's start
+                self.changes.changed(inst, CIRCUIT, BY_PROBE,
+                                     at=inst.last_probe_at - latency_ms / 1000.0)
         if inst.state != DRAINED:  # an admin took it out; probes only keep figures fresh
             self.set_state(inst, state, reason)
 
-    @staticmethod
-    def learn_fingerprint(inst: InstanceState, pin: Pin) -> None:
+    def learn_fingerprint(self, inst: InstanceState, pin: Pin) -> None:
         """What the server serves, learned (`fingerprint: auto`) or its listing changed
         around the pinned model: pinned from now on."""
         old = inst.pin
         inst.pin = pin
+        if self.changes is not None:
+            self.changes.changed(inst, PIN)
         if old is None:
             log.info("fingerprint_pinned", instance=inst.id, fingerprint=pin.describe(),
                      models=list(pin.models[:20]), detail=pin.detail)
@@ -351,5 +389,7 @@ class Registry:
         """Forget a learned fingerprint (an admin's word); the next probe learns it again."""
         if inst.pin is not None and inst.pin.source == LEARNED:
             inst.pin = None
+            if self.changes is not None:
+                self.changes.changed(inst, PIN)
         if inst.state == MISMATCH:
             self.set_state(inst, UNKNOWN, "fingerprint reset by admin")

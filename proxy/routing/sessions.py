@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class SessionTable:
@@ -17,6 +18,9 @@ class SessionTable:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: Told (key, instance id, TTL in seconds) of a new or changed entry, or of one
+        #: past half its TTL refreshed: other replicas share it (proxy.state).
+        self.on_remember: Callable[[str, str, float], None] | None = None
 
     def get(self, key: str | None, now: float | None = None) -> str | None:
         """The instance serving this session, or None if unknown or expired."""
@@ -35,7 +39,22 @@ class SessionTable:
         if key is None or self.ttl_s <= 0:
             return
         entries = self._entries
-        entries[key] = (instance_id, (time.monotonic() if now is None else now) + self.ttl_s)
+        now = time.monotonic() if now is None else now
+        prev = entries.get(key)
+        entries[key] = (instance_id, now + self.ttl_s)
+        entries.move_to_end(key)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+        if self.on_remember is not None and (
+                prev is None or prev[0] != instance_id or prev[1] - now < self.ttl_s / 2):
+            self.on_remember(key, instance_id, self.ttl_s)
+
+    def adopt(self, key: str, instance_id: str, expires: float) -> None:
+        """Another replica's entry, expiring at `expires` (monotonic); not told back."""
+        if self.ttl_s <= 0:
+            return
+        entries = self._entries
+        entries[key] = (instance_id, expires)
         entries.move_to_end(key)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
