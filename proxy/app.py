@@ -109,6 +109,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if shared is not None:  # before the first probes: plans start from what others know
         state.planner.sessions.on_remember = shared.share_map(
             "sessions", state.planner.sessions.adopt)
+        state.planner.affinity.on_remember = shared.share_map(
+            "affinity", state.planner.affinity.adopt)
         shared.ledger.on_back = lambda inst: app[STATE].prober.probe_soon(inst)
         await shared.start()
     await _start_probing(state)

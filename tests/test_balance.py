@@ -30,7 +30,11 @@ from proxy.routing.affinity import (
     CHUNK_BYTES,
     MAX_PARTS,
     SAMPLE_CHARS,
+    Affinity,
     LocalPrefixStore,
+    Prefix,
+    decode_chain,
+    encode_chain,
     prefix_of,
 )
 from proxy.routing.planner import Planner
@@ -362,3 +366,21 @@ def test_the_same_state_gives_the_same_plan_for_ten_instances() -> None:
     assert a.selected == b.selected == "llamacpp:gpu7"
     assert [a.selected, *a.fallback] == [b.selected, *b.fallback]
     assert a.reasons == b.reasons
+
+
+def test_a_hash_chain_travels_to_another_replica_as_text_and_back() -> None:
+    told: list[tuple[str, str, float]] = []
+    here = Affinity(True, 60.0, 1000, 0)
+    there = Affinity(True, 60.0, 1000, 0)
+    here.on_remember = lambda chain, inst, ttl: told.append((chain, inst, ttl))
+    keys = (0, 1, 0xFFFFFFFF_FFFF, 12345)
+    assert decode_chain(encode_chain(keys)) == keys
+    for garbage in ("", "zz", "1,,2", ",".join(["1"] * 1000)):
+        assert decode_chain(garbage) is None
+        there.adopt(garbage, "x", 100.0)  # ignored, never raises
+    prefix = Prefix(keys=keys, ends=(10, 20, 30, 40))
+    here.served(prefix, "local:b", now=0.0)
+    assert len(told) == 1 and told[0][1:] == ("local:b", 60.0)
+    there.adopt(told[0][0], "local:b", 60.0)
+    assert there.hit(prefix, 1.0) == (("local:b",), 1.0)
+    assert there.hit(prefix, 61.0) is None  # the TTL travels with it

@@ -125,6 +125,47 @@ def test_a_session_started_on_a_continues_on_the_same_instance_through_b(
     assert served_by(replicas, 1, session="conv-2")[0] == "local:first"  # others as before
 
 
+def test_a_conversation_served_through_a_goes_back_to_its_cached_instance_through_b(
+        cluster: Cluster, replicas: Replicas) -> None:
+    """Prefix affinity is shared: no session header, only the history re-sent."""
+    cluster.start_sim("first", "m")
+    cluster.start_sim("second", "m")
+    replicas.start(["first", "second"])
+    history: list[dict[str, str]] = [
+        {"role": "system", "content": "You review pull requests carefully. " * 30},
+        {"role": "user", "content": "Turn one: look at this diff."}]
+
+    def answer(n: int, model: str = "auto") -> str:
+        raw = replicas.client(n).chat.completions.with_raw_response.create(
+            model=model, messages=history)  # type: ignore[arg-type]
+        completion = raw.parse()
+        history.append({"role": "assistant",
+                        "content": completion.choices[0].message.content or ""})
+        history.append({"role": "user", "content": f"Turn {len(history) // 2 + 1}."})
+        return raw.headers["x-route-instance"]
+
+    # Turn one lands on `second` through A (a request naming the instance): `second`
+    # now has this prompt cached; without affinity every replica would pick `first`.
+    assert answer(0, model="local:second") == "local:second"
+
+    def b_plans_second() -> bool:
+        status, plan = replicas.call(1, "POST", "/admin/route",
+                                     {"model": "auto", "messages": history})
+        assert status == 200, plan
+        hit = [r for r in plan["reasons"].get("local:second", []) if r.startswith("prefix_hit=")]
+        return bool(plan["selected"] == "local:second" and hit)
+
+    wait_until(b_plans_second, 10, "B to know where the conversation is cached")
+    assert answer(1) == "local:second"
+    assert answer(2) == "local:second"
+    # Another conversation has no cached prefix anywhere.
+    status, plan = replicas.call(1, "POST", "/admin/route", {"model": "auto", "messages": [
+        {"role": "system", "content": "You translate manuals. " * 40},
+        {"role": "user", "content": "Start."}]})
+    assert status == 200, plan
+    assert not [r for rs in plan["reasons"].values() for r in rs if "prefix_hit" in r], plan
+
+
 def test_a_429_seen_by_b_keeps_a_and_c_away_for_its_retry_after(
         cluster: Cluster, replicas: Replicas) -> None:
     cluster.start_sim("first", "m")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -207,7 +207,11 @@ class Affinity:
                  min_prefix_chars: int, store: PrefixStore | None = None) -> None:
         self.enabled = enabled
         self.min_prefix_chars = min_prefix_chars
+        self.ttl_s = ttl_s
         self.store: PrefixStore = store or LocalPrefixStore(ttl_s, max_entries)
+        #: Told (chain, instance id, TTL in seconds) of each prompt served here, the chain
+        #: as `encode_chain` writes it: other replicas share it (proxy.state).
+        self.on_remember: Callable[[str, str, float], None] | None = None
 
     def keep(self, old: Affinity) -> None:
         """A config reload: keep what the previous planner remembered, under the new
@@ -216,6 +220,7 @@ class Affinity:
         if isinstance(store, LocalPrefixStore) and isinstance(mine, LocalPrefixStore):
             store.ttl_s, store.max_entries = mine.ttl_s, mine.max_entries
         self.store = store
+        self.on_remember = old.on_remember
 
     def hit(self, prefix: Prefix | None, now: float) -> tuple[tuple[str, ...], float] | None:
         """(the instances that have it, share of the prompt it is) of the longest known
@@ -238,6 +243,33 @@ class Affinity:
         if prefix is not None and prefix.ends[-1] >= self.min_prefix_chars:
             self.store.remember(prefix.keys, instance_id,
                                 time.monotonic() if now is None else now)
+            if self.on_remember is not None and self.ttl_s > 0:
+                self.on_remember(encode_chain(prefix.keys), instance_id, self.ttl_s)
+
+    def adopt(self, chain: str, instance_id: str, expires: float) -> None:
+        """Another replica's instance served the prompt whose chain is `chain`
+        (`encode_chain`), remembered until `expires` (monotonic); not told back. A chain
+        that does not decode is ignored (another version's, or garbage)."""
+        keys = decode_chain(chain)
+        if keys:
+            self.store.remember(keys, instance_id, expires - self.ttl_s)
+
+
+def encode_chain(keys: Sequence[int]) -> str:
+    """A hash chain as text for other replicas: the keys in hex, comma-separated."""
+    return ",".join([format(key, "x") for key in keys])
+
+
+def decode_chain(text: str) -> tuple[int, ...] | None:
+    """The keys `encode_chain` wrote, or None if `text` is not such a chain (or longer
+    than MAX_PARTS keys)."""
+    parts = text.split(",", MAX_PARTS)
+    if len(parts) > MAX_PARTS:
+        return None
+    try:
+        return tuple(int(part, 16) for part in parts)
+    except ValueError:
+        return None
 
 
 def _first_at_least(ends: tuple[int, ...], least: int) -> int | None:
