@@ -12,9 +12,10 @@ from aiohttp import web
 
 from proxy.api.auth import check_admin
 from proxy.api.endpoints import expect_continue, read_body
-from proxy.api.errors import BadRequest, NotFound
+from proxy.api.errors import AuditUnavailable, BadRequest, NotFound
 from proxy.api.inbound import CHAT, parse_request
 from proxy.api.state import RELOAD, STATE
+from proxy.audit.database import StoreUnavailable
 from proxy.audit.recorder import EVENT_TYPES
 from proxy.audit.schema import EventQuery
 from proxy.health.instance import InstanceState
@@ -102,7 +103,17 @@ async def list_events(request: web.Request) -> web.Response:
     if store is None:
         raise NotFound("The audit store is off (store.enabled: false).", code="audit_off")
     query = parse_event_query(request.query)
-    return _json_response({"events": await store.query(query)})
+    try:
+        return _json_response({"events": await store.query(query)})
+    except StoreUnavailable as exc:
+        raise audit_unavailable(exc) from None
+
+
+def audit_unavailable(exc: StoreUnavailable) -> AuditUnavailable:
+    """The 503 of an admin read while the audit database is away (its message names the
+    store without its password)."""
+    return AuditUnavailable(f"The audit database cannot be reached now ({exc}); rows are "
+                            "kept for it up to store.queue_size.")
 
 
 def parse_event_query(params: Mapping[str, str]) -> EventQuery:

@@ -165,8 +165,12 @@ class Metrics:
         Gauge("failover_proxy_inflight_requests", "Requests being served now",
               registry=r).set_function(lambda: self.inflight)
         self.events_dropped = Counter(
-            "failover_proxy_events_dropped", "Audit rows dropped because the writer fell behind",
+            "failover_proxy_events_dropped", "Audit rows dropped because the writer fell behind or "
+            "its database was away past store.queue_size rows",
             registry=r)
+        self.audit_up = Gauge(
+            "failover_proxy_audit_store_up", "1 while the audit writer can reach its database "
+            "(0 while PostgreSQL is away: rows wait, up to store.queue_size)", registry=r)
         self.stream_resumed = Counter(
             "failover_proxy_streams_resumed", "Streams continued on another instance after a "
             "mid-stream failure", ["from_instance", "to_instance"], registry=r)
