@@ -91,6 +91,11 @@ def format_status(doc: dict[str, Any], url: str) -> str:
     if tokens is not None:  # (a proxy older than this command has no token figures)
         lines.append(f"tokens: {tokens['prompt']} prompt ({tokens['cached']} cached), "
                      f"{tokens['completion']} completion; cost {hour.get('cost', 0):g}")
+        guessed = hour.get("tokens_estimated") or {}
+        if guessed.get("prompt") or guessed.get("completion"):
+            lines.append(f"estimated (answers without usage): {guessed['prompt']} prompt, "
+                         f"{guessed['completion']} completion; cost "
+                         f"{hour.get('cost_estimated', 0):g}")
     recent = doc.get("recent") or []
     lines += ["", "recent reroutes:" if recent else "recent reroutes: none"]
     if recent:

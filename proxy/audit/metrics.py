@@ -158,8 +158,17 @@ class Metrics:
             "failover_proxy_cost", "Cost of answers from their tokens and the instance's "
             "metadata.cost (in its currency), by model asked for and instance",
             ["model", "instance"])
-        r.register(_LoopCollector([self.requests, self.ttfb, self.duration,
-                                   self.overhead, self.tokens, self.cost]))
+        self.tokens_estimated = LoopCounter(
+            "failover_proxy_tokens_estimated", "Tokens of answers that came without usage, "
+            "estimated (prompt: the planner's estimate; completion: characters of the answer "
+            "/ 4), by model asked for, instance, and kind: prompt, completion",
+            ["model", "instance", "kind"])
+        self.cost_estimated = LoopCounter(
+            "failover_proxy_cost_estimated", "Cost of the estimated tokens (metadata.cost), "
+            "by model asked for and instance", ["model", "instance"])
+        r.register(_LoopCollector([self.requests, self.ttfb, self.duration, self.overhead,
+                                   self.tokens, self.cost, self.tokens_estimated,
+                                   self.cost_estimated]))
         #: Requests being served now: a plain counter on the hot path, read at scrape time.
         self.inflight = 0
         Gauge("failover_proxy_inflight_requests", "Requests being served now",
