@@ -98,7 +98,7 @@ async def reset_instance_fingerprint(request: web.Request) -> web.Response:
 
 @admin
 async def list_events(request: web.Request) -> web.Response:
-    """GET /admin/events?request_id=&type=&instance=&since=&limit= (newest first)."""
+    """GET /admin/events?request_id=&type=&instance=&since=&until=&limit= (newest first)."""
     store = request.app[STATE].recorder.store
     if store is None:
         raise NotFound("The audit store is off (store.enabled: false).", code="audit_off")
@@ -128,6 +128,12 @@ def parse_event_query(params: Mapping[str, str]) -> EventQuery:
         if since is None:
             raise BadRequest("'since' must be unix seconds, an ISO-8601 time, or an age "
                              "such as 15m, 2h, 1d.", param="since")
+    until = None
+    if params.get("until"):
+        until = parse_since(params["until"])
+        if until is None:
+            raise BadRequest("'until' must be unix seconds, an ISO-8601 time, or an age "
+                             "such as 15m, 2h, 1d.", param="until")
     limit = 100
     if params.get("limit"):
         try:
@@ -137,7 +143,8 @@ def parse_event_query(params: Mapping[str, str]) -> EventQuery:
         if not 1 <= limit <= 10_000:
             raise BadRequest("'limit' must be between 1 and 10000.", param="limit")
     return EventQuery(request_id=params.get("request_id") or None, type=type_,
-                      instance=params.get("instance") or None, since=since, limit=limit)
+                      instance=params.get("instance") or None, since=since, until=until,
+                      limit=limit)
 
 
 _AGE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd])")

@@ -68,6 +68,10 @@ class Database(ABC):
     def close(self) -> None:
         """Close the connection (idempotent)."""
 
+    @abstractmethod
+    def schema_version(self) -> int:
+        """The version of the schema the database holds (0: none yet)."""
+
 
 def is_postgres(url: str) -> bool:
     return urlsplit(url).scheme in POSTGRES_SCHEMES

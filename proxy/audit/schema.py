@@ -38,6 +38,7 @@ class EventQuery:
     type: str | None = None
     instance: str | None = None
     since: float | None = None  # unix time
+    until: float | None = None  # unix time (before it)
     limit: int = 100
 
 
@@ -57,6 +58,9 @@ def query_events(db: Database, q: EventQuery) -> list[dict[str, Any]]:
     if q.since is not None:
         where.append("ts >= ?")
         args.append(q.since)
+    if q.until is not None:
+        where.append("ts < ?")
+        args.append(q.until)
     sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
     if where:
         sql += " WHERE " + " AND ".join(where)

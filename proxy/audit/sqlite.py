@@ -117,7 +117,9 @@ def connect_sqlite(path: str, *, readonly: bool = False) -> SqliteDatabase:
             raise StoreError(f"no audit database at {path}")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 2000")
-        return SqliteDatabase(conn, path)
+        db = SqliteDatabase(conn, path)
+        _check_version(db)
+        return db
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -130,11 +132,7 @@ def connect_sqlite(path: str, *, readonly: bool = False) -> SqliteDatabase:
     _wal(conn)
     conn.execute("PRAGMA synchronous = NORMAL")
     db = SqliteDatabase(conn, path)
-    version = db.schema_version()
-    if version > SCHEMA_VERSION:
-        conn.close()
-        raise StoreError(f"{path} has schema version {version}, newer than this release "
-                         f"({SCHEMA_VERSION})")
+    version = _check_version(db)
     for step in range(version + 1, SCHEMA_VERSION + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -148,6 +146,17 @@ def connect_sqlite(path: str, *, readonly: bool = False) -> SqliteDatabase:
         conn.execute("COMMIT")
     conn.execute("PRAGMA busy_timeout = 2000")
     return db
+
+
+def _check_version(db: SqliteDatabase) -> int:
+    """The file's schema version; StoreError (and the connection closed) when it is newer
+    than this release's."""
+    version = db.schema_version()
+    if version > SCHEMA_VERSION:
+        db.close()
+        raise StoreError(f"{db.path} has schema version {version}, newer than this release "
+                         f"({SCHEMA_VERSION})")
+    return version
 
 
 def _wal(conn: sqlite3.Connection, tries: int = 200) -> None:
