@@ -12,7 +12,7 @@ import time
 
 import orjson
 
-from proxy.api.admin import parse_event_query, parse_since
+from proxy.api.admin import parse_event_query
 from proxy.api.errors import ProxyError
 from proxy.audit.database import StoreError, StoreUnavailable, open_database
 from proxy.audit.schema import query_events, sum_usage

@@ -25,11 +25,11 @@ import orjson
 from aiohttp import web
 
 from proxy import __version__
+from proxy.api.admin import audit_unavailable
 from proxy.api.auth import check_admin
 from proxy.api.endpoints import expect_continue
 from proxy.api.errors import BadRequest, NotFound
 from proxy.api.state import STATE
-from proxy.api.admin import audit_unavailable
 from proxy.audit.database import StoreUnavailable
 from proxy.audit.eventstream import HEARTBEAT_S, RETRY_MS
 from proxy.audit.schema import EventQuery, query_events, query_plans

@@ -165,7 +165,8 @@ def connect_postgres(url: str, *, readonly: bool = False,
         raise StoreError("a postgresql:// store needs psycopg 3: "
                          "pip install 'failover-proxy[postgres]'")
     # keepalives: a server that vanished without closing the connection is noticed
-    extra = {"options": f"-c statement_timeout={READ_TIMEOUT_MS}"} if readonly else {}
+    extra: dict[str, Any] = {"options": f"-c statement_timeout={READ_TIMEOUT_MS}"} \
+        if readonly else {}
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(timeout_s)),
                                keepalives=1, keepalives_idle=10, keepalives_interval=5,

@@ -20,9 +20,9 @@ import orjson
 
 from proxy.api.inbound import CHAT, ClientRequest
 from proxy.audit.usage import Usage
-from proxy.audit.usage import of_body as usage_of_body
 from proxy.audit.usage import estimate as estimate_usage
 from proxy.audit.usage import estimate_body as estimate_body_usage
+from proxy.audit.usage import of_body as usage_of_body
 from proxy.audit.usage import of_object as usage_of_object
 from proxy.config import Config
 from proxy.engine.chunks import Chunk, whole_as_events
