@@ -297,16 +297,30 @@ class AuditStore:
 
         def run() -> T:
             with self._lock:
-                if self._db is None:
-                    self._db = open_database(self.url)
                 try:
-                    return fn(self._db)
+                    return fn(self._connection())
                 except StoreUnavailable:
-                    self._db.close()
-                    self._db = None
+                    # once more on a new connection: a server restarted since the last read
+                    # ended the old one
+                    self._forget()
+                try:
+                    return fn(self._connection())
+                except StoreUnavailable:
+                    self._forget()
                     raise
 
         return await asyncio.to_thread(run)
+
+    def _connection(self) -> Database:
+        """The readers' connection, opened when there is none (under `_lock`)."""
+        if self._db is None:
+            self._db = open_database(self.url)
+        return self._db
+
+    def _forget(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     async def close(self) -> None:
         """Stop the writer after it has written everything queued, then close the database."""
