@@ -97,11 +97,20 @@ def test_a_proxy_process_writes_its_audit_trail_to_postgresql_and_events_reads_i
         "CONN_REFUSED", "local:dead", "local:live")
     table = cli("events", "--store", url, "--type", "REROUTED")
     assert table.returncode == 0 and "CONN_REFUSED" in table.stdout
+    reload = urllib.request.Request(f"http://127.0.0.1:{cluster.proxy_port}/admin/reload",
+                                    method="POST")
+    with urllib.request.urlopen(reload, timeout=30) as resp:
+        assert resp.status == 200  # the store goes on as it was
+    again = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "after the reload"}])
+    wait_until(lambda: '"REQUEST_COMPLETED"' in cli(
+        "events", "--store", url, "--request-id", again.headers["x-request-id"], "--json").stdout,
+        20, "a request after the reload in PostgreSQL")
     cluster.close()  # the rest of the queue is written at shutdown
     sums = cli("events", "--store", url, "--sum", "--since", "1h", "--json")
     assert sums.returncode == 0, sums.stderr
     (row,) = json.loads(sums.stdout)
-    assert (row["instance"], row["model"], row["requests"]) == ("local:live", "m", 4)
+    assert (row["instance"], row["model"], row["requests"]) == ("local:live", "m", 5)
     assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
     everything = cluster.log() + out.stdout + out.stderr + table.stdout + sums.stdout
     assert postgres_server.password not in everything

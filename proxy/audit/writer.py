@@ -31,7 +31,13 @@ from typing import IO, Any
 
 import orjson
 
-from proxy.audit.database import Database, StoreUnavailable, open_database, redact_text
+from proxy.audit.database import (
+    Database,
+    StoreUnavailable,
+    open_database,
+    redact_text,
+    url_secrets,
+)
 from proxy.audit.schema import apply_retention, write_rows
 
 RETENTION_EVERY_S = 60.0
@@ -40,9 +46,18 @@ RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
 
 
+#: The store URL's password, in every form (set from the settings line).
+_secrets: list[str] = []
+
+
 def _say(text: str) -> None:
+    """A log line of our own on stderr (this process has no structlog set up), without
+    the store URL's password."""
+    text = redact_text(text)
+    for secret in _secrets:
+        text = text.replace(secret, "***")
     print(f'{{"event": "audit_writer", "level": "error", '
-          f'"detail": {orjson.dumps(redact_text(text)).decode()}}}', file=sys.stderr, flush=True)
+          f'"detail": {orjson.dumps(text).decode()}}}', file=sys.stderr, flush=True)
 
 
 class Writer:
@@ -119,6 +134,7 @@ def main() -> int:
     os.dup2(2, 1)  # stray prints must not corrupt the acknowledgements
     stdin = sys.stdin.buffer
     settings = orjson.loads(stdin.readline() or b"{}")
+    _secrets.extend(url_secrets(settings["url"]))
     writer = Writer(settings["url"], float(settings["retention_s"]), int(settings["max_rows"]),
                     acks)
     writer.database()
