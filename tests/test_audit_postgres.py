@@ -5,9 +5,11 @@ and the URL's password kept out of everything a person or a log could see."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +18,11 @@ from typing import Any
 
 import pytest
 
+from proxy.audit.database import StoreUnavailable
+from proxy.audit.schema import EventQuery
+from proxy.audit.store import AuditStore
 from tests.cluster import ROOT, Cluster, free_port, wait_until
+from tests.conftest import wait_for
 from tests.pg import PostgresServer
 
 
@@ -95,6 +101,12 @@ def test_a_proxy_process_writes_its_audit_trail_to_postgresql_and_events_reads_i
     rerouted = next(e for e in trail if e["type"] == "REROUTED")
     assert (rerouted["reason_code"], rerouted["from_instance"], rerouted["to_instance"]) == (
         "CONN_REFUSED", "local:dead", "local:live")
+    status, body = get(f"http://127.0.0.1:{cluster.proxy_port}/admin/requests/{request_id}")
+    assert status == 200, body
+    (story,) = json.loads(body)["requests"]
+    assert [(a["instance"], a["code"]) for a in story["tried"]] == [
+        ("local:dead", "CONN_REFUSED"), ("local:live", None)]
+    assert story["final_instance"] == "local:live" and story["plan"]["selected"] == "local:dead"
     table = cli("events", "--store", url, "--type", "REROUTED")
     assert table.returncode == 0 and "CONN_REFUSED" in table.stdout
     reload = urllib.request.Request(f"http://127.0.0.1:{cluster.proxy_port}/admin/reload",
@@ -207,3 +219,27 @@ def test_the_store_password_shows_in_no_error(postgres_server: PostgresServer,
     outputs.append(out.stdout + out.stderr)
     text = "\n".join(outputs)
     assert secret not in text and postgres_server.password not in text
+
+
+async def test_a_store_started_while_postgresql_is_down_waits_for_it(
+        own_postgres: PostgresServer) -> None:
+    """The proxy may start before its database: the store says it is unavailable, keeps
+    the rows, and writes them once the server is up."""
+    url = own_postgres.create_database("late")
+    own_postgres.stop()
+    changes: list[bool] = []
+    store = AuditStore(url, on_available=changes.append)
+    await store.start()
+    try:
+        assert store.available is False
+        for n in range(5):
+            store.event(time.time(), "ROUTE_PLANNED", f"early{n}", "p", None)
+        with pytest.raises(StoreUnavailable):
+            await store.query(EventQuery())
+        await asyncio.to_thread(own_postgres.start)
+        await wait_for(lambda: store.available, 30, "the writer on the started server")
+        rows = await store.query(EventQuery(limit=10))
+    finally:
+        await store.close()
+    assert sorted(r["request_id"] for r in rows) == [f"early{n}" for n in range(5)]
+    assert changes == [False, True] and store.dropped == 0

@@ -9,7 +9,8 @@ line, where `ps` would show the URL's password). Each further line is a JSON com
 
 When the database cannot be reached (PostgreSQL stopped or refusing), the batch in hand is
 kept and tried again with a growing pause (up to `RETRY_MAX_S`) until it is written; the
-process says `d REASON` once when the database goes away and `u` once when it is back.
+process says `d REASON` once when the database goes away and `u` once when it is back
+(and `u` when it first connects).
 Meanwhile it reads no more commands: the proxy counts what it has sent and not had
 acknowledged, and drops (and counts) new rows past its bound, so an outage never grows
 memory without bound nor blocks a request.
@@ -69,7 +70,10 @@ class Writer:
         self.max_rows = max_rows
         self.acks = acks
         self.db: Database | None = None
-        self.down = False
+        #: Whether the database was reachable when last tried (None: not tried yet). The
+        #: first connection is always reported: the proxy may have found the database
+        #: away at its own start, and must hear that it is back.
+        self.reachable: bool | None = None
         self.last_retention = 0.0
 
     def database(self) -> Database:
@@ -82,8 +86,8 @@ class Writer:
                 self._went_away(exc)
                 time.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX_S)
-        if self.down:
-            self.down = False
+        if self.reachable is not True:
+            self.reachable = True
             self.acks.write(b"u\n")
         return self.db
 
@@ -94,8 +98,8 @@ class Writer:
             except Exception:  # noqa: BLE001 - a connection already broken
                 pass
             self.db = None
-        if not self.down:
-            self.down = True
+        if self.reachable is not False:
+            self.reachable = False
             self.acks.write(b"d " + str(exc).replace("\n", " ").encode() + b"\n")
 
     def rows(self, batch: list[list[Any]]) -> None:
