@@ -122,8 +122,7 @@ class AuditStore:
             return
         rows = self._rows
         if self._broken or len(rows) + self._inflight >= self.queue_size:
-            self._drop(1, "writer gone" if self._broken else "database unavailable; queue full"
-                       if not self.available else "writer behind; queue full")
+            self._drop(1, self._why_full())
             return
         if self._dropping:
             self._accepting_again()
@@ -132,6 +131,11 @@ class AuditStore:
         rows.append(row)
         if len(rows) >= self.batch:
             self._send()
+
+    def _why_full(self) -> str:
+        if self._broken:
+            return "writer gone"
+        return "writer behind; queue full" if self.available else "database away; queue full"
 
     def _drop(self, n: int, reason: str) -> None:
         """Count rows that will not be written; one log line when dropping starts."""
