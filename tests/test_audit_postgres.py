@@ -202,7 +202,8 @@ def test_the_store_password_shows_in_no_error(postgres_server: PostgresServer,
     secret = "s3cret-" + "x" * 10
     bad_port = f"postgresql://audit:{secret}@127.0.0.1:notaport/db"
     config = tmp_path / "c.yaml"
-    config.write_text(f"store: {{url: '{bad_port}'}}\nproviders: []\n")
+    config.write_text(f"store: {{url: '{bad_port}'}}\nproviders: [{{provider_id: p, instances: "
+                      "[{id: a, base_url: 'http://127.0.0.1:9'}]}]\n")
     checked = cli("check", "--config", str(config))
     assert checked.returncode == 1 and "store.url" in checked.stderr
     wrong_password = postgres_server.url().replace(postgres_server.password, secret)
