@@ -43,6 +43,7 @@ def is_loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.api.server import BindError, listen, serve, supervise
     from proxy.app import create_app, reload_config
+    from proxy.audit.database import StoreError
     from proxy.logs import configure_logging
 
     config = _load(args.config)
@@ -74,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               reuse_port=workers > 1, on_ready=on_ready))
         except BindError as exc:
             print(f"serve: {exc}", file=sys.stderr)
+            return 1
+        except StoreError as exc:  # (its message shows the store's URL without password)
+            print(f"serve: the audit store cannot be used: {exc}", file=sys.stderr)
             return 1
         return 0
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from proxy.audit.database import StoreUnavailable
+from proxy.audit.database import StoreUnavailable, open_database, url_password
 from proxy.audit.schema import EventQuery
 from proxy.audit.store import AuditStore
 from tests.cluster import ROOT, Cluster, free_port, wait_until
@@ -244,3 +244,22 @@ async def test_a_store_started_while_postgresql_is_down_waits_for_it(
         await store.close()
     assert sorted(r["request_id"] for r in rows) == [f"early{n}" for n in range(5)]
     assert changes == [False, True] and store.dropped == 0
+
+
+def test_serve_refuses_a_store_written_by_a_newer_release_in_one_line(
+        store_url: str, tmp_path: Path) -> None:
+    """On either backend: one line saying why, exit 1, no traceback, no password."""
+    db = open_database(store_url)
+    db.execute("PRAGMA user_version = 999" if db.kind == "sqlite"
+               else "UPDATE audit_schema SET version = 999")
+    db.close()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"store: {{url: '{store_url}'}}\nserver: {{port: {free_port()}}}\n"
+                      "providers: [{provider_id: p, instances: [{id: a, base_url: "
+                      "'http://127.0.0.1:9'}]}]\nhealth: {enabled: false}\n")
+    out = cli("serve", "--config", str(config))
+    assert out.returncode == 1
+    assert out.stderr.startswith("serve: the audit store cannot be used: ")
+    assert "newer than this release" in out.stderr and "Traceback" not in out.stderr
+    password = url_password(store_url)
+    assert password is None or password not in out.stdout + out.stderr

@@ -11,6 +11,7 @@ fails raises `_expected(...)`, whose text the loader puts after "expected" in it
 
 from __future__ import annotations
 
+import importlib.util
 import ssl
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from proxy.audit.database import check_url
+from proxy.audit.database import check_url, is_postgres
 from proxy.failures import RETRY_KINDS
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -74,6 +75,9 @@ def _store_url(url: str) -> str:
     problem = check_url(url)
     if problem:
         raise _expected(problem)
+    if is_postgres(url) and importlib.util.find_spec("psycopg") is None:
+        raise _expected("a sqlite:///PATH url, or psycopg 3 installed for a postgresql:// one "
+                        "(pip install 'failover-proxy[postgres]')")
     return url
 
 
