@@ -26,6 +26,9 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 #: `scheme://user:password@` in any text: the password part, for redaction.
 _CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)([^@\s/]*)(@)")
+#: A password as a URL's query parameter (libpq reads `?password=` and `?sslpassword=`,
+#: PostgreSQL docs, "Connection URIs").
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)([^&\s#'\"]*)")
 
 
 class StoreError(Exception):
@@ -84,13 +87,13 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """`text` with the password of every `scheme://user:password@` in it replaced by `***`
-    (for error messages of a driver that quotes the URL it was given)."""
-    return _CREDENTIALS.sub(r"\1***\3", text)
+    """`text` with the password of every `scheme://user:password@` (or `?password=`) in it
+    replaced by `***` (for error messages of a driver that quotes the URL it was given)."""
+    return _QUERY_PASSWORD.sub(r"\1***", _CREDENTIALS.sub(r"\1***\3", text))
 
 
 def url_password(url: str) -> str | None:
-    """The password of a store URL, as written and decoded (both are secrets), or None."""
+    """The password of a store URL as written (`user:PASSWORD@`), or None."""
     try:
         password = urlsplit(url).password
     except ValueError:
@@ -99,12 +102,14 @@ def url_password(url: str) -> str | None:
 
 
 def url_secrets(url: str) -> list[str]:
-    """Every form of the URL's password a log line could hold: as written in the URL
-    (percent-encoded) and decoded."""
+    """Every form of the URL's passwords a log line could hold: `user:PASSWORD@` and
+    `?password=` / `?sslpassword=`, as written in the URL (percent-encoded) and decoded."""
+    written = [m.group(2) for m in _QUERY_PASSWORD.finditer(url)]
     password = url_password(url)
-    if password is None:
-        return []
-    return sorted({password, unquote(password)})
+    if password is not None:
+        written.append(password)
+    return sorted({form for value in written if value
+                   for form in (value, unquote(value))})
 
 
 def check_url(url: str) -> str:
