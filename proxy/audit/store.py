@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -39,6 +38,7 @@ from proxy.audit.database import (
     open_database,
     redact_url,
 )
+from proxy.audit.reader import StoreReader
 from proxy.audit.schema import EVENT, LINEAGE, PLAN, EventQuery, apply_retention, query_events
 
 log = structlog.get_logger("proxy.audit.store")
@@ -48,9 +48,9 @@ T = TypeVar("T")
 class AuditStore:
     """Batched, non-blocking writes to the audit database through a writer process.
 
-    Used from the event loop's thread only. Reads (`query`, `read`) use the store's own
-    connection in a worker thread, after a flush so that a reader sees its own request;
-    they raise StoreUnavailable while the database cannot be reached.
+    Used from the event loop's thread only. Reads (`query`, `read`) go through a
+    StoreReader (proxy.audit.reader), after a flush so that a reader sees its own request;
+    they raise StoreUnavailable while the database cannot be reached or does not answer.
     """
 
     #: How often gathered rows go to the writer.
@@ -81,8 +81,7 @@ class AuditStore:
         self._timer: asyncio.TimerHandle | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._tokens = itertools.count(1)
-        self._db: Database | None = None
-        self._lock = threading.Lock()
+        self.reader = StoreReader(url)
         self._broken = False
         self._closing = False
 
@@ -99,7 +98,7 @@ class AuditStore:
         than this release); a PostgreSQL that cannot be reached now is logged, and the
         writer waits for it."""
         try:
-            self._db = await asyncio.to_thread(open_database, self.url)
+            await asyncio.to_thread(lambda: open_database(self.url).close())
         except StoreUnavailable as exc:
             self._set_available(False, str(exc))
         await self._spawn()
@@ -276,8 +275,15 @@ class AuditStore:
         self._waiters.clear()
 
     async def apply_retention(self) -> None:
-        """Run retention now (tests, admin)."""
-        await self.read(lambda db: apply_retention(db, self.retention_s, self.max_rows))
+        """Run retention now (tests), on a connection of its own."""
+        def run() -> None:
+            db = open_database(self.url)
+            try:
+                apply_retention(db, self.retention_s, self.max_rows)
+            finally:
+                db.close()
+
+        await asyncio.to_thread(run)
 
     async def flush(self, timeout_s: float = 10.0) -> None:
         """Wait until everything queued so far is written (not at all while the database
@@ -294,37 +300,11 @@ class AuditStore:
         return await self.read(lambda conn: query_events(conn, q))
 
     async def read(self, fn: Callable[[Database], T]) -> T:
-        """Run a read (`query_events`, `query_plans`...) on the store's connection in a
-        worker thread, after writing what is queued. StoreUnavailable while the database
-        cannot be reached (the connection is opened again at the next read)."""
-        await self.flush()
-
-        def run() -> T:
-            with self._lock:
-                try:
-                    return fn(self._connection())
-                except StoreUnavailable:
-                    # once more on a new connection: a server restarted since the last read
-                    # ended the old one
-                    self._forget()
-                try:
-                    return fn(self._connection())
-                except StoreUnavailable:
-                    self._forget()
-                    raise
-
-        return await asyncio.to_thread(run)
-
-    def _connection(self) -> Database:
-        """The readers' connection, opened when there is none (under `_lock`)."""
-        if self._db is None:
-            self._db = open_database(self.url)
-        return self._db
-
-    def _forget(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        """Run a read (`query_events`, `query_plans`...) on the reader's connection, after
+        writing what is queued (waiting 5 s at most for that). StoreUnavailable while the
+        database cannot be reached or does not answer in time."""
+        await self.flush(5.0)
+        return await self.reader.read(fn)
 
     async def close(self) -> None:
         """Stop the writer after it has written everything queued, then close the database."""
@@ -354,8 +334,5 @@ class AuditStore:
         elif self._reader is not None:  # between a writer's death and its successor
             self._reader.cancel()
         self._proc = None
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        await self.reader.close()
 
