@@ -16,13 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
 
+from proxy.api.state import STATE
 from proxy.audit.database import StoreUnavailable, open_database, url_password
 from proxy.audit.schema import EventQuery
 from proxy.audit.store import AuditStore
 from tests.cluster import ROOT, Cluster, free_port, wait_until
-from tests.conftest import wait_for
+from tests.conftest import MakeProxy, MakeSim, proxy_config, wait_for
 from tests.pg import PostgresServer
 
 
@@ -264,3 +267,46 @@ def test_serve_refuses_a_store_written_by_a_newer_release_in_one_line(
     assert "newer than this release" in out.stderr and "Traceback" not in out.stderr
     password = url_password(store_url)
     assert password is None or password not in out.stdout + out.stderr
+
+
+async def test_a_frozen_postgresql_blocks_no_request_and_the_audit_api_answers_in_time(
+        own_postgres: PostgresServer, make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    """Every process of the server stopped (a database stuck on its disk: connections open,
+    nothing answers): requests are answered as before, audit rows past the bound are
+    dropped and counted, an audit read is a 503 after the reader's timeout instead of a
+    hung request; thawed, the queued rows and new ones are written."""
+    url = own_postgres.create_database("frozen")
+    sim = await make_sim("m")
+    proxy = await make_proxy(proxy_config([sim], store={"url": url, "queue_size": 40},
+                                          health={"enabled": False}))
+    store = proxy.app[STATE].recorder.store
+    assert store is not None
+    store.reader.timeout_s = 2.0
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0, timeout=30)
+
+    async def ask(tag: str) -> str:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": tag}])
+        assert raw.parse().choices[0].message.content
+        return raw.headers["x-request-id"]
+
+    first = await ask("before")
+    assert [e["type"] for e in await store.query(EventQuery(request_id=first))][0] == \
+        "REQUEST_COMPLETED"
+    await asyncio.to_thread(own_postgres.freeze)
+    try:
+        for n in range(30):  # 4 rows each against a bound of 40
+            await ask(f"during {n}")
+        assert store.dropped >= 120 - 40
+        async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/admin/events") as resp:
+            assert resp.status == 503
+            body = await resp.json()
+        assert body["error"]["code"] == "audit_unavailable" and "no answer within 2 s" in \
+            body["error"]["message"]
+        assert own_postgres.password not in json.dumps(body)
+    finally:
+        await asyncio.to_thread(own_postgres.thaw)
+    last = await ask("after")
+    await wait_for(lambda: store.written >= 4 * 2 + 40 - 4, 30, "the queued rows written")
+    trail = await store.query(EventQuery(request_id=last))
+    assert {e["type"] for e in trail} == {"ROUTE_PLANNED", "ROUTE_VERIFIED", "REQUEST_COMPLETED"}
