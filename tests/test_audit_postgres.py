@@ -177,6 +177,9 @@ def test_postgresql_stopped_mid_run_loses_no_request_and_writing_resumes(
     status, body = get(f"{admin}/admin/events")
     assert status == 503 and json.loads(body)["error"]["code"] == "audit_unavailable"
     assert own_postgres.password not in body and "***" in body
+    status_view = cli("status", "--url", admin)
+    assert status_view.returncode == 0 and "audit on, database away" in status_view.stdout
+    assert own_postgres.password not in status_view.stdout
     gone = cli("events", "--store", url)
     assert gone.returncode == 1 and "cannot reach the audit database" in gone.stderr
     assert own_postgres.password not in gone.stderr + gone.stdout

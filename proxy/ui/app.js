@@ -107,7 +107,8 @@ function counts(obj) {
 
 function renderStatus(doc) {
   $("version").textContent = `v${doc.version}`;
-  $("uptime").textContent = `up ${age(doc.uptime_s)}` + (doc.audit ? "" : " · audit off");
+  $("uptime").textContent = `up ${age(doc.uptime_s)}` + (!doc.audit ? " · audit off"
+    : doc.audit_available === false ? " · audit database away" : "");
   const hour = doc.last_hour;
   $("window").textContent = hour.window_s >= 3540 ? "Last hour" : `Since start (${age(hour.window_s)})`;
   $("c-requests").textContent = hour.requests;
