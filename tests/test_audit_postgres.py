@@ -313,3 +313,24 @@ async def test_a_frozen_postgresql_blocks_no_request_and_the_audit_api_answers_i
     await wait_for(lambda: store.written >= 4 * 2 + 40 - 4, 30, "the queued rows written")
     trail = await store.query(EventQuery(request_id=last))
     assert {e["type"] for e in trail} == {"ROUTE_PLANNED", "ROUTE_VERIFIED", "REQUEST_COMPLETED"}
+
+
+def test_serve_says_in_one_line_when_the_database_user_may_not_create_the_tables(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """A login that may not create tables there (PostgreSQL 15 gives no one but the owner
+    CREATE on the public schema): one line naming the store and PostgreSQL's reason."""
+    import psycopg
+
+    url = postgres_server.create_database("not_yours")
+    secret = "lowly-" + "y" * 12
+    with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE lowly LOGIN PASSWORD '{secret}'")
+    lowly = url.replace(f"audit:{postgres_server.password}", f"lowly:{secret}")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"store: {{url: '{lowly}'}}\nserver: {{port: {free_port()}}}\n"
+                      "providers: [{provider_id: p, instances: [{id: a, base_url: "
+                      "'http://127.0.0.1:9'}]}]\nhealth: {enabled: false}\n")
+    out = cli("serve", "--config", str(config))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("serve: the audit store cannot be used: postgresql://lowly:***@")
+    assert "permission denied" in out.stderr and secret not in out.stdout + out.stderr

@@ -183,6 +183,9 @@ def connect_postgres(url: str, *, readonly: bool = False,
             _check_version(db, version)
         else:
             _migrate(db)
+    except psycopg.Error as exc:  # e.g. no right to create tables in that database
+        db.close()
+        raise StoreError(str(db.unavailable(exc))) from None
     except BaseException:
         db.close()
         raise

@@ -111,7 +111,15 @@ class SqliteDatabase(Database):
 
 def connect_sqlite(path: str, *, readonly: bool = False) -> SqliteDatabase:
     """Open the file, creating or migrating the schema unless read-only. StoreError when
-    a read-only open finds no file, or the file's schema is newer than this release."""
+    a read-only open finds no file, the file's schema is newer than this release, or
+    SQLite cannot use the file (no permission, not a database)."""
+    try:
+        return _connect(path, readonly)
+    except (sqlite3.Error, OSError) as exc:
+        raise StoreError(f"{path}: {exc}") from None
+
+
+def _connect(path: str, readonly: bool) -> SqliteDatabase:
     if readonly:
         if path != ":memory:" and not Path(path).exists():
             raise StoreError(f"no audit database at {path}")
