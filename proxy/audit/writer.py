@@ -34,6 +34,7 @@ import orjson
 
 from proxy.audit.database import (
     Database,
+    StoreError,
     StoreUnavailable,
     open_database,
     redact_text,
@@ -82,7 +83,7 @@ class Writer:
         while self.db is None:
             try:
                 self.db = open_database(self.url)
-            except StoreUnavailable as exc:
+            except StoreError as exc:  # away, or refusing us (e.g. a right revoked): wait
                 self._went_away(exc)
                 time.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX_S)
@@ -91,7 +92,7 @@ class Writer:
             self.acks.write(b"u\n")
         return self.db
 
-    def _went_away(self, exc: StoreUnavailable) -> None:
+    def _went_away(self, exc: StoreError) -> None:
         if self.db is not None:
             try:
                 self.db.close()
