@@ -25,6 +25,10 @@ def run(args: argparse.Namespace, url: str) -> int:
                                      ("instance", args.instance), ("since", args.since),
                                      ("until", args.until), ("limit", args.limit))
               if v is not None}
+    if args.sum and (args.request_id or args.type or args.instance):
+        print("events: --sum adds up a period (--since, --until); it takes no --request-id, "
+              "--type or --instance", file=sys.stderr)
+        return 2
     try:
         query = parse_event_query(params)
     except ProxyError as exc:

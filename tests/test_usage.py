@@ -263,6 +263,8 @@ async def test_events_sum_adds_up_tokens_and_cost_by_instance_and_model(
     assert before.returncode == 0 and json.loads(before.stdout) == []
     bad = events("--sum", "--until", "yesterday")
     assert bad.returncode == 2 and "'until'" in bad.stderr
+    mixed = events("--sum", "--type", "REROUTED")
+    assert mixed.returncode == 2 and "--sum adds up a period" in mixed.stderr
 
 
 def test_the_request_log_line_carries_tokens_and_cost(cluster: Cluster) -> None:
