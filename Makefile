@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install clean lint typecheck bench chaos chromium redis nginx replicas
+.PHONY: run test install clean lint typecheck bench chaos chromium redis nginx replicas postgresql
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(TEST_STAMP)
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(TEST_STAMP) llama chromium node redis nginx
+test: $(TEST_STAMP) llama chromium node redis nginx postgresql
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's chromium for the status page tests (tests/test_ui_browser.py drives it with
@@ -49,6 +49,14 @@ nginx:
 # until Ctrl-C (README: "Several replicas").
 replicas: $(STAMP) redis nginx
 	$(BIN)/python scripts/replicas_demo.py
+
+# Debian's PostgreSQL server for the audit store tests: tests/pg.py starts a cluster of its
+# own per test session (initdb + pg_ctl from /usr/lib/postgresql/*/bin, as the `postgres`
+# user the package creates when the tests run as root); the package's own cluster is unused.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
 
 # `make node`: the Node openai SDK for tests/test_node_sdk.py, from the npm registry into
 # tests/node/node_modules (needs node 18+ and npm; `make test` runs it first).

@@ -94,7 +94,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         store = AuditStore(config.store.url, queue_size=config.store.queue_size,
                            retention_s=config.store.retention_days * 86400.0,
                            max_rows=config.store.max_rows,
-                           on_drop=lambda n: metrics.events_dropped.inc(n))
+                           on_drop=lambda n: metrics.events_dropped.inc(n),
+                           on_available=lambda up: metrics.audit_up.set(1.0 if up else 0.0))
+        metrics.audit_up.set(1.0)
         await store.start()
     recorder = Recorder(metrics, store, EventHub())
     client = make_client(config.timeouts)  # one pooled client for the app's life
@@ -115,7 +117,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await shared.start()
     await _start_probing(state)
     log.info("proxy_started", instances=[s.id for s in state.registry.states],
-             config=config.source, audit=config.store.url if store else "off",
+             config=config.source, audit=store.shown if store else "off",
              shared_state="redis" if shared else "off")
     if notes := capability_notes(config.instances):
         log.warning("capability_coverage", notes=notes)

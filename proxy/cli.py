@@ -43,6 +43,7 @@ def is_loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.api.server import BindError, listen, serve, supervise
     from proxy.app import create_app, reload_config
+    from proxy.audit.database import StoreError
     from proxy.logs import configure_logging
 
     config = _load(args.config)
@@ -74,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               reuse_port=workers > 1, on_ready=on_ready))
         except BindError as exc:
             print(f"serve: {exc}", file=sys.stderr)
+            return 1
+        except StoreError as exc:  # (its message shows the store's URL without password)
+            print(f"serve: the audit store cannot be used: {exc}", file=sys.stderr)
             return 1
         return 0
 
@@ -214,55 +218,12 @@ def text_table(table: list[tuple[str, ...]]) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    import orjson
-
-    from proxy.api.admin import parse_event_query
-    from proxy.api.errors import ProxyError
-    from proxy.audit.schema import StoreError, connect, query_events, sqlite_path
+    from proxy import cli_events
 
     url = args.store
     if url is None:
         url = _load(args.config).store.url if args.config else "sqlite:///./data/audit.db"
-    params = {k: str(v) for k, v in (("request_id", args.request_id), ("type", args.type),
-                                     ("instance", args.instance), ("since", args.since),
-                                     ("limit", args.limit)) if v is not None}
-    try:
-        query = parse_event_query(params)
-        conn = connect(sqlite_path(url), readonly=True)
-        rows = query_events(conn, query)
-    except ProxyError as exc:
-        print(f"events: {exc.message}", file=sys.stderr)
-        return 2
-    except StoreError as exc:
-        print(f"events: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0
-    print(format_events(rows))
-    return 0
-
-
-def format_events(rows: list[dict[str, object]]) -> str:
-    """Events as a readable table, oldest first."""
-    import time as _time
-
-    header = ("TIME", "TYPE", "REQUEST", "INSTANCE", "REASON", "FROM -> TO", "DETAIL")
-    table: list[tuple[str, ...]] = [header]
-    for row in reversed(rows):
-        ts = float(row["ts"])  # type: ignore[arg-type]
-        stamp = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
-        move = ""
-        if row.get("from_instance") or row.get("to_instance"):
-            move = f"{row.get('from_instance') or '-'} -> {row.get('to_instance') or '-'}"
-        detail = row.get("detail")
-        text = ""
-        if isinstance(detail, dict):
-            text = ", ".join(f"{k}={v}" for k, v in detail.items() if v not in (None, [], {}))
-        table.append((stamp, str(row["type"]), str(row.get("request_id") or "-")[:24],
-                      str(row.get("instance") or "-"), str(row.get("reason_code") or "-"),
-                      move or "-", text[:100]))
-    return text_table(table) + ("\n(no events)" if len(table) == 1 else "")
+    return cli_events.run(args, url)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -340,15 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     route.set_defaults(func=cmd_route)
 
     events = sub.add_parser("events", help="read the audit trail")
-    where = events.add_mutually_exclusive_group()
-    where.add_argument("--config", "-c", help="read the store named by this config")
-    where.add_argument("--store", help="a store url (default: sqlite:///./data/audit.db)")
-    events.add_argument("--request-id", help="only this request")
-    events.add_argument("--type", help="only this event type, e.g. REROUTED")
-    events.add_argument("--instance", help="only events about this instance")
-    events.add_argument("--since", help="unix seconds, ISO-8601, or an age: 15m, 2h, 1d")
-    events.add_argument("--limit", type=int, default=50, help="newest N (default 50)")
-    events.add_argument("--json", action="store_true", help="JSON for scripts")
+    from proxy import cli_events
+
+    cli_events.add_arguments(events)
     events.set_defaults(func=cmd_events)
 
     status = sub.add_parser("status", help="the running proxy: instances, circuits, load, "

@@ -66,7 +66,7 @@ def format_status(doc: dict[str, Any], url: str) -> str:
     from proxy.cli import text_table
 
     lines = [f"failover-proxy {doc.get('version')} at {url}   up {_age(doc['uptime_s'])}   "
-             f"in flight {doc.get('inflight', 0)}   audit {'on' if doc.get('audit') else 'off'}",
+             f"in flight {doc.get('inflight', 0)}   audit {_audit(doc)}",
              ""]
     table: list[tuple[str, ...]] = [("INSTANCE", "STATE", "CIRCUIT", "LOAD", "LATENCY",
                                      "FINGERPRINT", "REASON")]
@@ -91,6 +91,11 @@ def format_status(doc: dict[str, Any], url: str) -> str:
     if tokens is not None:  # (a proxy older than this command has no token figures)
         lines.append(f"tokens: {tokens['prompt']} prompt ({tokens['cached']} cached), "
                      f"{tokens['completion']} completion; cost {hour.get('cost', 0):g}")
+        guessed = hour.get("tokens_estimated") or {}
+        if guessed.get("prompt") or guessed.get("completion"):
+            lines.append(f"estimated (answers without usage): {guessed['prompt']} prompt, "
+                         f"{guessed['completion']} completion; cost "
+                         f"{hour.get('cost_estimated', 0):g}")
     recent = doc.get("recent") or []
     lines += ["", "recent reroutes:" if recent else "recent reroutes: none"]
     if recent:
@@ -132,3 +137,10 @@ def run(url: str, admin_key: str | None, watch: bool, interval_s: float = 2.0) -
             time.sleep(interval_s)
     except KeyboardInterrupt:
         return 0
+
+
+def _audit(doc: dict[str, Any]) -> str:
+    """`on`, `off`, or `on, database away` (rows wait, up to store.queue_size)."""
+    if not doc.get("audit"):
+        return "off"
+    return "on, database away" if doc.get("audit_available") is False else "on"

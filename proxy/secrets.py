@@ -43,8 +43,12 @@ class Redactor:
 
 
 def config_secrets(config: Config) -> list[str]:
-    """Every secret value in a config: client, admin and upstream keys, header values."""
+    """Every secret value in a config: client, admin and upstream keys, header values, the
+    password of the audit store's URL."""
+    from proxy.audit.database import url_secrets
+
     out = list(config.server.api_keys)
+    out.extend(url_secrets(config.store.url))
     if config.server.admin_key:
         out.append(config.server.admin_key)
     for inst in config.instances:

@@ -243,6 +243,7 @@ class Tracing:
 
 def _usage(attributes: dict[str, str | int], record: RequestRecord) -> None:
     usage = record.usage
-    if usage is not None:
+    # (an estimate is no usage: the GenAI attributes are the counts a server stated)
+    if usage is not None and not usage.estimated:
         attributes["gen_ai.usage.input_tokens"] = usage.prompt
         attributes["gen_ai.usage.output_tokens"] = usage.completion

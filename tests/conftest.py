@@ -25,6 +25,7 @@ from proxy.config import DEFAULT_STORE_URL, Config, parse_config
 from proxy.sim.simulator import Simulator
 from tests.cluster import Cluster
 from tests.redis_server import RedisServer
+from tests.pg import PostgresServer
 
 MakeSim = Callable[..., Awaitable[Simulator]]
 
@@ -81,6 +82,29 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the test session (tests/pg.py); each test that uses
+    it gets a database of its own (`store_url`)."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.destroy()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty audit store of each backend: a SQLite file in the test's directory, and a
+    new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/audit.db"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database(f"audit{next(_databases)}")
 
 
 def proxy_config(sims: Sequence[Simulator | tuple[str, str]], *, models: dict[str, Any] | None = None,

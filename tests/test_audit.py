@@ -1,5 +1,7 @@
 """The audit trail: the seed's four acceptance scenarios checked through the events API,
-events surviving a restart, the `events` command, metrics, and the store's back-pressure."""
+events surviving a restart, the `events` command, metrics, and the store's back-pressure;
+every test of the store on both backends (`store_url`: a SQLite file, and a database on a
+real PostgreSQL server, tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import json
 import multiprocessing
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +20,8 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.audit.schema import EventQuery, connect
+from proxy.audit.database import StoreError, open_database
+from proxy.audit.schema import EventQuery
 from proxy.audit.store import AuditStore
 from proxy.config import parse_config
 from proxy.sim.simulator import Simulator
@@ -28,7 +30,7 @@ from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def seed_config(local: list[Simulator], cloud: Simulator | None, tmp: Path,
+def seed_config(local: list[Simulator], cloud: Simulator | None, store_url: str,
                 **sections: Any) -> Any:
     """Local llama.cpp-style instances and, optionally, a cloud instance (`local: false`)."""
     providers: list[dict[str, Any]] = [{"provider_id": "llamacpp", "server": "openai", "instances": [
@@ -40,8 +42,17 @@ def seed_config(local: list[Simulator], cloud: Simulator | None, tmp: Path,
             {"id": "default", "base_url": cloud.base_url + "/v1",
              "metadata": {"model": cloud.model}}]})
     return parse_config({"health": {"interval_s": 30, "timeout_s": 0.5},
-                         "store": {"url": f"sqlite:///{tmp}/audit.db"},
+                         "store": {"url": store_url},
                          "providers": providers, **sections}, "<test>")
+
+
+def select(store_url: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """Rows of a query on the store, read as any other client of the database would."""
+    db = open_database(store_url, readonly=True)
+    try:
+        return db.execute(sql, args)
+    finally:
+        db.close()
 
 
 async def events(proxy: RunningProxy, **params: str) -> list[dict[str, Any]]:
@@ -58,9 +69,9 @@ async def chat(proxy: RunningProxy, prompt: str = "fix this python bug") -> tupl
 
 
 async def test_scenario_1_healthy_selected_instance_is_verified(
-        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+        make_sim: MakeSim, make_proxy: MakeProxy, store_url: str) -> None:
     a, b = await make_sim("coder"), await make_sim("coder")
-    proxy = await make_proxy(seed_config([a, b], None, tmp_path))
+    proxy = await make_proxy(seed_config([a, b], None, store_url))
     status, headers, _ = await chat(proxy)
     assert status == 200
     trail = await events(proxy, request_id=headers["x-request-id"])
@@ -71,11 +82,11 @@ async def test_scenario_1_healthy_selected_instance_is_verified(
 
 
 async def test_scenario_2_selected_local_stopped_reroutes_to_next_local(
-        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+        make_sim: MakeSim, make_proxy: MakeProxy, store_url: str) -> None:
     a, b = await make_sim("coder"), await make_sim("coder")
     cloud = await make_sim("gpt-4o-mini")
     await a.stop()  # stopped before the proxy (and its first probe) even starts
-    proxy = await make_proxy(seed_config([a, b], cloud, tmp_path))
+    proxy = await make_proxy(seed_config([a, b], cloud, store_url))
     status, headers, body = await chat(proxy)
     assert status == 200 and headers["x-route-instance"] == "llamacpp:local1"
     trail = await events(proxy, request_id=headers["x-request-id"])
@@ -89,10 +100,10 @@ async def test_scenario_2_selected_local_stopped_reroutes_to_next_local(
 
 
 async def test_scenario_3_every_local_stopped_served_by_cloud(
-        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+        make_sim: MakeSim, make_proxy: MakeProxy, store_url: str) -> None:
     a, b = await make_sim("coder"), await make_sim("coder")
     cloud = await make_sim("gpt-4o-mini")
-    proxy = await make_proxy(seed_config([a, b], cloud, tmp_path))
+    proxy = await make_proxy(seed_config([a, b], cloud, store_url))
     await a.stop()
     await b.stop()  # the prober has not noticed: traffic finds out, and moves on
     client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="x", max_retries=0)
@@ -105,18 +116,17 @@ async def test_scenario_3_every_local_stopped_served_by_cloud(
              for e in trail if e["type"] == "REROUTED"]
     assert moves == [("CONN_REFUSED", "llamacpp:local0", "llamacpp:local1"),
                      ("CONN_REFUSED", "llamacpp:local1", "openai:default")]
-    lineage = sqlite3.connect(tmp_path / "audit.db").execute(
-        "SELECT kind, from_instance, to_instance, reason_code FROM lineage WHERE request_id=?"
-        " ORDER BY id", (raw.headers["x-request-id"],)).fetchall()
+    lineage = select(store_url, "SELECT kind, from_instance, to_instance, reason_code FROM"
+                     " lineage WHERE request_id=? ORDER BY id", raw.headers["x-request-id"])
     assert lineage == [("route_change", "llamacpp:local0", "llamacpp:local1", "CONN_REFUSED"),
                        ("route_change", "llamacpp:local1", "openai:default", "CONN_REFUSED")]
 
 
 async def test_scenario_4_nothing_available_is_blocked(make_sim: MakeSim, make_proxy: MakeProxy,
-                                                       tmp_path: Path) -> None:
+                                                       store_url: str) -> None:
     a = await make_sim("coder")
     await a.stop()
-    proxy = await make_proxy(seed_config([a], None, tmp_path))
+    proxy = await make_proxy(seed_config([a], None, store_url))
     status, headers, body = await chat(proxy)
     assert status == 503
     assert "No available instances" in body["error"]["message"]
@@ -131,18 +141,18 @@ async def test_scenario_4_nothing_available_is_blocked(make_sim: MakeSim, make_p
 
 
 async def test_state_changes_are_events(make_sim: MakeSim, make_proxy: MakeProxy,
-                                        tmp_path: Path) -> None:
+                                        store_url: str) -> None:
     a = await make_sim("coder")
-    proxy = await make_proxy(seed_config([a], None, tmp_path))
+    proxy = await make_proxy(seed_config([a], None, store_url))
     changes = await events(proxy, type="INSTANCE_STATE_CHANGED", instance="llamacpp:local0")
     assert changes[-1]["detail"]["new"] == "READY"
     assert changes[-1]["detail"]["old"] == "UNKNOWN"
 
 
 async def test_events_survive_a_restart_and_the_cli_reads_them(
-        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+        make_sim: MakeSim, make_proxy: MakeProxy, store_url: str) -> None:
     a = await make_sim("coder")
-    config = seed_config([a], None, tmp_path)
+    config = seed_config([a], None, store_url)
     proxy = await make_proxy(config)
     status, headers, _ = await chat(proxy)
     request_id = headers["x-request-id"]
@@ -150,7 +160,7 @@ async def test_events_survive_a_restart_and_the_cli_reads_them(
     again = await make_proxy(config)
     assert [e["type"] for e in await events(again, request_id=request_id)] == [
         "ROUTE_PLANNED", "ROUTE_VERIFIED", "REQUEST_COMPLETED"]
-    url = f"sqlite:///{tmp_path}/audit.db"
+    url = store_url
     out = subprocess.run([sys.executable, "-m", "proxy", "events", "--store", url,
                           "--request-id", request_id, "--json"], capture_output=True,
                          text=True, cwd=ROOT, timeout=30, check=False)
@@ -170,8 +180,8 @@ async def test_events_survive_a_restart_and_the_cli_reads_them(
 
 
 async def test_events_api_rejects_bad_filters(make_sim: MakeSim, make_proxy: MakeProxy,
-                                              tmp_path: Path) -> None:
-    proxy = await make_proxy(seed_config([await make_sim("coder")], None, tmp_path))
+                                              store_url: str) -> None:
+    proxy = await make_proxy(seed_config([await make_sim("coder")], None, store_url))
     async with aiohttp.ClientSession() as http:
         for params in ({"type": "NOPE"}, {"limit": "x"}, {"limit": "0"}, {"since": "yesterday"}):
             async with http.get(f"{proxy.url}/admin/events", params=params) as resp:
@@ -182,22 +192,21 @@ async def test_events_api_rejects_bad_filters(make_sim: MakeSim, make_proxy: Mak
 
 
 async def test_route_plan_rows_record_the_final_instance(make_sim: MakeSim, make_proxy: MakeProxy,
-                                                         tmp_path: Path) -> None:
+                                                         store_url: str) -> None:
     a, b = await make_sim("coder"), await make_sim("coder")
-    proxy = await make_proxy(seed_config([a, b], None, tmp_path))
+    proxy = await make_proxy(seed_config([a, b], None, store_url))
     await a.stop()
     status, headers, _ = await chat(proxy)
     await proxy.stop()
-    row = sqlite3.connect(tmp_path / "audit.db").execute(
-        "SELECT selected, final_instance, outcome, status, attempts, plan FROM route_plans"
-        " WHERE plan_id = ?", (headers["x-route-plan-id"],)).fetchone()
+    (row,) = select(store_url, "SELECT selected, final_instance, outcome, status, attempts, plan"
+                    " FROM route_plans WHERE plan_id = ?", headers["x-route-plan-id"])
     assert row[:5] == ("llamacpp:local0", "llamacpp:local1", "ok", 200, 2)
     assert json.loads(row[5])["fallback"] == ["llamacpp:local1"]
 
 
-async def test_metrics_move(make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+async def test_metrics_move(make_sim: MakeSim, make_proxy: MakeProxy, store_url: str) -> None:
     a, b = await make_sim("coder"), await make_sim("coder")
-    proxy = await make_proxy(seed_config([a, b], None, tmp_path))
+    proxy = await make_proxy(seed_config([a, b], None, store_url))
 
     async def scrape() -> str:
         async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/metrics") as resp:
@@ -220,9 +229,9 @@ async def test_metrics_move(make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: 
     assert "failover_proxy_events_dropped_total 0.0" in text
 
 
-async def test_writer_behind_drops_events_never_requests(tmp_path: Path) -> None:
+async def test_writer_behind_drops_events_never_requests(store_url: str) -> None:
     dropped: list[int] = []
-    store = AuditStore(f"sqlite:///{tmp_path}/a.db", queue_size=10, on_drop=dropped.append)
+    store = AuditStore(store_url, queue_size=10, on_drop=dropped.append)
     await store.start()
     assert store.writer_pid is not None
     os.kill(store.writer_pid, signal.SIGSTOP)  # a stalled disk: the writer makes no progress
@@ -235,13 +244,12 @@ async def test_writer_behind_drops_events_never_requests(tmp_path: Path) -> None
     finally:
         os.kill(store.writer_pid, signal.SIGCONT)
     await store.close()  # whatever was queued is written
-    conn = connect(str(tmp_path / "a.db"), readonly=True)
-    kept = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    ((kept,),) = select(store_url, "SELECT COUNT(*) FROM events")
     assert kept + store.dropped == 100
 
 
-async def test_retention_by_age_and_count(tmp_path: Path) -> None:
-    store = AuditStore(f"sqlite:///{tmp_path}/a.db", retention_s=3600, max_rows=100)
+async def test_retention_by_age_and_count(store_url: str) -> None:
+    store = AuditStore(store_url, retention_s=3600, max_rows=100)
     await store.start()
     old = time.time() - 7200
     for n in range(50):
@@ -249,7 +257,7 @@ async def test_retention_by_age_and_count(tmp_path: Path) -> None:
     for n in range(150):
         store.event(time.time(), "ROUTE_PLANNED", f"new{n}", "p", None)
     await store.flush()
-    store.apply_retention()
+    await store.apply_retention()
     rows = await store.query(EventQuery(limit=1000))
     await store.close()
     assert len(rows) == 100
@@ -257,37 +265,69 @@ async def test_retention_by_age_and_count(tmp_path: Path) -> None:
     assert rows[0]["request_id"] == "new149"
 
 
-async def test_schema_is_versioned(tmp_path: Path) -> None:
-    conn = connect(str(tmp_path / "v.db"))
-    assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.execute("PRAGMA user_version = 999")
-    conn.close()
-    from proxy.audit.schema import StoreError
+async def test_schema_is_versioned(store_url: str) -> None:
+    """A new store gets the whole schema, at this release's version; a store written by a
+    newer release is refused rather than misread."""
+    from proxy.audit.schema import SCHEMA_VERSION
+
+    db = open_database(store_url)
+    assert db.schema_version() == SCHEMA_VERSION
+    assert db.execute("SELECT prompt_tokens, tokens_estimated FROM route_plans") == []
+    if db.kind == "sqlite":
+        assert db.execute("PRAGMA journal_mode")[0][0] == "wal"
+        db.execute("PRAGMA user_version = 999")
+    else:
+        db.execute("UPDATE audit_schema SET version = 999")
+    db.close()
     with pytest.raises(StoreError, match="newer than this release"):
-        connect(str(tmp_path / "v.db"))
+        open_database(store_url)
+    with pytest.raises(StoreError, match="newer than this release"):
+        open_database(store_url, readonly=True)
 
 
-def _open_at_once(path: str, barrier: Any, results: Any) -> None:
+def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path: Path) -> None:
+    """A store written before token figures were kept (schema 1) gains the columns and
+    keeps its rows."""
+    import sqlite3
+
+    from proxy.audit.sqlite import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(MIGRATIONS[1] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO route_plans (plan_id, request_id, ts) VALUES ('p', 'r', 1.0)")
+    conn.close()
+    db = open_database(f"sqlite:///{path}")
+    assert db.execute("SELECT plan_id, prompt_tokens FROM route_plans") == [("p", None)]
+    assert db.schema_version() == 2
+
+
+def _open_at_once(url: str, barrier: Any, results: Any) -> None:
     """One worker's start: open the store when every other one does."""
     barrier.wait()
     try:
-        connect(path).close()
+        open_database(url).close()
         results.put("ok")
     except Exception as exc:  # noqa: BLE001 - reported by the test
         results.put(repr(exc))
 
 
-def test_workers_opening_one_new_store_at_once_all_start(tmp_path: Path) -> None:
-    """`--workers N`: every worker and its writer open (and create, and migrate) the one
-    file at the same moment; each must wait its turn, none may fail to start with
-    "database is locked" (SQLite answers a concurrent switch to WAL without waiting).
-    Several rounds of four processes, as a race shows only sometimes."""
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_workers_opening_one_new_store_at_once_all_start(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`--workers N` (or replicas): every worker and its writer open (and create, and
+    migrate) the one store at the same moment; each must wait its turn, none may fail to
+    start with "database is locked" (SQLite answers a concurrent switch to WAL without
+    waiting) or a duplicate table (PostgreSQL's CREATE TABLE IF NOT EXISTS is not safe
+    against a concurrent one). Several rounds of four processes, as a race shows only
+    sometimes."""
     ctx = multiprocessing.get_context("fork")
-    for n in range(20):
-        path = str(tmp_path / f"audit{n}.db")
+    server = request.getfixturevalue("postgres_server") if backend == "postgresql" else None
+    for n in range(20 if server is None else 8):
+        url = (f"sqlite:///{tmp_path}/audit{n}.db" if server is None
+               else server.create_database(f"race{n}_{os.getpid()}"))
         barrier, results = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_open_at_once, args=(path, barrier, results))
+        procs = [ctx.Process(target=_open_at_once, args=(url, barrier, results))
                  for _ in range(4)]
         for proc in procs:
             proc.start()
@@ -298,10 +338,11 @@ def test_workers_opening_one_new_store_at_once_all_start(tmp_path: Path) -> None
 
 
 async def test_requests_do_not_wait_on_a_slow_disk(make_sim: MakeSim, make_proxy: MakeProxy,
-                                                   tmp_path: Path) -> None:
-    """The writer's thread is blocked (a stand-in for a stalled disk); requests still flow."""
+                                                   store_url: str) -> None:
+    """The writer process is stopped (a stand-in for a stalled disk or database); requests
+    still flow."""
     a = await make_sim("coder")
-    proxy = await make_proxy(seed_config([a], None, tmp_path))
+    proxy = await make_proxy(seed_config([a], None, store_url))
     from proxy.api.state import STATE
 
     store = proxy.app[STATE].recorder.store
@@ -340,11 +381,11 @@ def test_loop_metrics_render_as_prometheus_histograms_and_counters() -> None:
 
 
 async def test_the_writer_ignores_group_signals_and_comes_back_after_a_crash(
-        tmp_path: Path) -> None:
+        store_url: str) -> None:
     """Ctrl-C or a service manager signals the whole process group: the writer keeps going
     (the proxy ends it by closing the pipe). Killed outright, it is replaced, and what it
     had not acknowledged is counted as dropped."""
-    store = AuditStore(f"sqlite:///{tmp_path}/a.db")
+    store = AuditStore(store_url)
     store.RESTART_AFTER_S = 0.05
     await store.start()
     first = store.writer_pid

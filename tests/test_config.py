@@ -430,6 +430,27 @@ def test_bounds_and_types_are_worded_as_before(section: str, key: str, value: An
     assert str(err.value) == f"c.yaml: {expected}"
 
 
+@pytest.mark.parametrize("url,expected", [
+    ("sqlite:///:memory:", "a sqlite:///PATH url with a file path"),
+    ("mysql://audit:hunter22@db/audit", "a sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB url"),
+    ("postgresql://audit:hunter22@db:5432/", "a postgresql://USER:PASS@HOST:PORT/DB url with a host and a database"),
+    ("postgresql://audit:hunter22@db:port/audit", "a sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB url (bad port)"),
+])
+def test_a_store_url_that_cannot_be_used_is_named_without_its_password(url: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_set(_VALID, ("store",), "url", url), "c.yaml")
+    assert str(err.value).startswith(f"c.yaml: store.url: expected {expected}, got a string")
+    assert "hunter22" not in str(err.value)
+
+
+def test_a_postgresql_store_url_is_taken_as_written(tmp_path: Path) -> None:
+    """Not a path: nothing is resolved against the config file's directory."""
+    url = "postgresql://audit:pw@db.internal:5432/audit"
+    config = load_config(write(tmp_path, f"store: {{url: '{url}'}}\nproviders: [{{provider_id: p, "
+                               "instances: [{id: a, base_url: 'http://127.0.0.1:9'}]}]\n"))
+    assert config.store.url == url
+
+
 def test_an_empty_value_or_an_empty_variable_takes_the_default(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_ADMIN_KEY", raising=False)

@@ -12,9 +12,10 @@ from aiohttp import web
 
 from proxy.api.auth import check_admin
 from proxy.api.endpoints import expect_continue, read_body
-from proxy.api.errors import BadRequest, NotFound
+from proxy.api.errors import AuditUnavailable, BadRequest, NotFound
 from proxy.api.inbound import CHAT, parse_request
 from proxy.api.state import RELOAD, STATE
+from proxy.audit.database import StoreUnavailable
 from proxy.audit.recorder import EVENT_TYPES
 from proxy.audit.schema import EventQuery
 from proxy.health.instance import InstanceState
@@ -97,12 +98,22 @@ async def reset_instance_fingerprint(request: web.Request) -> web.Response:
 
 @admin
 async def list_events(request: web.Request) -> web.Response:
-    """GET /admin/events?request_id=&type=&instance=&since=&limit= (newest first)."""
+    """GET /admin/events?request_id=&type=&instance=&since=&until=&limit= (newest first)."""
     store = request.app[STATE].recorder.store
     if store is None:
         raise NotFound("The audit store is off (store.enabled: false).", code="audit_off")
     query = parse_event_query(request.query)
-    return _json_response({"events": await store.query(query)})
+    try:
+        return _json_response({"events": await store.query(query)})
+    except StoreUnavailable as exc:
+        raise audit_unavailable(exc) from None
+
+
+def audit_unavailable(exc: StoreUnavailable) -> AuditUnavailable:
+    """The 503 of an admin read while the audit database is away (its message names the
+    store without its password)."""
+    return AuditUnavailable(f"The audit database cannot be reached now ({exc}); rows are "
+                            "kept for it up to store.queue_size.")
 
 
 def parse_event_query(params: Mapping[str, str]) -> EventQuery:
@@ -117,6 +128,12 @@ def parse_event_query(params: Mapping[str, str]) -> EventQuery:
         if since is None:
             raise BadRequest("'since' must be unix seconds, an ISO-8601 time, or an age "
                              "such as 15m, 2h, 1d.", param="since")
+    until = None
+    if params.get("until"):
+        until = parse_since(params["until"])
+        if until is None:
+            raise BadRequest("'until' must be unix seconds, an ISO-8601 time, or an age "
+                             "such as 15m, 2h, 1d.", param="until")
     limit = 100
     if params.get("limit"):
         try:
@@ -126,7 +143,8 @@ def parse_event_query(params: Mapping[str, str]) -> EventQuery:
         if not 1 <= limit <= 10_000:
             raise BadRequest("'limit' must be between 1 and 10000.", param="limit")
     return EventQuery(request_id=params.get("request_id") or None, type=type_,
-                      instance=params.get("instance") or None, since=since, limit=limit)
+                      instance=params.get("instance") or None, since=since, until=until,
+                      limit=limit)
 
 
 _AGE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd])")

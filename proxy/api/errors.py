@@ -103,6 +103,14 @@ class RouteBlocked(ProxyError):
     code = "ROUTE_BLOCKED"
 
 
+class AuditUnavailable(ProxyError):
+    """503: the audit database cannot be reached now (an admin read of the audit trail)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "audit_unavailable"
+
+
 class AllAttemptsTimedOut(ProxyError):
     """504: every attempt timed out."""
 

@@ -25,10 +25,12 @@ import orjson
 from aiohttp import web
 
 from proxy import __version__
+from proxy.api.admin import audit_unavailable
 from proxy.api.auth import check_admin
 from proxy.api.endpoints import expect_continue
 from proxy.api.errors import BadRequest, NotFound
 from proxy.api.state import STATE
+from proxy.audit.database import StoreUnavailable
 from proxy.audit.eventstream import HEARTBEAT_S, RETRY_MS
 from proxy.audit.schema import EventQuery, query_events, query_plans
 from proxy.audit.tally import SAMPLE_EVERY_S, Tally
@@ -92,6 +94,9 @@ def status_document(app: web.Application) -> dict[str, Any]:
         "version": __version__,
         "uptime_s": round(now - tally.started, 1),
         "audit": recorder.store is not None,
+        # (the store's URL without its password; whether its writer reaches it now)
+        "audit_store": None if recorder.store is None else recorder.store.shown,
+        "audit_available": recorder.store is not None and recorder.store.available,
         "inflight": recorder.metrics.inflight,
         "instances": rows,
         "last_hour": tally.last_hour(now),
@@ -123,9 +128,12 @@ async def get_request(request: web.Request) -> web.Response:
     store = state.recorder.store
     if store is None:
         raise NotFound("The audit store is off (store.enabled: false).", code="audit_off")
-    plans, events = await store.read(lambda conn: (
-        query_plans(conn, request_id),
-        query_events(conn, EventQuery(request_id=request_id, limit=1000))))
+    try:
+        plans, events = await store.read(lambda db: (
+            query_plans(db, request_id),
+            query_events(db, EventQuery(request_id=request_id, limit=1000))))
+    except StoreUnavailable as exc:
+        raise audit_unavailable(exc) from None
     if not plans and not events:
         raise NotFound(f"Nothing in the audit trail for request id '{request_id}' (not seen, "
                        "still running, or past the retention).", code="request_not_found")

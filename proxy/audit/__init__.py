@@ -1,2 +1,2 @@
 """What happened, written down: the recorder (log line, metrics, rows), Prometheus
-metrics, the SQLite store and its writer process."""
+metrics, the audit store (SQLite or PostgreSQL) with its writer process and reader."""

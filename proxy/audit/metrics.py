@@ -158,15 +158,28 @@ class Metrics:
             "failover_proxy_cost", "Cost of answers from their tokens and the instance's "
             "metadata.cost (in its currency), by model asked for and instance",
             ["model", "instance"])
-        r.register(_LoopCollector([self.requests, self.ttfb, self.duration,
-                                   self.overhead, self.tokens, self.cost]))
+        self.tokens_estimated = LoopCounter(
+            "failover_proxy_tokens_estimated", "Tokens of answers that came without usage, "
+            "estimated (prompt: the planner's estimate; completion: characters of the answer "
+            "/ 4), by model asked for, instance, and kind: prompt, completion",
+            ["model", "instance", "kind"])
+        self.cost_estimated = LoopCounter(
+            "failover_proxy_cost_estimated", "Cost of the estimated tokens (metadata.cost), "
+            "by model asked for and instance", ["model", "instance"])
+        r.register(_LoopCollector([self.requests, self.ttfb, self.duration, self.overhead,
+                                   self.tokens, self.cost, self.tokens_estimated,
+                                   self.cost_estimated]))
         #: Requests being served now: a plain counter on the hot path, read at scrape time.
         self.inflight = 0
         Gauge("failover_proxy_inflight_requests", "Requests being served now",
               registry=r).set_function(lambda: self.inflight)
         self.events_dropped = Counter(
-            "failover_proxy_events_dropped", "Audit rows dropped because the writer fell behind",
+            "failover_proxy_events_dropped", "Audit rows dropped because the writer fell behind or "
+            "its database was away past store.queue_size rows",
             registry=r)
+        self.audit_up = Gauge(
+            "failover_proxy_audit_store_up", "1 while the audit writer can reach its database "
+            "(0 while PostgreSQL is away: rows wait, up to store.queue_size)", registry=r)
         self.stream_resumed = Counter(
             "failover_proxy_streams_resumed", "Streams continued on another instance after a "
             "mid-stream failure", ["from_instance", "to_instance"], registry=r)

@@ -92,12 +92,15 @@ class Recorder:
         m.requests.labels(label, instance or "", outcome).inc()
         if usage is not None:
             where = (label, instance or "")
-            m.tokens.labels(*where, "prompt").inc(usage.prompt)
-            m.tokens.labels(*where, "completion").inc(usage.completion)
+            # estimated figures in series of their own, never mixed with stated ones
+            tokens, cost = ((m.tokens_estimated, m.cost_estimated) if usage.estimated
+                            else (m.tokens, m.cost))
+            tokens.labels(*where, "prompt").inc(usage.prompt)
+            tokens.labels(*where, "completion").inc(usage.completion)
             if usage.cached:
-                m.tokens.labels(*where, "cached").inc(usage.cached)
+                tokens.labels(*where, "cached").inc(usage.cached)
             if usage.cost:
-                m.cost.labels(*where).inc(usage.cost)
+                cost.labels(*where).inc(usage.cost)
         m.duration.labels("true" if record.stream else "false").observe(duration_s)
         m.overhead.observe(max(0.0, duration_s - record.upstream_s))
         ttfb_s = record.ttfb_s
@@ -116,7 +119,10 @@ class Recorder:
                             "tried": record.tried,
                             "usage": None if usage is None else usage.as_dict()})
         store.plan(plan, (plan.plan_id, record.request_id, now, model, plan.selected,
-                          instance, outcome, status, record.sent, ttfb_ms, duration_ms))
+                          instance, outcome, status, record.sent, ttfb_ms, duration_ms,
+                          *((None,) * 5 if usage is None else (
+                              usage.prompt, usage.completion, usage.cached, usage.cost,
+                              int(usage.estimated)))))
 
     # ------------------------------------------------------------------ routing
 

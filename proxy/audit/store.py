@@ -1,4 +1,5 @@
-"""The audit store: route plans, events and lineage in SQLite, written off the request path.
+"""The audit store: route plans, events and lineage in SQLite or PostgreSQL (by the URL's
+scheme, proxy.audit.database), written off the request path.
 
 Requests hand rows to `AuditStore.submit`, which never blocks and never waits on disk: it
 appends to a list. Every `SEND_EVERY_S` the rows gathered so far go, as one JSON line, down
@@ -7,9 +8,16 @@ A separate process, not a thread, because a writer thread binding rows for SQLit
 taking the interpreter lock back from the event loop: on a busy proxy that cost the loop
 more CPU than the rows themselves. The writer acknowledges every batch, so the proxy knows
 how many rows are in flight; beyond `queue_size` rows not yet written, new rows are dropped
-and counted (`dropped`), never the request. On shutdown everything queued is written before
-the writer exits. SQLite runs in WAL mode so readers (the admin API, the `events` command)
-never block the writer.
+and counted (`dropped`; one log line when dropping starts and one when it stops), never
+the request. When PostgreSQL is away the writer holds its batch and tries again until it is
+written, so rows wait up to that bound and are written once the database is back; the
+writer says when the database goes and comes back (`on_available`, one log line each). On
+shutdown everything queued is written before the writer exits. SQLite runs in WAL mode so
+readers (the admin API, the `events` command) never block the writer.
+
+The URL's password never leaves this module but to the database driver: logs and errors
+show `shown` (proxy.audit.database.redact_url), and the writer gets the URL on its stdin,
+not its command line.
 """
 
 
@@ -17,36 +25,32 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import sqlite3
 import sys
-import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
 import structlog
 
-from proxy.audit.schema import (
-    EVENT,
-    LINEAGE,
-    PLAN,
-    EventQuery,
-    apply_retention,
-    connect,
-    query_events,
-    sqlite_path,
+from proxy.audit.database import (
+    Database,
+    StoreUnavailable,
+    open_database,
+    redact_url,
 )
+from proxy.audit.reader import StoreReader
+from proxy.audit.schema import EVENT, LINEAGE, PLAN, EventQuery, apply_retention, query_events
 
 log = structlog.get_logger("proxy.audit.store")
 T = TypeVar("T")
 
 
 class AuditStore:
-    """Batched, non-blocking writes to SQLite through a writer process.
+    """Batched, non-blocking writes to the audit database through a writer process.
 
-    Used from the event loop's thread only. Reads (`query`) use the store's own
-    connection in a worker thread, after a flush so that a reader sees its own request.
+    Used from the event loop's thread only. Reads (`query`, `read`) go through a
+    StoreReader (proxy.audit.reader), after a flush so that a reader sees its own request;
+    they raise StoreUnavailable while the database cannot be reached or does not answer.
     """
 
     #: How often gathered rows go to the writer.
@@ -54,14 +58,21 @@ class AuditStore:
 
     def __init__(self, url: str, *, queue_size: int = 50_000, batch: int = 2000,
                  retention_s: float = 7 * 86400.0, max_rows: int = 1_000_000,
-                 on_drop: Callable[[int], None] | None = None) -> None:
-        self.path = sqlite_path(url)
+                 on_drop: Callable[[int], None] | None = None,
+                 on_available: Callable[[bool], None] | None = None) -> None:
+        self.url = url
+        #: The URL as logs and admin output may show it (no password).
+        self.shown = redact_url(url)
         self.queue_size = queue_size
         self.batch = batch
         self.retention_s = retention_s
         self.max_rows = max_rows
         self.on_drop = on_drop
+        self.on_available = on_available
+        #: Whether the writer can reach the database (False while PostgreSQL is away).
+        self.available = True
         self.dropped = 0
+        self._dropping = 0  # rows dropped since dropping last started (0: not dropping)
         self.written = 0
         self._rows: list[Any] = []
         self._inflight = 0  # rows sent to the writer, not yet written
@@ -70,9 +81,7 @@ class AuditStore:
         self._timer: asyncio.TimerHandle | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._tokens = itertools.count(1)
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        self._last_warning = 0.0
+        self.reader = StoreReader(url)
         self._broken = False
         self._closing = False
 
@@ -84,14 +93,24 @@ class AuditStore:
     RESTART_AFTER_S = 1.0
 
     async def start(self) -> None:
-        self._conn = await asyncio.to_thread(connect, self.path)  # creates/migrates the schema
+        """Open the database (creating or migrating the schema) and start the writer.
+        StoreError when the store cannot be used at all (psycopg missing, a schema newer
+        than this release); a PostgreSQL that cannot be reached now is logged, and the
+        writer waits for it."""
+        try:
+            await asyncio.to_thread(lambda: open_database(self.url).close())
+        except StoreUnavailable as exc:
+            self._set_available(False, str(exc))
         await self._spawn()
 
     async def _spawn(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.audit.writer", self.path, repr(self.retention_s),
-            str(self.max_rows), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "proxy.audit.writer", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             start_new_session=True)  # a signal to the proxy's group does not reach it
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(orjson.dumps({"url": self.url, "retention_s": self.retention_s,
+                                             "max_rows": self.max_rows}) + b"\n")
         self._broken = False
         self._inflight = 0
         self._reader = asyncio.get_running_loop().create_task(self._read_acks(self._proc))
@@ -102,22 +121,49 @@ class AuditStore:
             return
         rows = self._rows
         if self._broken or len(rows) + self._inflight >= self.queue_size:
-            self._drop(1, "writer behind; queue full" if not self._broken else "writer gone")
+            self._drop(1, self._why_full())
             return
+        if self._dropping:
+            self._accepting_again()
         if not rows and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.SEND_EVERY_S, self._send)
         rows.append(row)
         if len(rows) >= self.batch:
             self._send()
 
+    def _why_full(self) -> str:
+        if self._broken:
+            return "writer gone"
+        return "writer behind; queue full" if self.available else "database away; queue full"
+
     def _drop(self, n: int, reason: str) -> None:
+        """Count rows that will not be written; one log line when dropping starts."""
         self.dropped += n
         if self.on_drop is not None:
             self.on_drop(n)
-        now = time.monotonic()
-        if now - self._last_warning > 5.0:
-            self._last_warning = now
-            log.warning("audit_events_dropped", dropped_total=self.dropped, reason=reason)
+        if not self._dropping:
+            log.warning("audit_rows_dropping", reason=reason, queue_size=self.queue_size,
+                        dropped_total=self.dropped, store=self.shown)
+        self._dropping += n
+
+    def _accepting_again(self) -> None:
+        """The first row queued after some were dropped: one log line saying how many."""
+        log.warning("audit_rows_queued_again", dropped=self._dropping,
+                    dropped_total=self.dropped, store=self.shown)
+        self._dropping = 0
+
+    def _set_available(self, available: bool, reason: str = "") -> None:
+        """The writer reached, or lost, the database: one log line per change."""
+        if available == self.available:
+            return
+        self.available = available
+        if available:
+            log.warning("audit_store_available", store=self.shown)
+        else:
+            log.error("audit_store_unavailable", store=self.shown, reason=reason,
+                      queue_size=self.queue_size)
+        if self.on_available is not None:
+            self.on_available(available)
 
     def event(self, ts: float, type_: str, request_id: str | None, plan_id: str | None,
               instance: str | None, reason_code: str | None = None,
@@ -134,7 +180,8 @@ class AuditStore:
     def plan(self, plan: Any, row: tuple[Any, ...]) -> None:
         """A route_plans row: `plan` (anything with `as_dict()`, turned into data when the
         batch is sent, off the request path) and (plan_id, request_id, ts, model, selected,
-        final_instance, outcome, status, attempts, ttfb_ms, duration_ms)."""
+        final_instance, outcome, status, attempts, ttfb_ms, duration_ms, prompt_tokens,
+        completion_tokens, cached_tokens, cost, tokens_estimated) (schema.write_rows)."""
         self.submit([PLAN, plan, *row])
 
     def _send(self) -> None:
@@ -182,8 +229,9 @@ class AuditStore:
         return future
 
     async def _read_acks(self, proc: asyncio.subprocess.Process) -> None:
-        """The writer's answers: `w N` (N rows written), `x N` (N rows it could not write)
-        and `ok TOKEN` (command done). When it dies, a new one is started."""
+        """The writer's answers: `w N` (N rows written), `x N` (N rows it could not write),
+        `ok TOKEN` (command done), `d REASON` (the database went away) and `u` (it is back).
+        When it dies, a new one is started."""
         assert proc.stdout is not None
         while True:
             line = await proc.stdout.readline()
@@ -201,6 +249,10 @@ class AuditStore:
                 future = self._waiters.pop(int(value), None)
                 if future is not None and not future.done():
                     future.set_result(None)
+            elif kind == b"d":
+                self._set_available(False, value.decode(errors="replace"))
+            elif kind == b"u":
+                self._set_available(True)
         self._writer_gone()
         if not self._closing:
             await asyncio.sleep(self.RESTART_AFTER_S)
@@ -222,15 +274,21 @@ class AuditStore:
                 future.set_result(None)
         self._waiters.clear()
 
-    def apply_retention(self) -> None:
-        """Run retention now (tests, admin)."""
-        with self._lock:
-            if self._conn is not None:
-                apply_retention(self._conn, self.retention_s, self.max_rows)
+    async def apply_retention(self) -> None:
+        """Run retention now (tests), on a connection of its own."""
+        def run() -> None:
+            db = open_database(self.url)
+            try:
+                apply_retention(db, self.retention_s, self.max_rows)
+            finally:
+                db.close()
+
+        await asyncio.to_thread(run)
 
     async def flush(self, timeout_s: float = 10.0) -> None:
-        """Wait until everything queued so far is written."""
-        if self._proc is None:
+        """Wait until everything queued so far is written (not at all while the database
+        is away: what is queued then waits for it)."""
+        if self._proc is None or not self.available:
             return
         try:
             await asyncio.wait_for(self._command("flush"), timeout_s)
@@ -241,17 +299,12 @@ class AuditStore:
         """Read events (after writing what is queued, so a reader sees its own request)."""
         return await self.read(lambda conn: query_events(conn, q))
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a read (`query_events`, `query_plans`...) on the store's connection in a
-        worker thread, after writing what is queued."""
-        await self.flush()
-
-        def run() -> T:
-            with self._lock:
-                assert self._conn is not None
-                return fn(self._conn)
-
-        return await asyncio.to_thread(run)
+    async def read(self, fn: Callable[[Database], T]) -> T:
+        """Run a read (`query_events`, `query_plans`...) on the reader's connection, after
+        writing what is queued (waiting 5 s at most for that). StoreUnavailable while the
+        database cannot be reached or does not answer in time."""
+        await self.flush(5.0)
+        return await self.reader.read(fn)
 
     async def close(self) -> None:
         """Stop the writer after it has written everything queued, then close the database."""
@@ -266,19 +319,20 @@ class AuditStore:
                     proc.stdin.close()  # the writer finishes what it has, then exits
                 except (ConnectionError, RuntimeError):
                     pass
-            try:
-                await asyncio.wait_for(proc.wait(), 30.0)
+            try:  # (while the database is away, what is queued is not waited for long)
+                await asyncio.wait_for(proc.wait(), 30.0 if self.available else 2.0)
             except TimeoutError:
-                log.error("audit_writer_stuck", pid=proc.pid)
+                log.error("audit_writer_stuck", pid=proc.pid, rows_lost=self._inflight,
+                          database_available=self.available)
                 proc.kill()
                 await proc.wait()
+                if self._inflight:
+                    self._drop(self._inflight, "shut down before the database came back")
+                    self._inflight = 0
             if self._reader is not None:
                 await self._reader
         elif self._reader is not None:  # between a writer's death and its successor
             self._reader.cancel()
         self._proc = None
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        await self.reader.close()
 

@@ -47,6 +47,10 @@ class Tally:
             key = f"tokens:{kind}"
             out[key] = out.get(key, 0.0) + cell.value
         out["cost"] = sum(cell.value for cell in self.metrics.cost.cells.values())
+        for (_model, _instance, kind), cell in self.metrics.tokens_estimated.cells.items():
+            key = f"estimated:{kind}"
+            out[key] = out.get(key, 0.0) + cell.value
+        out["cost_estimated"] = sum(c.value for c in self.metrics.cost_estimated.cells.values())
         for (type_, reason), n in self.hub.counts.items():
             if type_ == "REROUTED":
                 out[f"reroute:{reason}"] = float(n)
@@ -61,8 +65,10 @@ class Tally:
 
     def last_hour(self, now: float | None = None) -> dict[str, Any]:
         """`{window_s, requests, outcomes{}, reroutes{}, blocked, resumed, tokens{prompt,
-        completion, cached}, cost}` over the last hour, or since start when that is shorter
-        (`window_s` says which). Tokens count answers whose upstream reported usage."""
+        completion, cached}, cost, tokens_estimated{prompt, completion}, cost_estimated}`
+        over the last hour, or since start when that is shorter (`window_s` says which).
+        `tokens` and `cost` count answers whose upstream reported usage, the `_estimated`
+        ones the answers that came without it (proxy.audit.usage)."""
         now = time.monotonic() if now is None else now
         since, base = self.samples[0]
         for at, figures in self.samples:
@@ -83,4 +89,7 @@ class Tally:
             "tokens": {kind: int(delta.get(f"tokens:{kind}", 0))
                        for kind in ("prompt", "completion", "cached")},
             "cost": round(delta.get("cost", 0.0), 6),
+            "tokens_estimated": {kind: int(delta.get(f"estimated:{kind}", 0))
+                                 for kind in ("prompt", "completion")},
+            "cost_estimated": round(delta.get("cost_estimated", 0.0), 6),
         }

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from proxy.audit.database import redact_text
 from proxy.config.schema import (
     SERVER_KINDS,
     DocumentSpec,
@@ -178,6 +179,8 @@ def _describe(value: Any, secret: bool) -> str:
             float: "a number", str: "a string", type(None): "nothing"}.get(type(value), type(value).__name__)
     if secret or value is None or isinstance(value, (dict, list)):
         return kind
+    if isinstance(value, str):  # a URL's password (`store.url`) is a secret wherever it is
+        value = redact_text(value)
     return f"{kind} ({value!r})"
 
 
@@ -286,7 +289,10 @@ def _beside(base: Path | None, path: str) -> str:
 
 
 def _store_beside(store: StoreConfig, base: Path | None) -> StoreConfig:
-    """The store with its `sqlite:///PATH` taken from the config's directory."""
+    """The store with its `sqlite:///PATH` taken from the config's directory (a
+    postgresql:// URL as it is)."""
+    if not store.url.startswith("sqlite:///"):
+        return store
     path = store.url[len("sqlite:///"):]
     url = "sqlite:///" + _beside(base, path)
     return store if url == store.url else store.model_copy(update={"url": url})

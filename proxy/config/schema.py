@@ -11,6 +11,7 @@ fails raises `_expected(...)`, whose text the loader puts after "expected" in it
 
 from __future__ import annotations
 
+import importlib.util
 import ssl
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from proxy.audit.database import check_url, is_postgres
 from proxy.failures import RETRY_KINDS
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -68,10 +70,14 @@ def _http_url(url: str) -> str:
     return url
 
 
-def _sqlite_file(url: str) -> str:
-    # a file, not memory: the audit writer is another process, with memory of its own
-    if not url.startswith("sqlite:///") or url[len("sqlite:///"):] in ("", ":memory:"):
-        raise _expected("a sqlite:///PATH url with a file path")
+def _store_url(url: str) -> str:
+    """`sqlite:///PATH` (a file) or `postgresql://USER:PASS@HOST:PORT/DB`."""
+    problem = check_url(url)
+    if problem:
+        raise _expected(problem)
+    if is_postgres(url) and importlib.util.find_spec("psycopg") is None:
+        raise _expected("a sqlite:///PATH url, or psycopg 3 installed for a postgresql:// one "
+                        "(pip install 'failover-proxy[postgres]')")
     return url
 
 
@@ -258,9 +264,9 @@ class RetryConfig(_Schema):
 
 
 class StoreConfig(_Schema):
-    """`store:`: the SQLite audit store (proxy/audit/store.py)."""
+    """`store:`: the audit store (proxy/audit/store.py), SQLite or PostgreSQL by the URL."""
 
-    url: Annotated[str, AfterValidator(_sqlite_file)] = DEFAULT_STORE_URL
+    url: Annotated[str, AfterValidator(_store_url)] = DEFAULT_STORE_URL
     #: Off: no audit rows are written (logs and metrics remain).
     enabled: bool = True
     retention_days: Number = Field(7.0, ge=0.001)

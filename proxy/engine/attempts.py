@@ -20,6 +20,8 @@ import orjson
 
 from proxy.api.inbound import CHAT, ClientRequest
 from proxy.audit.usage import Usage
+from proxy.audit.usage import estimate as estimate_usage
+from proxy.audit.usage import estimate_body as estimate_body_usage
 from proxy.audit.usage import of_body as usage_of_body
 from proxy.audit.usage import of_object as usage_of_object
 from proxy.config import Config
@@ -175,7 +177,7 @@ class Exchange:
                                        opened.started + self.timeouts.first_byte_s,
                                        opened.started + self.timeouts.total_s)
             done = True
-            record.usage = usage_of_object(delivered.usage, inst.config)
+            record.usage = stream_usage(delivered, record, inst)
         except UpstreamFailure as failure:
             raise CommittedFailure(failure, delivered, opened.ttfb_s) from failure
         finally:
@@ -208,7 +210,7 @@ class Exchange:
                                    sink, splicer.delivered, splicer,
                                    t0 + self.timeouts.first_byte_s, t0 + self.timeouts.total_s)
             done = True
-            record.usage = usage_of_object(splicer.delivered.usage, inst.config)
+            record.usage = stream_usage(splicer.delivered, record, inst)
         except Diverged as exc:
             raise ReplayDiverged(str(exc)) from None
         finally:
@@ -236,4 +238,26 @@ class Exchange:
         if body is None:
             raise UnsupportedRequest(NO_PREFILL)
         return body
+
+
+def stream_usage(delivered: Delivered, record: RequestRecord, inst: InstanceState) -> Usage:
+    """A finished stream's tokens: as its `usage` stated them, else estimated from what
+    the client received (once, at its end)."""
+    stated = usage_of_object(delivered.usage, inst.config)
+    if stated is not None:
+        return stated
+    chars = sum(map(len, delivered.pieces)) + sum(map(len, delivered.reasoning_pieces))
+    return estimate_usage(prompt_estimate(record), chars, inst.config)
+
+
+def whole_usage(reply: Reply, record: RequestRecord, inst: InstanceState) -> Usage | None:
+    """A whole answer's tokens: as its `usage` stated them, else estimated from its body."""
+    if reply.usage is not None or reply.body is None:
+        return reply.usage
+    return estimate_body_usage(reply.body, prompt_estimate(record), inst.config)
+
+
+def prompt_estimate(record: RequestRecord) -> int:
+    """The planner's estimate of the request's prompt tokens."""
+    return record.plan.requirements.prompt_tokens if record.plan is not None else 0
 

@@ -26,7 +26,7 @@ from proxy.api.errors import (
 )
 from proxy.api.inbound import CHAT, ClientRequest
 from proxy.config import Config
-from proxy.engine.attempts import NO_PREFILL, REASONING_ONLY, Exchange, Opened, Reply
+from proxy.engine.attempts import NO_PREFILL, REASONING_ONLY, Exchange, Opened, Reply, whole_usage
 from proxy.engine.errors import Limited, final_error, stream_failed
 from proxy.engine.record import (
     CLIENT_GONE,
@@ -253,7 +253,7 @@ class Forwarder:
         self.registry.record_success(inst, reply.ttfb_s)
         attempt.elapsed_ms = _ms(started)
         run.record.add(attempt)
-        run.record.usage = reply.usage
+        run.record.usage = whole_usage(reply, run.record, inst)
         self._answered(run, inst, reply.ttfb_s, outcome)
         if run.req.stream and run.sink is not None:
             return Reply(200, None, ttfb_s=reply.ttfb_s)

@@ -107,7 +107,8 @@ function counts(obj) {
 
 function renderStatus(doc) {
   $("version").textContent = `v${doc.version}`;
-  $("uptime").textContent = `up ${age(doc.uptime_s)}` + (doc.audit ? "" : " · audit off");
+  $("uptime").textContent = `up ${age(doc.uptime_s)}` + (!doc.audit ? " · audit off"
+    : doc.audit_available === false ? " · audit database away" : "");
   const hour = doc.last_hour;
   $("window").textContent = hour.window_s >= 3540 ? "Last hour" : `Since start (${age(hour.window_s)})`;
   $("c-requests").textContent = hour.requests;
@@ -120,8 +121,13 @@ function renderStatus(doc) {
   const tokens = hour.tokens;
   $("c-tokens").textContent = tokens.prompt + tokens.completion;
   $("c-cost").textContent = hour.cost;
+  // answers that came without usage: estimated, shown apart (never added to the above)
+  const guessed = hour.tokens_estimated || { prompt: 0, completion: 0 };
   $("c-token-kinds").textContent =
-    `${tokens.prompt} prompt (${tokens.cached} cached), ${tokens.completion} completion`;
+    `${tokens.prompt} prompt (${tokens.cached} cached), ${tokens.completion} completion` +
+    (guessed.prompt + guessed.completion
+      ? `; estimated (no usage): ${guessed.prompt} prompt, ${guessed.completion} completion`
+      : "");
   const body = $("instances").tBodies[0];
   body.replaceChildren(...doc.instances.map(instanceRow));
 }
@@ -305,6 +311,7 @@ function requestStory(r) {
       r.duration_ms !== undefined && r.duration_ms !== null ? ` · ${ms(r.duration_ms)} total` : "",
       typeof r.ttfb_ms === "number" ? `, first byte ${ms(r.ttfb_ms)}` : "",
       usage ? ` · ${usage.prompt_tokens} + ${usage.completion_tokens} tokens` +
+        (usage.tokens_estimated ? " (estimated)" : "") +
         (usage.cached_tokens ? ` (${usage.cached_tokens} cached)` : "") +
         (usage.cost ? `, cost ${usage.cost}` : "") : ""),
     el("h3", {}, "Plan ", el("span", {class: "muted small"}, plan.strategy || "")),
