@@ -24,8 +24,8 @@ from proxy.app import create_app
 from proxy.config import DEFAULT_STORE_URL, Config, parse_config
 from proxy.sim.simulator import Simulator
 from tests.cluster import Cluster
-from tests.redis_server import RedisServer
 from tests.pg import PostgresServer
+from tests.redis_server import RedisServer
 
 MakeSim = Callable[..., Awaitable[Simulator]]
 
