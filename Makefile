@@ -48,7 +48,8 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(BIN)/mypy --strict proxy tests
 
-# `make bench` (a few minutes) or `make bench BENCH_ARGS="--quick --json out.json"`;
+# `make bench` (a few minutes) or `make bench BENCH_ARGS="--quick --json out.json"`
+# (`--sections baseline` for section 9 alone; scripts/bench_cpu.py: CPU per request);
 # BENCH_PEERS=litellm also measures LiteLLM (installed into its own venv under ~/.cache).
 bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y wrk \

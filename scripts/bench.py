@@ -6,7 +6,7 @@ separate load-generator processes (wrk for throughput, scripts/bench_lib/client.
 streaming and sequential latency), prints one table and optionally writes it as JSON.
 Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 
-    .venv/bin/python scripts/bench.py [--quick] [--json FILE]
+    .venv/bin/python scripts/bench.py [--quick] [--json FILE] [--sections baseline,...]
     BENCH_PEERS=litellm .venv/bin/python scripts/bench.py     # also measure LiteLLM
 
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
@@ -213,8 +213,11 @@ def proxy_config(instances: list[dict[str, Any]], groups: dict[str, list[str]],
 
 
 class Bench:
-    def __init__(self, settings: Settings, mode: str, workdir: Path) -> None:
+    def __init__(self, settings: Settings, mode: str, workdir: Path,
+                 only: frozenset[str] | None = None) -> None:
         self.s = settings
+        #: The sections to measure (keys of SECTIONS); None: all of them.
+        self.only = only
         self.mode = mode
         self.workdir = workdir
         self.sup = Supervisor(workdir)
@@ -228,6 +231,9 @@ class Bench:
         self.facts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers
+
+    def wants(self, section: str) -> bool:
+        return self.only is None or section in self.only
 
     def log(self, msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -397,23 +403,29 @@ class Bench:
         base = self.baseline_children(primary, secondary, stream)
         self.wait_ready([proxy, *audit.values(), *base.values()], "/readyz")
 
-        with self.timed("1 non-streaming"):
-            self.log("[1] non-streaming: wrk direct vs proxied")
-            direct64 = self.bench_nonstream(primary, proxy)
-        with self.timed("8 peers"):
-            self.bench_peers(peer, peer_exe, primary, direct64)
-        with self.timed("2 streaming"):
-            self.log("[2] streaming: TTFT and chunks/s")
-            self.bench_stream(stream, proxy)
-        with self.timed("9 pass-through"):
-            self.log("[9] against a bare aiohttp pass-through")
-            self.bench_baseline(base, proxy, audit["on"])
-        with self.timed("7 audit"):
-            self.log("[7] audit store: events written, throughput on vs off")
-            self.bench_audit(audit)
-        with self.timed("4 one instance dead"):
-            self.log("[4] one of two instances dead")
-            self.bench_dead(primary, proxy)
+        if self.wants("nonstream") or self.wants("peers"):
+            with self.timed("1 non-streaming"):
+                self.log("[1] non-streaming: wrk direct vs proxied")
+                direct64 = self.bench_nonstream(primary, proxy)
+            if self.wants("peers"):
+                with self.timed("8 peers"):
+                    self.bench_peers(peer, peer_exe, primary, direct64)
+        if self.wants("stream"):
+            with self.timed("2 streaming"):
+                self.log("[2] streaming: TTFT and chunks/s")
+                self.bench_stream(stream, proxy)
+        if self.wants("baseline"):
+            with self.timed("9 pass-through"):
+                self.log("[9] against a bare aiohttp pass-through")
+                self.bench_baseline(base, proxy, audit["on"])
+        if self.wants("audit"):
+            with self.timed("7 audit"):
+                self.log("[7] audit store: events written, throughput on vs off")
+                self.bench_audit(audit)
+        if self.wants("dead"):
+            with self.timed("4 one instance dead"):
+                self.log("[4] one of two instances dead")
+                self.bench_dead(primary, proxy)
         self.scan_logs([primary, secondary, stream, proxy])
         sup.stop_tagged("main")
 
@@ -1085,17 +1097,22 @@ class Bench:
     def run(self, peer: str | None) -> None:
         self.wrk = ensure_wrk()
         self.machine_facts()
-        with self.timed("6 planning"):
-            self.log("[6] planning cost")
-            self.bench_planning()
-        peer_exe = self.prepare_peer(peer)
-        self.main_group(peer, peer_exe)
-        with self.timed("3 failover"):
-            self.log("[3] failover added latency")
-            self.failover_group()
-        with self.timed("5 memory"):
-            self.log(f"[5] memory with {self.s.streams} open streams")
-            self.memory_group()
+        if self.wants("planning"):
+            with self.timed("6 planning"):
+                self.log("[6] planning cost")
+                self.bench_planning()
+        if self.only is None or self.only & {"nonstream", "peers", "stream", "baseline",
+                                             "audit", "dead"}:
+            peer_exe = self.prepare_peer(peer) if self.wants("peers") else None
+            self.main_group(peer, peer_exe)
+        if self.wants("failover"):
+            with self.timed("3 failover"):
+                self.log("[3] failover added latency")
+                self.failover_group()
+        if self.wants("memory"):
+            with self.timed("5 memory"):
+                self.log(f"[5] memory with {self.s.streams} open streams")
+                self.memory_group()
 
     def report(self, total_s: float) -> str:
         order = list(SECTIONS)
@@ -1128,9 +1145,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (under a minute)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--sections", metavar="LIST",
+                        help="only these sections, comma-separated: " + ", ".join(SECTIONS))
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the child processes' logs (their folder is printed)")
     args = parser.parse_args(argv)
+    only = None
+    if args.sections:
+        only = frozenset(s.strip() for s in args.sections.split(",") if s.strip())
+        if not only or only - set(SECTIONS):
+            parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
     peer = os.environ.get("BENCH_PEERS", "").strip() or None
 
     # Also when started with SIGINT ignored (a background job of a script): Ctrl-C, kill
@@ -1139,7 +1163,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _on_signal)
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="failover-bench-"))
-    bench = Bench(QUICK if args.quick else FULL, "quick" if args.quick else "full", workdir)
+    bench = Bench(QUICK if args.quick else FULL, "quick" if args.quick else "full", workdir,
+                  only)
     started = time.monotonic()
     code = 0
     try:

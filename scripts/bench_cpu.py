@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -55,6 +56,9 @@ def main() -> int:
     parser.add_argument("--stream", action="store_true", help="also CPU per streamed chunk")
     parser.add_argument("--only", default="pass,full,lean", help="which servers to measure")
     parser.add_argument("--hold", action="store_true", help="start them, print ports, wait")
+    parser.add_argument("--compare", metavar="DIR",
+                        help="also measure full0 and lean0: the proxy of another source tree "
+                             "(e.g. a `git archive` of an earlier commit), same run")
     args = parser.parse_args()
     raise_nofile()
     wrk = ensure_wrk()
@@ -72,6 +76,15 @@ def main() -> int:
                               log=False),
             "lean": sup.proxy("lean", _config(sim, stream, None, "warning")),
         }
+        if args.compare:
+            for name, text in (("full0", _config(sim, stream, workdir / "audit0.db", "info")),
+                               ("lean0", _config(sim, stream, None, "warning"))):
+                cfg = workdir / f"{name}.json"
+                cfg.write_text(text)
+                servers[name] = sup.spawn(
+                    name, [sys.executable, "-m", "proxy", "serve", "--config", str(cfg),
+                           "--port", "0"], env=os.environ | {"PYTHONPATH": args.compare},
+                    log=name != "full0")
         sup.wait_ready(list(servers.values()), "/readyz")
         if args.hold:
             print(json.dumps({k: v.port for k, v in servers.items()} | {"sim": sim.port}),
@@ -83,7 +96,7 @@ def main() -> int:
                                    json.dumps(chat_body(MODEL)).encode())
         routed = write_post_script(workdir / "routed.lua",
                                    json.dumps(chat_body("main")).encode())
-        names = args.only.split(",")
+        names = args.only.split(",") + (["full0", "lean0"] if args.compare else [])
         per_req: dict[str, list[float]] = {n: [] for n in names}
         rps: dict[str, list[float]] = {n: [] for n in names}
         for name in names:  # warm-up
