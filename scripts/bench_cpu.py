@@ -134,9 +134,12 @@ def main() -> int:
 def _stream_rounds(sup: Supervisor, servers: dict[str, Child], rounds: int) -> None:
     import subprocess
 
-    per_chunk: dict[str, list[float]] = {"pass-stream": [], "lean": []}
+    targets = [("pass-stream", STREAM_MODEL), ("lean", "stream")]
+    if "lean0" in servers:
+        targets.append(("lean0", "stream"))
+    per_chunk: dict[str, list[float]] = {name: [] for name, _ in targets}
     for _ in range(rounds):
-        for name, model in (("pass-stream", STREAM_MODEL), ("lean", "stream")):
+        for name, model in targets:
             child = servers[name]
             cpu0 = child.cpu_seconds()
             spec = {"url": f"http://{LOCALHOST}:{child.port}{CHAT}", "model": model,
