@@ -76,7 +76,8 @@ typecheck: $(TEST_STAMP)
 
 # `make bench` (a few minutes) or `make bench BENCH_ARGS="--quick --json out.json"`;
 # one section: `make bench BENCH_ARGS="--only affinity"` (section 10 runs real llama-servers;
-# 11, `--only shared`, real Redis);
+# 11, `--only shared`, real Redis); scripts/bench_cpu.py: CPU per request against the
+# pass-through;
 # BENCH_PEERS=litellm also measures LiteLLM (installed into its own venv under ~/.cache).
 bench: $(STAMP) llama redis
 	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y wrk \

@@ -6,7 +6,7 @@ separate load-generator processes (wrk for throughput, scripts/bench_lib/client.
 streaming and sequential latency), prints one table and optionally writes it as JSON.
 Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 
-    .venv/bin/python scripts/bench.py [--quick] [--json FILE]
+    .venv/bin/python scripts/bench.py [--quick] [--json FILE] [--sections baseline,...]
     BENCH_PEERS=litellm .venv/bin/python scripts/bench.py     # also measure LiteLLM
 
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
@@ -87,11 +87,6 @@ SECTIONS = {
     affinity.SECTION: affinity.TITLE,
     shared_state.SECTION: shared_state.TITLE,
 }
-#: What `--only` runs for each section: the groups measure several sections at once.
-GROUPS = {"planning": ("planning",), "main": ("nonstream", "stream", "dead", "audit", "peers",
-                                              "baseline"),
-          "failover": ("failover",), "memory": ("memory",), "affinity": ("affinity",),
-          "shared": ("shared",)}
 
 
 @dataclass(frozen=True)
@@ -225,8 +220,11 @@ def proxy_config(instances: list[dict[str, Any]], groups: dict[str, list[str]],
 
 
 class Bench:
-    def __init__(self, settings: Settings, mode: str, workdir: Path) -> None:
+    def __init__(self, settings: Settings, mode: str, workdir: Path,
+                 only: frozenset[str] | None = None) -> None:
         self.s = settings
+        #: The sections to measure (keys of SECTIONS); None: all of them.
+        self.only = only
         self.mode = mode
         self.workdir = workdir
         self.sup = Supervisor(workdir)
@@ -240,6 +238,9 @@ class Bench:
         self.facts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers
+
+    def wants(self, section: str) -> bool:
+        return self.only is None or section in self.only
 
     def log(self, msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
@@ -409,23 +410,29 @@ class Bench:
         base = self.baseline_children(primary, secondary, stream)
         self.wait_ready([proxy, *audit.values(), *base.values()], "/readyz")
 
-        with self.timed("1 non-streaming"):
-            self.log("[1] non-streaming: wrk direct vs proxied")
-            direct64 = self.bench_nonstream(primary, proxy)
-        with self.timed("8 peers"):
-            self.bench_peers(peer, peer_exe, primary, direct64)
-        with self.timed("2 streaming"):
-            self.log("[2] streaming: TTFT and chunks/s")
-            self.bench_stream(stream, proxy)
-        with self.timed("9 pass-through"):
-            self.log("[9] against a bare aiohttp pass-through")
-            self.bench_baseline(base, proxy, audit["on"])
-        with self.timed("7 audit"):
-            self.log("[7] audit store: events written, throughput on vs off")
-            self.bench_audit(audit)
-        with self.timed("4 one instance dead"):
-            self.log("[4] one of two instances dead")
-            self.bench_dead(primary, proxy)
+        if self.wants("nonstream") or self.wants("peers"):
+            with self.timed("1 non-streaming"):
+                self.log("[1] non-streaming: wrk direct vs proxied")
+                direct64 = self.bench_nonstream(primary, proxy)
+            if self.wants("peers"):
+                with self.timed("8 peers"):
+                    self.bench_peers(peer, peer_exe, primary, direct64)
+        if self.wants("stream"):
+            with self.timed("2 streaming"):
+                self.log("[2] streaming: TTFT and chunks/s")
+                self.bench_stream(stream, proxy)
+        if self.wants("baseline"):
+            with self.timed("9 pass-through"):
+                self.log("[9] against a bare aiohttp pass-through")
+                self.bench_baseline(base, proxy, audit["on"])
+        if self.wants("audit"):
+            with self.timed("7 audit"):
+                self.log("[7] audit store: events written, throughput on vs off")
+                self.bench_audit(audit)
+        if self.wants("dead"):
+            with self.timed("4 one instance dead"):
+                self.log("[4] one of two instances dead")
+                self.bench_dead(primary, proxy)
         self.scan_logs([primary, secondary, stream, proxy])
         sup.stop_tagged("main")
 
@@ -1094,32 +1101,31 @@ class Bench:
 
     # ------------------------------------------------------------------ whole run
 
-    def run(self, peer: str | None, only: set[str] | None = None) -> None:
-        def wanted(group: str) -> bool:
-            return only is None or not only.isdisjoint(GROUPS[group])
-
-        if wanted("main") or wanted("failover") or wanted("memory"):
+    def run(self, peer: str | None) -> None:
+        if self.only is None or self.only - {"planning", "affinity"}:
             self.wrk = ensure_wrk()
         self.machine_facts()
-        if wanted("planning"):
+        if self.wants("planning"):
             with self.timed("6 planning"):
                 self.log("[6] planning cost")
                 self.bench_planning()
-        if wanted("main"):
-            self.main_group(peer, self.prepare_peer(peer))
-        if wanted("failover"):
+        if self.only is None or self.only & {"nonstream", "peers", "stream", "baseline",
+                                             "audit", "dead"}:
+            peer_exe = self.prepare_peer(peer) if self.wants("peers") else None
+            self.main_group(peer, peer_exe)
+        if self.wants("failover"):
             with self.timed("3 failover"):
                 self.log("[3] failover added latency")
                 self.failover_group()
-        if wanted("memory"):
+        if self.wants("memory"):
             with self.timed("5 memory"):
                 self.log(f"[5] memory with {self.s.streams} open streams")
                 self.memory_group()
-        if wanted("affinity"):
+        if self.wants("affinity"):
             with self.timed("10 affinity"):
                 self.log("[10] prefix-cache affinity and load, three llama-servers")
                 affinity.run(self, self.affinity_planning)
-        if wanted("shared"):
+        if self.wants("shared"):
             with self.timed("11 shared state"):
                 self.log("[11] replicas sharing state on Redis")
                 shared_state.run(self, sys.modules[__name__])
@@ -1164,14 +1170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the child processes' logs (their folder is printed)")
-    parser.add_argument("--only", metavar="SECTIONS",
+    parser.add_argument("--only", "--sections", metavar="SECTIONS",
                         help="run only these sections (comma-separated: " + ", ".join(SECTIONS)
-                        + "); the others are measured by the same group of runs")
+                        + ")")
     args = parser.parse_args(argv)
-    only = {s.strip() for s in args.only.split(",") if s.strip()} if args.only else None
-    if only is not None and not only <= set(SECTIONS):
-        parser.error(f"unknown sections: {', '.join(sorted(only - set(SECTIONS)))} "
-                     f"(known: {', '.join(SECTIONS)})")
+    only = None
+    if args.only:
+        only = frozenset(s.strip() for s in args.only.split(",") if s.strip())
+        if not only or only - set(SECTIONS):
+            parser.error(f"--only: choose from {', '.join(SECTIONS)}")
     peer = os.environ.get("BENCH_PEERS", "").strip() or None
 
     # Also when started with SIGINT ignored (a background job of a script): Ctrl-C, kill
@@ -1180,11 +1187,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _on_signal)
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="failover-bench-"))
-    bench = Bench(QUICK if args.quick else FULL, "quick" if args.quick else "full", workdir)
+    bench = Bench(QUICK if args.quick else FULL, "quick" if args.quick else "full", workdir,
+                  only)
     started = time.monotonic()
     code = 0
     try:
-        bench.run(peer, only)
+        bench.run(peer)
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping every child process", file=sys.stderr)
         code = 130

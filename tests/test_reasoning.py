@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from proxy.config import parse_config
-from proxy.engine.chunks import inspect_chunk
+from proxy.engine.chunks import _of_choices, inspect_chunk
 from proxy.engine.record import PREFILL, REPLAY
 from proxy.engine.splicing import Delivered, Diverged, Splicer
 from proxy.sim.faults import REASONING_STEP_S
@@ -228,6 +228,24 @@ def _delta_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, 
 ])
 def test_every_kind_of_model_output_commits(delta: dict[str, Any], output: bool) -> None:
     assert inspect_chunk(orjson.dumps(_delta_chunk(delta))).has_content is output
+
+
+@pytest.mark.parametrize("chunk", [
+    _delta_chunk({"content": "Hi"}),                        # the common shape
+    _delta_chunk({"content": "Hi"}, "stop"),                # ... as the last one
+    _delta_chunk({"content": "Hi"}) | {"model": ""},        # claims no model
+    _delta_chunk({"content": "Hi"}) | {"usage": {"prompt_tokens": 1}},
+    _delta_chunk({"content": ""}),
+    _delta_chunk({"content": 7}),
+    _delta_chunk({"refusal": "no"}),
+    {"model": "m", "choices": [{"index": 0, "delta": {"content": "a"}},
+                               {"index": 1, "delta": {"content": "b"}}]},
+])
+def test_a_plain_text_chunk_reads_as_the_general_reading_does(chunk: dict[str, Any]) -> None:
+    """inspect_chunk reads the one-choice answer-text chunk (nearly every event) without
+    its general loop: what it finds must be what the loop finds."""
+    obj = orjson.loads(orjson.dumps(chunk))
+    assert inspect_chunk(orjson.dumps(chunk)) == _of_choices(obj, obj["choices"])
 
 
 def test_a_text_completion_piece_commits() -> None:

@@ -25,6 +25,7 @@ import pytest
 import trustme
 
 from proxy.config import parse_config
+from proxy.providers.transport import Deadline
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, proxy_config, started
@@ -724,3 +725,37 @@ async def test_mutual_tls_with_a_client_certificate(
                              json=ask_model("cloud-model")) as resp:
             assert resp.status == 200
             assert resp.headers["x-route-instance"] == served_by
+
+
+# ------------------------------------------------------------------ the first-byte deadline
+
+
+async def test_a_deadline_that_passes_is_a_timeout_and_leaves_the_task_uncancelled() -> None:
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(TimeoutError):
+        with Deadline(0.01):
+            await never
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # no cancellation left pending for the next wait
+    with Deadline(5.0):  # a wait that ends in time is untouched
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+
+
+async def test_a_cancellation_from_elsewhere_passes_through_a_deadline() -> None:
+    """The client leaving while the proxy waits for an upstream's head: the handler is
+    cancelled, and that must stay a cancellation, not become a timeout."""
+    entered = asyncio.Event()
+
+    async def waiting() -> None:
+        with Deadline(5.0):
+            entered.set()
+            await asyncio.get_running_loop().create_future()
+
+    task = asyncio.create_task(waiting())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import signal
 import socket
@@ -239,6 +240,29 @@ async def start(app: web.Application, host: str, port: int, *, reuse_port: bool 
     return runner
 
 
+#: The cyclic garbage collector's young-generation threshold while serving (CPython's
+#: default is 700 allocations): see `settle_gc`.
+GC_YOUNG_THRESHOLD = 7000
+
+
+def settle_gc() -> None:
+    """Tune the cyclic garbage collector for serving, once start-up is done.
+
+    What start-up allocated (modules, config, pydantic models: tens of thousands of
+    objects that live as long as the process) is moved out of the collector's sight
+    (`gc.freeze`), and young collections run 10x less often. Under load, the objects of
+    the requests in flight outlive a young collection or two and are promoted; with the
+    defaults that promotion triggered a full collection over every object of the process
+    every second or so, and the collector took about a sixth of the proxy's CPU at 64
+    concurrent requests (measured with scripts/bench_cpu.py). Everything still gets
+    collected; request objects are freed by reference counting anyway.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def bound_port(runner: web.BaseRunner) -> int:
     """The port a started runner listens on."""
     return int(runner.addresses[0][1])
@@ -252,6 +276,7 @@ async def serve(app: web.Application, host: str, port: int, grace_s: float,
     `on_ready(port)` is called once the port is listening and the app has started.
     Raises BindError when the address cannot be listened on."""
     runner = await start(app, host, port, reuse_port=reuse_port, shutdown_timeout=grace_s)
+    settle_gc()
     if on_ready is not None:
         on_ready(bound_port(runner))
     loop = asyncio.get_running_loop()

@@ -76,6 +76,12 @@ def inspect_chunk(payload: bytes) -> Chunk:
     choices = obj.get("choices")
     if not isinstance(choices, list):
         raise MalformedEvent("chunk has no choices list")
+    plain = _text_only(obj, choices[0]) if len(choices) == 1 else None
+    return plain if plain is not None else _of_choices(obj, choices)
+
+
+def _of_choices(obj: dict[str, Any], choices: list[Any]) -> Chunk:
+    """A chunk's Chunk, read choice by choice (any shape of chunk)."""
     text = reasoning = ""
     finish = None
     tool_call = refusal = other = False
@@ -107,6 +113,22 @@ def inspect_chunk(payload: bytes) -> Chunk:
                  model if isinstance(model, str) and model else None, text, tool_call, obj,
                  reasoning, refusal,
                  obj.get("usage") if finish is not None or not choices else None)
+
+
+def _text_only(obj: dict[str, Any], choice: Any) -> Chunk | None:
+    """The Chunk of a one-choice chunk whose delta is a piece of answer text and nothing
+    else, not the last: the shape of nearly every chunk of every server, read here
+    without inspect_chunk's loop (this runs once per streamed event). None for any other
+    shape (inspect_chunk reads it the general way)."""
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    if not isinstance(delta, dict) or len(delta) != 1:
+        return None
+    content = delta.get("content")
+    if not content or not isinstance(content, str) or choice.get("finish_reason") is not None:
+        return None
+    model = obj.get("model")
+    return Chunk(True, None, None, model if isinstance(model, str) and model else None,
+                 content, False, obj)
 
 
 def _beyond_text(delta: dict[str, Any]) -> tuple[str, bool, bool, bool]:

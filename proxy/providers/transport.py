@@ -190,7 +190,7 @@ class Upstream:
             if self.tracing is not None:
                 headers = self.tracing.inject(headers)
             client = self.pools.session(inst.id) if provider.sized_pool else self.client
-            async with asyncio.timeout(first_byte_s):  # connecting included
+            with Deadline(first_byte_s):  # connecting included
                 resp = await client.post(
                     self._url(inst.api_base + outgoing.path), data=outgoing.body,
                     headers=headers,
@@ -287,6 +287,42 @@ class Upstream:
                     return resp.status, await _read(resp.content, 1 << 20, None, "probe", False)
                 finally:
                     resp.release()
+
+
+class Deadline:
+    """``with Deadline(seconds):`` around one await of the current task: when the time
+    is up the task is cancelled, and the cancellation leaves the block as TimeoutError.
+
+    What ``async with asyncio.timeout(seconds)`` does for a wait that is never
+    rescheduled, with one timer handle and no more: asyncio's Timeout (Python 3.11,
+    asyncio/timeouts.py) goes through five Python calls and a state machine to enter and
+    leave, on the way to every upstream answer. As with asyncio.timeout, a cancellation
+    that did not come from the deadline passes through unchanged.
+    """
+
+    __slots__ = ("_task", "_handle", "_fired")
+
+    def __init__(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None, "Deadline is used inside a task"
+        self._task = task
+        self._fired = False
+        self._handle = asyncio.get_running_loop().call_later(seconds, self._fire)
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._task.cancel()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        self._handle.cancel()
+        # Our cancellation, withdrawn (so that the task is not left cancelling), is a
+        # timeout; anyone else's is still pending and goes on.
+        if self._fired and self._task.uncancel() == 0 and kind is asyncio.CancelledError:
+            raise TimeoutError from exc
 
 
 def _too_large(limit: int) -> UpstreamProtocolError:

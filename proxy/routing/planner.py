@@ -125,6 +125,13 @@ def resolve_model(config: Config, registry: Registry, model: str) -> Resolution 
     rest; a model name is a label (`metadata.model`) or, failing that, a name a server
     lists. Returns None when the name is unknown (the caller decides: 404 or `auto`).
     """
+    return configured_resolution(config, registry, model) or listed_resolution(registry, model)
+
+
+def configured_resolution(config: Config, registry: Registry, model: str) -> Resolution | None:
+    """What `model` names by the config alone (`auto`, a group, an instance id, a label):
+    the same for every request while the config and the registry's instances are, so
+    the planner keeps it. None for any other name."""
     states = registry.states
     if model == AUTO or not model:
         return Resolution([list(states)])
@@ -142,7 +149,13 @@ def resolve_model(config: Config, registry: Registry, model: str) -> Resolution 
     serving = [s for s in states if s.config.model == model]
     if serving:
         return Resolution([serving, [s for s in states if s.config.model != model]])
-    # The name a server itself uses, as its probe reported it.
+    return None
+
+
+def listed_resolution(registry: Registry, model: str) -> Resolution | None:
+    """The instances whose server lists `model` as its probe reported it (changes with
+    every probe), first; None when none does."""
+    states = registry.states
     listed = [s for s in states if s.pin is not None and model in s.pin.models]
     if listed:
         return Resolution([listed, [s for s in states
@@ -159,6 +172,25 @@ class Planner:
         self.sessions = SessionTable(config.routing.sticky_ttl_s, config.routing.max_sessions)
         aff = config.routing.affinity
         self.affinity = Affinity(aff.enabled, aff.ttl_s, aff.max_entries, aff.min_prefix_chars)
+        #: configured_resolution per model name (only names the config knows: bounded),
+        #: for the registry's instances as they were when they were worked out.
+        self._resolved: dict[str, Resolution] = {}
+        self._resolved_for = registry.states
+
+    def resolve(self, model: str) -> Resolution | None:
+        """resolve_model, with what the config alone decides worked out once per name.
+        The tiers are shared between plans: read, never changed."""
+        registry = self.registry
+        if registry.states is not self._resolved_for:  # (Registry.adopt replaced them)
+            self._resolved.clear()
+            self._resolved_for = registry.states
+        found = self._resolved.get(model)
+        if found is None:
+            found = configured_resolution(self.config, registry, model)
+            if found is None:
+                return listed_resolution(registry, model)
+            self._resolved[model] = found
+        return found
 
     def requirements(self, req: ClientRequest, headers: Mapping[str, str]) -> Requirements:
         routing = self.config.routing
@@ -170,7 +202,7 @@ class Planner:
         `headers` is looked up with lower-case names (the server's are case-insensitive).
         """
         config = self.config
-        resolution = resolve_model(config, self.registry, req.model)
+        resolution = self.resolve(req.model)
         if resolution is None:
             if config.routing.strict_models:
                 raise NotFound(f"The model '{req.model}' does not exist on this proxy.",
