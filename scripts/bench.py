@@ -6,7 +6,7 @@ separate load-generator processes (wrk for throughput, scripts/bench_lib/client.
 streaming and sequential latency), prints one table and optionally writes it as JSON.
 Every figure is measured in this run; nothing talks to anything but 127.0.0.1.
 
-    .venv/bin/python scripts/bench.py [--quick] [--json FILE] [--sections baseline,...]
+    .venv/bin/python scripts/bench.py [--quick] [--json FILE] [--only baseline,...]
     BENCH_PEERS=litellm .venv/bin/python scripts/bench.py     # also measure LiteLLM
 
 Sections: 1 non-streaming throughput/latency, 2 streaming TTFT and chunk rate, 3 failover
