@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import ROOT, Cluster, wait_until
+from tests.pg import PostgresServer
 from tests.redis_server import RedisServer
 from tests.replicas import Replicas
 
@@ -81,6 +82,55 @@ def test_a_refused_connection_met_by_a_keeps_b_and_c_from_sending_to_that_instan
         row = replicas.instance(n, "first")
         assert row["failures"] == 0, row  # B and C never sent it anything
         assert row["circuit_opened_by"] == "connection"
+
+
+def test_the_events_of_a_request_served_via_c_after_a_reroute_found_by_a_are_in_postgresql(
+        cluster: Cluster, replicas: Replicas, postgres_server: PostgresServer) -> None:
+    """One audit trail for the fleet: the three replicas write to one PostgreSQL database,
+    and `failover-proxy events --store postgresql://...` reads any replica's requests."""
+    url = postgres_server.create_database("replicas_trail")
+    cluster.start_sim("first", "m")
+    cluster.start_sim("second", "m")
+    replicas.start(["first", "second"], store={"url": url})
+
+    def ask(n: int) -> tuple[str, int, str]:
+        raw = replicas.client(n).chat.completions.with_raw_response.create(
+            model="auto", messages=MESSAGES)  # type: ignore[arg-type]
+        raw.parse()
+        return (raw.headers["x-route-instance"], int(raw.headers["x-route-attempts"]),
+                raw.headers["x-request-id"])
+
+    assert round_robin(replicas, 3) == ["local:first"] * 3  # all healthy: first is first
+    cluster.kill_sim("first")
+    found_by_a = ask(0)
+    assert found_by_a[:2] == ("local:second", 2)  # A met the refusal and rerouted
+    wait_each((2,), lambda n: replicas.instance(n, "first")["circuit"] == "open",
+              "to see A's open circuit")
+    via_c = ask(2)
+    assert via_c[:2] == ("local:second", 1)  # C knew: no attempt on `first`
+
+    def trail(request_id: str) -> list[dict[str, object]]:
+        out = subprocess.run([sys.executable, "-m", "proxy", "events", "--store", url,
+                              "--request-id", request_id, "--json"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60, check=False)
+        assert out.returncode == 0, out.stderr
+        assert postgres_server.password not in out.stdout + out.stderr
+        return list(json.loads(out.stdout))[::-1]
+
+    wait_until(lambda: [e["type"] for e in trail(via_c[2])][-1:] == ["REQUEST_COMPLETED"], 20,
+               "C's request in PostgreSQL")
+    events_c = trail(via_c[2])
+    assert [(e["type"], e["instance"]) for e in events_c] == [
+        ("ROUTE_PLANNED", "local:second"), ("ROUTE_VERIFIED", "local:second"),
+        ("REQUEST_COMPLETED", "local:second")], events_c
+    detail = events_c[-1]["detail"]
+    assert isinstance(detail, dict)
+    assert [t["instance"] for t in detail["tried"]] == ["local:second"]
+    wait_until(lambda: "REQUEST_COMPLETED" in [e["type"] for e in trail(found_by_a[2])], 20,
+               "A's request in PostgreSQL")
+    rerouted = [e for e in trail(found_by_a[2]) if e["type"] == "REROUTED"]
+    assert [(e["reason_code"], e["from_instance"], e["to_instance"]) for e in rerouted] == [
+        ("CONN_REFUSED", "local:first", "local:second")]
 
 
 def test_a_drain_through_a_admin_api_stops_traffic_from_all_three(
