@@ -29,7 +29,6 @@ from proxy.providers.load import (
 from proxy.routing.affinity import (
     CHUNK_BYTES,
     MAX_PARTS,
-    SAMPLE_CHARS,
     LocalPrefixStore,
     prefix_of,
 )
@@ -209,14 +208,15 @@ def test_an_edited_earlier_message_breaks_the_chain_from_there() -> None:
     assert a.keys[0] == b.keys[0] and not set(a.keys[1:]) & set(b.keys[1:])
 
 
-def test_a_long_message_is_hashed_by_length_head_and_tail() -> None:
-    long = "x" * (SAMPLE_CHARS * 4)
+def test_a_long_message_is_hashed_whole() -> None:
+    long = "x" * 4096
     base = prefix_of(chat([{"role": "user", "content": long}]))
     longer = prefix_of(chat([{"role": "user", "content": long + "y"}]))
     tail = prefix_of(chat([{"role": "user", "content": long[:-1] + "y"}]))
-    assert base is not None and longer is not None and tail is not None
-    assert len({base.keys[0], longer.keys[0], tail.keys[0]}) == 3
-    assert base.ends[-1] > SAMPLE_CHARS * 4  # it stands for the whole text
+    middle = prefix_of(chat([{"role": "user", "content": long[:2000] + "y" + long[2001:]}]))
+    assert base is not None and longer is not None and tail is not None and middle is not None
+    assert len({base.keys[0], longer.keys[0], tail.keys[0], middle.keys[0]}) == 4
+    assert base.ends[-1] > 4096  # it stands for the whole text
 
 
 def test_tools_change_every_key_of_the_chain() -> None:

@@ -20,12 +20,13 @@ implement `longest` and `remember`.
 
 from __future__ import annotations
 
+import bisect
 import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol, overload
 
 import orjson
 
@@ -36,27 +37,31 @@ from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest
 CHUNK_BYTES = 1024
 #: At most this many parts (messages or chunks) and bytes are hashed per request; the rest
 #: of a longer prompt is never matched (it costs time on every request, and a prefix that
-#: long is still found by its first parts).
+#: long is still found by its first parts). A mebibyte is some 250k tokens, more than a
+#: local server's window; CRC-32 hashes it in about 0.3 ms.
 MAX_PARTS = 256
-MAX_BYTES = 4 << 20
-#: A message text longer than twice this many characters is hashed by its length, its
-#: head and its tail: a history of 50k tokens costs as much as a short one. (An edit in
-#: the middle of a long message that keeps its length is then not seen: at worst a
-#: request goes where its prefix is not cached.)
-SAMPLE_CHARS = 512
+MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class Prefix:
-    """A prompt as a hash chain: `keys[i]` names parts 0..i, `ends[i]` is how many bytes
-    (of the request's JSON) those parts are, `total` the bytes of every hashed part."""
+    """A prompt as a hash chain (see `Chain`): `keys[i]` names parts 0..i, `ends[i]` is
+    how many bytes (of the request's JSON) those parts are, `total` the bytes of every
+    hashed part."""
 
-    keys: tuple[int, ...]
-    ends: tuple[int, ...]
+    chain: Chain
+
+    @property
+    def keys(self) -> tuple[int, ...]:
+        return self.chain.all()
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        return tuple(self.chain.ends())
 
     @property
     def total(self) -> int:
-        return self.ends[-1]
+        return self.chain.total
 
 
 #: Marks a key that different conversations went on from (see LocalPrefixStore._next).
@@ -100,14 +105,37 @@ class LocalPrefixStore:
 
     def longest(self, keys: Sequence[int], shortest: int,
                 now: float) -> tuple[int, tuple[str, ...]] | None:
-        entries = self._entries
-        for n in range(len(keys) - 1, shortest - 1, -1):
-            holders = entries.get(keys[n])
-            if holders is not None:
-                live = tuple(i for i, expiry in holders.items() if expiry > now)
-                if live:
-                    return None if self._next.get(keys[n]) == _SHARED else (n, live)
-        return None
+        """The tip and the TAIL keys before it one by one (a conversation that grew by a
+        turn, or was regenerated, is found there); further back by halves, which is valid
+        because a prompt's keys are remembered together (known up to some key, unknown
+        after it). So a `Chain` computes a few keys, not all of them."""
+        last = len(keys) - 1
+        stop = max(shortest, last - TAIL)
+        for n in range(last, stop - 1, -1):
+            live = self._live(keys[n], now)
+            if live:
+                return self._found(keys[n], n, live)
+        if stop == shortest or not self._live(keys[shortest], now):
+            return None
+        known, unknown = shortest, stop
+        while unknown - known > 1:
+            mid = (known + unknown) // 2
+            if self._live(keys[mid], now):
+                known = mid
+            else:
+                unknown = mid
+        key = keys[known]
+        return self._found(key, known, self._live(key, now))
+
+    def _live(self, key: int, now: float) -> tuple[str, ...]:
+        holders = self._entries.get(key)
+        if holders is None:
+            return ()
+        return tuple(i for i, expiry in holders.items() if expiry > now)
+
+    def _found(self, key: int, n: int,
+               live: tuple[str, ...]) -> tuple[int, tuple[str, ...]] | None:
+        return None if self._next.get(key) == _SHARED else (n, live)
 
     def remember(self, keys: Sequence[int], instance_id: str, now: float) -> None:
         if self.ttl_s <= 0 or not keys:
@@ -151,53 +179,198 @@ class LocalPrefixStore:
 
 def prefix_of(req: ClientRequest) -> Prefix | None:
     """The hash chain of a chat or text completion request's prompt (None for other
-    endpoints, or an empty prompt). Costs a serialisation (orjson) and a CRC update per
-    message, of at most about 2 x SAMPLE_CHARS of its text. A client that re-sends a
-    message with its keys in another order starts a new chain there (none of the SDKs
-    or fronts does)."""
+    endpoints, or an empty prompt). Costs one serialisation (orjson) of the messages;
+    the keys are hashed when asked for (see `Chain`). A client that re-sends a message
+    with its keys in another order starts a new chain there (none of the SDKs or fronts
+    does)."""
     body = req.body
-    keys: list[int] = []
-    ends: list[int] = []
-    crc = size = 0
     if req.endpoint == CHAT:
         tools = body.get("tools") or body.get("functions")
-        if tools:  # rendered before the messages by chat templates
-            crc = zlib.crc32(orjson.dumps(tools))
-        crc32 = zlib.crc32
-        for message in body["messages"][:MAX_PARTS]:
-            part, length = _material(message)
-            size += length
-            if size > MAX_BYTES:
-                break
-            crc = crc32(part, crc)
-            keys.append(crc << 32 | size)
-            ends.append(size)
+        # Tools are rendered before the messages by chat templates.
+        seed = zlib.crc32(orjson.dumps(tools)) if tools else 0
+        messages = body["messages"]
+        data = orjson.dumps(messages, option=orjson.OPT_INDENT_2)
+        if len(data) > MAX_BYTES or len(messages) > MAX_PARTS:
+            chain = Chain(data[:MAX_BYTES], seed, MESSAGE_END, None, None)
+        else:
+            # Without the closing `\n]`: the bytes of the last message end as they do
+            # once the conversation has grown a turn (then followed by `,\n  {`).
+            chain = Chain(data[:-2], seed, MESSAGE_END, None, len(messages))
     elif req.endpoint == COMPLETIONS:
         prompt = body.get("prompt")
         data = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) \
             else orjson.dumps(prompt)
-        crc = zlib.crc32(b"completions")
-        for start in range(0, min(len(data), MAX_BYTES, CHUNK_BYTES * MAX_PARTS), CHUNK_BYTES):
-            chunk = data[start:start + CHUNK_BYTES]
-            crc = zlib.crc32(chunk, crc)
-            size = start + len(chunk)
-            keys.append(crc << 32 | size)
-            ends.append(size)
-    if not keys or not ends[-1]:
+        data = data[:min(MAX_BYTES, CHUNK_BYTES * MAX_PARTS)]
+        if not data:
+            return None
+        size = len(data)
+        chain = Chain(data, _COMPLETIONS_SEED, None,
+                      [*range(CHUNK_BYTES, size, CHUNK_BYTES), size], None)
+    else:
         return None
-    return Prefix(tuple(keys), tuple(ends))
+    return Prefix(chain) if chain.total else None
 
 
-def _material(message: Any) -> tuple[bytes, int]:
-    """(what is hashed of a chat message, how many bytes of the prompt it stands for)."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str) and len(content) > 2 * SAMPLE_CHARS:
-        n = len(content)
-        sampled = {**message, "content": f"{n}:{content[:SAMPLE_CHARS]}{content[-SAMPLE_CHARS:]}"}
-        part = orjson.dumps(sampled)
-        return part, len(part) + n - len(sampled["content"])
-    part = orjson.dumps(message)
-    return part, len(part)
+#: Between two messages of the serialised `messages` (orjson, indented by two): only
+#: there is a `}` indented by two (a JSON string holds no raw newline), so that the
+#: count of parts is the count of messages, and the last ones are found from the end.
+MESSAGE_END = b"\n  },\n  {\n"
+#: A message ends this many bytes into MESSAGE_END (after its `}`).
+_END_AT = 4
+_COMPLETIONS_SEED = zlib.crc32(b"completions")
+#: How many parts before the tip `LocalPrefixStore.longest` looks at one by one: a
+#: conversation that grew by a turn (or was regenerated) has its longest known prefix
+#: there; further back it searches by halves.
+TAIL = 3
+
+
+class Chain(Sequence[int]):
+    """A prompt's hash chain, computed on demand: key i is the CRC-32 of the prompt's
+    bytes up to the end of part i (chained from `seed`, the tools' CRC) shifted left 32
+    bits, or'ed with that length in bytes; `end(i)` is that length. Stable across
+    processes (CRC-32 of the orjson serialisation).
+
+    Planning asks for a few keys (the tip's, the few before it, the shortest worth a
+    look): the part ends are found from both ends of the bytes (`bytes.rfind`/`find`, in
+    C), and one CRC pass over the prompt serves them all. Every key (`all`) is computed
+    only for the store's `remember`, after the answer, or when a lookup must search the
+    middle of the chain.
+    """
+
+    __slots__ = ("data", "seed", "total", "_sep", "_n", "_ends", "_head", "_tail", "_crcs",
+                 "_keys")
+
+    def __init__(self, data: bytes, seed: int, sep: bytes | None,
+                 ends: list[int] | None, parts: int | None) -> None:
+        """`data`: the prompt's bytes; `sep` what separates its parts (a part ends
+        _END_AT bytes into it), or `ends` the parts' ends; `parts` how many parts there
+        are, if known (else they are counted)."""
+        self.data = data
+        self.seed = seed
+        self.total = len(data)
+        self._sep = sep
+        self._ends = ends
+        self._head: list[int] = []
+        self._tail: list[int] = []
+        #: end -> CRC of the bytes up to it: a later key extends the nearest one.
+        self._crcs: dict[int, int] = {0: seed}
+        self._keys: tuple[int, ...] | None = None
+        if parts is not None:
+            n = parts
+        elif ends is not None:
+            n = len(ends)
+        else:  # cut short: a prompt of more than MAX_PARTS parts or MAX_BYTES
+            ends = self._ends = self._find_all()[:MAX_PARTS]
+            n = len(ends)
+            self.total = ends[-1]
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[int, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> int | tuple[int, ...]:
+        if isinstance(i, slice):
+            return self.all()[i]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        end = self.end(i)
+        crcs = self._crcs
+        crc = crcs.get(end)
+        if crc is None:
+            start = max(e for e in crcs if e < end)  # a handful of ends at most
+            crc, view = crcs[start], memoryview(self.data)
+            # The tip is asked for first, then the parts before it: one pass for all.
+            for stop in sorted(e for e in self._tail if start < e <= end) or (end,):
+                crc = crcs[stop] = zlib.crc32(view[start:stop], crc)
+                start = stop
+        return crc << 32 | end
+
+    def end(self, i: int) -> int:
+        """Bytes of the prompt up to the end of part i (0 <= i < len)."""
+        ends = self._ends
+        if ends is not None:
+            return ends[i]
+        back = self._n - 1 - i
+        tail = self._tail
+        if back < TAIL + 1:
+            if not tail:
+                self._find_tail()
+            if back < len(tail):
+                return tail[back]
+        if i < len(self._head):
+            return self._head[i]
+        ends = self._ends = self._find_all()
+        return ends[i]
+
+    def first_at_least(self, least: int) -> int | None:
+        """The first part index whose end is at least `least` bytes, or None."""
+        if self.total < least:
+            return None
+        ends = self._ends
+        if ends is not None:
+            return bisect.bisect_left(ends, least)
+        head, data, sep = self._head, self.data, self._sep
+        assert sep is not None
+        for n, end in enumerate(head):
+            if end >= least:
+                return n
+        at = head[-1] if head else 0
+        while len(head) < self._n - 1:
+            at = data.find(sep, at) + _END_AT
+            head.append(at)
+            if at >= least:
+                return len(head) - 1
+        return self._n - 1  # the tip: `total` is at least `least`
+
+    def all(self) -> tuple[int, ...]:
+        """Every key, in order (one CRC pass over the prompt)."""
+        keys = self._keys
+        if keys is None:
+            crc32, view = zlib.crc32, memoryview(self.data)
+            crc = self.seed
+            start = 0
+            out = []
+            for end in self.ends():
+                crc = crc32(view[start:end], crc)
+                out.append(crc << 32 | end)
+                start = end
+            keys = self._keys = tuple(out)
+        return keys
+
+    def ends(self) -> list[int]:
+        """Every part's end, in order."""
+        if self._ends is None:
+            self._ends = self._find_all()
+        return self._ends
+
+    def _find_all(self) -> list[int]:
+        data, sep = self.data, self._sep
+        assert sep is not None
+        ends = []
+        found = data.find(sep)
+        while found >= 0:
+            ends.append(found + _END_AT)
+            found = data.find(sep, found + _END_AT)
+        if not ends or ends[-1] < len(data):  # (cut short just after a `}`: no tip)
+            ends.append(len(data))
+        return ends
+
+    def _find_tail(self) -> None:
+        data, sep, tail = self.data, self._sep, self._tail
+        assert sep is not None
+        bound = len(data)
+        tail.append(bound)
+        for _ in range(min(TAIL, self._n - 1)):
+            bound = data.rfind(sep, 0, bound)
+            tail.append(bound + _END_AT)
 
 
 class Affinity:
@@ -222,29 +395,19 @@ class Affinity:
         prefix of at least `min_prefix_chars` bytes, or None."""
         if prefix is None:
             return None
-        ends = prefix.ends
-        shortest = _first_at_least(ends, self.min_prefix_chars)
+        chain = prefix.chain
+        shortest = chain.first_at_least(self.min_prefix_chars)
         if shortest is None:
             return None
-        found = self.store.longest(prefix.keys, shortest, now)
+        found = self.store.longest(chain, shortest, now)
         if found is None:
             return None
         n, holders = found
-        return holders, ends[n] / ends[-1]
+        return holders, chain.end(n) / chain.total
 
     def served(self, prefix: Prefix | None, instance_id: str, now: float | None = None) -> None:
         """`instance_id` answered a request with this prompt: it has it cached now (a
         prompt shorter than `min_prefix_chars` is not worth remembering)."""
-        if prefix is not None and prefix.ends[-1] >= self.min_prefix_chars:
+        if prefix is not None and prefix.total >= self.min_prefix_chars:
             self.store.remember(prefix.keys, instance_id,
                                 time.monotonic() if now is None else now)
-
-
-def _first_at_least(ends: tuple[int, ...], least: int) -> int | None:
-    """The first index whose end is at least `least` (ends rise), or None."""
-    if ends[-1] < least:
-        return None
-    for n, end in enumerate(ends):
-        if end >= least:
-            return n
-    return None  # unreachable: the last one is
