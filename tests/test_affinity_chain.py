@@ -29,7 +29,8 @@ def test_keys_asked_for_one_by_one_in_any_order_equal_the_keys_of_one_pass() -> 
             {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "}\n  },\n  {"},
         {"content": "keys in another order", "role": "user"},
-    ] + conversation(6)[1:]
+        *conversation(6)[1:],
+    ]
     whole = prefix_of(chat(tricky))
     assert whole is not None
     keys, n = whole.keys, len(tricky)
