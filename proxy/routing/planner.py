@@ -219,7 +219,7 @@ class Planner:
                     inst, reqs, built.weights, built.prefer_local, sticky, now, ctx_reason,
                     stale, built.balance,
                     None if holders is None else hit_share if inst.id in holders else 0.0,
-                    0 if resident is None else resident(inst.id))
+                    0 if resident is None or inst.capacity is None else resident(inst.id))
                 scores[inst.id] = value
                 reasons[inst.id] = why_list
                 rank = (tier_no, _key(strategy, value, position), position)
