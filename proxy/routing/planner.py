@@ -24,7 +24,7 @@ from proxy.health.registry import Registry
 from proxy.health.states import DRAINED, STALE_STATES
 from proxy.routing.affinity import Affinity, Prefix, prefix_of
 from proxy.routing.requirements import Requirements, extract
-from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter, score
+from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter, score, terms
 from proxy.routing.sessions import SessionTable
 
 AUTO = "auto"
@@ -216,8 +216,7 @@ class Planner:
                     continue
                 stale = inst.state in STALE_STATES
                 value, why_list = score(
-                    inst, reqs, built.weights, built.prefer_local, sticky, now, ctx_reason,
-                    stale, built.balance,
+                    inst, reqs, built.terms, sticky, now, ctx_reason, stale, built.balance,
                     None if holders is None else hit_share if inst.id in holders else 0.0,
                     0 if resident is None or inst.capacity is None else resident(inst.id))
                 scores[inst.id] = value
@@ -292,7 +291,7 @@ _Rank = tuple[int, float, int]  # (tier, score or position key, position): lower
 class _Build:
     """One plan being built: the instances left out and held back so far, and why."""
 
-    __slots__ = ("reqs", "weights", "prefer_local", "now", "strategy", "ctx_reason",
+    __slots__ = ("reqs", "terms", "prefer_local", "now", "strategy", "ctx_reason",
                  "rejected", "reasons", "scores", "last_resort", "desperate", "cooling",
                  "unready", "balance")
 
@@ -300,7 +299,7 @@ class _Build:
                  strategy: str, balance: bool = True) -> None:
         self.reqs = reqs
         self.balance = balance
-        self.weights = weights
+        self.terms = terms(weights, reqs, prefer_local)
         self.prefer_local = prefer_local
         self.now = now
         self.strategy = strategy
@@ -323,8 +322,8 @@ class _Build:
         if limited:
             self.cooling.append(inst)
         if inst.state != DRAINED and (limited or why.startswith("state=")):
-            value, _ = score(inst, self.reqs, self.weights, self.prefer_local, sticky,
-                             self.now, self.ctx_reason, True, self.balance)
+            value, _ = score(inst, self.reqs, self.terms, sticky, self.now, self.ctx_reason,
+                             True, self.balance)
             self._unready((tier_no, _key(self.strategy, value, position), position),
                           inst.id, why)
 
