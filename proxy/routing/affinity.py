@@ -111,10 +111,14 @@ class LocalPrefixStore:
         after it). So a `Chain` computes a few keys, not all of them."""
         last = len(keys) - 1
         stop = max(shortest, last - TAIL)
-        for n in range(last, stop - 1, -1):
-            live = self._live(keys[n], now)
-            if live:
-                return self._found(keys[n], n, live)
+        entries = self._entries
+        for n in range(last, stop - 1, -1):  # (_live inlined: this runs per request)
+            key = keys[n]
+            holders = entries.get(key)
+            if holders is not None:
+                live = tuple([i for i, expiry in holders.items() if expiry > now])
+                if live:
+                    return self._found(key, n, live)
         if stop == shortest or not self._live(keys[shortest], now):
             return None
         known, unknown = shortest, stop

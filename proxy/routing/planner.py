@@ -202,26 +202,28 @@ class Planner:
         ctx_reason = built.ctx_reason
         first_rank: tuple[int, float, int] | None = None
         position = 0
+        terms, balance, scored = built.terms, built.balance, strategy == SCORED
         for tier_no, tier in enumerate(resolution.tiers):
             ranked: list[tuple[float, InstanceState]] = []
             for inst in tier:
-                if inst.id in seen:
+                inst_id = inst.id
+                if inst_id in seen:
                     continue
-                seen.add(inst.id)
+                seen.add(inst_id)
                 position += 1
-                sticky = None if sticky_id is None else inst.id == sticky_id
+                sticky = None if sticky_id is None else inst_id == sticky_id
                 why = hard_filter(inst, reqs, now)
                 if why is not None:
                     built.reject(inst, why, sticky, tier_no, position)
                     continue
                 stale = inst.state in STALE_STATES
                 value, why_list = score(
-                    inst, reqs, built.terms, sticky, now, ctx_reason, stale, built.balance,
-                    None if holders is None else hit_share if inst.id in holders else 0.0,
-                    0 if resident is None or inst.capacity is None else resident(inst.id))
-                scores[inst.id] = value
-                reasons[inst.id] = why_list
-                rank = (tier_no, _key(strategy, value, position), position)
+                    inst, reqs, terms, sticky, now, ctx_reason, stale, balance,
+                    None if holders is None else hit_share if inst_id in holders else 0.0,
+                    0 if resident is None or inst.capacity is None else resident(inst_id))
+                scores[inst_id] = value
+                reasons[inst_id] = why_list
+                rank = (tier_no, -value if scored else float(position), position)  # _key
                 if stale or not inst.circuit.available(now):
                     built.hold_back(inst, stale, why_list, rank)
                 else:
