@@ -26,6 +26,9 @@ IMAGE_TOKENS = 1000
 MESSAGE_TOKENS = 4
 
 _WORD = re.compile(r"[a-z0-9_#+.]+")
+#: Every ASCII character _WORD does not match, to a space.
+_SEPARATORS = str.maketrans({chr(c): " " for c in range(128)
+                             if not _WORD.fullmatch(chr(c))})
 _CODING = frozenset("""
     python java javascript typescript rust golang go c++ c# csharp kotlin swift ruby php
     sql regex bash shell powershell code coding bug bugs debug compile compiler exception
@@ -162,7 +165,9 @@ def classify(text: str) -> tuple[str, ...]:
     if not text:
         return ("general",)
     sample = text[:4000].lower()
-    words = set(_WORD.findall(sample))
+    # The same words as _WORD finds; for ASCII text str.translate splits them faster.
+    words = set(sample.translate(_SEPARATORS).split()) if sample.isascii() \
+        else set(_WORD.findall(sample))
     frontend = not words.isdisjoint(_FRONTEND)
     coding = frontend or not words.isdisjoint(_CODING) or _CODE_MARKER.search(sample) is not None
     if frontend:
