@@ -227,7 +227,8 @@ def run(bench: BenchLike, planning_us: Callable[[bool, int], float]) -> None:
     bench.row(SECTION, f"latency p95, {LOAD_REQUESTS} concurrent",
               round(_pct(rr_ms, 95), 1), round(_pct(px_ms, 95), 1), "ms", DELTA)
     bench.sup.stop_tagged("llama-load")
-    for history, what in ((0, "2-message request"), (20, "20-message history, a prefix hit")):
+    for history, what in ((0, "2-message request"), (20, "20-message history, a prefix hit"),
+                          (100, "100-message history, a prefix hit")):
         bench.row(SECTION, f"route plan per request, 10 instances, {what}",
                   round(planning_us(False, history), 2), round(planning_us(True, history), 2),
-                  "us", DELTA, "direct = affinity off; in-process, best of 5")
+                  "us", DELTA, "direct = affinity off; in-process, best of 15 runs")
