@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 
 from proxy.api.inbound import CHAT, parse_request
-from proxy.routing.affinity import MAX_BYTES, MAX_PARTS, TAIL, LocalPrefixStore, prefix_of
+from proxy.routing.affinity import LocalPrefixStore
+from proxy.routing.chain import MAX_BYTES, MAX_PARTS, TAIL, prefix_of
 from tests.test_balance import SYSTEM, chat, conversation, planner
 
 

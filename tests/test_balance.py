@@ -26,12 +26,8 @@ from proxy.providers.load import (
     from_slots,
     total_slots,
 )
-from proxy.routing.affinity import (
-    CHUNK_BYTES,
-    MAX_PARTS,
-    LocalPrefixStore,
-    prefix_of,
-)
+from proxy.routing.affinity import LocalPrefixStore
+from proxy.routing.chain import CHUNK_BYTES, MAX_PARTS, prefix_of
 from proxy.routing.planner import Planner
 
 SYSTEM = "You are a careful assistant for a team that runs model servers. " * 12
