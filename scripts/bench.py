@@ -894,7 +894,7 @@ class Bench:
         rounds = self.s.planner_rounds
         us = measure(instances=10, rounds=rounds)
         self.row("planning", "route plan per request, 10 instances", None, us, "us",
-                 note=f"best of 5 x {rounds} plans, in-process")
+                 note=f"best of 15 x {rounds // 5} plans, in-process")
 
     def audit_proxies(self, primary: Child, secondary: Child) -> dict[str, Child]:
         """Section 7's proxies (not yet ready): in front of section 1's simulators, the same

@@ -26,17 +26,8 @@ from proxy.providers.load import (
     from_slots,
     total_slots,
 )
-from proxy.routing.affinity import (
-    CHUNK_BYTES,
-    MAX_PARTS,
-    SAMPLE_CHARS,
-    Affinity,
-    LocalPrefixStore,
-    Prefix,
-    decode_chain,
-    encode_chain,
-    prefix_of,
-)
+from proxy.routing.affinity import Affinity, LocalPrefixStore, decode_chain, encode_chain
+from proxy.routing.chain import CHUNK_BYTES, MAX_PARTS, prefix_of
 from proxy.routing.planner import Planner
 
 SYSTEM = "You are a careful assistant for a team that runs model servers. " * 12
@@ -213,14 +204,15 @@ def test_an_edited_earlier_message_breaks_the_chain_from_there() -> None:
     assert a.keys[0] == b.keys[0] and not set(a.keys[1:]) & set(b.keys[1:])
 
 
-def test_a_long_message_is_hashed_by_length_head_and_tail() -> None:
-    long = "x" * (SAMPLE_CHARS * 4)
+def test_a_long_message_is_hashed_whole() -> None:
+    long = "x" * 4096
     base = prefix_of(chat([{"role": "user", "content": long}]))
     longer = prefix_of(chat([{"role": "user", "content": long + "y"}]))
     tail = prefix_of(chat([{"role": "user", "content": long[:-1] + "y"}]))
-    assert base is not None and longer is not None and tail is not None
-    assert len({base.keys[0], longer.keys[0], tail.keys[0]}) == 3
-    assert base.ends[-1] > SAMPLE_CHARS * 4  # it stands for the whole text
+    middle = prefix_of(chat([{"role": "user", "content": long[:2000] + "y" + long[2001:]}]))
+    assert base is not None and longer is not None and tail is not None and middle is not None
+    assert len({base.keys[0], longer.keys[0], tail.keys[0], middle.keys[0]}) == 4
+    assert base.ends[-1] > 4096  # it stands for the whole text
 
 
 def test_tools_change_every_key_of_the_chain() -> None:
@@ -378,7 +370,8 @@ def test_a_hash_chain_travels_to_another_replica_as_text_and_back() -> None:
     for garbage in ("", "zz", "1,,2", ",".join(["1"] * 1000)):
         assert decode_chain(garbage) is None
         there.adopt(garbage, "x", 100.0)  # ignored, never raises
-    prefix = Prefix(keys=keys, ends=(10, 20, 30, 40))
+    prefix = prefix_of(chat(conversation(3)))
+    assert prefix is not None
     here.served(prefix, "local:b", now=0.0)
     assert len(told) == 1 and told[0][1:] == ("local:b", 60.0)
     there.adopt(told[0][0], "local:b", 60.0)

@@ -220,3 +220,35 @@ async def test_the_prober_reads_a_servers_own_load_from_its_metrics(
         assert plan["selected"] == "p:other"
     finally:
         await runner.cleanup()
+
+
+async def test_a_stream_cut_mid_answer_is_remembered_on_the_instance_that_finished_it(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    sims, proxy = await twins(make_sim, make_proxy, words=40)
+    sims[0].set_faults(["die_after=10"])  # s0 starts the answer and dies; s1 replays it
+    client = sdk(proxy)
+    history: list[ChatCompletionMessageParam] = [{"role": "system", "content": SYSTEM}]
+    bob = {"x-session-id": "bob"}
+    history.append({"role": "user", "content": "What does this diff change?"})
+    raw = await client.chat.completions.with_raw_response.create(
+        model="auto", messages=history, max_tokens=64, stream=True, extra_headers=bob)
+    text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
+    assert raw.headers["x-route-instance"] == "llamacpp:s0"  # where it started
+    history.append({"role": "assistant", "content": text})
+    trail = await events(proxy, raw.headers["x-request-id"])
+    assert [(e["from_instance"], e["to_instance"]) for e in trail
+            if e["type"] == "STREAM_RESUMED"] == [("llamacpp:s0", "llamacpp:s1")]
+    sims[0].set_faults([])
+    # s1 holds the prompt and the whole answer: the next turn's prefix is there.
+    plan = await dry_run(proxy, history, "And the tests?")
+    assert any(r.startswith("prefix_hit=") for r in plan["reasons"]["llamacpp:s1"])
+    assert not any(r.startswith("prefix_hit=") for r in plan["reasons"]["llamacpp:s0"])
+    plan = await dry_run(proxy, history, "And the tests?", bob)
+    assert plan["selected"] == "llamacpp:s1"
+    assert "sticky_session" in plan["reasons"]["llamacpp:s1"]
+
+
+async def events(proxy: RunningProxy, request_id: str) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{proxy.url}/admin/events", params={"request_id": request_id}) as resp:
+        return list((await resp.json())["events"])

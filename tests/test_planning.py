@@ -76,6 +76,19 @@ def test_keyword_classifier(text: str, tags: tuple[str, ...]) -> None:
     assert classify(text) == tags
 
 
+@pytest.mark.parametrize("text,tags", [
+    ("python.", ("general",)),  # `.` is part of a word: "python." is no keyword
+    ("(python)", ("coding",)),
+    ("c++ or c#?", ("coding",)),
+    ("pythonétait", ("coding",)),  # not ASCII: split at é, as before
+    ("é python", ("coding",)),
+    ("next.js\tpage", ("coding", "frontend")),
+])
+def test_keyword_classifier_words_split_alike_in_ascii_and_other_text(
+        text: str, tags: tuple[str, ...]) -> None:
+    assert classify(text) == tags
+
+
 @pytest.mark.parametrize("body,capabilities", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tools"}),
     ({"functions": [{"name": "f"}]}, {"tools"}),

@@ -4,12 +4,12 @@ A local server keeps the KV cache of the prompts it served (llama.cpp per slot, 
 `cache_prompt` on by default; vLLM and SGLang with prefix caching): a request whose
 beginning it has seen skips re-reading that part, which for a re-sent 20-50k-token agent
 history is tens of seconds of prefill on local hardware. So each request's prompt is cut
-into parts (a chat request's tools, then each message; a text completion's prompt in
-chunks of `CHUNK_BYTES`), hashed as a chain (key i stands for parts 0..i: CRC-32 of
-those bytes with their length, stable across processes), and the instance that answered
-is remembered under every key. CRC-32 rather than a cryptographic hash: it is chained in C
-without a copy per part, and a collision (the same CRC and length) only costs a cache
-miss. A later request's longest known key
+into parts (a chat request's messages, after its tools; a text completion's prompt in
+chunks of 1 KiB), hashed as a chain (key i stands for parts 0..i: the XXH3 hash
+of those bytes, stable across processes; see proxy.routing.chain), and the instance that answered
+is remembered under every key. XXH3 rather than a cryptographic hash: it is fast enough
+to hash the whole prompt on every request, and a collision only costs a cache miss.
+A later request's longest known key
 says which instance has the most of it cached, and what share of the prompt that is
 (`prefix_hit=0.93`, scored in proxy/routing/scoring.py).
 
@@ -21,43 +21,14 @@ implement `longest` and `remember`.
 from __future__ import annotations
 
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-import orjson
+from proxy.routing.chain import MAX_PARTS, TAIL, Prefix, prefix_of
 
-from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest
-
-#: A text prompt is cut into parts of this many bytes (UTF-8): a prompt that grows keeps
-#: the keys of its whole chunks.
-CHUNK_BYTES = 1024
-#: At most this many parts (messages or chunks) and bytes are hashed per request; the rest
-#: of a longer prompt is never matched (it costs time on every request, and a prefix that
-#: long is still found by its first parts).
-MAX_PARTS = 256
-MAX_BYTES = 4 << 20
-#: A message text longer than twice this many characters is hashed by its length, its
-#: head and its tail: a history of 50k tokens costs as much as a short one. (An edit in
-#: the middle of a long message that keeps its length is then not seen: at worst a
-#: request goes where its prefix is not cached.)
-SAMPLE_CHARS = 512
-
-
-@dataclass(frozen=True, slots=True)
-class Prefix:
-    """A prompt as a hash chain: `keys[i]` names parts 0..i, `ends[i]` is how many bytes
-    (of the request's JSON) those parts are, `total` the bytes of every hashed part."""
-
-    keys: tuple[int, ...]
-    ends: tuple[int, ...]
-
-    @property
-    def total(self) -> int:
-        return self.ends[-1]
-
+__all__ = ["Affinity", "LocalPrefixStore", "Prefix", "PrefixStore", "decode_chain",
+           "encode_chain", "prefix_of"]
 
 #: Marks a key that different conversations went on from (see LocalPrefixStore._next).
 _SHARED = -1
@@ -100,14 +71,41 @@ class LocalPrefixStore:
 
     def longest(self, keys: Sequence[int], shortest: int,
                 now: float) -> tuple[int, tuple[str, ...]] | None:
+        """The tip and the TAIL keys before it one by one (a conversation that grew by a
+        turn, or was regenerated, is found there); further back by halves, which is valid
+        because a prompt's keys are remembered together (known up to some key, unknown
+        after it). So a `Chain` computes a few keys, not all of them."""
+        last = len(keys) - 1
+        stop = max(shortest, last - TAIL)
         entries = self._entries
-        for n in range(len(keys) - 1, shortest - 1, -1):
-            holders = entries.get(keys[n])
+        for n in range(last, stop - 1, -1):  # (_live inlined: this runs per request)
+            key = keys[n]
+            holders = entries.get(key)
             if holders is not None:
-                live = tuple(i for i, expiry in holders.items() if expiry > now)
+                live = tuple([i for i, expiry in holders.items() if expiry > now])
                 if live:
-                    return None if self._next.get(keys[n]) == _SHARED else (n, live)
-        return None
+                    return self._found(key, n, live)
+        if stop == shortest or not self._live(keys[shortest], now):
+            return None
+        known, unknown = shortest, stop
+        while unknown - known > 1:
+            mid = (known + unknown) // 2
+            if self._live(keys[mid], now):
+                known = mid
+            else:
+                unknown = mid
+        key = keys[known]
+        return self._found(key, known, self._live(key, now))
+
+    def _live(self, key: int, now: float) -> tuple[str, ...]:
+        holders = self._entries.get(key)
+        if holders is None:
+            return ()
+        return tuple([i for i, expiry in holders.items() if expiry > now])
+
+    def _found(self, key: int, n: int,
+               live: tuple[str, ...]) -> tuple[int, tuple[str, ...]] | None:
+        return None if self._next.get(key) == _SHARED else (n, live)
 
     def remember(self, keys: Sequence[int], instance_id: str, now: float) -> None:
         if self.ttl_s <= 0 or not keys:
@@ -149,57 +147,6 @@ class LocalPrefixStore:
         return len(self._entries)
 
 
-def prefix_of(req: ClientRequest) -> Prefix | None:
-    """The hash chain of a chat or text completion request's prompt (None for other
-    endpoints, or an empty prompt). Costs a serialisation (orjson) and a CRC update per
-    message, of at most about 2 x SAMPLE_CHARS of its text. A client that re-sends a
-    message with its keys in another order starts a new chain there (none of the SDKs
-    or fronts does)."""
-    body = req.body
-    keys: list[int] = []
-    ends: list[int] = []
-    crc = size = 0
-    if req.endpoint == CHAT:
-        tools = body.get("tools") or body.get("functions")
-        if tools:  # rendered before the messages by chat templates
-            crc = zlib.crc32(orjson.dumps(tools))
-        crc32 = zlib.crc32
-        for message in body["messages"][:MAX_PARTS]:
-            part, length = _material(message)
-            size += length
-            if size > MAX_BYTES:
-                break
-            crc = crc32(part, crc)
-            keys.append(crc << 32 | size)
-            ends.append(size)
-    elif req.endpoint == COMPLETIONS:
-        prompt = body.get("prompt")
-        data = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) \
-            else orjson.dumps(prompt)
-        crc = zlib.crc32(b"completions")
-        for start in range(0, min(len(data), MAX_BYTES, CHUNK_BYTES * MAX_PARTS), CHUNK_BYTES):
-            chunk = data[start:start + CHUNK_BYTES]
-            crc = zlib.crc32(chunk, crc)
-            size = start + len(chunk)
-            keys.append(crc << 32 | size)
-            ends.append(size)
-    if not keys or not ends[-1]:
-        return None
-    return Prefix(tuple(keys), tuple(ends))
-
-
-def _material(message: Any) -> tuple[bytes, int]:
-    """(what is hashed of a chat message, how many bytes of the prompt it stands for)."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str) and len(content) > 2 * SAMPLE_CHARS:
-        n = len(content)
-        sampled = {**message, "content": f"{n}:{content[:SAMPLE_CHARS]}{content[-SAMPLE_CHARS:]}"}
-        part = orjson.dumps(sampled)
-        return part, len(part) + n - len(sampled["content"])
-    part = orjson.dumps(message)
-    return part, len(part)
-
-
 class Affinity:
     """The planner's prefix memory and its settings (`routing.affinity`)."""
 
@@ -227,24 +174,24 @@ class Affinity:
         prefix of at least `min_prefix_chars` bytes, or None."""
         if prefix is None:
             return None
-        ends = prefix.ends
-        shortest = _first_at_least(ends, self.min_prefix_chars)
+        chain = prefix.chain
+        shortest = chain.first_at_least(self.min_prefix_chars)
         if shortest is None:
             return None
-        found = self.store.longest(prefix.keys, shortest, now)
+        found = self.store.longest(chain, shortest, now)
         if found is None:
             return None
         n, holders = found
-        return holders, ends[n] / ends[-1]
+        return holders, chain.end(n) / chain.total
 
     def served(self, prefix: Prefix | None, instance_id: str, now: float | None = None) -> None:
         """`instance_id` answered a request with this prompt: it has it cached now (a
         prompt shorter than `min_prefix_chars` is not worth remembering)."""
-        if prefix is not None and prefix.ends[-1] >= self.min_prefix_chars:
-            self.store.remember(prefix.keys, instance_id,
-                                time.monotonic() if now is None else now)
+        if prefix is not None and prefix.total >= self.min_prefix_chars:
+            keys = prefix.keys
+            self.store.remember(keys, instance_id, time.monotonic() if now is None else now)
             if self.on_remember is not None and self.ttl_s > 0:
-                self.on_remember(encode_chain(prefix.keys), instance_id, self.ttl_s)
+                self.on_remember(encode_chain(keys), instance_id, self.ttl_s)
 
     def adopt(self, chain: str, instance_id: str, expires: float) -> None:
         """Another replica's instance served the prompt whose chain is `chain`
@@ -271,12 +218,3 @@ def decode_chain(text: str) -> tuple[int, ...] | None:
     except ValueError:
         return None
 
-
-def _first_at_least(ends: tuple[int, ...], least: int) -> int | None:
-    """The first index whose end is at least `least` (ends rise), or None."""
-    if ends[-1] < least:
-        return None
-    for n, end in enumerate(ends):
-        if end >= least:
-            return n
-    return None  # unreachable: the last one is

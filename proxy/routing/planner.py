@@ -24,7 +24,7 @@ from proxy.health.registry import Registry
 from proxy.health.states import DRAINED, STALE_STATES
 from proxy.routing.affinity import Affinity, Prefix, prefix_of
 from proxy.routing.requirements import Requirements, extract
-from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter, score
+from proxy.routing.scoring import RATE_LIMITED_REASON, hard_filter, score, terms
 from proxy.routing.sessions import SessionTable
 
 AUTO = "auto"
@@ -234,27 +234,28 @@ class Planner:
         ctx_reason = built.ctx_reason
         first_rank: tuple[int, float, int] | None = None
         position = 0
+        terms, balance, scored = built.terms, built.balance, strategy == SCORED
         for tier_no, tier in enumerate(resolution.tiers):
             ranked: list[tuple[float, InstanceState]] = []
             for inst in tier:
-                if inst.id in seen:
+                inst_id = inst.id
+                if inst_id in seen:
                     continue
-                seen.add(inst.id)
+                seen.add(inst_id)
                 position += 1
-                sticky = None if sticky_id is None else inst.id == sticky_id
+                sticky = None if sticky_id is None else inst_id == sticky_id
                 why = hard_filter(inst, reqs, now)
                 if why is not None:
                     built.reject(inst, why, sticky, tier_no, position)
                     continue
                 stale = inst.state in STALE_STATES
                 value, why_list = score(
-                    inst, reqs, built.weights, built.prefer_local, sticky, now, ctx_reason,
-                    stale, built.balance,
-                    None if holders is None else hit_share if inst.id in holders else 0.0,
-                    0 if resident is None else resident(inst.id))
-                scores[inst.id] = value
-                reasons[inst.id] = why_list
-                rank = (tier_no, _key(strategy, value, position), position)
+                    inst, reqs, terms, sticky, now, ctx_reason, stale, balance,
+                    None if holders is None else hit_share if inst_id in holders else 0.0,
+                    0 if resident is None or inst.capacity is None else resident(inst_id))
+                scores[inst_id] = value
+                reasons[inst_id] = why_list
+                rank = (tier_no, -value if scored else float(position), position)  # _key
                 if stale or not inst.circuit.available(now):
                     built.hold_back(inst, stale, why_list, rank)
                 else:
@@ -324,7 +325,7 @@ _Rank = tuple[int, float, int]  # (tier, score or position key, position): lower
 class _Build:
     """One plan being built: the instances left out and held back so far, and why."""
 
-    __slots__ = ("reqs", "weights", "prefer_local", "now", "strategy", "ctx_reason",
+    __slots__ = ("reqs", "terms", "prefer_local", "now", "strategy", "ctx_reason",
                  "rejected", "reasons", "scores", "last_resort", "desperate", "cooling",
                  "unready", "balance")
 
@@ -332,7 +333,7 @@ class _Build:
                  strategy: str, balance: bool = True) -> None:
         self.reqs = reqs
         self.balance = balance
-        self.weights = weights
+        self.terms = terms(weights, reqs, prefer_local)
         self.prefer_local = prefer_local
         self.now = now
         self.strategy = strategy
@@ -355,8 +356,8 @@ class _Build:
         if limited:
             self.cooling.append(inst)
         if inst.state != DRAINED and (limited or why.startswith("state=")):
-            value, _ = score(inst, self.reqs, self.weights, self.prefer_local, sticky,
-                             self.now, self.ctx_reason, True, self.balance)
+            value, _ = score(inst, self.reqs, self.terms, sticky, self.now, self.ctx_reason,
+                             True, self.balance)
             self._unready((tier_no, _key(self.strategy, value, position), position),
                           inst.id, why)
 

@@ -84,13 +84,41 @@ def tag_match(have: frozenset[str], wanted: tuple[str, ...]) -> tuple[float, str
     return (0.5 if wanted == ("general",) else 0.0), "tags_match=none"
 
 
-def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local: bool,
+#: A plan's weights, worked out once per plan (`terms`): ready, tags, latency, local,
+#: (share, reason) of a local and of a cloud instance, cost, error rate, load, affinity,
+#: sticky, and the sum of the weights every instance is scored on (ready to error rate).
+Terms = tuple[float, float, float, float, tuple[float, str], tuple[float, str], float, float,
+              float, float, float, float]
+
+
+def terms(weights: Weights, req: Requirements, prefer_local: bool) -> Terms:
+    """The weights `score` applies for this request (its `prefer`, its tags)."""
+    prefer = req.prefer
+    factor, if_local, if_cloud = _LOCAL_TERMS.get(prefer) or (
+        _LOCAL_PREFERRED if prefer_local else _NEUTRAL)
+    latency_w = weights.latency * 3.0 if prefer == "fast" else weights.latency
+    local_w = weights.local * factor
+    cost_w = weights.cost * 3.0 if prefer == "cheap" else weights.cost
+    # Summed in the order the terms are scored (the same floats as term by term).
+    weight_sum = weights.ready
+    if req.tags:
+        weight_sum += weights.tags
+    weight_sum += latency_w
+    weight_sum += local_w
+    weight_sum += cost_w
+    weight_sum += weights.error_rate
+    return (weights.ready, weights.tags, latency_w, local_w, if_local, if_cloud, cost_w,
+            weights.error_rate, weights.load, weights.affinity, weights.sticky, weight_sum)
+
+
+def score(inst: InstanceState, req: Requirements, weights: Terms,
           sticky: bool | None, now: float, ctx_reason: str,
           assume_ready: bool = False, balance: bool = True,
           prefix: float | None = None, resident: int = 0) -> tuple[float, list[str]]:
     """(score in 0..1, reasons) for an instance that passed the hard filters.
 
-    `sticky` is None when the request's session has no instance yet; otherwise it says
+    `weights` are the plan's (`terms`). `sticky` is None when the request's session has
+    no instance yet; otherwise it says
     whether this instance is the session's, and the term counts for every candidate.
     `ctx_reason` is the request's `ctx>=N`, formatted once per plan. This runs once per
     instance per request, so it avoids needless allocations. `assume_ready` scores an
@@ -102,11 +130,11 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
     part of the load term of an instance of known capacity (slots) that spreads new
     conversations over the slots of all instances.
     """
-    prefer = req.prefer
+    (ready_w, tags_w, latency_w, local_w, if_local, if_cloud, cost_w, error_w, load_w,
+     affinity_w, sticky_w, weight_sum) = weights
     # Readiness: a probed, healthy instance beats one nobody has checked yet.
     reasons = [inst.state]
-    total = weights.ready * (1.0 if assume_ready or inst.state == READY else 0.6)
-    weight_sum = weights.ready
+    total = ready_w * (1.0 if assume_ready or inst.state == READY else 0.6)
 
     # Tags: the share of the requested tags the instance carries.
     tags = req.tags
@@ -117,15 +145,13 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
             if len(cache) >= 512:  # clients choose tags freely: keep the cache bounded
                 cache.clear()
             cached = cache[tags] = tag_match(inst.tags, tags)
-        total += weights.tags * cached[0]
+        total += tags_w * cached[0]
         reasons.append(cached[1])
-        weight_sum += weights.tags
 
     # A window the server stated (learned) is named as such: the config did not say it.
     reasons.append(ctx_reason if inst.config.ctx is not None else inst.ctx_reason)
 
     # Latency: EWMA of time to first byte from real traffic; unknown is neutral.
-    latency_w = weights.latency * 3.0 if prefer == "fast" else weights.latency
     ewma = inst.ttfb_ewma_ms
     if ewma is None:
         total += latency_w * 0.5
@@ -133,42 +159,34 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
         stepped = (ewma // LATENCY_STEP_MS) * LATENCY_STEP_MS
         total += latency_w / (1.0 + stepped / LATENCY_HALF_MS)
     reasons.append(inst.latency_reason)
-    weight_sum += latency_w
 
     # Local or cloud, as the request and else the config prefer.
-    factor, if_local, if_cloud = _LOCAL_TERMS.get(prefer) or (
-        _LOCAL_PREFERRED if prefer_local else _NEUTRAL)
-    local_w = weights.local * factor
     share, why = if_local if inst.config.local else if_cloud
     total += local_w * share
     reasons.append(why)
-    weight_sum += local_w
 
     # Cost per million tokens (input + output): free scores 1.
-    cost_w = weights.cost * 3.0 if prefer == "cheap" else weights.cost
     cost = inst.cost_per_mtok
     total += cost_w / (1.0 + cost)
-    weight_sum += cost_w
     if cost:
         reasons.append(f"cost={cost:g}/Mtok")
 
     # Recent error rate from live traffic.
     rate = inst.error_rate(now)
-    total += weights.error_rate * (1.0 - rate)
-    weight_sum += weights.error_rate
+    total += error_w * (1.0 - rate)
     if rate:
         reasons.append(f"error_rate={rate:.2f}")
 
     if balance or prefix is not None:
-        added, added_weight = _load_and_prefix(inst, weights, balance, prefix, resident,
-                                               reasons)
+        added, added_weight = _load_and_prefix(inst, load_w, affinity_w, balance, prefix,
+                                               resident, reasons)
         total += added
         weight_sum += added_weight
 
     if sticky is not None:
-        weight_sum += weights.sticky
+        weight_sum += sticky_w
         if sticky:
-            total += weights.sticky
+            total += sticky_w
             reasons.append("sticky_session")
 
     value = total / weight_sum
@@ -180,7 +198,7 @@ def score(inst: InstanceState, req: Requirements, weights: Weights, prefer_local
     return value, reasons
 
 
-def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
+def _load_and_prefix(inst: InstanceState, load_w: float, affinity_w: float, balance: bool,
                      prefix: float | None, resident: int,
                      reasons: list[str]) -> tuple[float, float]:
     """(score, weight) of the load term (with `balance`: a penalty, weighing nothing) and
@@ -213,17 +231,17 @@ def _load_and_prefix(inst: InstanceState, weights: Weights, balance: bool,
                 idle *= 1.0 - RESIDENT_SHARE * (resident / capacity if resident < capacity
                                                 else 1.0)
                 reasons.append(f"resident={resident}")
-        total = -weights.load * (1.0 - idle)
+        total = -load_w * (1.0 - idle)
     if queued:
         reasons.append(f"queue={queued}")
     if prefix is not None:
-        weight += weights.affinity
+        weight += affinity_w
         if prefix:
             # The load guard: a cached prefix never earns a place in a queue.
             if queued or (capacity is not None and busy >= capacity):
                 reasons.append(f"prefix_hit={prefix:.2f}(busy)")
             else:
-                total += weights.affinity * prefix
+                total += affinity_w * prefix
                 reasons.append(f"prefix_hit={prefix:.2f}")
     return total, weight
 

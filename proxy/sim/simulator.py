@@ -6,7 +6,8 @@ answers ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and
 ``/props``, and Ollama's ``/api/tags``), with text from :mod:`proxy.sim.text` so a
 client can check what it received word by word. Faults are set at construction, with
 :meth:`Simulator.set_faults`, or over HTTP with ``POST /_sim/faults``
-(proxy.sim.server).
+(proxy.sim.server). What it says about itself (models, health, llama.cpp's props and
+slots) is in proxy.sim.info; how answers go out on the wire, in proxy.sim.wire.
 
 Listening is done with :class:`aiohttp.web.Server` (aiohttp's low-level
 server) on sockets proxy.sim.server binds itself, instead of ``AppRunner`` +
@@ -36,18 +37,13 @@ from aiohttp import web
 from proxy.sim.faults import Faults, fmt_seconds
 from proxy.sim.responses import (
     AZURE_PRELUDE,
-    DONE,
     JSON_HEADERS,
-    RATE_LIMIT,
-    SSE_HEADERS,
     BadRequest,
-    End,
     Refused,
     answer,
     context_error,
     error,
     error_type,
-    faulty_events,
     include_usage,
     limit_of,
     ratelimit_headers,
@@ -56,13 +52,14 @@ from proxy.sim.responses import (
     thoughts_of,
     usage,
 )
-from proxy.sim.server import SimServer, forever
+from proxy.sim.server import forever
 from proxy.sim.text import embedding_vector, message_text, prompt_of_messages
+from proxy.sim.wire import WireServer
 
 __all__ = ["Simulator"]
 
 
-class Simulator(SimServer):
+class Simulator(WireServer):
     """An OpenAI-compatible backend on a real TCP port, with injectable faults."""
 
     def __init__(
@@ -92,9 +89,7 @@ class Simulator(SimServer):
         self.words = words
         self.chunk_delay = chunk_delay
         self.prefill = prefill
-        #: llama.cpp's slots: `/props` says `total_slots` and `/slots` which are busy (one
-        #: per request in flight); None: neither is said (a server that does not tell).
-        self.slots = slots
+        self.slots = slots  # proxy.sim.info
         self._created = int(time.time())
         self._id_prefix = os.urandom(3).hex()
         self._ids = itertools.count(1)
@@ -103,51 +98,7 @@ class Simulator(SimServer):
             routes[prefix + "/chat/completions"] = ("POST", self._chat)
             routes[prefix + "/completions"] = ("POST", self._completions)
             routes[prefix + "/embeddings"] = ("POST", self._embeddings)
-            routes[prefix + "/models"] = ("GET", self._models)
-        routes["/health"] = ("GET", self._health)
-        routes["/props"] = ("GET", self._props)
-        routes["/slots"] = ("GET", self._slots)
-        routes["/api/tags"] = ("GET", self._ollama_tags)
-
-    # ------------------------------------------------------------------ info endpoints
-
-    def _listed(self) -> tuple[str, ...]:
-        faults = self._faults
-        return faults.models or (faults.model or self.model,)
-
-    async def _models(self, request: web.BaseRequest) -> web.StreamResponse:
-        body = {"object": "list",
-                "data": [{"id": model, "object": "model", "created": self._created, "owned_by": "simulator"}
-                         for model in self._listed()]}
-        return web.Response(body=orjson.dumps(body), headers=JSON_HEADERS)
-
-    async def _ollama_tags(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Ollama's model listing, so the prober's Ollama path can be tested."""
-        body = {"models": [{"name": model, "model": model, "size": 0, "digest": "sim"}
-                           for model in self._listed()]}
-        return web.Response(body=orjson.dumps(body), headers=JSON_HEADERS)
-
-    async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
-        if self._faults.loading:
-            return error(503, "Loading model", "unavailable_error")
-        return web.Response(body=b'{"status":"ok"}', headers=JSON_HEADERS)
-
-    async def _props(self, request: web.BaseRequest) -> web.StreamResponse:
-        model = self._listed()[0]
-        body: dict[str, Any] = {"model_alias": model,
-                                "model_path": self._faults.model_file or f"/models/{model}.gguf"}
-        if self.slots is not None:
-            body |= {"total_slots": self.slots, "endpoint_slots": True}
-        return web.Response(body=orjson.dumps(body), headers=JSON_HEADERS)
-
-    async def _slots(self, request: web.BaseRequest) -> web.StreamResponse:
-        """llama.cpp's `/slots`: each slot's `is_processing` (501 when not enabled, as
-        llama.cpp answers with `--no-slots`)."""
-        if self.slots is None:
-            return error(501, "This server does not support slots endpoint.", "not_supported_error")
-        busy = self.stats.inflight
-        body = [{"id": n, "is_processing": n < busy} for n in range(self.slots)]
-        return web.Response(body=orjson.dumps(body), headers=JSON_HEADERS)
+        self._info_routes()
 
     # ------------------------------------------------------------------ model endpoints
 
@@ -372,95 +323,3 @@ class Simulator(SimServer):
         body = orjson.dumps({"object": "list", "data": items, "model": model,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         return await self._send_json(request, faults, body)
-
-    # ------------------------------------------------------------------ writing
-
-    def _headers(self, faults: Faults, base: dict[str, str]) -> dict[str, str]:
-        if not faults.ratelimit_headers:
-            return base
-        return {**base, **ratelimit_headers(max(0, RATE_LIMIT - self.stats.requests), "1s")}
-
-    async def _send_json(self, request: web.BaseRequest, faults: Faults, body: bytes) -> web.StreamResponse:
-        headers = self._headers(faults, JSON_HEADERS)
-        if faults.die_after is None and faults.stall_after is None:
-            return web.Response(body=body, headers=headers)
-        resp = web.StreamResponse(headers=headers)
-        resp.content_length = len(body)
-        await resp.prepare(request)  # StreamResponse sends the headers right away
-        if faults.die_after is not None:
-            await resp.write(body[: len(body) // 2])
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
-        await forever()
-        return resp  # pragma: no cover - forever only ends by cancellation
-
-    async def _stream(
-        self,
-        request: web.BaseRequest,
-        faults: Faults,
-        events: list[bytes],
-        head: bytes,
-        tail: bytes,
-        pieces: Sequence[str],
-        finish_ev: bytes,
-        usage_ev: bytes | None,
-        thoughts: Sequence[bytes] = (),
-    ) -> web.StreamResponse:
-        dumps = orjson.dumps
-        end = End.CLEAN
-        # Reasoning events, then the answer's: the stream faults count both as pieces.
-        paced = range(len(events) + 1, len(events) + len(thoughts) + 1)
-        bodies = [*thoughts, *(head + dumps(p) + tail for p in pieces)]
-        if not faults.shapes_stream:
-            events.extend(bodies)
-            events.append(finish_ev)
-            if usage_ev is not None:
-                events.append(usage_ev)
-            events.append(DONE)
-        else:
-            end = faulty_events(faults, events, bodies, finish_ev, usage_ev)
-
-        resp = web.StreamResponse(headers=self._headers(faults, SSE_HEADERS))
-        try:
-            await resp.prepare(request)
-            if self.chunk_delay > 0 or thoughts:
-                # The first reasoning event at once, the next ones (and the answer after the
-                # last) REASONING_STEP_S apart: the answer begins `reasoning` seconds in.
-                step = faults.reasoning / len(thoughts) if thoughts else 0.0
-                await self._paced(resp, events, paced, step)
-            elif events:
-                # No delay: one write (one syscall) for the whole stream.
-                await resp.write(b"".join(events))
-            if end is End.DIE:
-                if request.transport is not None:
-                    request.transport.abort()
-                return resp
-            if end is End.STALL:
-                await forever()
-            await resp.write_eof()
-        except asyncio.CancelledError:
-            self.stats.aborted += 1
-            raise
-        except ConnectionError:
-            self.stats.aborted += 1  # the client went away mid-stream: nothing to report
-            return resp
-        self.stats.completed_streams += 1
-        return resp
-
-    async def _paced(self, resp: web.StreamResponse, events: list[bytes], paced: range,
-                     step: float) -> None:
-        """Write `events` `chunk_delay` apart, and the `paced` ones (reasoning) `step` apart;
-        what has no pause before it goes out with the events before it, in one write."""
-        delay = self.chunk_delay
-        ready: list[bytes] = []
-        for i, ev in enumerate(events):
-            pause = max(delay if i else 0.0, step if i in paced else 0.0)
-            if pause > 0:
-                if ready:
-                    await resp.write(b"".join(ready))
-                    ready.clear()
-                await asyncio.sleep(pause)
-            ready.append(ev)
-        if ready:
-            await resp.write(b"".join(ready))
