@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def announce(bound: int) -> None:
         # Only once the address is taken: a busy port is one line on stderr, never this.
         print(f"failover-proxy {__version__} serving on http://{host}:{bound}/v1 "
-              f"({len(config.instances)} instances, config {config.source}"
+              f"({len(config.instances)} instance{'' if len(config.instances) == 1 else 's'}, "
+              f"config {config.source}"
               + (f", {workers} workers" if workers > 1 else "") + ")", flush=True)
 
     def run_one(on_ready: Callable[[int], None] | None) -> int:

@@ -62,7 +62,8 @@ def test_serve_announces_only_once_it_is_listening(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
-        assert line.startswith(f"failover-proxy 0.1.0 serving on http://127.0.0.1:{port}/v1")
+        assert line.startswith(f"failover-proxy 0.1.0 serving on http://127.0.0.1:{port}/v1 "
+                               "(1 instance, config ")
         # the moment it says so, the port answers (no wait, no retry)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
