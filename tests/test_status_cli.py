@@ -130,10 +130,13 @@ async def test_status_watch_redraws_until_interrupted(
         make_sim: MakeSim, make_proxy: MakeProxy) -> None:
     a = await make_sim()
     proxy = await make_proxy(proxy_config([a]))
+    # started with SIGINT ignored, as a shell's background job is (and a CI step may be):
+    # Ctrl-C must stop it all the same
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "status", "--url", proxy.url, "--watch",
         "--interval", "0.1", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.stdout is not None
     pages = 0
     while pages < 3:
