@@ -46,9 +46,10 @@ nginx:
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
 
 # `make replicas`: three replicas behind nginx sharing state on Redis, checked, then up
-# until Ctrl-C (README: "Several replicas").
+# until Ctrl-C (README: "Several replicas"); `make replicas REPLICAS_ARGS="--check"` stops
+# after the check, `--free-ports` uses ports of the kernel's choosing.
 replicas: $(STAMP) redis nginx
-	$(BIN)/python scripts/replicas_demo.py
+	$(BIN)/python scripts/replicas_demo.py $(REPLICAS_ARGS)
 
 # Debian's PostgreSQL server for the audit store tests: tests/pg.py starts a cluster of its
 # own per test session (initdb + pg_ctl from /usr/lib/postgresql/*/bin, as the `postgres`

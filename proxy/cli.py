@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
@@ -60,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def announce(bound: int) -> None:
         # Only once the address is taken: a busy port is one line on stderr, never this.
         print(f"failover-proxy {__version__} serving on http://{host}:{bound}/v1 "
-              f"({len(config.instances)} instances, config {config.source}"
+              f"({len(config.instances)} instance{'' if len(config.instances) == 1 else 's'}, "
+              f"config {config.source}"
               + (f", {workers} workers" if workers > 1 else "") + ")", flush=True)
 
     def run_one(on_ready: Callable[[int], None] | None) -> int:
@@ -217,12 +219,26 @@ def text_table(table: list[tuple[str, ...]]) -> str:
                      + "  " + r[-1] for r in table)
 
 
+# The file `failover-proxy init` writes. `status` and `events` given neither an address nor
+# a config read it from the current directory, so that after `init` and `serve --config
+# failover-proxy.yaml` they find that proxy (on 8081, beside llama-server's 8080) and store.
+STARTER_CONFIG = "failover-proxy.yaml"
+
+
+def _config_here(given: str | None) -> str | None:
+    """`given`, else ./failover-proxy.yaml when it exists, else None."""
+    if given is not None:
+        return given
+    return STARTER_CONFIG if Path(STARTER_CONFIG).is_file() else None
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     from proxy import cli_events
 
     url = args.store
     if url is None:
-        url = _load(args.config).store.url if args.config else "sqlite:///./data/audit.db"
+        config = _config_here(args.config)
+        url = _load(config).store.url if config else "sqlite:///./data/audit.db"
     return cli_events.run(args, url)
 
 
@@ -236,8 +252,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("status: --interval must be a positive number of seconds", file=sys.stderr)
         return 2
     url, key = args.url, args.admin_key or os.environ.get("PROXY_ADMIN_KEY") or None
-    if args.config:
-        server = _load(args.config).server
+    config = args.config if url else _config_here(args.config)
+    if config:
+        server = _load(config).server
         host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
         url = url or f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
         key = key or server.admin_key
@@ -308,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the running proxy: instances, circuits, load, "
                                            "recent reroutes")
-    status.add_argument("--url", help="the proxy (default: from --config, else "
+    status.add_argument("--url", help="the proxy (default: from --config, else from "
+                                      f"./{STARTER_CONFIG} if there is one, else "
                                       "http://127.0.0.1:8080)")
     status.add_argument("--admin-key", help="server.admin_key (default: $PROXY_ADMIN_KEY, or "
                                             "the one in --config)")
@@ -321,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.starter import DEFAULT_PORTS
 
     init = sub.add_parser("init", help="find local model servers and write a starter config")
-    init.add_argument("--out", "-o", default="failover-proxy.yaml",
-                      help="config file to write (default: failover-proxy.yaml)")
+    init.add_argument("--out", "-o", default=STARTER_CONFIG,
+                      help=f"config file to write (default: {STARTER_CONFIG})")
     init.add_argument("--host", default="127.0.0.1",
                       help="where the model servers run (default: 127.0.0.1)")
     init.add_argument("--force", action="store_true", help="overwrite --out if it exists")

@@ -65,7 +65,8 @@ def add_arguments(events: argparse.ArgumentParser) -> None:
     where.add_argument("--config", "-c", help="read the store named by this config")
     where.add_argument("--store", help="a store url: sqlite:///PATH or "
                                        "postgresql://USER:PASS@HOST:PORT/DB "
-                                       "(default: sqlite:///./data/audit.db)")
+                                       "(default: the store of ./failover-proxy.yaml if "
+                                       "there is one, else sqlite:///./data/audit.db)")
     events.add_argument("--request-id", help="only this request")
     events.add_argument("--type", help="only this event type, e.g. REROUTED")
     events.add_argument("--instance", help="only events about this instance")

@@ -5,6 +5,7 @@ the latest reroutes; `--watch` redraws it."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from typing import Any
@@ -125,6 +126,9 @@ def run(url: str, admin_key: str | None, watch: bool, interval_s: float = 2.0) -
         print(format_status(doc, url))
         return 0
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    # Ctrl-C (SIGINT) stops it even when started from a script in the background, where
+    # the shell leaves SIGINT ignored and Python would then never raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             try:

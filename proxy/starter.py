@@ -200,7 +200,8 @@ def describe(probed: Probed) -> str:
     where = f"{KIND_NAMES[probed.server]} on {probed.host}:{probed.port}"
     if not probed.models:
         return f"  {where}: not found ({probed.note})"
-    extra = f" ({probed.note})" if probed.note else ""
+    # llama.cpp's note is its model file: said once when it is also the name it serves
+    extra = f" ({probed.note})" if probed.note and probed.note not in probed.models else ""
     return f"  {where}: {', '.join(probed.models)}{extra}"
 
 

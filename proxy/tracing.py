@@ -80,7 +80,8 @@ def setup(env: Mapping[str, str] | None = None) -> Tracing | None:
     try:
         return Tracing(env)
     except ImportError as exc:
-        log.warning("tracing_unavailable", reason=f"{exc}; install failover-proxy[otel]")
+        log.warning("tracing_unavailable", reason=f"{exc}; install the otel extra: "
+                    "pip install -e '.[otel]' in the source tree")
         return None
 
 

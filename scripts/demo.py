@@ -184,13 +184,15 @@ def main() -> int:
             demo.start_sim(name, port, model)
         for name, port, _ in sims:
             wait_for_port(port, demo.sim_procs[name])
+        config = config_for(sims)
         proxy = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config",
-                                  str(config_for(sims)), "--port", str(PROXY_PORT),
+                                  str(config), "--port", str(PROXY_PORT),
                                   "--log-format", "console"], cwd=ROOT)
         (RUN / "proxy.pid").write_text(f"{proxy.pid}\n")
         wait_for_port(PROXY_PORT, proxy)
         ports = {f"{name}_port": port for name, port, _ in sims}
-        print(INSTRUCTIONS.format(port=PROXY_PORT, run=RUN, **ports), flush=True)
+        shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+        print(INSTRUCTIONS.format(port=PROXY_PORT, run=RUN, config=shown, **ports), flush=True)
         return run_until_stopped(demo, proxy)
     finally:
         procs = list(demo.sim_procs.values())
@@ -206,6 +208,8 @@ INSTRUCTIONS = """
    local:secondary -> simulator on :{secondary_port} (demo-model)
    cloud:default   -> simulator on :{cloud_port} (demo-cloud, the last resort)
  Status page: http://127.0.0.1:{port}/ui   (or: .venv/bin/failover-proxy status --url http://127.0.0.1:{port})
+ Audit trail (the demo's own store, beside its config):
+   .venv/bin/failover-proxy events --config {config}   (--sum --since 1h: tokens)
 
  Send a request (curl):
    curl -si http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\

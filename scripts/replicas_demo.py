@@ -13,6 +13,9 @@ all on 127.0.0.1 and all under the run directory: redis-server (:6379), two simu
     .venv/bin/python scripts/replicas_demo.py            # start, check, stay up (Ctrl-C)
     .venv/bin/python scripts/replicas_demo.py --check    # start, check, stop: exit 0 if OK
     .venv/bin/python scripts/replicas_demo.py --check --free-ports   # no fixed port used
+    make replicas REPLICAS_ARGS="--check --free-ports"   # the same through make
+
+A fixed port already in use is one line and exit 1, before anything is started.
 
 Environment: DEMO_RUN_DIR (.run/replicas).
 """
@@ -73,6 +76,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def busy_ports(ports: dict[str, int]) -> list[str]:
+    """`name :port` for each of `ports` something already listens on at 127.0.0.1 (a
+    llama-server or `make run` on 8080, a system Redis on 6379): the demo's readiness check
+    would take that listener for its own process, and its check would then talk to it."""
+    taken = []
+    for name, port in ports.items():
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                taken.append(f"{name} :{port}")
+    return taken
 
 
 def need(binary: str, package: str) -> str:
@@ -172,15 +187,20 @@ class Demo:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(url, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=20) as resp:
-            return dict(resp.headers), json.loads(resp.read())
+        try:
+            with urllib.request.urlopen(request, timeout=20) as resp:
+                return dict(resp.headers), json.loads(resp.read())
+        except (OSError, ValueError) as exc:  # urllib's errors are OSErrors
+            raise SystemExit(f"replicas-demo: FAILED: {method} {url}: {exc}") from None
 
     def ask(self) -> tuple[str, str]:
         """(replica id prefix, instance) of one chat completion through nginx."""
         headers, body = self.http("POST", f"http://127.0.0.1:{self.ports['nginx']}/v1/chat/"
                                   "completions", {"model": "auto", "messages": [
                                       {"role": "user", "content": "hello"}]})
-        assert body["choices"][0]["message"]["content"], body
+        if "x-route-instance" not in headers or not body.get("choices"):
+            raise SystemExit("replicas-demo: FAILED: the answer through nginx is not a "
+                             f"failover-proxy's: {str(body)[:200]}")
         return headers["x-request-id"][:16], headers["x-route-instance"]
 
     def state_everywhere(self, instance: str) -> list[str]:
@@ -234,8 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(os.environ.get("DEMO_RUN_DIR") or ROOT / ".run" / "replicas").absolute()
     run.mkdir(parents=True, exist_ok=True)
     ports = {name: free_port() for name in PORTS} if args.free_ports else dict(PORTS)
+    taken = busy_ports(ports)
+    if taken:
+        raise SystemExit(f"replicas-demo: busy: {', '.join(taken)}; stop what listens there "
+                         "(a llama-server, `make run`, another demo?), or use other ports: "
+                         "`make replicas REPLICAS_ARGS=--free-ports`")
     demo = Demo(run, ports)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too, not only Python's default: a demo started in the background by a shell
+    # inherits SIGINT ignored, and its children would stop while it waited on.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop_signal)
     try:
         demo.up()

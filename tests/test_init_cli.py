@@ -35,7 +35,8 @@ def test_init_lists_each_server_found_and_writes_a_config_that_passes_check(
                  f"llamacpp={llama},ollama={ollama},lmstudio={dead},vllm={vllm}")
     assert result.returncode == 0, result.stdout + result.stderr
     said = result.stdout
-    assert f"llama.cpp on 127.0.0.1:{llama}: {GGUF} ({GGUF})" in said
+    # the model file once: with no --alias it is also the name llama.cpp serves
+    assert f"  llama.cpp on 127.0.0.1:{llama}: {GGUF}\n" in said
     assert f"Ollama on 127.0.0.1:{ollama}: llama3.1:8b, qwen2.5-coder:7b" in said
     assert f"LM Studio on 127.0.0.1:{dead}: not found (CONN_REFUSED" in said
     assert f"vLLM on 127.0.0.1:{vllm}: Qwen/Qwen3-8B" in said

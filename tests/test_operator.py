@@ -6,11 +6,14 @@ itself. Real processes and sockets throughout."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -59,7 +62,8 @@ def test_serve_announces_only_once_it_is_listening(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
-        assert line.startswith(f"failover-proxy 0.1.0 serving on http://127.0.0.1:{port}/v1")
+        assert line.startswith(f"failover-proxy 0.1.0 serving on http://127.0.0.1:{port}/v1 "
+                               "(1 instance, config ")
         # the moment it says so, the port answers (no wait, no retry)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -124,7 +128,9 @@ def test_relative_tls_files_are_beside_the_config(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ the demo
 
-def start_demo(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+def start_demo(tmp_path: Path, banner: list[str] | None = None,
+               ) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+    """The demo on free ports; `banner` gets the lines it prints up to ` Ctrl-C`."""
     run = tmp_path / "run"
     ports = [free_port() for _ in range(3)]
     proxy_port = free_port()
@@ -136,6 +142,8 @@ def start_demo(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int],
     while True:
         line = proc.stdout.readline()
         assert line, f"the demo exited with {proc.wait()}"
+        if banner is not None:
+            banner.append(line.decode())
         if line.startswith(b" Ctrl-C"):
             break
     pids = {name: int((run / f"{name}.pid").read_text())
@@ -163,6 +171,38 @@ def test_demo_stops_every_process_and_removes_its_pid_files_on_a_signal(
     for name, pid in pids.items():
         assert not alive(pid), f"{name} (pid {pid}) outlived the demo"
     assert list(run.glob("*.pid")) == []
+
+
+def test_the_events_command_the_demo_prints_shows_the_demo_s_requests(tmp_path: Path) -> None:
+    # `failover-proxy events` run plainly in the clone reads ./data/audit.db, while the
+    # demo's store is beside its config: the banner gives the command that reads it.
+    banner: list[str] = []
+    proc, _, run = start_demo(tmp_path, banner)
+    try:
+        found = re.search(r"failover-proxy demo: http://127\.0\.0\.1:(\d+)/v1", "".join(banner))
+        assert found, banner
+        port = int(found.group(1))
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+            data=b'{"model": "auto", "messages": [{"role": "user", "content": "hello"}]}',
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            request_id = resp.headers["x-request-id"]
+        command = next(line.split("(")[0].split() for line in banner
+                       if "failover-proxy events --config" in line)
+        assert command[0] == ".venv/bin/failover-proxy"
+        deadline = time.monotonic() + 30  # the audit writer batches its rows
+        while True:
+            done = subprocess.run([sys.executable, "-m", "proxy", *command[1:],
+                                   "--request-id", request_id], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=60, check=False)
+            if "REQUEST_COMPLETED" in done.stdout:
+                break
+            assert time.monotonic() < deadline, done.stdout + done.stderr
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
 
 
 def test_demo_says_how_to_bring_back_a_killed_simulator_and_does(tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ replica knows of an instance after that came from another through Redis.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ROOT, Cluster, wait_until
+from tests.cluster import ROOT, Cluster, free_port, wait_until
 from tests.pg import PostgresServer
 from tests.redis_server import RedisServer
 from tests.replicas import Replicas
@@ -348,3 +350,26 @@ def test_the_replicas_demo_script_starts_three_replicas_behind_nginx_and_checks_
     assert "answered by 3 replicas" in done.stdout
     assert "went to local:secondary" in done.stdout
     assert done.stdout.rstrip().endswith("OK")
+
+
+def test_the_replicas_demo_with_a_fixed_port_taken_says_which_and_starts_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llama-server left on 8080 by the quickstart: before, the demo's readiness check
+    took it for nginx, said `up`, and died in a traceback on the llama-server's answer."""
+    spec = importlib.util.spec_from_file_location("replicas_demo_busy",
+                                                  ROOT / "scripts" / "replicas_demo.py")
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    ports = {name: free_port() for name in demo.PORTS}
+    monkeypatch.setattr(demo, "PORTS", ports)  # the demo's fixed ports, here free ones
+    monkeypatch.setenv("DEMO_RUN_DIR", str(tmp_path))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", ports["nginx"]))
+        other.listen()
+        with pytest.raises(SystemExit) as exited:
+            demo.main([])
+    message = str(exited.value.code)
+    assert message.startswith(f"replicas-demo: busy: nginx :{ports['nginx']};"), message
+    assert "REPLICAS_ARGS=--free-ports" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no log: nothing was started

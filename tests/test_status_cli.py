@@ -18,11 +18,12 @@ from tests.conftest import MakeProxy, MakeSim, chat_body, proxy_config
 ADMIN = "adm-key-for-the-status-cli"
 
 
-async def status(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+async def status(*args: str, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "status", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PROXY_ADMIN_KEY": "", **(env or {})})
+        sys.executable, "-m", "proxy", *(args if args[:1] == ("events",) else ("status", *args)),
+        cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PROXY_ADMIN_KEY": "", "PYTHONPATH": str(ROOT), **(env or {})})
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -31,8 +32,11 @@ async def status(*args: str, env: dict[str, str] | None = None) -> tuple[int, st
 async def test_status_shows_instances_circuits_load_and_the_latest_reroutes(
         make_sim: MakeSim, make_proxy: MakeProxy) -> None:
     a, b = await make_sim("demo-model"), await make_sim("demo-model")
+    # A cooldown far beyond the status process's start-up (seconds on a busy machine), so
+    # the circuit is still open, not half-open, when it asks.
     proxy = await make_proxy(proxy_config([a, b], server={"admin_key": ADMIN},
-                                          health={"enabled": False}))
+                                          health={"enabled": False, "cooldown_s": 120,
+                                                  "max_cooldown_s": 120}))
     a.set_faults(["refuse"])
     async with aiohttp.ClientSession() as http, http.post(
             f"{proxy.base_url}/chat/completions", json=chat_body()) as resp:
@@ -73,6 +77,37 @@ async def test_status_takes_the_address_and_key_from_the_config(
     assert code == 0 and "p0:s0" in out
 
 
+async def test_status_and_events_in_the_directory_of_init_s_config_need_no_arguments(
+        make_sim: MakeSim, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    # The quickstart: `init` writes ./failover-proxy.yaml (the proxy on 8081, as llama-server
+    # has 8080), `serve --config failover-proxy.yaml`; then plain `status` and `events` must
+    # find that proxy and its audit store, not ask :8080 or read another file.
+    a = await make_sim()
+    store = tmp_path / "elsewhere" / "audit.db"
+    proxy = await make_proxy(proxy_config([a], server={"admin_key": ADMIN},
+                                          store={"url": f"sqlite:///{store}"}))
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{proxy.base_url}/chat/completions", json=chat_body()) as resp:
+        request_id = resp.headers["x-request-id"]
+    (tmp_path / "failover-proxy.yaml").write_text(yaml.safe_dump({
+        "server": {"port": proxy.port, "admin_key": ADMIN},
+        "store": {"url": f"sqlite:///{store}"},
+        "providers": [{"provider_id": "p0", "instances": [{"id": "s0", "base_url": a.base_url}]}]}))
+    code, out, err = await status(cwd=tmp_path)
+    assert (code, err) == (0, ""), err
+    assert out.startswith(f"failover-proxy 0.1.0 at http://127.0.0.1:{proxy.port}")
+    assert "p0:s0" in out
+    deadline = asyncio.get_running_loop().time() + 30  # the writer process batches rows
+    while True:
+        code, out, err = await status("events", "--request-id", request_id, cwd=tmp_path)
+        if code == 0 and "REQUEST_COMPLETED" in out:
+            break
+        assert asyncio.get_running_loop().time() < deadline, (code, out, err)
+        await asyncio.sleep(0.2)
+    code, out, err = await status("--url", f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert code == 1 and "no proxy answers" in err  # --url wins over the file
+
+
 async def test_status_explains_a_missing_key_or_proxy_in_one_line(
         make_sim: MakeSim, make_proxy: MakeProxy) -> None:
     a = await make_sim()
@@ -95,10 +130,13 @@ async def test_status_watch_redraws_until_interrupted(
         make_sim: MakeSim, make_proxy: MakeProxy) -> None:
     a = await make_sim()
     proxy = await make_proxy(proxy_config([a]))
+    # started with SIGINT ignored, as a shell's background job is (and a CI step may be):
+    # Ctrl-C must stop it all the same
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "status", "--url", proxy.url, "--watch",
         "--interval", "0.1", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert proc.stdout is not None
     pages = 0
     while pages < 3:

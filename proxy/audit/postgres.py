@@ -1,5 +1,6 @@
 """The PostgreSQL backend of the audit database (`postgresql://USER:PASS@HOST:PORT/DB`),
-through psycopg 3 (the `postgres` extra: `pip install 'failover-proxy[postgres]'`).
+through psycopg 3 (the `postgres` extra: `pip install -e '.[postgres]'` in the source
+tree, or `pip install 'psycopg[binary]>=3.1'`).
 
 The same tables and schema steps as SQLite (proxy/audit/sqlite.py), in PostgreSQL's
 types; the schema version is the row of table `audit_schema`, migrated under an advisory
@@ -162,8 +163,8 @@ def connect_postgres(url: str, *, readonly: bool = False,
     when the schema is newer than this release.
     """
     if psycopg is None:
-        raise StoreError("a postgresql:// store needs psycopg 3: "
-                         "pip install 'failover-proxy[postgres]'")
+        raise StoreError("a postgresql:// store needs psycopg 3: pip install -e "
+                         "'.[postgres]' in the source tree, or pip install 'psycopg[binary]>=3.1'")
     # keepalives: a server that vanished without closing the connection is noticed
     extra: dict[str, Any] = {"options": f"-c statement_timeout={READ_TIMEOUT_MS}"} \
         if readonly else {}

@@ -77,7 +77,8 @@ def _store_url(url: str) -> str:
         raise _expected(problem)
     if is_postgres(url) and importlib.util.find_spec("psycopg") is None:
         raise _expected("a sqlite:///PATH url, or psycopg 3 installed for a postgresql:// one "
-                        "(pip install 'failover-proxy[postgres]')")
+                        "(pip install -e '.[postgres]' in the source tree, or "
+                        "pip install 'psycopg[binary]>=3.1')")
     return url
 
 
