@@ -7,16 +7,23 @@ redis-server from tests/redis_server.py).
 from __future__ import annotations
 
 import asyncio
+import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from proxy.api.state import STATE
 from proxy.config import parse_config
-from tests.conftest import MakeProxy, wait_for
+from proxy.health.changes import STATE as STATE_F
+from proxy.health.registry import MAX_RATE_LIMIT_COOLDOWN_S
+from proxy.health.states import DRAINED
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
+from tests.redis_server import RedisServer
 
 #: Bodies a hostile `llama-server` may answer `/metrics` with, each with the busy and
 #: queued figures that are sane to take from it (None: the body says nothing usable).
@@ -124,3 +131,103 @@ async def test_hostile_llama_metrics_neither_stop_the_proxy_nor_skew_its_load(
     async with aiohttp.ClientSession() as http, \
             http.get(f"{proxy.url}/admin/instances") as resp:
         assert resp.status == 200
+
+
+# --------------------------------------------------------------------------- Redis channel
+
+
+class Channel:
+    """Publishes on a proxy's Redis channel as another process would; `settle` waits
+    until everything published before it has been taken in (a valid drain of the
+    sentinel instance, p1:s1, published last: one subscriber gets messages in order)."""
+
+    def __init__(self, client: Redis, prefix: str, proxy: RunningProxy) -> None:
+        self.client = client
+        self.channel = f"{prefix}events"
+        self.proxy = proxy
+
+    async def publish(self, msg: object) -> None:
+        await self.client.publish(self.channel, orjson.dumps(msg))
+
+    async def settle(self) -> None:
+        sentinel = self.proxy.app[STATE].registry.by_id["p1:s1"]
+        await self.publish({"r": "another", "t": time.time(), "i": sentinel.id, "f": STATE_F,
+                            "state": DRAINED, "reason": "sentinel"})
+        await wait_for(lambda: sentinel.state == DRAINED, 10, "the sentinel message")
+
+
+@pytest.fixture
+async def channel(request: pytest.FixtureRequest, make_sim: MakeSim, make_proxy: MakeProxy,
+                  redis_server: RedisServer) -> AsyncIterator[Channel]:
+    prefix = f"adv{abs(hash(request.node.name)) % 10**8}:"
+    proxy = await make_proxy(proxy_config([await make_sim(), await make_sim()],
+                                          state={"url": redis_server.url, "prefix": prefix}))
+    client = Redis.from_url(redis_server.url)
+    try:
+        yield Channel(client, prefix, proxy)
+    finally:
+        await client.aclose()
+
+
+async def test_a_message_from_a_far_future_clock_is_ignored(channel: Channel) -> None:
+    """A replica whose clock runs a year ahead (or a forged `t`) must not outrank every
+    later word: taken in, its drain would stay for good, and every later enable here
+    would be sent with a time after it."""
+    inst = channel.proxy.app[STATE].registry.by_id["p0:s0"]
+    await channel.publish({"r": "skewed", "t": time.time() + 365 * 86400, "i": inst.id,
+                           "f": STATE_F, "state": DRAINED, "reason": "from the future"})
+    await channel.settle()
+    assert inst.state != DRAINED
+    shared = channel.proxy.app[STATE].shared
+    assert shared is not None
+    assert all(t <= time.time() + 3600 for t in shared.ledger.seen.values())
+
+
+async def test_another_replicas_circuit_and_cooldown_last_no_longer_than_ours_would(
+        channel: Channel) -> None:
+    """An open circuit or a 429 cooldown `until` a century from now (a bug, a forged
+    message) is held no longer than this replica would hold its own."""
+    inst = channel.proxy.app[STATE].registry.by_id["p0:s0"]
+    far = time.time() + 100 * 365 * 86400
+    await channel.publish({"r": "x", "t": time.time(), "i": inst.id, "f": "circuit",
+                           "open": True, "until": far, "by": "http", "cool": far})
+    await channel.publish({"r": "x", "t": time.time(), "i": inst.id, "f": "cooldown",
+                           "until": far})
+    await channel.settle()
+    now = time.monotonic()
+    assert inst.circuit.open_until <= now + inst.circuit.max_cooldown_s + 1
+    assert inst.circuit.cooldown_s <= inst.circuit.max_cooldown_s
+    assert inst.rate_limited_until <= now + MAX_RATE_LIMIT_COOLDOWN_S + 1
+
+
+async def test_wrong_types_on_the_channel_neither_break_the_link_nor_poison_figures(
+        channel: Channel) -> None:
+    """A field that is no string, a latency that is "nan" or negative, a time that is
+    "nan": each is ignored, the link stays subscribed (no reconnect), and the scorer's
+    latency figure stays a real one."""
+    state = channel.proxy.app[STATE]
+    inst = state.registry.by_id["p0:s0"]
+    shared = state.shared
+    assert shared is not None
+    since = shared.since
+    now = time.time()
+    for msg in ({"r": "x", "t": now, "i": inst.id, "f": 5},
+                {"r": "x", "t": now, "i": inst.id, "f": ["state"]},
+                {"r": "x", "t": now, "i": inst.id, "f": "lat:x", "ms": "nan"},
+                {"r": "x", "t": now, "i": inst.id, "f": "lat:y", "ms": -1e12},
+                {"r": "x", "t": "nan", "i": inst.id, "f": "lat:z", "ms": 5},
+                {"r": "x", "t": now, "i": inst.id, "f": "fail", "extra": 1e300},
+                {"r": "x", "t": now + 1e9, "i": inst.id, "f": "fail"},
+                {"r": "x", "t": now, "m": "sessions", "e": [["s", "p0:s0", "inf"]]},
+                {"r": "x", "t": now, "m": "sessions", "e": [["s2", "p0:s0", now + 1e9]]},
+                {"r": "x", "t": now, "m": "sessions", "e": 5}):
+        await channel.publish(msg)
+    await channel.settle()
+    assert shared.up and shared.since == since  # never dropped and resubscribed
+    ewma = inst.ttfb_ewma_ms
+    assert ewma is None or math.isfinite(ewma) and ewma >= 0, ewma
+    assert inst.last_failure_mono <= time.monotonic() + 1
+    sessions = state.planner.sessions
+    for key in ("s", "s2"):
+        entry = sessions._entries.get(key)  # noqa: SLF001 (what an expiry is held as)
+        assert entry is None or entry[1] <= time.monotonic() + sessions.ttl_s + 1, entry

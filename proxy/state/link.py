@@ -50,7 +50,7 @@ from redis.exceptions import RedisError
 from proxy.config import StateConfig
 from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
-from proxy.state.merge import Ledger, Message, to_mono
+from proxy.state.merge import Ledger, Message, number, to_mono
 
 log = structlog.get_logger("proxy.state")
 
@@ -239,10 +239,10 @@ class SharedState:
             if "m" in msg:
                 if msg["r"] != self.replica and (apply := self.maps.get(msg["m"])):
                     for key, value, expires in msg["e"]:
-                        apply(str(key), str(value), to_mono(float(expires)))
+                        apply(str(key), str(value), to_mono(number(expires, "expires")))
             else:
                 self.ledger.remote(msg, raw)
-        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, orjson.JSONDecodeError) as exc:
             log.warning("shared_state_message_ignored", error=f"{type(exc).__name__}: {exc}")
 
     def _figures(self) -> None:
