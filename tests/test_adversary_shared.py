@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+import yaml
 from redis.asyncio import Redis
 
 from proxy.api.state import STATE
@@ -22,6 +26,7 @@ from proxy.config import parse_config
 from proxy.health.changes import STATE as STATE_F
 from proxy.health.registry import MAX_RATE_LIMIT_COOLDOWN_S
 from proxy.health.states import DRAINED
+from tests.cluster import free_port
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
 from tests.redis_server import RedisServer
 
@@ -231,3 +236,40 @@ async def test_wrong_types_on_the_channel_neither_break_the_link_nor_poison_figu
     for key in ("s", "s2"):
         entry = sessions._entries.get(key)  # noqa: SLF001 (what an expiry is held as)
         assert entry is None or entry[1] <= time.monotonic() + sessions.ttl_s + 1, entry
+
+
+# --------------------------------------------------------------------------- store URL
+
+
+def proxy_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+#: Passwords a user writes into a store URL without percent-encoding them: with `@` or
+#: `/` the URL no longer says where the password ends.
+RAW_PASSWORDS = {"at": "Se@cr3tPart", "slash": "Se/cr3tPart", "percent": "Se%cr3tPart",
+                 "colon": "Se:cr3tPart", "all": "S@e/c%r:3tPart"}
+
+
+@pytest.mark.parametrize("kind", list(RAW_PASSWORDS))
+def test_a_store_password_with_at_slash_percent_or_colon_shows_in_no_output(
+        kind: str, tmp_path: Path) -> None:
+    """`check` of a config and `events --store` with such a URL fail in one line that
+    shows no part of the password (nothing listens on the port: no server needed to
+    leak it through a resolver's or driver's error)."""
+    password = RAW_PASSWORDS[kind]
+    url = f"postgresql://audit:{password}@127.0.0.1:{free_port()}/audit"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"store": {"url": url}, "providers": [
+        {"provider_id": "p", "instances": [{"id": "a", "base_url": "http://127.0.0.1:9"}]}]}))
+    outputs = []
+    for args in (("check", "--config", str(config)), ("events", "--store", url),
+                 ("events", "--store", url, "--sum")):
+        out = proxy_cli(*args)
+        assert out.returncode != 0, out
+        assert "Traceback" not in out.stderr, out.stderr
+        outputs.append(out.stdout + out.stderr)
+    text = "\n".join(outputs)
+    for piece in ("cr3tPart", "3tPart"):
+        assert piece not in text, text
