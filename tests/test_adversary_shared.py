@@ -273,3 +273,22 @@ def test_a_store_password_with_at_slash_percent_or_colon_shows_in_no_output(
     text = "\n".join(outputs)
     for piece in ("cr3tPart", "3tPart"):
         assert piece not in text, text
+
+
+async def test_an_oversized_message_on_the_channel_is_ignored_whole(channel: Channel) -> None:
+    """A map message with a hundred thousand entries (a replica sends at most one batch
+    of 512), or megabytes of padding: not taken in entry by entry (the loop would be held
+    for as long), the link stays up."""
+    state = channel.proxy.app[STATE]
+    shared = state.shared
+    assert shared is not None
+    since = shared.since
+    now = time.time()
+    await channel.publish({"r": "x", "t": now, "m": "sessions",
+                           "e": [[f"k{n}", "p0:s0", now + 60] for n in range(100_000)]})
+    await channel.publish({"r": "x", "t": now, "i": "p0:s0", "f": STATE_F, "state": DRAINED,
+                           "reason": "padded", "pad": "x" * (8 << 20)})
+    await channel.settle()
+    assert len(state.planner.sessions) == 0
+    assert state.registry.by_id["p0:s0"].state != DRAINED
+    assert shared.up and shared.since == since
