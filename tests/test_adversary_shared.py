@@ -21,11 +21,13 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
+from proxy.api.inbound import CHAT, ClientRequest, parse_request
 from proxy.api.state import STATE
 from proxy.config import parse_config
 from proxy.health.changes import STATE as STATE_F
 from proxy.health.registry import MAX_RATE_LIMIT_COOLDOWN_S
 from proxy.health.states import DRAINED
+from proxy.routing.affinity import SAMPLE_CHARS, prefix_of
 from tests.cluster import free_port
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
 from tests.redis_server import RedisServer
@@ -292,3 +294,26 @@ async def test_an_oversized_message_on_the_channel_is_ignored_whole(channel: Cha
     assert len(state.planner.sessions) == 0
     assert state.registry.by_id["p0:s0"].state != DRAINED
     assert shared.up and shared.since == since
+
+
+# --------------------------------------------------------------------------- affinity
+
+
+def test_a_long_text_part_is_hashed_by_length_head_and_tail_like_a_long_text() -> None:
+    """A history sent as content parts (`[{"type": "text", "text": ...}]`) costs as little
+    to chain as the same history as strings: a long part is sampled, not serialised whole
+    (an edit in its middle keeping its length is then not seen, as for a string), and
+    the chain still stands for the whole text."""
+    long = "x" * (SAMPLE_CHARS * 8)
+
+    def parts(text: str) -> ClientRequest:
+        return parse_request(CHAT, orjson.dumps({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": "u"}}]}]}),
+            "r")
+
+    base, middle = prefix_of(parts(long)), prefix_of(parts(long[:2000] + "y" + long[2001:]))
+    tail = prefix_of(parts(long[:-1] + "y"))
+    assert base is not None and middle is not None and tail is not None
+    assert base.keys == middle.keys and base.keys != tail.keys
+    assert base.ends[-1] > SAMPLE_CHARS * 8

@@ -189,15 +189,38 @@ def prefix_of(req: ClientRequest) -> Prefix | None:
 
 
 def _material(message: Any) -> tuple[bytes, int]:
-    """(what is hashed of a chat message, how many bytes of the prompt it stands for)."""
+    """(what is hashed of a chat message, how many bytes of the prompt it stands for).
+    A long text, whether the content itself or a `text` part of a content list (the
+    shape OpenAI's SDKs and agents send), is hashed by its length, head and tail."""
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, str) and len(content) > 2 * SAMPLE_CHARS:
-        n = len(content)
-        sampled = {**message, "content": f"{n}:{content[:SAMPLE_CHARS]}{content[-SAMPLE_CHARS:]}"}
+        sampled = {**message, "content": _sample(content)}
         part = orjson.dumps(sampled)
-        return part, len(part) + n - len(sampled["content"])
+        return part, len(part) + len(content) - len(sampled["content"])
+    if isinstance(content, list) and any(_long_text(p) for p in content):
+        left_out = 0
+        parts = []
+        for p in content:
+            if _long_text(p):
+                text = p["text"]
+                parts.append({**p, "text": _sample(text)})
+                left_out += len(text) - len(parts[-1]["text"])
+            else:
+                parts.append(p)
+        part = orjson.dumps({**message, "content": parts})
+        return part, len(part) + left_out
     part = orjson.dumps(message)
     return part, len(part)
+
+
+def _long_text(part: Any) -> bool:
+    return isinstance(part, dict) and isinstance(text := part.get("text"), str) \
+        and len(text) > 2 * SAMPLE_CHARS
+
+
+def _sample(text: str) -> str:
+    """A long text as its length, head and tail (SAMPLE_CHARS each)."""
+    return f"{len(text)}:{text[:SAMPLE_CHARS]}{text[-SAMPLE_CHARS:]}"
 
 
 class Affinity:
