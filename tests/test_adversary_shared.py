@@ -140,6 +140,19 @@ async def test_hostile_llama_metrics_neither_stop_the_proxy_nor_skew_its_load(
         assert resp.status == 200
 
 
+async def test_a_llama_server_claiming_a_trillion_slots_is_not_believed(
+        make_llama: MakeLlama, make_proxy: MakeProxy) -> None:
+    """`/props` `total_slots: 1e12` would size the connection pool and the load term to
+    a server no machine runs: the figure is left out (capacity unknown), not taken."""
+    server = await make_llama(b"llamacpp:requests_processing 1\n", slots=10**12)
+    proxy = await make_proxy(llama_config(server))  # type: ignore[arg-type]
+    inst = proxy.app[STATE].registry.by_id["llamacpp:s0"]
+    await wait_for(lambda: server.served.get("/metrics", 0) >= 2, 20, "two probes")
+    assert inst.state == "READY", inst.last_probe_error
+    assert inst.server_slots is None and inst.capacity is None
+    assert inst.server_busy == 1
+
+
 # --------------------------------------------------------------------------- Redis channel
 
 
