@@ -7,6 +7,7 @@ redis-server from tests/redis_server.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import subprocess
@@ -28,9 +29,13 @@ from proxy.health.changes import STATE as STATE_F
 from proxy.health.registry import MAX_RATE_LIMIT_COOLDOWN_S
 from proxy.health.states import DRAINED
 from proxy.routing.affinity import SAMPLE_CHARS, prefix_of
+from tests import test_upstream_edges
 from tests.cluster import free_port
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
 from tests.redis_server import RedisServer
+from tests.test_upstream_edges import SSE_HEAD, Hostile, MakeHostile, chunk_event, post_chat
+
+make_hostile = test_upstream_edges.make_hostile  # the raw-socket upstream fixture
 
 #: Bodies a hostile `llama-server` may answer `/metrics` with, each with the busy and
 #: queued figures that are sane to take from it (None: the body says nothing usable).
@@ -330,3 +335,62 @@ def test_a_long_text_part_is_hashed_by_length_head_and_tail_like_a_long_text() -
     assert base is not None and middle is not None and tail is not None
     assert base.keys == middle.keys and base.keys != tail.keys
     assert base.ends[-1] > SAMPLE_CHARS * 8
+
+
+# --------------------------------------------------------------------------- usage
+
+
+HOSTILE_USAGE = {
+    "negative": {"prompt_tokens": -5, "completion_tokens": -7,
+                 "prompt_tokens_details": {"cached_tokens": -3}},
+    "absurd": {"prompt_tokens": 10**15, "completion_tokens": 2**62},
+    "bools": {"prompt_tokens": True, "completion_tokens": False},
+}
+
+
+@pytest.mark.parametrize("attack", list(HOSTILE_USAGE))
+async def test_a_stream_stating_negative_or_absurd_usage_is_recorded_as_estimated(
+        attack: str, make_hostile: MakeHostile, make_proxy: MakeProxy) -> None:
+    """A stream's last chunk says `usage` with negative, bool or beyond-any-model token
+    counts: the client gets its answer, the request is audited, and the token figures
+    (metrics, log, audit) are the proxy's estimate, never a negative or absurd count."""
+    events = (chunk_event({"role": "assistant", "content": "hello there"})
+              + chunk_event({}, "stop")
+              + b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk",
+                                        "created": 1, "model": "sim-model", "choices": [],
+                                        "usage": HOSTILE_USAGE[attack]}).encode() + b"\n\n"
+              + b"data: [DONE]\n\n")
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        while True:
+            await h.read_request(reader)
+            writer.write(SSE_HEAD + b"%x\r\n%b\r\n0\r\n\r\n" % (len(events), events))
+            await writer.drain()
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(proxy_config([("h", hostile.base_url)], health={"enabled": False}))
+    async with aiohttp.ClientSession() as http:
+        status, headers, body = await post_chat(http, proxy, stream=True)
+        assert status == 200 and b"hello there" in body, body
+        request_id = headers["x-request-id"]
+        async with http.get(f"{proxy.url}/metrics") as resp:
+            metrics = await resp.text()
+
+        async def audited() -> dict[str, object] | None:
+            async with http.get(f"{proxy.url}/admin/requests/{request_id}") as resp:
+                return dict(await resp.json()) if resp.status == 200 else None
+
+        deadline = time.monotonic() + 10
+        while (record := await audited()) is None:
+            assert time.monotonic() < deadline, "the request was never audited"
+            await asyncio.sleep(0.05)
+    text = json.dumps(record)
+    for field in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+        for value in re.findall(rf'"{field}": (-?[0-9]+)', text):
+            assert 0 <= int(value) < 10**12, (field, value)
+    assert '"tokens_estimated": true' in text, text
+    for line in metrics.splitlines():
+        if line.startswith("failover_proxy_tokens") and not line.startswith("#"):
+            value = float(line.rsplit(" ", 1)[1])
+            assert 0 <= value < 10**12, line
