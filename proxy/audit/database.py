@@ -24,8 +24,12 @@ from urllib.parse import unquote, urlsplit
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
-#: `scheme://user:password@` in any text: the password part, for redaction.
-_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)([^@\s/]*)(@)")
+#: `scheme://user:password@` in any text: the password part, for redaction. It runs to
+#: the last `@` before a space: a password written with a raw `@`, `/` or `?` in it is
+#: hidden whole (at worst, more than the password is).
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)(\S*)(@)")
+#: What RFC 3986 (section 3.2.1) allows in a URL's `user:password` unencoded, and `%XX`.
+_USERINFO = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})*")
 #: A password as a URL's query parameter (libpq reads `?password=` and `?sslpassword=`,
 #: PostgreSQL docs, "Connection URIs").
 _QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)([^&\s#'\"]*)")
@@ -82,7 +86,13 @@ def is_postgres(url: str) -> bool:
 
 def redact_url(url: str) -> str:
     """`url` with its password (if any) replaced by `***`:
-    `postgresql://audit:***@db:5432/audit`."""
+    `postgresql://audit:***@db:5432/audit`. Everything between the user's `:` and the
+    URL's last `@` is hidden, whatever it holds (a raw `@`, `/` or space)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if sep and at and colon:
+        url = f"{scheme}://{user}:***@{host}"
     return redact_text(url)
 
 
@@ -120,6 +130,13 @@ def check_url(url: str) -> str:
             # a file, not memory: the audit writer is another process, with memory of its own
             return "a sqlite:///PATH url with a file path"
         return ""
+    scheme, _, rest = url.partition("://")
+    if scheme in POSTGRES_SCHEMES and "@" in rest \
+            and not _USERINFO.fullmatch(rest[:rest.rindex("@")]):
+        # An unencoded `@`, `/`, `?` or `%` in the password: the URL no longer says where
+        # it ends, and a driver would take part of it for the host (and print it).
+        return ("a postgresql://USER:PASS@HOST:PORT/DB url with '@', '/', '?', '#' and '%' "
+                "in USER and PASS percent-encoded (%40, %2F, %3F, %23, %25)")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a port that is not a number

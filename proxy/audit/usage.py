@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
 from proxy.config import InstanceConfig
 from proxy.routing.requirements import CHARS_PER_TOKEN
 
+#: The largest token count believed: 12 digits (what `of_body` reads).
+MAX_TOKENS = 10**12 - 1
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*([0-9]{1,12})')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*([0-9]{1,12})')
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*([0-9]{1,12})')
@@ -112,15 +114,22 @@ def _chars(value: Any, depth: int = 0) -> int:
 
 def of_object(usage: Any, cfg: InstanceConfig) -> Usage | None:
     """The Usage of a decoded `usage` object (a stream chunk's), or None when it is not
-    one."""
+    one (its counts not ints from 0 to MAX_TOKENS: the answer is then estimated)."""
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    if not _count(prompt) or not _count(completion):
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return priced(prompt, completion, cached if isinstance(cached, int) else 0, cfg)
+    return priced(prompt, completion, cached if _count(cached) else 0, cfg)
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    """A token count a server could mean: an int (not a bool) from 0 to MAX_TOKENS, as
+    the regular expressions of `of_body` read (a negative count would run the token
+    counters backwards, one beyond 64 bits breaks the audit record's JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS
 
 
 def of_body(body: bytes, cfg: InstanceConfig) -> Usage | None:

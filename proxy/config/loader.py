@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from proxy.audit.database import redact_text
+from proxy.audit.database import redact_url
 from proxy.config.schema import (
     SERVER_KINDS,
     DocumentSpec,
@@ -180,7 +180,7 @@ def _describe(value: Any, secret: bool) -> str:
     if secret or value is None or isinstance(value, (dict, list)):
         return kind
     if isinstance(value, str):  # a URL's password (`store.url`) is a secret wherever it is
-        value = redact_text(value)
+        value = redact_url(value)
     return f"{kind} ({value!r})"
 
 

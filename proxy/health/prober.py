@@ -81,9 +81,15 @@ class Prober:
     async def probe_all(self) -> None:
         """One probe of every instance, concurrently (start-up, `check`)."""
         states = self.registry.states
-        results = await asyncio.gather(*(self.probe(s) for s in states))
+        results = await asyncio.gather(*(self.probe(s) for s in states),
+                                       return_exceptions=True)
         for inst, result in zip(states, results, strict=True):
-            self.apply(inst, result)
+            try:  # a probe bug (a server's answer nobody foresaw) must not stop start-up
+                if isinstance(result, BaseException):
+                    raise result
+                self.apply(inst, result)
+            except Exception:
+                log.exception("probe_failed", instance=inst.id)
 
     async def _loop(self, inst: InstanceState) -> None:
         interval = self.health.interval_s

@@ -9,11 +9,15 @@
 - vLLM: `/metrics` `vllm:num_requests_running` and `vllm:num_requests_waiting` (gauges,
   one sample per model; vLLM docs, "Production Metrics").
 
-Prometheus text is read with prometheus_client's parser.
+Prometheus text is read with prometheus_client's parser, fed only the lines of the two
+gauges (at most `MAX_SAMPLES`): a hostile or huge exposition (the prober reads up to 1 MiB)
+costs a scan, not a parse of every series on the event loop. A figure that is not a finite
+number from 0 to `MAX_FIGURE` (NaN, +Inf, negative, 1e300) is not believed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +27,11 @@ LLAMACPP_RUNNING = "llamacpp:requests_processing"
 LLAMACPP_WAITING = "llamacpp:requests_deferred"
 VLLM_RUNNING = "vllm:num_requests_running"
 VLLM_WAITING = "vllm:num_requests_waiting"
+#: No server serves or queues more requests than this, or has more slots: a larger figure
+#: is garbage, not load.
+MAX_FIGURE = 65_536
+#: Samples of the two gauges read at most (llama.cpp and vLLM send one per model).
+MAX_SAMPLES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +48,13 @@ class ServerLoad:
 def total_slots(props: dict[str, object]) -> int | None:
     """llama.cpp `/props` `total_slots` (a positive int), else None."""
     value = props.get("total_slots")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
-        else None
+    return value if isinstance(value, int) and not isinstance(value, bool) \
+        and 0 < value <= MAX_FIGURE else None
 
 
 def from_slots(doc: object) -> tuple[int, int] | None:
     """(slots, busy) from llama.cpp's `/slots` list, or None when it is not such a list."""
-    if not isinstance(doc, list):
+    if not isinstance(doc, list) or len(doc) > MAX_FIGURE:
         return None
     busy = sum(1 for slot in doc if isinstance(slot, dict) and slot.get("is_processing") is True)
     return len(doc), busy
@@ -53,15 +62,20 @@ def from_slots(doc: object) -> tuple[int, int] | None:
 
 def from_metrics(text: str, running: str, waiting: str) -> tuple[int, int] | None:
     """(running, waiting) summed over the samples of the two named gauges of a Prometheus
-    text exposition, or None when neither is there or the text does not parse."""
+    text exposition, or None when neither is there, the text does not parse or a sum is
+    beyond `MAX_FIGURE`. Samples that are not finite and from 0 to `MAX_FIGURE` are left
+    out; only the first `MAX_SAMPLES` lines of the two gauges are read."""
+    lines = [line for line in text.splitlines()
+             if line.startswith((running, waiting))][:MAX_SAMPLES]
     try:
-        families = list(text_string_to_metric_families(text))
-    except ValueError:
+        families = list(text_string_to_metric_families("\n".join(lines) + "\n"))
+    except (ValueError, IndexError, KeyError, TypeError):  # the parser's errors vary
         return None
     found = {running: None, waiting: None} | _sums(families, (running, waiting))
     if found[running] is None and found[waiting] is None:
         return None
-    return int(found[running] or 0), int(found[waiting] or 0)
+    figures = int(found[running] or 0), int(found[waiting] or 0)
+    return None if max(figures) > MAX_FIGURE else figures
 
 
 def _sums(families: Iterable[object], names: tuple[str, ...]) -> dict[str, float | None]:
@@ -69,6 +83,12 @@ def _sums(families: Iterable[object], names: tuple[str, ...]) -> dict[str, float
     for family in families:
         name = getattr(family, "name", None)
         if name in names:
-            total = sum(s.value for s in getattr(family, "samples", ()) if s.name == name)
+            total = sum(s.value for s in getattr(family, "samples", ())
+                        if s.name == name and _believable(s.value))
             sums[name] = total + (sums.get(name) or 0.0)
     return sums
+
+
+def _believable(value: float) -> bool:
+    """A gauge value a server could mean: finite, from 0 to MAX_FIGURE."""
+    return math.isfinite(value) and 0 <= value <= MAX_FIGURE

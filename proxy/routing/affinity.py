@@ -195,11 +195,13 @@ class Affinity:
 
     def adopt(self, chain: str, instance_id: str, expires: float) -> None:
         """Another replica's instance served the prompt whose chain is `chain`
-        (`encode_chain`), remembered until `expires` (monotonic); not told back. A chain
+        (`encode_chain`), remembered until `expires` (monotonic; at most `ttl_s` from
+        now); not told back. A chain
         that does not decode is ignored (another version's, or garbage)."""
         keys = decode_chain(chain)
-        if keys:
-            self.store.remember(keys, instance_id, expires - self.ttl_s)
+        if keys:  # held no longer than this replica's own entry would be
+            self.store.remember(keys, instance_id,
+                                min(expires - self.ttl_s, time.monotonic()))
 
 
 def encode_chain(keys: Sequence[int]) -> str:

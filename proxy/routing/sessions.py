@@ -50,11 +50,12 @@ class SessionTable:
             self.on_remember(key, instance_id, self.ttl_s)
 
     def adopt(self, key: str, instance_id: str, expires: float) -> None:
-        """Another replica's entry, expiring at `expires` (monotonic); not told back."""
+        """Another replica's entry, expiring at `expires` (monotonic; held no longer than
+        an entry of this replica's own, whatever the other's TTL or clock); not told back."""
         if self.ttl_s <= 0:
             return
         entries = self._entries
-        entries[key] = (instance_id, expires)
+        entries[key] = (instance_id, min(expires, time.monotonic() + self.ttl_s))
         entries.move_to_end(key)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)

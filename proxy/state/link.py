@@ -50,7 +50,7 @@ from redis.exceptions import RedisError
 from proxy.config import StateConfig
 from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
-from proxy.state.merge import Ledger, Message, to_mono
+from proxy.state.merge import Ledger, Message, number, to_mono
 
 log = structlog.get_logger("proxy.state")
 
@@ -61,6 +61,10 @@ FIGURES_S = 1.0
 #: Back-off between reconnect attempts (seconds): doubles from the first to the last.
 BACKOFF_S = (0.1, 2.0)
 _BATCH = 512
+#: The largest message taken in (bytes): a batch of `_BATCH` affinity chains of
+#: MAX_PARTS keys is about 2.3 MB. A larger one is garbage, and parsing and applying it
+#: would hold the event loop.
+MAX_MESSAGE_BYTES = 4 << 20
 
 #: HSET the field only when its message is newer than the stored one (by `t`), then
 #: PUBLISH it; refresh the key's expiry either way. KEYS: hash, channel. ARGV: field,
@@ -235,14 +239,19 @@ class SharedState:
 
     def _on_message(self, raw: bytes) -> None:
         try:
+            if len(raw) > MAX_MESSAGE_BYTES:
+                raise ValueError(f"{len(raw)} bytes, more than {MAX_MESSAGE_BYTES}")
             msg: Message = orjson.loads(raw)
             if "m" in msg:
                 if msg["r"] != self.replica and (apply := self.maps.get(msg["m"])):
-                    for key, value, expires in msg["e"]:
-                        apply(str(key), str(value), to_mono(float(expires)))
+                    entries = msg["e"]
+                    if not isinstance(entries, list) or len(entries) > _BATCH:
+                        raise ValueError(f"'e' is not a list of at most {_BATCH} entries")
+                    for key, value, expires in entries:
+                        apply(str(key), str(value), to_mono(number(expires, "expires")))
             else:
                 self.ledger.remote(msg, raw)
-        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, orjson.JSONDecodeError) as exc:
             log.warning("shared_state_message_ignored", error=f"{type(exc).__name__}: {exc}")
 
     def _figures(self) -> None:

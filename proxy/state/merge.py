@@ -33,10 +33,18 @@ The rules, per instance and field (circuit, cooldown, state, pin):
    attempt is published once (`fail`, not stored) and counts in the others' error rate.
    Figures older than `STALE_FIGURES_S` are ignored.
 8. **Each replica ignores its own messages.**
+9. **Another replica's word is bounded like this replica's own**: a time `t` more than
+   `MAX_SKEW_S` ahead of this clock (a broken clock, a forged message) is ignored, since
+   it would outrank every later word for good; an open circuit lasts at most the local
+   `max_cooldown_s`, a 429 cooldown at most `MAX_RATE_LIMIT_COOLDOWN_S`, a latency is a
+   finite number of ms from 0 to `MAX_LATENCY_MS`. Numbers must be JSON numbers (not
+   "nan" strings), fields strings: anything else is a malformed message (ValueError or
+   TypeError), logged and ignored.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -49,7 +57,7 @@ from proxy.health.changes import CIRCUIT, COOLDOWN, FAILURE, PIN, SHARED_STATES,
 from proxy.health.circuit import CLOSED
 from proxy.health.fingerprints import Pin
 from proxy.health.instance import InstanceState
-from proxy.health.registry import Registry
+from proxy.health.registry import MAX_RATE_LIMIT_COOLDOWN_S, Registry
 
 log = structlog.get_logger("proxy.state")
 
@@ -58,6 +66,11 @@ KEPT_FIELDS = (CIRCUIT, COOLDOWN, STATE, PIN)
 LATENCY = "lat:"
 #: Another replica's latency figure older than this says nothing about now (seconds).
 STALE_FIGURES_S = 60.0
+#: How far ahead of this replica's clock another's may run (seconds): NTP keeps real ones
+#: within milliseconds; a message from further ahead is ignored (rule 9).
+MAX_SKEW_S = 300.0
+#: The largest latency figure believed from another replica (ms): ten minutes.
+MAX_LATENCY_MS = 600_000.0
 
 Message = dict[str, Any]
 
@@ -70,6 +83,30 @@ def to_mono(wall: float) -> float:
 def to_wall(mono: float) -> float:
     """A monotonic time of this process as wall-clock (unix seconds)."""
     return time.time() + (mono - time.monotonic())
+
+
+def number(value: Any, name: str) -> float:
+    """`value` as a float when it is a finite JSON number (not a bool, not a string);
+    raises ValueError otherwise, naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{name!r} is not a finite number: {value!r:.40}")
+    return float(value)
+
+
+def evidence_time(value: Any) -> float:
+    """A message's `t` (unix seconds); raises ValueError when it is no finite number or
+    more than MAX_SKEW_S ahead of this clock (rule 9)."""
+    t = number(value, "t")
+    if t > time.time() + MAX_SKEW_S:
+        raise ValueError(f"'t' is {t - time.time():.0f} s ahead of this replica's clock")
+    return t
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name!r} is not a string")
+    return value
 
 
 def _pin_of(data: Any) -> Pin | None:
@@ -156,12 +193,13 @@ class Ledger:
         Raises KeyError, TypeError or ValueError for a malformed one."""
         if msg["r"] == self.replica:
             return False
-        inst = self.registry.by_id.get(msg["i"])
+        inst = self.registry.by_id.get(_text(msg["i"], "i"))
         if inst is None or inst.retired:
             return False  # an instance this replica's config does not have
-        field, t = msg["f"], float(msg["t"])
+        field, t = _text(msg["f"], "f"), evidence_time(msg["t"])
         if field == FAILURE:
-            self._with_registry(self.registry.adopt_failure, inst, to_mono(t))
+            self._with_registry(self.registry.adopt_failure, inst,
+                                min(to_mono(t), time.monotonic()))
             return True
         key = (inst.id, field)
         if t <= self.seen.get(key, float("-inf")):
@@ -170,7 +208,10 @@ class Ledger:
         if field.startswith(LATENCY):
             if msg["ms"] is None or time.time() - t > STALE_FIGURES_S:
                 return False
-            self._with_registry(self.registry.adopt_latency, inst, float(msg["ms"]))
+            ms = number(msg["ms"], "ms")
+            if not 0 <= ms <= MAX_LATENCY_MS:
+                raise ValueError(f"'ms' is out of range: {ms}")
+            self._with_registry(self.registry.adopt_latency, inst, ms)
             return True
         self.latest[key] = raw
         return self._apply(inst, msg)
@@ -180,16 +221,22 @@ class Ledger:
         self.applying = True
         try:
             if field == CIRCUIT:
+                longest = inst.circuit.max_cooldown_s
                 if not msg["open"]:
                     registry.adopt_closed_circuit(inst, str(msg["how"]))
-                elif (until := to_mono(float(msg["until"]))) > time.monotonic():
-                    registry.adopt_open_circuit(inst, until, msg["by"], float(msg["cool"]))
+                elif (until := to_mono(number(msg["until"], "until"))) > time.monotonic():
+                    by = msg["by"]
+                    registry.adopt_open_circuit(
+                        inst, min(until, time.monotonic() + longest),
+                        by if isinstance(by, str) else None,
+                        min(max(number(msg["cool"], "cool"), 0.0), longest))
             elif field == COOLDOWN:
                 end = msg["until"]
                 if end is None:
                     registry.adopt_cooldown(inst, None)
-                elif (until := to_mono(float(end))) > time.monotonic():
-                    registry.adopt_cooldown(inst, until)
+                elif (until := to_mono(number(end, "until"))) > time.monotonic():
+                    registry.adopt_cooldown(
+                        inst, min(until, time.monotonic() + MAX_RATE_LIMIT_COOLDOWN_S))
             elif field == STATE:
                 was = inst.state
                 registry.adopt_state(inst, str(msg["state"]), str(msg["reason"]))
