@@ -33,7 +33,10 @@ def config_for(sims: list[Simulator], *, server: str = "openai", interval: float
                ordered: bool = True, **sections: Any) -> Any:
     doc: dict[str, Any] = {
         "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2},
-        "health": {"interval_s": interval, "timeout_s": 0.5, **sections.pop("health", {})},
+        # Generous probe timeout and circuit cooldown (tests/conftest.py proxy_config says
+        # why); a test about either sets its own.
+        "health": {"interval_s": interval, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120, **sections.pop("health", {})},
         "providers": [{"provider_id": "p", "server": server, "instances": [
             {"id": f"s{n}", "base_url": sim.base_url, "metadata": {"model": sim.model}}
             for n, sim in enumerate(sims)]}],
