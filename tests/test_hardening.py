@@ -29,7 +29,8 @@ from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, wait_for
 def write_config(path: Path, sims: list[Simulator], **extra: Any) -> Path:
     doc = {
         "timeouts": {"connect_s": 1, "first_byte_s": 5, "idle_s": 5},
-        "health": {"interval_s": 30, "timeout_s": 0.5},
+        "health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "store": {"url": f"sqlite:///{path.parent}/audit.db"},
         "providers": [{"provider_id": "p", "instances": [
             {"id": f"s{n}", "base_url": sim.base_url, "metadata": {"model": sim.model},
