@@ -32,9 +32,9 @@ PROMPT = "are you still there"
 def config_for(sims: list[Simulator], *, server: str = "openai", interval: float = 0.3,
                ordered: bool = True, **sections: Any) -> Any:
     doc: dict[str, Any] = {
-        "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2},
-        # Generous probe timeout and circuit cooldown (tests/conftest.py proxy_config says
-        # why); a test about either sets its own.
+        # Generous first byte, chunk and probe timeouts and circuit cooldown
+        # (tests/conftest.py proxy_config says why); a test about one sets its own.
+        "timeouts": {"connect_s": 1, "first_byte_s": 5, "idle_s": 5},
         "health": {"interval_s": interval, "timeout_s": 5, "cooldown_s": 60,
                    "max_cooldown_s": 120, **sections.pop("health", {})},
         "providers": [{"provider_id": "p", "server": server, "instances": [
