@@ -125,8 +125,12 @@ def proxy_config(sims: Sequence[Simulator | tuple[str, str]], *, models: dict[st
             entry["local"] = local[n]
         providers.append(entry)
     doc: dict[str, Any] = {
-        "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
-        "health": {"interval_s": 0.5, "timeout_s": 0.5},
+        # Wall-clock budgets a loaded machine does not outlast: a healthy simulator's first
+        # byte or next chunk gets 5 s, a probe of it 5 s (a start-up probe timed out would
+        # mark it DOWN), and an open circuit stays open for 60 s (a cooldown run out
+        # mid-test adds a half-open trial attempt). A test about any of these sets its own.
+        "timeouts": {"connect_s": 1, "first_byte_s": 5, "idle_s": 5, "total_s": 30},
+        "health": {"interval_s": 0.5, "timeout_s": 5, "cooldown_s": 60, "max_cooldown_s": 120},
         "retry": {"max_retry_after_s": 3},
         "providers": providers,
     }

@@ -101,9 +101,12 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def postmaster(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def pids(self) -> list[int]:
         """The server's processes: the postmaster and every process it started."""
-        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        postmaster = self.postmaster()
         children = []
         for stat in glob.glob("/proc/[0-9]*/stat"):
             try:
@@ -117,9 +120,15 @@ class PostgresServer:
     def freeze(self) -> None:
         """Stop every process of the server (SIGSTOP): connections stay open, nothing
         answers, as with a server stuck on its disk."""
-        for pid in self.pids():
-            os.kill(pid, signal.SIGSTOP)
+        # The postmaster first, so that it starts no process after the listing.
+        os.kill(self.postmaster(), signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def thaw(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
         for pid in self.pids():
-            os.kill(pid, signal.SIGCONT)
+            # A backend whose connection closed may exit between the listing and this.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)

@@ -239,7 +239,8 @@ async def test_concurrent_reloads_leave_one_prober_per_instance(
     sims = [await make_sim(), await make_sim()]
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump({
-        "health": {"interval_s": 30, "timeout_s": 0.5},
+        "health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "store": {"url": f"sqlite:///{tmp_path}/audit.db"},
         "providers": [{"provider_id": "p", "instances": [
             {"id": f"s{n}", "base_url": sim.base_url, "metadata": {"model": sim.model}}

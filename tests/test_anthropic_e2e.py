@@ -35,7 +35,8 @@ async def claude() -> AsyncIterator[AnthropicSimulator]:
 def config_for(local: list[Any], claude: AnthropicSimulator, tmp: Path, **extra: Any) -> Any:
     return parse_config({
         "timeouts": {"connect_s": 1, "first_byte_s": 3, "idle_s": 3},
-        "health": {"interval_s": 30, "timeout_s": 0.5},
+        "health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "store": {"url": f"sqlite:///{tmp}/audit.db"},
         "providers": [
             *([{"provider_id": "llamacpp", "instances": [

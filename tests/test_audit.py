@@ -41,7 +41,8 @@ def seed_config(local: list[Simulator], cloud: Simulator | None, store_url: str,
         providers.append({"provider_id": "openai", "local": False, "instances": [
             {"id": "default", "base_url": cloud.base_url + "/v1",
              "metadata": {"model": cloud.model}}]})
-    return parse_config({"health": {"interval_s": 30, "timeout_s": 0.5},
+    return parse_config({"health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                                    "max_cooldown_s": 120},
                          "store": {"url": store_url},
                          "providers": providers, **sections}, "<test>")
 

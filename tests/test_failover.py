@@ -114,7 +114,8 @@ async def test_primary_hangs_answer_arrives_after_first_byte_timeout(
         make_sim: MakeSim, make_proxy: MakeProxy, stream: bool) -> None:
     hung = await make_sim("model-a", faults=["hang"])
     b = await make_sim("model-b")
-    proxy = await make_proxy(proxy_config([hung, b], timeouts={"first_byte_s": 0.5}))
+    # first_byte_s is the fallback's budget too: 2 s, for a loaded machine.
+    proxy = await make_proxy(proxy_config([hung, b], timeouts={"first_byte_s": 2}))
     started = time.monotonic()
     raw = await sdk(proxy.base_url).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": PROMPT}], stream=stream)

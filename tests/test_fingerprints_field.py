@@ -49,7 +49,8 @@ def one_provider(server: str, instances: list[dict[str, Any]], interval: float =
     """Instances `p:s0`, `p:s1`, ... of one provider, tried in this order (group `main`)."""
     return parse_config({
         "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2},
-        "health": {"interval_s": interval, "timeout_s": 0.5},
+        "health": {"interval_s": interval, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "models": {"main": {"instances": [f"p:s{n}" for n in range(len(instances))],
                             "strategy": "ordered"}},
         "providers": [{"provider_id": "p", "server": server, "instances": [

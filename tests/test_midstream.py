@@ -29,7 +29,8 @@ def config_for(sims: list[tuple[Simulator, dict[str, Any]]], tmp: Path, idle_s: 
     return parse_config({
         "timeouts": sections.pop("timeouts", {"connect_s": 1, "first_byte_s": 2, "idle_s": idle_s,
                                               "total_s": 60}),
-        "health": {"interval_s": 30, "timeout_s": 0.5},
+        "health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "store": {"url": f"sqlite:///{tmp}/audit.db"},
         "models": {"main": {"instances": [f"p:s{n}" for n in range(len(sims))],
                             "strategy": "ordered"}},

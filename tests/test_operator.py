@@ -5,8 +5,10 @@ itself. Real processes and sockets throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -128,28 +130,53 @@ def test_relative_tls_files_are_beside_the_config(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ the demo
 
-def start_demo(tmp_path: Path, banner: list[str] | None = None,
-               ) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
-    """The demo on free ports; `banner` gets the lines it prints up to ` Ctrl-C`."""
+class DemoOutput:
+    """The demo's stdout read with a deadline: a line that never comes (the demo waits for
+    something that will not happen, or exited) fails the test with what was said, the
+    demo's stderr included, instead of blocking it forever."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stderr: Path) -> None:
+        assert proc.stdout is not None
+        self.proc, self.fd, self.stderr, self.text = proc, proc.stdout.fileno(), stderr, b""
+        #: What the demo printed up to ` Ctrl-C` (its banner), once started.
+        self.banner = ""
+
+    def until(self, marker: bytes, timeout: float = 60.0) -> str:
+        """Everything said up to the end of the line with `marker`; consumed."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.text or b"\n" not in self.text[self.text.index(marker):]:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, left))
+            chunk = os.read(self.fd, 65536) if ready else b""
+            if not chunk:
+                raise AssertionError(
+                    f"the demo did not say {marker!r} "
+                    f"({'it exited' if ready else f'within {timeout:g}s'}); it said:\n"
+                    f"{self.text.decode(errors='replace')}\nstderr:\n"
+                    f"{self.stderr.read_text(errors='replace')[-3000:]}")
+            self.text += chunk
+        end = self.text.index(b"\n", self.text.index(marker)) + 1
+        said, self.text = self.text[:end], self.text[end:]
+        return said.decode(errors="replace")
+
+
+def start_demo(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int], Path,
+                                         DemoOutput]:
     run = tmp_path / "run"
     ports = [free_port() for _ in range(3)]
     proxy_port = free_port()
     env = {**os.environ, "DEMO_RUN_DIR": str(run), "PROXY_PORT": str(proxy_port),
            "DEMO_SIM_PORTS": ",".join(map(str, ports))}
-    proc = subprocess.Popen([sys.executable, "scripts/demo.py"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    while True:
-        line = proc.stdout.readline()
-        assert line, f"the demo exited with {proc.wait()}"
-        if banner is not None:
-            banner.append(line.decode())
-        if line.startswith(b" Ctrl-C"):
-            break
+    stderr = tmp_path / "demo.stderr"
+    with stderr.open("wb") as err:  # the children's too: why a simulator stopped, if it did
+        proc = subprocess.Popen([sys.executable, "scripts/demo.py"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=err)
+    out = DemoOutput(proc, stderr)
+    out.banner = out.until(b"\n Ctrl-C")
     pids = {name: int((run / f"{name}.pid").read_text())
             for name in ("demo", "proxy", "primary", "secondary", "cloud")}
     assert pids["demo"] == proc.pid
-    return proc, pids, run
+    return proc, pids, run, out
 
 
 def alive(pid: int) -> bool:
@@ -163,7 +190,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_demo_stops_every_process_and_removes_its_pid_files_on_a_signal(
         tmp_path: Path, sig: signal.Signals) -> None:
-    proc, pids, run = start_demo(tmp_path)
+    proc, pids, run, _ = start_demo(tmp_path)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
@@ -176,10 +203,10 @@ def test_demo_stops_every_process_and_removes_its_pid_files_on_a_signal(
 def test_the_events_command_the_demo_prints_shows_the_demo_s_requests(tmp_path: Path) -> None:
     # `failover-proxy events` run plainly in the clone reads ./data/audit.db, while the
     # demo's store is beside its config: the banner gives the command that reads it.
-    banner: list[str] = []
-    proc, _, run = start_demo(tmp_path, banner)
+    proc, _, run, out = start_demo(tmp_path)
+    banner = out.banner.splitlines()
     try:
-        found = re.search(r"failover-proxy demo: http://127\.0\.0\.1:(\d+)/v1", "".join(banner))
+        found = re.search(r"failover-proxy demo: http://127\.0\.0\.1:(\d+)/v1", out.banner)
         assert found, banner
         port = int(found.group(1))
         request = urllib.request.Request(
@@ -206,25 +233,24 @@ def test_the_events_command_the_demo_prints_shows_the_demo_s_requests(tmp_path: 
 
 
 def test_demo_says_how_to_bring_back_a_killed_simulator_and_does(tmp_path: Path) -> None:
-    proc, pids, run = start_demo(tmp_path)
-    assert proc.stdout is not None
+    proc, pids, run, out = start_demo(tmp_path)
+    again = None
     try:
-        os.kill(pids["primary"], signal.SIGKILL)
-        lines: list[bytes] = []
-        while b"kill -USR1" not in b"".join(lines):
-            lines.append(proc.stdout.readline())
-        told = b"".join(lines).decode()
+        # A primary already gone (and reaped by the demo's 0.1 s poll) is the state this
+        # kill aims at: what follows checks the demo saw it and brings it back all the same.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids["primary"], signal.SIGKILL)
+        told = out.until(b"kill -USR1")
         assert "the primary simulator" in told and "has stopped" in told
         assert f"kill -USR1 $(cat {run}/demo.pid)" in told
         proc.send_signal(signal.SIGUSR1)
-        while b"the primary simulator is back" not in proc.stdout.readline():
-            pass
+        out.until(b"the primary simulator is back")
         again = int((run / "primary.pid").read_text())
         assert again != pids["primary"] and alive(again)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
-    assert not alive(again) and list(run.glob("*.pid")) == []
+    assert again is not None and not alive(again) and list(run.glob("*.pid")) == []
 
 
 # ------------------------------------------------------------------ packaging

@@ -33,7 +33,8 @@ STYLES = ["openai", "vllm", "vllm_old", "sglang", "tgi", "llamacpp", "llamacpp_o
 def doc_for(sims: list[tuple[Simulator | str, dict[str, Any]]], **sections: Any) -> dict[str, Any]:
     return {
         "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2},
-        "health": {"interval_s": 30, "timeout_s": 0.5},
+        "health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "providers": [{"provider_id": "p", "instances": [
             {"id": f"s{n}", "base_url": sim if isinstance(sim, str) else sim.base_url,
              "metadata": {"model": "sim-model" if isinstance(sim, str) else sim.model, **meta}}

@@ -160,7 +160,8 @@ async def make_claude() -> AsyncIterator[Any]:
 def claude_config(claude: AnthropicSimulator, tmp: Path) -> Any:
     return parse_config({
         "timeouts": {"connect_s": 1, "first_byte_s": 3, "idle_s": 3},
-        "health": {"interval_s": 30, "timeout_s": 0.5},
+        "health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "retry": {"max_retry_after_s": 3},
         "store": {"url": f"sqlite:///{tmp}/audit.db"},
         "providers": [{"provider_id": "anthropic", "kind": "anthropic", "local": False,

@@ -30,7 +30,8 @@ def config_for(sims: list[tuple[Simulator, dict[str, Any]]], tmp: Path,
                first_byte_s: float = 1.0) -> Any:
     return parse_config({
         "timeouts": {"connect_s": 1, "first_byte_s": first_byte_s, "idle_s": 2, "total_s": 60},
-        "health": {"interval_s": 30, "timeout_s": 0.5},
+        "health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "store": {"url": f"sqlite:///{tmp}/audit.db"},
         "models": {"main": {"instances": [f"p:s{n}" for n in range(len(sims))],
                             "strategy": "ordered"}},

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def config_for(sims: list[tuple[Simulator, dict[str, Any]]], **sections: Any) -> Any:
     doc: dict[str, Any] = {
         "timeouts": {"connect_s": 1, "first_byte_s": 2, "idle_s": 2},
-        "health": {"interval_s": 0.5, "timeout_s": 0.5},
+        "health": {"interval_s": 0.5, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "providers": [{"provider_id": "p", "instances": [
             {"id": f"s{n}", "base_url": sim.base_url, "metadata": {"model": sim.model, **meta}}
             for n, (sim, meta) in enumerate(sims)]}],

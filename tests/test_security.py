@@ -31,7 +31,8 @@ SECRETS = (CLIENT_KEY, ADMIN_KEY, UPSTREAM_KEY, HEADER_TOKEN)
 def keyed_config(sims: list[Any], **extra: Any) -> Any:
     return parse_config({
         "server": {"api_keys": [CLIENT_KEY], "admin_key": ADMIN_KEY, **extra.pop("server", {})},
-        "health": {"interval_s": 30, "timeout_s": 0.5},
+        "health": {"interval_s": 30, "timeout_s": 5, "cooldown_s": 60,
+                   "max_cooldown_s": 120},
         "providers": [{"provider_id": "p", "instances": [
             {"id": f"s{n}", "base_url": sim.base_url, "metadata": {"model": sim.model},
              **extra.get(f"s{n}", {})} for n, sim in enumerate(sims)]}],
