@@ -113,6 +113,25 @@ async def test_24_concurrent_requests_are_spread_over_three_equal_instances(
     assert sum(s.stats.requests for s in sims) == 24
 
 
+async def test_a_growing_text_prompt_comes_back_to_the_instance_that_served_it(
+        make_sim: MakeSim, make_proxy: MakeProxy) -> None:
+    """/v1/completions chains its prompt in chunks: a prompt that grows (a document being
+    continued) goes back where its beginning is cached, short or long."""
+    sims, proxy = await twins(make_sim, make_proxy)
+    client = sdk(proxy)
+    prompt = "Once upon a time, in a data centre far away, " * 30  # above min_prefix_chars
+    async with held(proxy, sims[0], "llamacpp:s0"):  # s0 busy: the first one goes to s1
+        raw = await client.completions.with_raw_response.create(
+            model="auto", prompt=prompt, max_tokens=8)
+        assert raw.headers["x-route-instance"] == "llamacpp:s1"
+    for more in (" and then", " and then" * 200):  # within a chunk, then across several
+        prompt += more
+        raw = await client.completions.with_raw_response.create(
+            model="auto", prompt=prompt, max_tokens=8)
+        assert raw.headers["x-route-instance"] == "llamacpp:s1"
+        assert raw.parse().choices[0].text
+
+
 async def test_a_conversation_comes_back_to_the_instance_that_served_its_prefix(
         make_sim: MakeSim, make_proxy: MakeProxy) -> None:
     sims, proxy = await twins(make_sim, make_proxy)

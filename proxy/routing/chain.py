@@ -154,8 +154,9 @@ class Chain(Sequence[int]):
             i += n
         if not 0 <= i < n:
             raise IndexError(i)
-        if self._keys is not None:
-            return self._keys[i]
+        if self._keys is not None or self._sep is None:
+            # Parts of known ends (a text prompt's chunks): one pass hashes them all.
+            return self.all()[i]
         tail = self._tail or self._find_tail()  # asked for first
         back = n - 1 - i
         if back < len(tail):
