@@ -291,11 +291,11 @@ def test_a_version_1_sqlite_store_is_migrated_in_place(tmp_path: Path) -> None:
     keeps its rows."""
     import sqlite3
 
-    from proxy.audit.sqlite import MIGRATIONS
+    from proxy.audit.schema import migration
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript(MIGRATIONS[1] + "; PRAGMA user_version = 1;")
+    conn.executescript(migration(1, "sqlite") + "; PRAGMA user_version = 1;")
     conn.execute("INSERT INTO route_plans (plan_id, request_id, ts) VALUES ('p', 'r', 1.0)")
     conn.close()
     db = open_database(f"sqlite:///{path}")

@@ -13,67 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.audit.database import SQLITE_PREFIX, Database, StoreError, split_statements
-from proxy.audit.schema import SCHEMA_VERSION
-
-#: Each step of the schema, in SQLite's words (proxy/audit/postgres.py has the same steps
-#: in PostgreSQL's). Bump schema.SCHEMA_VERSION and add a step to both.
-MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE IF NOT EXISTS route_plans (
-        plan_id TEXT PRIMARY KEY,
-        request_id TEXT NOT NULL,
-        ts REAL NOT NULL,
-        model TEXT,
-        requirements TEXT,
-        plan TEXT,
-        selected TEXT,
-        final_instance TEXT,
-        outcome TEXT,
-        status INTEGER,
-        attempts INTEGER,
-        ttfb_ms REAL,
-        duration_ms REAL
-    );
-    CREATE INDEX IF NOT EXISTS route_plans_request ON route_plans (request_id);
-    CREATE INDEX IF NOT EXISTS route_plans_ts ON route_plans (ts);
-    CREATE TABLE IF NOT EXISTS events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        type TEXT NOT NULL,
-        request_id TEXT,
-        plan_id TEXT,
-        instance TEXT,
-        reason_code TEXT,
-        from_instance TEXT,
-        to_instance TEXT,
-        detail TEXT
-    );
-    CREATE INDEX IF NOT EXISTS events_request ON events (request_id);
-    CREATE INDEX IF NOT EXISTS events_type_ts ON events (type, ts);
-    CREATE INDEX IF NOT EXISTS events_instance_ts ON events (instance, ts);
-    CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
-    CREATE TABLE IF NOT EXISTS lineage (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        kind TEXT NOT NULL,
-        request_id TEXT,
-        plan_id TEXT,
-        from_instance TEXT,
-        to_instance TEXT,
-        reason_code TEXT
-    );
-    CREATE INDEX IF NOT EXISTS lineage_request ON lineage (request_id);
-    CREATE INDEX IF NOT EXISTS lineage_ts ON lineage (ts)
-    """,
-    # the answer's tokens and cost on its route_plans row (`events --sum`)
-    2: """
-    ALTER TABLE route_plans ADD COLUMN prompt_tokens INTEGER;
-    ALTER TABLE route_plans ADD COLUMN completion_tokens INTEGER;
-    ALTER TABLE route_plans ADD COLUMN cached_tokens INTEGER;
-    ALTER TABLE route_plans ADD COLUMN cost REAL;
-    ALTER TABLE route_plans ADD COLUMN tokens_estimated INTEGER
-    """,
-}
+from proxy.audit.schema import SCHEMA_VERSION, migration
 
 
 class SqliteDatabase(Database):
@@ -145,7 +85,7 @@ def _connect(path: str, readonly: bool) -> SqliteDatabase:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if db.schema_version() < step:
-                for statement in split_statements(MIGRATIONS[step]):
+                for statement in split_statements(migration(step, "sqlite")):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {step}")
         except BaseException:
