@@ -120,9 +120,17 @@ _FAST = settings(max_examples=150, deadline=None,
 def test_any_accepted_chat_body_chains_lazily_as_in_one_pass(
         body: dict[str, Any], order: list[int], least: list[int], cut: int) -> None:
     req = _request(CHAT, body)
-    if req is not None:
-        check_lazy_equals_full(req, order, least)
-        check_store(req, cut)
+    if req is None:
+        return
+    check_lazy_equals_full(req, order, least)
+    check_store(req, cut)
+    # A conversation that grows a turn keeps every key of its history (the tip too).
+    grown = _request(CHAT, dict(body, messages=[*body["messages"],
+                                                {"role": "user", "content": "more"}]))
+    assert grown is not None
+    short, long = prefix_of(req), prefix_of(grown)
+    assert short is not None and long is not None
+    assert long.keys[:len(short.keys)] == short.keys
 
 
 @_FAST
