@@ -10,6 +10,7 @@ import tracemalloc
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,12 +82,16 @@ def check_lazy_equals_full(req: ClientRequest, order: list[int], least: list[int
         chain = lazy.chain
         assert len(chain) == n and chain.total == full.total
         for i in order:
-            if not -n <= i < n:
+            if not -n <= i < n:  # out of range: IndexError, as from the full pass
+                with pytest.raises(IndexError):
+                    chain.end(i)
+                with pytest.raises(IndexError):
+                    chain[i]
                 continue
             if how == "key":
                 assert chain[i] == keys[i], (i, n)
             elif how == "end":
-                assert chain.end(i % n) == ends[i], (i, n)
+                assert chain.end(i) == ends[i], (i, n)
             else:
                 for want in least:
                     at = bisect.bisect_left(ends, want)
@@ -109,7 +114,8 @@ def check_store(req: ClientRequest, cut: int) -> None:
     assert found is not None and found[0] == min(cut, len(keys) - 1)
 
 
-_ORDER = st.lists(st.integers(-(MAX_PARTS + 2), MAX_PARTS + 2), max_size=12)
+_ORDER = st.lists(st.one_of(st.integers(-(MAX_PARTS + 2), MAX_PARTS + 2),
+                            st.integers(-10, 10)), max_size=12)
 _LEAST = st.lists(st.integers(-1, MAX_BYTES + 1), max_size=4)
 _FAST = settings(max_examples=150, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -208,3 +214,26 @@ def test_a_long_prompt_keeps_the_keys_of_its_hashed_beginning() -> None:
         assert long_prefix is not None and short_prefix is not None
         assert long_prefix.keys == short_prefix.keys
         assert long_prefix.total == short_prefix.total
+
+
+def test_an_end_asked_by_negative_index_or_past_the_tip_is_a_list_s() -> None:
+    """`end(-1)` of a fresh chain raised IndexError (its empty head list was indexed from
+    its end) and, once the head was found, gave the first message's end; `end(len)` gave
+    a tail end instead of IndexError."""
+    messages = [{"role": "user", "content": f"message {n}"} for n in range(6)]
+    req = _request(CHAT, {"model": "auto", "messages": messages})
+    assert req is not None
+    full = prefix_of(req)
+    assert full is not None
+    ends = full.ends
+    for ask_first in ("nothing", "head", "tail"):
+        lazy = prefix_of(req)
+        assert lazy is not None
+        if ask_first == "head":
+            lazy.chain.first_at_least(1)
+        elif ask_first == "tail":
+            lazy.chain[-1]
+        assert [lazy.chain.end(i) for i in range(-6, 6)] == [ends[i] for i in range(-6, 6)]
+        for past in (6, -7):
+            with pytest.raises(IndexError):
+                lazy.chain.end(past)

@@ -179,11 +179,17 @@ class Chain(Sequence[int]):
         return xxh3_64_intdigest(memoryview(self.data)[:self.end(i)], self.seed)
 
     def end(self, i: int) -> int:
-        """Bytes of the prompt up to the end of part i (0 <= i < len)."""
+        """Bytes of the prompt up to the end of part i (-len <= i < len, as a list's
+        index); raises IndexError past that."""
         ends = self._ends
         if ends is not None:
             return ends[i]
-        back = self._n - 1 - i
+        n = self._n
+        if i < 0:  # (the head and tail lists below are indexed from their own ends)
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        back = n - 1 - i
         if back < len(self._tail_ends):
             return self._tail_ends[back]
         if i < len(self._head):
