@@ -18,6 +18,7 @@ from proxy.api.errors import BadRequest
 from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest, parse_request
 from proxy.routing.affinity import LocalPrefixStore
 from proxy.routing.chain import CHUNK_BYTES, MAX_BYTES, MAX_PARTS, MESSAGE_END, prefix_of
+from tests.test_balance import planner
 
 #: Text that looks like the chain's own boundaries once serialised, and non-ASCII.
 _TRICKY = st.sampled_from(["\n  },\n  {\n", "}", "},", "\n  }", "  },\n  {", "\"}",
@@ -162,6 +163,27 @@ def test_max_bytes_cut_at_every_offset_around_a_message_boundary() -> None:
         req = _request(CHAT, {"model": "auto", "messages": messages})
         assert req is not None
         check_lazy_equals_full(req, [0, 1, 2, -1, -2, 5], [0, 1, MAX_BYTES - 20, MAX_BYTES])
+
+
+@_FAST
+@given(st.one_of(st.tuples(st.just(CHAT), _CHAT), st.tuples(st.just(COMPLETIONS), _COMPLETION)),
+       st.integers(0, 3))
+def test_planning_any_accepted_body_twice_with_affinity_never_raises(
+        case: tuple[str, dict[str, Any]], answered_by: int) -> None:
+    """Plan, tell the planner who answered, plan again (the chain is known now: the
+    lookup finds it): no exception, and the second plan puts that instance first when the
+    prompt is long enough to be worth it."""
+    endpoint, body = case
+    req = _request(endpoint, body)
+    if req is None:
+        return
+    p = planner()
+    first = p.plan(req, {})
+    instance = first.candidates[answered_by % len(first.candidates)].id
+    p.served(first, instance)
+    again = p.plan(req, {})
+    if first.prefix is not None and first.prefix.total >= 4 * p.affinity.min_prefix_chars:
+        assert again.candidates[0].id == instance
 
 
 def peak_bytes_of_chaining(endpoint: str, body: dict[str, Any]) -> int:
