@@ -15,10 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.api.errors import BadRequest
+from proxy.fronts.messages import MESSAGES
+from proxy.fronts.responses import RESPONSES
 from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest, parse_request
 from proxy.routing.affinity import LocalPrefixStore
 from proxy.routing.chain import CHUNK_BYTES, MAX_BYTES, MAX_PARTS, MESSAGE_END, prefix_of
-from tests.test_balance import planner
+from tests.test_balance import config, planner
 
 #: Text that looks like the chain's own boundaries once serialised, and non-ASCII.
 _TRICKY = st.sampled_from(["\n  },\n  {\n", "}", "},", "\n  }", "  },\n  {", "\"}",
@@ -184,6 +186,38 @@ def test_planning_any_accepted_body_twice_with_affinity_never_raises(
     again = p.plan(req, {})
     if first.prefix is not None and first.prefix.total >= 4 * p.affinity.min_prefix_chars:
         assert again.candidates[0].id == instance
+
+
+_BLOCKS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _TEXT}), max_size=3)
+_ANTHROPIC = st.fixed_dictionaries(
+    {"model": st.just("auto"), "max_tokens": st.just(8), "messages": st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                               "content": st.one_of(_TEXT, _BLOCKS)}), max_size=6)},
+    optional={"system": st.one_of(_TEXT, _BLOCKS)})
+_RESPONSES = st.fixed_dictionaries(
+    {"model": st.just("auto"), "input": st.one_of(_TEXT, st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "developer"]),
+         "content": _TEXT}), max_size=6))},
+    optional={"instructions": _TEXT})
+
+
+@_FAST
+@given(st.one_of(st.tuples(st.just(MESSAGES), _ANTHROPIC),
+                 st.tuples(st.just(RESPONSES), _RESPONSES)), _ORDER, _LEAST)
+def test_any_accepted_messages_or_responses_body_chains_lazily_as_in_one_pass(
+        case: tuple[Any, dict[str, Any]], order: list[int], least: list[int]) -> None:
+    """The Messages and Responses fronts' translated chat messages (an empty system
+    prompt, an empty turn) chain like a chat request's, and are planned."""
+    front, body = case
+    try:
+        exchange = front.exchange(orjson.dumps(body), "r", config())
+    except BadRequest:
+        return
+    req = exchange.request
+    check_lazy_equals_full(req, order, least)
+    p = planner()
+    p.served(p.plan(req, {}), "llamacpp:gpu1")
+    p.plan(req, {})
 
 
 def peak_bytes_of_chaining(endpoint: str, body: dict[str, Any]) -> int:
