@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.api.errors import BadRequest
+from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest, parse_request
 from proxy.fronts.messages import MESSAGES
 from proxy.fronts.responses import RESPONSES
-from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest, parse_request
 from proxy.routing.affinity import LocalPrefixStore
 from proxy.routing.chain import CHUNK_BYTES, MAX_BYTES, MAX_PARTS, MESSAGE_END, prefix_of
 from tests.test_balance import config, planner
