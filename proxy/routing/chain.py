@@ -61,18 +61,17 @@ def prefix_of(req: ClientRequest) -> Prefix | None:
         tools = body.get("tools") or body.get("functions")
         # Tools are rendered before the messages by chat templates.
         seed = xxh3_64_intdigest(orjson.dumps(tools)) if tools else 0
-        messages = body["messages"]
-        count = len(messages)
         # Only the first MAX_PARTS messages are hashed: the rest is not serialised
         # (10 000 short messages took 2 ms, 100 times 256 of them). A long message is
         # serialised whole: bounded by server.max_body_bytes, orjson writes ~2 GB/s.
-        data = orjson.dumps(messages[:MAX_PARTS + 1], option=orjson.OPT_INDENT_2)
-        if len(data) > MAX_BYTES or count > MAX_PARTS:
+        messages = body["messages"][:MAX_PARTS]
+        data = orjson.dumps(messages, option=orjson.OPT_INDENT_2)
+        if len(data) > MAX_BYTES:
             chain = Chain(data[:MAX_BYTES], seed, MESSAGE_END, None, None)
         else:
             # Without the closing `\n]`: the bytes of the last message end as they do
             # once the conversation has grown a turn (then followed by `,\n  {`).
-            chain = Chain(data, seed, MESSAGE_END, None, count, len(data) - 2)
+            chain = Chain(data, seed, MESSAGE_END, None, len(messages), len(data) - 2)
     elif req.endpoint == COMPLETIONS:
         # A character is at least a byte: the first _TEXT_BYTES of them make at
         # least _TEXT_BYTES bytes, so the rest is never encoded (a prompt of two
@@ -146,7 +145,7 @@ class Chain(Sequence[int]):
             n = parts
         elif ends is not None:
             n = len(ends)
-        else:  # cut short: a prompt of more than MAX_PARTS parts or MAX_BYTES
+        else:  # cut short: a prompt of more than MAX_BYTES
             ends = self._ends = self._find_all()[:MAX_PARTS]
             n = len(ends)
             self.total = ends[-1]
