@@ -120,8 +120,10 @@ class Chain(Sequence[int]):
     Planning asks for a few keys (the tip's, the TAIL before it, the shortest worth a
     look): their ends are found from both ends of the bytes (`bytes.rfind`/`find`, in
     C), and XXH3 hashes some 10 GB/s (16 times CRC-32 here), so that a 100-message
-    request costs a few microseconds. Every key (`all`, one streaming pass) is computed only for the
-    store's `remember`, after the answer, or when a lookup searches the middle.
+    request costs a few microseconds. Every key (`all`, one streaming pass) is computed
+    only for the store's `remember`, after the answer; a lookup that searches the middle
+    hashes each key it probes from the start of the prompt (a few probes: about as much
+    as one pass).
     """
 
     __slots__ = ("data", "seed", "total", "_sep", "_n", "_ends", "_head", "_tail",
