@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -30,24 +31,33 @@ CACHED_ANSWER = {
 }
 
 
-@pytest.fixture
-async def openai_like() -> AsyncIterator[str]:
-    """A bare aiohttp server answering every chat completion with CACHED_ANSWER."""
+@contextlib.asynccontextmanager
+async def one_answer_server(model: str, answer: dict[str, Any]) -> AsyncIterator[str]:
+    """A bare aiohttp server listing `model` and answering every chat completion with
+    `answer`; yields its base URL (`.../v1`)."""
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini"}]})
+        return web.json_response({"object": "list", "data": [{"id": model}]})
 
     async def chat(request: web.Request) -> web.Response:
-        return web.json_response(CACHED_ANSWER)
+        return web.json_response(answer)
 
     app = web.Application()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    await runner.cleanup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def openai_like() -> AsyncIterator[str]:
+    """Every chat completion answered with CACHED_ANSWER."""
+    async with one_answer_server("gpt-4o-mini", CACHED_ANSWER) as url:
+        yield url
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -164,25 +174,12 @@ async def test_a_replayed_streams_tokens_are_the_twin_that_finished_it(
 
 @pytest.fixture
 async def no_usage_server() -> AsyncIterator[str]:
-    """A bare aiohttp server whose whole answers carry no `usage` (as some servers do)."""
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "quiet"}]})
-
-    async def chat(request: web.Request) -> web.Response:
-        return web.json_response({
+    """Whole answers that carry no `usage` (as some servers send them)."""
+    async with one_answer_server("quiet", {
             "id": "c", "object": "chat.completion", "created": 1, "model": "quiet",
             "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                "role": "assistant", "content": ANSWER_WITHOUT_USAGE}}]})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    await runner.cleanup()
+                "role": "assistant", "content": ANSWER_WITHOUT_USAGE}}]}) as url:
+        yield url
 
 
 ANSWER_WITHOUT_USAGE = "The answer is forty-two, as always."  # 35 characters: 9 tokens

@@ -122,18 +122,7 @@ def parse_event_query(params: Mapping[str, str]) -> EventQuery:
     if type_ is not None and type_ not in EVENT_TYPES:
         raise BadRequest(f"Unknown event type '{type_}'; expected one of "
                          + ", ".join(EVENT_TYPES) + ".", param="type")
-    since = None
-    if params.get("since"):
-        since = parse_since(params["since"])
-        if since is None:
-            raise BadRequest("'since' must be unix seconds, an ISO-8601 time, or an age "
-                             "such as 15m, 2h, 1d.", param="since")
-    until = None
-    if params.get("until"):
-        until = parse_since(params["until"])
-        if until is None:
-            raise BadRequest("'until' must be unix seconds, an ISO-8601 time, or an age "
-                             "such as 15m, 2h, 1d.", param="until")
+    since, until = _time_param(params, "since"), _time_param(params, "until")
     limit = 100
     if params.get("limit"):
         try:
@@ -150,6 +139,19 @@ def parse_event_query(params: Mapping[str, str]) -> EventQuery:
 _AGE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd])")
 _NUMBER = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _time_param(params: Mapping[str, str], name: str) -> float | None:
+    """Query parameter `name` as unix seconds (None when absent); BadRequest when it is
+    not a time `parse_since` reads."""
+    text = params.get(name)
+    if not text:
+        return None
+    at = parse_since(text)
+    if at is None:
+        raise BadRequest(f"'{name}' must be unix seconds, an ISO-8601 time, or an age "
+                         "such as 15m, 2h, 1d.", param=name)
+    return at
 
 
 def parse_since(text: str) -> float | None:
