@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import logging
 import time
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from proxy.audit.metrics import Metrics
+from proxy.audit.schema import (
+    ATTEMPT_FIELDS,
+    EVENT,
+    LINEAGE,
+    REQUEST,
+    REQUIREMENT_FIELDS,
+    USAGE_FIELDS,
+)
 from proxy.audit.store import AuditStore
 from proxy.engine.record import FRESH, Attempt, RequestRecord
 from proxy.failures import INSTANCE_NOT_READY
@@ -42,6 +51,11 @@ EVENT_TYPES = (ROUTE_PLANNED, ROUTE_VERIFIED, REROUTED, ROUTE_BLOCKED, STREAM_RE
                INSTANCE_STATE_CHANGED, REQUEST_COMPLETED)
 
 STATES = (UNKNOWN, READY, LOADING, DOWN, MISMATCH, DRAINED)
+
+# A request entry's dataclasses as tuples of their fields (schema.ATTEMPT_FIELDS...).
+_attempt_values = attrgetter(*ATTEMPT_FIELDS)
+_usage_values = attrgetter(*USAGE_FIELDS)
+_requirement_values = attrgetter(*REQUIREMENT_FIELDS)
 
 log = structlog.get_logger("proxy.audit")
 request_log = structlog.get_logger("proxy.request")
@@ -69,11 +83,15 @@ class Recorder:
         if record.trace is not None:
             record.trace.end(record)
         plan = record.plan
+        # The request's audit rows other than its routine ones (REROUTED and its lineage,
+        # STREAM_RESUMED, ROUTE_BLOCKED), in order: they go into its entry, below.
+        trail: list[list[Any]] = []
+        verified: int | None = None
         if plan is not None:
-            self._planned(record, plan)
-            self._attempts(record, plan)
+            verified = self._planned(record, plan, trail)
+            self._attempts(record, plan, trail)
             if record.blocked is not None:
-                self._blocked(record, plan, record.blocked)
+                self._blocked(plan, record.blocked, trail)
         if record.stream_error is not None:
             log.error("stream_failed_after_commit", request_id=record.request_id,
                       instance=record.instance, detail=record.stream_error)
@@ -109,41 +127,36 @@ class Recorder:
         store = self.store
         if store is None or plan is None:
             return
-        now = time.time()
-        ttfb_ms = None if ttfb_s is None else round(ttfb_s * 1000.0, 2)
-        store.event(now, REQUEST_COMPLETED, record.request_id, plan.plan_id, instance, None,
-                    detail={"status": status, "outcome": outcome, "attempts": record.sent,
-                            "ttfb_ms": ttfb_ms, "duration_ms": duration_ms,
-                            # Attempt dataclasses: orjson writes them as objects when the
-                            # batch is sent, off the request path (for the request view)
-                            "tried": record.tried,
-                            "usage": None if usage is None else usage.as_dict()})
-        store.plan(plan, (plan.plan_id, record.request_id, now, model, plan.selected,
-                          instance, outcome, status, record.sent, ttfb_ms, duration_ms,
-                          *((None,) * 5 if usage is None else (
-                              usage.prompt, usage.completion, usage.cached, usage.cost,
-                              int(usage.estimated)))))
+        # One entry; the writer process makes ROUTE_PLANNED, ROUTE_VERIFIED,
+        # REQUEST_COMPLETED and the route_plans row of it (schema.request_rows). The
+        # values in it become JSON when the batch is sent, in orjson's C code.
+        store.request([REQUEST, record.request_id, plan.plan_id, record.planned_at,
+                       time.time(), model, plan.selected, verified, instance, outcome, status,
+                       record.sent, None if ttfb_s is None else round(ttfb_s * 1000.0, 2),
+                       duration_ms, [_attempt_values(a) for a in record.attempts if a.sent],
+                       None if usage is None else _usage_values(usage),
+                       (plan.model, plan.strategy, _requirement_values(plan.requirements),
+                        plan.fallback, plan.rejected, plan.reasons, plan.scores), trail])
 
     # ------------------------------------------------------------------ routing
 
-    def _planned(self, record: RequestRecord, plan: RoutePlan) -> None:
-        """ROUTE_PLANNED; a REROUTED when the instance the plan would have chosen was not
-        ready; ROUTE_VERIFIED when the selected instance was tried first, as planned."""
-        store = self.store
-        at = record.planned_at
-        if store is not None:
-            # The whole plan goes to route_plans (joined by plan_id); the event stays small.
-            store.event(at, ROUTE_PLANNED, plan.request_id, plan.plan_id, plan.selected,
-                        detail={"fallback": plan.fallback})
+    def _planned(self, record: RequestRecord, plan: RoutePlan,
+                 trail: list[list[Any]]) -> int | None:
+        """A REROUTED when the instance the plan would have chosen was not ready. Returns
+        where in `trail` ROUTE_VERIFIED goes when the selected instance was tried first, as
+        planned, else None. (ROUTE_PLANNED, always first, is the writer's: the whole plan
+        goes to route_plans, joined by plan_id; the event stays small.)"""
         if plan.preferred is not None and plan.selected not in (None, plan.preferred):
             self.rerouted(plan, INSTANCE_NOT_READY, plan.preferred_why or "not ready",
-                          plan.preferred, plan.selected, at)
+                          plan.preferred, plan.selected, record.planned_at, trail)
         first = record.attempts[0] if record.attempts else None
-        if store is not None and first is not None and first.sent and plan.healthy \
+        if first is not None and first.sent and plan.healthy \
                 and first.instance == plan.selected and first.mode == FRESH:
-            store.event(at, ROUTE_VERIFIED, plan.request_id, plan.plan_id, first.instance)
+            return len(trail)
+        return None
 
-    def _attempts(self, record: RequestRecord, plan: RoutePlan) -> None:
+    def _attempts(self, record: RequestRecord, plan: RoutePlan,
+                  trail: list[list[Any]]) -> None:
         """A REROUTED for each failed attempt or instance passed over (to the instance
         tried next; none when it was the last), except a same-instance retry; a
         STREAM_RESUMED for a continuation that finished the answer."""
@@ -151,7 +164,7 @@ class Recorder:
         for n, attempt in enumerate(attempts):
             if attempt.code is None:
                 if attempt.after is not None:
-                    self._resumed(plan, attempt)
+                    self._resumed(plan, attempt, trail)
                 continue
             to = _tried_after(attempts, n)
             if to == attempt.instance and attempt.sent and attempts[n + 1].sent:
@@ -159,22 +172,24 @@ class Recorder:
                             instance=attempt.instance, reason=attempt.code,
                             detail=attempt.detail)
                 continue
-            self.rerouted(plan, attempt.code, attempt.detail, attempt.instance, to, attempt.at)
+            self.rerouted(plan, attempt.code, attempt.detail, attempt.instance, to, attempt.at,
+                          trail)
 
     def rerouted(self, plan: RoutePlan, reason: str, detail: str, from_instance: str | None,
-                 to_instance: str | None, at: float) -> None:
-        """The request moved (or would have moved) from one instance to the next."""
+                 to_instance: str | None, at: float, trail: list[list[Any]]) -> None:
+        """The request moved (or would have moved) from one instance to the next; its rows
+        go to `trail`."""
         log.warning("rerouted", request_id=plan.request_id, plan_id=plan.plan_id,
                     reason=reason, detail=detail, from_instance=from_instance,
                     to_instance=to_instance)
         self.metrics.reroutes.labels(reason, from_instance or "", to_instance or "").inc()
         self._event(at, REROUTED, plan.request_id, plan.plan_id, from_instance, reason,
-                    from_instance, to_instance, {"detail": detail})
+                    from_instance, to_instance, {"detail": detail}, trail)
         if self.store is not None:
-            self.store.lineage(at, plan.request_id, plan.plan_id, from_instance, to_instance,
-                               reason)
+            trail.append([LINEAGE, at, "route_change", plan.request_id, plan.plan_id,
+                          from_instance, to_instance, reason])
 
-    def _resumed(self, plan: RoutePlan, attempt: Attempt) -> None:
+    def _resumed(self, plan: RoutePlan, attempt: Attempt, trail: list[list[Any]]) -> None:
         """A stream cut mid-answer was continued on another instance."""
         log.warning("stream_resumed", request_id=plan.request_id, plan_id=plan.plan_id,
                     from_instance=attempt.after, to_instance=attempt.instance,
@@ -182,15 +197,16 @@ class Recorder:
         self.metrics.stream_resumed.labels(attempt.after or "", attempt.instance).inc()
         self._event(attempt.at, STREAM_RESUMED, plan.request_id, plan.plan_id,
                     attempt.instance, None, attempt.after, attempt.instance,
-                    {"chars_carried": attempt.carried, "mode": attempt.mode})
+                    {"chars_carried": attempt.carried, "mode": attempt.mode}, trail)
 
-    def _blocked(self, record: RequestRecord, plan: RoutePlan, message: str) -> None:
+    def _blocked(self, plan: RoutePlan, message: str, trail: list[list[Any]]) -> None:
         """Nothing could serve the request."""
         log.warning("route_blocked", request_id=plan.request_id, plan_id=plan.plan_id,
                     model=plan.model, detail=message)
         self.metrics.blocked.inc()
         self._event(time.time(), ROUTE_BLOCKED, plan.request_id, plan.plan_id, None,
-                    "ROUTE_BLOCKED", detail={"message": message, "rejected": plan.rejected})
+                    "ROUTE_BLOCKED", detail={"message": message, "rejected": plan.rejected},
+                    trail=trail)
 
     # ------------------------------------------------------------------ instances
 
@@ -203,11 +219,18 @@ class Recorder:
     def _event(self, ts: float, type_: str, request_id: str | None, plan_id: str | None,
                instance: str | None, reason_code: str | None = None,
                from_instance: str | None = None, to_instance: str | None = None,
-               detail: dict[str, Any] | None = None) -> None:
-        """An event people watch: to the audit trail and to the live feed."""
-        if self.store is not None:
-            self.store.event(ts, type_, request_id, plan_id, instance, reason_code,
-                             from_instance, to_instance, detail)
+               detail: dict[str, Any] | None = None,
+               trail: list[list[Any]] | None = None) -> None:
+        """An event people watch: to the audit trail (in a request's `trail`, when it has
+        one) and to the live feed."""
+        store = self.store
+        if store is not None:
+            row = [EVENT, ts, type_, request_id, plan_id, instance, reason_code, from_instance,
+                   to_instance, detail]
+            if trail is None:
+                store.submit(row)
+            else:
+                trail.append(row)
         if self.hub is not None:
             self.hub.publish(ts, type_, request_id, plan_id, instance, reason_code,
                              from_instance, to_instance, detail)

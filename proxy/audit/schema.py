@@ -15,7 +15,7 @@ import orjson
 
 from proxy.audit.database import Database, StoreError
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migration", "EVENT", "PLAN", "LINEAGE",
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migration", "EVENT", "PLAN", "LINEAGE", "REQUEST",
            "StoreError", "EventQuery", "query_events", "query_plans", "write_rows",
            "apply_retention", "sum_usage"]
 
@@ -105,6 +105,19 @@ EVENT_COLUMNS = ("id", "ts", "type", "request_id", "plan_id", "instance", "reaso
 EVENT = 0
 PLAN = 1
 LINEAGE = 2
+#: One request's entry, from which `write_rows` derives its routine rows (`request_rows`).
+REQUEST = 3
+
+# The dataclasses of a request entry travel as tuples of these fields (orjson writes a
+# tuple of plain values several times faster than a slots dataclass) and become objects
+# again in the writer: proxy.engine.record.Attempt, proxy.audit.usage.Usage,
+# proxy.routing.requirements.Requirements (in the order of its `as_dict`; its sets as
+# sorted lists). tests/test_audit.py checks them against the classes.
+ATTEMPT_FIELDS = ("instance", "mode", "code", "detail", "elapsed_ms", "at", "sent", "carried",
+                  "after")
+USAGE_FIELDS = ("prompt", "completion", "cached", "cost", "estimated")
+REQUIREMENT_FIELDS = ("prompt_tokens", "ctx_needed", "capabilities", "tags", "tags_source",
+                      "prefer", "session", "protocol")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,15 +196,20 @@ _INSERT_LINEAGE = ("INSERT INTO lineage (ts, kind, request_id, plan_id, from_ins
 
 
 def write_rows(db: Database, rows: list[list[Any]]) -> None:
-    """Insert a batch of queued rows (events, plans, lineage) in one transaction.
+    """Insert a batch of queued rows (events, plans, lineage, request entries) in one
+    transaction.
 
-    A plan row is `[PLAN, plan dict, plan_id, request_id, ts, model, selected,
-    final_instance, outcome, status, attempts, ttfb_ms, duration_ms, prompt_tokens,
-    completion_tokens, cached_tokens, cost, tokens_estimated]` (the last five None when
-    the answer has no token figures)."""
+    An event row is `[EVENT, ts, type, request_id, plan_id, instance, reason_code,
+    from_instance, to_instance, detail]`, a lineage row `[LINEAGE, ts, kind, request_id,
+    plan_id, from_instance, to_instance, reason_code]`. A plan row is `[PLAN, plan dict,
+    plan_id, request_id, ts, model, selected, final_instance, outcome, status, attempts,
+    ttfb_ms, duration_ms, prompt_tokens, completion_tokens, cached_tokens, cost,
+    tokens_estimated]` (the last five None when the answer has no token figures). A
+    request entry (`REQUEST`) stands for several of them (`request_rows`)."""
     events, plans, lineage = [], [], []
     dumps = orjson.dumps
-    for row in rows:
+
+    def add(row: list[Any]) -> None:
         kind = row[0]
         if kind == EVENT:
             detail = row[9]
@@ -203,6 +221,13 @@ def write_rows(db: Database, rows: list[list[Any]]) -> None:
                           dumps(plan["requirements"]).decode(), dumps(plan).decode(), *rest))
         else:
             lineage.append(row[1:])
+
+    for row in rows:
+        if row[0] == REQUEST:
+            for derived in request_rows(row):
+                add(derived)
+        else:
+            add(row)
     with db.transaction():
         if events:
             db.executemany(_INSERT_EVENTS, events)
@@ -210,6 +235,62 @@ def write_rows(db: Database, rows: list[list[Any]]) -> None:
             db.executemany(_UPSERT_PLANS, plans)
         if lineage:
             db.executemany(_INSERT_LINEAGE, lineage)
+
+
+def row_count(row: list[Any]) -> int:
+    """How many rows a queued row stands for: 1, or a request entry's (`request_rows`)."""
+    if row[0] != REQUEST:
+        return 1
+    return 3 + (row[7] is not None) + len(row[17])
+
+
+def request_rows(entry: list[Any]) -> list[list[Any]]:
+    """The rows of one request entry, in the order the request's events happened.
+
+    The entry (proxy.audit.recorder, sent as JSON) is `[REQUEST, request_id, plan_id,
+    planned_at, ts, model, selected, verified, final_instance, outcome, status, attempts,
+    ttfb_ms, duration_ms, tried, usage, plan, trail]`: `verified` is None, or where among
+    the `trail` rows (the request's other events and lineage, already rows) its
+    ROUTE_VERIFIED goes; `tried` the attempts sent (ATTEMPT_FIELDS values each); `usage`
+    None or USAGE_FIELDS values; `plan` `[model, strategy, requirements
+    (REQUIREMENT_FIELDS values), fallback, rejected, reasons, scores]`
+    (proxy.routing.planner.RoutePlan, whose `as_dict` the plan row reproduces). Its rows:
+    ROUTE_PLANNED, the trail with ROUTE_VERIFIED in its place, REQUEST_COMPLETED, and the
+    route_plans row."""
+    (_, request_id, plan_id, planned_at, ts, model, selected, verified, instance, outcome,
+     status, attempts, ttfb_ms, duration_ms, tried, usage, plan, trail) = entry
+    plan_model, strategy, requirements, fallback, rejected, reasons, scores = plan
+    if usage is not None:
+        prompt, completion, cached, cost, estimated = usage
+    out: list[list[Any]] = [[EVENT, planned_at, "ROUTE_PLANNED", request_id, plan_id, selected,
+                             None, None, None, {"fallback": fallback}]]
+    verified_row = [EVENT, planned_at, "ROUTE_VERIFIED", request_id, plan_id, selected, None,
+                    None, None, None]
+    if verified is None:
+        out.extend(trail)
+    else:
+        out.extend(trail[:verified])
+        out.append(verified_row)
+        out.extend(trail[verified:])
+    figures = None if usage is None else {  # as Usage.as_dict
+        "prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached,
+        "cost": round(cost, 8), "tokens_estimated": estimated}
+    out.append([EVENT, ts, "REQUEST_COMPLETED", request_id, plan_id, instance, None, None,
+                None, {"status": status, "outcome": outcome, "attempts": attempts,
+                       "ttfb_ms": ttfb_ms, "duration_ms": duration_ms,
+                       "tried": [dict(zip(ATTEMPT_FIELDS, a, strict=True)) for a in tried],
+                       "usage": figures}])
+    plan_dict = {"plan_id": plan_id, "request_id": request_id, "model": plan_model,
+                 "strategy": strategy,
+                 "requirements": dict(zip(REQUIREMENT_FIELDS, requirements, strict=True)),
+                 "selected": selected,
+                 "fallback": fallback, "rejected": rejected, "reasons": reasons,
+                 "scores": {k: round(v, 3) for k, v in scores.items()}}
+    out.append([PLAN, plan_dict, plan_id, request_id, ts, model, selected, instance, outcome,
+                status, attempts, ttfb_ms, duration_ms,
+                *((None,) * 5 if usage is None else (
+                    prompt, completion, cached, cost, int(estimated)))])
+    return out
 
 
 def apply_retention(db: Database, retention_s: float, max_rows: int) -> None:

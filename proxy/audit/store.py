@@ -39,10 +39,24 @@ from proxy.audit.database import (
     redact_url,
 )
 from proxy.audit.reader import StoreReader
-from proxy.audit.schema import EVENT, LINEAGE, PLAN, EventQuery, apply_retention, query_events
+from proxy.audit.schema import (
+    EVENT,
+    EventQuery,
+    apply_retention,
+    query_events,
+    row_count,
+)
 
 log = structlog.get_logger("proxy.audit.store")
 T = TypeVar("T")
+
+
+def _sorted_set(value: Any) -> Any:
+    """orjson's `default`: a set (a plan's requirements hold frozensets) as a sorted list,
+    as RoutePlan.as_dict writes it."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 class AuditStore:
@@ -75,6 +89,7 @@ class AuditStore:
         self._dropping = 0  # rows dropped since dropping last started (0: not dropping)
         self.written = 0
         self._rows: list[Any] = []
+        self._queued = 0  # rows in _rows (a request entry stands for several)
         self._inflight = 0  # rows sent to the writer, not yet written
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -115,20 +130,22 @@ class AuditStore:
         self._inflight = 0
         self._reader = asyncio.get_running_loop().create_task(self._read_acks(self._proc))
 
-    def submit(self, row: list[Any]) -> None:
-        """Queue a row without waiting; if the writer is behind, drop it and count."""
+    def submit(self, row: list[Any], count: int = 1) -> None:
+        """Queue a row (`count`: the rows it stands for, schema.row_count) without waiting;
+        if the writer is behind, drop it and count."""
         if self._proc is None:
             return
         rows = self._rows
-        if self._broken or len(rows) + self._inflight >= self.queue_size:
-            self._drop(1, self._why_full())
+        if self._broken or self._queued + self._inflight >= self.queue_size:
+            self._drop(count, self._why_full())
             return
         if self._dropping:
             self._accepting_again()
         if not rows and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.SEND_EVERY_S, self._send)
         rows.append(row)
-        if len(rows) >= self.batch:
+        self._queued += count
+        if self._queued >= self.batch:
             self._send()
 
     def _why_full(self) -> str:
@@ -172,17 +189,13 @@ class AuditStore:
         self.submit([EVENT, ts, type_, request_id, plan_id, instance, reason_code,
                      from_instance, to_instance, detail])
 
-    def lineage(self, ts: float, request_id: str | None, plan_id: str | None,
-                from_instance: str | None, to_instance: str | None, reason_code: str) -> None:
-        self.submit([LINEAGE, ts, "route_change", request_id, plan_id, from_instance,
-                     to_instance, reason_code])
-
-    def plan(self, plan: Any, row: tuple[Any, ...]) -> None:
-        """A route_plans row: `plan` (anything with `as_dict()`, turned into data when the
-        batch is sent, off the request path) and (plan_id, request_id, ts, model, selected,
-        final_instance, outcome, status, attempts, ttfb_ms, duration_ms, prompt_tokens,
-        completion_tokens, cached_tokens, cost, tokens_estimated) (schema.write_rows)."""
-        self.submit([PLAN, plan, *row])
+    def request(self, entry: list[Any]) -> None:
+        """One request's entry, `[REQUEST, ...]` as schema.request_rows reads it: the
+        writer process derives its routine rows (ROUTE_PLANNED, ROUTE_VERIFIED,
+        REQUEST_COMPLETED, the route_plans row) from it, so the request path builds one
+        list instead of four rows. Its values are whatever orjson writes (dataclasses
+        too, and sets as sorted lists), turned into JSON when the batch is sent."""
+        self.submit(entry, row_count(entry))
 
     def _send(self) -> None:
         """Send what has gathered to the writer as one line."""
@@ -190,27 +203,25 @@ class AuditStore:
             self._timer.cancel()
             self._timer = None
         rows, self._rows = self._rows, []
+        count, self._queued = self._queued, 0
         proc = self._proc
         if not rows or proc is None or proc.stdin is None:
             return
         try:
-            for row in rows:
-                if row[0] == PLAN:
-                    row[1] = row[1].as_dict()
-            line = orjson.dumps(["rows", rows]) + b"\n"
+            line = orjson.dumps(["rows", rows], default=_sorted_set) + b"\n"
         except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
-            log.error("audit_batch_unserialisable", rows=len(rows), error=str(exc))
-            self._drop(len(rows), "unserialisable batch")
+            log.error("audit_batch_unserialisable", rows=count, error=str(exc))
+            self._drop(count, "unserialisable batch")
             return
         if self._broken:
-            self._drop(len(rows), "writer gone")
+            self._drop(count, "writer gone")
             return
         try:
             proc.stdin.write(line)
         except (ConnectionError, RuntimeError):
-            self._drop(len(rows), "writer gone")
+            self._drop(count, "writer gone")
             return
-        self._inflight += len(rows)
+        self._inflight += count
 
     def _command(self, name: str) -> asyncio.Future[None]:
         """Send a command the writer acknowledges once everything before it is done."""

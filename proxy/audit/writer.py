@@ -40,7 +40,7 @@ from proxy.audit.database import (
     redact_text,
     url_secrets,
 )
-from proxy.audit.schema import apply_retention, write_rows
+from proxy.audit.schema import apply_retention, row_count, write_rows
 
 RETENTION_EVERY_S = 60.0
 #: Pauses between tries while the database is away: from RETRY_MIN_S, doubling.
@@ -104,7 +104,10 @@ class Writer:
             self.acks.write(b"d " + str(exc).replace("\n", " ").encode() + b"\n")
 
     def rows(self, batch: list[list[Any]]) -> None:
-        """Write one batch, waiting for the database as long as it is away."""
+        """Write one batch, waiting for the database as long as it is away; acknowledged
+        in rows (a request entry stands for several, schema.row_count), as the proxy
+        counts them."""
+        count = sum(map(row_count, batch))
         pause = RETRY_MIN_S
         while True:
             db = self.database()
@@ -117,9 +120,9 @@ class Writer:
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the writer
                 _say(f"audit batch of {len(batch)} rows not written: {exc!r}")
-                self.acks.write(b"x %d\n" % len(batch))
+                self.acks.write(b"x %d\n" % count)
                 return
-            self.acks.write(b"w %d\n" % len(batch))
+            self.acks.write(b"w %d\n" % count)
             break
         now = time.monotonic()
         if now - self.last_retention > RETENTION_EVERY_S:

@@ -1,0 +1,152 @@
+"""What the recorder writes for a request: the audit rows the writer process derives from the
+request's one entry are the rows the plan and the record describe (the plan row is the
+plan's `as_dict`, the events carry the attempts and the usage as the request view reads
+them), in the order the request's events happened; on both backends (`store_url`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import orjson
+
+from proxy.api.inbound import CHAT, parse_request
+from proxy.audit.eventstream import EventHub
+from proxy.audit.metrics import Metrics
+from proxy.audit.recorder import Recorder
+from proxy.audit.schema import ATTEMPT_FIELDS, REQUIREMENT_FIELDS, USAGE_FIELDS, EventQuery
+from proxy.audit.store import AuditStore
+from proxy.audit.usage import Usage, priced
+from proxy.config import parse_config
+from proxy.engine.record import Attempt, RequestRecord
+from proxy.failures import CONN_REFUSED
+from proxy.health.registry import Registry
+from proxy.health.states import READY
+from proxy.routing.planner import Planner, RoutePlan
+from tests.test_audit import select
+
+
+def _planner(store_url: str) -> Planner:
+    config = parse_config({"store": {"url": store_url}, "providers": [
+        {"provider_id": "p", "instances": [
+            {"id": f"s{n}", "base_url": f"http://127.0.0.1:{20000 + n}/v1",
+             "metadata": {"model": "m", "tags": ["coding"], "ctx": 8192 * (n + 1),
+                          "capabilities": ["tools", "json"],
+                          "cost": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}}
+            for n in range(3)]}]}, "<test>")
+    registry = Registry(config.instances)
+    for state in registry.states:
+        state.state = READY
+    return Planner(config, registry)
+
+
+def _plan(planner: Planner, request_id: str) -> RoutePlan:
+    """A plan whose requirements have every kind of field filled (capabilities, tags from
+    the header, a session), with scores of many decimals."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": "fix this python bug"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "response_format": {"type": "json_object"}, "max_tokens": 100}
+    return planner.plan(parse_request(CHAT, orjson.dumps(body), request_id),
+                        {"x-route-tags": "coding,frontend", "x-session-id": "sess-1"})
+
+
+async def _recorded(store_url: str, *records: RequestRecord) -> AuditStore:
+    store = AuditStore(store_url)
+    await store.start()
+    recorder = Recorder(Metrics(), store, EventHub())
+    for record in records:
+        recorder.completed(record)
+    await store.flush()
+    return store
+
+
+async def test_a_rerouted_request_is_recorded_as_its_plan_and_attempts_say(
+        store_url: str) -> None:
+    """The selected instance refuses, the next answers: ROUTE_PLANNED, ROUTE_VERIFIED,
+    REROUTED (and its lineage row), REQUEST_COMPLETED with both attempts and the usage, and
+    a route_plans row holding exactly the plan's `as_dict`."""
+    planner = _planner(store_url)
+    plan = _plan(planner, "req-1")
+    assert plan.requirements.capabilities and plan.requirements.tags and plan.fallback
+    record = RequestRecord("req-1", model="auto", plan=plan, planned_at=time.time())
+    selected, second = plan.selected, plan.fallback[0]
+    assert selected is not None
+    record.add(Attempt(selected, code=CONN_REFUSED, detail="connection refused",
+                       elapsed_ms=0.4))
+    record.add(Attempt(second, elapsed_ms=12.5))
+    record.instance, record.ttfb_s, record.duration_s = second, 0.01234, 0.0151
+    record.usage = priced(1234, 56, 7, planner.config.instances[1])
+    assert record.usage.cost % 1e-8  # more decimals than the event keeps
+    store = await _recorded(store_url, record)
+    events = await store.query(EventQuery(request_id="req-1"))
+    await store.close()
+
+    assert [e["type"] for e in reversed(events)] == [
+        "ROUTE_PLANNED", "ROUTE_VERIFIED", "REROUTED", "REQUEST_COMPLETED"]
+    planned, verified, rerouted, completed = reversed(events)
+    assert planned["instance"] == selected and planned["detail"] == {"fallback": plan.fallback}
+    assert planned["ts"] == verified["ts"] == record.planned_at
+    assert verified["instance"] == selected and verified["detail"] is None
+    assert (rerouted["reason_code"], rerouted["from_instance"], rerouted["to_instance"]) == (
+        CONN_REFUSED, selected, second)
+    assert completed["instance"] == second
+    assert completed["detail"] == {
+        "status": 200, "outcome": "ok", "attempts": 2, "ttfb_ms": 12.34, "duration_ms": 15.1,
+        "tried": [dataclasses.asdict(a) for a in record.tried],
+        "usage": record.usage.as_dict()}
+    (row,) = select(store_url, "SELECT plan_id, request_id, model, requirements, plan, selected,"
+                    " final_instance, outcome, status, attempts, ttfb_ms, duration_ms,"
+                    " prompt_tokens, completion_tokens, cached_tokens, cost, tokens_estimated"
+                    " FROM route_plans")
+    assert row[4] == orjson.dumps(plan.as_dict()).decode()  # the very text /admin/route shows
+    assert row[3] == orjson.dumps(plan.requirements.as_dict()).decode()
+    assert row[:3] + row[5:] == (plan.plan_id, "req-1", "auto", selected, second, "ok", 200, 2,
+                                 12.34, 15.1, 1234, 56, 7, record.usage.cost, 0)
+    assert select(store_url, "SELECT kind, request_id, from_instance, to_instance, reason_code"
+                  " FROM lineage") == [("route_change", "req-1", selected, second, CONN_REFUSED)]
+
+
+async def test_a_request_without_usage_and_a_blocked_one_keep_their_rows(
+        store_url: str) -> None:
+    """An answer without token figures (none on its row or event), a retry of a cut stream
+    on another instance that was not planned first (no ROUTE_VERIFIED), and a request
+    nothing could serve (ROUTE_BLOCKED before REQUEST_COMPLETED)."""
+    planner = _planner(store_url)
+    plain = RequestRecord("req-2", model="m", plan=_plan(planner, "req-2"),
+                          planned_at=time.time())
+    plan = plain.plan
+    assert plan is not None and plan.selected is not None
+    plain.add(Attempt(plan.fallback[0], mode="replay", elapsed_ms=3.0))
+    plain.instance, plain.duration_s = plan.fallback[0], 0.004
+    blocked = RequestRecord("req-3", model="nope", plan=_plan(planner, "req-3"),
+                            planned_at=time.time(), status=503, outcome="route_blocked",
+                            blocked="no instance serves nope")
+    store = await _recorded(store_url, plain, blocked)
+    events = await store.query(EventQuery(limit=100))
+    await store.close()
+
+    by_request: dict[str, list[dict[str, Any]]] = {}
+    for event in reversed(events):
+        by_request.setdefault(event["request_id"], []).append(event)
+    assert [e["type"] for e in by_request["req-2"]] == ["ROUTE_PLANNED", "REQUEST_COMPLETED"]
+    assert by_request["req-2"][-1]["detail"]["usage"] is None
+    assert by_request["req-2"][-1]["detail"]["ttfb_ms"] is None
+    assert [e["type"] for e in by_request["req-3"]] == [
+        "ROUTE_PLANNED", "ROUTE_BLOCKED", "REQUEST_COMPLETED"]
+    assert by_request["req-3"][1]["detail"]["message"] == "no instance serves nope"
+    assert by_request["req-3"][-1]["detail"]["tried"] == []
+    assert select(store_url, "SELECT request_id, prompt_tokens, cost, tokens_estimated"
+                  " FROM route_plans ORDER BY request_id") == [
+        ("req-2", None, None, None), ("req-3", None, None, None)]
+    # rows, as the store counts them: (2 events + plan row) + (3 events + plan row)
+    assert store.written == 7 and store.dropped == 0
+
+
+def test_the_entry_fields_are_the_dataclasses_fields() -> None:
+    """The tuples a request entry carries name every field of their classes, in the order
+    the request view and RoutePlan.as_dict show them."""
+    assert ATTEMPT_FIELDS == tuple(f.name for f in dataclasses.fields(Attempt))
+    assert USAGE_FIELDS == tuple(f.name for f in dataclasses.fields(Usage))
+    planner = _planner("sqlite:///unused.db")
+    assert REQUIREMENT_FIELDS == tuple(_plan(planner, "r").requirements.as_dict())
