@@ -16,6 +16,9 @@ from proxy.secrets import redact_log_event
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
+#: The processors of the per-request line (`request_logger`), set by `configure_logging`.
+_request_processors: list[structlog.typing.Processor] | None = None
+
 
 class _Timestamper:
     """ISO-8601 UTC timestamps, formatting the date and time only once per second."""
@@ -39,23 +42,36 @@ class _Timestamper:
 
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Configure structlog once per process; `fmt` is "json" or "console"."""
+    global _request_processors
     shared: list[structlog.typing.Processor] = [
         redact_log_event,
         structlog.processors.add_log_level,
         _Timestamper(),
     ]
     if fmt == "console":
+        _request_processors = [*shared,
+                               structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
         structlog.configure(
-            processors=[*shared, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())],
+            processors=_request_processors,
             wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
             logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
             cache_logger_on_first_use=True,
         )
     else:
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        _request_processors = [*shared, renderer]
         structlog.configure(
-            processors=[*shared, structlog.processors.format_exc_info,
-                        structlog.processors.JSONRenderer(serializer=orjson.dumps)],
+            processors=[*shared, structlog.processors.format_exc_info, renderer],
             wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
             logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer),
             cache_logger_on_first_use=True,
         )
+
+
+def request_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    """The logger of the line every request writes, as configured now: already bound (a
+    logger from `structlog.get_logger` is a proxy that finds its bound logger again on
+    every call), and without the exception formatter (the line never carries one)."""
+    logger: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
+        None, processors=_request_processors, logger_factory_args=(name,)).bind()
+    return logger

@@ -34,6 +34,7 @@ from proxy.engine.record import FRESH, Attempt, RequestRecord
 from proxy.failures import INSTANCE_NOT_READY
 from proxy.health.instance import InstanceState
 from proxy.health.states import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN
+from proxy.logs import request_logger
 from proxy.routing.planner import RoutePlan
 
 if TYPE_CHECKING:
@@ -58,7 +59,6 @@ _usage_values = attrgetter(*USAGE_FIELDS)
 _requirement_values = attrgetter(*REQUIREMENT_FIELDS)
 
 log = structlog.get_logger("proxy.audit")
-request_log = structlog.get_logger("proxy.request")
 
 
 class Recorder:
@@ -73,9 +73,12 @@ class Recorder:
         #: Model names worth a metrics label; anything else a client sends is "other", so
         #: clients cannot grow the number of series without bound.
         self.known_models: frozenset[str] = frozenset()
+        #: The per-request line's logger (proxy.logs.request_logger), as logging is
+        #: configured when the recorder is made (at start-up, after the configuration).
+        self.request_log = request_logger("proxy.request")
         #: Whether the per-request line is logged at all (info level): when it is not, its
         #: arguments are not even assembled.
-        self.log_requests = bool(request_log.is_enabled_for(logging.INFO))
+        self.log_requests = bool(self.request_log.is_enabled_for(logging.INFO))
 
     def completed(self, record: RequestRecord) -> None:
         """The request is over: its events, one log line, the metrics, its audit rows
@@ -100,10 +103,11 @@ class Recorder:
         instance, outcome, status = record.instance, record.outcome, record.status
         usage = record.usage
         if self.log_requests:
-            request_log.info("request", request_id=record.request_id, model=record.model,
-                             instance=instance, attempts=record.sent, status=status,
-                             outcome=outcome, stream=record.stream, latency_ms=duration_ms,
-                             **({} if usage is None else usage.as_dict()))
+            self.request_log.info(
+                "request", request_id=record.request_id, model=record.model,
+                instance=instance, attempts=record.sent, status=status, outcome=outcome,
+                stream=record.stream, latency_ms=duration_ms,
+                **({} if usage is None else usage.as_dict()))
         m = self.metrics
         model = record.model
         label = model if model in self.known_models else ("" if model is None else "other")
