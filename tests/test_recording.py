@@ -150,3 +150,41 @@ def test_the_entry_fields_are_the_dataclasses_fields() -> None:
     assert USAGE_FIELDS == tuple(f.name for f in dataclasses.fields(Usage))
     planner = _planner("sqlite:///unused.db")
     assert REQUIREMENT_FIELDS == tuple(_plan(planner, "r").requirements.as_dict())
+
+
+def test_request_metrics_appear_with_their_first_figure_and_add_up() -> None:
+    """Requests of one kind share their cells (looked up once per kind): the counts add up,
+    and a series appears only with its first figure, as it did with one `labels()` call per
+    metric: cached tokens and cost when non-zero, estimated tokens apart from stated ones,
+    time to first byte only for a request that has one."""
+    recorder = Recorder(Metrics(), None, EventHub())
+    recorder.known_models = frozenset({"auto"})
+
+    def served(ttfb_s: float | None, usage: Usage | None, model: str = "auto") -> None:
+        record = RequestRecord("r", model=model, instance="p:s0", ttfb_s=ttfb_s,
+                               duration_s=0.02, usage=usage)
+        record.add(Attempt("p:s0", elapsed_ms=15.0))
+        recorder.completed(record)
+
+    served(0.01, Usage(10, 5, 0, 0.0))
+    text = recorder.metrics.render().decode()
+    assert 'failover_proxy_tokens_total{instance="p:s0",kind="prompt",model="auto"} 10.0' in text
+    assert 'kind="cached"' not in text and "failover_proxy_cost_total{" not in text
+    served(None, Usage(20, 7, 4, 0.5))
+    served(0.03, Usage(3, 9, 0, 0.0, estimated=True))
+    served(None, None, model="unknown-model")
+    text = recorder.metrics.render().decode()
+    for line in (
+            'failover_proxy_requests_total{instance="p:s0",model="auto",outcome="ok"} 3.0',
+            'failover_proxy_requests_total{instance="p:s0",model="other",outcome="ok"} 1.0',
+            'failover_proxy_tokens_total{instance="p:s0",kind="prompt",model="auto"} 30.0',
+            'failover_proxy_tokens_total{instance="p:s0",kind="completion",model="auto"} 12.0',
+            'failover_proxy_tokens_total{instance="p:s0",kind="cached",model="auto"} 4.0',
+            'failover_proxy_cost_total{instance="p:s0",model="auto"} 0.5',
+            'failover_proxy_tokens_estimated_total{instance="p:s0",kind="prompt",model="auto"} 3.0',
+            'failover_proxy_ttfb_seconds_count{instance="p:s0"} 2.0',
+            'failover_proxy_request_duration_seconds_count{stream="false"} 4.0',
+            "failover_proxy_overhead_seconds_count 4.0"):
+        assert line in text, line
+    assert "failover_proxy_cost_estimated_total{" not in text
+    assert 'failover_proxy_tokens_total{instance="p:s0",kind="prompt",model="other"}' not in text

@@ -114,6 +114,68 @@ class LoopHistogram:
         return family
 
 
+class _Tokens:
+    """The token and cost cells of one (model label, instance), stated or estimated. The
+    cached-token and cost series appear at their first non-zero figure, as with
+    `labels(...).inc()` called only then."""
+
+    __slots__ = ("tokens", "costs", "where", "prompt", "completion", "cached", "cost")
+
+    def __init__(self, tokens: LoopCounter, costs: LoopCounter, where: tuple[str, str]) -> None:
+        self.tokens, self.costs, self.where = tokens, costs, where
+        self.prompt = tokens.labels(*where, "prompt")
+        self.completion = tokens.labels(*where, "completion")
+        self.cached: _CounterCell | None = None
+        self.cost: _CounterCell | None = None
+
+    def add(self, prompt: int, completion: int, cached: int, cost: float) -> None:
+        self.prompt.inc(prompt)
+        self.completion.inc(completion)
+        if cached:
+            if self.cached is None:
+                self.cached = self.tokens.labels(*self.where, "cached")
+            self.cached.inc(cached)
+        if cost:
+            if self.cost is None:
+                self.cost = self.costs.labels(*self.where)
+            self.cost.inc(cost)
+
+
+class RequestSeries:
+    """The cells a request of one kind updates: by the model label, the instance that
+    answered (None: none did), the outcome and whether it streamed. Made once per kind
+    (`Metrics.request_series`), so that a request finds its cells with one look-up instead
+    of one `labels()` per metric; each series still appears when it is first updated."""
+
+    __slots__ = ("metrics", "where", "instance", "requests", "duration", "_ttfb", "_tokens")
+
+    def __init__(self, metrics: Metrics, model: str, instance: str | None, outcome: str,
+                 stream: bool) -> None:
+        self.metrics = metrics
+        self.where = (model, instance or "")
+        self.instance = instance
+        self.requests = metrics.requests.labels(model, instance or "", outcome)
+        self.duration = metrics.duration.labels("true" if stream else "false")
+        self._ttfb: _HistogramCell | None = None
+        self._tokens: dict[bool, _Tokens] = {}
+
+    def ttfb(self, instance: str) -> _HistogramCell:
+        """The time-to-first-byte cell of `instance` (this kind's)."""
+        if self._ttfb is None:
+            self._ttfb = self.metrics.ttfb.labels(instance)
+        return self._ttfb
+
+    def tokens(self, estimated: bool) -> _Tokens:
+        """The token and cost cells, of the stated figures or of the estimated ones."""
+        cells = self._tokens.get(estimated)
+        if cells is None:
+            m = self.metrics
+            cells = self._tokens[estimated] = (
+                _Tokens(m.tokens_estimated, m.cost_estimated, self.where) if estimated
+                else _Tokens(m.tokens, m.cost, self.where))
+        return cells
+
+
 class _LoopCollector:
     def __init__(self, metrics: list[LoopCounter | LoopHistogram]) -> None:
         self.metrics = metrics
@@ -183,6 +245,18 @@ class Metrics:
         self.stream_resumed = Counter(
             "failover_proxy_streams_resumed", "Streams continued on another instance after a "
             "mid-stream failure", ["from_instance", "to_instance"], registry=r)
+        #: By (model label, instance, outcome, stream): bounded as the labels are (the
+        #: configured models and instances, the outcomes, two stream values).
+        self._series: dict[tuple[str, str | None, str, bool], RequestSeries] = {}
+
+    def request_series(self, model: str, instance: str | None, outcome: str,
+                       stream: bool) -> RequestSeries:
+        """The cells of a request of this kind (RequestSeries)."""
+        key = (model, instance, outcome, stream)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = RequestSeries(self, model, instance, outcome, stream)
+        return series
 
     def set_state(self, instance: str, state: str, states: tuple[str, ...]) -> None:
         for s in states:

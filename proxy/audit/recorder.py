@@ -99,7 +99,9 @@ class Recorder:
             log.error("stream_failed_after_commit", request_id=record.request_id,
                       instance=record.instance, detail=record.stream_error)
         duration_s = record.duration_s
-        duration_ms = round(duration_s * 1000.0, 2)
+        duration_ms = 0.0
+        if self.log_requests or self.store is not None:  # (round() takes a while)
+            duration_ms = round(duration_s * 1000.0, 2)
         instance, outcome, status = record.instance, record.outcome, record.status
         usage = record.usage
         if self.log_requests:
@@ -111,23 +113,17 @@ class Recorder:
         m = self.metrics
         model = record.model
         label = model if model in self.known_models else ("" if model is None else "other")
-        m.requests.labels(label, instance or "", outcome).inc()
+        series = m.request_series(label, instance, outcome, record.stream)
+        series.requests.inc()
         if usage is not None:
-            where = (label, instance or "")
             # estimated figures in series of their own, never mixed with stated ones
-            tokens, cost = ((m.tokens_estimated, m.cost_estimated) if usage.estimated
-                            else (m.tokens, m.cost))
-            tokens.labels(*where, "prompt").inc(usage.prompt)
-            tokens.labels(*where, "completion").inc(usage.completion)
-            if usage.cached:
-                tokens.labels(*where, "cached").inc(usage.cached)
-            if usage.cost:
-                cost.labels(*where).inc(usage.cost)
-        m.duration.labels("true" if record.stream else "false").observe(duration_s)
+            series.tokens(usage.estimated).add(usage.prompt, usage.completion, usage.cached,
+                                               usage.cost)
+        series.duration.observe(duration_s)
         m.overhead.observe(max(0.0, duration_s - record.upstream_s))
         ttfb_s = record.ttfb_s
         if ttfb_s is not None and instance is not None:
-            m.ttfb.labels(instance).observe(ttfb_s)
+            series.ttfb(instance).observe(ttfb_s)
         store = self.store
         if store is None or plan is None:
             return

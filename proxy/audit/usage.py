@@ -38,11 +38,12 @@ _INPUT = re.compile(rb'"input_tokens"\s*:\s*([0-9]{1,12})')
 _OUTPUT = re.compile(rb'"output_tokens"\s*:\s*([0-9]{1,12})')
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     """Tokens of one answer, and its cost in the currency of `metadata.cost` (0.0 when the
     instance declares no cost). `estimated`: no `usage` came with the answer; the figures
-    are the estimate described above."""
+    are the estimate described above. Not changed once made (not frozen only because a
+    frozen dataclass takes several times as long to make, and one is made per answer)."""
 
     prompt: int
     completion: int
