@@ -25,14 +25,21 @@ class Redactor:
         unique = {s for s in secrets if s and len(s) >= MIN_SECRET_LEN}
         self.secrets = sorted(unique, key=len, reverse=True)  # longest first
         self._bytes = [s.encode() for s in self.secrets]
+        #: A value shorter than the shortest secret cannot hold one (most log fields are
+        #: ids, names and numbers, shorter than an API key): it is not searched at all.
+        self.shortest = len(self.secrets[-1]) if self.secrets else 0
 
     def text(self, value: str) -> str:
+        if len(value) < self.shortest:
+            return value
         for secret in self.secrets:
             if secret in value:
                 value = value.replace(secret, MASK)
         return value
 
     def data(self, value: bytes) -> bytes:
+        if len(value) < self.shortest:  # (a secret's bytes are at least as long as it)
+            return value
         for secret in self._bytes:
             if secret in value:
                 value = value.replace(secret, MASK.encode())
@@ -71,15 +78,25 @@ def set_log_redactor(redactor: Redactor) -> None:
     _log_redactor = redactor
 
 
+#: Field types that cannot hold a secret, passed over at once (a request's line is mostly
+#: numbers and flags).
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
 def redact_log_event(logger: Any, method: str,
                      event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: scrub secrets from every string field."""
+    """structlog processor: scrub secrets from every string field (in lists, tuples and
+    dicts too)."""
     redactor = _log_redactor
     if not redactor:
         return event
+    shortest = redactor.shortest
     for key, value in event.items():
+        if type(value) in _PLAIN:
+            continue
         if isinstance(value, str):
-            event[key] = redactor.text(value)
+            if len(value) >= shortest:
+                event[key] = redactor.text(value)
         elif isinstance(value, (list, tuple, dict)):
             event[key] = _scrub(value, redactor)
     return event

@@ -220,3 +220,31 @@ def test_serve_refuses_an_open_public_address_without_keys(tmp_path: Path) -> No
         allowed.wait(timeout=10)
         assert allowed.stdout is not None
         allowed.stdout.close()
+
+
+def test_a_log_line_masks_a_secret_in_any_field_and_passes_short_ones_over() -> None:
+    """The log processor searches only values at least as long as the shortest secret (a
+    shorter one cannot hold it): a secret is masked wherever it is (a field exactly the
+    secret, inside text, in a list or dict, in bytes), and ids, names and numbers pass
+    unchanged."""
+    from proxy.secrets import MASK, Redactor, redact_log_event, set_log_redactor
+
+    short, long = "tok-123", "sk-up-" + "x" * 40
+    redactor = Redactor([long, short, "abc"])  # "abc": too short to be treated as a secret
+    assert redactor.shortest == len(short)
+    set_log_redactor(redactor)
+    try:
+        event = redact_log_event(None, "info", {
+            "event": "request", "request_id": short, "model": "abc", "instance": "p:s0",
+            "detail": f"upstream said: bad key {long}!", "attempts": 2, "cost": 0.5,
+            "stream": False, "usage": None, "tried": [{"detail": f"Bearer {short}"}],
+            "pair": (short[:-1], long)})
+    finally:
+        set_log_redactor(Redactor())
+    assert event == {
+        "event": "request", "request_id": MASK, "model": "abc", "instance": "p:s0",
+        "detail": f"upstream said: bad key {MASK}!", "attempts": 2, "cost": 0.5,
+        "stream": False, "usage": None, "tried": [{"detail": f"Bearer {MASK}"}],
+        "pair": [short[:-1], MASK]}
+    assert redactor.data(f"x {short} y".encode()) == f"x {MASK} y".encode()
+    assert redactor.data(short[:-1].encode()) == short[:-1].encode()
