@@ -128,8 +128,7 @@ class Recorder:
         if store is None or plan is None:
             return
         # One entry; the writer process makes ROUTE_PLANNED, ROUTE_VERIFIED,
-        # REQUEST_COMPLETED and the route_plans row of it (schema.request_rows). The
-        # values in it become JSON when the batch is sent, in orjson's C code.
+        # REQUEST_COMPLETED and the route_plans row of it (schema.request_rows).
         store.request([REQUEST, record.request_id, plan.plan_id, record.planned_at,
                        time.time(), model, plan.selected, verified, instance, outcome, status,
                        record.sent, None if ttfb_s is None else round(ttfb_s * 1000.0, 2),
