@@ -205,29 +205,14 @@ def write_rows(db: Database, rows: list[list[Any]]) -> None:
     plan_id, request_id, ts, model, selected, final_instance, outcome, status, attempts,
     ttfb_ms, duration_ms, prompt_tokens, completion_tokens, cached_tokens, cost,
     tokens_estimated]` (the last five None when the answer has no token figures). A
-    request entry (`REQUEST`) stands for several of them (`request_rows`)."""
-    events, plans, lineage = [], [], []
-    dumps = orjson.dumps
-
-    def add(row: list[Any]) -> None:
-        kind = row[0]
-        if kind == EVENT:
-            detail = row[9]
-            events.append((*row[1:9], dumps(detail).decode() if detail else None))
-        elif kind == PLAN:
-            plan = row[1]
-            plan_id, request_id, ts, model, *rest = row[2:]
-            plans.append((plan_id, request_id, ts, model,
-                          dumps(plan["requirements"]).decode(), dumps(plan).decode(), *rest))
-        else:
-            lineage.append(row[1:])
-
+    request entry (`REQUEST`) stands for several of them (`_request_rows`)."""
+    tables: _Tables = ([], [], [])
     for row in rows:
         if row[0] == REQUEST:
-            for derived in request_rows(row):
-                add(derived)
+            _request_rows(row, tables)
         else:
-            add(row)
+            _add(row, tables)
+    events, plans, lineage = tables
     with db.transaction():
         if events:
             db.executemany(_INSERT_EVENTS, events)
@@ -237,14 +222,34 @@ def write_rows(db: Database, rows: list[list[Any]]) -> None:
             db.executemany(_INSERT_LINEAGE, lineage)
 
 
+#: The rows of a batch as the tables take them: events, route_plans, lineage.
+_Tables = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+def _add(row: list[Any], tables: _Tables) -> None:
+    """One event, plan or lineage row."""
+    kind = row[0]
+    if kind == EVENT:
+        detail = row[9]
+        tables[0].append((*row[1:9], orjson.dumps(detail).decode() if detail else None))
+    elif kind == PLAN:
+        plan = row[1]
+        plan_id, request_id, ts, model, *rest = row[2:]
+        tables[1].append((plan_id, request_id, ts, model,
+                          orjson.dumps(plan["requirements"]).decode(),
+                          orjson.dumps(plan).decode(), *rest))
+    else:
+        tables[2].append(tuple(row[1:]))
+
+
 def row_count(row: list[Any]) -> int:
-    """How many rows a queued row stands for: 1, or a request entry's (`request_rows`)."""
+    """How many rows a queued row stands for: 1, or a request entry's (`_request_rows`)."""
     if row[0] != REQUEST:
         return 1
     return 3 + (row[7] is not None) + len(row[17])
 
 
-def request_rows(entry: list[Any]) -> list[list[Any]]:
+def _request_rows(entry: list[Any], tables: _Tables) -> None:
     """The rows of one request entry, in the order the request's events happened.
 
     The entry (proxy.audit.recorder, sent as JSON) is `[REQUEST, request_id, plan_id,
@@ -260,37 +265,40 @@ def request_rows(entry: list[Any]) -> list[list[Any]]:
     (_, request_id, plan_id, planned_at, ts, model, selected, verified, instance, outcome,
      status, attempts, ttfb_ms, duration_ms, tried, usage, plan, trail) = entry
     plan_model, strategy, requirements, fallback, rejected, reasons, scores = plan
-    if usage is not None:
-        prompt, completion, cached, cost, estimated = usage
-    out: list[list[Any]] = [[EVENT, planned_at, "ROUTE_PLANNED", request_id, plan_id, selected,
-                             None, None, None, {"fallback": fallback}]]
-    verified_row = [EVENT, planned_at, "ROUTE_VERIFIED", request_id, plan_id, selected, None,
-                    None, None, None]
-    if verified is None:
-        out.extend(trail)
+    dumps = orjson.dumps
+    events = tables[0]
+    events.append((planned_at, "ROUTE_PLANNED", request_id, plan_id, selected, None, None,
+                   None, dumps({"fallback": fallback}).decode()))
+    for n, row in enumerate(trail):
+        if n == verified:
+            events.append((planned_at, "ROUTE_VERIFIED", request_id, plan_id, selected, None,
+                           None, None, None))
+        _add(row, tables)
+    if verified is not None and verified == len(trail):
+        events.append((planned_at, "ROUTE_VERIFIED", request_id, plan_id, selected, None,
+                       None, None, None))
+    if usage is None:
+        figures = None
+        columns: tuple[Any, ...] = (None,) * 5
     else:
-        out.extend(trail[:verified])
-        out.append(verified_row)
-        out.extend(trail[verified:])
-    figures = None if usage is None else {  # as Usage.as_dict
-        "prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached,
-        "cost": round(cost, 8), "tokens_estimated": estimated}
-    out.append([EVENT, ts, "REQUEST_COMPLETED", request_id, plan_id, instance, None, None,
-                None, {"status": status, "outcome": outcome, "attempts": attempts,
-                       "ttfb_ms": ttfb_ms, "duration_ms": duration_ms,
-                       "tried": [dict(zip(ATTEMPT_FIELDS, a, strict=True)) for a in tried],
-                       "usage": figures}])
-    plan_dict = {"plan_id": plan_id, "request_id": request_id, "model": plan_model,
-                 "strategy": strategy,
-                 "requirements": dict(zip(REQUIREMENT_FIELDS, requirements, strict=True)),
-                 "selected": selected,
-                 "fallback": fallback, "rejected": rejected, "reasons": reasons,
-                 "scores": {k: round(v, 3) for k, v in scores.items()}}
-    out.append([PLAN, plan_dict, plan_id, request_id, ts, model, selected, instance, outcome,
-                status, attempts, ttfb_ms, duration_ms,
-                *((None,) * 5 if usage is None else (
-                    prompt, completion, cached, cost, int(estimated)))])
-    return out
+        prompt, completion, cached, cost, estimated = usage
+        figures = {"prompt_tokens": prompt, "completion_tokens": completion,  # Usage.as_dict
+                   "cached_tokens": cached, "cost": round(cost, 8),
+                   "tokens_estimated": estimated}
+        columns = (prompt, completion, cached, cost, int(estimated))
+    events.append((ts, "REQUEST_COMPLETED", request_id, plan_id, instance, None, None, None,
+                   dumps({"status": status, "outcome": outcome, "attempts": attempts,
+                          "ttfb_ms": ttfb_ms, "duration_ms": duration_ms,
+                          "tried": [dict(zip(ATTEMPT_FIELDS, a, strict=True)) for a in tried],
+                          "usage": figures}).decode()))
+    needs = dumps(dict(zip(REQUIREMENT_FIELDS, requirements, strict=True)))
+    # the plan's JSON with its requirements' JSON inside, as RoutePlan.as_dict writes it
+    text = dumps({"plan_id": plan_id, "request_id": request_id, "model": plan_model,
+                  "strategy": strategy, "requirements": orjson.Fragment(needs),
+                  "selected": selected, "fallback": fallback, "rejected": rejected,
+                  "reasons": reasons, "scores": {k: round(v, 3) for k, v in scores.items()}})
+    tables[1].append((plan_id, request_id, ts, model, needs.decode(), text.decode(), selected,
+                      instance, outcome, status, attempts, ttfb_ms, duration_ms, *columns))
 
 
 def apply_retention(db: Database, retention_s: float, max_rows: int) -> None:
