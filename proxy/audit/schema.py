@@ -291,14 +291,14 @@ def _request_rows(entry: list[Any], tables: _Tables) -> None:
                           "ttfb_ms": ttfb_ms, "duration_ms": duration_ms,
                           "tried": [dict(zip(ATTEMPT_FIELDS, a, strict=True)) for a in tried],
                           "usage": figures}).decode()))
-    needs = dumps(dict(zip(REQUIREMENT_FIELDS, requirements, strict=True)))
-    # the plan's JSON with its requirements' JSON inside, as RoutePlan.as_dict writes it
-    text = dumps({"plan_id": plan_id, "request_id": request_id, "model": plan_model,
-                  "strategy": strategy, "requirements": orjson.Fragment(needs),
-                  "selected": selected, "fallback": fallback, "rejected": rejected,
-                  "reasons": reasons, "scores": {k: round(v, 3) for k, v in scores.items()}})
-    tables[1].append((plan_id, request_id, ts, model, needs.decode(), text.decode(), selected,
-                      instance, outcome, status, attempts, ttfb_ms, duration_ms, *columns))
+    needs = dict(zip(REQUIREMENT_FIELDS, requirements, strict=True))
+    text = dumps({"plan_id": plan_id, "request_id": request_id, "model": plan_model,  # as_dict
+                  "strategy": strategy, "requirements": needs, "selected": selected,
+                  "fallback": fallback, "rejected": rejected, "reasons": reasons,
+                  "scores": {k: round(v, 3) for k, v in scores.items()}})
+    tables[1].append((plan_id, request_id, ts, model, dumps(needs).decode(), text.decode(),
+                      selected, instance, outcome, status, attempts, ttfb_ms, duration_ms,
+                      *columns))
 
 
 def apply_retention(db: Database, retention_s: float, max_rows: int) -> None:
