@@ -2,8 +2,10 @@
 scheme, proxy.audit.database), written off the request path.
 
 Requests hand rows to `AuditStore.submit`, which never blocks and never waits on disk: it
-appends to a list. Every `SEND_EVERY_S` the rows gathered so far go, as one JSON line, down
-a pipe to a writer *process* (`proxy.audit.writer`) that inserts them in one transaction.
+appends the row, as JSON, to a list. A request's routine rows travel as one entry
+(`AuditStore.request`) from which the writer derives them (proxy.audit.schema). Every
+`SEND_EVERY_S` the rows gathered so far go, as one line, down a pipe to a writer
+*process* (`proxy.audit.writer`) that inserts them in one transaction.
 A separate process, not a thread, because a writer thread binding rows for SQLite keeps
 taking the interpreter lock back from the event loop: on a busy proxy that cost the loop
 more CPU than the rows themselves. The writer acknowledges every batch, so the proxy knows
