@@ -8,7 +8,9 @@ REROUTED when the instance the plan would have chosen was not ready), the first 
 (ROUTE_VERIFIED), every failed attempt or instance passed over (REROUTED, to the instance
 tried next), every continuation that finished a cut stream (STREAM_RESUMED), nothing
 routable (ROUTE_BLOCKED), and the end (REQUEST_COMPLETED). The recorder never awaits
-anything (store writes are queued), so recording costs the request microseconds.
+anything (store writes are queued), so recording costs the request microseconds: the
+store gets one entry per request, and the writer process makes the routine events
+(ROUTE_PLANNED, ROUTE_VERIFIED, REQUEST_COMPLETED) and the route_plans row of it.
 """
 
 from __future__ import annotations
