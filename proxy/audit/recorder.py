@@ -28,7 +28,6 @@ from proxy.audit.schema import (
     EVENT,
     LINEAGE,
     REQUEST,
-    REQUIREMENT_FIELDS,
     USAGE_FIELDS,
 )
 from proxy.audit.store import AuditStore
@@ -38,6 +37,7 @@ from proxy.health.instance import InstanceState
 from proxy.health.states import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN
 from proxy.logs import request_logger
 from proxy.routing.planner import RoutePlan
+from proxy.routing.requirements import Requirements
 
 if TYPE_CHECKING:
     from proxy.audit.eventstream import EventHub
@@ -58,7 +58,14 @@ STATES = (UNKNOWN, READY, LOADING, DOWN, MISMATCH, DRAINED)
 # A request entry's dataclasses as tuples of their fields (schema.ATTEMPT_FIELDS...).
 _attempt_values = attrgetter(*ATTEMPT_FIELDS)
 _usage_values = attrgetter(*USAGE_FIELDS)
-_requirement_values = attrgetter(*REQUIREMENT_FIELDS)
+
+
+def _requirement_values(req: Requirements) -> tuple[Any, ...]:
+    """Its schema.REQUIREMENT_FIELDS values, sets as sorted lists as its `as_dict` writes
+    them (orjson writes no sets; sorting here costs less than orjson's `default` call)."""
+    return (req.prompt_tokens, req.ctx_needed, sorted(req.capabilities), req.tags,
+            req.tags_source, req.prefer, req.session, sorted(req.protocol))
+
 
 log = structlog.get_logger("proxy.audit")
 
