@@ -216,6 +216,25 @@ def proxy_config(instances: list[dict[str, Any]], groups: dict[str, list[str]],
     }, indent=2)
 
 
+def children_cpu_s(pid: int) -> float:
+    """User + system CPU used so far by the live child processes of `pid` (the proxy's
+    audit writer), from /proc."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            kids = [int(k) for k in fh.read().split()]
+    except OSError:
+        return 0.0
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -942,6 +961,7 @@ class Bench:
                         if mode == "on" else None
                     self.log(f"  wrk {label} -c64 {s.wrk_s}s")
                     cpu0 = proxy.cpu_seconds()
+                    writer0 = children_cpu_s(proxy.pid)
                     res = run_wrk(sup, self.wrk, url, script, 64, s.wrk_s)
                     res.cpu_s = proxy.cpu_seconds() - cpu0
                     self.raw.setdefault("wrk", {})[f"{label}@c64"] = res.as_dict()
@@ -953,6 +973,10 @@ class Bench:
                                            "cpu_us_per_request": (res.cpu_s / res.requests * 1e6
                                                                   if res.requests else None)}
                     if mode == "on":
+                        self.audit_rows(db, settle=True)  # the writer has caught up
+                        writer_s = children_cpu_s(proxy.pid) - writer0
+                        run["writer_cpu_us_per_request"] = (writer_s / res.requests * 1e6
+                                                            if res.requests else None)
                         dropped = self.metric_total(proxy, "failover_proxy_events_dropped_total")
                         last = i == s.audit_pairs - 1
                         if last:  # SIGTERM: the proxy flushes its queue, then exits 0
@@ -1008,6 +1032,9 @@ class Bench:
         if cpu_on and cpu_off:
             note += (f"; proxy CPU/request {statistics.median(cpu_off):.0f} us off, "
                      f"{statistics.median(cpu_on):.0f} us on")
+        writer = [r["writer_cpu_us_per_request"] for r in on if r["writer_cpu_us_per_request"]]
+        if writer:  # another process, on the other core (shared with wrk and the simulator)
+            note += f", its audit writer process {statistics.median(writer):.0f} us"
         self.row("audit", "throughput, audit on vs off", rps_off, rps_on, "req/s", RATIO, note)
         if rps_off and rps_on / rps_off < 0.9:
             self.note(f"audit: throughput with the audit store on is {rps_on / rps_off:.0%} of "
