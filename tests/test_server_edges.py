@@ -221,6 +221,33 @@ async def test_chunked_body_growing_over_the_limit_is_413(edge: Edge) -> None:
     assert edge.sim.stats.requests == 0
 
 
+async def test_chunked_body_over_the_limit_arriving_whole_is_413(edge: Edge) -> None:
+    """The whole body is there when the handler starts (read without a wait), and it
+    declares no length: it is measured as it is taken."""
+    body = b"x" * (LIMIT + 1)
+    half = LIMIT // 2
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(part), part)
+                      for part in (body[:half], body[half:]))
+    reply, reader = await edge.conns.ask(build(
+        "POST", "/v1/chat/completions", chunks + b"0\r\n\r\n", length=False,
+        headers={"Transfer-Encoding": "chunked"}))
+    assert reply.status == 413 and reply.error()["code"] == "request_too_large"
+    assert str(LIMIT) in reply.error()["message"]
+    await assert_closed(reader)
+    assert edge.sim.stats.requests == 0
+
+
+async def test_chunked_body_at_the_limit_arriving_whole_is_served(edge: Edge) -> None:
+    body = chat("pad")
+    body = body[:-1] + b", \"user\": \"" + b"u" * (LIMIT - len(body) - 12) + b"\"}"
+    assert len(body) == LIMIT
+    chunks = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+    reply, _ = await edge.conns.ask(build("POST", "/v1/chat/completions", chunks,
+                                          length=False,
+                                          headers={"Transfer-Encoding": "chunked"}))
+    assert reply.status == 200
+
+
 async def test_a_body_exactly_at_the_limit_is_served(edge: Edge) -> None:
     body = chat("pad")
     body = body[:-1] + b", \"user\": \"" + b"u" * (LIMIT - len(body) - 12) + b"\"}"

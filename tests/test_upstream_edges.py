@@ -238,6 +238,33 @@ async def test_an_endless_body_is_bounded_by_max_response_bytes(
     await assert_served_by_the_good_one(proxy, http, result, False, "UPSTREAM_PROTOCOL_ERROR")
 
 
+@pytest.mark.parametrize("framing", ["content_length", "chunked"])
+async def test_a_whole_answer_over_max_response_bytes_arriving_at_once_fails_over(
+        framing: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """A complete JSON answer over the limit, written in one piece with its head: it is
+    all there when the proxy looks (taken without a wait), and still refused."""
+    body = b'{"choices": [], "pad": "' + b"x" * 4096 + b'"}'
+    if framing == "chunked":
+        answer = OK_JSON + CHUNKED + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+    else:
+        answer = OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        await h.read_request(reader)
+        h.attacking.set()
+        writer.write(answer)
+        await writer.drain()
+        await reader.read()  # until the proxy hangs up
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(config_for(hostile, await make_sim(),
+                                        upstream={"max_response_bytes": 1024}))
+    result = await under_attack(proxy, http, hostile)
+    await assert_served_by_the_good_one(proxy, http, result, False, "UPSTREAM_PROTOCOL_ERROR")
+
+
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + CHUNKED
 SSE_FLOODS = {
     "one_endless_line": b"data: {\"choices\": [\"" + b"a" * 65536,

@@ -9,6 +9,7 @@ about scoring or upstream transports.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from typing import Any
@@ -118,9 +119,16 @@ async def read_body(request: web.Request, limit: int, timeout_s: float = 30.0) -
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
+    content = request.content
     try:
-        if request.content.is_eof():  # it came whole with the head: no timer to arm
-            return await request.read()
+        if content.is_eof():
+            # It came whole with the head (the usual small request): taken as it is, with
+            # no timer to arm and none of request.read()'s copying and awaits.
+            body = content.read_nowait()
+            if 0 < request.client_max_size < len(body):  # (a chunked one declares none)
+                raise PayloadTooLarge(f"The request body is larger than the limit of {limit} "
+                                      "bytes.")
+            return body
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except TimeoutError:
@@ -242,31 +250,6 @@ def _translated(exchange: Exchange, front: Front, status: int, body: bytes,
     return web.Response(status=status, body=body, headers=headers)
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions"""
-    return await _proxy(request, CHAT)
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/completions"""
-    return await _proxy(request, COMPLETIONS)
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    """POST /v1/embeddings"""
-    return await _proxy(request, EMBEDDINGS)
-
-
-async def responses(request: web.Request) -> web.StreamResponse:
-    """POST /v1/responses: OpenAI's Responses API, translated (proxy.fronts.responses)."""
-    return await _proxy(request, CHAT, RESPONSES)
-
-
-async def messages(request: web.Request) -> web.StreamResponse:
-    """POST /v1/messages: Anthropic's Messages API, translated (proxy.fronts.messages)."""
-    return await _proxy(request, CHAT, MESSAGES)
-
-
 async def count_message_tokens(request: web.Request) -> web.Response:
     """POST /v1/messages/count_tokens: `{"input_tokens": N}` for a Messages request, by the
     tokenizer of an instance it could go to that has one, else estimated."""
@@ -377,14 +360,28 @@ def models_body(config: Config) -> bytes:
     ]})
 
 
+#: The model endpoints: path, endpoint, front. /v1/responses is OpenAI's Responses API and
+#: /v1/messages Anthropic's Messages API, both translated (proxy.fronts).
+MODEL_ROUTES: tuple[tuple[str, str, Front | None], ...] = (
+    ("/v1/chat/completions", CHAT, None),
+    ("/v1/completions", COMPLETIONS, None),
+    ("/v1/embeddings", EMBEDDINGS, None),
+    ("/v1/responses", CHAT, RESPONSES),
+    ("/v1/messages", CHAT, MESSAGES),
+)
+
+
 def add_routes(app: web.Application) -> None:
     """Register the public endpoints (a GET route answers HEAD too)."""
     router = app.router
-    for path, handler in (("/v1/chat/completions", chat_completions),
-                          ("/v1/completions", completions), ("/v1/embeddings", embeddings),
-                          ("/v1/responses", responses), ("/v1/messages", messages),
-                          ("/v1/messages/count_tokens", count_message_tokens)):
-        router.add_post(path, handler, expect_handler=expect_continue)
+    for path, endpoint, front in MODEL_ROUTES:
+        # `_proxy` itself is the handler (aiohttp takes a partial of a coroutine function
+        # as one): a handler that only passed the call on would be one more coroutine on
+        # every request, resumed at each of its waits.
+        router.add_post(path, functools.partial(_proxy, endpoint=endpoint, front=front),
+                        expect_handler=expect_continue)
+    router.add_post("/v1/messages/count_tokens", count_message_tokens,
+                    expect_handler=expect_continue)
     for path, get in (("/v1/models", list_models), ("/v1/models/{id:.+}", retrieve_model),
                       ("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
         router.add_get(path, get, expect_handler=expect_continue)

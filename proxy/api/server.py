@@ -173,7 +173,7 @@ class _OpenAIErrorHandler(RequestHandler):
         # through here as it is: aiohttp's default Expect handler, which the router uses
         # for unknown paths, answers an unknown expectation with a plain-text 417. (Not
         # a coroutine itself: no extra await per request.)
-        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+        if resp.status >= 400 and isinstance(resp, web.HTTPException):  # (an ABC check)
             resp = framework_error(request, resp)
         return super().finish_response(request, resp, start_time)
 

@@ -95,19 +95,27 @@ class Exchange:
                                         req.body_for(inst.request_model), client_auth,
                                         req.native)
         try:
-            return await self._read_whole(inst, resp, time.perf_counter() - t0,
-                                          req.native is not None)
+            ttfb = time.perf_counter() - t0
+            # The usual small answer came whole with its head: taken without an await.
+            body = self.upstream.arrived(resp)
+            if body is None:
+                body = await self.upstream.read_body(resp, self.timeouts.idle_s)
+            return self._whole(inst, resp, body, ttfb, req.native is not None)
         except BaseException:
             resp.close()
             raise
 
-    async def _read_whole(self, inst: InstanceState, resp: Response, ttfb: float,
-                          native: bool = False) -> Reply:
+    async def _read_whole(self, inst: InstanceState, resp: Response, ttfb: float) -> Reply:
+        """The whole answer of an upstream that ignored `stream` (see `_whole`)."""
+        return self._whole(inst, resp, await self.upstream.read_body(resp, self.timeouts.idle_s),
+                           ttfb)
+
+    def _whole(self, inst: InstanceState, resp: Response, body: bytes, ttfb: float,
+               native: bool = False) -> Reply:
         """A whole answer in OpenAI's shape (for a `native` request, in the instance's
         own), checked against the pinned fingerprint (a non-streaming request, or an
         upstream that ignored `stream`). A 2xx that is not a JSON object (a 204, an empty
         body, a captive portal's HTML page) is no answer: UpstreamProtocolError."""
-        body = await self.upstream.read_body(resp, self.timeouts.idle_s)
         resp.release()
         body = inst.provider.body(body, native)
         if _JSON_OBJECT.match(body) is None:

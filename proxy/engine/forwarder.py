@@ -128,12 +128,19 @@ class Forwarder:
             run.limited = {i.id: (i, _NO_HEADERS) for i in plan.cooling}
         max_attempts = self.config.retry.max_attempts
         while not run.stop and record.sent < max_attempts:
-            target = await self._next(run)
+            # (the waits, for a cooldown's end or a free slot, are the rare ways: the usual
+            # next candidate with a slot free costs no await of its own)
+            target = self._next_candidate(run)
             if target is None:
-                break
+                target = await self._wait_out_cooldown(run)
+                if target is None:
+                    break
             inst, mode = target
             attempt = Attempt(inst.id, mode or PREFILL)
-            if await self._admitted(run, inst, attempt, mode):
+            admitted = self._admit(run, inst, attempt, mode)
+            if admitted is None:
+                admitted = await self._wait_for_slot(run, inst, attempt)
+            if admitted:
                 reply = await self._try(run, inst, attempt)
                 if reply is not None:
                     return reply
@@ -143,20 +150,27 @@ class Forwarder:
 
     # ------------------------------------------------------------------ choosing
 
-    async def _next(self, run: _Run) -> tuple[InstanceState, str | None] | None:
-        """The instance to try next and its mode; once the candidates are spent, the
-        soonest end of a rate-limit cooldown may be waited out (not mid-answer)."""
+    @staticmethod
+    def _next_candidate(run: _Run) -> tuple[InstanceState, str | None] | None:
+        """The plan's (or the continuation's) next instance and its mode, or None when
+        they are spent."""
         if run.index < len(run.candidates):
             modes = run.modes
             return run.candidates[run.index], FRESH if modes is None else modes[run.index]
+        return None
+
+    async def _wait_out_cooldown(self, run: _Run) -> tuple[InstanceState, str | None] | None:
+        """Once the candidates are spent, the soonest end of a rate-limit cooldown may be
+        waited out (not mid-answer)."""
         if run.cut is not None or not run.limited:
             return None
         inst = await self._wait_out_rate_limit(run.limited)
         return None if inst is None else (inst, FRESH)
 
-    async def _admitted(self, run: _Run, inst: InstanceState, attempt: Attempt,
-                        mode: str | None) -> bool:
-        """Whether `inst` may be tried now (and holds a slot); else the skip is recorded.
+    def _admit(self, run: _Run, inst: InstanceState, attempt: Attempt,
+               mode: str | None) -> bool | None:
+        """Whether `inst` may be tried now and holds a slot (True), is passed over (False:
+        the skip is recorded), or may be tried once a slot frees (None: `_wait_for_slot`).
 
         Verified before send: its state may have changed since the plan was made. A last
         resort (its circuit was open at planning time) is tried through an open circuit
@@ -165,9 +179,7 @@ class Forwarder:
         """
         registry = self.registry
         if run.same:
-            if not registry.take_slot(inst):
-                await registry.wait_for_slot(inst, 0.0, True)
-            return True
+            return True if registry.take_slot(inst) else None
         if mode is None:
             self._skip(run, attempt, UnsupportedRequest(run.cut.no_prefill or NO_PREFILL)
                        if run.cut is not None else UnsupportedRequest(NO_PREFILL))
@@ -179,8 +191,18 @@ class Forwarder:
                 run.limited.setdefault(inst.id, (inst, _NO_HEADERS))
             self._skip(run, attempt, InstanceNotReady(why))
             return False
-        if registry.take_slot(inst) or await registry.wait_for_slot(
-                inst, self.config.retry.queue_wait_s, run.index + 1 >= len(run.candidates)):
+        return True if registry.take_slot(inst) else None
+
+    async def _wait_for_slot(self, run: _Run, inst: InstanceState, attempt: Attempt) -> bool:
+        """An admitted instance at its `max_concurrency`: queue up to `retry.queue_wait_s`
+        for a slot (a same-instance retry, or the last candidate, takes one anyway), else
+        withdraw and record the skip."""
+        registry = self.registry
+        if run.same:
+            await registry.wait_for_slot(inst, 0.0, True)
+            return True
+        if await registry.wait_for_slot(inst, self.config.retry.queue_wait_s,
+                                        run.index + 1 >= len(run.candidates)):
             return True
         registry.withdraw(inst, attempt)
         self._skip(run, attempt, InstanceBusy(
@@ -216,8 +238,8 @@ class Forwarder:
     # ------------------------------------------------------------------ trying
 
     async def _try(self, run: _Run, inst: InstanceState, attempt: Attempt) -> Reply | None:
-        """One attempt with the slot `_admitted` took; the reply when it served the request,
-        None to go on."""
+        """One attempt with the slot `_admit` (or `_wait_for_slot`) took; the reply when it
+        served the request, None to go on."""
         started = time.perf_counter()
         tracing = self.tracing
         span = None if tracing is None else tracing.start_attempt(run.record, run.req.endpoint,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import InstanceConfig, TimeoutsConfig, UpstreamConfig
@@ -117,7 +118,7 @@ class Upstream:
         #: The Messages API requires max_tokens; used when the client sent none.
         self.default_max_tokens = default_max_tokens
         self.limits = limits or UpstreamConfig()
-        self._headers: dict[str, dict[str, str]] = {}
+        self._headers: dict[str, CIMultiDict[str]] = {}
         self._urls: dict[str, URL] = {}
         self._routes: dict[str, Route] = {}
         #: OpenTelemetry traces (proxy.tracing), set by the app when on: requests then
@@ -156,14 +157,15 @@ class Upstream:
         return route
 
     def headers_for(self, inst: InstanceConfig, provider: Provider,
-                    client_auth: str | None) -> dict[str, str]:
+                    client_auth: str | None) -> Mapping[str, str]:
         """The instance's request headers (worked out once, unless the client's
-        credentials are forwarded)."""
+        credentials are forwarded). Kept as the CIMultiDict aiohttp would otherwise build
+        from a dict on every request (aiohttp 3.14 client.py `_prepare_headers`)."""
         if inst.forward_client_auth:
             return provider.headers(inst, client_auth)
         cached = self._headers.get(inst.id)
         if cached is None:
-            cached = self._headers[inst.id] = provider.headers(inst, None)
+            cached = self._headers[inst.id] = CIMultiDict(provider.headers(inst, None))
         return cached
 
     async def open(self, inst: InstanceConfig, provider: Provider, endpoint: str,
@@ -251,6 +253,18 @@ class Upstream:
             resp.release()
         return self.redactor.data(data)  # a server may quote the key it was sent
 
+    def arrived(self, resp: Response) -> bytes | None:
+        """The whole body (decoded) when it has already arrived, as a small answer comes
+        with its head; else None: `read_body` waits for it. Raises UpstreamProtocolError
+        when it is larger than `upstream.max_response_bytes`."""
+        content = resp.content
+        if not content.is_eof() or content.exception() is not None:
+            return None
+        data = content.read_nowait()
+        if len(data) > self.limits.max_response_bytes:
+            raise _too_large(self.limits.max_response_bytes)
+        return data
+
     async def read_body(self, resp: Response, deadline_s: float) -> bytes:
         """Read a whole response body (decoded) within `deadline_s` seconds.
 
@@ -303,11 +317,12 @@ class Deadline:
     __slots__ = ("_task", "_handle", "_fired")
 
     def __init__(self, seconds: float) -> None:
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)  # (given the loop, it does not look it up again)
         assert task is not None, "Deadline is used inside a task"
         self._task = task
         self._fired = False
-        self._handle = asyncio.get_running_loop().call_later(seconds, self._fire)
+        self._handle = loop.call_later(seconds, self._fire)
 
     def _fire(self) -> None:
         self._fired = True
