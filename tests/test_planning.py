@@ -89,6 +89,14 @@ def test_keyword_classifier_words_split_alike_in_ascii_and_other_text(
     assert classify(text) == tags
 
 
+@pytest.mark.parametrize("code", range(128))
+def test_keyword_classifier_splits_at_each_ascii_character_as_in_other_text(code: int) -> None:
+    # ASCII text is split by bytes.translate, other text by the _WORD pattern: each ASCII
+    # character around a keyword splits (or joins) alike in both.
+    for text in (f"{chr(code)}python{chr(code)}", f"react{chr(code)}x", f"x{chr(code)}css"):
+        assert classify(text) == classify(text + " é"), repr(text)
+
+
 @pytest.mark.parametrize("body,capabilities", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tools"}),
     ({"functions": [{"name": "f"}]}, {"tools"}),

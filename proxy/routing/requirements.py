@@ -26,9 +26,10 @@ IMAGE_TOKENS = 1000
 MESSAGE_TOKENS = 4
 
 _WORD = re.compile(r"[a-z0-9_#+.]+")
-#: Every ASCII character _WORD does not match, to a space.
-_SEPARATORS = str.maketrans({chr(c): " " for c in range(128)
-                             if not _WORD.fullmatch(chr(c))})
+#: Every byte _WORD does not match (as an ASCII character), to a space: for ASCII text,
+#: bytes.translate and split find the same words as _WORD, some 3 times faster than
+#: str.translate (which looks each character up in a dict).
+_SEPARATORS = bytes(c if c < 128 and _WORD.fullmatch(chr(c)) else 32 for c in range(256))
 _CODING = frozenset("""
     python java javascript typescript rust golang go c++ c# csharp kotlin swift ruby php
     sql regex bash shell powershell code coding bug bugs debug compile compiler exception
@@ -41,13 +42,17 @@ _FRONTEND = frozenset("""
     components ui ux layout flexbox grid responsive browser webpack vite nextjs next.js
     button stylesheet scss sass
 """.split())
+#: The two sets as bytes, for the words of ASCII text (see _SEPARATORS).
+_CODING_BYTES = frozenset(word.encode() for word in _CODING)
+_FRONTEND_BYTES = frozenset(word.encode() for word in _FRONTEND)
 _CODE_MARKERS = ("```", "def ", "function ", "=>", "();", "#include", "import ")
 _CODE_MARKER = re.compile("|".join(re.escape(m) for m in _CODE_MARKERS))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Requirements:
-    """The request's needs; plain data, recorded in the plan."""
+    """The request's needs; plain data, recorded in the plan, never changed once made (not
+    a frozen dataclass: its __init__ took a microsecond per request, 5 times as long)."""
 
     prompt_tokens: int
     ctx_needed: int
@@ -165,11 +170,16 @@ def classify(text: str) -> tuple[str, ...]:
     if not text:
         return ("general",)
     sample = text[:4000].lower()
-    # The same words as _WORD finds; for ASCII text str.translate splits them faster.
-    words = set(sample.translate(_SEPARATORS).split()) if sample.isascii() \
-        else set(_WORD.findall(sample))
-    frontend = not words.isdisjoint(_FRONTEND)
-    coding = frontend or not words.isdisjoint(_CODING) or _CODE_MARKER.search(sample) is not None
+    # The words _WORD finds, as a list (the sets look each one up: no set is built).
+    if sample.isascii():
+        words: list[Any] = sample.encode().translate(_SEPARATORS).split()
+        frontend_words, coding_words = _FRONTEND_BYTES, _CODING_BYTES
+    else:
+        words = _WORD.findall(sample)
+        frontend_words, coding_words = _FRONTEND, _CODING
+    frontend = not frontend_words.isdisjoint(words)
+    coding = frontend or not coding_words.isdisjoint(words) \
+        or _CODE_MARKER.search(sample) is not None
     if frontend:
         return ("coding", "frontend")
     if coding:
