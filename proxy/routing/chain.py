@@ -50,9 +50,11 @@ class Prefix:
         return self.chain.total
 
 
-def prefix_of(req: ClientRequest) -> Prefix | None:
+def prefix_of(req: ClientRequest, least: int = 1) -> Prefix | None:
     """The hash chain of a chat or text completion request's prompt (None for other
-    endpoints, or an empty prompt). Costs one serialisation (orjson) of the messages;
+    endpoints, or a prompt of fewer than `least` bytes: proxy.routing.affinity neither
+    looks up nor remembers one shorter than its `min_prefix_chars`, and a short prompt
+    costs no chain). Costs one serialisation (orjson) of the messages;
     the keys are hashed when asked for (see `Chain`). A client that re-sends a message
     with its keys in another order starts a new chain there (none of the SDKs or fronts
     does)."""
@@ -71,7 +73,10 @@ def prefix_of(req: ClientRequest) -> Prefix | None:
         else:
             # Without the closing `\n]`: the bytes of the last message end as they do
             # once the conversation has grown a turn (then followed by `,\n  {`).
-            chain = Chain(data, seed, MESSAGE_END, None, len(messages), len(data) - 2)
+            total = len(data) - 2
+            if total < least:
+                return None
+            chain = Chain(data, seed, MESSAGE_END, None, len(messages), total)
     elif req.endpoint == COMPLETIONS:
         # A character is at least a byte: the first _TEXT_BYTES of them make at
         # least _TEXT_BYTES bytes, so the rest is never encoded (a prompt of two
@@ -84,14 +89,14 @@ def prefix_of(req: ClientRequest) -> Prefix | None:
         data = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) \
             else orjson.dumps(prompt)
         data = data[:_TEXT_BYTES]
-        if not data:
+        if not data or len(data) < least:
             return None
         size = len(data)
         chain = Chain(data, _COMPLETIONS_SEED, None,
                       [*range(CHUNK_BYTES, size, CHUNK_BYTES), size], None)
     else:
         return None
-    return Prefix(chain) if chain.total else None
+    return Prefix(chain) if chain.total >= max(least, 1) else None
 
 
 #: The bytes of a text prompt that are hashed.
