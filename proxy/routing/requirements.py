@@ -113,8 +113,12 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
         tags = classify(last_user)
         source = "classifier"
 
-    prefer = (headers.get(PREFER_HEADER) or "")[:16].strip().lower() or None
-    if prefer not in PREFERENCES:
+    prefer = headers.get(PREFER_HEADER)
+    if prefer:
+        prefer = prefer[:16].strip().lower()
+        if prefer not in PREFERENCES:
+            prefer = None
+    else:
         prefer = None
 
     session = _session_key(headers.get(session_header))
@@ -132,15 +136,17 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
     return Requirements(
         prompt_tokens=prompt_tokens,
         ctx_needed=prompt_tokens + max_tokens,
-        capabilities=frozenset(capabilities),
+        capabilities=frozenset(capabilities) if capabilities else _NOTHING,
         tags=tags,
         tags_source=source,
         prefer=prefer,
         session=session,
-        protocol=frozenset(protocol),
+        protocol=frozenset(protocol) if protocol else _NOTHING,
     )
 
 
+#: No capabilities, no protocol beyond one chat answer: most requests' (one shared set).
+_NOTHING: frozenset[str] = frozenset()
 _TAG = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 _SAFE_SESSION = re.compile(r"[\x21-\x7e]{1,256}")
 
