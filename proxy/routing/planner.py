@@ -244,11 +244,11 @@ class Planner:
         ordered: list[InstanceState] = []
         seen: set[str] = set()
         ctx_reason = built.ctx_reason
-        first_rank: tuple[int, float, int] | None = None
+        first_rank: _Rank | None = None  # the rank (see _key) of the plan's first instance
         position = 0
         terms, balance, scored = built.terms, built.balance, strategy == SCORED
         for tier_no, tier in enumerate(resolution.tiers):
-            ranked: list[tuple[float, InstanceState]] = []
+            ranked: list[tuple[float, int, InstanceState]] = []  # (score, position, it)
             for inst in tier:
                 inst_id = inst.id
                 if inst_id in seen:
@@ -267,16 +267,19 @@ class Planner:
                     0 if resident is None or inst.capacity is None else resident(inst_id))
                 scores[inst_id] = value
                 reasons[inst_id] = why_list
-                rank = (tier_no, -value if scored else float(position), position)  # _key
                 if stale or not inst.circuit.available(now):
-                    built.hold_back(inst, stale, why_list, rank)
+                    built.hold_back(inst, stale, why_list,
+                                    (tier_no, _key(strategy, value, position), position))
                 else:
-                    ranked.append((value, inst))
-                    if first_rank is None or rank < first_rank:
-                        first_rank = rank
-            if strategy == SCORED:
+                    ranked.append((value, position, inst))
+            if not ranked:
+                continue
+            if scored:
                 ranked.sort(key=_by_score)  # stable: ties keep config order
-            ordered.extend(inst for _, inst in ranked)
+            if first_rank is None:  # the lowest rank of the first tier with a ready one
+                value, at, _ = ranked[0]
+                first_rank = (tier_no, _key(strategy, value, at), at)
+            ordered.extend([inst for _, _, inst in ranked])
         plan = built.plan(request_id, model, ordered, first_rank)
         plan.prefix = prefix
         return plan
@@ -402,23 +405,11 @@ class _Build:
         unready = self.unready
         if unready is not None and (first_rank is None or unready[0] < first_rank):
             preferred, preferred_why = unready[1], unready[2]
-        return RoutePlan(
-            plan_id=new_id(),
-            request_id=request_id,
-            model=model,
-            requirements=self.reqs,
-            strategy=self.strategy,
-            selected=ids[0] if ids else None,
-            fallback=ids[1:],
-            rejected=self.rejected,
-            reasons=self.reasons,
-            scores=self.scores,
-            candidates=ordered,
-            healthy=healthy,
-            preferred=preferred,
-            preferred_why=preferred_why,
-            cooling=tuple(self.cooling),
-        )
+        # In the order of RoutePlan's fields (keywords took 0.5 us more per plan).
+        return RoutePlan(new_id(), request_id, model, self.reqs, self.strategy,
+                         ids[0] if ids else None, ids[1:], self.rejected, self.reasons,
+                         self.scores, ordered, healthy, preferred, preferred_why,
+                         tuple(self.cooling))
 
 
 def larger_window(failed: int | None, candidate: int | None) -> bool:
@@ -429,7 +420,7 @@ def larger_window(failed: int | None, candidate: int | None) -> bool:
     return candidate > failed
 
 
-def _by_score(item: tuple[float, InstanceState]) -> float:
+def _by_score(item: tuple[float, int, InstanceState]) -> float:
     return -item[0]
 
 

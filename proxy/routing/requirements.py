@@ -133,16 +133,10 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
     if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
         protocol.add("n>1")
 
-    return Requirements(
-        prompt_tokens=prompt_tokens,
-        ctx_needed=prompt_tokens + max_tokens,
-        capabilities=frozenset(capabilities) if capabilities else _NOTHING,
-        tags=tags,
-        tags_source=source,
-        prefer=prefer,
-        session=session,
-        protocol=frozenset(protocol) if protocol else _NOTHING,
-    )
+    # In the order of the fields (keywords cost more than the construction itself).
+    return Requirements(prompt_tokens, prompt_tokens + max_tokens,
+                        frozenset(capabilities) if capabilities else _NOTHING, tags, source,
+                        prefer, session, frozenset(protocol) if protocol else _NOTHING)
 
 
 #: No capabilities, no protocol beyond one chat answer: most requests' (one shared set).
