@@ -172,14 +172,14 @@ def classify(text: str) -> tuple[str, ...]:
     sample = text[:4000].lower()
     # The words _WORD finds, as a list (the sets look each one up: no set is built).
     if sample.isascii():
-        words: list[Any] = sample.encode().translate(_SEPARATORS).split()
-        frontend_words, coding_words = _FRONTEND_BYTES, _CODING_BYTES
+        ascii_words = sample.encode().translate(_SEPARATORS).split()
+        frontend = not _FRONTEND_BYTES.isdisjoint(ascii_words)
+        coding = frontend or not _CODING_BYTES.isdisjoint(ascii_words)
     else:
         words = _WORD.findall(sample)
-        frontend_words, coding_words = _FRONTEND, _CODING
-    frontend = not frontend_words.isdisjoint(words)
-    coding = frontend or not coding_words.isdisjoint(words) \
-        or _CODE_MARKER.search(sample) is not None
+        frontend = not _FRONTEND.isdisjoint(words)
+        coding = frontend or not _CODING.isdisjoint(words)
+    coding = coding or _CODE_MARKER.search(sample) is not None
     if frontend:
         return ("coding", "frontend")
     if coding:
