@@ -113,12 +113,8 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
         tags = classify(last_user)
         source = "classifier"
 
-    prefer = headers.get(PREFER_HEADER)
-    if prefer:
-        prefer = prefer[:16].strip().lower()
-        if prefer not in PREFERENCES:
-            prefer = None
-    else:
+    prefer = (headers.get(PREFER_HEADER) or "")[:16].strip().lower() or None
+    if prefer not in PREFERENCES:
         prefer = None
 
     session = _session_key(headers.get(session_header))
