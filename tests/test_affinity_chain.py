@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from proxy.api.inbound import CHAT, parse_request
+from proxy.api.inbound import CHAT, COMPLETIONS, parse_request
 from proxy.routing.affinity import LocalPrefixStore
 from proxy.routing.chain import MAX_BYTES, MAX_PARTS, TAIL, prefix_of
 from tests.test_balance import SYSTEM, chat, conversation, planner
@@ -93,3 +93,20 @@ def test_a_text_completion_and_tools_chain_as_before() -> None:
     assert tooled is not None and plain is not None
     assert tooled.ends == plain.ends and not set(tooled.keys) & set(plain.keys)
     assert [tooled.chain[i] for i in (3, 0)] == [tooled.keys[3], tooled.keys[0]]
+
+
+def test_a_prompt_shorter_than_the_least_worth_remembering_gets_no_chain() -> None:
+    chat_request = chat(conversation(2))
+    text_request = parse_request(COMPLETIONS, orjson.dumps(
+        {"model": "auto", "prompt": "Once upon a time " * 100}), "r")
+    for req in (chat_request, text_request):
+        whole = prefix_of(req)
+        assert whole is not None
+        at_least = prefix_of(req, whole.total)  # exactly long enough: the same chain
+        assert at_least is not None and at_least.keys == whole.keys
+        assert prefix_of(req, whole.total + 1) is None
+    # The planner asks for min_prefix_chars: a short prompt's plan has no chain at all.
+    p = planner()
+    short = chat([{"role": "user", "content": "hi"}])
+    assert prefix_of(short) is not None and p.plan(short, {}).prefix is None
+    assert p.plan(chat_request, {}).prefix is not None

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.api.errors import NotFound
-from proxy.api.inbound import CHAT, ClientRequest, parse_request
+from proxy.api.errors import BadRequest, NotFound
+from proxy.api.inbound import CHAT, MAX_DEPTH, ClientRequest, parse_request
 from proxy.config import Config, load_config, parse_config
 from proxy.health.instance import InstanceState
 from proxy.health.registry import Registry
@@ -87,6 +87,28 @@ def test_keyword_classifier(text: str, tags: tuple[str, ...]) -> None:
 def test_keyword_classifier_words_split_alike_in_ascii_and_other_text(
         text: str, tags: tuple[str, ...]) -> None:
     assert classify(text) == tags
+
+
+@pytest.mark.parametrize("code", range(128))
+def test_keyword_classifier_splits_at_each_ascii_character_as_in_other_text(code: int) -> None:
+    # ASCII text is split by bytes.translate, other text by the _WORD pattern: each ASCII
+    # character around a keyword splits (or joins) alike in both.
+    for text in (f"{chr(code)}python{chr(code)}", f"react{chr(code)}x", f"x{chr(code)}css"):
+        assert classify(text) == classify(text + " é"), repr(text)
+
+
+# One message: the brackets are counted first; more than MAX_DEPTH: walked at once.
+@pytest.mark.parametrize("messages", [1, MAX_DEPTH + 1])
+def test_a_body_nested_deeper_than_the_limit_is_refused(messages: int) -> None:
+    def body(depth: int) -> bytes:  # the body itself is the first level
+        nested = "[" * (depth - 1) + "]" * (depth - 1)
+        history = ", ".join(['{"role": "user", "content": "hi"}'] * messages)
+        return f'{{"model": "auto", "messages": [{history}], "extra": {nested}}}'.encode()
+
+    assert parse_request(CHAT, body(MAX_DEPTH), "r").model == "auto"
+    with pytest.raises(BadRequest) as refused:
+        parse_request(CHAT, body(MAX_DEPTH + 1), "r")
+    assert refused.value.code == "too_deep"
 
 
 @pytest.mark.parametrize("body,capabilities", [

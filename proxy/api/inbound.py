@@ -84,16 +84,9 @@ def parse_request(endpoint: str, raw: bytes, request_id: str,
         if not isinstance(options, dict):
             raise _type_error("stream_options", "an object")
         include_usage = options.get("include_usage") is True
-    return ClientRequest(
-        request_id=request_id,
-        endpoint=endpoint,
-        body=body,
-        raw=raw,
-        model=model,
-        stream=stream,
-        include_usage=include_usage,
-        headers=headers or {},
-    )
+    # In the order of the fields (keywords cost more than the construction itself).
+    return ClientRequest(request_id, endpoint, body, raw, model, stream, include_usage,
+                         headers or {})
 
 
 def load_object(raw: bytes) -> dict[str, Any]:
@@ -108,8 +101,12 @@ def load_object(raw: bytes) -> dict[str, Any]:
                          f"(line {exc.lineno}, column {exc.colno}).") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
-    # Counting brackets is C-speed; only a body that could be that deep is walked.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(body, MAX_DEPTH):
+    # Only a body that could be that deep is walked. Counting its brackets is C-speed, but
+    # it reads the body twice: a chat of more than MAX_DEPTH messages (objects, each a
+    # bracket) is walked without (100 messages: the count took 12 us, the walk 23).
+    messages = body.get("messages")
+    many = messages.__class__ is list and MAX_DEPTH < len(messages) <= MAX_MESSAGES
+    if (many or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH) and _too_deep(body, MAX_DEPTH):
         raise BadRequest(f"The request body is nested more than {MAX_DEPTH} levels deep.",
                          code="too_deep")
     return body
@@ -142,16 +139,21 @@ def _check_counts(body: dict[str, Any]) -> None:
 
 
 def _too_deep(value: Any, limit: int) -> bool:
-    """Whether `value` nests lists and objects more than `limit` levels deep."""
+    """Whether `value` (parsed JSON) nests lists and objects more than `limit` levels deep.
+
+    Every chat of more than MAX_DEPTH messages is walked: the loop does as little per
+    container as it can (parsed JSON has no subclasses, so a class is compared, not
+    checked with isinstance)."""
     stack = [(value, 1)]
+    pop, push = stack.pop, stack.append
     while stack:
-        item, depth = stack.pop()
+        item, depth = pop()
         if depth > limit:
             return True
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+        for child in item.values() if item.__class__ is dict else item:
+            kind = child.__class__
+            if kind is dict or kind is list:
+                push((child, depth + 1))
     return False
 
 
@@ -164,6 +166,13 @@ def _check_messages(messages: Any) -> None:
     if len(messages) > MAX_MESSAGES:
         raise BadRequest(f"'messages' has {len(messages)} messages; at most {MAX_MESSAGES} "
                          "are accepted.", param="messages", code="too_many_messages")
+    for message in messages:  # (parsed JSON: no subclasses; the index only for an error)
+        if message.__class__ is not dict or message.get("role").__class__ is not str:
+            _bad_message(messages)
+
+
+def _bad_message(messages: list[Any]) -> None:
+    """Raises BadRequest for the first message that is not an object with a `role`."""
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _type_error(f"messages[{i}]", "an object")

@@ -129,10 +129,12 @@ class LocalPrefixStore:
         for _ in range(excess if excess > 0 else 0):
             successors.pop(entries.popitem(last=False)[0], None)
         # The conversation's tip moves to its new end, here; its old tip, wherever it
-        # was, is one of this prompt's shorter keys.
+        # was, is one of this prompt's shorter keys. (A dict's keys & a set iterate the
+        # smaller of the two: an instance's few tips, or the prompt's keys.)
+        shorter = set(keys[:-1])
         for tips in self._tips.values():
-            for key in keys[:-1]:
-                tips.pop(key, None)
+            for key in tips.keys() & shorter:
+                del tips[key]
         tips = self._tips.setdefault(instance_id, OrderedDict())
         tips[keys[-1]] = expiry
         tips.move_to_end(keys[-1])

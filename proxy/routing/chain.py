@@ -9,6 +9,7 @@ keeps every key of its history. Planning asks for a few keys only (`Chain`).
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -50,9 +51,11 @@ class Prefix:
         return self.chain.total
 
 
-def prefix_of(req: ClientRequest) -> Prefix | None:
+def prefix_of(req: ClientRequest, least: int = 1) -> Prefix | None:
     """The hash chain of a chat or text completion request's prompt (None for other
-    endpoints, or an empty prompt). Costs one serialisation (orjson) of the messages;
+    endpoints, or a prompt of fewer than `least` bytes: proxy.routing.affinity neither
+    looks up nor remembers one shorter than its `min_prefix_chars`, and a short prompt
+    costs no chain). Costs one serialisation (orjson) of the messages;
     the keys are hashed when asked for (see `Chain`). A client that re-sends a message
     with its keys in another order starts a new chain there (none of the SDKs or fronts
     does)."""
@@ -71,7 +74,10 @@ def prefix_of(req: ClientRequest) -> Prefix | None:
         else:
             # Without the closing `\n]`: the bytes of the last message end as they do
             # once the conversation has grown a turn (then followed by `,\n  {`).
-            chain = Chain(data, seed, MESSAGE_END, None, len(messages), len(data) - 2)
+            total = len(data) - 2
+            if total < least:
+                return None
+            chain = Chain(data, seed, MESSAGE_END, None, len(messages), total)
     elif req.endpoint == COMPLETIONS:
         # A character is at least a byte: the first _TEXT_BYTES of them make at
         # least _TEXT_BYTES bytes, so the rest is never encoded (a prompt of two
@@ -84,14 +90,14 @@ def prefix_of(req: ClientRequest) -> Prefix | None:
         data = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) \
             else orjson.dumps(prompt)
         data = data[:_TEXT_BYTES]
-        if not data:
+        if not data or len(data) < least:
             return None
         size = len(data)
         chain = Chain(data, _COMPLETIONS_SEED, None,
                       [*range(CHUNK_BYTES, size, CHUNK_BYTES), size], None)
     else:
         return None
-    return Prefix(chain) if chain.total else None
+    return Prefix(chain) if chain.total >= max(least, 1) else None
 
 
 #: The bytes of a text prompt that are hashed.
@@ -102,6 +108,9 @@ _TEXT_BYTES = min(MAX_BYTES, CHUNK_BYTES * MAX_PARTS)
 #: there is a `}` indented by two (a JSON string holds no raw newline), so that the
 #: count of parts is the count of messages, and the last ones are found from the end.
 MESSAGE_END = b"\n  },\n  {\n"
+#: Finds every MESSAGE_END in one pass (some 20% faster than a loop of bytes.find). A
+#: separator never overlaps the next: it begins and ends with its only two newlines.
+_MESSAGE_END = re.compile(re.escape(MESSAGE_END))
 #: A message ends this many bytes into MESSAGE_END (after its `}`).
 _END_AT = 4
 _COMPLETIONS_SEED = xxh3_64_intdigest(b"completions")
@@ -244,13 +253,8 @@ class Chain(Sequence[int]):
         return tuple(keys)
 
     def _find_all(self) -> list[int]:
-        data, sep = self.data, self._sep
-        assert sep is not None
-        ends = []
-        found = data.find(sep)
-        while found >= 0:
-            ends.append(found + _END_AT)
-            found = data.find(sep, found + _END_AT)
+        assert self._sep == MESSAGE_END  # (the one separator _MESSAGE_END finds)
+        ends = [found.start() + _END_AT for found in _MESSAGE_END.finditer(self.data)]
         total = self.total
         if not ends or ends[-1] < total:  # (cut short just after a `}`: no tip)
             ends.append(total)

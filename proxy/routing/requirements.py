@@ -26,9 +26,10 @@ IMAGE_TOKENS = 1000
 MESSAGE_TOKENS = 4
 
 _WORD = re.compile(r"[a-z0-9_#+.]+")
-#: Every ASCII character _WORD does not match, to a space.
-_SEPARATORS = str.maketrans({chr(c): " " for c in range(128)
-                             if not _WORD.fullmatch(chr(c))})
+#: Every byte _WORD does not match (as an ASCII character), to a space: for ASCII text,
+#: bytes.translate and split find the same words as _WORD, some 3 times faster than
+#: str.translate (which looks each character up in a dict).
+_SEPARATORS = bytes(c if c < 128 and _WORD.fullmatch(chr(c)) else 32 for c in range(256))
 _CODING = frozenset("""
     python java javascript typescript rust golang go c++ c# csharp kotlin swift ruby php
     sql regex bash shell powershell code coding bug bugs debug compile compiler exception
@@ -41,13 +42,17 @@ _FRONTEND = frozenset("""
     components ui ux layout flexbox grid responsive browser webpack vite nextjs next.js
     button stylesheet scss sass
 """.split())
+#: The two sets as bytes, for the words of ASCII text (see _SEPARATORS).
+_CODING_BYTES = frozenset(word.encode() for word in _CODING)
+_FRONTEND_BYTES = frozenset(word.encode() for word in _FRONTEND)
 _CODE_MARKERS = ("```", "def ", "function ", "=>", "();", "#include", "import ")
 _CODE_MARKER = re.compile("|".join(re.escape(m) for m in _CODE_MARKERS))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Requirements:
-    """The request's needs; plain data, recorded in the plan."""
+    """The request's needs; plain data, recorded in the plan, never changed once made (not
+    a frozen dataclass: its __init__ took a microsecond per request, 5 times as long)."""
 
     prompt_tokens: int
     ctx_needed: int
@@ -124,18 +129,14 @@ def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: 
     if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
         protocol.add("n>1")
 
-    return Requirements(
-        prompt_tokens=prompt_tokens,
-        ctx_needed=prompt_tokens + max_tokens,
-        capabilities=frozenset(capabilities),
-        tags=tags,
-        tags_source=source,
-        prefer=prefer,
-        session=session,
-        protocol=frozenset(protocol),
-    )
+    # In the order of the fields (keywords cost more than the construction itself).
+    return Requirements(prompt_tokens, prompt_tokens + max_tokens,
+                        frozenset(capabilities) if capabilities else _NOTHING, tags, source,
+                        prefer, session, frozenset(protocol) if protocol else _NOTHING)
 
 
+#: No capabilities, no protocol beyond one chat answer: most requests' (one shared set).
+_NOTHING: frozenset[str] = frozenset()
 _TAG = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 _SAFE_SESSION = re.compile(r"[\x21-\x7e]{1,256}")
 
@@ -165,11 +166,16 @@ def classify(text: str) -> tuple[str, ...]:
     if not text:
         return ("general",)
     sample = text[:4000].lower()
-    # The same words as _WORD finds; for ASCII text str.translate splits them faster.
-    words = set(sample.translate(_SEPARATORS).split()) if sample.isascii() \
-        else set(_WORD.findall(sample))
-    frontend = not words.isdisjoint(_FRONTEND)
-    coding = frontend or not words.isdisjoint(_CODING) or _CODE_MARKER.search(sample) is not None
+    # The words _WORD finds, as a list (the sets look each one up: no set is built).
+    if sample.isascii():
+        ascii_words = sample.encode().translate(_SEPARATORS).split()
+        frontend = not _FRONTEND_BYTES.isdisjoint(ascii_words)
+        coding = frontend or not _CODING_BYTES.isdisjoint(ascii_words)
+    else:
+        words = _WORD.findall(sample)
+        frontend = not _FRONTEND.isdisjoint(words)
+        coding = frontend or not _CODING.isdisjoint(words)
+    coding = coding or _CODE_MARKER.search(sample) is not None
     if frontend:
         return ("coding", "frontend")
     if coding:
