@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install clean lint typecheck bench chaos chromium redis nginx replicas postgresql
+.PHONY: run test install clean lint typecheck bench bench-instructions chaos chromium redis nginx replicas postgresql
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ bench: $(STAMP) llama redis
 	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y wrk \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; }
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# `make bench-instructions` (about 5 minutes): instructions per request under valgrind for the
+# pass-through, the least routing proxy and the proxy (lean and full): the figure a busy
+# machine does not move; BENCH_ARGS="--compare DIR" adds the proxy of another source tree.
+bench-instructions: $(STAMP)
+	$(BIN)/python scripts/bench_instructions.py $(BENCH_ARGS)
 
 # `make chaos` (about a minute): simulators killed and restarted at random under load, every
 # answer checked; or `make chaos CHAOS_ARGS="--duration 20 --seed 7 --mode inproc"`.

@@ -54,7 +54,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=4, help="per measured wrk run")
     parser.add_argument("--conns", type=int, default=64)
     parser.add_argument("--stream", action="store_true", help="also CPU per streamed chunk")
-    parser.add_argument("--only", default="pass,full,lean", help="which servers to measure")
+    parser.add_argument("--only", default="pass,floor,full,lean",
+                        help="which servers to measure (floor: bench_lib/floor.py)")
     parser.add_argument("--hold", action="store_true", help="start them, print ports, wait")
     parser.add_argument("--compare", metavar="DIR",
                         help="also measure full0 and lean0: the proxy of another source tree "
@@ -72,6 +73,7 @@ def main() -> int:
         servers = {
             "pass": sup.passthrough("pass", sim.port),
             "pass-stream": sup.passthrough("pass-stream", stream.port),
+            "floor": sup.floor("floor", sim.port, MODEL),
             "full": sup.proxy("full", _config(sim, stream, workdir / "audit.db", "info"),
                               log=False),
             "lean": sup.proxy("lean", _config(sim, stream, None, "warning")),

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import openai
 import yaml
 
-from tests.cluster import ROOT, Cluster, free_port, wait_listening
+from tests.cluster import ROOT, Cluster, free_port, wait_listening, wait_until
 
 
 class Replicas:
@@ -50,7 +51,9 @@ class Replicas:
         return doc
 
     def start(self, order: list[str], **sections: Any) -> None:
-        """Start every replica at once, then wait for each to listen."""
+        """Start every replica at once, then wait for each to listen and to be linked to
+        Redis (what a replica learns before its link is up is its own until the next
+        turn: tests about sharing start from linked replicas)."""
         tmp = self.cluster.tmp
         for n in range(len(self.ports)):
             path = tmp / f"replica-{n}.yaml"
@@ -62,6 +65,12 @@ class Replicas:
             self.cluster.procs.append(proc)
         for port, proc, n in zip(self.ports, self.procs, range(len(self.ports)), strict=True):
             wait_listening(port, proc, timeout=30, log=self.log_path(n))
+        for n in range(len(self.ports)):
+            wait_until(partial(self._linked, n), 30, f"replica {n} linked to Redis")
+
+    def _linked(self, n: int) -> bool:
+        status, body = self.call(n, "GET", "/readyz")
+        return bool(isinstance(body, dict) and (body.get("shared_state") or {}).get("up"))
 
     def log_path(self, n: int) -> Path:
         return self.cluster.tmp / f"replica-{n}.log"

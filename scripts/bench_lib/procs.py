@@ -186,14 +186,16 @@ class Supervisor:
     def spawn(self, name: str, cmd: Sequence[str], *, port: int | None = None,
               env: dict[str, str] | None = None, log: bool = True,
               stdin: int | None = subprocess.DEVNULL, stdout: int | None = None,
-              tags: Sequence[str] = ()) -> Child:
+              tags: Sequence[str] = (), wrap: Sequence[str] = ()) -> Child:
+        """Start `cmd` (behind `wrap`, e.g. valgrind's command line) in a session of its
+        own, its output to the work folder's NAME.log (or nowhere: `log=False`)."""
         log_path = self.workdir / f"{name}.log" if log else None
         out = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL
         try:
             # cwd: the work folder, so whatever a child writes to a relative path (the
             # proxy's default audit database, ./data/audit.db) stays out of the project.
             proc = subprocess.Popen(
-                list(cmd), cwd=self.workdir, stdin=stdin,
+                [*wrap, *cmd], cwd=self.workdir, stdin=stdin,
                 stdout=stdout if stdout is not None else out,
                 stderr=out, env=env, start_new_session=True, preexec_fn=_child_setup)
         finally:
@@ -213,7 +215,8 @@ class Supervisor:
         return self.spawn(name, cmd, tags=tags)
 
     def proxy(self, name: str, config_text: str, tags: Sequence[str] = (),
-              log: bool = True) -> Child:
+              log: bool = True, wrap: Sequence[str] = (), env: dict[str, str] | None = None
+              ) -> Child:
         """A proxy on a port of the kernel's choosing (known once `wait_ready` returns).
 
         `log=False` sends its output (the structured log lines) to /dev/null.
@@ -221,15 +224,25 @@ class Supervisor:
         cfg = self.workdir / f"{name}.json"
         cfg.write_text(config_text)
         cmd = [self.python, "-m", "proxy", "serve", "--config", str(cfg), "--port", "0"]
-        return self.spawn(name, cmd, tags=tags, log=log)
+        return self.spawn(name, cmd, tags=tags, log=log, wrap=wrap, env=env)
 
-    def passthrough(self, name: str, upstream_port: int, tags: Sequence[str] = ()) -> Child:
+    def passthrough(self, name: str, upstream_port: int, tags: Sequence[str] = (),
+                    wrap: Sequence[str] = ()) -> Child:
         """The bare aiohttp pass-through (bench_lib/passthrough.py) in front of one backend,
         on a port of the kernel's choosing (known once `wait_ready` returns)."""
         script = Path(__file__).resolve().parent / "passthrough.py"
         cmd = [self.python, str(script), "--port", "0",
                "--upstream", f"http://{LOCALHOST}:{upstream_port}"]
-        return self.spawn(name, cmd, tags=tags)
+        return self.spawn(name, cmd, tags=tags, wrap=wrap)
+
+    def floor(self, name: str, upstream_port: int, model: str,
+              tags: Sequence[str] = (), wrap: Sequence[str] = ()) -> Child:
+        """The least routing proxy (bench_lib/floor.py: clients ask for `main`) in front of
+        one backend serving `model`, on a port of the kernel's choosing."""
+        script = Path(__file__).resolve().parent / "floor.py"
+        cmd = [self.python, str(script), "--port", "0",
+               "--upstream", f"http://{LOCALHOST}:{upstream_port}", "--model", model]
+        return self.spawn(name, cmd, tags=tags, wrap=wrap)
 
     def wait_ready(self, children: Sequence[Child], path: str, timeout: float = 30.0) -> None:
         """Wait until every child answers GET `path` with 200 on a port it listens on.
