@@ -9,7 +9,8 @@ by 10-30% from run to run on a shared machine; an instruction count moves by wel
 and then `--base + --requests` (after the same warm-up), and the difference of the two
 totals over `--requests` is its cost per request, start-up and shutdown cancelled out.
 The requests are the bench's chat request over 8 keep-alive connections. Servers: `pass`
-(bench_lib/passthrough.py), `floor` (bench_lib/floor.py), `lean` (audit and request log
+(bench_lib/passthrough.py), `floor` (bench_lib/floor.py), `floor-errors` (the same with
+the proxy's error middleware), `lean` (audit and request log
 off) and `full` (audit store, metrics, the info request log to /dev/null); with
 `--compare DIR`, `lean0` and `full0` are the proxy of another source tree (e.g. a `git
 archive` of an earlier commit). Instructions are not time (a system call or a cache miss
@@ -82,7 +83,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="measured requests")
     parser.add_argument("--base", type=int, default=100, help="requests of the shorter run")
-    parser.add_argument("--only", default="pass,floor,lean,full", help="which servers")
+    parser.add_argument("--only", default="pass,floor,floor-errors,lean,full",
+                        help="which servers")
     parser.add_argument("--compare", metavar="DIR",
                         help="also lean0 and full0: the proxy of another source tree")
     args = parser.parse_args()
@@ -115,8 +117,9 @@ def main() -> int:
             label = f"{name}-{run}"
             if name == "pass":
                 return sup.passthrough(label, sim.port, wrap=wrap), MODEL
-            if name == "floor":
-                return sup.floor(label, sim.port, MODEL, wrap=wrap), "main"
+            if name.startswith("floor"):
+                return sup.floor(label, sim.port, MODEL, wrap=wrap,
+                                 errors=name == "floor-errors"), "main"
             env = os.environ | {"PYTHONHASHSEED": "0"}
             if name.endswith("0"):
                 env["PYTHONPATH"] = str(Path(args.compare).resolve())
@@ -142,7 +145,7 @@ def main() -> int:
             short = total(name, 1, args.base)
             long = total(name, 2, args.base + args.requests)
             per_request[name] = (long - short) / args.requests
-            print(f"{name:5s} {per_request[name] / 1000:7.1f}k instructions/request", flush=True)
+            print(f"{name:12s} {per_request[name] / 1000:7.1f}k instructions/request", flush=True)
         base = per_request.get("pass")
         if base:
             print("ratios to the pass-through: " + ", ".join(

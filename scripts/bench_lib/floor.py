@@ -6,10 +6,12 @@ Per request, on top of the pass-through: the JSON body parsed and its `model` lo
 to pick an upstream and the model name it serves there (the body re-serialised with that
 name), the four `x-route-*`/`x-request-id` headers with ids from a counter, one Prometheus
 counter and one histogram. No failover, no timeouts, no error shapes, no plan, no
-audit, no log: a proxy that did less would not be a routing proxy. `make bench` section 9
-and scripts/bench_instructions.py measure it beside the pass-through and the proxy.
+audit, no log: a proxy that did less would not be a routing proxy. With `--errors`, the
+proxy's own OpenAI-shaped error middleware (proxy.api.middleware.openai_errors), which
+issue 15 asks for, is added. `make bench` section 9 and scripts/bench_instructions.py
+measure it beside the pass-through and the proxy.
 
-    python scripts/bench_lib/floor.py --port P --upstream http://127.0.0.1:Q --model NAME
+    python scripts/bench_lib/floor.py --port P --upstream http://127.0.0.1:Q --model NAME [--errors]
     (clients ask for model `main`; NAME is the upstream's model)
 """
 
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="scheme://host:port of the backend")
     parser.add_argument("--model", required=True, help="the model the backend serves")
+    parser.add_argument("--errors", action="store_true", help="with the proxy's error middleware")
     args = parser.parse_args()
     routes = {"main": ("bench:primary", args.upstream.rstrip("/"), args.model)}
 
@@ -70,7 +73,11 @@ def main() -> None:
     async def ready(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application()
+    if args.errors:
+        from proxy.api.middleware import openai_errors
+        app = web.Application(middlewares=[openai_errors])
+    else:
+        app = web.Application()
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/readyz", ready)
     app.router.add_post("/{tail:.*}", relay)

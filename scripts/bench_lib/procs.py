@@ -236,12 +236,15 @@ class Supervisor:
         return self.spawn(name, cmd, tags=tags, wrap=wrap)
 
     def floor(self, name: str, upstream_port: int, model: str,
-              tags: Sequence[str] = (), wrap: Sequence[str] = ()) -> Child:
-        """The least routing proxy (bench_lib/floor.py: clients ask for `main`) in front of
-        one backend serving `model`, on a port of the kernel's choosing."""
+              tags: Sequence[str] = (), wrap: Sequence[str] = (), errors: bool = False
+              ) -> Child:
+        """The least routing proxy (bench_lib/floor.py: clients ask for `main`; `errors`:
+        with the proxy's error middleware) in front of one backend serving `model`, on a
+        port of the kernel's choosing."""
         script = Path(__file__).resolve().parent / "floor.py"
         cmd = [self.python, str(script), "--port", "0",
-               "--upstream", f"http://{LOCALHOST}:{upstream_port}", "--model", model]
+               "--upstream", f"http://{LOCALHOST}:{upstream_port}", "--model", model,
+               *(["--errors"] if errors else [])]
         return self.spawn(name, cmd, tags=tags, wrap=wrap)
 
     def wait_ready(self, children: Sequence[Child], path: str, timeout: float = 30.0) -> None:
