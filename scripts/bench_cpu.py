@@ -66,9 +66,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="failover-cpu-"))
     sup = Supervisor(workdir)
     try:
-        sim = sup.simulator("sim", MODEL, words=20)
-        stream = sup.simulator("sim-stream", STREAM_MODEL, words=50)
-        sup.wait_ready([sim, stream], "/v1/models")
+        sim, stream = sup.bench_simulators(MODEL, STREAM_MODEL)
         assert sim.port and stream.port
         servers = {
             "pass": sup.passthrough("pass", sim.port),

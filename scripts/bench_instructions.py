@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Instructions per request of the proxy, the least routing proxy and the bare aiohttp
-pass-through, counted by valgrind (callgrind): the figure no other load on the machine
-moves.
+pass-through, counted by valgrind (callgrind): the figure other load on the machine
+hardly moves.
 
 CPU time per request (scripts/bench_cpu.py) and requests/s (`make bench` section 9) move
-by 10-30% from run to run on a shared machine; an instruction count moves by well under
-1%. Each server runs under `valgrind --tool=callgrind` twice, serving `--base` requests
+by 10-30% from run to run on a shared machine; an instruction count by a few percent (how
+many requests a turn of the event loop handles together still varies). Each server runs
+under `valgrind --tool=callgrind` twice, serving `--base` requests
 and then `--base + --requests` (after the same warm-up), and the difference of the two
 totals over `--requests` is its cost per request, start-up and shutdown cancelled out.
 The requests are the bench's chat request over 8 keep-alive connections. Servers: `pass`
@@ -29,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,25 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import CHAT, MODEL, STREAM_MODEL, instance, proxy_config  # noqa: E402
 from bench_lib.procs import LOCALHOST, Child, Supervisor  # noqa: E402
+from bench_lib.wrk import ensure_tool  # noqa: E402
 
 _COLLECTED = re.compile(rb"Collected : (\d+)")
-
-
-def ensure_valgrind() -> str:
-    """Path of valgrind; installs the Debian package when it is missing (we are root)."""
-    path = shutil.which("valgrind")
-    if path:
-        return path
-    print("bench: valgrind not found; installing it with apt-get", flush=True)
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    cmd = ["apt-get", "install", "-y", "-q", "valgrind"]
-    if subprocess.run(cmd, env=env, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
-        subprocess.run(cmd, env=env, check=True)
-    path = shutil.which("valgrind")
-    if not path:
-        raise RuntimeError("valgrind is still missing after apt-get install -y valgrind")
-    return path
 
 
 async def send(url: str, model: str, count: int, connections: int = 8) -> None:
@@ -88,13 +72,11 @@ def main() -> int:
     parser.add_argument("--compare", metavar="DIR",
                         help="also lean0 and full0: the proxy of another source tree")
     args = parser.parse_args()
-    valgrind = ensure_valgrind()
+    valgrind = ensure_tool("valgrind")
     workdir = Path(tempfile.mkdtemp(prefix="failover-instr-"))
     sup = Supervisor(workdir)
     try:
-        sim = sup.simulator("sim", MODEL, words=20)
-        stream = sup.simulator("sim-stream", STREAM_MODEL, words=50)
-        sup.wait_ready([sim, stream], "/v1/models")
+        sim, stream = sup.bench_simulators(MODEL, STREAM_MODEL)
         assert sim.port and stream.port
 
         def config(audit: bool) -> str:

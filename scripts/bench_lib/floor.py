@@ -22,13 +22,11 @@ import itertools
 import os
 import time
 
-import aiohttp
 import orjson
-import uvloop
 from aiohttp import web
+from passthrough import SESSION, serve
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session")
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("requests", "Requests", ["model", "instance", "outcome"], registry=REGISTRY)
 DURATION = Histogram("request_duration_seconds", "Duration", registry=REGISTRY)
@@ -65,25 +63,12 @@ def main() -> None:
             "x-route-instance": instance, "x-route-attempts": "1",
             "Content-Type": upstream.headers.get("Content-Type", "application/json")})
 
-    async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
-        app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        yield
-        await app[SESSION].close()
-
-    async def ready(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
     if args.errors:
         from proxy.api.middleware import openai_errors
         app = web.Application(middlewares=[openai_errors])
     else:
         app = web.Application()
-    app.cleanup_ctx.append(session_ctx)
-    app.router.add_get("/readyz", ready)
-    app.router.add_post("/{tail:.*}", relay)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
-                loop=uvloop.new_event_loop())
-
+    serve(app, relay, args.port)
 
 if __name__ == "__main__":
     main()

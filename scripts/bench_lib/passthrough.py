@@ -11,6 +11,7 @@ Whatever the real proxy costs above this is the price of its own work.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import aiohttp
 import uvloop
@@ -47,6 +48,16 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+def serve(app: web.Application, handler: Any, port: int) -> None:
+    """Serve `handler` for every POST (and GET /readyz) on 127.0.0.1:port with one
+    ClientSession (`app[SESSION]`), uvloop and no access log, until SIGINT or SIGTERM."""
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_get("/readyz", ready)
+    app.router.add_post("/{tail:.*}", handler)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                loop=uvloop.new_event_loop())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
@@ -54,11 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     app = web.Application()
     app[UPSTREAM] = args.upstream.rstrip("/")
-    app.cleanup_ctx.append(session_ctx)
-    app.router.add_get("/readyz", ready)
-    app.router.add_post("/{tail:.*}", relay)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
-                loop=uvloop.new_event_loop())
+    serve(app, relay, args.port)
 
 
 if __name__ == "__main__":

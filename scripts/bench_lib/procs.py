@@ -247,6 +247,14 @@ class Supervisor:
                *(["--errors"] if errors else [])]
         return self.spawn(name, cmd, tags=tags, wrap=wrap)
 
+    def bench_simulators(self, model: str, stream_model: str) -> tuple[Child, Child]:
+        """The two simulators bench_cpu.py and bench_instructions.py put servers in front
+        of: `model` answering 20 words, `stream_model` 50; ready, with their ports."""
+        sim = self.simulator("sim", model, words=20)
+        stream = self.simulator("sim-stream", stream_model, words=50)
+        self.wait_ready([sim, stream], "/v1/models")
+        return sim, stream
+
     def wait_ready(self, children: Sequence[Child], path: str, timeout: float = 30.0) -> None:
         """Wait until every child answers GET `path` with 200 on a port it listens on.
 

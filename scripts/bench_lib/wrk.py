@@ -16,21 +16,27 @@ _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TIME = re.compile(r"^([\d.]+)(us|ms|s|m|h)$")
 
 
-def ensure_wrk() -> str:
-    """Path of wrk; installs the Debian package when it is missing (we are root)."""
-    path = shutil.which("wrk")
+def ensure_tool(name: str) -> str:
+    """Path of the program `name`; installs the Debian package of that name when it is
+    missing (we are root)."""
+    path = shutil.which(name)
     if path:
         return path
-    print("bench: wrk not found; installing it with apt-get", flush=True)
-    cmd = ["apt-get", "install", "-y", "-q", "wrk"]
+    print(f"bench: {name} not found; installing it with apt-get", flush=True)
+    cmd = ["apt-get", "install", "-y", "-q", name]
     env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     if subprocess.run(cmd, env=env, check=False).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
         subprocess.run(cmd, env=env, check=True)
-    path = shutil.which("wrk")
+    path = shutil.which(name)
     if not path:
-        raise RuntimeError("wrk is still missing after apt-get install -y wrk")
+        raise RuntimeError(f"{name} is still missing after apt-get install -y {name}")
     return path
+
+
+def ensure_wrk() -> str:
+    """Path of wrk (installed when missing)."""
+    return ensure_tool("wrk")
 
 
 def wrk_version(path: str) -> str:
