@@ -188,3 +188,34 @@ def test_request_metrics_appear_with_their_first_figure_and_add_up() -> None:
         assert line in text, line
     assert "failover_proxy_cost_estimated_total{" not in text
     assert 'failover_proxy_tokens_total{instance="p:s0",kind="prompt",model="other"}' not in text
+
+
+async def test_an_infinite_cost_loses_no_rows_of_its_batch(store_url: str) -> None:
+    """An instance priced at `.inf` per million tokens (the config takes it): the answer's
+    cost is infinite, which JSON cannot hold (orjson writes null). The request's rows and
+    those of the other request in the same batch are all written, the cost as NULL, as
+    before the writer derived the rows (then the proxy rounded the cost first)."""
+    planner = _planner(store_url)
+    inf_cost = parse_config({"providers": [{"provider_id": "q", "instances": [
+        {"id": "s", "base_url": "http://127.0.0.1:20009/v1",
+         "metadata": {"model": "m", "cost": {"input_per_mtok": float("inf")}}}]}]},
+        "<test>").instances[0]
+    records = []
+    for n, usage in enumerate((priced(10, 5, 0, inf_cost), priced(10, 5, 0,
+                                                                   planner.config.instances[0]))):
+        record = RequestRecord(f"req-{n}", model="auto", plan=_plan(planner, f"req-{n}"),
+                               planned_at=time.time())
+        plan = record.plan
+        assert plan is not None and plan.selected is not None
+        record.add(Attempt(plan.selected, elapsed_ms=3.0))
+        record.instance, record.duration_s, record.usage = plan.selected, 0.004, usage
+        records.append(record)
+    assert records[0].usage is not None and records[0].usage.cost == float("inf")
+    store = await _recorded(store_url, *records)
+    events = await store.query(EventQuery(limit=100, type="REQUEST_COMPLETED"))
+    await store.close()
+    assert store.dropped == 0 and store.written == 2 * 4
+    costs = {e["request_id"]: e["detail"]["usage"]["cost"] for e in events}
+    assert costs == {"req-0": None, "req-1": round(records[1].usage.cost, 8)}
+    assert select(store_url, "SELECT request_id, cost FROM route_plans ORDER BY request_id") \
+        == [("req-0", None), ("req-1", records[1].usage.cost)]
