@@ -210,12 +210,13 @@ async def test_an_infinite_cost_loses_no_rows_of_its_batch(store_url: str) -> No
         record.add(Attempt(plan.selected, elapsed_ms=3.0))
         record.instance, record.duration_s, record.usage = plan.selected, 0.004, usage
         records.append(record)
-    assert records[0].usage is not None and records[0].usage.cost == float("inf")
+    usages = [r.usage for r in records]
+    assert usages[0] is not None and usages[0].cost == float("inf") and usages[1] is not None
     store = await _recorded(store_url, *records)
     events = await store.query(EventQuery(limit=100, type="REQUEST_COMPLETED"))
     await store.close()
     assert store.dropped == 0 and store.written == 2 * 4
     costs = {e["request_id"]: e["detail"]["usage"]["cost"] for e in events}
-    assert costs == {"req-0": None, "req-1": round(records[1].usage.cost, 8)}
+    assert costs == {"req-0": None, "req-1": round(usages[1].cost, 8)}
     assert select(store_url, "SELECT request_id, cost FROM route_plans ORDER BY request_id") \
-        == [("req-0", None), ("req-1", records[1].usage.cost)]
+        == [("req-0", None), ("req-1", usages[1].cost)]
