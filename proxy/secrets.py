@@ -51,7 +51,8 @@ class Redactor:
 
 def config_secrets(config: Config) -> list[str]:
     """Every secret value in a config: client, admin and upstream keys, header values, the
-    password of the audit store's URL."""
+    passwords of the audit store's URL and of instances' base URLs (aiohttp sends one
+    as basic auth)."""
     from proxy.audit.database import url_secrets
 
     out = list(config.server.api_keys)
@@ -61,6 +62,7 @@ def config_secrets(config: Config) -> list[str]:
     for inst in config.instances:
         if inst.api_key:
             out.append(inst.api_key)
+        out.extend(url_secrets(inst.base_url))
         out.extend(value for _, value in inst.headers)
     if config.state.url:
         password = urlsplit(config.state.url).password

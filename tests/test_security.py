@@ -286,3 +286,26 @@ def test_a_secret_in_an_exception_bytes_a_set_or_a_dict_key_never_reaches_the_lo
         assert event in out
     assert "upstream said: bad key ***" in out and "key=***" in out
     assert UPSTREAM_KEY not in out
+
+
+URL_PASSWORD = "pw-SECRET-eeee5555"
+
+
+async def test_a_password_in_a_base_url_is_a_secret_in_admin_output(
+        make_sim: MakeSim, make_proxy: MakeProxy, http: aiohttp.ClientSession) -> None:
+    """`base_url: http://user:PASSWORD@host/v1` (the config takes it; aiohttp sends it as
+    basic auth): the instance listing shows the URL with the password masked, and the
+    password is scrubbed like any other configured secret."""
+    sim = await make_sim()
+    with_password = sim.base_url.replace("http://", f"http://proxy:{URL_PASSWORD}@")
+    config = keyed_config([sim], s0={"base_url": with_password})
+    from proxy.secrets import config_secrets
+    assert URL_PASSWORD in config_secrets(config)
+    proxy = await make_proxy(config)
+    status, body = await status_of(http, "POST", f"{proxy.base_url}/chat/completions",
+                                   CLIENT_KEY, json=chat_body())
+    assert status == 200
+    status, body = await status_of(http, "GET", f"{proxy.url}/admin/instances", ADMIN_KEY)
+    assert status == 200
+    text = json.dumps(body)
+    assert URL_PASSWORD not in text and "proxy:***@127.0.0.1" in text
