@@ -341,6 +341,35 @@ async def test_a_compressed_answer_reaches_the_client_decoded(
     assert got == body
 
 
+@pytest.mark.parametrize("encoding", list(COMPRESSORS))
+async def test_a_compressed_answer_arriving_whole_is_measured_decoded(
+        encoding: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """A compressed answer, all of it written with its head, a few hundred bytes packed
+    and 64 KiB decoded: `upstream.max_response_bytes` (8 KiB) is the decoded size's limit,
+    as when the body is read as it arrives, so it fails over."""
+    body = b'{"choices": [], "pad": "' + b"x" * 65536 + b'"}'
+    packed = zlib.compressobj(wbits=COMPRESSORS[encoding])
+    data = packed.compress(body) + packed.flush()
+    assert len(data) < 1024
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        await h.read_request(reader)
+        h.attacking.set()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Encoding: %b\r\nContent-Length: %d\r\n\r\n%b"
+                     % (encoding.encode(), len(data), data))
+        await writer.drain()
+        await reader.read()  # until the proxy hangs up
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(config_for(hostile, await make_sim(),
+                                        upstream={"max_response_bytes": 8192}))
+    result = await under_attack(proxy, http, hostile)
+    await assert_served_by_the_good_one(proxy, http, result, False, "UPSTREAM_PROTOCOL_ERROR")
+
+
 async def test_a_gzipped_stream_reaches_the_client_decoded_event_by_event(
         make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
         raw_http: aiohttp.ClientSession) -> None:
