@@ -220,3 +220,35 @@ async def test_an_infinite_cost_loses_no_rows_of_its_batch(store_url: str) -> No
     assert costs == {"req-0": None, "req-1": round(usages[1].cost, 8)}
     assert select(store_url, "SELECT request_id, cost FROM route_plans ORDER BY request_id") \
         == [("req-0", None), ("req-1", usages[1].cost)]
+
+
+async def test_a_nul_in_a_model_name_or_a_detail_loses_no_rows_of_its_batch(
+        store_url: str) -> None:
+    """A client's model name and an upstream's error text may hold a NUL (JSON's \\u0000,
+    which the proxy accepts). PostgreSQL's text holds none: a column's value is written
+    with the NUL as U+FFFD there (SQLite keeps it; in a JSON column it is an escape), and
+    the batch, with the other request's rows, is written whole."""
+    planner = _planner(store_url)
+    model = "gpt\x00evil"
+    assert parse_request(CHAT, orjson.dumps({"model": model, "messages": [
+        {"role": "user", "content": "x"}]}), "r").model == model
+    records = []
+    for n in range(2):
+        record = RequestRecord(f"req-{n}", model=model if n == 0 else "auto",
+                               plan=_plan(planner, f"req-{n}"), planned_at=time.time())
+        plan = record.plan
+        assert plan is not None and plan.selected is not None
+        record.add(Attempt(plan.selected, code=CONN_REFUSED, detail="said \x00 then hung up",
+                           elapsed_ms=1.0))
+        record.add(Attempt(plan.fallback[0], elapsed_ms=3.0))
+        record.instance, record.duration_s = plan.fallback[0], 0.004
+        records.append(record)
+    store = await _recorded(store_url, *records)
+    rerouted = await store.query(EventQuery(limit=100, type="REROUTED"))
+    await store.close()
+    assert store.dropped == 0 and store.written == 2 * 6
+    nul = "\x00" if store_url.startswith("sqlite") else "\ufffd"
+    assert {e["request_id"]: e["detail"]["detail"] for e in rerouted} == {
+        "req-0": "said \x00 then hung up", "req-1": "said \x00 then hung up"}
+    assert select(store_url, "SELECT request_id, model FROM route_plans ORDER BY request_id") \
+        == [("req-0", f"gpt{nul}evil"), ("req-1", "auto")]

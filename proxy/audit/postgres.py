@@ -73,6 +73,14 @@ class PostgresDatabase(Database):
             raise self.unavailable(exc) from None
 
     def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        """Writes rows as given, except that a NUL in a text value becomes U+FFFD:
+        PostgreSQL's text cannot hold one (psycopg 3 refuses it: "PostgreSQL text fields
+        cannot contain NUL (0x00) bytes"), and a client's model name or an upstream's
+        error text may have one; refused, it would fail the whole batch, every request's
+        rows."""
+        if any("\x00" in value for row in rows for value in row if type(value) is str):
+            rows = [tuple(value.replace("\x00", "\ufffd") if type(value) is str else value
+                          for value in row) for row in rows]
         try:
             with self.conn.cursor() as cur:
                 cur.executemany(_placeholders(sql), rows)
