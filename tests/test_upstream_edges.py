@@ -815,3 +815,46 @@ async def test_a_cancellation_from_elsewhere_passes_through_a_deadline() -> None
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled()
+
+
+HOSTILE_KEY = "sk-hostile-SECRET-ffff6666"
+
+
+async def test_an_upstream_quoting_its_key_in_a_failure_reaches_no_event_or_admin_output(
+        make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """A 200 that is no answer, its Content-Type quoting the Authorization it was sent:
+    the failure's detail (in the REROUTED event, the instance's state reason) shows the
+    key masked, as an error body quoting it is."""
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        request = await h.read_request(reader)
+        sent = re.search(rb"(?i)\r\nauthorization: *([^\r]*)", request)
+        assert sent is not None and HOSTILE_KEY.encode() in sent.group(1)
+        h.attacking.set()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html; you-sent=%b\r\n"
+                     b"Content-Length: 6\r\n\r\n<html>" % sent.group(1))
+        await writer.drain()
+        await reader.read()
+
+    hostile = await make_hostile(behave)
+    good = await make_sim()
+    proxy = await make_proxy(parse_config({
+        "health": {"enabled": False}, "timeouts": {"first_byte_s": 5, "idle_s": 5},
+        "retry": {"same_instance_retries": 0},
+        "providers": [
+            {"provider_id": "p0", "instances": [{"id": "s0", "base_url": hostile.base_url,
+                                                 "api_key": HOSTILE_KEY}]},
+            {"provider_id": "p1", "instances": [{"id": "s1", "base_url": good.base_url,
+                                                 "metadata": {"model": good.model}}]}]},
+        "<test>"))
+    result = await under_attack(proxy, http, hostile)
+    assert result[0] == 200 and result[1]["x-route-instance"] == "p1:s1"
+    async with http.get(f"{proxy.url}/admin/events",
+                        params={"request_id": result[1]["x-request-id"]}) as resp:
+        events = await resp.text()
+    assert "UPSTREAM_PROTOCOL_ERROR" in events and "you-sent=Bearer ***" in events
+    async with http.get(f"{proxy.url}/admin/instances") as resp:
+        instances = await resp.text()
+    assert HOSTILE_KEY not in events + instances
