@@ -858,3 +858,49 @@ async def test_an_upstream_quoting_its_key_in_a_failure_reaches_no_event_or_admi
     async with http.get(f"{proxy.url}/admin/instances") as resp:
         instances = await resp.text()
     assert HOSTILE_KEY not in events + instances
+
+
+def _whole_answers() -> dict[str, tuple[bytes, bool]]:
+    """Answers written in one piece with their head, then the connection closed: (bytes,
+    whether they are a whole answer the client gets)."""
+    body = completion(TEXT)
+    return {
+        "chunked_with_trailers": (OK_JSON + CHUNKED + b"%x\r\n%b\r\n0\r\nX-Trailer: t\r\n\r\n"
+                                  % (len(body), body), True),
+        "length_then_close": (OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(body), body),
+                              True),
+        "length_longer_than_the_body": (OK_JSON + b"Content-Length: %d\r\n\r\n%b"
+                                        % (len(body) + 10, body), False),
+        "chunked_without_its_last_chunk": (OK_JSON + CHUNKED + b"%x\r\n%b\r\n"
+                                           % (len(body), body), False),
+    }
+
+
+@pytest.mark.parametrize("answer", list(_whole_answers()))
+async def test_an_answer_in_one_piece_then_a_close_is_served_only_when_complete(
+        answer: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """The answer arrives in one piece and the connection closes at once: a complete
+    one (chunked with trailers, or its Content-Length) is the answer; one cut short (fewer
+    bytes than its length says, no last chunk) fails over (UPSTREAM_PROTOCOL_ERROR or
+    the process gone), never reaching the client truncated."""
+    data, complete = _whole_answers()[answer]
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        await h.read_request(reader)
+        h.attacking.set()
+        writer.write(data)
+        await writer.drain()
+        writer.transport.abort()
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(config_for(hostile, await make_sim()))
+    status, headers, body = await under_attack(proxy, http, hostile)
+    assert status == 200, body
+    if complete:
+        assert headers["x-route-instance"] == "p0:s0"
+        assert orjson.loads(body)["choices"][0]["message"]["content"] == TEXT
+    else:
+        assert headers["x-route-instance"] == "p1:s1"
+        assert len(await reroute_reasons(proxy, http, headers["x-request-id"])) == 1
