@@ -904,3 +904,44 @@ async def test_an_answer_in_one_piece_then_a_close_is_served_only_when_complete(
     else:
         assert headers["x-route-instance"] == "p1:s1"
         assert len(await reroute_reasons(proxy, http, headers["x-request-id"])) == 1
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+async def test_an_upstream_listing_its_key_as_a_model_reaches_no_admin_output(
+        pinned: bool, make_hostile: MakeHostile, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """Probed, the server lists the Authorization it was sent as its model: pinned to
+    another model, the instance is a mismatch, and its state reason (in /admin/instances
+    and the INSTANCE_STATE_CHANGED event) shows the key masked; not pinned, the
+    fingerprint it learns does."""
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        while True:
+            request = await h.read_request(reader)
+            sent = re.search(rb"(?i)\r\nauthorization: *([^\r]*)", request)
+            listing = orjson.dumps({"object": "list", "data": [
+                {"id": (sent.group(1) if sent else b"none").decode(), "object": "model"}]})
+            writer.write(OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(listing), listing))
+            await writer.drain()
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(parse_config({
+        "health": {"interval_s": 0.2, "timeout_s": 5},
+        "providers": [{"provider_id": "p", "instances": [
+            {"id": "s0", "base_url": hostile.base_url + "/v1", "api_key": HOSTILE_KEY,
+             "fingerprint": {"model": "m" if pinned else "auto"}}]}]}, "<test>"))
+    async with asyncio.timeout(20):
+        while True:
+            async with http.get(f"{proxy.url}/admin/instances") as resp:
+                (instance,) = (await resp.json())["instances"]
+            if instance["state"] == ("MISMATCH" if pinned else "READY") \
+                    and (pinned or instance["fingerprint_models"]):
+                break
+            await asyncio.sleep(0.1)
+    async with http.get(f"{proxy.url}/admin/events",
+                        params={"type": "INSTANCE_STATE_CHANGED"}) as resp:
+        events = await resp.text()
+    shown = instance["state_reason"] if pinned else instance["fingerprint_models"][0]
+    assert "Bearer ***" in shown, instance
+    assert HOSTILE_KEY not in orjson.dumps(instance).decode() + events
