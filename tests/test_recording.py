@@ -6,6 +6,8 @@ them), in the order the request's events happened; on both backends (`store_url`
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -24,6 +26,7 @@ from proxy.failures import CONN_REFUSED
 from proxy.health.registry import Registry
 from proxy.health.states import READY
 from proxy.routing.planner import Planner, RoutePlan
+from tests.cluster import ROOT
 from tests.test_audit import select
 
 
@@ -252,3 +255,28 @@ async def test_a_nul_in_a_model_name_or_a_detail_loses_no_rows_of_its_batch(
         "req-0": "said \x00 then hung up", "req-1": "said \x00 then hung up"}
     assert select(store_url, "SELECT request_id, model FROM route_plans ORDER BY request_id") \
         == [("req-0", f"gpt{nul}evil"), ("req-1", "auto")]
+
+
+async def test_control_characters_a_client_sent_reach_the_events_table_escaped(
+        store_url: str) -> None:
+    """A model name with a newline and terminal escapes (a client's, in a blocked
+    request's ROUTE_BLOCKED message and its route_plans row): `failover-proxy events` and
+    its `--sum` print them escaped, one table row per event, nothing for the terminal to
+    run."""
+    planner = _planner(store_url)
+    model = "x\x1b]0;owned\x07\x1b[2J\nFAKE 00:00:00 ROUTE_VERIFIED"
+    blocked = RequestRecord("req-9", model=model, plan=_plan(planner, "req-9"),
+                            planned_at=time.time(), status=503, outcome="route_blocked",
+                            blocked=f"no instance serves {model}")
+    store = await _recorded(store_url, blocked)
+    await store.close()
+    shown = []
+    for extra in ((), ("--sum", "--since", "1h")):
+        out = subprocess.run([sys.executable, "-m", "proxy", "events", "--store", store_url,
+                              *extra], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                             check=False)
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+        assert not any(line.startswith("FAKE") for line in out.stdout.splitlines())
+        shown.append(out.stdout)
+    assert "serves x\\x1b]0;owned\\x07\\x1b[2J\\nFAKE" in shown[0]
