@@ -194,17 +194,18 @@ def test_request_metrics_appear_with_their_first_figure_and_add_up() -> None:
 
 
 async def test_an_infinite_cost_loses_no_rows_of_its_batch(store_url: str) -> None:
-    """An instance priced at `.inf` per million tokens (the config takes it): the answer's
-    cost is infinite, which JSON cannot hold (orjson writes null). The request's rows and
-    those of the other request in the same batch are all written, the cost as NULL, as
-    before the writer derived the rows (then the proxy rounded the cost first)."""
+    """A price the config takes (finite, if absurd: 1e300 per million tokens) times a
+    billion tokens is an infinite cost, which JSON cannot hold (orjson writes null). The
+    request's rows and those of the other request in the same batch are all written, the
+    cost as NULL, as before the writer derived the rows (then the proxy rounded the cost
+    first)."""
     planner = _planner(store_url)
     inf_cost = parse_config({"providers": [{"provider_id": "q", "instances": [
         {"id": "s", "base_url": "http://127.0.0.1:20009/v1",
-         "metadata": {"model": "m", "cost": {"input_per_mtok": float("inf")}}}]}]},
+         "metadata": {"model": "m", "cost": {"input_per_mtok": 1e300}}}]}]},
         "<test>").instances[0]
     records = []
-    for n, usage in enumerate((priced(10, 5, 0, inf_cost), priced(10, 5, 0,
+    for n, usage in enumerate((priced(10**9, 5, 0, inf_cost), priced(10, 5, 0,
                                                                    planner.config.instances[0]))):
         record = RequestRecord(f"req-{n}", model="auto", plan=_plan(planner, f"req-{n}"),
                                planned_at=time.time())
