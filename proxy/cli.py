@@ -213,10 +213,20 @@ def format_instances(rows: list[dict[str, object]]) -> str:
 
 
 def text_table(table: list[tuple[str, ...]]) -> str:
-    """Rows padded into columns; the last column is left ragged."""
+    """Rows padded into columns; the last column is left ragged. A character that is not
+    printable (a newline, a terminal escape: a model name or an upstream's text, as a
+    client or a server sent it) is shown as its Python escape (`\\x1b`), so that a cell
+    stays one cell on one line and the terminal is given nothing to run."""
+    table = [tuple(map(_printable, row)) for row in table]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True))
                      + "  " + r[-1] for r in table)
+
+
+def _printable(cell: str) -> str:
+    if cell.isprintable():
+        return cell
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in cell)
 
 
 # The file `failover-proxy init` writes. `status` and `events` given neither an address nor

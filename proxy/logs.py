@@ -48,11 +48,17 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         structlog.processors.add_log_level,
         _Timestamper(),
     ]
+    # A traceback becomes text before the secrets are scrubbed, so that its text is
+    # scrubbed too (an exception's message may quote a key). The request line never
+    # carries one: its processors go without.
+    formatted: list[structlog.typing.Processor] = [structlog.processors.format_exc_info,
+                                                   *shared]
     if fmt == "console":
-        _request_processors = [*shared,
-                               structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        renderer: structlog.typing.Processor = structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty())
+        _request_processors = [*shared, renderer]
         structlog.configure(
-            processors=_request_processors,
+            processors=[*formatted, renderer],
             wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
             logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
             cache_logger_on_first_use=True,
@@ -61,7 +67,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         _request_processors = [*shared, renderer]
         structlog.configure(
-            processors=[*shared, structlog.processors.format_exc_info, renderer],
+            processors=[*formatted, renderer],
             wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
             logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer),
             cache_logger_on_first_use=True,

@@ -51,7 +51,8 @@ class Redactor:
 
 def config_secrets(config: Config) -> list[str]:
     """Every secret value in a config: client, admin and upstream keys, header values, the
-    password of the audit store's URL."""
+    passwords of the audit store's URL and of instances' base URLs (aiohttp sends one
+    as basic auth)."""
     from proxy.audit.database import url_secrets
 
     out = list(config.server.api_keys)
@@ -61,6 +62,7 @@ def config_secrets(config: Config) -> list[str]:
     for inst in config.instances:
         if inst.api_key:
             out.append(inst.api_key)
+        out.extend(url_secrets(inst.base_url))
         out.extend(value for _, value in inst.headers)
     if config.state.url:
         password = urlsplit(config.state.url).password
@@ -85,8 +87,9 @@ _PLAIN = frozenset({int, float, bool, type(None)})
 
 def redact_log_event(logger: Any, method: str,
                      event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: scrub secrets from every string field (in lists, tuples and
-    dicts too)."""
+    """structlog processor: scrub secrets from every field: strings, and whatever else a
+    renderer turns into text (see `_scrub`). It runs after structlog's `format_exc_info`,
+    so a traceback's text is scrubbed too."""
     redactor = _log_redactor
     if not redactor:
         return event
@@ -97,16 +100,27 @@ def redact_log_event(logger: Any, method: str,
         if isinstance(value, str):
             if len(value) >= shortest:
                 event[key] = redactor.text(value)
-        elif isinstance(value, (list, tuple, dict)):
+        else:
             event[key] = _scrub(value, redactor)
     return event
 
 
 def _scrub(value: Any, redactor: Redactor) -> Any:
+    """`value` with every secret masked: in strings, bytes, the keys and values of dicts,
+    the items of lists, tuples and sets (as a list), and the repr of anything else (an
+    exception, a URL object), which is what the renderers write for it (structlog's
+    JSONRenderer falls back to repr, as ConsoleRenderer does)."""
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, str):
         return redactor.text(value)
     if isinstance(value, dict):
-        return {k: _scrub(v, redactor) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+        return {redactor.text(k) if isinstance(k, str) else k: _scrub(v, redactor)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [_scrub(v, redactor) for v in value]
-    return value
+    if isinstance(value, (bytes, bytearray)):
+        return redactor.data(bytes(value))
+    text = repr(value)
+    masked = redactor.text(text)
+    return value if masked == text else masked

@@ -411,3 +411,17 @@ async def test_the_writer_ignores_group_signals_and_comes_back_after_a_crash(
     rows = await store.query(EventQuery(limit=10))
     await store.close()
     assert sorted(r["request_id"] for r in rows) == ["after", "before"]
+
+
+async def test_a_nul_in_an_events_filter_or_a_request_id_is_no_server_error(
+        make_sim: MakeSim, make_proxy: MakeProxy, store_url: str) -> None:
+    """PostgreSQL's text holds no NUL (psycopg refuses one in a parameter): a filter or a
+    request id with one finds nothing, as any other that matches no row."""
+    proxy = await make_proxy(seed_config([await make_sim("coder")], None, store_url))
+    async with aiohttp.ClientSession() as http:
+        for params in ({"request_id": "a\x00b"}, {"instance": "\x00"}):
+            async with http.get(f"{proxy.url}/admin/events", params=params) as resp:
+                assert resp.status == 200 and (await resp.json())["events"] == []
+        async with http.get(f"{proxy.url}/admin/requests/a%00b") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"

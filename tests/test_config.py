@@ -423,11 +423,26 @@ def test_a_misspelt_key_is_named_rather_than_the_missing_one_it_leaves() -> None
     ("models", "g", {"strategy": "random"},
      "models.g.strategy: expected one of scored, ordered, got a string ('random')"),
     ("routing", "weights", {"ready": -1}, "routing.weights.ready: expected a number >= 0, got a number (-1)"),
+    # a score is the weights' mean: inf / inf, or 0 / 0 when every always-counted one is 0
+    ("routing", "weights", {"latency": float("inf")},
+     "routing.weights.latency: expected a finite number, got a number (inf)"),
+    ("routing", "weights", {"ready": 0, "latency": 0, "local": 0, "cost": 0, "error_rate": 0},
+     "routing.weights: expected at least one of ready, latency, local, cost, error_rate above 0,"
+     " got a mapping"),
 ])
 def test_bounds_and_types_are_worded_as_before(section: str, key: str, value: Any, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(_set(_VALID, (section,), key, value), "c.yaml")
     assert str(err.value) == f"c.yaml: {expected}"
+
+
+def test_a_price_must_be_finite() -> None:
+    """`metadata.cost` of `.inf` (YAML's infinity): refused, as a weight of it is."""
+    doc = _set(_VALID, (*_INSTANCE, "metadata"), "cost", {"input_per_mtok": float("inf")})
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc, "c.yaml")
+    assert str(err.value) == ("c.yaml: providers[0].instances[0].metadata.cost.input_per_mtok: "
+                              "expected a finite number, got a number (inf)")
 
 
 @pytest.mark.parametrize("url,expected", [

@@ -6,6 +6,8 @@ them), in the order the request's events happened; on both backends (`store_url`
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -24,6 +26,7 @@ from proxy.failures import CONN_REFUSED
 from proxy.health.registry import Registry
 from proxy.health.states import READY
 from proxy.routing.planner import Planner, RoutePlan
+from tests.cluster import ROOT
 from tests.test_audit import select
 
 
@@ -188,3 +191,93 @@ def test_request_metrics_appear_with_their_first_figure_and_add_up() -> None:
         assert line in text, line
     assert "failover_proxy_cost_estimated_total{" not in text
     assert 'failover_proxy_tokens_total{instance="p:s0",kind="prompt",model="other"}' not in text
+
+
+async def test_an_infinite_cost_loses_no_rows_of_its_batch(store_url: str) -> None:
+    """A price the config takes (finite, if absurd: 1e300 per million tokens) times a
+    billion tokens is an infinite cost, which JSON cannot hold (orjson writes null). The
+    request's rows and those of the other request in the same batch are all written, the
+    cost as NULL, as before the writer derived the rows (then the proxy rounded the cost
+    first)."""
+    planner = _planner(store_url)
+    inf_cost = parse_config({"providers": [{"provider_id": "q", "instances": [
+        {"id": "s", "base_url": "http://127.0.0.1:20009/v1",
+         "metadata": {"model": "m", "cost": {"input_per_mtok": 1e300}}}]}]},
+        "<test>").instances[0]
+    records = []
+    for n, usage in enumerate((priced(10**9, 5, 0, inf_cost), priced(10, 5, 0,
+                                                                   planner.config.instances[0]))):
+        record = RequestRecord(f"req-{n}", model="auto", plan=_plan(planner, f"req-{n}"),
+                               planned_at=time.time())
+        plan = record.plan
+        assert plan is not None and plan.selected is not None
+        record.add(Attempt(plan.selected, elapsed_ms=3.0))
+        record.instance, record.duration_s, record.usage = plan.selected, 0.004, usage
+        records.append(record)
+    usages = [r.usage for r in records]
+    assert usages[0] is not None and usages[0].cost == float("inf") and usages[1] is not None
+    store = await _recorded(store_url, *records)
+    events = await store.query(EventQuery(limit=100, type="REQUEST_COMPLETED"))
+    await store.close()
+    assert store.dropped == 0 and store.written == 2 * 4
+    costs = {e["request_id"]: e["detail"]["usage"]["cost"] for e in events}
+    assert costs == {"req-0": None, "req-1": round(usages[1].cost, 8)}
+    assert select(store_url, "SELECT request_id, cost FROM route_plans ORDER BY request_id") \
+        == [("req-0", None), ("req-1", usages[1].cost)]
+
+
+async def test_a_nul_in_a_model_name_or_a_detail_loses_no_rows_of_its_batch(
+        store_url: str) -> None:
+    """A client's model name and an upstream's error text may hold a NUL (JSON's \\u0000,
+    which the proxy accepts). PostgreSQL's text holds none: a column's value is written
+    with the NUL as U+FFFD there (SQLite keeps it; in a JSON column it is an escape), and
+    the batch, with the other request's rows, is written whole."""
+    planner = _planner(store_url)
+    model = "gpt\x00evil"
+    assert parse_request(CHAT, orjson.dumps({"model": model, "messages": [
+        {"role": "user", "content": "x"}]}), "r").model == model
+    records = []
+    for n in range(2):
+        record = RequestRecord(f"req-{n}", model=model if n == 0 else "auto",
+                               plan=_plan(planner, f"req-{n}"), planned_at=time.time())
+        plan = record.plan
+        assert plan is not None and plan.selected is not None
+        record.add(Attempt(plan.selected, code=CONN_REFUSED, detail="said \x00 then hung up",
+                           elapsed_ms=1.0))
+        record.add(Attempt(plan.fallback[0], elapsed_ms=3.0))
+        record.instance, record.duration_s = plan.fallback[0], 0.004
+        records.append(record)
+    store = await _recorded(store_url, *records)
+    rerouted = await store.query(EventQuery(limit=100, type="REROUTED"))
+    await store.close()
+    assert store.dropped == 0 and store.written == 2 * 6
+    nul = "\x00" if store_url.startswith("sqlite") else "\ufffd"
+    assert {e["request_id"]: e["detail"]["detail"] for e in rerouted} == {
+        "req-0": "said \x00 then hung up", "req-1": "said \x00 then hung up"}
+    assert select(store_url, "SELECT request_id, model FROM route_plans ORDER BY request_id") \
+        == [("req-0", f"gpt{nul}evil"), ("req-1", "auto")]
+
+
+async def test_control_characters_a_client_sent_reach_the_events_table_escaped(
+        store_url: str) -> None:
+    """A model name with a newline and terminal escapes (a client's, in a blocked
+    request's ROUTE_BLOCKED message and its route_plans row): `failover-proxy events` and
+    its `--sum` print them escaped, one table row per event, nothing for the terminal to
+    run."""
+    planner = _planner(store_url)
+    model = "x\x1b]0;owned\x07\x1b[2J\nFAKE 00:00:00 ROUTE_VERIFIED"
+    blocked = RequestRecord("req-9", model=model, plan=_plan(planner, "req-9"),
+                            planned_at=time.time(), status=503, outcome="route_blocked",
+                            blocked=f"no instance serves {model}")
+    store = await _recorded(store_url, blocked)
+    await store.close()
+    shown = []
+    for extra in ((), ("--sum", "--since", "1h")):
+        out = subprocess.run([sys.executable, "-m", "proxy", "events", "--store", store_url,
+                              *extra], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                             check=False)
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+        assert not any(line.startswith("FAKE") for line in out.stdout.splitlines())
+        shown.append(out.stdout)
+    assert "serves x\\x1b]0;owned\\x07\\x1b[2J\\nFAKE" in shown[0]

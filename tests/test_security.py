@@ -248,3 +248,64 @@ def test_a_log_line_masks_a_secret_in_any_field_and_passes_short_ones_over() -> 
         "pair": [short[:-1], MASK]}
     assert redactor.data(f"x {short} y".encode()) == f"x {MASK} y".encode()
     assert redactor.data(short[:-1].encode()) == short[:-1].encode()
+
+
+_LOGGING_SCRIPT = """
+import sys
+import structlog
+from proxy.logs import configure_logging
+from proxy.secrets import Redactor, set_log_redactor
+key = sys.argv[2]
+configure_logging(sys.argv[1], "info")
+set_log_redactor(Redactor([key]))
+log = structlog.get_logger("t")
+try:
+    raise ValueError("upstream said: bad key " + key)
+except ValueError as exc:
+    log.error("traceback_given", exc_info=exc)
+    log.exception("traceback_current")
+    log.warning("exception_as_a_value", error=exc)
+log.info("bytes_value", raw=b"key=" + key.encode())
+log.info("set_value", keys={key})
+log.info("dict_key", headers={key: "x"})
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_secret_in_an_exception_bytes_a_set_or_a_dict_key_never_reaches_the_log(
+        fmt: str) -> None:
+    """The log processor masks a key wherever a renderer would write it: in a traceback
+    (formatted to text before the scrubbing), an exception or bytes given as a field (the
+    renderers write their repr), a set, a dict's keys."""
+    done = subprocess.run([sys.executable, "-c", _LOGGING_SCRIPT, fmt, UPSTREAM_KEY],
+                          capture_output=True, timeout=60, cwd=ROOT)
+    out = (done.stdout + done.stderr).decode()
+    assert done.returncode == 0, out
+    for event in ("traceback_given", "traceback_current", "exception_as_a_value",
+                  "bytes_value", "set_value", "dict_key"):
+        assert event in out
+    assert "upstream said: bad key ***" in out and "key=***" in out
+    assert UPSTREAM_KEY not in out
+
+
+URL_PASSWORD = "pw-SECRET-eeee5555"
+
+
+async def test_a_password_in_a_base_url_is_a_secret_in_admin_output(
+        make_sim: MakeSim, make_proxy: MakeProxy, http: aiohttp.ClientSession) -> None:
+    """`base_url: http://user:PASSWORD@host/v1` (the config takes it; aiohttp sends it as
+    basic auth): the instance listing shows the URL with the password masked, and the
+    password is scrubbed like any other configured secret."""
+    sim = await make_sim()
+    with_password = sim.base_url.replace("http://", f"http://proxy:{URL_PASSWORD}@")
+    config = keyed_config([sim], s0={"base_url": with_password})
+    from proxy.secrets import config_secrets
+    assert URL_PASSWORD in config_secrets(config)
+    proxy = await make_proxy(config)
+    status, body = await status_of(http, "POST", f"{proxy.base_url}/chat/completions",
+                                   CLIENT_KEY, json=chat_body())
+    assert status == 200
+    status, body = await status_of(http, "GET", f"{proxy.url}/admin/instances", ADMIN_KEY)
+    assert status == 200
+    text = json.dumps(body)
+    assert URL_PASSWORD not in text and "proxy:***@127.0.0.1" in text

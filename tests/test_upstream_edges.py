@@ -341,6 +341,35 @@ async def test_a_compressed_answer_reaches_the_client_decoded(
     assert got == body
 
 
+@pytest.mark.parametrize("encoding", list(COMPRESSORS))
+async def test_a_compressed_answer_arriving_whole_is_measured_decoded(
+        encoding: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """A compressed answer, all of it written with its head, a few hundred bytes packed
+    and 64 KiB decoded: `upstream.max_response_bytes` (8 KiB) is the decoded size's limit,
+    as when the body is read as it arrives, so it fails over."""
+    body = b'{"choices": [], "pad": "' + b"x" * 65536 + b'"}'
+    packed = zlib.compressobj(wbits=COMPRESSORS[encoding])
+    data = packed.compress(body) + packed.flush()
+    assert len(data) < 1024
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        await h.read_request(reader)
+        h.attacking.set()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Encoding: %b\r\nContent-Length: %d\r\n\r\n%b"
+                     % (encoding.encode(), len(data), data))
+        await writer.drain()
+        await reader.read()  # until the proxy hangs up
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(config_for(hostile, await make_sim(),
+                                        upstream={"max_response_bytes": 8192}))
+    result = await under_attack(proxy, http, hostile)
+    await assert_served_by_the_good_one(proxy, http, result, False, "UPSTREAM_PROTOCOL_ERROR")
+
+
 async def test_a_gzipped_stream_reaches_the_client_decoded_event_by_event(
         make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
         raw_http: aiohttp.ClientSession) -> None:
@@ -786,3 +815,133 @@ async def test_a_cancellation_from_elsewhere_passes_through_a_deadline() -> None
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled()
+
+
+HOSTILE_KEY = "sk-hostile-SECRET-ffff6666"
+
+
+async def test_an_upstream_quoting_its_key_in_a_failure_reaches_no_event_or_admin_output(
+        make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """A 200 that is no answer, its Content-Type quoting the Authorization it was sent:
+    the failure's detail (in the REROUTED event, the instance's state reason) shows the
+    key masked, as an error body quoting it is."""
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        request = await h.read_request(reader)
+        sent = re.search(rb"(?i)\r\nauthorization: *([^\r]*)", request)
+        assert sent is not None and HOSTILE_KEY.encode() in sent.group(1)
+        h.attacking.set()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html; you-sent=%b\r\n"
+                     b"Content-Length: 6\r\n\r\n<html>" % sent.group(1))
+        await writer.drain()
+        await reader.read()
+
+    hostile = await make_hostile(behave)
+    good = await make_sim()
+    proxy = await make_proxy(parse_config({
+        "health": {"enabled": False}, "timeouts": {"first_byte_s": 5, "idle_s": 5},
+        "retry": {"same_instance_retries": 0},
+        "providers": [
+            {"provider_id": "p0", "instances": [{"id": "s0", "base_url": hostile.base_url,
+                                                 "api_key": HOSTILE_KEY}]},
+            {"provider_id": "p1", "instances": [{"id": "s1", "base_url": good.base_url,
+                                                 "metadata": {"model": good.model}}]}]},
+        "<test>"))
+    result = await under_attack(proxy, http, hostile)
+    assert result[0] == 200 and result[1]["x-route-instance"] == "p1:s1"
+    async with http.get(f"{proxy.url}/admin/events",
+                        params={"request_id": result[1]["x-request-id"]}) as resp:
+        events = await resp.text()
+    assert "UPSTREAM_PROTOCOL_ERROR" in events and "you-sent=Bearer ***" in events
+    async with http.get(f"{proxy.url}/admin/instances") as resp:
+        instances = await resp.text()
+    assert HOSTILE_KEY not in events + instances
+
+
+def _whole_answers() -> dict[str, tuple[bytes, bool]]:
+    """Answers written in one piece with their head, then the connection closed: (bytes,
+    whether they are a whole answer the client gets)."""
+    body = completion(TEXT)
+    return {
+        "chunked_with_trailers": (OK_JSON + CHUNKED + b"%x\r\n%b\r\n0\r\nX-Trailer: t\r\n\r\n"
+                                  % (len(body), body), True),
+        "length_then_close": (OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(body), body),
+                              True),
+        "length_longer_than_the_body": (OK_JSON + b"Content-Length: %d\r\n\r\n%b"
+                                        % (len(body) + 10, body), False),
+        "chunked_without_its_last_chunk": (OK_JSON + CHUNKED + b"%x\r\n%b\r\n"
+                                           % (len(body), body), False),
+    }
+
+
+@pytest.mark.parametrize("answer", list(_whole_answers()))
+async def test_an_answer_in_one_piece_then_a_close_is_served_only_when_complete(
+        answer: str, make_hostile: MakeHostile, make_sim: MakeSim, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """The answer arrives in one piece and the connection closes at once: a complete
+    one (chunked with trailers, or its Content-Length) is the answer; one cut short (fewer
+    bytes than its length says, no last chunk) fails over (UPSTREAM_PROTOCOL_ERROR or
+    the process gone), never reaching the client truncated."""
+    data, complete = _whole_answers()[answer]
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        await h.read_request(reader)
+        h.attacking.set()
+        writer.write(data)
+        await writer.drain()
+        writer.transport.abort()
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(config_for(hostile, await make_sim()))
+    status, headers, body = await under_attack(proxy, http, hostile)
+    assert status == 200, body
+    if complete:
+        assert headers["x-route-instance"] == "p0:s0"
+        assert orjson.loads(body)["choices"][0]["message"]["content"] == TEXT
+    else:
+        assert headers["x-route-instance"] == "p1:s1"
+        assert len(await reroute_reasons(proxy, http, headers["x-request-id"])) == 1
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+async def test_an_upstream_listing_its_key_as_a_model_reaches_no_admin_output(
+        pinned: bool, make_hostile: MakeHostile, make_proxy: MakeProxy,
+        http: aiohttp.ClientSession) -> None:
+    """Probed, the server lists the Authorization it was sent as its model: pinned to
+    another model, the instance is a mismatch, and its state reason (in /admin/instances
+    and the INSTANCE_STATE_CHANGED event) shows the key masked; not pinned, the
+    fingerprint it learns does."""
+
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        while True:
+            request = await h.read_request(reader)
+            sent = re.search(rb"(?i)\r\nauthorization: *([^\r]*)", request)
+            listing = orjson.dumps({"object": "list", "data": [
+                {"id": (sent.group(1) if sent else b"none").decode(), "object": "model"}]})
+            writer.write(OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(listing), listing))
+            await writer.drain()
+
+    hostile = await make_hostile(behave)
+    proxy = await make_proxy(parse_config({
+        "health": {"interval_s": 0.2, "timeout_s": 5},
+        "providers": [{"provider_id": "p", "instances": [
+            {"id": "s0", "base_url": hostile.base_url + "/v1", "api_key": HOSTILE_KEY,
+             "fingerprint": {"model": "m" if pinned else "auto"}}]}]}, "<test>"))
+    async with asyncio.timeout(20):
+        while True:
+            async with http.get(f"{proxy.url}/admin/instances") as resp:
+                (instance,) = (await resp.json())["instances"]
+            if instance["state"] == ("MISMATCH" if pinned else "READY") \
+                    and (pinned or instance["fingerprint_models"]):
+                break
+            await asyncio.sleep(0.1)
+    async with http.get(f"{proxy.url}/admin/events",
+                        params={"type": "INSTANCE_STATE_CHANGED"}) as resp:
+        events = await resp.text()
+    shown = instance["state_reason"] if pinned else instance["fingerprint_models"][0]
+    assert "Bearer ***" in shown, instance
+    assert HOSTILE_KEY not in orjson.dumps(instance).decode() + events

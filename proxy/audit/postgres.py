@@ -47,6 +47,12 @@ def _placeholders(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+def _without_nul(values: Sequence[object]) -> tuple[object, ...]:
+    """`values` with every NUL in a string as U+FFFD (PostgresDatabase.executemany)."""
+    return tuple(value.replace("\x00", "\ufffd") if type(value) is str else value
+                 for value in values)
+
+
 class PostgresDatabase(Database):
     """A psycopg connection in autocommit mode (explicit transactions only)."""
 
@@ -65,6 +71,8 @@ class PostgresDatabase(Database):
         return StoreUnavailable(f"{self.shown}: {text}")
 
     def execute(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        if any(type(value) is str and "\x00" in value for value in args):
+            args = _without_nul(args)  # (a filter as the values were written: see below)
         try:
             with self.conn.cursor() as cur:
                 cur.execute(_placeholders(sql), args)
@@ -73,6 +81,13 @@ class PostgresDatabase(Database):
             raise self.unavailable(exc) from None
 
     def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        """Writes rows as given, except that a NUL in a text value becomes U+FFFD:
+        PostgreSQL's text cannot hold one (psycopg 3 refuses it: "PostgreSQL text fields
+        cannot contain NUL (0x00) bytes"), and a client's model name or an upstream's
+        error text may have one; refused, it would fail the whole batch, every request's
+        rows."""
+        if any("\x00" in value for row in rows for value in row if type(value) is str):
+            rows = [_without_nul(row) for row in rows]
         try:
             with self.conn.cursor() as cur:
                 cur.executemany(_placeholders(sql), rows)

@@ -283,7 +283,7 @@ def _request_rows(entry: list[Any], tables: _Tables) -> None:
     else:
         prompt, completion, cached, cost, estimated = usage
         figures = {"prompt_tokens": prompt, "completion_tokens": completion,  # Usage.as_dict
-                   "cached_tokens": cached, "cost": round(cost, 8),
+                   "cached_tokens": cached, "cost": _rounded(cost, 8),
                    "tokens_estimated": estimated}
         columns = (prompt, completion, cached, cost, int(estimated))
     events.append((ts, "REQUEST_COMPLETED", request_id, plan_id, instance, None, None, None,
@@ -295,10 +295,17 @@ def _request_rows(entry: list[Any], tables: _Tables) -> None:
     text = dumps({"plan_id": plan_id, "request_id": request_id, "model": plan_model,  # as_dict
                   "strategy": strategy, "requirements": needs, "selected": selected,
                   "fallback": fallback, "rejected": rejected, "reasons": reasons,
-                  "scores": {k: round(v, 3) for k, v in scores.items()}})
+                  "scores": {k: _rounded(v, 3) for k, v in scores.items()}})
     tables[1].append((plan_id, request_id, ts, model, dumps(needs).decode(), text.decode(),
                       selected, instance, outcome, status, attempts, ttfb_ms, duration_ms,
                       *columns))
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    """`round(value, digits)` as the proxy's `as_dict` did before the row was JSON: a
+    float JSON cannot hold (an infinite cost, of a `metadata.cost` of `.inf`) arrives as
+    null, and stays null (it must not fail the batch, and every request's rows in it)."""
+    return None if value is None else round(value, digits)
 
 
 def apply_retention(db: Database, retention_s: float, max_rows: int) -> None:

@@ -156,6 +156,7 @@ _CONSTRAINTS = {
     "greater_than_equal": "a number >= {ge:g}", "greater_than": "a number > {gt:g}",
     "less_than_equal": "a number <= {le:g}", "less_than": "a number < {lt:g}",
     "int_from_float": "a whole number", "too_short": "a non-empty list",
+    "finite_number": "a finite number",
 }
 
 

@@ -136,7 +136,12 @@ class ServerConfig(_Schema):
 
 
 class Weights(_Schema):
-    """`routing.weights`: how much each scoring term counts (see proxy/routing/scoring.py)."""
+    """`routing.weights`: how much each scoring term counts (see proxy/routing/scoring.py).
+    Finite, and the terms every score counts (ready, latency, local, cost, error_rate) not
+    all 0: a score is their weighted mean, which would otherwise be 0 / 0 or inf / inf."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
     ready: Number = Field(0.25, ge=0)
     tags: Number = Field(0.30, ge=0)
@@ -150,6 +155,12 @@ class Weights(_Schema):
     load: Number = Field(0.20, ge=0)
     #: Times the share of the prompt whose prefix the instance served last (its KV cache).
     affinity: Number = Field(0.50, ge=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Weights:
+        if not self.ready + self.latency + self.local + self.cost + self.error_rate > 0:
+            raise _expected("at least one of ready, latency, local, cost, error_rate above 0")
+        return self
 
 
 #: `routing.balance`: `least_loaded` scores how busy each instance is (proxy/routing/
@@ -319,7 +330,10 @@ class LoggingConfig(_Schema):
 
 class CostSpec(_Schema):
     """`metadata.cost`: price per million tokens (the examples use US dollars); scoring
-    counts 1 / (1 + input + output)."""
+    counts 1 / (1 + input + output). Finite."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
     input_per_mtok: Number = Field(0.0, ge=0)
     output_per_mtok: Number = Field(0.0, ge=0)

@@ -109,6 +109,9 @@ class Forwarder:
         self.registry = registry
         self.planner = planner
         self.exchange = Exchange(config, upstream)
+        #: Scrubs a failure's detail: an upstream's text (a header, an error message) may
+        #: quote the key it was sent, and the detail goes to events, errors, admin output.
+        self.redactor = upstream.redactor
         #: OpenTelemetry traces (proxy.tracing), set by the app when on.
         self.tracing: Tracing | None = None
 
@@ -351,6 +354,7 @@ class Forwarder:
         the same instance once more (a blip, while its circuit stays closed), the next
         one, or stop (a failure `retry.on` does not reroute)."""
         retry = self.config.retry
+        failure.detail = self.redactor.text(failure.detail)
         attempt.code, attempt.detail, attempt.sent = failure.code, failure.detail, \
             failure.attempt
         kind = failure.retry_kind
@@ -395,6 +399,7 @@ class Forwarder:
         """A stream failed after the commit point: from here on the loop tries to continue
         it, over the instances the planner says may (or ends it, with why not)."""
         failure = committed.failure
+        failure.detail = self.redactor.text(failure.detail)  # (see __init__)
         attempt.code, attempt.detail = failure.code, failure.detail
         self.registry.record_failure(inst, failure)
         run.record.add(attempt)

@@ -9,6 +9,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from proxy.audit.database import redact_url
 from proxy.config import InstanceConfig
 from proxy.health.circuit import CLOSED, Circuit
 from proxy.health.fingerprints import Pin, configured, request_model
@@ -207,7 +208,7 @@ class InstanceState:
         circuit = self.circuit
         return {
             "id": self.id,
-            "base_url": cfg.base_url,
+            "base_url": redact_url(cfg.base_url),  # (a password in it is a secret)
             "model": cfg.model,
             "local": cfg.local,
             "enabled": self.state != DRAINED,

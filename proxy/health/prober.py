@@ -45,6 +45,22 @@ class Prober:
         except UpstreamFailure as failure:
             result = ProbeResult(DOWN, f"{failure.code}: {failure.detail}")
         result.latency_ms = round((time.perf_counter() - started) * 1000.0, 2)
+        return self._scrubbed(result)
+
+    def _scrubbed(self, result: ProbeResult) -> ProbeResult:
+        """`result` with every configured secret masked in what the server said (its
+        errors, the names it serves): a server may quote the key it was sent, and these
+        become state reasons, warnings and the fingerprint, in events and admin output."""
+        redactor = self.upstream.redactor
+        if not redactor:
+            return result
+        text = redactor.text
+        result.reason = text(result.reason)
+        served = result.served
+        if served is not None:
+            result.served = Served(tuple(map(text, served.models)),
+                                   None if served.identity is None else text(served.identity),
+                                   None if served.detail is None else text(served.detail))
         return result
 
     def apply(self, inst: InstanceState, result: ProbeResult) -> None:
