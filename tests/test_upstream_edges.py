@@ -250,6 +250,16 @@ async def test_a_whole_answer_over_max_response_bytes_arriving_at_once_fails_ove
     else:
         answer = OK_JSON + b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
 
+    await answered_at_once_fails_over(answer, 1024, make_hostile, make_sim, make_proxy, http)
+
+
+async def answered_at_once_fails_over(answer: bytes, max_response_bytes: int,
+                                      make_hostile: MakeHostile, make_sim: MakeSim,
+                                      make_proxy: MakeProxy,
+                                      http: aiohttp.ClientSession) -> None:
+    """An upstream writes `answer` (head and body) in one piece, then waits for the proxy
+    to hang up: with `upstream.max_response_bytes` set, the request is served by the good
+    instance after an UPSTREAM_PROTOCOL_ERROR."""
     async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      h: Hostile) -> None:
         await h.read_request(reader)
@@ -260,7 +270,7 @@ async def test_a_whole_answer_over_max_response_bytes_arriving_at_once_fails_ove
 
     hostile = await make_hostile(behave)
     proxy = await make_proxy(config_for(hostile, await make_sim(),
-                                        upstream={"max_response_bytes": 1024}))
+                                        upstream={"max_response_bytes": max_response_bytes}))
     result = await under_attack(proxy, http, hostile)
     await assert_served_by_the_good_one(proxy, http, result, False, "UPSTREAM_PROTOCOL_ERROR")
 
@@ -353,21 +363,10 @@ async def test_a_compressed_answer_arriving_whole_is_measured_decoded(
     data = packed.compress(body) + packed.flush()
     assert len(data) < 1024
 
-    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     h: Hostile) -> None:
-        await h.read_request(reader)
-        h.attacking.set()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Encoding: %b\r\nContent-Length: %d\r\n\r\n%b"
-                     % (encoding.encode(), len(data), data))
-        await writer.drain()
-        await reader.read()  # until the proxy hangs up
-
-    hostile = await make_hostile(behave)
-    proxy = await make_proxy(config_for(hostile, await make_sim(),
-                                        upstream={"max_response_bytes": 8192}))
-    result = await under_attack(proxy, http, hostile)
-    await assert_served_by_the_good_one(proxy, http, result, False, "UPSTREAM_PROTOCOL_ERROR")
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+              b"Content-Encoding: %b\r\nContent-Length: %d\r\n\r\n%b"
+              % (encoding.encode(), len(data), data))
+    await answered_at_once_fails_over(answer, 8192, make_hostile, make_sim, make_proxy, http)
 
 
 async def test_a_gzipped_stream_reaches_the_client_decoded_event_by_event(
