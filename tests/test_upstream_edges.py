@@ -253,6 +253,22 @@ async def test_a_whole_answer_over_max_response_bytes_arriving_at_once_fails_ove
     await answered_at_once_fails_over(answer, 1024, make_hostile, make_sim, make_proxy, http)
 
 
+def written_at_once(answer: bytes, close: bool) -> Behaviour:
+    """An upstream that writes `answer` (head and body) in one piece, then closes at once
+    (`close`) or waits for the proxy to hang up."""
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     h: Hostile) -> None:
+        await h.read_request(reader)
+        h.attacking.set()
+        writer.write(answer)
+        await writer.drain()
+        if close:
+            writer.transport.abort()
+        else:
+            await reader.read()  # until the proxy hangs up
+    return behave
+
+
 async def answered_at_once_fails_over(answer: bytes, max_response_bytes: int,
                                       make_hostile: MakeHostile, make_sim: MakeSim,
                                       make_proxy: MakeProxy,
@@ -260,15 +276,7 @@ async def answered_at_once_fails_over(answer: bytes, max_response_bytes: int,
     """An upstream writes `answer` (head and body) in one piece, then waits for the proxy
     to hang up: with `upstream.max_response_bytes` set, the request is served by the good
     instance after an UPSTREAM_PROTOCOL_ERROR."""
-    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     h: Hostile) -> None:
-        await h.read_request(reader)
-        h.attacking.set()
-        writer.write(answer)
-        await writer.drain()
-        await reader.read()  # until the proxy hangs up
-
-    hostile = await make_hostile(behave)
+    hostile = await make_hostile(written_at_once(answer, close=False))
     proxy = await make_proxy(config_for(hostile, await make_sim(),
                                         upstream={"max_response_bytes": max_response_bytes}))
     result = await under_attack(proxy, http, hostile)
@@ -884,16 +892,7 @@ async def test_an_answer_in_one_piece_then_a_close_is_served_only_when_complete(
     bytes than its length says, no last chunk) fails over (UPSTREAM_PROTOCOL_ERROR or
     the process gone), never reaching the client truncated."""
     data, complete = _whole_answers()[answer]
-
-    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     h: Hostile) -> None:
-        await h.read_request(reader)
-        h.attacking.set()
-        writer.write(data)
-        await writer.drain()
-        writer.transport.abort()
-
-    hostile = await make_hostile(behave)
+    hostile = await make_hostile(written_at_once(data, close=True))
     proxy = await make_proxy(config_for(hostile, await make_sim()))
     status, headers, body = await under_attack(proxy, http, hostile)
     assert status == 200, body
