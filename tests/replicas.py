@@ -72,6 +72,13 @@ class Replicas:
         status, body = self.call(n, "GET", "/readyz")
         return bool(isinstance(body, dict) and (body.get("shared_state") or {}).get("up"))
 
+    def start_two(self, **sections: Any) -> None:
+        """Two simulators of model `m`, `first` and `second` (in that order in every
+        replica's config), and the replicas in front of them."""
+        self.cluster.start_sim("first", "m")
+        self.cluster.start_sim("second", "m")
+        self.start(["first", "second"], **sections)
+
     def log_path(self, n: int) -> Path:
         return self.cluster.tmp / f"replica-{n}.log"
 

@@ -70,9 +70,7 @@ def set_faults(cluster: Cluster, name: str, faults: list[str]) -> None:
 
 def test_a_refused_connection_met_by_a_keeps_b_and_c_from_sending_to_that_instance(
         cluster: Cluster, replicas: Replicas) -> None:
-    cluster.start_sim("first", "m")
-    cluster.start_sim("second", "m")
-    replicas.start(["first", "second"])
+    replicas.start_two()
     assert round_robin(replicas, 3) == ["local:first"] * 3  # all healthy: first is first
     cluster.kill_sim("first")  # its port now refuses connections
     assert served_by(replicas, 0) == ("local:second", 2)  # A met the refusal, then moved
@@ -91,9 +89,7 @@ def test_the_events_of_a_request_served_via_c_after_a_reroute_found_by_a_are_in_
     """One audit trail for the fleet: the three replicas write to one PostgreSQL database,
     and `failover-proxy events --store postgresql://...` reads any replica's requests."""
     url = postgres_server.create_database("replicas_trail")
-    cluster.start_sim("first", "m")
-    cluster.start_sim("second", "m")
-    replicas.start(["first", "second"], store={"url": url})
+    replicas.start_two(store={"url": url})
 
     def ask(n: int) -> tuple[str, int, str]:
         raw = replicas.client(n).chat.completions.with_raw_response.create(
@@ -137,9 +133,7 @@ def test_the_events_of_a_request_served_via_c_after_a_reroute_found_by_a_are_in_
 
 def test_a_drain_through_a_admin_api_stops_traffic_from_all_three(
         cluster: Cluster, replicas: Replicas) -> None:
-    cluster.start_sim("first", "m")
-    cluster.start_sim("second", "m")
-    replicas.start(["first", "second"])
+    replicas.start_two()
     assert round_robin(replicas, 3) == ["local:first"] * 3
     status, body = replicas.call(0, "POST", "/admin/instances/first/drain")
     assert status == 200 and body["state"] == "DRAINED"
@@ -156,9 +150,7 @@ def test_a_drain_through_a_admin_api_stops_traffic_from_all_three(
 
 def test_a_session_started_on_a_continues_on_the_same_instance_through_b(
         cluster: Cluster, replicas: Replicas) -> None:
-    cluster.start_sim("first", "m")
-    cluster.start_sim("second", "m")
-    replicas.start(["first", "second"])
+    replicas.start_two()
     # Without a session every replica picks `first` (the config order breaks the tie).
     assert round_robin(replicas, 3) == ["local:first"] * 3
     # The session starts on A with `second` (a request naming the instance).
@@ -180,9 +172,7 @@ def test_a_session_started_on_a_continues_on_the_same_instance_through_b(
 def test_a_conversation_served_through_a_goes_back_to_its_cached_instance_through_b(
         cluster: Cluster, replicas: Replicas) -> None:
     """Prefix affinity is shared: no session header, only the history re-sent."""
-    cluster.start_sim("first", "m")
-    cluster.start_sim("second", "m")
-    replicas.start(["first", "second"])
+    replicas.start_two()
     history: list[dict[str, str]] = [
         {"role": "system", "content": "You review pull requests carefully. " * 30},
         {"role": "user", "content": "Turn one: look at this diff."}]
@@ -220,9 +210,7 @@ def test_a_conversation_served_through_a_goes_back_to_its_cached_instance_throug
 
 def test_a_429_seen_by_b_keeps_a_and_c_away_for_its_retry_after(
         cluster: Cluster, replicas: Replicas) -> None:
-    cluster.start_sim("first", "m")
-    cluster.start_sim("second", "m")
-    replicas.start(["first", "second"])
+    replicas.start_two()
     assert round_robin(replicas, 3) == ["local:first"] * 3
     set_faults(cluster, "first", ["rate_limit=40"])
     assert served_by(replicas, 1) == ("local:second", 2)  # B met the 429, then moved
@@ -255,9 +243,7 @@ def test_redis_killed_mid_run_fails_no_request_and_state_converges_after_restart
 
 
 def _redis_killed_mid_run(cluster: Cluster, reps: Replicas, redis: RedisServer) -> None:
-    cluster.start_sim("first", "m")
-    cluster.start_sim("second", "m")
-    reps.start(["first", "second"])
+    reps.start_two()
     assert all(_shared_up(reps, n) for n in range(3))
     outcomes: Counter[str] = Counter()
 
@@ -319,9 +305,7 @@ def test_a_redis_that_hangs_costs_no_request_and_the_replicas_say_so_until_it_an
     redis.start()
     reps = Replicas(cluster, redis.url, "hang:", n=2)
     try:
-        cluster.start_sim("first", "m")
-        cluster.start_sim("second", "m")
-        reps.start(["first", "second"])
+        reps.start_two()
         redis.pause()
         wait_each((0, 1), lambda n: not _shared_up(reps, n), "to find Redis too slow")
         status, body = reps.call(0, "GET", "/readyz")
