@@ -10,11 +10,42 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
 #: Longest a single network read may take before the test fails instead of hanging.
 GUARD_S = 5.0
+
+
+class RawServer:
+    """A raw-socket server on 127.0.0.1, on a port of the kernel's choosing (`port`, once
+    started; over TLS with `context`): a subclass answers each connection in `_handle`.
+    `stop` closes the listener and aborts every connection still open."""
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        self.port = 0
+        self._context = context
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0,
+                                                  ssl=self._context)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        await self._handle(reader, writer)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
 
 @dataclass

@@ -32,6 +32,7 @@ from proxy.routing.affinity import prefix_of
 from tests import test_upstream_edges
 from tests.cluster import free_port
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
+from tests.rawhttp import RawServer
 from tests.redis_server import RedisServer
 from tests.test_upstream_edges import SSE_HEAD, Hostile, MakeHostile, chunk_event, post_chat
 
@@ -52,24 +53,15 @@ HOSTILE_METRICS: dict[str, tuple[bytes, tuple[int, int] | None]] = {
 }
 
 
-class FakeLlamaServer:
+class FakeLlamaServer(RawServer):
     """A raw-socket server answering as llama-server does for its probes (`/health`,
     `/props` with metrics on), with `metrics` as its `/metrics` body."""
 
     def __init__(self, metrics: bytes, slots: object = 4) -> None:
+        super().__init__()
         self.metrics = metrics
         self.slots = slots
         self.served: dict[str, int] = {}
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     def _body(self, path: str) -> bytes:
         if path == "/props":

@@ -29,42 +29,30 @@ from proxy.providers.transport import Deadline
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
 from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, proxy_config, started
+from tests.rawhttp import RawServer
 
 PROMPT = "tell me about the upstream side"
 TEXT = "an answer from the hostile upstream"
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Hostile"], Awaitable[None]]
 
 
-class Hostile:
+class Hostile(RawServer):
     """A raw-socket upstream: `behave` runs once per connection, reads requests with
     `read_request` and writes whatever the attack needs. Counts what arrives."""
 
     def __init__(self, behave: Behaviour) -> None:
+        super().__init__()
         self.behave = behave
         self.connections = 0
         self.requests = 0
         self.attacking = asyncio.Event()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-        self.port = 0
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self._writers.append(writer)
         try:
             await self.behave(reader, writer, self)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -592,42 +580,26 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         writer.close()
 
 
-class TlsFront:
+class TlsFront(RawServer):
     """Terminates TLS with a test certificate and relays the bytes to a plain upstream."""
 
     def __init__(self, context: ssl.SSLContext, upstream_port: int) -> None:
-        self.context = context
+        super().__init__(context)
         self.upstream_port = upstream_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0,
-                                                  ssl=self.context)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
-
-class ConnectProxy:
+class ConnectProxy(RawServer):
     """A forward proxy that opens CONNECT tunnels, to 127.0.0.1 for the names it knows
     (they resolve nowhere else). Records every tunnel asked for."""
 
     def __init__(self, names: set[str]) -> None:
+        super().__init__()
         self.names = names
         self.tunnels: list[str] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -641,10 +613,6 @@ class ConnectProxy:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", int(port))
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
 
 @pytest.fixture
@@ -669,7 +637,7 @@ async def tls_front(ca: trustme.CA) -> AsyncIterator[Callable[..., Awaitable[Tls
 
     yield make
     for front in fronts:
-        front.stop()
+        await front.stop()
 
 
 def ask_model(model: str, stream: bool = False) -> dict[str, Any]:
@@ -714,7 +682,7 @@ async def test_a_cloud_instance_reached_only_through_https_proxy_while_no_proxy_
         # Only the cloud went through the forward proxy (one kept-alive tunnel or more).
         assert forward.tunnels and set(forward.tunnels) == {f"CONNECT cloud.test:{front.port}"}
     finally:
-        forward.stop()
+        await forward.stop()
 
 
 def proxy_config_with_tls(first: Simulator, https_url: str, tls: dict[str, Any] | None,
