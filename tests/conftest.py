@@ -39,6 +39,19 @@ S = TypeVar("S", bound=_Startable)
 
 
 @contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[int]:
+    """`app` served on 127.0.0.1 (aiohttp's own runner), on a port of the kernel's
+    choosing, which it yields; cleaned up on the way out."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def started(factory: Callable[..., S]) -> AsyncIterator[Callable[..., Awaitable[S]]]:
     """`make(*args, **kw)` builds a simulator with `factory` and starts it on a free port;
     every one made is stopped on exit."""

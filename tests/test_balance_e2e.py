@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from proxy.api.state import STATE
 from proxy.config import parse_config
 from proxy.sim.simulator import Simulator
-from tests.conftest import MakeProxy, MakeSim, RunningProxy, wait_for
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, serving, wait_for
 
 SYSTEM = "You review pull requests for a proxy written in Python. Be brief. " * 10
 
@@ -216,12 +216,7 @@ async def test_the_prober_reads_a_servers_own_load_from_its_metrics(
     app.router.add_get("/health", health)
     app.router.add_get("/props", props)
     app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with serving(app) as port:
         busy = f"http://127.0.0.1:{port}/v1"
         idle = f"http://127.0.0.1:{port}/idle/v1"  # 404s: reachable, and says no load
         proxy = await make_proxy(parse_config({
@@ -237,8 +232,6 @@ async def test_the_prober_reads_a_servers_own_load_from_its_metrics(
         assert "queue=2" in reasons
         assert ("load=3/4" if server == "llamacpp" else "load=3") in reasons
         assert plan["selected"] == "p:other"
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_stream_cut_mid_answer_is_remembered_on_the_instance_that_finished_it(

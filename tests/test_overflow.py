@@ -22,7 +22,7 @@ from proxy.providers.anthropic import Anthropic
 from proxy.providers.overflow import Overflow, classify, of_error
 from proxy.sim.simulator import Simulator
 from proxy.sim.text import answer_text
-from tests.conftest import MakeProxy, MakeSim, chat_body
+from tests.conftest import MakeProxy, MakeSim, chat_body, serving
 
 # Twelve words: over a simulator's `context=10`.
 PROMPT = "one two three four five six seven eight nine ten eleven twelve"
@@ -189,12 +189,7 @@ async def test_a_client_error_that_is_not_about_context_passes_through_unchanged
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with serving(app) as port:
         proxy = await make_proxy(parse_config(doc_for([
             (f"http://127.0.0.1:{port}", {"ctx": 4096}),
             (f"http://127.0.0.1:{port}", {"ctx": 65536})], health={"enabled": False}), "<t>"))
@@ -204,8 +199,6 @@ async def test_a_client_error_that_is_not_about_context_passes_through_unchanged
             assert await resp.read() == raw
             assert resp.headers["x-route-attempts"] == "1"
         assert hits == ["/v1/chat/completions"]  # not retried, not rerouted
-    finally:
-        await runner.cleanup()
 
 
 # --------------------------------------------------------------------------- the classifier

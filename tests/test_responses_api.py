@@ -16,7 +16,7 @@ import pytest
 from proxy.config import parse_config
 from proxy.sim.anthropic import AnthropicSimulator
 from proxy.sim.text import answer_text, prompt_of_messages
-from tests.conftest import MakeProxy, MakeSim, proxy_config
+from tests.conftest import MakeProxy, MakeSim, proxy_config, serving
 
 PROMPT = "tell me about failover"
 SYSTEM = "be brief"
@@ -372,13 +372,8 @@ async def odd_server() -> Any:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize("stream", [False, True])

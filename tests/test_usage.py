@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.config import parse_config
 from tests.cluster import ROOT, Cluster
-from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, proxy_config
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, chat_body, proxy_config, serving
 
 #: What OpenAI's API answers for a prompt mostly served from its prompt cache (the shape
 #: of "The chat completion object", API reference).
@@ -44,13 +44,8 @@ async def one_answer_server(model: str, answer: dict[str, Any]) -> AsyncIterator
     app = web.Application()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture
