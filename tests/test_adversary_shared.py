@@ -31,7 +31,7 @@ from proxy.health.states import DRAINED
 from proxy.routing.affinity import prefix_of
 from tests import test_upstream_edges
 from tests.cluster import free_port
-from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, wait_for
+from tests.conftest import MakeProxy, MakeSim, RunningProxy, proxy_config, started, wait_for
 from tests.rawhttp import RawServer
 from tests.redis_server import RedisServer
 from tests.test_upstream_edges import SSE_HEAD, Hostile, MakeHostile, chunk_event, post_chat
@@ -93,17 +93,8 @@ MakeLlama = Callable[..., Awaitable[FakeLlamaServer]]
 
 @pytest.fixture
 async def make_llama() -> AsyncIterator[MakeLlama]:
-    started: list[FakeLlamaServer] = []
-
-    async def make(metrics: bytes, slots: object = 4) -> FakeLlamaServer:
-        server = FakeLlamaServer(metrics, slots)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        await server.stop()
+    async with started(FakeLlamaServer) as make:
+        yield make
 
 
 def llama_config(server: FakeLlamaServer) -> object:

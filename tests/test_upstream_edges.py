@@ -622,22 +622,19 @@ def ca() -> trustme.CA:
 
 @pytest.fixture
 async def tls_front(ca: trustme.CA) -> AsyncIterator[Callable[..., Awaitable[TlsFront]]]:
-    fronts: list[TlsFront] = []
-
-    async def make(upstream_port: int, client_ca: trustme.CA | None = None) -> TlsFront:
+    """`await tls_front(port, client_ca=None)`: TLS with a certificate of `ca` for
+    cloud.test, in front of 127.0.0.1:port (asking for a client certificate of
+    `client_ca` when given); stopped at the end of the test."""
+    def front(upstream_port: int, client_ca: trustme.CA | None = None) -> TlsFront:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("cloud.test", "localhost", "127.0.0.1").configure_cert(context)
         if client_ca is not None:  # mutual TLS: the proxy must show a certificate
             context.verify_mode = ssl.CERT_REQUIRED
             client_ca.configure_trust(context)
-        front = TlsFront(context, upstream_port)
-        await front.start()
-        fronts.append(front)
-        return front
+        return TlsFront(context, upstream_port)
 
-    yield make
-    for front in fronts:
-        await front.stop()
+    async with started(front) as make:
+        yield make
 
 
 def ask_model(model: str, stream: bool = False) -> dict[str, Any]:
