@@ -257,13 +257,7 @@ class Upstream:
         """The whole body (decoded) when it has already arrived, as a small answer comes
         with its head; else None: `read_body` waits for it. Raises UpstreamProtocolError
         when it is larger than `upstream.max_response_bytes`."""
-        content = resp.content
-        if not content.is_eof() or content.exception() is not None:
-            return None
-        data = content.read_nowait()
-        if len(data) > self.limits.max_response_bytes:
-            raise _too_large(self.limits.max_response_bytes)
-        return data
+        return _arrived(resp.content, self.limits.max_response_bytes, True)
 
     async def read_body(self, resp: Response, deadline_s: float) -> bytes:
         """Read a whole response body (decoded) within `deadline_s` seconds.
@@ -345,17 +339,28 @@ def _too_large(limit: int) -> UpstreamProtocolError:
                                  "(upstream.max_response_bytes)")
 
 
+def _arrived(content: aiohttp.StreamReader, limit: int, strict: bool) -> bytes | None:
+    """Up to `limit` bytes of a body that has already arrived whole (the usual small answer
+    comes with its head), taken without a wait; None when it has not. A body over the
+    limit is cut there, or with `strict` raises UpstreamProtocolError."""
+    if not content.is_eof() or content.exception() is not None:
+        return None
+    data = content.read_nowait()
+    if len(data) > limit:
+        if strict:
+            raise _too_large(limit)
+        return data[:limit]
+    return data
+
+
 async def _read(content: aiohttp.StreamReader, limit: int, timeout_s: float | None,
                 phase: str, strict: bool) -> bytes:
     """Up to `limit` bytes of a body, within `timeout_s` (no timer when the whole body has
-    already arrived). A body over the limit is cut there, or with `strict` raises
-    UpstreamProtocolError."""
-    if content.is_eof() and content.exception() is None:
-        # The whole body came with the head (the usual small answer): no wait, no timer.
-        data = content.read_nowait()
-        if len(data) > limit and strict:
-            raise _too_large(limit)
-        return data[:limit]
+    already arrived: `_arrived`). A body over the limit is cut there, or with `strict`
+    raises UpstreamProtocolError."""
+    data = _arrived(content, limit, strict)
+    if data is not None:
+        return data
     parts: list[bytes] = []
     size = 0
     with map_exceptions(phase, timeout_s):
