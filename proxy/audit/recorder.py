@@ -37,7 +37,6 @@ from proxy.health.instance import InstanceState
 from proxy.health.states import DOWN, DRAINED, LOADING, MISMATCH, READY, UNKNOWN
 from proxy.logs import request_logger
 from proxy.routing.planner import RoutePlan
-from proxy.routing.requirements import Requirements
 
 if TYPE_CHECKING:
     from proxy.audit.eventstream import EventHub
@@ -58,13 +57,6 @@ STATES = (UNKNOWN, READY, LOADING, DOWN, MISMATCH, DRAINED)
 # A request entry's dataclasses as tuples of their fields (schema.ATTEMPT_FIELDS...).
 _attempt_values = attrgetter(*ATTEMPT_FIELDS)
 _usage_values = attrgetter(*USAGE_FIELDS)
-
-
-def _requirement_values(req: Requirements) -> tuple[Any, ...]:
-    """Its schema.REQUIREMENT_FIELDS values, sets as sorted lists as its `as_dict` writes
-    them (orjson writes no sets; sorting here costs less than orjson's `default` call)."""
-    return (req.prompt_tokens, req.ctx_needed, sorted(req.capabilities), req.tags,
-            req.tags_source, req.prefer, req.session, sorted(req.protocol))
 
 
 log = structlog.get_logger("proxy.audit")
@@ -143,7 +135,7 @@ class Recorder:
                        record.sent, None if ttfb_s is None else round(ttfb_s * 1000.0, 2),
                        duration_ms, [_attempt_values(a) for a in record.attempts if a.sent],
                        None if usage is None else _usage_values(usage),
-                       (plan.model, plan.strategy, _requirement_values(plan.requirements),
+                       (plan.model, plan.strategy, plan.requirements.values(),
                         plan.fallback, plan.rejected, plan.reasons, plan.scores), trail])
 
     # ------------------------------------------------------------------ routing

@@ -8,6 +8,7 @@ loop: used by the writer process, by readers, and by proxy.audit.store in a work
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,32 @@ ATTEMPT_FIELDS = ("instance", "mode", "code", "detail", "elapsed_ms", "at", "sen
 USAGE_FIELDS = ("prompt", "completion", "cached", "cost", "estimated")
 REQUIREMENT_FIELDS = ("prompt_tokens", "ctx_needed", "capabilities", "tags", "tags_source",
                       "prefer", "session", "protocol")
+
+
+def usage_doc(prompt: int, completion: int, cached: int, cost: float | None,
+              estimated: bool) -> dict[str, Any]:
+    """A request's tokens and cost as the log line, the audit trail and the request view
+    show them (proxy.audit.usage.Usage.as_dict, and the writer from an entry)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached,
+            "cost": _rounded(cost, 8), "tokens_estimated": estimated}
+
+
+def requirements_doc(values: Sequence[Any]) -> dict[str, Any]:
+    """A plan's requirements from their REQUIREMENT_FIELDS values (sets as sorted lists):
+    proxy.routing.requirements.Requirements.as_dict, and the writer from an entry."""
+    return dict(zip(REQUIREMENT_FIELDS, values, strict=True))
+
+
+def plan_doc(plan_id: str, request_id: str, model: str, strategy: str,
+             requirements: dict[str, Any], selected: str | None, fallback: list[str],
+             rejected: dict[str, str], reasons: dict[str, list[str]],
+             scores: Mapping[str, float | None]) -> dict[str, Any]:
+    """A route plan as /admin/route, the audit trail's route_plans row and the request
+    view show it: proxy.routing.planner.RoutePlan.as_dict, and the writer from an entry."""
+    return {"plan_id": plan_id, "request_id": request_id, "model": model,
+            "strategy": strategy, "requirements": requirements, "selected": selected,
+            "fallback": fallback, "rejected": rejected, "reasons": reasons,
+            "scores": {k: _rounded(v, 3) for k, v in scores.items()}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,29 +309,25 @@ def _request_rows(entry: list[Any], tables: _Tables) -> None:
         columns: tuple[Any, ...] = (None,) * 5
     else:
         prompt, completion, cached, cost, estimated = usage
-        figures = {"prompt_tokens": prompt, "completion_tokens": completion,  # Usage.as_dict
-                   "cached_tokens": cached, "cost": _rounded(cost, 8),
-                   "tokens_estimated": estimated}
+        figures = usage_doc(prompt, completion, cached, cost, estimated)
         columns = (prompt, completion, cached, cost, int(estimated))
     events.append((ts, "REQUEST_COMPLETED", request_id, plan_id, instance, None, None, None,
                    dumps({"status": status, "outcome": outcome, "attempts": attempts,
                           "ttfb_ms": ttfb_ms, "duration_ms": duration_ms,
                           "tried": [dict(zip(ATTEMPT_FIELDS, a, strict=True)) for a in tried],
                           "usage": figures}).decode()))
-    needs = dict(zip(REQUIREMENT_FIELDS, requirements, strict=True))
-    text = dumps({"plan_id": plan_id, "request_id": request_id, "model": plan_model,  # as_dict
-                  "strategy": strategy, "requirements": needs, "selected": selected,
-                  "fallback": fallback, "rejected": rejected, "reasons": reasons,
-                  "scores": {k: _rounded(v, 3) for k, v in scores.items()}})
+    needs = requirements_doc(requirements)
+    text = dumps(plan_doc(plan_id, request_id, plan_model, strategy, needs, selected,
+                          fallback, rejected, reasons, scores))
     tables[1].append((plan_id, request_id, ts, model, dumps(needs).decode(), text.decode(),
                       selected, instance, outcome, status, attempts, ttfb_ms, duration_ms,
                       *columns))
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
-    """`round(value, digits)` as the proxy's `as_dict` did before the row was JSON: a
-    float JSON cannot hold (an infinite cost, of a `metadata.cost` of `.inf`) arrives as
-    null, and stays null (it must not fail the batch, and every request's rows in it)."""
+    """`round(value, digits)`, None kept: a float JSON cannot hold (an infinite cost, of
+    a `metadata.cost` of `.inf`) arrives in the writer as null, and stays null (it must
+    not fail the batch, and every request's rows in it)."""
     return None if value is None else round(value, digits)
 
 

@@ -24,6 +24,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
+from proxy.audit.schema import usage_doc
 from proxy.config import InstanceConfig
 from proxy.routing.requirements import CHARS_PER_TOKEN
 
@@ -54,9 +55,7 @@ class Usage:
     def as_dict(self) -> dict[str, Any]:
         """The figures as the log line, the audit record and the request view show them:
         `{prompt_tokens, completion_tokens, cached_tokens, cost, tokens_estimated}`."""
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "cached_tokens": self.cached, "cost": round(self.cost, 8),
-                "tokens_estimated": self.estimated}
+        return usage_doc(self.prompt, self.completion, self.cached, self.cost, self.estimated)
 
 
 def priced(prompt: int, completion: int, cached: int, cfg: InstanceConfig,

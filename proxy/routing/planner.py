@@ -16,6 +16,7 @@ from typing import Any
 
 from proxy.api.errors import NotFound
 from proxy.api.inbound import ClientRequest
+from proxy.audit.schema import plan_doc
 from proxy.config import Config
 from proxy.engine.record import PREFILL, REPLAY
 from proxy.health.fingerprints import models_match
@@ -61,18 +62,9 @@ class RoutePlan:
     prefix: Prefix | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "plan_id": self.plan_id,
-            "request_id": self.request_id,
-            "model": self.model,
-            "strategy": self.strategy,
-            "requirements": self.requirements.as_dict(),
-            "selected": self.selected,
-            "fallback": self.fallback,
-            "rejected": self.rejected,
-            "reasons": self.reasons,
-            "scores": {k: round(v, 3) for k, v in self.scores.items()},
-        }
+        return plan_doc(self.plan_id, self.request_id, self.model, self.strategy,
+                        self.requirements.as_dict(), self.selected, self.fallback,
+                        self.rejected, self.reasons, self.scores)
 
 
 @dataclass(slots=True)

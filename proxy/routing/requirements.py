@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.api.inbound import CHAT, COMPLETIONS, ClientRequest
+from proxy.audit.schema import requirements_doc
 
 TAGS_HEADER = "x-route-tags"
 PREFER_HEADER = "x-route-prefer"
@@ -65,17 +66,14 @@ class Requirements:
     #: `embeddings`, `n>1`; not every upstream protocol can express it.
     protocol: frozenset[str] = frozenset()
 
+    def values(self) -> tuple[Any, ...]:
+        """Its proxy.audit.schema.REQUIREMENT_FIELDS values, sets as sorted lists (how a
+        request's audit entry carries them)."""
+        return (self.prompt_tokens, self.ctx_needed, sorted(self.capabilities), list(self.tags),
+                self.tags_source, self.prefer, self.session, sorted(self.protocol))
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "ctx_needed": self.ctx_needed,
-            "capabilities": sorted(self.capabilities),
-            "tags": list(self.tags),
-            "tags_source": self.tags_source,
-            "prefer": self.prefer,
-            "session": self.session,
-            "protocol": sorted(self.protocol),
-        }
+        return requirements_doc(self.values())
 
 
 def extract(req: ClientRequest, headers: Mapping[str, str], default_max_tokens: int,
